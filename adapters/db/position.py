@@ -1,0 +1,49 @@
+"""Positions of a DB source: the change columns' values of the last row taken, as JSON text.
+
+incrementing: `[value]`; timestamp: `[timestamp, key]`. Values are kept exact:
+datetimes as ISO text, decimals as strings; decoding uses the columns' types.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
+    raise TypeError(f"cannot keep a {type(value).__name__} in a position")
+
+
+def encode(values: tuple[Any, ...]) -> str:
+    # Naive datetimes stay naive: the watermark is compared in the database's own terms.
+    return orjson.dumps(values, default=_default).decode()
+
+
+def decode(text: str, python_types: tuple[type | None, ...]) -> tuple[Any, ...]:
+    raw = orjson.loads(text)
+    if not isinstance(raw, list) or len(raw) != len(python_types):
+        raise ValueError(f"stored position {text!r} does not fit this source's mode; was the mode changed?")
+    return tuple(_restore(value, kind) for value, kind in zip(raw, python_types, strict=True))
+
+
+def _restore(value: Any, kind: type | None) -> Any:
+    if value is None or kind is None or not isinstance(value, str):
+        return value
+    if kind is dt.datetime:
+        return dt.datetime.fromisoformat(value)
+    if kind is dt.date:
+        return dt.date.fromisoformat(value)
+    if kind is Decimal:
+        return Decimal(value)
+    if kind is int:
+        return int(value)
+    if kind is bytes:
+        return bytes.fromhex(value)
+    return value

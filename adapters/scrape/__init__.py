@@ -1,0 +1,1 @@
+"""Web UI scraping (static and browser): not built yet, see the scrape adapter issue."""

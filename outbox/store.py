@@ -1,0 +1,280 @@
+"""The durable outbox: one local SQLite file in WAL mode.
+
+A batch of records, its dead letters and the source's new position commit in
+one transaction, so a crash at any instant keeps all of them or none. The relay
+reads records in `seq` order and, once Redis holds them, marks them published
+(and deletes them) in another single transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    source TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    position TEXT NOT NULL,
+    event BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS positions (
+    source TEXT PRIMARY KEY,
+    position TEXT,
+    polled_at TEXT,
+    rows_read INTEGER NOT NULL DEFAULT 0,
+    rows_published INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    error_at TEXT
+);
+CREATE TABLE IF NOT EXISTS streams (
+    stream TEXT PRIMARY KEY,
+    published_seq INTEGER NOT NULL,
+    published_at TEXT,
+    error TEXT,
+    error_at TEXT
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY,
+    source TEXT NOT NULL,
+    position TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    raw TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+"""
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    seq: int
+    source: str
+    position: str
+    event: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SourceState:
+    source: str
+    position: str | None
+    polled_at: str | None
+    rows_read: int
+    rows_published: int
+    error: str | None
+    error_at: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    stream: str
+    published_seq: int
+    published_at: str | None
+    backlog: int
+    error: str | None
+    error_at: str | None
+
+
+class Outbox:
+    """Not shared across threads: open one per thread or process (SQLite handles the rest)."""
+
+    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit survives power loss too, not only a killed process.
+        self.db.execute(f"PRAGMA synchronous={synchronous}")
+        self.db.executescript(SCHEMA)
+        self.identity = self._identity()
+
+    def _identity(self) -> str:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()
+        if row:
+            return str(row[0])
+        self.db.execute("INSERT OR IGNORE INTO meta VALUES ('identity', ?)", (uuid.uuid4().hex,))
+        return str(self.db.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()[0])
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- the poller's side -------------------------------------------------
+
+    def append(
+        self,
+        source: str,
+        stream: str,
+        events: Sequence[tuple[str, bytes]],
+        dead: Iterable[tuple[str, str, str]],
+        position: str,
+        rows_read: int,
+    ) -> None:
+        """Commit records, dead letters (position, reason, raw) and the new position together."""
+        now = _now()
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "INSERT INTO records (source, stream, position, event) VALUES (?, ?, ?, ?)",
+                [(source, stream, pos, event) for pos, event in events],
+            )
+            db.executemany(
+                "INSERT INTO dead_letters (source, position, reason, raw, created_at) VALUES (?, ?, ?, ?, ?)",
+                [(source, pos, reason, raw, now) for pos, reason, raw in dead],
+            )
+            db.execute(
+                "INSERT INTO positions (source, position, polled_at, rows_read) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (source) DO UPDATE SET position = excluded.position, polled_at = excluded.polled_at, "
+                "rows_read = rows_read + excluded.rows_read, error = NULL, error_at = NULL",
+                (source, position, now, rows_read),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def position(self, source: str) -> str | None:
+        row = self.db.execute("SELECT position FROM positions WHERE source = ?", (source,)).fetchone()
+        return row[0] if row else None
+
+    def polled(self, source: str, error: str | None = None) -> None:
+        """Note a poll that changed no position: its time, or the error that stopped it."""
+        now = _now()
+        self.db.execute(
+            "INSERT INTO positions (source, polled_at, error, error_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (source) DO UPDATE SET polled_at = excluded.polled_at, error = excluded.error, "
+            "error_at = excluded.error_at",
+            (source, now, error, now if error else None),
+        )
+
+    # --- the relay's side --------------------------------------------------
+
+    def stream_known(self, stream: str) -> bool:
+        return self.db.execute("SELECT 1 FROM streams WHERE stream = ?", (stream,)).fetchone() is not None
+
+    def adopt(self, stream: str, seq: int, positions: dict[str, str]) -> None:
+        """First use of `stream` by this outbox: continue where its Redis checkpoint stands.
+
+        Our `seq` moves above the checkpoint's, and sources that this outbox has never
+        polled start at the positions the checkpoint holds (failover to a new host
+        neither loses nor repeats).
+        """
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if db.execute("SELECT 1 FROM streams WHERE stream = ?", (stream,)).fetchone():
+                db.execute("COMMIT")
+                return
+            current = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
+            if current is None:
+                db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('records', ?)", (seq,))
+            elif current[0] < seq:
+                db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'records'", (seq,))
+            for source, pos in positions.items():
+                db.execute(
+                    "INSERT INTO positions (source, position) VALUES (?, ?) ON CONFLICT (source) DO NOTHING",
+                    (source, pos),
+                )
+            db.execute("INSERT INTO streams (stream, published_seq) VALUES (?, ?)", (stream, seq))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def published_seq(self, stream: str) -> int:
+        row = self.db.execute("SELECT published_seq FROM streams WHERE stream = ?", (stream,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def pending(self, stream: str, after: int, limit: int) -> list[Pending]:
+        rows = self.db.execute(
+            "SELECT seq, source, position, event FROM records WHERE seq > ? AND stream = ? ORDER BY seq LIMIT ?",
+            (after, stream, limit),
+        ).fetchall()
+        return [Pending(*row) for row in rows]
+
+    def first_pending_seq(self, stream: str) -> int | None:
+        after = self.published_seq(stream)
+        row = self.db.execute(
+            "SELECT seq FROM records WHERE seq > ? AND stream = ? ORDER BY seq LIMIT 1", (after, stream)
+        ).fetchone()
+        return int(row[0]) if row else None
+
+    def mark_published(self, stream: str, upto: int) -> int:
+        """Everything of `stream` up to `upto` is in Redis: count it per source and drop it."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            after = self.published_seq(stream)
+            if upto <= after:
+                db.execute("COMMIT")
+                return 0
+            counts = db.execute(
+                "SELECT source, count(*) FROM records WHERE seq > ? AND seq <= ? AND stream = ? GROUP BY source",
+                (after, upto, stream),
+            ).fetchall()
+            for source, count in counts:
+                db.execute(
+                    "UPDATE positions SET rows_published = rows_published + ? WHERE source = ?", (count, source)
+                )
+            db.execute("DELETE FROM records WHERE seq > ? AND seq <= ? AND stream = ?", (after, upto, stream))
+            db.execute(
+                "UPDATE streams SET published_seq = ?, published_at = ?, error = NULL, error_at = NULL "
+                "WHERE stream = ?",
+                (upto, _now(), stream),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return sum(count for _, count in counts)
+
+    def stream_error(self, stream: str, error: str | None) -> None:
+        self.db.execute(
+            "UPDATE streams SET error = ?, error_at = ? WHERE stream = ?",
+            (error, _now() if error else None, stream),
+        )
+
+    # --- reading for status ------------------------------------------------
+
+    def sources(self) -> list[SourceState]:
+        rows = self.db.execute(
+            "SELECT source, position, polled_at, rows_read, rows_published, error, error_at "
+            "FROM positions ORDER BY source"
+        ).fetchall()
+        return [SourceState(*row) for row in rows]
+
+    def streams(self) -> list[StreamState]:
+        out = []
+        for stream, seq, at, error, error_at in self.db.execute(
+            "SELECT stream, published_seq, published_at, error, error_at FROM streams ORDER BY stream"
+        ).fetchall():
+            backlog = self.db.execute(
+                "SELECT count(*) FROM records WHERE seq > ? AND stream = ?", (seq, stream)
+            ).fetchone()[0]
+            out.append(StreamState(stream, seq, at, backlog, error, error_at))
+        return out
+
+    def backlog(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM records").fetchone()[0])
+
+    def dead_letters(self, source: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+        query = "SELECT id, source, position, reason, raw, created_at FROM dead_letters"
+        params: tuple[Any, ...] = ()
+        if source:
+            query, params = query + " WHERE source = ?", (source,)
+        rows = self.db.execute(query + " ORDER BY id DESC LIMIT ?", (*params, limit)).fetchall()
+        keys = ("id", "source", "position", "reason", "raw", "created_at")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    def dead_letter_counts(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT source, count(*) FROM dead_letters GROUP BY source").fetchall())

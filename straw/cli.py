@@ -1,0 +1,274 @@
+"""The `straw` command: run, check, preview, status, stream, dead-letters."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import orjson
+import redis
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from outbox.checkpoint import checkpoint_key
+from outbox.relay import REDIS_DOWN, connect
+from outbox.store import Outbox
+from straw import logs
+from straw.config import Config
+from straw.config_load import CONFIG_ENV, ConfigError, load_config
+from straw.redact import redact
+from straw.runner import Runner, build_pipeline
+
+app = typer.Typer(
+    help="straw: poll legacy systems, deliver canonical records to a Redis stream exactly once.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", envvar=CONFIG_ENV, help="The straw YAML file.", show_default=False),
+]
+T = TypeVar("T")
+
+
+def _load(path: Path | None) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        err.print("[bold red]configuration error[/]", highlight=False)
+        for problem in exc.problems:
+            err.print(f"  {redact(str(problem))}", highlight=False, markup=False)
+        raise typer.Exit(2) from None
+
+
+@contextmanager
+def _outbox(config: Config) -> Iterator[Outbox]:
+    outbox = Outbox(config.outbox.path)
+    try:
+        yield outbox
+    finally:
+        outbox.close()
+
+
+def _redis_or_none(config: Config, action: Callable[[redis.Redis], T]) -> T | str:
+    """Run `action` against Redis, or return why it could not be reached (one line, redacted)."""
+    client = connect(config.redis.url, socket_timeout=3.0)
+    try:
+        return action(client)
+    except REDIS_DOWN as exc:
+        return redact(f"unreachable ({type(exc).__name__}: {exc})")
+    finally:
+        client.close()
+
+
+@app.command()
+def run(
+    config_path: ConfigOption = None,
+    once: Annotated[bool, typer.Option("--once", help="Poll every source until caught up, publish, exit.")] = False,
+    wait: Annotated[
+        float, typer.Option(help="With --once: seconds to keep retrying an unreachable Redis before exiting.")
+    ] = 30.0,
+    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ERROR.")] = None,
+) -> None:
+    """Poll the sources and publish to Redis; runs until stopped (SIGTERM/Ctrl-C) unless --once."""
+    logs.setup(log_level)
+    config = _load(config_path)
+    result = Runner(config).run(once=once, wait=wait)
+    if once:
+        out.print(f"read {result.rows_read} rows; outbox backlog {result.backlog}", highlight=False)
+    for problem in result.errors:
+        err.print(f"[red]error[/] {problem}", highlight=False)
+    if result.errors:
+        raise typer.Exit(1)
+
+
+@app.command()
+def check(config_path: ConfigOption = None) -> None:
+    """Validate the configuration and reach every source, the outbox and Redis; one line each."""
+    logs.setup("WARNING")
+    config = _load(config_path)
+    failed = False
+
+    def line(ok: bool, what: str, detail: str) -> None:
+        nonlocal failed
+        failed = failed or not ok
+        mark = "[green]ok[/]  " if ok else "[red]FAIL[/]"
+        out.print(f"{mark} {what}: ", end="", highlight=False)
+        out.print(redact(detail), markup=False, highlight=False)
+
+    line(True, "config", f"{len(config.sources)} sources, {len(config.entities)} entities")
+    for spec in config.sources:
+        pipeline = build_pipeline(config, spec)
+        try:
+            line(True, f"source {spec.name}", pipeline.source.check())
+        except Exception as exc:  # every failure is one line, never a traceback
+            line(False, f"source {spec.name}", f"{type(exc).__name__}: {exc}")
+        finally:
+            pipeline.source.close()
+    try:
+        with _outbox(config) as outbox:
+            line(True, "outbox", f"{config.outbox.path} (backlog {outbox.backlog()})")
+    except Exception as exc:
+        line(False, "outbox", f"{config.outbox.path}: {exc}")
+    info = _redis_or_none(config, lambda c: c.info("server"))
+    if isinstance(info, str):
+        line(False, "redis", info)
+    else:
+        version = str(info.get("redis_version", "?"))
+        ok = int(version.split(".")[0]) >= 5 if version[0].isdigit() else False
+        line(ok, "redis", f"version {version}" + ("" if ok else " (streams need Redis 5 or newer)"))
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def preview(
+    source: Annotated[str, typer.Argument(help="Source name from the configuration.")],
+    config_path: ConfigOption = None,
+    limit: Annotated[int, typer.Option(help="How many rows to read.")] = 10,
+) -> None:
+    """Show the first canonical records of SOURCE; nothing is written anywhere."""
+    logs.setup("WARNING")
+    config = _load(config_path)
+    try:
+        spec = config.source(source)
+    except KeyError:
+        err.print(f"no source named {source!r}; sources: {', '.join(s.name for s in config.sources)}")
+        raise typer.Exit(2) from None
+    pipeline = build_pipeline(config, spec)
+    events: list[dict[str, Any]] = []
+    dead: list[tuple[str, str]] = []
+    try:
+        for batch in pipeline.source.read(None, limit=limit):
+            mapped = pipeline.mapper.map(batch)
+            events.extend(orjson.loads(e) for _, e in mapped.events)
+            dead.extend((d.position, d.reason) for d in mapped.dead)
+    except Exception as exc:
+        err.print(redact(f"{type(exc).__name__}: {exc}"), markup=False, highlight=False)
+        raise typer.Exit(1) from None
+    finally:
+        pipeline.source.close()
+    fields = list(config.entities[spec.entity].fields)
+    table = Table(title=f"{spec.name} -> {spec.entity} (first {limit} rows)")
+    table.add_column("subject", style="bold")
+    for name in fields:
+        table.add_column(name)
+    for event in events:
+        table.add_row(event["subject"], *(_cell(event["data"].get(f)) for f in fields))
+    out.print(table)
+    for position, reason in dead:
+        out.print(f"[red]dead letter[/] at {position}: ", end="", highlight=False)
+        out.print(reason, markup=False, highlight=False)
+
+
+def _cell(value: Any) -> str:
+    return "∅" if value is None else str(value)
+
+
+@app.command()
+def status(config_path: ConfigOption = None) -> None:
+    """Per source: position, last poll, rows read and published, errors; outbox backlog; streams."""
+    config = _load(config_path)
+    with _outbox(config) as outbox:
+        states = {s.source: s for s in outbox.sources()}
+        dead = outbox.dead_letter_counts()
+        streams = {s.stream: s for s in outbox.streams()}
+        backlog = outbox.backlog()
+    table = Table(title="sources")
+    for column in ("source", "position", "last poll", "read", "published", "dead letters", "error"):
+        table.add_column(column)
+    for spec in config.sources:
+        state = states.get(spec.name)
+        table.add_row(
+            spec.name,
+            state.position if state and state.position else "(start)",
+            state.polled_at if state and state.polled_at else "never",
+            str(state.rows_read if state else 0),
+            str(state.rows_published if state else 0),
+            str(dead.get(spec.name, 0)),
+            redact(state.error) if state and state.error else "",
+        )
+    out.print(table)
+    lengths = _redis_or_none(config, lambda c: {s: int(c.xlen(s)) for s in config.streams})
+    redis_error = lengths if isinstance(lengths, str) else None
+    table = Table(title="streams")
+    for column in ("stream", "length", "checkpoint", "published seq", "backlog", "last publish", "error"):
+        table.add_column(column)
+    for stream in config.streams:
+        state = streams.get(stream)
+        table.add_row(
+            stream,
+            str(lengths.get(stream, 0)) if isinstance(lengths, dict) else "?",
+            checkpoint_key(stream),
+            str(state.published_seq if state else 0),
+            str(state.backlog if state else 0),
+            state.published_at if state and state.published_at else "never",
+            redact(state.error) if state and state.error else (f"redis {redis_error}" if redis_error else ""),
+        )
+    out.print(table)
+    out.print(f"outbox {config.outbox.path}: {backlog} records waiting", highlight=False)
+
+
+@app.command()
+def stream(
+    config_path: ConfigOption = None,
+    name: Annotated[str | None, typer.Option("--stream", help="Stream name; default: every stream.")] = None,
+    count: Annotated[int, typer.Option(help="How many of the newest entries to show.")] = 5,
+) -> None:
+    """Show the newest entries of the configured streams and their lengths."""
+    config = _load(config_path)
+    names = [name] if name else config.streams
+
+    def read(client: redis.Redis) -> dict[str, tuple[int, list[Any]]]:
+        return {s: (int(client.xlen(s)), client.xrevrange(s, count=count)) for s in names}
+
+    found = _redis_or_none(config, read)
+    if isinstance(found, str):
+        err.print(f"redis {found}", markup=False, highlight=False)
+        raise typer.Exit(1)
+    for stream_name, (length, entries) in found.items():
+        table = Table(title=f"{stream_name}: {length} entries (newest {len(entries)})")
+        for column in ("entry id", "seq", "type", "subject", "data"):
+            table.add_column(column, overflow="fold")
+        for entry_id, fields in reversed(entries):
+            event = orjson.loads(fields[b"event"])
+            data = orjson.dumps(event["data"]).decode()
+            table.add_row(entry_id.decode(), fields[b"seq"].decode(), event["type"], event["subject"], data)
+        out.print(table)
+
+
+@app.command("dead-letters")
+def dead_letters(
+    config_path: ConfigOption = None,
+    source: Annotated[str | None, typer.Option(help="Only this source.")] = None,
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+) -> None:
+    """List rows that could not be mapped, with the reason and the raw row."""
+    config = _load(config_path)
+    with _outbox(config) as outbox:
+        rows = outbox.dead_letters(source, limit)
+    table = Table(title="dead letters (newest first)")
+    for column in ("id", "source", "position", "reason", "raw row"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(str(row["id"]), row["source"], row["position"], row["reason"], row["raw"])
+    out.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

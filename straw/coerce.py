@@ -1,0 +1,189 @@
+"""Coercion of legacy values to the canonical field types.
+
+Each function takes a raw driver value and returns the canonical value, ready
+for JSON: decimals as exact strings, datetimes aware (naive ones read in the
+source's time zone), dates kept apart from datetimes. Errors are `ValueError`
+with a message fit for the dead-letter table.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import orjson
+
+from straw.config import FieldSpec, FieldType
+
+Coercer = Callable[[Any], Any]
+
+_TRUE = frozenset({"1", "t", "true", "y", "yes", "on", "j", "ja"})
+_FALSE = frozenset({"0", "f", "false", "n", "no", "off", "nee"})
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{text[:80]}… ({type(value).__name__})" if len(text) > 80 else f"{text} ({type(value).__name__})"
+
+
+def _fail(value: Any, kind: str, why: str = "") -> ValueError:
+    return ValueError(f"cannot read {_describe(value)} as {kind}{': ' + why if why else ''}")
+
+
+def _decode(value: bytes | bytearray | memoryview, encoding: str) -> str:
+    try:
+        return bytes(value).decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"bytes are not valid {encoding} at offset {exc.start}") from None
+
+
+def string(encoding: str) -> Coercer:
+    def coerce(value: Any) -> Any:
+        if type(value) is str:
+            return value
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return _decode(value, encoding)
+        if isinstance(value, (int, Decimal)) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, float):
+            return repr(value)
+        if isinstance(value, (dt.date, dt.time)):
+            return value.isoformat()
+        raise _fail(value, "string")
+
+    return coerce
+
+
+def integer(value: Any) -> Any:
+    if type(value) is int:
+        return value
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, Decimal):
+        if value.is_finite() and value == value.to_integral_value():
+            return int(value)
+        raise _fail(value, "integer", "has a fraction")
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise _fail(value, "integer", "has a fraction")
+    if isinstance(value, (str, bytes)):
+        try:
+            return int(value.strip())
+        except ValueError:
+            raise _fail(value, "integer") from None
+    raise _fail(value, "integer")
+
+
+def _format_decimal(value: Decimal) -> str:
+    # format 'f' never uses exponent notation: '1E+2' would confuse loaders.
+    return format(value, "f")
+
+
+def decimal(scale: int | None) -> Coercer:
+    quantum = Decimal(1).scaleb(-scale) if scale is not None else None
+
+    def coerce(value: Any) -> Any:
+        if isinstance(value, Decimal):
+            number = value
+        elif isinstance(value, int) and not isinstance(value, bool):
+            number = Decimal(value)
+        elif isinstance(value, float):
+            # repr is the shortest text that reads back as the same float: 19.99, not 19.989999…
+            number = Decimal(repr(value))
+        elif isinstance(value, (str, bytes)):
+            text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+            try:
+                number = Decimal(text.strip())
+            except InvalidOperation:
+                raise _fail(value, "decimal") from None
+        else:
+            raise _fail(value, "decimal")
+        if not number.is_finite():
+            raise _fail(value, "decimal", "not a finite number")
+        if quantum is not None:
+            number = number.quantize(quantum, rounding=ROUND_HALF_EVEN)
+        return _format_decimal(number)
+
+    return coerce
+
+
+def boolean(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, Decimal)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, (str, bytes)):
+        text = (value.decode("ascii", "replace") if isinstance(value, bytes) else value).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    raise _fail(value, "boolean")
+
+
+def date(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        if value.time() == dt.time(0) and value.tzinfo is None:
+            return value.date()
+        raise _fail(value, "date", "has a time of day; declare the field as datetime")
+    if isinstance(value, dt.date):
+        return value
+    if isinstance(value, str):
+        try:
+            return dt.date.fromisoformat(value.strip())
+        except ValueError:
+            raise _fail(value, "date", "expected YYYY-MM-DD") from None
+    raise _fail(value, "date")
+
+
+def datetime(zone: ZoneInfo) -> Coercer:
+    def coerce(value: Any) -> Any:
+        if isinstance(value, dt.datetime):
+            moment = value
+        elif isinstance(value, dt.date):
+            raise _fail(value, "datetime", "a DATE has no time of day; declare the field as date")
+        elif isinstance(value, str):
+            try:
+                moment = dt.datetime.fromisoformat(value.strip())
+            except ValueError:
+                raise _fail(value, "datetime", "expected ISO 8601") from None
+        else:
+            raise _fail(value, "datetime")
+        return moment.replace(tzinfo=zone) if moment.tzinfo is None else moment
+
+    return coerce
+
+
+def json_value(value: Any) -> Any:
+    if isinstance(value, (dict, list, bool, int, float)) or value is None:
+        return value
+    if isinstance(value, (str, bytes)):
+        try:
+            return orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            raise _fail(value, "json", str(exc)) from None
+    if isinstance(value, Decimal):
+        return _format_decimal(value)
+    raise _fail(value, "json")
+
+
+def coercer(spec: FieldSpec, zone: ZoneInfo, encoding: str = "utf-8") -> Coercer:
+    match spec.type:
+        case FieldType.STRING:
+            return string(encoding)
+        case FieldType.INTEGER:
+            return integer
+        case FieldType.DECIMAL:
+            return decimal(spec.scale)
+        case FieldType.BOOLEAN:
+            return boolean
+        case FieldType.DATE:
+            return date
+        case FieldType.DATETIME:
+            return datetime(zone)
+        case FieldType.JSON:
+            return json_value

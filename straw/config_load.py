@@ -1,0 +1,265 @@
+"""Read a straw YAML file into a validated `Config`, or fail with readable lines.
+
+Every problem names the file, the line and the key, and says how to fix it;
+values taken from `${ENV_VAR}` or `${file:/path}` are registered as secrets so
+that logs and errors can redact them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from straw.config import Config, DbSourceSpec
+from straw.redact import register_secret
+
+CONFIG_ENV = "STRAW_CONFIG"
+_VAR = re.compile(r"\$\{([^}]*)\}")
+
+Path_ = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int | None
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` lists every reason found."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def resolve_path(path: str | Path | None) -> Path:
+    chosen = path or os.environ.get(CONFIG_ENV)
+    if not chosen:
+        raise ConfigError(
+            [Problem("(none)", None, "", f"no configuration given: pass --config PATH or set {CONFIG_ENV}")]
+        )
+    return Path(chosen)
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    file = resolve_path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([Problem(str(file), None, "", f"cannot read: {exc.strerror or exc}")]) from None
+    return parse_config(text, file)
+
+
+def parse_config(text: str, file: Path) -> Config:
+    name = str(file)
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        raise ConfigError([Problem(name, line, "", f"not valid YAML: {exc.problem or exc}")]) from None
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        raise ConfigError([Problem(name, 1, "", "expected a mapping with `entities:` and `sources:` at the top")])
+    lines = _line_map(node)
+    base = file.resolve().parent
+    problems: list[Problem] = []
+    data = _substitute(data, (), base, lines, name, problems)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([_problem(err, name, lines, data) for err in exc.errors()]) from None
+    return _anchor_paths(config, base, name, lines)
+
+
+def _line_map(node: yaml.Node | None) -> dict[Path_, int]:
+    lines: dict[Path_, int] = {}
+
+    def walk(n: yaml.Node, path: Path_) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for key_node, value_node in n.value:
+                child = (*path, str(key_node.value))
+                lines[child] = key_node.start_mark.line + 1
+                walk(value_node, child)
+        elif isinstance(n, yaml.SequenceNode):
+            for index, item in enumerate(n.value):
+                child = (*path, index)
+                lines[child] = item.start_mark.line + 1
+                walk(item, child)
+
+    if node is not None:
+        lines[()] = node.start_mark.line + 1
+        walk(node, ())
+    return lines
+
+
+def _substitute(
+    value: Any, path: Path_, base: Path, lines: dict[Path_, int], file: str, problems: list[Problem]
+) -> Any:
+    if isinstance(value, dict):
+        return {k: _substitute(v, (*path, str(k)), base, lines, file, problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, (*path, i), base, lines, file, problems) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def expand(match: re.Match[str]) -> str:
+        expr = match.group(1)
+        if expr == "CONFIG_DIR":
+            return str(base)
+        if expr.startswith("file:"):
+            target = Path(expr[5:]).expanduser()
+            target = target if target.is_absolute() else base / target
+            try:
+                secret = target.read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                problems.append(
+                    Problem(file, lines.get(path), _dotted(path),
+                            f"cannot read secret file {target}: {exc.strerror or exc}; create it or fix the path")
+                )
+                return ""
+            register_secret(secret)
+            return secret
+        var, has_default, default = expr.partition(":-")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var):
+            problems.append(
+                Problem(file, lines.get(path), _dotted(path),
+                        f"bad substitution ${{{expr}}}: use ${{VAR}}, ${{VAR:-default}} or ${{file:/path}}")
+            )
+            return ""
+        found = os.environ.get(var)
+        if found is None or (found == "" and has_default):
+            if has_default:
+                return default
+            problems.append(
+                Problem(file, lines.get(path), _dotted(path),
+                        f"environment variable {var} is not set; export it or write ${{{var}:-default}}")
+            )
+            return ""
+        register_secret(found)
+        return found
+
+    return _VAR.sub(expand, value)
+
+
+def _dotted(path: Path_) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+def _problem(err: Any, file: str, lines: dict[Path_, int], data: Any) -> Problem:
+    loc: Path_ = tuple(err["loc"])
+    # Pydantic adds the union tag ("db") to the location; keep only what exists in the file.
+    path: Path_ = ()
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node, path = node[part], (*path, part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node, path = node[part], (*path, part)
+        elif err["type"] in ("missing", "extra_forbidden") and part == loc[-1]:
+            path = (*path, part)
+    line = lines.get(path)
+    parent = path[:-1]
+    while line is None and parent:
+        line, parent = lines.get(parent), parent[:-1]
+    return Problem(file, line, _dotted(path), _message(err, path, node, data))
+
+
+def _message(err: Any, path: Path_, node: Any, data: Any) -> str:
+    kind = err["type"]
+    key = str(path[-1]) if path else ""
+    if kind == "missing":
+        return f"missing required key `{key}`; add it (see README, Configuration reference)"
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(path[:-1], data)
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f"did you mean `{close[0]}`?" if close else f"allowed here: {', '.join(sorted(allowed))}"
+        return f"unknown key `{key}`; {hint}"
+    message = str(err["msg"]).removeprefix("Value error, ")
+    if kind in ("enum", "literal_error"):
+        return f"{message} (got {err.get('input')!r})"
+    return message
+
+
+def _allowed_keys(path: Path_, data: Any) -> list[str]:
+    model: type[BaseModel] | None = Config
+    node = data
+    for part in path:
+        if model is None:
+            return []
+        node = node[part] if isinstance(node, (dict, list)) else None
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        model = _model_of(field.annotation)
+    if model is None:
+        return []
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or getattr(annotation, "__metadata__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    origin = getattr(annotation, "__origin__", None)
+    return _model_of(origin) if origin not in (None, annotation) else None
+
+
+def _anchor_paths(config: Config, base: Path, file: str, lines: dict[Path_, int]) -> Config:
+    """Relative paths in the file are relative to the file's folder, not to the shell's."""
+    outbox_path = config.outbox.path if config.outbox.path.is_absolute() else base / config.outbox.path
+    sources: list[DbSourceSpec] = []
+    problems: list[Problem] = []
+    for index, source in enumerate(config.sources):
+        try:
+            url = make_url(source.url)
+        except ArgumentError:
+            problems.append(
+                Problem(file, lines.get(("sources", index, "url")), f"sources[{index}].url",
+                        "not a SQLAlchemy URL; write dialect+driver://user@host/db, e.g. "
+                        "postgresql+psycopg://straw@db/erp or sqlite:///legacy.db")
+            )
+            continue
+        if url.password:
+            register_secret(str(url.password))
+        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+            database = Path(url.database)
+            if not database.is_absolute():
+                source = source.model_copy(
+                    update={"url": url.set(database=str(base / database)).render_as_string(hide_password=False)}
+                )
+        sources.append(source)
+    if problems:
+        raise ConfigError(problems)
+    return config.model_copy(
+        update={"outbox": config.outbox.model_copy(update={"path": outbox_path}), "sources": sources}
+    )

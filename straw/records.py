@@ -1,0 +1,77 @@
+"""The canonical record on the wire: a CloudEvents 1.0 event in structured JSON.
+
+One stream entry carries one event, encoded once here and stored as bytes in
+the outbox, so the relay never re-encodes and the stream sees exactly what was
+committed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from decimal import Decimal
+from hashlib import blake2b
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+
+SPECVERSION = "1.0"
+CONTENT_TYPE = "application/cloudevents+json"
+UPSERTED = "upserted"
+DELETED = "deleted"
+
+
+def source_uri(instance: str, source: str) -> str:
+    return f"straw/{instance}/{source}"
+
+
+def subject(key_values: tuple[Any, ...]) -> str:
+    """The entity key as text; composite keys join their parts with '/', each part escaped."""
+    if len(key_values) == 1:
+        return _text(key_values[0])
+    return "/".join(quote(_text(v), safe="") for v in key_values)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, (dt.date, dt.datetime)):
+        return value.isoformat()
+    return str(value)
+
+
+def event_id(source: str, key: str, position: str) -> str:
+    """Same change read twice -> same id; any later change (new position) -> a new id."""
+    digest = blake2b(f"{source}\x1f{key}\x1f{position}".encode(), digest_size=16)
+    return digest.hexdigest()
+
+
+def observed_now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def encode_event(
+    *, source: str, entity: str, op: str, key: str, position: str, time: str, data: dict[str, Any]
+) -> bytes:
+    envelope = {
+        "specversion": SPECVERSION,
+        "id": event_id(source, key, position),
+        "source": source,
+        "type": f"{entity}.{op}",
+        "subject": key,
+        "time": time,
+        "datacontenttype": "application/json",
+        "data": data,
+    }
+    try:
+        return orjson.dumps(envelope)
+    except TypeError:
+        # orjson stops at 64-bit integers; legacy NUMERIC(30) keys do not.
+        return json.dumps(envelope, default=_json_default, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")

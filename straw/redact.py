@@ -1,0 +1,38 @@
+"""Keep secrets out of logs, errors and the stream.
+
+Every value that came from `${ENV_VAR}`, `${file:…}` or a URL password is
+registered here; `redact` replaces each registered value in any text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import MutableMapping
+from typing import Any
+
+_MASK = "***"
+_MIN_SECRET_LEN = 4  # shorter values ("1", "on") would mask ordinary words
+_secrets: set[str] = set()
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]+)@", re.I)
+
+
+def register_secret(value: str) -> None:
+    if len(value) >= _MIN_SECRET_LEN:
+        _secrets.add(value)
+
+
+def redact(text: str) -> str:
+    for secret in sorted(_secrets, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, _MASK)
+    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{_MASK}@", text)
+
+
+def redact_event(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: redact every string value of a log event."""
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = redact(value)
+        elif isinstance(value, BaseException):
+            event[key] = redact(f"{type(value).__name__}: {value}")
+    return event

@@ -1,0 +1,226 @@
+"""Run configured sources: poll -> map -> outbox, with the relay publishing alongside.
+
+The poller and the relay share nothing but the outbox file: the relay runs in
+its own thread with its own SQLite connection, so either side can be down while
+the other goes on.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from sqlalchemy.exc import SQLAlchemyError
+
+from adapters.db.poller import DbSource, SchemaDrift
+from outbox.relay import Health, connect, run_relay
+from outbox.store import Outbox
+from straw.config import Config, DbSourceSpec
+from straw.mapping import Mapper, MappingError
+from straw.records import source_uri
+from straw.redact import redact
+from straw.source import Source
+
+log = structlog.get_logger("straw.runner")
+
+
+@dataclass
+class Pipeline:
+    """One configured source with its mapper: the unit that polls."""
+
+    spec: DbSourceSpec
+    source: Source
+    mapper: Mapper
+    next_due: float = 0.0
+    failures: int = 0
+
+
+def build_pipeline(config: Config, spec: DbSourceSpec) -> Pipeline:
+    mapper = Mapper(
+        source_uri=source_uri(config.instance, spec.name),
+        source_name=spec.name,
+        entity_name=spec.entity,
+        entity=config.entities[spec.entity],
+        mapping=spec.mapping,
+        zone=spec.zone,
+    )
+    return Pipeline(spec, DbSource(spec, mapper.required_columns()), mapper)
+
+
+def poll(pipeline: Pipeline, outbox: Outbox) -> int:
+    """Read everything after the stored position into the outbox, batch by batch; return rows read."""
+    spec = pipeline.spec
+    rows = 0
+    for batch in pipeline.source.read(outbox.position(spec.name)):
+        mapped = pipeline.mapper.map(batch)
+        outbox.append(
+            spec.name,
+            spec.stream,
+            mapped.events,
+            [(d.position, d.reason, d.raw) for d in mapped.dead],
+            batch.positions[-1],
+            len(batch.rows),
+        )
+        if mapped.dead:
+            log.warning("rows sent to dead letters", source=spec.name, count=len(mapped.dead),
+                        first_reason=mapped.dead[0].reason)
+        rows += len(batch.rows)
+    if rows == 0:
+        outbox.polled(spec.name)
+    return rows
+
+
+POLL_ERRORS = (SQLAlchemyError, SchemaDrift, MappingError, OSError, ValueError)
+
+
+@dataclass
+class RunResult:
+    rows_read: int = 0
+    errors: list[str] = field(default_factory=list)
+    backlog: int = 0
+
+
+class Runner:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stop = threading.Event()
+        self._polling_done = threading.Event()
+        self._relay_error: BaseException | None = None
+        self.health = Health()
+
+    def _relay_main(self) -> None:
+        config = self.config
+        outbox = Outbox(config.outbox.path)
+        try:
+            run_relay(
+                lambda: connect(config.redis.url, config.redis.socket_timeout),
+                outbox,
+                config.streams,
+                stop=self.stop,
+                batch_size=config.relay.batch_size,
+                maxlen=config.relay.maxlen,
+                idle_interval=config.relay.idle_interval,
+                backoff_max=config.relay.backoff_max,
+                drained=self._polling_done.is_set,
+                health=self.health,
+            )
+        except BaseException as exc:  # reported by the main thread
+            self._relay_error = exc
+            self.stop.set()
+        finally:
+            outbox.close()
+
+    def run(self, *, once: bool = False, wait: float = 30.0) -> RunResult:
+        """`once`: poll every source until caught up, publish everything, return.
+
+        `wait` (once only): how long to keep retrying Redis before giving up with
+        the records safe in the outbox.
+        """
+        config = self.config
+        result = RunResult()
+        outbox = Outbox(config.outbox.path)
+        pipelines = [build_pipeline(config, spec) for spec in config.sources]
+        relay = threading.Thread(target=self._relay_main, name="relay", daemon=True)
+        relay.start()
+        try:
+            with _stop_on_signals(self.stop):
+                deadline = time.monotonic() + wait
+                if once:
+                    for pipeline in pipelines:
+                        if not self._await_stream(outbox, pipeline.spec.stream, deadline):
+                            result.errors.append(
+                                f"{pipeline.spec.name}: stream {pipeline.spec.stream!r} not adopted: "
+                                "Redis unreachable, and a new outbox must read the stream's checkpoint first"
+                            )
+                            continue
+                        result.rows_read += self._poll_logged(pipeline, outbox, result)
+                    self._polling_done.set()
+                    self._await_relay(relay, wait)
+                else:
+                    self._loop(pipelines, outbox, result)
+        finally:
+            self.stop.set()
+            relay.join(timeout=10)
+            for pipeline in pipelines:
+                pipeline.source.close()
+            result.backlog = outbox.backlog()
+            outbox.close()
+        if self._relay_error is not None:
+            result.errors.append(redact(f"relay: {self._relay_error}"))
+        elif result.backlog:
+            result.errors.append(
+                f"{result.backlog} records wait in the outbox (Redis unreachable?); they are safe and "
+                "will be published by the next run"
+            )
+        return result
+
+    def _await_relay(self, relay: threading.Thread, wait: float) -> None:
+        """Let the relay drain the outbox; give up only after Redis has been down for `wait` seconds."""
+        while relay.is_alive() and not self.stop.is_set():
+            relay.join(timeout=0.1)
+            down = self.health.down_since
+            if down is not None and time.monotonic() - down > wait:
+                return
+
+    def _await_stream(self, outbox: Outbox, stream: str, deadline: float) -> bool:
+        while not outbox.stream_known(stream):
+            if self.stop.is_set() or time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def _poll_logged(self, pipeline: Pipeline, outbox: Outbox, result: RunResult) -> int:
+        spec = pipeline.spec
+        started = time.monotonic()
+        try:
+            rows = poll(pipeline, outbox)
+        except POLL_ERRORS as exc:
+            message = redact(f"{type(exc).__name__}: {exc}")
+            pipeline.failures += 1
+            delay = min(spec.poll_interval * 2**pipeline.failures, 300.0)
+            pipeline.next_due = time.monotonic() + delay
+            log.error("poll failed; position not advanced", source=spec.name, error=message,
+                      retry_in=round(delay, 1))
+            outbox.polled(spec.name, error=message)
+            result.errors.append(f"{spec.name}: {message}")
+            return 0
+        pipeline.failures = 0
+        pipeline.next_due = time.monotonic() + spec.poll_interval
+        if rows:
+            log.info("polled", source=spec.name, rows=rows, seconds=round(time.monotonic() - started, 3))
+        return rows
+
+    def _loop(self, pipelines: list[Pipeline], outbox: Outbox, result: RunResult) -> None:
+        while not self.stop.is_set():
+            now = time.monotonic()
+            for pipeline in pipelines:
+                if pipeline.next_due <= now and outbox.stream_known(pipeline.spec.stream):
+                    result.rows_read += self._poll_logged(pipeline, outbox, result)
+                    result.errors.clear()  # in a long run, errors live in the log and in `straw status`
+            soonest = min(p.next_due for p in pipelines)
+            self.stop.wait(max(0.01, min(soonest - time.monotonic(), 1.0)))
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM/SIGINT finish the current batch and stop; each batch is its own transaction anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        log.info("stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
