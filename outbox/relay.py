@@ -1,20 +1,22 @@
 """Publish outbox records to Redis streams exactly once.
 
-One round: WATCH the stream's checkpoint, read it, reconcile (records at or
-below its `seq` are already in the stream: mark them published), then MULTI,
-XADD the next batch in order, HSET the checkpoint, EXEC. An aborted EXEC means
-another relay wrote the checkpoint: re-read, never resend blindly. A connection
-lost during EXEC is resolved the same way, by the next round's reconcile.
+One round per batch: a Lua script that, atomically in Redis, checks that the
+stream's checkpoint is what this relay last saw, XADDs the batch in `seq` order
+and moves the checkpoint (HSET `seq`, `outbox`, `pos:<source>`). It is the
+WATCH/MULTI/EXEC of the design in one round trip and one reply. A checkpoint
+that moved (another relay, or our own write whose reply was lost) is re-read:
+records at or below its `seq` are already in the stream, so they are marked
+published (the crash reconciliation), never sent again.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import random
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import redis
 import structlog
@@ -25,6 +27,13 @@ from outbox.store import Outbox
 log = structlog.get_logger("straw.relay")
 
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
+
+
+class StopFlag(Protocol):
+    """A threading.Event or a multiprocessing Event."""
+
+    def is_set(self) -> bool: ...
+    def wait(self, timeout: float | None = None) -> bool: ...
 
 
 class SplitBrain(Exception):
@@ -59,7 +68,44 @@ def adopt_streams(client: redis.Redis, outbox: Outbox, streams: list[str]) -> No
             log.info("adopted checkpoint", stream=stream, seq=ckpt.seq, previous_outbox=ckpt.outbox)
 
 
+# One atomic step in Redis: publish only if the checkpoint is what this relay last saw.
+# KEYS: stream, checkpoint. ARGV: expected seq, expected outbox, our outbox, time, maxlen ('' = none),
+# n position fields, then n (field, value) pairs, then (seq, pos, event) per record.
+_PUBLISH = """
+local state = redis.call('HMGET', KEYS[2], 'seq', 'outbox')
+local seq, owner = state[1] or '0', state[2] or ''
+if seq ~= ARGV[1] or owner ~= ARGV[2] then
+  return {0, seq, owner}
+end
+local maxlen = ARGV[5]
+local first = 7 + 2 * tonumber(ARGV[6])
+local last = seq
+for i = first, #ARGV, 3 do
+  if maxlen == '' then
+    redis.call('XADD', KEYS[1], '*', 'seq', ARGV[i], 'pos', ARGV[i + 1], 'event', ARGV[i + 2])
+  else
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'seq', ARGV[i], 'pos', ARGV[i + 1], 'event', ARGV[i + 2])
+  end
+  last = ARGV[i]
+end
+local fields = {'seq', last, 'outbox', ARGV[3], 'at', ARGV[4]}
+for i = 7, first - 1 do
+  fields[#fields + 1] = ARGV[i]
+end
+redis.call('HSET', KEYS[2], unpack(fields))
+return {1, last, ARGV[3]}
+"""
+
+
 class Relay:
+    """Publishes one stream's outbox records, a batch per round, each batch in one atomic script call.
+
+    The script is a compare-and-set: it appends the batch and moves the checkpoint
+    only if the checkpoint still holds what this relay last saw. Anything else (a
+    crash after the script ran, a lost reply, another outbox) is settled by
+    re-reading the checkpoint and reconciling, never by resending blindly.
+    """
+
     def __init__(
         self, client: redis.Redis, outbox: Outbox, *, batch_size: int = 1000, maxlen: int | None = None
     ) -> None:
@@ -67,52 +113,62 @@ class Relay:
         self.outbox = outbox
         self.batch_size = batch_size
         self.maxlen = maxlen
+        self._script = client.register_script(_PUBLISH)
+        self._seen: dict[str, Checkpoint] = {}  # per stream: the checkpoint as of our last round
+
+    def _checkpoint(self, stream: str) -> tuple[Checkpoint, int]:
+        """The stream's checkpoint, re-read unless this relay wrote it; and how many records it reconciled."""
+        seen = self._seen.get(stream)
+        if seen is not None:
+            return seen, 0
+        seen = read_checkpoint(self.client, stream)
+        reconciled = 0
+        if seen.outbox == self.outbox.identity:
+            reconciled = self.outbox.mark_published(stream, seen.seq)
+            if reconciled:
+                log.info("reconciled with stream", stream=stream, seq=seen.seq, records=reconciled)
+        self._seen[stream] = seen
+        return seen, reconciled
 
     def publish(self, stream: str) -> Round:
-        key = checkpoint_key(stream)
         outbox = self.outbox
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.watch(key)
-            ckpt = Checkpoint.parse(pipe.hgetall(key))
-            reconciled = 0
-            if ckpt.outbox == outbox.identity:
-                reconciled = outbox.mark_published(stream, ckpt.seq)
-                if reconciled:
-                    log.info("reconciled with stream", stream=stream, seq=ckpt.seq, records=reconciled)
-            after = outbox.published_seq(stream)
-            batch = outbox.pending(stream, after, self.batch_size)
-            if not batch:
-                pipe.unwatch()
-                return Round(stream, reconciled, False)
-            if ckpt.outbox not in (None, outbox.identity) and batch[0].seq <= ckpt.seq:
-                raise SplitBrain(
-                    f"stream {stream!r}: checkpoint seq {ckpt.seq} was written by outbox {ckpt.outbox}, "
-                    f"yet this outbox ({outbox.identity}) still holds seq {batch[0].seq}; "
-                    "two straw instances publish to this stream. Stop one of them."
-                )
-            last_position: dict[str, str] = {}
-            pipe.multi()
-            maxlen = self.maxlen
-            for record in batch:
-                pipe.xadd(
-                    stream,
-                    {"seq": record.seq, "pos": record.position, "event": record.event},
-                    maxlen=maxlen,
-                    approximate=True,
-                )
-                last_position[POS_PREFIX + record.source] = record.position
-            last = batch[-1].seq
-            pipe.hset(
-                key,
-                mapping={
-                    "seq": last,
-                    "outbox": outbox.identity,
-                    "at": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-                    **last_position,
-                },
+        ckpt, reconciled = self._checkpoint(stream)
+        batch = outbox.pending(stream, outbox.published_seq(stream), self.batch_size)
+        if not batch:
+            return Round(stream, reconciled, False)
+        if ckpt.outbox not in (None, outbox.identity) and batch[0].seq <= ckpt.seq:
+            self._seen.pop(stream, None)
+            raise SplitBrain(
+                f"stream {stream!r}: checkpoint seq {ckpt.seq} was written by outbox {ckpt.outbox}, "
+                f"yet this outbox ({outbox.identity}) still holds seq {batch[0].seq}; "
+                "two straw instances publish to this stream. Stop one of them."
             )
-            pipe.execute()
-        published = outbox.mark_published(stream, last)
+        positions: dict[str, str] = {}
+        records: list[bytes | str | int] = []
+        counts: dict[str, int] = {}
+        for seq, source, position, event in batch:
+            records += (seq, position, event)
+            positions[POS_PREFIX + source] = position
+            counts[source] = counts.get(source, 0) + 1
+        args: list[bytes | str | int] = [
+            ckpt.seq,
+            ckpt.outbox or "",
+            outbox.identity,
+            dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+            self.maxlen or "",
+            len(positions),
+        ]
+        for field, value in positions.items():
+            args += (field, value)
+        args += records
+        self._seen.pop(stream, None)  # unknown until Redis answers
+        done, seq, _owner = self._script(keys=[stream, checkpoint_key(stream)], args=args)
+        if not done:
+            log.warning("checkpoint moved under us; re-reading", stream=stream, seq=int(seq))
+            return Round(stream, reconciled, True)
+        last = batch[-1][0]
+        self._seen[stream] = Checkpoint(last, outbox.identity)
+        published = outbox.mark_published(stream, last, counts)
         return Round(stream, reconciled + published, len(batch) == self.batch_size)
 
 
@@ -142,7 +198,7 @@ def run_relay(
     outbox: Outbox,
     streams: list[str],
     *,
-    stop: threading.Event,
+    stop: StopFlag,
     batch_size: int = 1000,
     maxlen: int | None = None,
     idle_interval: float = 0.2,
@@ -167,13 +223,7 @@ def run_relay(
                 relay = Relay(client, outbox, batch_size=batch_size, maxlen=maxlen)
             more = False
             for stream in streams:
-                try:
-                    result = relay.publish(stream)
-                except redis.WatchError:
-                    log.warning("checkpoint changed under us; re-reading", stream=stream)
-                    more = True
-                    continue
-                more = more or result.more
+                more = relay.publish(stream).more or more
             health.down_since = None
             if backoff.current:
                 log.info("redis reachable again; publishing", streams=streams)

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -56,8 +56,7 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
-@dataclass(frozen=True, slots=True)
-class Pending:
+class Pending(NamedTuple):
     seq: int
     source: str
     position: str
@@ -196,11 +195,12 @@ class Outbox:
         return int(row[0]) if row else 0
 
     def pending(self, stream: str, after: int, limit: int) -> list[Pending]:
+        """The next records to publish, in order."""
         rows = self.db.execute(
             "SELECT seq, source, position, event FROM records WHERE seq > ? AND stream = ? ORDER BY seq LIMIT ?",
             (after, stream, limit),
         ).fetchall()
-        return [Pending(*row) for row in rows]
+        return list(map(Pending._make, rows))
 
     def first_pending_seq(self, stream: str) -> int | None:
         after = self.published_seq(stream)
@@ -209,8 +209,11 @@ class Outbox:
         ).fetchone()
         return int(row[0]) if row else None
 
-    def mark_published(self, stream: str, upto: int) -> int:
-        """Everything of `stream` up to `upto` is in Redis: count it per source and drop it."""
+    def mark_published(self, stream: str, upto: int, counts: dict[str, int] | None = None) -> int:
+        """Everything of `stream` up to `upto` is in Redis: count it per source and drop it.
+
+        `counts` (records per source), when the caller knows them, saves counting here.
+        """
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -218,11 +221,13 @@ class Outbox:
             if upto <= after:
                 db.execute("COMMIT")
                 return 0
-            counts = db.execute(
-                "SELECT source, count(*) FROM records WHERE seq > ? AND seq <= ? AND stream = ? GROUP BY source",
-                (after, upto, stream),
-            ).fetchall()
-            for source, count in counts:
+            if counts is None:
+                counted = db.execute(
+                    "SELECT source, count(*) FROM records WHERE seq > ? AND seq <= ? AND stream = ? GROUP BY source",
+                    (after, upto, stream),
+                ).fetchall()
+                counts = dict(counted)
+            for source, count in counts.items():
                 db.execute(
                     "UPDATE positions SET rows_published = rows_published + ? WHERE source = ?", (count, source)
                 )
@@ -236,7 +241,7 @@ class Outbox:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return sum(count for _, count in counts)
+        return sum(counts.values())
 
     def stream_error(self, stream: str, error: str | None) -> None:
         self.db.execute(

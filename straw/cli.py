@@ -13,6 +13,7 @@ import redis
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from outbox.checkpoint import checkpoint_key
 from outbox.relay import REDIS_DOWN, connect
@@ -20,7 +21,7 @@ from outbox.store import Outbox
 from straw import logs
 from straw.config import Config
 from straw.config_load import CONFIG_ENV, ConfigError, load_config
-from straw.redact import redact
+from straw.redact import describe, redact
 from straw.runner import Runner, build_pipeline
 
 app = typer.Typer(
@@ -45,7 +46,8 @@ def _load(path: Path | None) -> Config:
     except ConfigError as exc:
         err.print("[bold red]configuration error[/]", highlight=False)
         for problem in exc.problems:
-            err.print(f"  {redact(str(problem))}", highlight=False, markup=False)
+            # soft_wrap: one problem is one line even in a log file or a narrow terminal (grep-able).
+            err.print(f"  {redact(str(problem))}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -64,7 +66,7 @@ def _redis_or_none(config: Config, action: Callable[[redis.Redis], T]) -> T | st
     try:
         return action(client)
     except REDIS_DOWN as exc:
-        return redact(f"unreachable ({type(exc).__name__}: {exc})")
+        return f"unreachable ({describe(exc)})"
     finally:
         client.close()
 
@@ -81,11 +83,12 @@ def run(
     """Poll the sources and publish to Redis; runs until stopped (SIGTERM/Ctrl-C) unless --once."""
     logs.setup(log_level)
     config = _load(config_path)
-    result = Runner(config).run(once=once, wait=wait)
+    result = Runner(config, log_level).run(once=once, wait=wait)
     if once:
         out.print(f"read {result.rows_read} rows; outbox backlog {result.backlog}", highlight=False)
     for problem in result.errors:
-        err.print(f"[red]error[/] {problem}", highlight=False)
+        err.print("[red]error[/] ", end="", highlight=False)
+        err.print(problem, markup=False, highlight=False, soft_wrap=True)
     if result.errors:
         raise typer.Exit(1)
 
@@ -102,22 +105,26 @@ def check(config_path: ConfigOption = None) -> None:
         failed = failed or not ok
         mark = "[green]ok[/]  " if ok else "[red]FAIL[/]"
         out.print(f"{mark} {what}: ", end="", highlight=False)
-        out.print(redact(detail), markup=False, highlight=False)
+        out.print(redact(detail), markup=False, highlight=False, soft_wrap=True)
 
     line(True, "config", f"{len(config.sources)} sources, {len(config.entities)} entities")
     for spec in config.sources:
-        pipeline = build_pipeline(config, spec)
+        try:  # every failure is one line, never a traceback (a missing DB driver fails in build_pipeline)
+            pipeline = build_pipeline(config, spec)
+        except Exception as exc:
+            line(False, f"source {spec.name}", describe(exc))
+            continue
         try:
             line(True, f"source {spec.name}", pipeline.source.check())
-        except Exception as exc:  # every failure is one line, never a traceback
-            line(False, f"source {spec.name}", f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            line(False, f"source {spec.name}", describe(exc))
         finally:
             pipeline.source.close()
     try:
         with _outbox(config) as outbox:
             line(True, "outbox", f"{config.outbox.path} (backlog {outbox.backlog()})")
     except Exception as exc:
-        line(False, "outbox", f"{config.outbox.path}: {exc}")
+        line(False, "outbox", f"{config.outbox.path}: {describe(exc)}")
     info = _redis_or_none(config, lambda c: c.info("server"))
     if isinstance(info, str):
         line(False, "redis", info)
@@ -152,7 +159,7 @@ def preview(
             events.extend(orjson.loads(e) for _, e in mapped.events)
             dead.extend((d.position, d.reason) for d in mapped.dead)
     except Exception as exc:
-        err.print(redact(f"{type(exc).__name__}: {exc}"), markup=False, highlight=False)
+        err.print(describe(exc), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     finally:
         pipeline.source.close()
@@ -162,15 +169,21 @@ def preview(
     for name in fields:
         table.add_column(name)
     for event in events:
-        table.add_row(event["subject"], *(_cell(event["data"].get(f)) for f in fields))
+        table.add_row(Text(event["subject"]), *(_cell(event["data"].get(f)) for f in fields))
     out.print(table)
     for position, reason in dead:
         out.print(f"[red]dead letter[/] at {position}: ", end="", highlight=False)
         out.print(reason, markup=False, highlight=False)
 
 
-def _cell(value: Any) -> str:
-    return "∅" if value is None else str(value)
+def _when(stamp: str | None) -> str:
+    """Outbox times are UTC ISO; show them to the second."""
+    return stamp[:19].replace("T", " ") + "Z" if stamp else "never"
+
+
+def _cell(value: Any) -> Text:
+    """Legacy text as it is: `[urgent]` is data, not console markup."""
+    return Text("∅" if value is None else str(value))
 
 
 @app.command()
@@ -189,12 +202,12 @@ def status(config_path: ConfigOption = None) -> None:
         state = states.get(spec.name)
         table.add_row(
             spec.name,
-            state.position if state and state.position else "(start)",
-            state.polled_at if state and state.polled_at else "never",
+            Text(state.position if state and state.position else "(start)"),
+            _when(state.polled_at if state else None),
             str(state.rows_read if state else 0),
             str(state.rows_published if state else 0),
             str(dead.get(spec.name, 0)),
-            redact(state.error) if state and state.error else "",
+            Text(redact(state.error) if state and state.error else "", style="red"),
         )
     out.print(table)
     lengths = _redis_or_none(config, lambda c: {s: int(c.xlen(s)) for s in config.streams})
@@ -202,16 +215,19 @@ def status(config_path: ConfigOption = None) -> None:
     table = Table(title="streams")
     for column in ("stream", "length", "checkpoint", "published seq", "backlog", "last publish", "error"):
         table.add_column(column)
-    for stream in config.streams:
-        state = streams.get(stream)
+    for stream_name in config.streams:
+        known = streams.get(stream_name)
         table.add_row(
-            stream,
-            str(lengths.get(stream, 0)) if isinstance(lengths, dict) else "?",
-            checkpoint_key(stream),
-            str(state.published_seq if state else 0),
-            str(state.backlog if state else 0),
-            state.published_at if state and state.published_at else "never",
-            redact(state.error) if state and state.error else (f"redis {redis_error}" if redis_error else ""),
+            stream_name,
+            str(lengths.get(stream_name, 0)) if isinstance(lengths, dict) else "?",
+            checkpoint_key(stream_name),
+            str(known.published_seq if known else 0),
+            str(known.backlog if known else 0),
+            _when(known.published_at if known else None),
+            Text(
+                redact(known.error) if known and known.error else (f"redis {redis_error}" if redis_error else ""),
+                style="red",
+            ),
         )
     out.print(table)
     out.print(f"outbox {config.outbox.path}: {backlog} records waiting", highlight=False)
@@ -228,7 +244,7 @@ def stream(
     names = [name] if name else config.streams
 
     def read(client: redis.Redis) -> dict[str, tuple[int, list[Any]]]:
-        return {s: (int(client.xlen(s)), client.xrevrange(s, count=count)) for s in names}
+        return {s: (int(client.xlen(s)), list(client.xrevrange(s, count=count) or [])) for s in names}
 
     found = _redis_or_none(config, read)
     if isinstance(found, str):
@@ -241,7 +257,7 @@ def stream(
         for entry_id, fields in reversed(entries):
             event = orjson.loads(fields[b"event"])
             data = orjson.dumps(event["data"]).decode()
-            table.add_row(entry_id.decode(), fields[b"seq"].decode(), event["type"], event["subject"], data)
+            table.add_row(entry_id.decode(), fields[b"seq"].decode(), event["type"], Text(event["subject"]), Text(data))
         out.print(table)
 
 
@@ -259,7 +275,8 @@ def dead_letters(
     for column in ("id", "source", "position", "reason", "raw row"):
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(str(row["id"]), row["source"], row["position"], row["reason"], row["raw"])
+        # Text, not markup: legacy values such as "[/b]" must print as written, not crash the table.
+        table.add_row(str(row["id"]), row["source"], *(Text(row[k]) for k in ("position", "reason", "raw")))
     out.print(table)
 
 

@@ -39,7 +39,7 @@ def _parse_duration(value: Any) -> Any:
             return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
         raise PydanticCustomError(
             "duration",
-            "not a duration: {value!r}; write seconds (5), or a number with ms, s, m or h ('500ms', '2m')",
+            "not a duration: '{value}'; write seconds (5), or a number with ms, s, m or h ('500ms', '2m')",
             {"value": value},
         )
     return value
@@ -86,10 +86,13 @@ class EntitySpec(Strict):
     def _key_fields_declared(self) -> EntitySpec:
         missing = [k for k in self.key if k not in self.fields]
         if missing:
+            # `at`: where in this model the error belongs, so the loader can name that line.
             raise PydanticCustomError(
                 "key_field",
-                "key field(s) {missing} are not declared under fields (declared: {declared})",
-                {"missing": ", ".join(missing), "declared": ", ".join(self.fields)},
+                "key field(s) {missing} are not declared under `fields`; declare them there or fix `key` "
+                "(declared: {declared})",
+                {"missing": ", ".join(missing), "declared": ", ".join(self.fields),
+                 "at": ("key", self.key.index(missing[0]))},
             )
         return self
 
@@ -128,7 +131,7 @@ class DbSourceSpec(Strict):
     def _plain_name(cls, value: str) -> str:
         if not _NAME.match(value):
             raise PydanticCustomError(
-                "name", "use letters, digits, '_', '.', '-' (got {value!r})", {"value": value}
+                "name", "use letters, digits, '_', '.', '-' (got '{value}')", {"value": value}
             )
         return value
 
@@ -139,7 +142,7 @@ class DbSourceSpec(Strict):
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
             raise PydanticCustomError(
-                "timezone", "unknown time zone {value!r}; use an IANA name such as 'Europe/Amsterdam'",
+                "timezone", "unknown time zone '{value}'; use an IANA name such as 'Europe/Amsterdam'",
                 {"value": value},
             ) from None
         return value
@@ -150,14 +153,14 @@ class DbSourceSpec(Strict):
             raise PydanticCustomError(
                 "mode_column",
                 "mode 'incrementing' needs `incrementing_column`: a column whose value only grows (an id)",
-                {},
+                {"at": ("mode",)},
             )
         if self.mode is ChangeMode.TIMESTAMP and not (self.timestamp_column and self.key_column):
             raise PydanticCustomError(
                 "mode_column",
                 "mode 'timestamp' needs `timestamp_column` (last change time) and `key_column` "
                 "(unique tie-breaker, so rows sharing a timestamp are never skipped)",
-                {},
+                {"at": ("mode",)},
             )
         return self
 
@@ -166,7 +169,14 @@ class DbSourceSpec(Strict):
         return ZoneInfo(self.timezone)
 
 
-SourceSpec = Annotated[DbSourceSpec, Field(discriminator="kind")]
+def _default_kind(value: Any) -> Any:
+    # A discriminated union requires its tag; `kind` is optional in the file, a database by default.
+    if isinstance(value, dict) and "kind" not in value:
+        return {**value, "kind": "db"}
+    return value
+
+
+SourceSpec = Annotated[DbSourceSpec, Field(discriminator="kind"), BeforeValidator(_default_kind)]
 
 
 class RedisSpec(Strict):
@@ -200,37 +210,41 @@ class Config(Strict):
     def _instance_name(cls, value: str) -> str:
         if not _NAME.match(value):
             raise PydanticCustomError(
-                "name", "use letters, digits, '_', '.', '-' (got {value!r})", {"value": value}
+                "name", "use letters, digits, '_', '.', '-' (got '{value}')", {"value": value}
             )
         return value
 
     @model_validator(mode="after")
     def _cross_references(self) -> Config:
         seen: set[str] = set()
-        for source in self.sources:
+        for index, source in enumerate(self.sources):
             if source.name in seen:
                 raise PydanticCustomError(
-                    "duplicate", "two sources are named {name!r}; names must be unique", {"name": source.name}
+                    "duplicate", "two sources are named '{name}'; names must be unique",
+                    {"name": source.name, "at": ("sources", index, "name")},
                 )
             seen.add(source.name)
             entity = self.entities.get(source.entity)
             if entity is None:
                 raise PydanticCustomError(
                     "entity",
-                    "source {name!r} names entity {entity!r}, which is not declared under `entities` "
-                    "(declared: {declared})",
-                    {"name": source.name, "entity": source.entity, "declared": ", ".join(self.entities)},
+                    "source '{name}' names entity '{entity}', which is not declared under `entities`; "
+                    "declare it there or use one of: {declared}",
+                    {"name": source.name, "entity": source.entity, "declared": ", ".join(self.entities),
+                     "at": ("sources", index, "entity")},
                 )
             unknown = [f for f in source.mapping if f not in entity.fields]
             if unknown:
                 raise PydanticCustomError(
                     "mapping",
-                    "source {name!r} maps {unknown}, not a field of entity {entity!r} (fields: {fields})",
+                    "source '{name}' maps {unknown}, not a field of entity '{entity}'; "
+                    "map the entity's fields ({fields}) or declare it under the entity",
                     {
                         "name": source.name,
                         "unknown": ", ".join(unknown),
                         "entity": source.entity,
                         "fields": ", ".join(entity.fields),
+                        "at": ("sources", index, "mapping", unknown[0]),
                     },
                 )
         return self

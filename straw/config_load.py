@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -20,7 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from straw.config import Config, DbSourceSpec
-from straw.redact import register_secret
+from straw.redact import redact, register_secret
 
 CONFIG_ENV = "STRAW_CONFIG"
 _VAR = re.compile(r"\$\{([^}]*)\}")
@@ -61,8 +62,15 @@ def load_config(path: str | Path | None = None) -> Config:
     file = resolve_path(path)
     try:
         text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            [Problem(str(file), None, "", f"configuration file not found ({file.absolute()}); "
+                     f"pass --config PATH or set {CONFIG_ENV}")]
+        ) from None
     except OSError as exc:
         raise ConfigError([Problem(str(file), None, "", f"cannot read: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Problem(str(file), None, "", f"not UTF-8 text ({exc.reason}); save it as UTF-8")]) from None
     return parse_config(text, file)
 
 
@@ -75,7 +83,13 @@ def parse_config(text: str, file: Path) -> Config:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
-        raise ConfigError([Problem(name, line, "", f"not valid YAML: {exc.problem or exc}")]) from None
+        column = f" (column {mark.column + 1})" if mark else ""
+        raise ConfigError(
+            [Problem(name, line, "", f"not valid YAML{column}: {exc.problem or exc}; check the indentation "
+                     "(spaces, not tabs; keys of one mapping start in the same column) and quoting")]
+        ) from None
+    except yaml.YAMLError as exc:  # e.g. a control character: no line to point at
+        raise ConfigError([Problem(name, None, "", f"not valid YAML: {exc}")]) from None
     finally:
         loader.dispose()
     if not isinstance(data, dict):
@@ -133,10 +147,11 @@ def _substitute(
             target = target if target.is_absolute() else base / target
             try:
                 secret = target.read_text(encoding="utf-8").rstrip("\r\n")
-            except OSError as exc:
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = getattr(exc, "strerror", None) or exc
                 problems.append(
                     Problem(file, lines.get(path), _dotted(path),
-                            f"cannot read secret file {target}: {exc.strerror or exc}; create it or fix the path")
+                            f"cannot read secret file {target}: {reason}; create it or fix the path")
                 )
                 return ""
             register_secret(secret)
@@ -160,7 +175,26 @@ def _substitute(
         register_secret(found)
         return found
 
-    return _VAR.sub(expand, value)
+    userinfo = _userinfo_span(value)
+
+    def substitute(match: re.Match[str]) -> str:
+        found = expand(match)
+        if userinfo and userinfo[0] <= match.start() < userinfo[1]:
+            # Inside `user:password@` a '@', '/', ':' or '#' must be percent-encoded, or the URL parses
+            # wrongly and part of the password can surface in an error message as a host name.
+            quoted = quote(found, safe="")
+            register_secret(quoted)
+            return quoted
+        return found
+
+    return _VAR.sub(substitute, value)
+
+
+def _userinfo_span(template: str) -> tuple[int, int] | None:
+    """Where `user:password` sits in a URL template, each `${…}` counted as opaque."""
+    masked = _VAR.sub(lambda m: "x" * len(m.group(0)), template)
+    found = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://([^/?#@]*)@", masked)
+    return found.span(1) if found else None
 
 
 def _dotted(path: Path_) -> str:
@@ -172,13 +206,18 @@ def _dotted(path: Path_) -> str:
 
 def _problem(err: Any, file: str, lines: dict[Path_, int], data: Any) -> Problem:
     loc: Path_ = tuple(err["loc"])
+    # A model-level check reports against the whole model; `at` (see config.py) names the key inside it.
+    loc = (*loc, *(err.get("ctx") or {}).get("at", ()))
+    if err["type"] == "union_tag_invalid":
+        loc = (*loc, "kind")
     # Pydantic adds the union tag ("db") to the location; keep only what exists in the file.
     path: Path_ = ()
     node = data
     for part in loc:
-        if isinstance(node, dict) and part in node:
-            node, path = node[part], (*path, part)
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+        in_file = (isinstance(node, dict) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and part < len(node)
+        )
+        if in_file:
             node, path = node[part], (*path, part)
         elif err["type"] in ("missing", "extra_forbidden") and part == loc[-1]:
             path = (*path, part)
@@ -186,32 +225,37 @@ def _problem(err: Any, file: str, lines: dict[Path_, int], data: Any) -> Problem
     parent = path[:-1]
     while line is None and parent:
         line, parent = lines.get(parent), parent[:-1]
-    return Problem(file, line, _dotted(path), _message(err, path, node, data))
+    # redact: a value pydantic echoes back may have come from ${ENV_VAR} or ${file:…}.
+    return Problem(file, line, _dotted(path), redact(_message(err, path)))
 
 
-def _message(err: Any, path: Path_, node: Any, data: Any) -> str:
+def _message(err: Any, path: Path_) -> str:
     kind = err["type"]
     key = str(path[-1]) if path else ""
     if kind == "missing":
         return f"missing required key `{key}`; add it (see README, Configuration reference)"
     if kind == "extra_forbidden":
-        allowed = _allowed_keys(path[:-1], data)
+        allowed = _allowed_keys(path[:-1])
         close = difflib.get_close_matches(key, allowed, n=1)
         hint = f"did you mean `{close[0]}`?" if close else f"allowed here: {', '.join(sorted(allowed))}"
         return f"unknown key `{key}`; {hint}"
     message = str(err["msg"]).removeprefix("Value error, ")
     if kind in ("enum", "literal_error"):
-        return f"{message} (got {err.get('input')!r})"
+        choices = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
+        close = difflib.get_close_matches(str(err.get("input")), choices, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"{message} (got {err.get('input')!r}){hint}"
+    if kind == "union_tag_invalid":
+        ctx = err.get("ctx") or {}
+        return f"unknown kind '{ctx.get('tag')}'; use one of: {ctx.get('expected_tags')}"
     return message
 
 
-def _allowed_keys(path: Path_, data: Any) -> list[str]:
+def _allowed_keys(path: Path_) -> list[str]:
     model: type[BaseModel] | None = Config
-    node = data
     for part in path:
         if model is None:
             return []
-        node = node[part] if isinstance(node, (dict, list)) else None
         if isinstance(part, int):
             continue
         field = model.model_fields.get(part)
@@ -236,7 +280,8 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
 
 def _anchor_paths(config: Config, base: Path, file: str, lines: dict[Path_, int]) -> Config:
     """Relative paths in the file are relative to the file's folder, not to the shell's."""
-    outbox_path = config.outbox.path if config.outbox.path.is_absolute() else base / config.outbox.path
+    # resolve(): the paths straw shows and opens read cleanly, without `..`.
+    outbox_path = (base / config.outbox.path.expanduser()).resolve()
     sources: list[DbSourceSpec] = []
     problems: list[Problem] = []
     for index, source in enumerate(config.sources):
@@ -252,10 +297,11 @@ def _anchor_paths(config: Config, base: Path, file: str, lines: dict[Path_, int]
         if url.password:
             register_secret(str(url.password))
         if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-            database = Path(url.database)
-            if not database.is_absolute():
+            database = Path(url.database).expanduser()
+            if not url.database.startswith("file:"):  # a `file:` URI (uri=true) is passed on as written
                 source = source.model_copy(
-                    update={"url": url.set(database=str(base / database)).render_as_string(hide_password=False)}
+                    update={"url": url.set(database=str((base / database).resolve())).render_as_string(
+                        hide_password=False)}
                 )
         sources.append(source)
     if problems:

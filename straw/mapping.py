@@ -8,8 +8,10 @@ Rows that fail go to dead letters with the reason; the batch goes on.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -39,8 +41,11 @@ class MappingError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    fields: tuple[tuple[str, int, Coercer, bool], ...]  # name, column index, coerce, required
-    key_slots: tuple[int, ...]  # positions in `fields` of the key fields
+    names: tuple[str, ...]
+    pick: Callable[[Sequence[Any]], tuple[Any, ...]]  # the mapped columns of a row, in field order
+    coercers: tuple[Coercer, ...]
+    required: tuple[int, ...]  # indexes (into names) that must not be null
+    key: tuple[int, ...]  # indexes (into names) of the key fields
 
 
 class Mapper:
@@ -80,10 +85,17 @@ class Mapper:
                     f"source {self.source_name!r}: column {column!r} (for field {name!r}) is not in the result "
                     f"(columns: {', '.join(columns)}); fix `mapping` or the legacy schema"
                 )
-            required = self.entity.fields[name].required or name in self.entity.key
-            slots.append((name, found, self._coercers[name], required))
-        names = [s[0] for s in slots]
-        plan = _Plan(tuple(slots), tuple(names.index(k) for k in self.entity.key))
+            slots.append(found)
+        names = tuple(self.columns_for)
+        fields = self.entity.fields
+        pick = itemgetter(*slots) if len(slots) > 1 else (lambda row, i=slots[0]: (row[i],))
+        plan = _Plan(
+            names=names,
+            pick=pick,
+            coercers=tuple(self._coercers[n] for n in names),
+            required=tuple(i for i, n in enumerate(names) if fields[n].required or n in self.entity.key),
+            key=tuple(names.index(k) for k in self.entity.key),
+        )
         self._plans[columns] = plan
         return plan
 
@@ -91,39 +103,49 @@ class Mapper:
         plan = self._plan(batch.columns)
         out = MappedBatch()
         observed = time or observed_now()
+        names, pick, coercers, required, key_slots = plan.names, plan.pick, plan.coercers, plan.required, plan.key
+        source, entity, events = self.source_uri, self.entity_name, out.events
         for row, position in zip(batch.rows, batch.positions, strict=True):
-            data: dict[str, Any] = {}
+            # The hot loop: one comprehension per row; only a failing row pays for a precise reason.
             try:
-                for name, column, coerce, required in plan.fields:
-                    value = row[column]
-                    if value is None:
-                        if required:
-                            raise ValueError(f"field {name!r} (column {self.columns_for[name]!r}) is null")
-                        data[name] = None
-                        continue
-                    try:
-                        data[name] = coerce(value)
-                    except ValueError as exc:
-                        raise ValueError(f"field {name!r} (column {self.columns_for[name]!r}): {exc}") from None
-            except ValueError as exc:
-                out.dead.append(DeadLetter(position, str(exc), raw_json(batch.columns, row)))
+                values = [None if v is None else c(v) for c, v in zip(coercers, pick(row), strict=False)]
+            except ValueError:
+                values = None
+            if values is None or any(values[i] is None for i in required):
+                out.dead.append(DeadLetter(position, self._reason(plan, row), raw_json(batch.columns, row)))
                 continue
-            key = subject(tuple(data[plan.fields[i][0]] for i in plan.key_slots))
-            out.events.append(
+            key = subject(tuple(values[i] for i in key_slots))
+            events.append(
                 (
                     position,
                     encode_event(
-                        source=self.source_uri,
-                        entity=self.entity_name,
+                        source=source,
+                        entity=entity,
                         op=UPSERTED,
                         key=key,
                         position=position,
                         time=observed,
-                        data=data,
+                        data=dict(zip(names, values, strict=False)),
                     ),
                 )
             )
         return out
+
+    def _reason(self, plan: _Plan, row: Sequence[Any]) -> str:
+        """Why this row cannot be mapped: the first field that fails, named with its column."""
+        for i, (name, coerce, value) in enumerate(zip(plan.names, plan.coercers, plan.pick(row), strict=True)):
+            column = self.columns_for[name]
+            if value is None:
+                if i in plan.required:
+                    return f"field {name!r} (column {column!r}) is null"
+                continue
+            try:
+                coerced = coerce(value)
+            except ValueError as exc:
+                return f"field {name!r} (column {column!r}): {exc}"
+            if coerced is None and i in plan.required:
+                return f"field {name!r} (column {column!r}) is JSON null"
+        return "row cannot be mapped"
 
 
 def raw_json(columns: tuple[str, ...], row: Any) -> str:

@@ -36,3 +36,16 @@ def redact_event(_logger: Any, _method: str, event: MutableMapping[str, Any]) ->
         elif isinstance(value, BaseException):
             event[key] = redact(f"{type(value).__name__}: {value}")
     return event
+
+
+def registered_secrets() -> list[str]:
+    """For a child process, which must redact the same values."""
+    return sorted(_secrets)
+
+
+def describe(exc: BaseException) -> str:
+    """An error as one redacted line: the driver's own message when SQLAlchemy wraps one
+    (without its SQL and "background" footer)."""
+    inner = getattr(exc, "orig", None)
+    shown = inner if isinstance(inner, BaseException) else exc
+    return redact(f"{type(shown).__name__}: " + " ".join(str(shown).split()))

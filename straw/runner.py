@@ -1,8 +1,8 @@
 """Run configured sources: poll -> map -> outbox, with the relay publishing alongside.
 
 The poller and the relay share nothing but the outbox file: the relay runs in
-its own thread with its own SQLite connection, so either side can be down while
-the other goes on.
+its own process (a second core) with its own SQLite connection, so either side
+can be down, or busy, while the other goes on.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import structlog
 from sqlalchemy.exc import SQLAlchemyError
 
 from adapters.db.poller import DbSource, SchemaDrift
-from outbox.relay import Health, connect, run_relay
 from outbox.store import Outbox
 from straw.config import Config, DbSourceSpec
 from straw.mapping import Mapper, MappingError
 from straw.records import source_uri
-from straw.redact import redact
+from straw.redact import describe
+from straw.relay_process import RelayProcess
 from straw.source import Source
 
 log = structlog.get_logger("straw.runner")
@@ -76,7 +76,8 @@ def poll(pipeline: Pipeline, outbox: Outbox) -> int:
     return rows
 
 
-POLL_ERRORS = (SQLAlchemyError, SchemaDrift, MappingError, OSError, ValueError)
+# A failing source is reported and retried; it must not stop the other sources or the relay.
+POLL_ERRORS = (SQLAlchemyError, SchemaDrift, MappingError, OSError, ValueError, TypeError)
 
 
 @dataclass
@@ -87,34 +88,10 @@ class RunResult:
 
 
 class Runner:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, log_level: str | None = None) -> None:
         self.config = config
         self.stop = threading.Event()
-        self._polling_done = threading.Event()
-        self._relay_error: BaseException | None = None
-        self.health = Health()
-
-    def _relay_main(self) -> None:
-        config = self.config
-        outbox = Outbox(config.outbox.path)
-        try:
-            run_relay(
-                lambda: connect(config.redis.url, config.redis.socket_timeout),
-                outbox,
-                config.streams,
-                stop=self.stop,
-                batch_size=config.relay.batch_size,
-                maxlen=config.relay.maxlen,
-                idle_interval=config.relay.idle_interval,
-                backoff_max=config.relay.backoff_max,
-                drained=self._polling_done.is_set,
-                health=self.health,
-            )
-        except BaseException as exc:  # reported by the main thread
-            self._relay_error = exc
-            self.stop.set()
-        finally:
-            outbox.close()
+        self.log_level = log_level
 
     def run(self, *, once: bool = False, wait: float = 30.0) -> RunResult:
         """`once`: poll every source until caught up, publish everything, return.
@@ -126,7 +103,7 @@ class Runner:
         result = RunResult()
         outbox = Outbox(config.outbox.path)
         pipelines = [build_pipeline(config, spec) for spec in config.sources]
-        relay = threading.Thread(target=self._relay_main, name="relay", daemon=True)
+        relay = RelayProcess(config, self.log_level)
         relay.start()
         try:
             with _stop_on_signals(self.stop):
@@ -139,20 +116,21 @@ class Runner:
                                 "Redis unreachable, and a new outbox must read the stream's checkpoint first"
                             )
                             continue
-                        result.rows_read += self._poll_logged(pipeline, outbox, result)
-                    self._polling_done.set()
+                        result.rows_read += self._catch_up(pipeline, outbox, result)
+                    relay.drain()
                     self._await_relay(relay, wait)
                 else:
-                    self._loop(pipelines, outbox, result)
+                    self._loop(pipelines, outbox, result, relay)
         finally:
             self.stop.set()
-            relay.join(timeout=10)
+            relay.shutdown()
             for pipeline in pipelines:
                 pipeline.source.close()
             result.backlog = outbox.backlog()
             outbox.close()
-        if self._relay_error is not None:
-            result.errors.append(redact(f"relay: {self._relay_error}"))
+        relay_error = relay.error()
+        if relay_error is not None:
+            result.errors.append(f"relay: {relay_error}")
         elif result.backlog:
             result.errors.append(
                 f"{result.backlog} records wait in the outbox (Redis unreachable?); they are safe and "
@@ -160,11 +138,22 @@ class Runner:
             )
         return result
 
-    def _await_relay(self, relay: threading.Thread, wait: float) -> None:
+    def _catch_up(self, pipeline: Pipeline, outbox: Outbox, result: RunResult) -> int:
+        """Poll until a poll comes back short of `max_rows_per_poll` (or fails)."""
+        limit = pipeline.spec.max_rows_per_poll
+        total = 0
+        while not self.stop.is_set():
+            rows = self._poll_logged(pipeline, outbox, result)
+            total += rows
+            if not limit or rows < limit:
+                break
+        return total
+
+    def _await_relay(self, relay: RelayProcess, wait: float) -> None:
         """Let the relay drain the outbox; give up only after Redis has been down for `wait` seconds."""
         while relay.is_alive() and not self.stop.is_set():
-            relay.join(timeout=0.1)
-            down = self.health.down_since
+            relay.join(timeout=0.05)
+            down = relay.down_since
             if down is not None and time.monotonic() - down > wait:
                 return
 
@@ -181,7 +170,7 @@ class Runner:
         try:
             rows = poll(pipeline, outbox)
         except POLL_ERRORS as exc:
-            message = redact(f"{type(exc).__name__}: {exc}")
+            message = describe(exc)
             pipeline.failures += 1
             delay = min(spec.poll_interval * 2**pipeline.failures, 300.0)
             pipeline.next_due = time.monotonic() + delay
@@ -196,8 +185,11 @@ class Runner:
             log.info("polled", source=spec.name, rows=rows, seconds=round(time.monotonic() - started, 3))
         return rows
 
-    def _loop(self, pipelines: list[Pipeline], outbox: Outbox, result: RunResult) -> None:
+    def _loop(self, pipelines: list[Pipeline], outbox: Outbox, result: RunResult, relay: RelayProcess) -> None:
         while not self.stop.is_set():
+            if not relay.is_alive():
+                log.error("relay stopped; stopping", error=relay.error())
+                return
             now = time.monotonic()
             for pipeline in pipelines:
                 if pipeline.next_due <= now and outbox.stream_known(pipeline.spec.stream):

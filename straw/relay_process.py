@@ -1,0 +1,186 @@
+"""The relay in a process of its own, so publishing and polling run on two cores.
+
+The child shares only the outbox file with the poller. It is a plain
+`python -m straw.relay_process` (no multiprocessing: nothing of the caller's
+`__main__` is re-imported, no SQLite handle crosses a fork) and speaks JSON
+lines: the parent sends the configuration, then `drain` once polling is over;
+the child reports `{"redis": "down" | "up"}` and a fatal `{"error": …}`. The
+child dies with its parent: by `PR_SET_PDEATHSIG` on Linux, and on its stdin
+closing anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import IO, Any
+
+import orjson
+
+from outbox.relay import Health, connect, run_relay
+from outbox.store import Outbox
+from straw import logs
+from straw.config import Config
+from straw.redact import redact, register_secret, registered_secrets
+
+_PR_SET_PDEATHSIG = 1
+
+
+class ReportingHealth(Health):
+    """The child's health: each change of Redis reachability is one line to the parent."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = out
+        self._down: float | None = None
+
+    @property
+    def down_since(self) -> float | None:
+        return self._down
+
+    @down_since.setter
+    def down_since(self, moment: float | None) -> None:
+        if (moment is None) != (self._down is None):
+            _send(self._out, {"redis": "up" if moment is None else "down"})
+        self._down = moment
+
+
+def _send(out: IO[bytes], message: dict[str, Any]) -> None:
+    out.write(orjson.dumps(message) + b"\n")
+    out.flush()
+
+
+def child_main() -> int:
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    setup = orjson.loads(stdin.readline() or b"{}")
+    if not setup or os.getppid() != setup["parent"]:
+        return 1  # the parent is gone already
+    for secret in setup["secrets"]:
+        register_secret(secret)
+    logs.setup(setup["log_level"])
+    config = Config.model_validate(setup["config"])
+    stop, drained = threading.Event(), threading.Event()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which tells us
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def listen() -> None:
+        for line in stdin:
+            if line.strip() == b"drain":
+                drained.set()
+        stop.set()  # stdin closed: the parent is gone
+
+    threading.Thread(target=listen, name="parent", daemon=True).start()
+    outbox = Outbox(config.outbox.path)
+    try:
+        run_relay(
+            lambda: connect(config.redis.url, config.redis.socket_timeout),
+            outbox,
+            config.streams,
+            stop=stop,
+            batch_size=config.relay.batch_size,
+            maxlen=config.relay.maxlen,
+            idle_interval=config.relay.idle_interval,
+            backoff_max=config.relay.backoff_max,
+            drained=drained.is_set,
+            health=ReportingHealth(stdout),
+        )
+    except Exception as exc:
+        _send(stdout, {"error": redact(f"{type(exc).__name__}: {exc}")})
+        return 1
+    finally:
+        outbox.close()
+    return 0
+
+
+class RelayProcess:
+    """The parent's handle on the relay child."""
+
+    def __init__(self, config: Config, log_level: str | None = None) -> None:
+        self.config = config
+        self.log_level = log_level
+        self.down_since: float | None = None  # monotonic time the child said Redis went down
+        self._error: str | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "straw.relay_process"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+        )
+        assert self._process.stdin is not None
+        setup = {
+            "parent": os.getpid(),
+            "secrets": registered_secrets(),
+            "log_level": self.log_level,
+            "config": self.config.model_dump(mode="json", by_alias=True),
+        }
+        self._process.stdin.write(orjson.dumps(setup) + b"\n")
+        self._process.stdin.flush()
+        threading.Thread(target=self._listen, name="relay-listener", daemon=True).start()
+
+    def _listen(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        for line in self._process.stdout:
+            message = orjson.loads(line)
+            if "redis" in message:
+                self.down_since = time.monotonic() if message["redis"] == "down" else None
+            if "error" in message:
+                self._error = str(message["error"])
+
+    def drain(self) -> None:
+        """Polling is over: publish what is in the outbox, then exit."""
+        self._write(b"drain\n")
+
+    def _write(self, data: bytes) -> None:
+        try:
+            assert self._process is not None and self._process.stdin is not None
+            self._process.stdin.write(data)
+            self._process.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the child has exited; error() says why
+
+    def is_alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def join(self, timeout: float) -> None:
+        if self._process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(timeout)
+
+    def error(self) -> str | None:
+        """Why the relay stopped, if it stopped on an error."""
+        if self._process is None or self._process.returncode in (None, 0, -signal.SIGTERM):
+            return None
+        return self._error or f"relay process exited with code {self._process.returncode}"
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+        for pipe in (process.stdin, process.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+if __name__ == "__main__":
+    code = child_main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: the stdin listener thread may sit in a read, which teardown cannot interrupt.
+    os._exit(code)
