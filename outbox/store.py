@@ -11,10 +11,12 @@ from __future__ import annotations
 import datetime as dt
 import sqlite3
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from outbox import keyed
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -95,6 +97,7 @@ class Outbox:
         # FULL: a commit survives power loss too, not only a killed process.
         self.db.execute(f"PRAGMA synchronous={synchronous}")
         self.db.executescript(SCHEMA)
+        self.db.executescript(keyed.SCHEMA)
         self.identity = self._identity()
 
     def _identity(self) -> str:
@@ -119,28 +122,84 @@ class Outbox:
         rows_read: int,
     ) -> None:
         """Commit records, dead letters (position, reason, raw) and the new position together."""
-        now = _now()
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self._write(source, stream, events, dead, position, rows_read)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def append_keyed(
+        self,
+        source: str,
+        stream: str,
+        changes: Sequence[keyed.Change],
+        dead: Iterable[tuple[str, str, str]],
+        position: str,
+        rows_read: int,
+        *,
+        complete: bool,
+        encode: keyed.Encode,
+        unchanged: Sequence[str] = (),
+    ) -> int:
+        """`append` for a keyed source: only new, changed and deleted keys become records.
+
+        `complete`: this batch ends a complete listing; keys not seen since the previous
+        one become `deleted` records at `position`. `unchanged`: keys listed again just as
+        delivered before (`Mapper.map_keyed` finds them). Returns the number of records written.
+        """
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany(
-                "INSERT INTO records (source, stream, position, event) VALUES (?, ?, ?, ?)",
-                [(source, stream, pos, event) for pos, event in events],
-            )
-            db.executemany(
-                "INSERT INTO dead_letters (source, position, reason, raw, created_at) VALUES (?, ?, ?, ?, ?)",
-                [(source, pos, reason, raw, now) for pos, reason, raw in dead],
-            )
-            db.execute(
-                "INSERT INTO positions (source, position, polled_at, rows_read) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (source) DO UPDATE SET position = excluded.position, polled_at = excluded.polled_at, "
-                "rows_read = rows_read + excluded.rows_read, error = NULL, error_at = NULL",
-                (source, position, now, rows_read),
-            )
+            events = keyed.apply(db, source, changes, encode, unchanged)
+            self._write(source, stream, events, dead, position, rows_read)
+            written = len(events)
+            if complete:
+                swept = [0]
+
+                def deleted() -> Iterator[tuple[str, str, str, bytes]]:
+                    for pos, event in keyed.sweep(db, source, position, encode):
+                        swept[0] += 1
+                        yield source, stream, pos, event
+
+                db.executemany("INSERT INTO records (source, stream, position, event) VALUES (?, ?, ?, ?)", deleted())
+                written += swept[0]
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        return written
+
+    def digests(self, source: str, keys: Sequence[str]) -> dict[str, bytes]:
+        """A keyed source's stored digests for these keys (see `keyed.py`)."""
+        return keyed.digests(self.db, source, keys)
+
+    def _write(
+        self,
+        source: str,
+        stream: str,
+        events: Sequence[tuple[str, bytes]],
+        dead: Iterable[tuple[str, str, str]],
+        position: str,
+        rows_read: int,
+    ) -> None:
+        now = _now()
+        db = self.db
+        db.executemany(
+            "INSERT INTO records (source, stream, position, event) VALUES (?, ?, ?, ?)",
+            [(source, stream, pos, event) for pos, event in events],
+        )
+        db.executemany(
+            "INSERT INTO dead_letters (source, position, reason, raw, created_at) VALUES (?, ?, ?, ?, ?)",
+            [(source, pos, reason, raw, now) for pos, reason, raw in dead],
+        )
+        db.execute(
+            "INSERT INTO positions (source, position, polled_at, rows_read) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (source) DO UPDATE SET position = excluded.position, polled_at = excluded.polled_at, "
+            "rows_read = rows_read + excluded.rows_read, error = NULL, error_at = NULL",
+            (source, position, now, rows_read),
+        )
 
     def position(self, source: str) -> str | None:
         row = self.db.execute("SELECT position FROM positions WHERE source = ?", (source,)).fetchone()

@@ -2,6 +2,35 @@
 # Run the tests: install what they need, say which services are there, lint, type-check, pytest.
 source "$(dirname "$0")/_venv.sh"
 install_straw test
+
+# ODBC drivers for tests/test_db_odbc.py (Debian packages): installed when missing and we are root;
+# otherwise those tests are skipped and say what to install.
+ODBC_PACKAGES="unixodbc odbc-postgresql odbc-mariadb libsqliteodbc"
+odbc_drivers_present() {
+  command -v odbcinst >/dev/null 2>&1 &&
+    [ "$(odbcinst -q -d 2>/dev/null | grep -cE '^\[(PostgreSQL Unicode|MariaDB Unicode|SQLite3)\]$')" = 3 ]
+}
+if ! odbc_drivers_present; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing ODBC drivers: $ODBC_PACKAGES" >&2
+    # shellcheck disable=SC2086 # a list of package names
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -q $ODBC_PACKAGES >&2 ||
+      { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $ODBC_PACKAGES >&2; }; } ||
+      echo "could not install the ODBC drivers; ODBC tests will be skipped" >&2
+  else
+    echo "ODBC drivers missing (apt-get install $ODBC_PACKAGES as root); ODBC tests will be skipped" >&2
+  fi
+fi
+# Browser-mode scrape tests drive Debian's Chromium (Playwright's own browser download does not work offline).
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing chromium for the browser-mode scrape tests (apt-get, a few minutes)" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >&2 \
+      || echo "chromium could not be installed: browser-mode scrape tests will be skipped" >&2
+  else
+    echo "no /usr/bin/chromium and not root: browser-mode scrape tests will be skipped (apt-get install chromium)" >&2
+  fi
+fi
 .venv/bin/python -m tests.services >&2
 echo "ruff:" >&2
 .venv/bin/python -m ruff check --quiet . >&2

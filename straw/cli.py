@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from adapters.scrape import ScrapeSource
 from outbox.checkpoint import checkpoint_key
 from outbox.relay import REDIS_DOWN, connect
 from outbox.store import Outbox
@@ -174,6 +175,19 @@ def preview(
     for position, reason in dead:
         out.print(f"[red]dead letter[/] at {position}: ", end="", highlight=False)
         out.print(reason, markup=False, highlight=False)
+    if isinstance(pipeline.source, ScrapeSource):
+        _print_selectors(pipeline.source, len(events) + len(dead))
+
+
+def _print_selectors(source: ScrapeSource, rows: int) -> None:
+    """Which selector each field used, and in how many rows it matched: red ones need fixing."""
+    table = Table(title="selectors (* required)")
+    for column in ("field", "selector", "matched"):
+        table.add_column(column)
+    for name, where, required, missing in source.selectors():
+        matched = Text(f"{rows - missing}/{rows}", style="bold red" if missing else "green")
+        table.add_row(Text(name + (" *" if required else "")), Text(where), matched)
+    out.print(table)
 
 
 def _when(stamp: str | None) -> str:

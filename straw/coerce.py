@@ -8,6 +8,7 @@ with a message fit for the dead-letter table.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 from collections.abc import Callable
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
@@ -40,7 +41,12 @@ def _decode(value: bytes | bytearray | memoryview, encoding: str) -> str:
         raise ValueError(f"bytes are not valid {encoding} at offset {exc.start}") from None
 
 
-def string(encoding: str) -> Coercer:
+def string(encoding: str, trim: bool = False) -> Coercer:
+    if trim:
+        plain = string(encoding)
+        # Only trailing blanks: CHAR(n) pads with them, and leading ones may be meaningful.
+        return lambda value: plain(value).rstrip(" ")
+
     def coerce(value: Any) -> Any:
         if type(value) is str:
             return value
@@ -171,10 +177,25 @@ def json_value(value: Any) -> Any:
     raise _fail(value, "json")
 
 
-def coercer(spec: FieldSpec, zone: ZoneInfo, encoding: str = "utf-8") -> Coercer:
+def binary(encoding: str) -> Coercer:
+    """BLOB/BYTEA/VARBINARY as base64 text (standard alphabet, padded): JSON has no bytes."""
+
+    def coerce(value: Any) -> Any:
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return base64.b64encode(value).decode("ascii")
+        if isinstance(value, str):  # a driver or SQLite handing text back for a binary column
+            return base64.b64encode(value.encode(encoding)).decode("ascii")
+        raise _fail(value, "bytes")
+
+    return coerce
+
+
+def coercer(spec: FieldSpec, zone: ZoneInfo, encoding: str = "utf-8", trim: bool = False) -> Coercer:
     match spec.type:
         case FieldType.STRING:
-            return string(encoding)
+            return string(encoding, trim)
+        case FieldType.BYTES:
+            return binary(encoding)
         case FieldType.INTEGER:
             return integer
         case FieldType.DECIMAL:

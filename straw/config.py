@@ -7,6 +7,7 @@ without pulling in YAML.
 
 from __future__ import annotations
 
+import codecs
 import re
 import socket
 from enum import StrEnum
@@ -23,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from straw.config_scrape import ScrapeSourceSpec
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -62,6 +65,7 @@ class FieldType(StrEnum):
     DATE = "date"
     DATETIME = "datetime"
     JSON = "json"
+    BYTES = "bytes"
 
 
 class FieldSpec(Strict):
@@ -100,14 +104,45 @@ class EntitySpec(Strict):
 class ChangeMode(StrEnum):
     INCREMENTING = "incrementing"
     TIMESTAMP = "timestamp"
+    SNAPSHOT = "snapshot"
+
+
+class SoftDeleteSpec(Strict):
+    """A row whose `column` holds `value` (or, with `not_null`, any value) is a `deleted` event."""
+
+    column: str
+    value: str | int | bool | None = None
+    not_null: bool = Field(default=False, description="deleted when the column is not null (a DELETED_AT)")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> SoftDeleteSpec:
+        if (self.value is None) == (not self.not_null):
+            raise PydanticCustomError(
+                "soft_delete",
+                "give exactly one of `value` (e.g. value: 'J') or `not_null: true`",
+                {"at": ("column",)},
+            )
+        return self
+
+
+_LAST_VALUE = re.compile(r"(?<![:\w]):last_value\b")
 
 
 class DbSourceSpec(Strict):
     name: str
     kind: Literal["db"] = "db"
     url: str = Field(description="SQLAlchemy URL; put secrets in ${ENV_VAR} or ${file:/path}")
-    table: str
+    table: str | None = None
     db_schema: str | None = Field(default=None, alias="schema")
+    query: str | None = Field(
+        default=None, description="instead of `table`: a SELECT (joins, views); may use :last_value and `params`"
+    )
+    params: dict[str, str | int | float | bool | None] = Field(
+        default_factory=dict, description="named parameters bound into `query` (:name)"
+    )
+    start_value: str | int | None = Field(
+        default=None, description="bound as :last_value before the first row has been read"
+    )
     mode: ChangeMode
     incrementing_column: str | None = None
     timestamp_column: str | None = None
@@ -120,6 +155,13 @@ class DbSourceSpec(Strict):
         default_factory=dict, description="entity field -> source column; unmapped fields use their own name"
     )
     timezone: str = "UTC"
+    settle_delay: Seconds = Field(
+        default=0.0, description="timestamp mode: take only rows older than the database's now - settle_delay"
+    )
+    soft_delete: SoftDeleteSpec | None = None
+    encoding: str = Field(default="utf-8", description="how text kept in byte columns is encoded (cp1252…)")
+    trim_char: bool = Field(default=False, description="strip the trailing spaces that CHAR(n) columns pad with")
+    statement_timeout: Seconds | None = Field(default=None, description="cancel a read running longer")
     batch_size: int = Field(default=1000, ge=1, le=100_000)
     poll_interval: Seconds = 5.0
     max_rows_per_poll: int | None = Field(default=None, ge=1)
@@ -147,6 +189,45 @@ class DbSourceSpec(Strict):
             ) from None
         return value
 
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise PydanticCustomError(
+                "encoding", "unknown encoding '{value}'; use a Python codec name such as 'cp1252' or 'latin-1'",
+                {"value": value},
+            ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _table_or_query(self) -> DbSourceSpec:
+        if (self.table is None) == (self.query is None):
+            raise PydanticCustomError(
+                "table_or_query",
+                "give exactly one of `table` (a table or view name) or `query` (a SELECT for joins)",
+                {"at": ("query",) if self.query is not None else ()},
+            )
+        if self.uses_last_value:
+            if self.mode is ChangeMode.SNAPSHOT:
+                raise PydanticCustomError(
+                    "last_value", "mode 'snapshot' reads the whole result each time; remove :last_value from `query`",
+                    {"at": ("query",)},
+                )
+            if self.start_value is None:
+                raise PydanticCustomError(
+                    "start_value",
+                    "`query` uses :last_value; set `start_value`, the value it takes before the first row "
+                    "(e.g. 0, or '1900-01-01 00:00:00')",
+                    {"at": ("query",)},
+                )
+        if self.settle_delay and self.mode is not ChangeMode.TIMESTAMP:
+            raise PydanticCustomError(
+                "settle_delay", "`settle_delay` applies to mode 'timestamp' only", {"at": ("settle_delay",)}
+            )
+        return self
+
     @model_validator(mode="after")
     def _mode_columns(self) -> DbSourceSpec:
         if self.mode is ChangeMode.INCREMENTING and not self.incrementing_column:
@@ -168,6 +249,11 @@ class DbSourceSpec(Strict):
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
 
+    @property
+    def uses_last_value(self) -> bool:
+        """`query` refers to :last_value, the watermark of the previous read."""
+        return self.query is not None and _LAST_VALUE.search(self.query) is not None
+
 
 def _default_kind(value: Any) -> Any:
     # A discriminated union requires its tag; `kind` is optional in the file, a database by default.
@@ -176,7 +262,10 @@ def _default_kind(value: Any) -> Any:
     return value
 
 
-SourceSpec = Annotated[DbSourceSpec, Field(discriminator="kind"), BeforeValidator(_default_kind)]
+SourceSpec = Annotated[
+    DbSourceSpec | ScrapeSourceSpec, Field(discriminator="kind"), BeforeValidator(_default_kind)
+]
+AnySourceSpec = DbSourceSpec | ScrapeSourceSpec
 
 
 class RedisSpec(Strict):
@@ -249,7 +338,7 @@ class Config(Strict):
                 )
         return self
 
-    def source(self, name: str) -> DbSourceSpec:
+    def source(self, name: str) -> AnySourceSpec:
         for source in self.sources:
             if source.name == name:
                 return source

@@ -20,7 +20,8 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from straw.config import Config, DbSourceSpec
+from straw.config import AnySourceSpec, Config
+from straw.config_scrape import ScrapeSourceSpec
 from straw.redact import redact, register_secret
 
 CONFIG_ENV = "STRAW_CONFIG"
@@ -252,39 +253,50 @@ def _message(err: Any, path: Path_) -> str:
 
 
 def _allowed_keys(path: Path_) -> list[str]:
-    model: type[BaseModel] | None = Config
+    # Several models may fit one place (the kinds of source); a dict field's next part is its own key.
+    models: list[type[BaseModel]] = [Config]
+    dict_key_next = False
     for part in path:
-        if model is None:
-            return []
         if isinstance(part, int):
             continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return []
-        model = _model_of(field.annotation)
-    if model is None:
-        return []
-    return [f.alias or name for name, f in model.model_fields.items()]
+        if dict_key_next:
+            dict_key_next = False
+            continue
+        fields = [f for m in models for name, f in m.model_fields.items() if part in (name, f.alias)]
+        models = [m for f in fields for m in _models_of(f.annotation)]
+        dict_key_next = any(_is_dict(f.annotation) for f in fields)
+    return list(dict.fromkeys(f.alias or name for m in models for name, f in m.model_fields.items()))
 
 
-def _model_of(annotation: Any) -> type[BaseModel] | None:
+def _models_of(annotation: Any) -> list[type[BaseModel]]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
+        return [annotation]
+    found = []
     for arg in getattr(annotation, "__args__", ()) or getattr(annotation, "__metadata__", ()):
-        found = _model_of(arg)
-        if found is not None:
-            return found
+        found.extend(_models_of(arg))
     origin = getattr(annotation, "__origin__", None)
-    return _model_of(origin) if origin not in (None, annotation) else None
+    return found or (_models_of(origin) if origin not in (None, annotation) else [])
+
+
+def _is_dict(annotation: Any) -> bool:
+    if getattr(annotation, "__origin__", None) is dict:
+        return True
+    return any(_is_dict(a) for a in getattr(annotation, "__args__", ()) if getattr(a, "__origin__", None))
 
 
 def _anchor_paths(config: Config, base: Path, file: str, lines: dict[Path_, int]) -> Config:
     """Relative paths in the file are relative to the file's folder, not to the shell's."""
     # resolve(): the paths straw shows and opens read cleanly, without `..`.
     outbox_path = (base / config.outbox.path.expanduser()).resolve()
-    sources: list[DbSourceSpec] = []
+    sources: list[AnySourceSpec] = []
     problems: list[Problem] = []
     for index, source in enumerate(config.sources):
+        if isinstance(source, ScrapeSourceSpec):
+            sources.append(_anchor_scrape(source, base))
+            continue
+        if source.url.startswith("odbc:"):  # an ODBC connection string or DSN, not a URL (adapters/db/odbc.py)
+            sources.append(source)
+            continue
         try:
             url = make_url(source.url)
         except ArgumentError:
@@ -309,3 +321,13 @@ def _anchor_paths(config: Config, base: Path, file: str, lines: dict[Path_, int]
     return config.model_copy(
         update={"outbox": config.outbox.model_copy(update={"path": outbox_path}), "sources": sources}
     )
+
+
+def _anchor_scrape(source: ScrapeSourceSpec, base: Path) -> ScrapeSourceSpec:
+    update: dict[str, Any] = {"debug_dir": (base / source.debug_dir.expanduser()).resolve()}
+    if source.login is not None and source.login.session_file is not None:
+        session = (base / source.login.session_file.expanduser()).resolve()
+        update["login"] = source.login.model_copy(update={"session_file": session})
+    if isinstance(source.http.verify, Path):
+        update["http"] = source.http.model_copy(update={"verify": (base / source.http.verify).resolve()})
+    return source.model_copy(update=update)

@@ -8,17 +8,20 @@ Rows that fail go to dead letters with the reason; the batch goes on.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
+from hashlib import blake2b
 from operator import itemgetter
 from typing import Any
 
 import orjson
 
+from outbox.keyed import SEEN, Change
 from straw.coerce import Coercer, coercer
 from straw.config import EntitySpec
-from straw.records import UPSERTED, encode_event, observed_now, subject
+from straw.records import DELETED, UPSERTED, encode_event, observed_now, subject
 from straw.source import RawBatch
 
 
@@ -33,6 +36,49 @@ class DeadLetter:
 class MappedBatch:
     events: list[tuple[str, bytes]] = field(default_factory=list)  # (position, encoded event)
     dead: list[DeadLetter] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class KeyedBatch:
+    changes: list[Change] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)  # keys listed again as delivered: only their mark moves
+
+
+# key -> the digest delivered before, for the keys of one batch
+Stored = Callable[[list[str]], Mapping[str, bytes | None]]
+
+
+def content_hash(data: dict[str, Any]) -> bytes:
+    """The canonical data's hash, keys sorted: a new raw form of the same data is no event."""
+    return blake2b(_dumps(data, sort=True), digest_size=16).digest()
+
+
+def _dumps(data: dict[str, Any], sort: bool = False) -> bytes:
+    try:
+        return orjson.dumps(data, option=orjson.OPT_SORT_KEYS if sort else None)
+    except TypeError:  # integers beyond 64 bits
+        return json.dumps(data, default=str, sort_keys=sort, separators=(",", ":")).encode()
+
+
+def _raw_bytes(values: tuple[Any, ...]) -> bytes:
+    try:
+        return orjson.dumps(values, default=_raw_default)
+    except TypeError:  # integers beyond 64 bits
+        return json.dumps(values, default=_raw_default, separators=(",", ":")).encode()
+
+
+def _subset(batch: RawBatch, indexes: Sequence[int]) -> RawBatch:
+    ops = batch.ops
+    return RawBatch(
+        batch.columns,
+        [batch.rows[i] for i in indexes],
+        [batch.positions[i] for i in indexes],
+        None if ops is None else [ops[i] for i in indexes],
+        keyed=batch.keyed,
+        complete=batch.complete,
+        end=batch.next_position,
+    )
 
 
 class MappingError(Exception):
@@ -59,17 +105,26 @@ class Mapper:
         mapping: dict[str, str],
         zone: Any,
         encoding: str = "utf-8",
+        trim: bool = False,
     ) -> None:
         self.source_uri = source_uri
         self.source_name = source_name
         self.entity_name = entity_name
         self.entity = entity
         self.columns_for = {name: mapping.get(name, name) for name in entity.fields}
-        self._coercers = {name: coercer(spec, zone, encoding) for name, spec in entity.fields.items()}
+        self._coercers = {name: coercer(spec, zone, encoding, trim) for name, spec in entity.fields.items()}
         self._plans: dict[tuple[str, ...], _Plan] = {}
+        self._key_names = tuple(entity.key)
+        # Digests are keyed by everything that shapes a canonical record: change the mapping, and every row is new.
+        shape = orjson.dumps([entity.model_dump(mode="json"), self.columns_for, str(zone), encoding, trim])
+        self._digest_base = blake2b(blake2b(shape, digest_size=32).digest(), digest_size=16)  # copied per row
 
     def required_columns(self) -> list[str]:
         return list(dict.fromkeys(self.columns_for.values()))
+
+    def key_columns(self) -> list[str]:
+        """The source columns of the entity key, in key order."""
+        return [self.columns_for[k] for k in self.entity.key]
 
     def _plan(self, columns: tuple[str, ...]) -> _Plan:
         plan = self._plans.get(columns)
@@ -100,40 +155,127 @@ class Mapper:
         return plan
 
     def map(self, batch: RawBatch, time: str | None = None) -> MappedBatch:
-        plan = self._plan(batch.columns)
+        """Every row becomes an event (incremental sources)."""
         out = MappedBatch()
         observed = time or observed_now()
-        names, pick, coercers, required, key_slots = plan.names, plan.pick, plan.coercers, plan.required, plan.key
+        names, key_names = self._plan(batch.columns).names, self._key_names
         source, entity, events = self.source_uri, self.entity_name, out.events
-        for row, position in zip(batch.rows, batch.positions, strict=True):
-            # The hot loop: one comprehension per row; only a failing row pays for a precise reason.
-            try:
-                values = [None if v is None else c(v) for c, v in zip(coercers, pick(row), strict=False)]
-            except ValueError:
-                values = None
-            if values is None or any(values[i] is None for i in required):
-                out.dead.append(DeadLetter(position, self._reason(plan, row), raw_json(batch.columns, row)))
-                continue
-            key = subject(tuple(values[i] for i in key_slots))
-            events.append(
-                (
-                    position,
-                    encode_event(
-                        source=source,
-                        entity=entity,
-                        op=UPSERTED,
-                        key=key,
-                        position=position,
-                        time=observed,
-                        data=dict(zip(names, values, strict=False)),
-                    ),
-                )
-            )
+        for _index, position, op, key, values in self._decode(batch, out.dead):
+            data = dict(zip(key_names if op == DELETED else names, values, strict=True))
+            events.append((position, encode_event(
+                source=source, entity=entity, op=op, key=key, position=position, time=observed, data=data
+            )))
         return out
 
-    def _reason(self, plan: _Plan, row: Sequence[Any]) -> str:
+    def map_keyed(self, batch: RawBatch, stored: Stored | None = None) -> KeyedBatch:
+        """Rows as keyed changes, compared with earlier deliveries by the outbox (see outbox/keyed.py).
+
+        A row's digest covers its raw values (the mapped columns, as read) and its op,
+        keyed by this mapper's configuration, so a changed mapping re-sends everything
+        once. `stored` (key -> digest delivered before, e.g. `Outbox.digests`): rows
+        whose digest is unchanged skip mapping altogether and are only listed in
+        `unchanged`; in a listing that is nearly every row, and mapping is the costly part.
+        """
+        out = KeyedBatch()
+        plan = self._plan(batch.columns)
+        keys, digests = self._scan(plan, batch)
+        if stored is not None:
+            known = stored([k for k in keys if k is not None])
+            changed = [i for i, (k, d) in enumerate(zip(keys, digests, strict=True)) if k is None or known.get(k) != d]
+            if len(changed) < len(batch.rows):
+                skip = set(changed)
+                out.unchanged = [k for i, k in enumerate(keys) if k is not None and i not in skip]
+                batch = _subset(batch, changed)
+                digests = [digests[i] for i in changed]
+        names, key_names = plan.names, self._key_names
+        for index, position, op, key, values in self._decode(batch, out.dead, keyed=True):
+            if op != UPSERTED:
+                data = dict(zip(key_names, values, strict=True))
+                key_data = data
+            else:
+                data = dict(zip(names, values, strict=True))
+                key_data = {k: data[k] for k in key_names}
+            data_digest = content_hash(data) if op == UPSERTED else b""
+            out.changes.append(Change(key, _dumps(key_data).decode(), digests[index], data_digest, op, position, data))
+        return out
+
+    def _scan(self, plan: _Plan, batch: RawBatch) -> tuple[list[str | None], list[bytes]]:
+        """Each row's key as text (None when its key fields cannot be read) and raw digest, in one pass."""
+        pick, key_slots, base, ops = plan.pick, plan.key, self._digest_base, batch.ops
+        key_coercers = [(plan.coercers[i], i) for i in key_slots]
+        keys: list[str | None] = []
+        digests: list[bytes] = []
+        for index, row in enumerate(batch.rows):
+            values = pick(row)
+            digest = base.copy()
+            digest.update(_raw_bytes(values if ops is None else (*values, ops[index])))
+            digests.append(digest.digest())
+            try:
+                key_values = tuple(c(values[i]) for c, i in key_coercers)
+            except (ValueError, TypeError):
+                keys.append(None)
+                continue
+            keys.append(None if None in key_values else subject(key_values))
+        return keys, digests
+
+    def encode(self, op: str, key: str, position: str, data: dict[str, Any], time: str | None = None) -> bytes:
+        return encode_event(
+            source=self.source_uri,
+            entity=self.entity_name,
+            op=op,
+            key=key,
+            position=position,
+            time=time or observed_now(),
+            data=data,
+        )
+
+    def _decode(
+        self, batch: RawBatch, dead: list[DeadLetter], keyed: bool = False
+    ) -> Iterator[tuple[int, str, str, str, list[Any]]]:
+        """(row index, position, op, key, values) per mappable row; the others go to `dead`.
+
+        A deleted row's values are its key fields only: the rest of a deleted row is
+        often left in any state, and the event carries only the key. `keyed`: a dead
+        row whose key is readable is also yielded, as op SEEN with its key values.
+        """
+        plan = self._plan(batch.columns)
+        pick, coercers, required, key_slots = plan.pick, plan.coercers, plan.required, plan.key
+        key_coercers = [coercers[i] for i in key_slots]
+        ops = batch.ops
+        for index, (row, position) in enumerate(zip(batch.rows, batch.positions, strict=True)):
+            op = UPSERTED if ops is None else ops[index]
+            # The hot loop: one comprehension per row; only a failing row pays for a precise reason.
+            picked = pick(row)
+            try:
+                if op == DELETED:
+                    values = [None if picked[i] is None else c(picked[i]) for c, i in zip(key_coercers, key_slots,
+                                                                                       strict=True)]
+                    failed = any(v is None for v in values)
+                    key_values = values
+                else:
+                    values = [None if v is None else c(v) for c, v in zip(coercers, picked, strict=False)]
+                    failed = any(values[i] is None for i in required)
+                    key_values = [values[i] for i in key_slots]
+            except ValueError:
+                failed = True
+            if failed:
+                dead.append(DeadLetter(position, self._reason(plan, row, op), raw_json(batch.columns, row)))
+                if keyed and op != DELETED:
+                    # The row is still there, only unreadable: its key must not look deleted to the listing.
+                    try:
+                        key_values = [c(picked[i]) for c, i in zip(key_coercers, key_slots, strict=True)]
+                    except (ValueError, TypeError, IndexError):
+                        continue
+                    if all(v is not None for v in key_values):
+                        yield index, position, SEEN, subject(tuple(key_values)), key_values
+                continue
+            yield index, position, op, subject(tuple(key_values)), values
+
+    def _reason(self, plan: _Plan, row: Sequence[Any], op: str = UPSERTED) -> str:
         """Why this row cannot be mapped: the first field that fails, named with its column."""
         for i, (name, coerce, value) in enumerate(zip(plan.names, plan.coercers, plan.pick(row), strict=True)):
+            if op == DELETED and i not in plan.key:
+                continue
             column = self.columns_for[name]
             if value is None:
                 if i in plan.required:

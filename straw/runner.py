@@ -13,16 +13,19 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import structlog
 from sqlalchemy.exc import SQLAlchemyError
 
 from adapters.db.poller import DbSource, SchemaDrift
+from adapters.scrape import ScrapeError, ScrapeSource
 from outbox.store import Outbox
-from straw.config import Config, DbSourceSpec
-from straw.mapping import Mapper, MappingError
-from straw.records import source_uri
+from straw.config import AnySourceSpec, Config
+from straw.config_scrape import ScrapeSourceSpec
+from straw.mapping import KeyedBatch, MappedBatch, Mapper, MappingError
+from straw.records import observed_now, source_uri
 from straw.redact import describe
 from straw.relay_process import RelayProcess
 from straw.source import Source
@@ -34,14 +37,14 @@ log = structlog.get_logger("straw.runner")
 class Pipeline:
     """One configured source with its mapper: the unit that polls."""
 
-    spec: DbSourceSpec
+    spec: AnySourceSpec
     source: Source
     mapper: Mapper
     next_due: float = 0.0
     failures: int = 0
 
 
-def build_pipeline(config: Config, spec: DbSourceSpec) -> Pipeline:
+def build_pipeline(config: Config, spec: AnySourceSpec) -> Pipeline:
     mapper = Mapper(
         source_uri=source_uri(config.instance, spec.name),
         source_name=spec.name,
@@ -49,8 +52,12 @@ def build_pipeline(config: Config, spec: DbSourceSpec) -> Pipeline:
         entity=config.entities[spec.entity],
         mapping=spec.mapping,
         zone=spec.zone,
+        encoding=spec.encoding,
+        trim=getattr(spec, "trim_char", False),  # a DB source option: CHAR(n) padding
     )
-    return Pipeline(spec, DbSource(spec, mapper.required_columns()), mapper)
+    if isinstance(spec, ScrapeSourceSpec):
+        return Pipeline(spec, ScrapeSource(spec), mapper)
+    return Pipeline(spec, DbSource(spec, mapper.required_columns(), key_columns=mapper.key_columns()), mapper)
 
 
 def poll(pipeline: Pipeline, outbox: Outbox) -> int:
@@ -58,15 +65,31 @@ def poll(pipeline: Pipeline, outbox: Outbox) -> int:
     spec = pipeline.spec
     rows = 0
     for batch in pipeline.source.read(outbox.position(spec.name)):
-        mapped = pipeline.mapper.map(batch)
-        outbox.append(
-            spec.name,
-            spec.stream,
-            mapped.events,
-            [(d.position, d.reason, d.raw) for d in mapped.dead],
-            batch.positions[-1],
-            len(batch.rows),
-        )
+        mapped: MappedBatch | KeyedBatch
+        if batch.keyed:
+            mapped = pipeline.mapper.map_keyed(batch, partial(outbox.digests, spec.name))
+            observed = observed_now()
+            outbox.append_keyed(
+                spec.name,
+                spec.stream,
+                mapped.changes,
+                [(d.position, d.reason, d.raw) for d in mapped.dead],
+                batch.next_position,
+                len(batch.rows),
+                complete=batch.complete,
+                encode=partial(_encode_at, pipeline.mapper, observed),
+                unchanged=mapped.unchanged,
+            )
+        else:
+            mapped = pipeline.mapper.map(batch)
+            outbox.append(
+                spec.name,
+                spec.stream,
+                mapped.events,
+                [(d.position, d.reason, d.raw) for d in mapped.dead],
+                batch.next_position,
+                len(batch.rows),
+            )
         if mapped.dead:
             log.warning("rows sent to dead letters", source=spec.name, count=len(mapped.dead),
                         first_reason=mapped.dead[0].reason)
@@ -76,8 +99,12 @@ def poll(pipeline: Pipeline, outbox: Outbox) -> int:
     return rows
 
 
+def _encode_at(mapper: Mapper, time: str, op: str, key: str, position: str, data: dict[str, Any]) -> bytes:
+    return mapper.encode(op, key, position, data, time)
+
+
 # A failing source is reported and retried; it must not stop the other sources or the relay.
-POLL_ERRORS = (SQLAlchemyError, SchemaDrift, MappingError, OSError, ValueError, TypeError)
+POLL_ERRORS = (SQLAlchemyError, SchemaDrift, ScrapeError, MappingError, OSError, ValueError, TypeError)
 
 
 @dataclass

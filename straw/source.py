@@ -1,4 +1,21 @@
-"""The seam between a source adapter and the rest of straw."""
+"""The seam between a source adapter and the rest of straw.
+
+Two kinds of source feed the same pipeline:
+
+- *Incremental* sources (DB `incrementing`/`timestamp`) read only what changed after
+  a stored position; every row they yield is an event.
+- *Keyed* sources (DB `snapshot`, web pages) list everything they can see, every
+  time. Mark their batches `keyed=True`: the runner then compares each row's
+  entity key and content hash with what this source delivered before (state kept
+  in the outbox, committed with each batch, see `outbox/keyed.py`) and emits
+  `upserted` only for new or changed keys. The batch that ends a complete listing
+  says `complete=True`: every key not seen since the previous complete batch
+  becomes a `deleted` event. An interrupted listing may resume after its last
+  committed position or start over; either way nothing is lost or repeated.
+
+Any row may also carry op `deleted` (`ops`), e.g. a soft-delete flag: its event is
+`<entity>.deleted` with the key fields as data.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +30,38 @@ class RawBatch:
 
     `positions[i]` is row i's position as compact JSON text: stored in the outbox,
     sent on the stream, and part of the event id.
+
+    `ops[i]` (optional) is row i's op, `records.UPSERTED` or `records.DELETED`; None: all upserted.
+    `keyed`: compare rows with this source's previous deliveries by key and content hash.
+    `complete` (keyed only): this batch ends a complete listing; keys not seen since the
+    last complete batch are deleted. It may have no rows.
+    `end`: the position stored after this batch when it is not `positions[-1]`; needed
+    when the batch has no rows. For a complete batch it also identifies the listing, so
+    it must differ from one listing to the next (it is part of the deleted events' ids).
     """
 
     columns: tuple[str, ...]
     rows: Sequence[Sequence[Any]]
     positions: Sequence[str]
+    ops: Sequence[str] | None = None
+    keyed: bool = False
+    complete: bool = False
+    end: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.rows) != len(self.positions):
             raise ValueError("a RawBatch needs exactly one position per row")
+        if self.ops is not None and len(self.ops) != len(self.rows):
+            raise ValueError("a RawBatch needs exactly one op per row, or none")
+        if not self.rows and self.end is None:
+            raise ValueError("a RawBatch without rows needs an `end` position")
+        if self.complete and not self.keyed:
+            raise ValueError("only a keyed batch can end a complete listing")
+
+    @property
+    def next_position(self) -> str:
+        """Where the source stands after this batch."""
+        return self.end if self.end is not None else self.positions[-1]
 
 
 class Source(Protocol):

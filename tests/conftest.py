@@ -110,7 +110,8 @@ def pg_url() -> Iterator[str]:
 @pytest.fixture
 def mariadb_url() -> Iterator[str]:
     yield from _scratch_database(
-        MARIADB_ADMIN_URL, "MariaDB", "start MariaDB on 127.0.0.1:3306 (root, no password) or set STRAW_TEST_MARIADB_URL"
+        MARIADB_ADMIN_URL, "MariaDB",
+        "start MariaDB on 127.0.0.1:3306 (root, no password) or set STRAW_TEST_MARIADB_URL",
     )
 
 

@@ -1,11 +1,18 @@
-"""Engines for legacy databases: read-only sessions, pooled, pinged before use."""
+"""Engines for legacy databases: read-only sessions, pooled, pinged before use, time-limited statements."""
 
 from __future__ import annotations
 
+import contextlib
+import time
 from typing import Any
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
+
+from adapters.db import odbc
+
+_SQL_ATTR_ACCESS_MODE = 101
+_SQL_MODE_READ_ONLY = 1
 
 # The statement each dialect understands for "this session never writes".
 _READ_ONLY = {
@@ -16,23 +23,73 @@ _READ_ONLY = {
 }
 
 
-def make_engine(url: str, *, read_only: bool = True) -> Engine:
-    parsed = make_url(url)
+def make_engine(url: str, *, read_only: bool = True, statement_timeout: float | None = None) -> Engine:
+    """`url`: a SQLAlchemy URL, or `odbc:<ODBC connection string or DSN=name>` (see `odbc.py`)."""
+    parsed = make_url(odbc.url_for(url) if url.startswith(odbc.PREFIX) else url)
     backend = parsed.get_backend_name()
     options: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 2} if backend != "sqlite" else {}
     engine = create_engine(parsed, **options)
-    statement = _READ_ONLY.get(backend) if read_only else None
-    if statement:
+    statements = [_READ_ONLY[backend]] if read_only and backend in _READ_ONLY else []
+    if statement_timeout:
+        statements += _timeout_statements(backend, statement_timeout)
+    if statements:
 
         @event.listens_for(engine, "connect")
-        def _read_only(dbapi_connection: Any, _record: Any) -> None:
+        def _session(dbapi_connection: Any, _record: Any) -> None:
             cursor = dbapi_connection.cursor()
             try:
-                cursor.execute(statement)
+                for statement in statements:
+                    _execute_first(cursor, statement)
             finally:
                 cursor.close()
             if backend == "postgresql":
                 # SET outside a transaction block must be committed under psycopg's implicit transactions.
                 dbapi_connection.commit()
 
+    if statement_timeout and backend == "sqlite":
+        _sqlite_deadline(engine, statement_timeout)
+    if parsed.get_driver_name() == "pyodbc":
+
+        @event.listens_for(engine, "connect")
+        def _odbc_session(dbapi_connection: Any, _record: Any) -> None:
+            if read_only:
+                # SQL_ATTR_ACCESS_MODE = SQL_MODE_READ_ONLY: a hint that drivers may ignore; refused, never an error
+                with contextlib.suppress(Exception):
+                    dbapi_connection.set_attr(_SQL_ATTR_ACCESS_MODE, _SQL_MODE_READ_ONLY)
+            if statement_timeout:
+                # pyodbc's query timeout, in whole seconds (SQL_ATTR_QUERY_TIMEOUT): the one every driver knows.
+                dbapi_connection.timeout = max(1, round(statement_timeout))
+
     return engine
+
+
+def _timeout_statements(backend: str, seconds: float) -> list[str]:
+    if backend == "postgresql":
+        return [f"SET statement_timeout = {max(1, round(seconds * 1000))}"]
+    if backend in ("mysql", "mariadb"):
+        # MariaDB and MySQL name it differently; the first one the server knows wins.
+        return [f"SET SESSION max_statement_time = {seconds:.3f}\n"
+                f"SET SESSION max_execution_time = {max(1, round(seconds * 1000))}"]
+    return []
+
+
+def _execute_first(cursor: Any, alternatives: str) -> None:
+    """Run the first of the newline-separated statements that the server accepts."""
+    options = alternatives.split("\n")
+    for option in options[:-1]:
+        try:
+            cursor.execute(option)
+            return
+        except Exception:  # the server's own error class: the next alternative decides
+            continue
+    cursor.execute(options[-1])
+
+
+def _sqlite_deadline(engine: Engine, seconds: float) -> None:
+    """SQLite has no statement timeout: a progress handler interrupts a statement past its deadline."""
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _arm(conn: Any, _cursor: Any, _statement: Any, _params: Any, _context: Any, _many: Any) -> None:
+        deadline = time.monotonic() + seconds
+        # SQLite calls this every 10,000 virtual-machine steps; a true return interrupts the statement.
+        conn.connection.dbapi_connection.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)

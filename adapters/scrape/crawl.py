@@ -1,0 +1,272 @@
+"""Navigation: log in when needed, walk the list pages, read each row, visit detail pages.
+
+The whole listing is read before anything is returned: a run that hits layout
+drift on page 7 must not have delivered pages 1-6 (the position would then
+say "done" for a half-read listing).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+from urllib.parse import urljoin
+
+import structlog
+from lxml import etree
+
+from adapters.scrape.errors import LayoutDrift, LoginFailed, SessionExpired
+from adapters.scrape.extract import MISSING, HeaderMap, Rule, compile_query, locator_query, rules, text_of
+from adapters.scrape.fetch import Fetcher, postback_args
+from adapters.scrape.page import Node, Page, css, elements, strings
+from straw.config_scrape import Locator, ScrapeSourceSpec
+
+
+def log() -> Any:
+    # Not cached at import: logs.setup() may be re-run (the CLI, tests) and point at another stream.
+    return structlog.get_logger("straw.scrape")
+
+
+_DETAIL = "\x00detail"  # an item's detail URL while the listing is read; never a configured name
+
+
+@dataclass
+class Crawl:
+    items: list[dict[str, Any]]
+    complete: bool  # every list page was read: items absent from it are really gone
+    pages: int
+    unmatched: dict[str, int]  # field -> how many rows its selector matched nothing in
+
+
+class Crawler:
+    def __init__(self, spec: ScrapeSourceSpec, fetcher: Fetcher) -> None:
+        self.spec = spec
+        self.fetcher = fetcher
+        self.rows = locator_query(spec.listing.rows)
+        self.list_rules = rules(spec.listing.fields)
+        self.detail_rules = rules(spec.detail.fields) if spec.detail else []
+        link = spec.detail.link if spec.detail else None
+        # A row without its detail link cannot be read completely: that is drift, like a required field.
+        self.detail_link = (
+            Rule("detail link", link.model_copy(update={"attr": link.attr or "href", "required": True}))
+            if link else None
+        )
+        pagination = spec.listing.pagination
+        self.next = pagination.next if pagination else None
+        self.pages = pagination.pages if pagination else None
+        self.max_pages = pagination.max_pages if pagination else 1
+        self._unmatched: dict[str, int] = {}
+        self._lock = threading.Lock()  # detail pages are read by several threads
+
+    def url(self, path: str) -> str:
+        return urljoin(self.spec.base_url, path)
+
+    # -- the run ---------------------------------------------------------------------------
+
+    def run(self, limit: int | None = None) -> Crawl:
+        self.fetcher.begin()
+        try:
+            try:
+                crawl = self._run(limit)
+            except LayoutDrift as drift:
+                self._save_debug(drift)
+                raise
+            if self.spec.login is not None:
+                self.fetcher.save_session()  # the server may have renewed the session cookie meanwhile
+            return crawl
+        finally:
+            self.fetcher.end()
+
+    def _run(self, limit: int | None) -> Crawl:
+        try:
+            return self._crawl(limit)
+        except SessionExpired:
+            pass
+        # The saved session is gone or expired (or there was none): log in once, start over.
+        self._login()
+        try:
+            return self._crawl(limit)
+        except SessionExpired:
+            raise LoginFailed(
+                f"source {self.spec.name!r}: still shown the login form after logging in; "
+                "check `login.fields` and `login.success`"
+            ) from None
+
+    def _login(self) -> None:
+        login = self.spec.login
+        assert login is not None  # SessionExpired is raised only when a login is configured
+        log().info("logging in", source=self.spec.name, url=self.url(login.url))
+        page = self.fetcher.login(login, self.url(login.url))
+        success = login.success
+        ok = (success.url_contains is None or success.url_contains in page.url) and (
+            success.selector is None or bool(locator_query(success.selector)(page.tree))
+        )
+        if not ok:
+            check = f"selector {success.selector}" if success.selector else f"URL containing {success.url_contains!r}"
+            raise LoginFailed(
+                f"source {self.spec.name!r}: login at {self.url(login.url)} did not succeed (expected {check}, "
+                f"got {page.url}); check the credentials in `login.fields`"
+            )
+        self.fetcher.save_session()
+
+    def _open(self, url: str, wait: Locator | None = None) -> Page:
+        return self._checked(self.fetcher.open(url), wait)
+
+    def _checked(self, page: Page, wait: Locator | None) -> Page:
+        login = self.spec.login
+        if wait is not None:
+            form = login.form if login is not None else None
+            page = self.fetcher.wait_for(wait, self.spec.listing.wait, form) or page
+        if login is not None and self._is_login_page(page):
+            raise SessionExpired(f"source {self.spec.name!r}: {page.url} shows the login form")
+        return page
+
+    def _is_login_page(self, page: Page) -> bool:
+        login = self.spec.login
+        assert login is not None
+        # Any one configured input (or a password box) is enough: a renamed input must not make the
+        # login page pass for a list page, or the run would end in a confusing layout-drift error.
+        for form in css(page.tree, login.form):
+            names = set(strings(form, ".//input/@name"))
+            if names & set(login.fields) or elements(form, ".//input[@type='password']"):
+                return True
+        return False
+
+    # -- list pages ------------------------------------------------------------------------
+
+    def _crawl(self, limit: int | None) -> Crawl:
+        self._unmatched = {}
+        items: list[dict[str, Any]] = []
+        wait = self.spec.listing.rows
+        page = self._open(self.url(self.spec.listing.url), wait)
+        seen_pages: set[str] = set()
+        visited_links: set[str] = set()
+        pages = 0
+        complete = False
+        # One page after the other: fetching the next page on a second thread while this one is
+        # extracted measured slower (the two threads hand the GIL back and forth).
+        while True:
+            rows = [r for r in self.rows(page.tree) if isinstance(r, etree._Element)]
+            if pages == 0 and len(rows) < self.spec.listing.min_rows:
+                raise self._drift(page, "list rows", str(self.spec.listing.rows))
+            fingerprint = _fingerprint(rows)
+            repeated = bool(rows) and fingerprint in seen_pages
+            if repeated and self.next is not None:
+                log().info("pagination came back to a page already read; stopping", source=self.spec.name,
+                           url=page.url)
+                complete = True
+                break
+            if not repeated:
+                seen_pages.add(fingerprint)
+                pages += 1
+                # Lazily: a preview stops extracting (and counting unmatched selectors) at its limit.
+                items.extend(islice(self._items(page, rows), None if limit is None else limit - len(items)))
+                if limit is not None and len(items) >= limit:
+                    break
+            target = self._next_link(page, visited_links) if rows else None
+            if target is None:
+                complete = True
+                break
+            if pages >= self.max_pages:
+                log().warning("max_pages reached; the listing was not read to its end", source=self.spec.name,
+                              max_pages=self.max_pages)
+                break
+            page = self._checked(self.fetcher.follow(page, *target)(), wait)
+        if self.detail_link is not None:
+            self._add_details(items)
+        return Crawl(items, complete, pages, dict(self._unmatched))
+
+    def _items(self, page: Page, rows: list[Node]) -> Iterator[dict[str, Any]]:
+        headers: dict[Node, HeaderMap] = {}
+        for row in rows:
+            item: dict[str, Any] = {}
+            for rule in self.list_rules:
+                item[rule.name] = self._value(page, rule, row, headers)
+            if self.detail_link is not None:
+                item[_DETAIL] = urljoin(page.url, self._value(page, self.detail_link, row, headers))
+            yield item
+
+    def _value(self, page: Page, rule: Rule, node: Node, headers: dict[Node, HeaderMap]) -> Any:
+        value = rule.value(node, headers)
+        if value is MISSING:
+            if rule.required:
+                raise self._drift(page, f"field {rule.name!r}", rule.selector)
+            with self._lock:
+                self._unmatched[rule.name] = self._unmatched.get(rule.name, 0) + 1
+            return None
+        return value
+
+    def _next_link(self, page: Page, visited: set[str]) -> tuple[Locator, Node, int] | None:
+        if self.next is not None:
+            for index, node in enumerate(locator_query(self.next)(page.tree)):
+                if _active(node):
+                    return self.next, node, index
+            return None
+        if self.pages is not None:
+            for index, node in enumerate(compile_query(self.pages.css, self.pages.xpath)(page.tree)):
+                key = node.get("href") or node.get("onclick") or text_of(node)
+                if _active(node) and key not in visited:
+                    visited.add(key)
+                    return self.pages, node, index
+        return None
+
+    # -- detail pages ----------------------------------------------------------------------
+
+    def _add_details(self, items: list[dict[str, Any]]) -> None:
+        urls = [item.pop(_DETAIL) for item in items]
+        if self.fetcher.parallel > 1 and len(urls) > 1:
+            with ThreadPoolExecutor(max_workers=self.fetcher.parallel, thread_name_prefix="straw-detail") as pool:
+                details = list(pool.map(self._detail, urls))
+        else:
+            details = [self._detail(url) for url in urls]
+        for item, detail in zip(items, details, strict=True):
+            item.update(detail)
+
+    def _detail(self, url: str) -> dict[str, Any]:
+        page = self._open(url)
+        headers: dict[Node, HeaderMap] = {}
+        return {rule.name: self._value(page, rule, page.tree, headers) for rule in self.detail_rules}
+
+    # -- layout drift ----------------------------------------------------------------------
+
+    def _drift(self, page: Page, what: str, selector: str) -> LayoutDrift:
+        return LayoutDrift(self.spec.name, page.url, what, selector, page.html)
+
+    def _save_debug(self, drift: LayoutDrift) -> None:
+        folder = self.spec.debug_dir
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+            base = folder / f"{self.spec.name}-{stamp}"
+            html = base.with_suffix(".html")
+            # A BOM: the saved text is UTF-8 whatever the page's <meta charset> still claims.
+            html.write_text("\ufeff" + drift.html, encoding="utf-8")
+            saved = [str(html)]
+            if self.fetcher.screenshot(base.with_suffix(".png")):
+                saved.append(str(base.with_suffix(".png")))
+        except OSError as exc:
+            log().warning("could not save the page for debugging", source=self.spec.name, error=str(exc))
+            return
+        drift.saved_to(saved)
+
+
+def _active(node: Any) -> bool:
+    """A pager link that can be followed: not disabled, and with somewhere to go."""
+    if not isinstance(node, etree._Element) or node.get("disabled") is not None:
+        return False
+    if node.tag == "a":
+        href = node.get("href")
+        return bool(href and (not href.startswith("javascript:") or postback_args(href))) or bool(node.get("onclick"))
+    return True
+
+
+def _fingerprint(rows: list[Node]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for row in rows:
+        digest.update(etree.tostring(row))
+    return digest.hexdigest()

@@ -1,0 +1,269 @@
+"""Browser mode: Playwright drives the system Chromium for pages built by JavaScript.
+
+One browser lives as long as the source; each run gets a fresh context (closed
+at the end, so memory stays flat over long runs) with one page reused for every
+URL, which is several times faster than a page per URL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin
+
+import orjson
+import structlog
+
+from adapters.scrape.errors import LoginFailed, ScrapeError
+from adapters.scrape.extract import playwright_selector
+from adapters.scrape.fetch import RateLimit, backoff, describe_error, postback_args, write_private
+from adapters.scrape.page import Node, Page
+from straw.config_scrape import HttpSpec, Locator, LoginSpec
+
+
+def log() -> Any:
+    # Not cached at import: logs.setup() may be re-run (the CLI, tests) and point at another stream.
+    return structlog.get_logger("straw.scrape")
+
+
+_PRESENT = """([css, xpath, unless]) => {
+  const found = css !== null ? document.querySelector(css)
+    : document.evaluate(xpath, document, null, XPathResult.FIRST_ORDERED_NODE_TYPE, null).singleNodeValue;
+  return found !== null || (unless !== null && document.querySelector(unless) !== null);
+}"""
+RECYCLE_EVERY = 50  # page loads per browser context before a fresh one (cookies carried over)
+LAUNCH_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--disable-features=BackForwardCache",
+]
+
+
+class BrowserFetcher:
+    mode = "browser"
+
+    def __init__(self, source: str, http: HttpSpec, session_file: Path | None, executable: Path) -> None:
+        self.source = source
+        self.http = http
+        self.session_file = session_file
+        self.executable = executable
+        self.limit = RateLimit(http.rate_limit)
+        self._playwright: Any = None
+        self._browser: Any = None
+        self._context: Any = None
+        self._page: Any = None
+        self._options: dict[str, Any] = {}
+        self._navigations = 0
+
+    @property
+    def parallel(self) -> int:
+        return 1  # one page, reused: the browser is the bottleneck, not the network
+
+    def _launch(self) -> Any:
+        if self._browser is None:
+            try:
+                from playwright.sync_api import sync_playwright
+            except ImportError:
+                raise ScrapeError(
+                    f"source {self.source!r}: browser mode needs Playwright: pip install 'straw[browser]'"
+                ) from None
+            if not self.executable.exists():
+                raise ScrapeError(
+                    f"source {self.source!r}: no browser at {self.executable}; install Chromium "
+                    "(Debian: apt-get install chromium) or set `browser_executable`"
+                )
+            self._playwright = sync_playwright().start()
+            try:
+                self._browser = self._playwright.chromium.launch(
+                    executable_path=str(self.executable), args=LAUNCH_ARGS, headless=True
+                )
+            except Exception as exc:
+                self._playwright.stop()
+                self._playwright = None
+                raise ScrapeError(f"source {self.source!r}: cannot start {self.executable}: {exc}") from None
+        return self._browser
+
+    def begin(self) -> None:
+        browser = self._launch()
+        options: dict[str, Any] = {
+            "ignore_https_errors": self.http.verify is False,
+            "extra_http_headers": dict(self.http.headers) or None,
+        }
+        if self.http.basic_auth is not None:
+            options["http_credentials"] = {
+                "username": self.http.basic_auth.username,
+                "password": self.http.basic_auth.password,
+            }
+        if self.session_file is not None and self.session_file.exists():
+            options["storage_state"] = str(self.session_file)
+        self._options = {k: v for k, v in options.items() if v is not None}
+        self._context = browser.new_context(**self._options)
+        self._context.set_default_timeout(self.http.timeout * 1000)
+        self._page = self._context.new_page()
+        self._navigations = 0
+
+    def _recycle(self) -> None:
+        """A fresh context and page, same cookies: a renderer reused for hundreds of pages keeps growing."""
+        state = self._context.storage_state()
+        self._context.close()
+        self._context = self._launch().new_context(**{**self._options, "storage_state": state})
+        self._context.set_default_timeout(self.http.timeout * 1000)
+        self._page = self._context.new_page()
+        self._navigations = 0
+
+    def end(self) -> None:
+        if self._context is not None:
+            self._context.close()
+        self._context = self._page = None
+
+    def save_session(self) -> None:
+        if self.session_file is not None and self._context is not None:
+            write_private(self.session_file, orjson.dumps(self._context.storage_state()))
+
+    @property
+    def page(self) -> Any:
+        if self._page is None:
+            self.begin()
+        return self._page
+
+    def _snapshot(self) -> Page:
+        # Lazy: crawl reads it after waiting for the rows; it must be read before the next navigation.
+        # Serialized by the page's own world: `page.content()` first injects Playwright's utility script
+        # into every new document, ten times the cost of the read itself.
+        page = self.page
+        return Page(page.url, lambda: str(page.evaluate("() => document.documentElement.outerHTML")))
+
+    def _retrying(self, what: str, action: Any) -> Page:
+        from playwright.sync_api import Error as PlaywrightError
+
+        attempts = self.http.retries + 1
+        problem = ""
+        for attempt in range(attempts):
+            self.limit.wait()
+            try:
+                response = action()
+            except PlaywrightError as exc:
+                problem = describe_error(exc)
+            else:
+                status = response.status if response is not None else 200
+                if status < 400:
+                    return self._snapshot()
+                if status < 500:
+                    raise ScrapeError(f"source {self.source!r}: {what}: HTTP {status}")
+                problem = f"HTTP {status}"
+            if attempt + 1 < attempts:
+                delay = backoff(attempt, self.http.backoff)
+                log().warning("retrying", source=self.source, what=what, error=problem, retry_in=delay)
+                time.sleep(delay)
+        raise ScrapeError(f"source {self.source!r}: {what} failed {attempts} time(s): {problem}")
+
+    def open(self, url: str) -> Page:
+        if self._navigations >= RECYCLE_EVERY:
+            self._recycle()
+        self._navigations += 1
+        return self._retrying(f"GET {url}", lambda: self.page.goto(url, wait_until="load"))
+
+    def follow(self, page: Page, locator: Locator, element: Node, index: int) -> Callable[[], Page]:
+        href = element.get("href") or ""
+        if element.tag == "a" and href and not href.startswith(("#", "javascript:")) and not element.get("onclick"):
+            # A plain link: going there is what a click does, without waiting on the click's events.
+            url = urljoin(page.url, href)
+            return lambda: self.open(url)
+        navigates = bool(
+            postback_args(href) is not None
+            or (element.tag in ("input", "button") and next(element.iterancestors("form"), None) is not None)
+        )
+        return lambda: self._click(page, locator, index, navigates)
+
+    def _click(self, page: Page, locator: Locator, index: int, navigates: bool) -> Page:
+        target = self.page.locator(playwright_selector(locator)).nth(index)
+        if not navigates:
+            # A script-driven pager re-renders in place: click, then let its requests settle.
+            target.click()
+            self.page.wait_for_load_state("networkidle")
+            return self._snapshot()
+
+        def click() -> Any:
+            with self.page.expect_navigation(wait_until="load") as navigation:
+                target.click()
+            return navigation.value
+
+        # Not retried: clicking again after a failed postback could act twice on the server.
+        self.limit.wait()
+        from playwright.sync_api import Error as PlaywrightError
+
+        try:
+            response = click()
+        except PlaywrightError as exc:
+            raise ScrapeError(
+                f"source {self.source!r}: clicking {locator} on {page.url}: {describe_error(exc)}"
+            ) from None
+        if response is not None and response.status >= 400:
+            raise ScrapeError(f"source {self.source!r}: clicking {locator} on {page.url}: HTTP {response.status}")
+        return self._snapshot()
+
+    def login(self, spec: LoginSpec, url: str) -> Page:
+        self.open(url)
+        page = self.page
+        form = page.locator(f"css={spec.form}").first
+        if form.count() == 0:
+            raise LoginFailed(f"source {self.source!r}: no login form ({spec.form!r}) on {page.url}")
+        for name, value in spec.fields.items():
+            form.locator(f"[name={_quoted(name)}]").fill(value)
+        submit = form.locator(f"css={spec.submit}") if spec.submit else form.locator(
+            "css=[type=submit], button:not([type])"
+        )
+        with page.expect_navigation(wait_until="load"):
+            submit.first.click()
+        return self._snapshot()
+
+    def wait_for(self, locator: Locator, seconds: float, unless: str | None = None) -> Page | None:
+        from playwright.sync_api import Error as PlaywrightError
+
+        # The login form instead of the list (`unless`) ends the wait too: the crawl then logs in.
+        # Checked in the page's own world: a Playwright locator first injects its engine into every
+        # new document, which costs more than reading the page.
+        arg = [locator.css, locator.xpath, unless]
+        try:
+            if not self.page.evaluate(_PRESENT, arg):
+                self.page.wait_for_function(_PRESENT, arg=arg, polling=50, timeout=seconds * 1000)
+        except PlaywrightError:
+            # Timed out, or a selector only lxml's cssselect understands: drift is reported from the page.
+            wanted = self.page.locator(playwright_selector(locator))
+            if unless is not None:
+                wanted = wanted.or_(self.page.locator(f"css={unless}"))
+            with contextlib.suppress(PlaywrightError):
+                wanted.first.wait_for(state="attached", timeout=100)
+        return self._snapshot()
+
+    def screenshot(self, path: Path) -> bool:
+        if self._page is None:
+            return False
+        try:
+            self._page.screenshot(path=str(path), full_page=True)
+        except Exception:  # a debugging aid: never hide the real error behind a screenshot failure
+            return False
+        os.chmod(path, 0o600)
+        return True
+
+    def close(self) -> None:
+        self.end()
+        if self._browser is not None:
+            self._browser.close()
+            self._browser = None
+        if self._playwright is not None:
+            self._playwright.stop()
+            self._playwright = None
+
+
+def _quoted(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,0 +1,166 @@
+"""Static mode: httpx fetches, lxml reads; forms and WebForms postbacks are posted like a browser would."""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin
+
+import httpx
+import orjson
+import structlog
+
+from adapters.scrape.errors import LoginFailed, ScrapeError
+from adapters.scrape.fetch import (
+    RateLimit,
+    backoff,
+    describe_error,
+    enclosing_form,
+    form_values,
+    postback_args,
+    write_private,
+)
+from adapters.scrape.page import Node, Page, css, decode
+from straw.config_scrape import HttpSpec, Locator, LoginSpec
+
+
+def log() -> Any:
+    # Not cached at import: logs.setup() may be re-run (the CLI, tests) and point at another stream.
+    return structlog.get_logger("straw.scrape")
+
+
+class StaticFetcher:
+    mode = "static"
+
+    def __init__(self, source: str, http: HttpSpec, session_file: Path | None) -> None:
+        self.source = source
+        self.http = http
+        self.session_file = session_file
+        self._client: httpx.Client | None = None
+        self.limit = RateLimit(http.rate_limit)
+
+    @property
+    def client(self) -> httpx.Client:
+        # Made at first use (in a poll), so a bad CA file is a poll error in `straw status`, not a crash.
+        if self._client is None:
+            http = self.http
+            verify: bool | ssl.SSLContext = http.verify if not isinstance(http.verify, Path) else True
+            if isinstance(http.verify, Path):
+                try:
+                    verify = ssl.create_default_context(cafile=str(http.verify))
+                except (OSError, ssl.SSLError) as exc:
+                    raise ScrapeError(
+                        f"source {self.source!r}: cannot use CA bundle {http.verify}: {exc}; fix `http.verify`"
+                    ) from None
+            self._client = httpx.Client(
+                follow_redirects=True,
+                timeout=http.timeout,
+                verify=verify,
+                auth=httpx.BasicAuth(http.basic_auth.username, http.basic_auth.password) if http.basic_auth else None,
+                headers={"User-Agent": "straw-scrape/0.1", **http.headers},
+                limits=httpx.Limits(max_connections=http.concurrency, max_keepalive_connections=http.concurrency),
+            )
+        return self._client
+
+    @property
+    def parallel(self) -> int:
+        return self.http.concurrency
+
+    def begin(self) -> None:
+        if self.session_file is None or not self.session_file.exists():
+            return
+        try:
+            saved = orjson.loads(self.session_file.read_bytes())
+        except (OSError, orjson.JSONDecodeError) as exc:
+            log().warning("session file unreadable; logging in afresh", source=self.source, error=str(exc))
+            return
+        for cookie in saved:
+            self.client.cookies.set(cookie["name"], cookie["value"], domain=cookie["domain"], path=cookie["path"])
+
+    def save_session(self) -> None:
+        if self.session_file is None:
+            return
+        cookies = [
+            {"name": c.name, "value": c.value, "domain": c.domain, "path": c.path}
+            for c in self.client.cookies.jar
+        ]
+        write_private(self.session_file, orjson.dumps(cookies))
+
+    def end(self) -> None:
+        pass
+
+    def _request(self, method: str, url: str, data: dict[str, str] | None = None) -> Page:
+        attempts = self.http.retries + 1
+        for attempt in range(attempts):
+            self.limit.wait()
+            try:
+                response = self.client.request(method, url, data=data)
+            except httpx.HTTPError as exc:
+                problem = describe_error(exc)
+            else:
+                if response.status_code < 500:
+                    if response.status_code >= 400:
+                        raise ScrapeError(f"source {self.source!r}: {method} {url}: HTTP {response.status_code}")
+                    text = decode(response.content, response.headers.get("content-type"), self.http.encoding)
+                    return Page(str(response.url), text)
+                problem = f"HTTP {response.status_code}"
+            if attempt + 1 < attempts:
+                delay = backoff(attempt, self.http.backoff)
+                log().warning("retrying", source=self.source, url=url, error=problem, retry_in=delay)
+                time.sleep(delay)
+        raise ScrapeError(f"source {self.source!r}: {method} {url} failed {attempts} time(s): {problem}")
+
+    def open(self, url: str) -> Page:
+        return self._request("GET", url)
+
+    def _form_request(
+        self, page: Page, form: Node, values: dict[str, str]
+    ) -> tuple[str, str, dict[str, str] | None]:
+        action = urljoin(page.url, form.get("action") or page.url)
+        if (form.get("method") or "get").lower() == "post":
+            return "POST", action, values
+        return "GET", str(httpx.URL(action).copy_merge_params(values)), None
+
+    def submit(self, page: Page, form: Node, values: dict[str, str]) -> Page:
+        return self._request(*self._form_request(page, form, values))
+
+    def follow(self, page: Page, locator: Locator, element: Node, index: int) -> Callable[[], Page]:
+        href = element.get("href")
+        postback = postback_args(href) or postback_args(element.get("onclick"))
+        if postback is not None or (element.tag in ("input", "button") and element.get("href") is None):
+            form = enclosing_form(element)
+            if form is None:
+                raise ScrapeError(f"source {self.source!r}: {locator} on {page.url} posts back, but there is no form")
+            values = form_values(form)
+            if postback is not None:
+                values["__EVENTTARGET"], values["__EVENTARGUMENT"] = postback
+            elif element.get("name"):
+                values[str(element.get("name"))] = element.get("value") or ""
+            method, url, data = self._form_request(page, form, values)
+            return lambda: self._request(method, url, data)
+        if not href:
+            raise ScrapeError(f"source {self.source!r}: {locator} on {page.url} has no href to follow")
+        url = urljoin(page.url, href)
+        return lambda: self.open(url)
+
+    def login(self, spec: LoginSpec, url: str) -> Page:
+        page = self.open(url)
+        forms = css(page.tree, spec.form)
+        if not forms:
+            raise LoginFailed(f"source {self.source!r}: no login form ({spec.form!r}) on {page.url}")
+        values = form_values(forms[0])
+        values.update(spec.fields)
+        return self.submit(page, forms[0], values)
+
+    def wait_for(self, locator: Locator, seconds: float, unless: str | None = None) -> Page | None:
+        return None
+
+    def screenshot(self, path: Path) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()

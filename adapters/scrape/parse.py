@@ -1,0 +1,177 @@
+"""Text shown in a web UI -> canonical Python values (Decimal, int, date, datetime, bool).
+
+The mapper then coerces these like database values, so a scraped amount and a
+column amount end up the same on the wire. Each parser raises `ValueError` with
+a readable reason; the caller decides what a failure means.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
+from functools import cache
+from typing import Any
+
+from babel import Locale
+from babel.numbers import get_decimal_symbol
+
+from straw.config_scrape import ParseSpec, ParseType
+
+Parser = Callable[[str], Any]
+
+_TRUE = frozenset({"1", "t", "true", "y", "yes", "on", "j", "ja", "x", "✓", "✔", "oui", "si", "sí", "da", "wahr"})
+_FALSE = frozenset({"0", "f", "false", "n", "no", "off", "nee", "nein", "nej", "non", "-", "✗", "✘", "falsch"})
+_MINUS = "-\u2212\u2013"  # hyphen, minus sign, en dash: all seen as minus in legacy reports
+_NOT_NUMBER = re.compile(r"[^0-9.,]")
+
+
+def _locale(code: str) -> Locale:
+    return Locale.parse(code.replace("-", "_"))
+
+
+def number_parser(spec: ParseSpec) -> Callable[[str], Decimal]:
+    point = spec.decimal or get_decimal_symbol(_locale(spec.locale))
+    point = "," if point == "," else "."  # locales with an Arabic separator still write ASCII in legacy UIs
+    group = "." if point == "," else ","
+
+    def parse(text: str) -> Decimal:
+        raw = text.strip()
+        negative = raw.startswith("(") and raw.endswith(")")
+        stripped = raw.strip("()").strip()
+        # A currency symbol or code may sit on either side of the sign: '-€ 12', '€ -12', '12- EUR'.
+        digits_at = [i for i, c in enumerate(stripped) if c.isdigit()]
+        if not digits_at:
+            raise ValueError(f"no number in {text!r}")
+        before, after = stripped[: digits_at[0]], stripped[digits_at[-1] + 1 :]
+        if any(m in before for m in _MINUS) or after.strip().startswith(tuple(_MINUS)):
+            negative = not negative
+        body = _NOT_NUMBER.sub("", stripped[digits_at[0] : digits_at[-1] + 1]).replace(group, "")
+        if body.count(point) > 1:
+            raise ValueError(f"cannot read {text!r} as a number with decimal separator {point!r}")
+        try:
+            value = Decimal(body.replace(point, "."))
+        except InvalidOperation:
+            raise ValueError(f"cannot read {text!r} as a number") from None
+        return -value if negative else value
+
+    return parse
+
+
+def integer_parser(spec: ParseSpec) -> Callable[[str], int]:
+    number = number_parser(spec)
+
+    def parse(text: str) -> int:
+        value = number(text)
+        if value != value.to_integral_value():
+            raise ValueError(f"{text!r} has a fraction; parse it as decimal")
+        return int(value)
+
+    return parse
+
+
+@cache
+def _month_names(locale: str) -> tuple[tuple[str, int], ...]:
+    """Every way the locale writes a month (wide, abbreviated, with and without the dot), longest first."""
+    loc = _locale(locale)
+    names: dict[str, int] = {}
+    for context in ("format", "stand-alone"):
+        for width in ("wide", "abbreviated"):
+            for number, name in loc.months[context][width].items():
+                for variant in (name, name.rstrip(".")):
+                    names.setdefault(variant.casefold(), number)
+    # English names are understood everywhere: legacy UIs often ignore the locale for month names.
+    if loc.language != "en":
+        for name, number in _month_names("en"):
+            names.setdefault(name, number)
+    return tuple(sorted(names.items(), key=lambda item: -len(item[0])))
+
+
+def _date_reader(spec: ParseSpec) -> Callable[[str], dt.datetime]:
+    fmt = spec.format
+    if fmt is None:
+        return lambda text: dt.datetime.fromisoformat(text.strip())
+    if "%b" not in fmt and "%B" not in fmt:
+        return lambda text: dt.datetime.strptime(" ".join(text.split()), fmt)
+    # strptime knows only the C locale's month names: swap the locale's name for its number first.
+    numeric = fmt.replace("%B", "%m").replace("%b", "%m")
+    names = _month_names(spec.locale)
+    pattern = re.compile("|".join(re.escape(n) for n, _ in names), re.IGNORECASE)
+    lookup = dict(names)
+
+    def read(text: str) -> dt.datetime:
+        clean = " ".join(text.split())
+        found = pattern.search(clean)
+        if found is None:
+            raise ValueError(f"no month name of locale {spec.locale!r} in {text!r}")
+        month = lookup[found.group(0).casefold()]
+        head, tail = clean[: found.start()], clean[found.end() :]
+        # An abbreviation's dot ('nov.') may or may not be matched with the name, and may or may not
+        # be written in the format: try the number with and without it.
+        candidates = (f"{head}{month:02d}{tail}", f"{head}{month:02d}.{tail}", f"{head}{month:02d}{tail[1:]}")
+        for candidate in candidates if tail.startswith(".") else candidates[:2]:
+            try:
+                return dt.datetime.strptime(candidate, numeric)
+            except ValueError:
+                continue
+        raise ValueError(f"{text!r} does not match format {fmt!r}")
+
+    return read
+
+
+def date_parser(spec: ParseSpec) -> Callable[[str], dt.date]:
+    read = _date_reader(spec)
+
+    def parse(text: str) -> dt.date:
+        try:
+            return read(text).date()
+        except ValueError as exc:
+            raise ValueError(f"cannot read {text!r} as a date ({spec.format or 'ISO 8601'}): {exc}") from None
+
+    return parse
+
+
+def datetime_parser(spec: ParseSpec) -> Callable[[str], dt.datetime]:
+    read = _date_reader(spec)
+
+    def parse(text: str) -> dt.datetime:
+        try:
+            return read(text)  # naive: the mapper reads it in the source's time zone
+        except ValueError as exc:
+            raise ValueError(f"cannot read {text!r} as a datetime ({spec.format or 'ISO 8601'}): {exc}") from None
+
+    return parse
+
+
+def boolean_parser(spec: ParseSpec) -> Callable[[str], bool]:
+    true = _TRUE | {w.casefold() for w in spec.true}
+    false = (_FALSE - true) | {w.casefold() for w in spec.false}
+
+    def parse(text: str) -> bool:
+        word = text.strip().casefold()
+        if word in false:
+            return False
+        if word in true:
+            return True
+        raise ValueError(f"cannot read {text!r} as a boolean; add the word to `true:` or `false:`")
+
+    return parse
+
+
+def parser(spec: ParseSpec | None) -> Parser:
+    if spec is None:
+        return str
+    match spec.type:
+        case ParseType.TEXT:
+            return str
+        case ParseType.INTEGER:
+            return integer_parser(spec)
+        case ParseType.DECIMAL | ParseType.CURRENCY:
+            return number_parser(spec)
+        case ParseType.DATE:
+            return date_parser(spec)
+        case ParseType.DATETIME:
+            return datetime_parser(spec)
+        case ParseType.BOOLEAN:
+            return boolean_parser(spec)

@@ -1,0 +1,187 @@
+"""straw's benchmarks: `python bench/run.py [--quick] [MEASURE…]`.
+
+stdout carries one JSON object per measure and nothing else; everything else
+(progress, service choice, per-repetition times) goes to stderr. See
+bench/README.md for what each measure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+# `python bench/run.py` puts bench/ first on sys.path; the packages live one level up.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import scrape_bench
+from bench.ceiling import prepare, sample_entries, xadd_pipelined
+from bench.legacy import legacy_database
+from bench.services import Bench, Watchdog, log
+from bench.slice_bench import run_naive, run_straw
+from straw import logs
+
+
+@dataclass(frozen=True)
+class Scale:
+    rows: int
+    repeat: int
+    ceiling_samples: int = 2000
+    timeout: float = 900.0  # per measure: a hung run is interrupted, cleaned up and reported
+
+
+FULL = Scale(rows=100_000, repeat=5)
+QUICK = Scale(rows=10_000, repeat=3, ceiling_samples=1000, timeout=120.0)
+
+
+@dataclass(frozen=True)
+class Result:
+    measure: str
+    value: float
+    unit: str
+    baseline: str | None = None
+    baseline_value: float | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"measure": self.measure, "value": round(self.value, 1), "unit": self.unit}
+        if self.baseline is not None and self.baseline_value:
+            out["baseline"] = self.baseline
+            out["baseline_value"] = round(self.baseline_value, 1)
+            out["ratio"] = round(self.value / self.baseline_value, 2)
+        return out
+
+
+def _rates(label: str, rows: int, seconds: list[float], unit: str = "rows/s") -> float:
+    """Median throughput over the repetitions: robust to one disturbed run on a shared machine."""
+    rates = [rows / s for s in seconds]
+    log(f"{label}: {', '.join(f'{r:,.0f}' for r in rates)} {unit} (median {statistics.median(rates):,.0f})")
+    return statistics.median(rates)
+
+
+def slice_measure(backend: str) -> Callable[[Bench, Scale], Result]:
+    def measure(bench: Bench, scale: Scale) -> Result:
+        name = f"slice_{'postgres' if backend == 'postgresql' else backend}_rows_per_s"
+        straw_s: list[float] = []
+        naive_s: list[float] = []
+        with legacy_database(bench, backend, scale.rows) as url:
+            run_straw(bench, url, scale.rows)  # warm-up: imports, page cache, first connections
+            for rep in range(scale.repeat):
+                # Alternate the order so neither side always runs on a warmer cache.
+                if rep % 2:
+                    straw_s.append(run_straw(bench, url, scale.rows)[0])
+                    naive_s.append(run_naive(bench, url, scale.rows))
+                else:
+                    naive_s.append(run_naive(bench, url, scale.rows))
+                    straw_s.append(run_straw(bench, url, scale.rows)[0])
+        value = _rates(f"{name} straw", scale.rows, straw_s)
+        baseline = _rates(f"{name} per_row_xadd", scale.rows, naive_s)
+        return Result(name, value, "rows/s", "per_row_xadd", baseline)
+
+    return measure
+
+
+def xadd_ceiling(bench: Bench, scale: Scale) -> Result:
+    with legacy_database(bench, "sqlite", scale.ceiling_samples) as url:
+        samples = sample_entries(bench, url, scale.ceiling_samples)
+    sizes = [sum(len(k) + len(v) for k, v in f.items()) for f in samples]
+    log(f"xadd_ceiling: {len(samples)} real entries, {statistics.mean(sizes):.0f} bytes of fields on average")
+    entries = prepare(samples, scale.rows)
+    xadd_pipelined(bench, entries[:1000])  # warm-up
+    seconds = [xadd_pipelined(bench, entries) for _ in range(scale.repeat)]
+    return Result("xadd_ceiling_per_s", _rates("xadd_ceiling_per_s", scale.rows, seconds, "entries/s"), "entries/s")
+
+
+MEASURES: dict[str, Callable[[Bench, Scale], Result]] = {
+    "slice_sqlite_rows_per_s": slice_measure("sqlite"),
+    "slice_postgres_rows_per_s": slice_measure("postgresql"),
+    "xadd_ceiling_per_s": xadd_ceiling,
+    "scrape_static_pages_per_s": lambda bench, scale: Result(
+        **scrape_bench.static_pages(bench.tmp, scale.repeat, quick=scale is QUICK)),
+    "scrape_browser_pages_per_s": lambda bench, scale: Result(
+        **scrape_bench.browser(bench.tmp, quick=scale is QUICK)["scrape_browser_pages_per_s"]),
+    "scrape_browser_rss_growth_mb": lambda bench, scale: Result(
+        **scrape_bench.browser(bench.tmp, quick=scale is QUICK)["scrape_browser_rss_growth_mb"]),
+}
+
+
+def _summary(results: list[Result]) -> None:
+    ceiling = next((r.value for r in results if r.measure == "xadd_ceiling_per_s"), None)
+    for r in results:
+        parts = [f"{r.measure}: {r.value:,.0f} {r.unit}"]
+        if r.baseline_value:
+            parts.append(f"{r.value / r.baseline_value:.2f}x {r.baseline}")
+        if ceiling and r.unit == "rows/s":
+            parts.append(f"{r.value / ceiling:.0%} of the XADD ceiling")
+        log("; ".join(parts))
+
+
+def _json_output() -> TextIO:
+    """The real stdout, for the JSON lines alone; file descriptor 1 itself now points at stderr.
+
+    So anything else that prints (a library, a stray log, a child process) lands on
+    stderr, never in the JSON stream.
+    """
+    sys.stdout.flush()
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return out
+
+
+def _exit_on_sigterm(_signum: int, _frame: Any) -> None:
+    raise SystemExit(143)  # unwinds through every cleanup: streams, scratch database, temp dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="10,000 rows and fewer repetitions (< 1 minute)")
+    parser.add_argument("measures", nargs="*", metavar="MEASURE", help=f"any of: {', '.join(MEASURES)} (default: all)")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.measures if m not in MEASURES]
+    if unknown:
+        parser.error(f"unknown measure {', '.join(unknown)}; choose from {', '.join(MEASURES)}")
+    scale = QUICK if args.quick else FULL
+    out = _json_output()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    logs.setup("WARNING")
+    load = os.getloadavg()[0]
+    log(f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs, "
+        f"load {load:.2f}; {scale.rows:,} rows x {scale.repeat}")
+    if load > 0.5:
+        log("the machine is busy: figures will be low and noisy (the baseline, bound by round trips, most)")
+    failed = False
+    results: list[Result] = []
+    try:
+        with ExitStack() as stack:
+            bench = Bench(stack)
+            for name in args.measures or list(MEASURES):
+                log(f"{name} …")
+                dog = Watchdog(scale.timeout, name)
+                try:
+                    with dog:
+                        result = MEASURES[name](bench, scale)
+                except (Exception, KeyboardInterrupt) as exc:  # one measure failing must not hide the others
+                    if isinstance(exc, KeyboardInterrupt) and not dog.fired:
+                        raise
+                    log(f"{name} FAILED: {type(exc).__name__}: {str(exc) or 'timed out'}")
+                    failed = True
+                    continue
+                results.append(result)
+                print(json.dumps(result.as_json()), file=out, flush=True)
+    finally:
+        out.close()
+    _summary(results)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

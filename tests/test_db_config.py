@@ -1,0 +1,63 @@
+"""Configuration of the DB modes: every mistake names its line and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from straw.config_load import ConfigError, parse_config
+
+HEAD = "entities: {o: {key: [a], fields: {a: integer}}}\nsources:\n"
+
+
+def problems(sources: str) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(HEAD + sources, Path("straw.yaml"))
+    return [str(p) for p in caught.value.problems]
+
+
+def source(body: str, name: str = "s") -> str:
+    lines = [f"name: {name}", "url: sqlite:///x.db", "entity: o", "stream: st", *body.strip().splitlines()]
+    return "  - " + "\n    ".join(lines) + "\n"
+
+
+def test_table_or_query_exactly_one() -> None:
+    assert problems(source("mode: snapshot")) == [
+        "straw.yaml:3: sources[0]: give exactly one of `table` (a table or view name) or `query` (a SELECT for joins)"
+    ]
+    both = problems(source("mode: snapshot\ntable: T\nquery: SELECT 1 AS a"))
+    assert both[0].startswith("straw.yaml:9: sources[0].query: give exactly one of `table`")
+
+
+def test_last_value_needs_start_value_and_no_snapshot() -> None:
+    query = "query: SELECT * FROM T WHERE id > :last_value"
+    assert problems(source(f"mode: incrementing\nincrementing_column: id\n{query}")) == [
+        "straw.yaml:9: sources[0].query: `query` uses :last_value; set `start_value`, the value it takes before "
+        "the first row (e.g. 0, or '1900-01-01 00:00:00')"
+    ]
+    assert "mode 'snapshot' reads the whole result" in problems(source(f"mode: snapshot\n{query}"))[0]
+    # a PostgreSQL cast `x::last_value` is not the parameter
+    parse_config(HEAD + source("mode: snapshot\nquery: SELECT a::last_value FROM T"), Path("straw.yaml"))
+
+
+def test_settle_delay_soft_delete_and_encoding_are_checked() -> None:
+    assert problems(source("mode: incrementing\nincrementing_column: a\ntable: T\nsettle_delay: 5s")) == [
+        "straw.yaml:10: sources[0].settle_delay: `settle_delay` applies to mode 'timestamp' only"
+    ]
+    assert problems(source("mode: snapshot\ntable: T\nsoft_delete: {column: X}")) == [
+        "straw.yaml:9: sources[0].soft_delete.column: give exactly one of `value` (e.g. value: 'J') or "
+        "`not_null: true`"
+    ]
+    assert problems(source("mode: snapshot\ntable: T\nencoding: cp9999")) == [
+        "straw.yaml:9: sources[0].encoding: unknown encoding 'cp9999'; use a Python codec name such as 'cp1252' "
+        "or 'latin-1'"
+    ]
+
+
+def test_a_snapshot_source_over_odbc_loads_as_written() -> None:
+    text = HEAD + source("mode: snapshot\ntable: T\nsoft_delete: {column: GONE, not_null: true}\ntrim_char: true")
+    config = parse_config(text.replace("url: sqlite:///x.db", 'url: "odbc:DSN=legacy;UID=straw"'), Path("straw.yaml"))
+    spec = config.sources[0]
+    assert spec.url == "odbc:DSN=legacy;UID=straw"  # an ODBC connection string is not a URL to rewrite
+    assert spec.soft_delete is not None and spec.soft_delete.not_null and spec.trim_char

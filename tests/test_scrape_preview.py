@@ -1,0 +1,47 @@
+"""`straw preview` and `straw check` on a scrape source: what each selector finds, nothing written."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from fixtures.webui import WebUI, start_webui
+from fixtures.webui.configs import orders_list, scrape_config
+from tests.test_cli import invoke, lines
+
+
+@pytest.fixture
+def webui() -> Iterator[WebUI]:
+    ui = start_webui(35)
+    yield ui
+    ui.stop()
+
+
+def test_preview_shows_records_and_flags_selectors_that_match_nothing(
+    tmp_path: Path, webui: WebUI, redis_url: str, redis_client: redis.Redis, stream_name: str
+) -> None:
+    listing = orders_list()
+    listing["fields"]["paid"] = {"xpath": "./td[9]", "parse": "boolean"}  # a column the table does not have
+    path = scrape_config(tmp_path, webui, redis_url=redis_url, stream=stream_name, listing=listing)
+    result = invoke("preview", "web-orders", "--config", str(path), "--limit", "3")
+    assert result.exit_code == 0, result.output
+    out = lines(result.output)
+    assert any("1003" in line and "Œuvre SARL" in line and "INVOICED" in line for line in out)
+    assert not any("1004" in line for line in out)
+    assert any("paid" in line and "xpath './td[9]'" in line and "0/3" in line for line in out)
+    assert any("amount *" in line and "css 'td.amt'" in line and "3/3" in line for line in out)
+    assert any("status *" in line and "css '#status'" in line and "3/3" in line for line in out)
+    assert webui.hits.get("/order/1004") is None  # only the previewed rows' detail pages were read
+    assert redis_client.xlen(stream_name) == 0
+    assert not (tmp_path / "outbox.db").exists()
+
+
+def test_check_reads_the_first_page(tmp_path: Path, webui: WebUI, redis_url: str, stream_name: str) -> None:
+    path = scrape_config(tmp_path, webui, redis_url=redis_url, stream=stream_name, listing=orders_list())
+    result = invoke("check", "--config", str(path))
+    source_line = next(line for line in lines(result.output) if "source web-orders" in line)
+    assert source_line.startswith("ok"), result.output
+    assert "static mode" in source_line and f"{webui.url}orders" in source_line
