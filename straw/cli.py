@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -15,7 +15,6 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from adapters.scrape import ScrapeSource
 from outbox.checkpoint import checkpoint_key
 from outbox.relay import REDIS_DOWN, connect
 from outbox.store import Outbox
@@ -175,16 +174,17 @@ def preview(
     for position, reason in dead:
         out.print(f"[red]dead letter[/] at {position}: ", end="", highlight=False)
         out.print(reason, markup=False, highlight=False)
-    if isinstance(pipeline.source, ScrapeSource):
-        _print_selectors(pipeline.source, len(events) + len(dead))
+    selectors = getattr(pipeline.source, "selectors", None)  # scrape sources say which selector found what
+    if selectors is not None:
+        _print_selectors(selectors(), len(events) + len(dead))
 
 
-def _print_selectors(source: ScrapeSource, rows: int) -> None:
+def _print_selectors(selectors: Iterable[tuple[str, str, bool, int]], rows: int) -> None:
     """Which selector each field used, and in how many rows it matched: red ones need fixing."""
     table = Table(title="selectors (* required)")
     for column in ("field", "selector", "matched"):
         table.add_column(column)
-    for name, where, required, missing in source.selectors():
+    for name, where, required, missing in selectors:
         matched = Text(f"{rows - missing}/{rows}", style="bold red" if missing else "green")
         table.add_row(Text(name + (" *" if required else "")), Text(where), matched)
     out.print(table)

@@ -23,6 +23,11 @@ Coercer = Callable[[Any], Any]
 
 _TRUE = frozenset({"1", "t", "true", "y", "yes", "on", "j", "ja"})
 _FALSE = frozenset({"0", "f", "false", "n", "no", "off", "nee"})
+_WORDS = {
+    variant: word in _TRUE
+    for word in _TRUE | _FALSE
+    for variant in (word, word.upper(), word.capitalize())
+}
 
 
 def _describe(value: Any) -> str:
@@ -118,6 +123,10 @@ def decimal(scale: int | None) -> Coercer:
 
 
 def boolean(value: Any) -> Any:
+    if type(value) is str:  # the usual legacy flag ('J', 'N', 'Y', '1'): one lookup
+        found = _WORDS.get(value)
+        if found is not None:
+            return found
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, Decimal)) and value in (0, 1):
@@ -148,6 +157,8 @@ def date(value: Any) -> Any:
 
 def datetime(zone: ZoneInfo) -> Coercer:
     def coerce(value: Any) -> Any:
+        if type(value) is dt.datetime:  # what drivers return: skip the checks below
+            return value.replace(tzinfo=zone) if value.tzinfo is None else value
         if isinstance(value, dt.datetime):
             moment = value
         elif isinstance(value, dt.date):

@@ -20,7 +20,7 @@ import structlog
 from sqlalchemy.exc import SQLAlchemyError
 
 from adapters.db.poller import DbSource, SchemaDrift
-from adapters.scrape import ScrapeError, ScrapeSource
+from adapters.scrape.errors import ScrapeError
 from outbox.store import Outbox
 from straw.config import AnySourceSpec, Config
 from straw.config_scrape import ScrapeSourceSpec
@@ -56,6 +56,9 @@ def build_pipeline(config: Config, spec: AnySourceSpec) -> Pipeline:
         trim=getattr(spec, "trim_char", False),  # a DB source option: CHAR(n) padding
     )
     if isinstance(spec, ScrapeSourceSpec):
+        # Imported here: httpx, lxml and Playwright cost a DB-only installation 150 ms at every start.
+        from adapters.scrape.source import ScrapeSource
+
         return Pipeline(spec, ScrapeSource(spec), mapper)
     return Pipeline(spec, DbSource(spec, mapper.required_columns(), key_columns=mapper.key_columns()), mapper)
 
