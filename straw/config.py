@@ -7,54 +7,23 @@ without pulling in YAML.
 
 from __future__ import annotations
 
-import codecs
 import re
 import socket
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from pydantic import (
-    BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
-    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from straw.config_scrape import ScrapeSourceSpec
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def _parse_duration(value: Any) -> Any:
-    """Accept `5`, `2.5`, `"500ms"`, `"5s"`, `"2m"`, `"1h"`; return seconds."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match:
-            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-        raise PydanticCustomError(
-            "duration",
-            "not a duration: '{value}'; write seconds (5), or a number with ms, s, m or h ('500ms', '2m')",
-            {"value": value},
-        )
-    return value
-
-
-Seconds = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
-
-
-class Strict(BaseModel):
-    """Unknown keys are errors: a typo must not silently fall back to a default."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from straw.config_types import Encoding, Name, Seconds, Strict, TimeZone
 
 
 class FieldType(StrEnum):
@@ -129,7 +98,7 @@ _LAST_VALUE = re.compile(r"(?<![:\w]):last_value\b")
 
 
 class DbSourceSpec(Strict):
-    name: str
+    name: Name
     kind: Literal["db"] = "db"
     url: str = Field(description="SQLAlchemy URL; put secrets in ${ENV_VAR} or ${file:/path}")
     table: str | None = None
@@ -150,16 +119,16 @@ class DbSourceSpec(Strict):
         default=None, description="timestamp mode: unique, increasing tie-breaker for equal timestamps"
     )
     entity: str
-    stream: str
+    stream: Name
     mapping: dict[str, str] = Field(
         default_factory=dict, description="entity field -> source column; unmapped fields use their own name"
     )
-    timezone: str = "UTC"
+    timezone: TimeZone = "UTC"
     settle_delay: Seconds = Field(
         default=0.0, description="timestamp mode: take only rows older than the database's now - settle_delay"
     )
     soft_delete: SoftDeleteSpec | None = None
-    encoding: str = Field(default="utf-8", description="how text kept in byte columns is encoded (cp1252…)")
+    encoding: Encoding = Field(default="utf-8", description="how text kept in byte columns is encoded (cp1252…)")
     trim_char: bool = Field(default=False, description="strip the trailing spaces that CHAR(n) columns pad with")
     statement_timeout: Seconds | None = Field(default=None, description="cancel a read running longer")
     batch_size: int = Field(default=1000, ge=1, le=100_000)
@@ -168,38 +137,8 @@ class DbSourceSpec(Strict):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    @field_validator("name", "stream")
-    @classmethod
-    def _plain_name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise PydanticCustomError(
-                "name", "use letters, digits, '_', '.', '-' (got '{value}')", {"value": value}
-            )
-        return value
 
-    @field_validator("timezone")
-    @classmethod
-    def _known_zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise PydanticCustomError(
-                "timezone", "unknown time zone '{value}'; use an IANA name such as 'Europe/Amsterdam'",
-                {"value": value},
-            ) from None
-        return value
 
-    @field_validator("encoding")
-    @classmethod
-    def _known_encoding(cls, value: str) -> str:
-        try:
-            codecs.lookup(value)
-        except LookupError:
-            raise PydanticCustomError(
-                "encoding", "unknown encoding '{value}'; use a Python codec name such as 'cp1252' or 'latin-1'",
-                {"value": value},
-            ) from None
-        return value
 
     @model_validator(mode="after")
     def _table_or_query(self) -> DbSourceSpec:
@@ -287,21 +226,13 @@ class RelaySpec(Strict):
 
 
 class Config(Strict):
-    instance: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "straw")
+    instance: Name = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "straw")
     redis: RedisSpec = RedisSpec()
     outbox: OutboxSpec = OutboxSpec()
     relay: RelaySpec = RelaySpec()
     entities: dict[str, EntitySpec] = Field(min_length=1)
     sources: list[SourceSpec] = Field(min_length=1)
 
-    @field_validator("instance")
-    @classmethod
-    def _instance_name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise PydanticCustomError(
-                "name", "use letters, digits, '_', '.', '-' (got '{value}')", {"value": value}
-            )
-        return value
 
     @model_validator(mode="after")
     def _cross_references(self) -> Config:

@@ -11,27 +11,12 @@ import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-class Strict(BaseModel):
-    """As in `straw.config`: unknown keys are errors. (That module imports this one, not the reverse.)"""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _duration(value: Any) -> Any:
-    from straw.config import _parse_duration  # at call time: straw.config imports this module
-
-    return _parse_duration(value)
-
-
-Seconds = Annotated[float, BeforeValidator(_duration), Field(ge=0)]
+from straw.config_types import Name, Seconds, Strict, TimeZone
 
 
 class ParseType(StrEnum):
@@ -215,12 +200,12 @@ class ScrapeMode(StrEnum):
 class ScrapeSourceSpec(Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    name: str
+    name: Name
     kind: Literal["scrape"]
     mode: ScrapeMode = ScrapeMode.STATIC
     base_url: str = Field(description="page URLs below are relative to this")
     entity: str
-    stream: str
+    stream: Name
     mapping: dict[str, str] = Field(
         default_factory=dict, description="entity field -> item field; unmapped fields use their own name"
     )
@@ -228,7 +213,7 @@ class ScrapeSourceSpec(Strict):
     login: LoginSpec | None = None
     listing: ListSpec = Field(alias="list")  # `list` in the file; as an attribute it would shadow the type
     detail: DetailSpec | None = None
-    timezone: str = "UTC"
+    timezone: TimeZone = "UTC"
     poll_interval: Seconds = 300.0
     batch_size: int = Field(default=500, ge=1, le=100_000)
     browser_executable: Path = Path("/usr/bin/chromium")
@@ -243,26 +228,7 @@ class ScrapeSourceSpec(Strict):
         # A scrape run always reads the whole listing; the runner need not come back for more.
         return None
 
-    @field_validator("name", "stream")
-    @classmethod
-    def _plain_name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise PydanticCustomError(
-                "name", "use letters, digits, '_', '.', '-' (got '{value}')", {"value": value}
-            )
-        return value
 
-    @field_validator("timezone")
-    @classmethod
-    def _known_zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise PydanticCustomError(
-                "timezone", "unknown time zone '{value}'; use an IANA name such as 'Europe/Amsterdam'",
-                {"value": value},
-            ) from None
-        return value
 
     @model_validator(mode="after")
     def _fields_unique(self) -> ScrapeSourceSpec:
