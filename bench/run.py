@@ -157,12 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs, "
         f"load {load:.2f}; {scale.rows:,} rows x {scale.repeat}")
     if load > 0.5:
-        log("the machine is busy: figures will be low and noisy (the baseline, bound by round trips, most)")
+        log("the machine is busy: figures will be noisy (see bench/README.md, Noise)")
     failed = False
     results: list[Result] = []
     try:
         with ExitStack() as stack:
             bench = Bench(stack)
+            log(f"redis round trip (PING): {bench.round_trip_us():.0f} µs; it sets the pace of per_row_xadd")
             for name in args.measures or list(MEASURES):
                 log(f"{name} …")
                 dog = Watchdog(scale.timeout, name)

@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -66,6 +67,14 @@ class Bench:
         stack.callback(server.stop)
         log(f"redis: private redis-server at {server.url}")
         return server.url
+
+    def round_trip_us(self, count: int = 2000) -> float:
+        """Mean PING round trip. On a VM with idle vCPUs each one waits for a vCPU to wake (~90 µs
+        here, against ~20 µs when the cores are busy), which is what bounds the per-row baseline."""
+        started = time.perf_counter()
+        for _ in range(count):
+            self.redis.ping()
+        return (time.perf_counter() - started) / count * 1e6
 
     def stream(self, label: str) -> str:
         """A stream name no one else uses; deleted (with its checkpoint) at the end of the run."""

@@ -9,35 +9,10 @@ import orjson
 import redis
 import yaml
 
+from fixtures.legacy_orders import ORDER_ENTITY, ORDER_MAPPING
 from straw.config import Config
 from straw.config_load import load_config
 from straw.runner import Runner
-
-ORDER_ENTITY: dict[str, Any] = {
-    "key": ["order_no"],
-    "fields": {
-        "order_no": "integer",
-        "customer": "string",
-        "amount": {"type": "decimal", "scale": 2, "required": True},
-        "currency": "string",
-        "order_date": "date",
-        "status": "string",
-        "paid": "boolean",
-        "note": "string",
-        "changed_at": "datetime",
-    },
-}
-ORDER_MAPPING = {
-    "order_no": "ORDER_NO",
-    "customer": "CUST_NAME",
-    "amount": "AMOUNT",
-    "currency": "CURRENCY",
-    "order_date": "ORDER_DATE",
-    "status": "STATUS",
-    "paid": "PAID",
-    "note": "NOTE",
-    "changed_at": "CHANGED_AT",
-}
 
 
 def orders_config(
