@@ -21,7 +21,7 @@ import orjson
 from outbox.keyed import SEEN, Change
 from straw.coerce import Coercer, coercer
 from straw.config import EntitySpec
-from straw.records import DELETED, UPSERTED, encode_event, observed_now, subject
+from straw.records import DELETED, UPSERTED, Envelope, observed_now, subject
 from straw.source import RawBatch
 
 
@@ -114,6 +114,7 @@ class Mapper:
         self.columns_for = {name: mapping.get(name, name) for name in entity.fields}
         self._coercers = {name: coercer(spec, zone, encoding, trim) for name, spec in entity.fields.items()}
         self._plans: dict[tuple[str, ...], _Plan] = {}
+        self._envelopes: dict[tuple[str, str], Envelope] = {}
         self._key_names = tuple(entity.key)
         # Digests are keyed by everything that shapes a canonical record: change the mapping, and every row is new.
         shape = orjson.dumps([entity.model_dump(mode="json"), self.columns_for, str(zone), encoding, trim])
@@ -159,12 +160,14 @@ class Mapper:
         out = MappedBatch()
         observed = time or observed_now()
         names, key_names = self._plan(batch.columns).names, self._key_names
-        source, entity, events = self.source_uri, self.entity_name, out.events
+        upserted = self._envelope(UPSERTED, observed).encode
+        deleted = self._envelope(DELETED, observed).encode
+        events = out.events
         for _index, position, op, key, values in self._decode(batch, out.dead):
-            data = dict(zip(key_names if op == DELETED else names, values, strict=True))
-            events.append((position, encode_event(
-                source=source, entity=entity, op=op, key=key, position=position, time=observed, data=data
-            )))
+            if op == DELETED:
+                events.append((position, deleted(key, position, dict(zip(key_names, values, strict=True)))))
+            else:
+                events.append((position, upserted(key, position, dict(zip(names, values, strict=True)))))
         return out
 
     def map_keyed(self, batch: RawBatch, stored: Stored | None = None) -> KeyedBatch:
@@ -219,15 +222,17 @@ class Mapper:
         return keys, digests
 
     def encode(self, op: str, key: str, position: str, data: dict[str, Any], time: str | None = None) -> bytes:
-        return encode_event(
-            source=self.source_uri,
-            entity=self.entity_name,
-            op=op,
-            key=key,
-            position=position,
-            time=time or observed_now(),
-            data=data,
-        )
+        return self._envelope(op, time or observed_now()).encode(key, position, data)
+
+    def _envelope(self, op: str, time: str) -> Envelope:
+        found = self._envelopes.get((op, time))
+        if found is None:
+            if len(self._envelopes) > 8:  # one observation time per batch: old ones are not asked for again
+                self._envelopes.clear()
+            found = self._envelopes[(op, time)] = Envelope(
+                source=self.source_uri, entity=self.entity_name, op=op, time=time
+            )
+        return found
 
     def _decode(
         self, batch: RawBatch, dead: list[DeadLetter], keyed: bool = False

@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from adapters.db.poller import DbSource, SchemaDrift
 from adapters.scrape.errors import ScrapeError
+from outbox.relay import REDIS_DOWN, adopt_streams, connect
 from outbox.store import Outbox
 from straw.config import AnySourceSpec, Config
 from straw.config_scrape import ScrapeSourceSpec
@@ -188,6 +189,19 @@ class Runner:
                 return
 
     def _await_stream(self, outbox: Outbox, stream: str, deadline: float) -> bool:
+        """A new outbox must take the stream's checkpoint from Redis before its first poll.
+
+        We read it here rather than wait for the relay process to start and do it;
+        if Redis is not there, the relay will adopt the stream once it is.
+        """
+        if not outbox.stream_known(stream):
+            client = connect(self.config.redis.url, socket_timeout=min(self.config.redis.socket_timeout, 5.0))
+            try:
+                adopt_streams(client, outbox, [stream])
+            except REDIS_DOWN:
+                pass
+            finally:
+                client.close()
         while not outbox.stream_known(stream):
             if self.stop.is_set() or time.monotonic() > deadline:
                 return False
