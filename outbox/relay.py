@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -204,6 +205,7 @@ def run_relay(
     idle_interval: float = 0.2,
     backoff_max: float = 30.0,
     drained: Callable[[], bool] | None = None,
+    wake: threading.Event | None = None,
     health: Health | None = None,
 ) -> None:
     """Publish until `stop` is set, or, with `drained`, until it says no more will come and all is sent.
@@ -234,7 +236,11 @@ def run_relay(
                 continue
             if drained is not None and drained() and outbox.backlog() == 0:
                 return
-            stop.wait(idle_interval)
+            if wake is None:
+                stop.wait(idle_interval)
+            else:  # woken early when there is news (polling done, stop), so a short run ends promptly
+                wake.wait(idle_interval)
+                wake.clear()
         except REDIS_DOWN as exc:
             if health.down_since is None:
                 health.down_since = time.monotonic()

@@ -68,16 +68,25 @@ def child_main() -> int:
     config = Config.model_validate(setup["config"])
     stop, drained = threading.Event(), threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which tells us
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    wake = threading.Event()
+
+    def halt(*_: Any) -> None:
+        stop.set()
+        wake.set()
+
+    signal.signal(signal.SIGTERM, halt)
 
     def listen() -> None:
         for line in stdin:
             if line.strip() == b"drain":
                 drained.set()
-        stop.set()  # stdin closed: the parent is gone
+                wake.set()
+        halt()  # stdin closed: the parent is gone
 
     threading.Thread(target=listen, name="parent", daemon=True).start()
-    outbox = Outbox(config.outbox.path)
+    # NORMAL: the relay's commits only mark records published; if power loss undoes one,
+    # the Redis checkpoint says what was published and the next round reconciles.
+    outbox = Outbox(config.outbox.path, synchronous="NORMAL")
     try:
         run_relay(
             lambda: connect(config.redis.url, config.redis.socket_timeout),
@@ -89,6 +98,7 @@ def child_main() -> int:
             idle_interval=config.relay.idle_interval,
             backoff_max=config.relay.backoff_max,
             drained=drained.is_set,
+            wake=wake,
             health=ReportingHealth(stdout),
         )
     except Exception as exc:
