@@ -23,7 +23,7 @@ from typing import Any, TextIO
 # `python bench/run.py` puts bench/ first on sys.path; the packages live one level up.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import scrape_bench
+from bench import db_bench, scrape_bench
 from bench.ceiling import prepare, sample_entries, xadd_pipelined
 from bench.legacy import legacy_database
 from bench.services import Bench, Watchdog, log
@@ -100,10 +100,41 @@ def xadd_ceiling(bench: Bench, scale: Scale) -> Result:
     return Result("xadd_ceiling_per_s", _rates("xadd_ceiling_per_s", scale.rows, seconds, "entries/s"), "entries/s")
 
 
+def _one_of(producer: Callable[[Bench, Scale], list[dict[str, Any]]], measure: str) -> Callable[[Bench, Scale], Result]:
+    """One measure of a producer that yields several from one costly run (made once per bench run)."""
+    made: dict[int, list[dict[str, Any]]] = {}
+
+    def pick(bench: Bench, scale: Scale) -> Result:
+        if id(bench) not in made:
+            made[id(bench)] = producer(bench, scale)
+        return Result(**next(r for r in made[id(bench)] if r["measure"] == measure))
+
+    return pick
+
+
+def _db_big(scale: Scale) -> tuple[int, int]:
+    return (100_000, 10_000) if scale is QUICK else (1_000_000, 100_000)
+
+
+def _snapshots(bench: Bench, scale: Scale) -> list[dict[str, Any]]:
+    return db_bench.snapshot_diff(bench, *_db_big(scale))
+
+
+def _modes(bench: Bench, scale: Scale) -> list[dict[str, Any]]:
+    return db_bench.modes_postgres(bench, scale.rows, scale.repeat)
+
+
 MEASURES: dict[str, Callable[[Bench, Scale], Result]] = {
     "slice_sqlite_rows_per_s": slice_measure("sqlite"),
     "slice_postgres_rows_per_s": slice_measure("postgresql"),
     "xadd_ceiling_per_s": xadd_ceiling,
+    "idle_poll_ms": lambda bench, scale: Result(**db_bench.idle_poll(bench, _db_big(scale)[0])),
+    "snapshot_diff_rows_per_s": _one_of(_snapshots, "snapshot_diff_rows_per_s"),
+    "snapshot_diff_peak_rss_mb": _one_of(_snapshots, "snapshot_diff_peak_rss_mb"),
+    **{
+        f"mode_{mode}_postgres_rows_per_s": _one_of(_modes, f"mode_{mode}_postgres_rows_per_s")
+        for mode in ("incrementing", "timestamp", "snapshot")
+    },
     "scrape_static_pages_per_s": lambda bench, scale: Result(
         **scrape_bench.static_pages(bench.tmp, scale.repeat, quick=scale is QUICK)),
     "scrape_browser_pages_per_s": lambda bench, scale: Result(
