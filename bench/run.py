@@ -100,14 +100,17 @@ def xadd_ceiling(bench: Bench, scale: Scale) -> Result:
     return Result("xadd_ceiling_per_s", _rates("xadd_ceiling_per_s", scale.rows, seconds, "entries/s"), "entries/s")
 
 
+_MADE: dict[tuple[Callable[..., Any], int], list[dict[str, Any]]] = {}
+
+
 def _one_of(producer: Callable[[Bench, Scale], list[dict[str, Any]]], measure: str) -> Callable[[Bench, Scale], Result]:
     """One measure of a producer that yields several from one costly run (made once per bench run)."""
-    made: dict[int, list[dict[str, Any]]] = {}
 
     def pick(bench: Bench, scale: Scale) -> Result:
-        if id(bench) not in made:
-            made[id(bench)] = producer(bench, scale)
-        return Result(**next(r for r in made[id(bench)] if r["measure"] == measure))
+        key = (producer, id(bench))
+        if key not in _MADE:
+            _MADE[key] = producer(bench, scale)
+        return Result(**next(r for r in _MADE[key] if r["measure"] == measure))
 
     return pick
 

@@ -59,7 +59,7 @@ def child_main() -> int:
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    setup = orjson.loads(stdin.readline() or b"{}")
+    setup = orjson.loads(stdin.readline().strip() or b"{}")
     if not setup or os.getppid() != setup["parent"]:
         return 1  # the parent is gone already
     for secret in setup["secrets"]:
