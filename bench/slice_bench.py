@@ -20,35 +20,9 @@ import yaml
 from sqlalchemy import MetaData, Table, create_engine, select
 
 from bench.services import Bench
+from fixtures.legacy_orders import ORDER_ENTITY, ORDER_MAPPING
 from straw.config_load import load_config
 from straw.runner import Runner
-
-# The demo's entity and mapping (fixtures/demo.yaml): a realistic legacy ORDERS source.
-ORDER_ENTITY: dict[str, Any] = {
-    "key": ["order_no"],
-    "fields": {
-        "order_no": "integer",
-        "customer": "string",
-        "amount": {"type": "decimal", "scale": 2, "required": True},
-        "currency": "string",
-        "order_date": "date",
-        "status": "string",
-        "paid": "boolean",
-        "note": "string",
-        "changed_at": "datetime",
-    },
-}
-ORDER_MAPPING = {
-    "order_no": "ORDER_NO",
-    "customer": "CUST_NAME",
-    "amount": "AMOUNT",
-    "currency": "CURRENCY",
-    "order_date": "ORDER_DATE",
-    "status": "STATUS",
-    "paid": "PAID",
-    "note": "NOTE",
-    "changed_at": "CHANGED_AT",
-}
 
 
 def write_config(directory: Path, *, db_url: str, redis_url: str, stream: str) -> Path:
