@@ -12,6 +12,7 @@ import datetime as dt
 import sqlite3
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -52,6 +53,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     created_at TEXT NOT NULL
 );
 """
+
+
+_INSERT_RECORD = "INSERT INTO records (source, stream, position, event) VALUES (?, ?, ?, ?)"
 
 
 def _now() -> str:
@@ -110,6 +114,17 @@ class Outbox:
     def close(self) -> None:
         self.db.close()
 
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """A write transaction that takes the lock up front (no upgrade deadlock with the other process)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
     # --- the poller's side -------------------------------------------------
 
     def append(
@@ -122,13 +137,8 @@ class Outbox:
         rows_read: int,
     ) -> None:
         """Commit records, dead letters (position, reason, raw) and the new position together."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             self._write(source, stream, events, dead, position, rows_read)
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
 
     def append_keyed(
         self,
@@ -150,8 +160,7 @@ class Outbox:
         delivered before (`Mapper.map_keyed` finds them). Returns the number of records written.
         """
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             events = keyed.apply(db, source, changes, encode, unchanged)
             self._write(source, stream, events, dead, position, rows_read)
             written = len(events)
@@ -163,12 +172,8 @@ class Outbox:
                         swept[0] += 1
                         yield source, stream, pos, event
 
-                db.executemany("INSERT INTO records (source, stream, position, event) VALUES (?, ?, ?, ?)", deleted())
+                db.executemany(_INSERT_RECORD, deleted())
                 written += swept[0]
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return written
 
     def digests(self, source: str, keys: Sequence[str]) -> dict[str, bytes]:
@@ -186,10 +191,7 @@ class Outbox:
     ) -> None:
         now = _now()
         db = self.db
-        db.executemany(
-            "INSERT INTO records (source, stream, position, event) VALUES (?, ?, ?, ?)",
-            [(source, stream, pos, event) for pos, event in events],
-        )
+        db.executemany(_INSERT_RECORD, [(source, stream, pos, event) for pos, event in events])
         db.executemany(
             "INSERT INTO dead_letters (source, position, reason, raw, created_at) VALUES (?, ?, ?, ?, ?)",
             [(source, pos, reason, raw, now) for pos, reason, raw in dead],
@@ -228,10 +230,8 @@ class Outbox:
         neither loses nor repeats).
         """
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             if db.execute("SELECT 1 FROM streams WHERE stream = ?", (stream,)).fetchone():
-                db.execute("COMMIT")
                 return
             current = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
             if current is None:
@@ -244,10 +244,6 @@ class Outbox:
                     (source, pos),
                 )
             db.execute("INSERT INTO streams (stream, published_seq) VALUES (?, ?)", (stream, seq))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def published_seq(self, stream: str) -> int:
         row = self.db.execute("SELECT published_seq FROM streams WHERE stream = ?", (stream,)).fetchone()
@@ -261,24 +257,15 @@ class Outbox:
         ).fetchall()
         return list(map(Pending._make, rows))
 
-    def first_pending_seq(self, stream: str) -> int | None:
-        after = self.published_seq(stream)
-        row = self.db.execute(
-            "SELECT seq FROM records WHERE seq > ? AND stream = ? ORDER BY seq LIMIT 1", (after, stream)
-        ).fetchone()
-        return int(row[0]) if row else None
-
     def mark_published(self, stream: str, upto: int, counts: dict[str, int] | None = None) -> int:
         """Everything of `stream` up to `upto` is in Redis: count it per source and drop it.
 
         `counts` (records per source), when the caller knows them, saves counting here.
         """
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             after = self.published_seq(stream)
             if upto <= after:
-                db.execute("COMMIT")
                 return 0
             if counts is None:
                 counted = db.execute(
@@ -296,10 +283,6 @@ class Outbox:
                 "WHERE stream = ?",
                 (upto, _now(), stream),
             )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return sum(counts.values())
 
     def stream_error(self, stream: str, error: str | None) -> None:
