@@ -10,8 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+import structlog
+
+from adapters.scrape.errors import ScrapeError
 from adapters.scrape.page import Node, Page, elements
-from straw.config_scrape import Locator, LoginSpec
+from straw.config_scrape import HttpSpec, Locator, LoginSpec
 
 _POSTBACK = re.compile(r"""__doPostBack\(\s*['"]([^'"]*)['"]\s*,\s*['"]([^'"]*)['"]\s*\)""")
 
@@ -126,6 +129,28 @@ class RateLimit:
 
 def backoff(attempt: int, base: float) -> float:
     return float(min(base * 2**attempt, 30.0))
+
+
+def with_retries(
+    source: str, what: str, http: HttpSpec, limit: RateLimit, attempt: Callable[[], Page | str]
+) -> Page:
+    """Run `attempt` until it gives a page. A string it returns is a passing problem (timeout,
+    connection, 5xx) worth another try after a backoff; a fatal one it raises itself."""
+    attempts = http.retries + 1
+    problem = ""
+    for number in range(attempts):
+        limit.wait()
+        outcome = attempt()
+        if isinstance(outcome, Page):
+            return outcome
+        problem = outcome
+        if number + 1 < attempts:
+            delay = backoff(number, http.backoff)
+            structlog.get_logger("straw.scrape").warning(
+                "retrying", source=source, what=what, error=problem, retry_in=delay
+            )
+            time.sleep(delay)
+    raise ScrapeError(f"source {source!r}: {what} failed {attempts} time(s): {problem}")
 
 
 def describe_error(exc: Any) -> str:

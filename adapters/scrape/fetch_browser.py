@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import structlog
 
 from adapters.scrape.errors import LoginFailed, ScrapeError
 from adapters.scrape.extract import playwright_selector
-from adapters.scrape.fetch import RateLimit, backoff, describe_error, postback_args, write_private
+from adapters.scrape.fetch import RateLimit, describe_error, postback_args, with_retries, write_private
 from adapters.scrape.page import Node, Page
 from straw.config_scrape import HttpSpec, Locator, LoginSpec
 
@@ -145,26 +144,19 @@ class BrowserFetcher:
     def _retrying(self, what: str, action: Any) -> Page:
         from playwright.sync_api import Error as PlaywrightError
 
-        attempts = self.http.retries + 1
-        problem = ""
-        for attempt in range(attempts):
-            self.limit.wait()
+        def attempt() -> Page | str:
             try:
                 response = action()
             except PlaywrightError as exc:
-                problem = describe_error(exc)
-            else:
-                status = response.status if response is not None else 200
-                if status < 400:
-                    return self._snapshot()
-                if status < 500:
-                    raise ScrapeError(f"source {self.source!r}: {what}: HTTP {status}")
-                problem = f"HTTP {status}"
-            if attempt + 1 < attempts:
-                delay = backoff(attempt, self.http.backoff)
-                log().warning("retrying", source=self.source, what=what, error=problem, retry_in=delay)
-                time.sleep(delay)
-        raise ScrapeError(f"source {self.source!r}: {what} failed {attempts} time(s): {problem}")
+                return describe_error(exc)
+            status = response.status if response is not None else 200
+            if status >= 500:
+                return f"HTTP {status}"
+            if status >= 400:
+                raise ScrapeError(f"source {self.source!r}: {what}: HTTP {status}")
+            return self._snapshot()
+
+        return with_retries(self.source, what, self.http, self.limit, attempt)
 
     def open(self, url: str) -> Page:
         if self._navigations >= RECYCLE_EVERY:

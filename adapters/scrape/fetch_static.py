@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ssl
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,11 @@ import structlog
 from adapters.scrape.errors import LoginFailed, ScrapeError
 from adapters.scrape.fetch import (
     RateLimit,
-    backoff,
     describe_error,
     enclosing_form,
     form_values,
     postback_args,
+    with_retries,
     write_private,
 )
 from adapters.scrape.page import Node, Page, css, decode
@@ -93,25 +92,19 @@ class StaticFetcher:
         pass
 
     def _request(self, method: str, url: str, data: dict[str, str] | None = None) -> Page:
-        attempts = self.http.retries + 1
-        for attempt in range(attempts):
-            self.limit.wait()
+        def attempt() -> Page | str:
             try:
                 response = self.client.request(method, url, data=data)
             except httpx.HTTPError as exc:
-                problem = describe_error(exc)
-            else:
-                if response.status_code < 500:
-                    if response.status_code >= 400:
-                        raise ScrapeError(f"source {self.source!r}: {method} {url}: HTTP {response.status_code}")
-                    text = decode(response.content, response.headers.get("content-type"), self.http.encoding)
-                    return Page(str(response.url), text)
-                problem = f"HTTP {response.status_code}"
-            if attempt + 1 < attempts:
-                delay = backoff(attempt, self.http.backoff)
-                log().warning("retrying", source=self.source, url=url, error=problem, retry_in=delay)
-                time.sleep(delay)
-        raise ScrapeError(f"source {self.source!r}: {method} {url} failed {attempts} time(s): {problem}")
+                return describe_error(exc)
+            if response.status_code >= 500:
+                return f"HTTP {response.status_code}"
+            if response.status_code >= 400:
+                raise ScrapeError(f"source {self.source!r}: {method} {url}: HTTP {response.status_code}")
+            text = decode(response.content, response.headers.get("content-type"), self.http.encoding)
+            return Page(str(response.url), text)
+
+        return with_retries(self.source, f"{method} {url}", self.http, self.limit, attempt)
 
     def open(self, url: str) -> Page:
         return self._request("GET", url)
