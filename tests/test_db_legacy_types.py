@@ -4,14 +4,32 @@ BLOBs, NULL against empty text, naive timestamps around DST changes."""
 from __future__ import annotations
 
 import datetime as dt
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 import yaml
-from sqlalchemy import CHAR, TIMESTAMP, Column, Integer, LargeBinary, MetaData, String, Table, create_engine, insert
+from sqlalchemy import (
+    CHAR,
+    TIMESTAMP,
+    Column,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    insert,
+    make_url,
+    text,
+)
 
+from adapters.db.engine import make_engine
 from outbox.store import Outbox
+from tests.conftest import PG_ADMIN_URL
 from tests.helpers import orders_config, read_stream, run_once
 
 
@@ -19,8 +37,8 @@ def legacy_config(tmp_path: Path, db_url: str, redis_url: str, stream: str, fiel
                   **source: Any) -> Path:
     """A source over table ITEMS, incrementing on ID, mapping each field to its upper-case column."""
     path = orders_config(
-        tmp_path, db_url=db_url, redis_url=redis_url, stream=stream, table="ITEMS", incrementing_column="ID",
-        mapping={name: name.upper() for name in fields}, **source,
+        tmp_path, db_url=db_url, redis_url=redis_url, stream=stream, incrementing_column="ID",
+        mapping={name: name.upper() for name in fields}, **{"table": "ITEMS", **source},
     )
     config = yaml.safe_load(path.read_text())
     config["entities"] = {"order": {"key": ["id"], "fields": fields}}
@@ -99,3 +117,53 @@ def test_naive_timestamps_across_dst_changes(
     ]
     assert {d["day"] for d in data} == {"2026-03-29"}  # a DATE stays a date, without time or zone
     engine.dispose()
+
+
+@pytest.fixture
+def sql_ascii_pg_url() -> Iterator[str]:
+    """A PostgreSQL database created SQL_ASCII, as old installations were: it keeps any bytes it is sent."""
+    name = f"straw_t_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f"CREATE DATABASE {name} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' "
+                              "TEMPLATE template0"))
+    except Exception as exc:
+        admin.dispose()
+        pytest.skip(f"PostgreSQL not reachable for a SQL_ASCII database: {type(exc).__name__}")
+    try:
+        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+def test_sql_ascii_postgresql_text_is_decoded_by_the_source_encoding(
+    tmp_path: Path, sql_ascii_pg_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str
+) -> None:
+    """cp1252 bytes in a SQL_ASCII database: text columns decode, a bad byte is a dead letter, params encode."""
+    # Plain SQLAlchemy cannot even connect to it (see engine.py); a cp1252 client wrote these rows.
+    raw = make_engine(sql_ascii_pg_url, read_only=False, encoding="cp1252")
+    with raw.begin() as conn:
+        conn.execute(text('CREATE TABLE "ITEMS" ("ID" integer PRIMARY KEY, "NAME" text, "SHOP" varchar(20))'))
+        for id_, name in [(1, "Café € „Grüße“"), (2, "\x81bad"), (3, "Caño")]:
+            encoded = name.encode("cp1252") if id_ != 2 else b"\x81bad"
+            conn.execute(text("INSERT INTO \"ITEMS\" VALUES (:id, convert_from(:name, 'SQL_ASCII'), :shop)"),
+                         {"id": id_, "name": encoded, "shop": "España"})
+    raw.dispose()
+    fields = {"id": "integer", "name": "string"}
+    path = legacy_config(tmp_path, sql_ascii_pg_url, redis_url, stream_name, fields, encoding="cp1252",
+                         table=None, params={"shop": "España"}, start_value=0,
+                         query='SELECT "ID", "NAME" FROM "ITEMS" WHERE "SHOP" = :shop AND "ID" > :last_value')
+
+    result = run_once(path)
+    assert result.errors == [] and result.rows_read == 3
+    data = [e["event"]["data"] for e in read_stream(redis_client, stream_name)]
+    assert data == [{"id": 1, "name": "Café € „Grüße“"}, {"id": 3, "name": "Caño"}]
+    outbox = Outbox(tmp_path / "outbox.db")
+    try:
+        [dead] = outbox.dead_letters("orders")
+    finally:
+        outbox.close()
+    assert dead["reason"] == "field 'name' (column 'NAME'): bytes are not valid cp1252 at offset 0"

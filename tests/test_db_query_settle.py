@@ -189,3 +189,28 @@ def test_postgresql_xmin_recipe_sees_inserts_and_updates(
     later = events(redis_client, stream_name)[5:]
     assert [(e["subject"], e["data"]["status"]) for e in later] == [("2", "SHIPPED")]
     engine.dispose()
+
+
+def test_settle_delay_in_query_mode_compares_a_zoned_column_as_zoned(
+    tmp_path: Path, pg_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str
+) -> None:
+    """A query's column types are unknown until a row is read: a `timestamptz` column must get a zoned cutoff.
+
+    Amsterdam is UTC+1 in November and the server's session zone is UTC: a naive
+    Amsterdam cutoff read as UTC would let an hour of unsettled rows through.
+    """
+    engine = create_engine(pg_url)
+    table = create_orders(engine, 0)
+    now = amsterdam_now()
+    old, recent = order_rows(2)
+    with engine.begin() as conn:
+        conn.execute(insert(table), [{**old, "CHANGED_AT": now - dt.timedelta(hours=2)},
+                                     {**recent, "CHANGED_AT": now - dt.timedelta(seconds=30)}])
+    columns = ", ".join(f'"{c}"' for c in ORDER_MAPPING.values() if c != "CHANGED_AT")
+    query = (f"SELECT {columns}, \"CHANGED_AT\" AT TIME ZONE 'Europe/Amsterdam' AS \"CHANGED_AT\" "
+             'FROM "ORDERS" WHERE "CHANGED_AT" AT TIME ZONE \'Europe/Amsterdam\' >= :last_value')
+    path = orders_config(tmp_path, db_url=pg_url, redis_url=redis_url, stream=stream_name, mode="timestamp",
+                         table=None, query=query, start_value="1900-01-01 00:00:00+00:00", settle_delay=600)
+    assert run_once(path).errors == []
+    assert [e["subject"] for e in events(redis_client, stream_name)] == ["1"]  # the recent row waits
+    engine.dispose()

@@ -23,12 +23,20 @@ _READ_ONLY = {
 }
 
 
-def make_engine(url: str, *, read_only: bool = True, statement_timeout: float | None = None) -> Engine:
-    """`url`: a SQLAlchemy URL, or `odbc:<ODBC connection string or DSN=name>` (see `odbc.py`)."""
+def make_engine(
+    url: str, *, read_only: bool = True, statement_timeout: float | None = None, encoding: str = "utf-8"
+) -> Engine:
+    """`url`: a SQLAlchemy URL, or `odbc:<ODBC connection string or DSN=name>` (see `odbc.py`).
+
+    `encoding`: the source's text encoding, for databases that do not know their own
+    (a PostgreSQL database created as SQL_ASCII).
+    """
     parsed = make_url(odbc.url_for(url) if url.startswith(odbc.PREFIX) else url)
     backend = parsed.get_backend_name()
     options: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 2} if backend != "sqlite" else {}
     engine = create_engine(parsed, **options)
+    if backend == "postgresql" and parsed.get_driver_name() == "psycopg":
+        _sql_ascii_text(engine, encoding)
     statements = [_READ_ONLY[backend]] if read_only and backend in _READ_ONLY else []
     if statement_timeout:
         statements += _timeout_statements(backend, statement_timeout)
@@ -61,6 +69,37 @@ def make_engine(url: str, *, read_only: bool = True, statement_timeout: float | 
                 dbapi_connection.timeout = max(1, round(statement_timeout))
 
     return engine
+
+
+def _sql_ascii_text(engine: Engine, encoding: str) -> None:
+    """Text from a SQL_ASCII PostgreSQL database, decoded as the source says.
+
+    Such a database stores whatever bytes its clients sent, so no client encoding is
+    right for every row, and psycopg hands back bytes, on which SQLAlchemy's own first
+    queries fail. Text is decoded with the source's `encoding`; a value that is not
+    valid in it stays bytes, so the mapping reports it (a dead letter naming the
+    offset) instead of failing the batch.
+    """
+    from psycopg.adapt import Dumper, Loader  # the psycopg driver is in use: importable
+
+    class LegacyText(Loader):
+        def load(self, data: Any) -> str | bytes:
+            raw = bytes(data)
+            try:
+                return raw.decode(encoding)
+            except UnicodeDecodeError:
+                return raw
+
+    class LegacyStr(Dumper):  # parameters (query params, positions) go out in the same encoding
+        def dump(self, obj: str) -> bytes:
+            return obj.encode(encoding)
+
+    @event.listens_for(engine, "connect", insert=True)  # first: SQLAlchemy's own queries on it read text
+    def _text(dbapi_connection: Any, _record: Any) -> None:
+        if dbapi_connection.info.parameter_status("server_encoding") == "SQL_ASCII":
+            for name in ("text", "varchar", "bpchar", "name", 0, 705):  # 0: no type; 705: unknown
+                dbapi_connection.adapters.register_loader(name, LegacyText)
+            dbapi_connection.adapters.register_dumper(str, LegacyStr)
 
 
 def _timeout_statements(backend: str, seconds: float) -> list[str]:

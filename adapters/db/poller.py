@@ -74,14 +74,14 @@ class DbSource:
         """
         self.name = spec.name
         self.spec = spec
-        self.engine = engine or make_engine(spec.url, statement_timeout=spec.statement_timeout)
+        self.engine = engine or make_engine(spec.url, statement_timeout=spec.statement_timeout, encoding=spec.encoding)
         self._keys = list(key_columns)
         soft = [spec.soft_delete.column] if spec.soft_delete else []
         self._wanted = list(dict.fromkeys([*columns, *self._change_columns(), *soft]))
         self._from: FromClause | None = None
         self._names: list[str] = []  # the wanted columns as the relation spells them
         self._types: tuple[type | None, ...] = ()  # python types of the change columns (None: as stored)
-        self._aware = False  # the timestamp column keeps a time zone
+        self._aware: bool | None = False  # the timestamp column keeps a time zone (None: not known yet)
         self._is_deleted = _soft_delete_rule(spec.soft_delete, spec.encoding) if spec.soft_delete else None
 
     def _change_columns(self) -> list[str]:
@@ -123,6 +123,7 @@ class DbSource:
             result.close()
         self._names = self._resolve(returned, "`query`")
         self._types = tuple(None for _ in self._change_columns())
+        self._aware = None  # a query's column types show only in the values it returns
         return text(query).columns(*(column(c) for c in returned)).subquery("q")
 
     def _resolve(self, available: list[str], what: str) -> list[str]:
@@ -177,13 +178,14 @@ class DbSource:
         if mode is ChangeMode.TIMESTAMP:
             stmt = stmt.where(change[0].is_not(None))
             if cutoff is not None:
-                stmt = stmt.where(change[0] <= bindparam("settle_cutoff", cutoff, type_=DateTime(self._aware)))
+                stmt = stmt.where(change[0] <= bindparam("settle_cutoff", cutoff, type_=DateTime(bool(self._aware))))
         if limit is not None:
             stmt = stmt.limit(limit)
         return stmt
 
     def settle_cutoff(self, conn: Connection) -> dt.datetime:
         """The database's now minus `settle_delay`, in the source's time zone (naive for naive columns)."""
+        self.relation()  # reflected or probed: what the column's zone awareness is known from
         dialect = conn.dialect.name
         raw = conn.execute(text(_UTC_NOW.get(dialect, "SELECT CURRENT_TIMESTAMP"))).scalar_one()
         now: dt.datetime = dt.datetime.fromisoformat(raw) if isinstance(raw, str) else raw
@@ -192,7 +194,22 @@ class DbSource:
             now = now.replace(tzinfo=dt.UTC if dialect in _UTC_NOW else self.spec.zone)
         # Subtract in UTC: wall-clock arithmetic in the local zone is an hour off across a DST change.
         local = (now.astimezone(dt.UTC) - dt.timedelta(seconds=self.spec.settle_delay)).astimezone(self.spec.zone)
+        if self._aware is None:
+            self._aware = self._returns_zoned(conn)
         return local if self._aware else local.replace(tzinfo=None)
+
+    def _returns_zoned(self, conn: Connection) -> bool | None:
+        """Does the query's timestamp column hold zoned values? One value tells; None while it has no rows.
+
+        Compared with a naive cutoff, a zoned column would be read in the server's session
+        zone, not the source's: off by the difference, unsettled rows let through.
+        """
+        relation = self.relation()
+        ts = relation.c[self._resolved([str(self.spec.timestamp_column)])[0]]
+        value = conn.execute(select(ts).where(ts.is_not(None)).limit(1), self._query_params(None)).scalar()
+        if value is None:
+            return None
+        return isinstance(value, dt.datetime) and value.tzinfo is not None
 
     # --- reading ---
 
