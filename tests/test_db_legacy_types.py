@@ -46,6 +46,14 @@ def legacy_config(tmp_path: Path, db_url: str, redis_url: str, stream: str, fiel
     return path
 
 
+def dead_letters(directory: Path) -> list[dict[str, Any]]:
+    outbox = Outbox(directory / "outbox.db")
+    try:
+        return outbox.dead_letters("orders")
+    finally:
+        outbox.close()
+
+
 def test_cp1252_bytes_char_padding_blobs_and_nulls(
     tmp_path: Path, db_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str
 ) -> None:
@@ -73,11 +81,7 @@ def test_cp1252_bytes_char_padding_blobs_and_nulls(
         {"id": 1, "name": "Café € „Grüße“", "code": "AB", "note": "", "photo": "AP8Q"},
         {"id": 3, "name": None, "code": "  EF", "note": None, "photo": ""},
     ]
-    outbox = Outbox(tmp_path / "outbox.db")
-    try:
-        [dead] = outbox.dead_letters("orders")
-    finally:
-        outbox.close()
+    [dead] = dead_letters(tmp_path)
     assert dead["reason"] == "field 'name' (column 'NAME'): bytes are not valid cp1252 at offset 0"
     assert '"$bytes_hex":"81626164"' in dead["raw"]
     engine.dispose()
@@ -161,9 +165,5 @@ def test_sql_ascii_postgresql_text_is_decoded_by_the_source_encoding(
     assert result.errors == [] and result.rows_read == 3
     data = [e["event"]["data"] for e in read_stream(redis_client, stream_name)]
     assert data == [{"id": 1, "name": "Café € „Grüße“"}, {"id": 3, "name": "Caño"}]
-    outbox = Outbox(tmp_path / "outbox.db")
-    try:
-        [dead] = outbox.dead_letters("orders")
-    finally:
-        outbox.close()
+    [dead] = dead_letters(tmp_path)
     assert dead["reason"] == "field 'name' (column 'NAME'): bytes are not valid cp1252 at offset 0"
