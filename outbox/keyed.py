@@ -1,8 +1,9 @@
 """Keyed change detection: what a keyed source delivered before, per key, kept in the outbox.
 
 A keyed source (a DB `snapshot`, a scraped listing) reports everything it sees each
-time; this module turns that into changes. Each key has two digests and the
-*generation* (listing number) in which it was last seen:
+time; this module turns that into changes. Each key has two digests and a number
+(`id`, never reused within its source); each listing (a *generation*) records which
+ids it saw:
 
 - `hash`, of the row as read (raw values and op, keyed by the mapping's shape): the
   mapper asks for it first (`digests`), and a row whose digest is unchanged is not
@@ -13,8 +14,10 @@ time; this module turns that into changes. Each key has two digests and the
 - a row with op `deleted` is an event only if the key is known (then it is forgotten);
 - a row that cannot be mapped (a dead letter) keeps its key alive (op SEEN), so it is
   not reported deleted, and its raw digest, so it is one dead letter per version;
-- when a listing completes, every key not seen in it (generation below the current
-  one) becomes a `deleted` event and is forgotten, and the generation moves on.
+- each batch commits the ids it saw as one packed row of `keyed_seen` (a key listed
+  again as delivered costs no write of its own);
+- when a listing completes, every key whose id no batch of the listing saw becomes a
+  `deleted` event and is forgotten, and the generation moves on.
 
 The seam, for any keyed source: yield `RawBatch(..., keyed=True)` batches and end a
 complete listing with `complete=True` and an `end` position unique to that listing
@@ -24,15 +27,17 @@ mapped batch's `changes`, `dead` and `unchanged` (leave out `unchanged` and thos
 look vanished at the end of the listing). Deleted events carry the key fields as data.
 
 Why mark-and-sweep in SQLite rather than a dict or a streaming merge:
-- memory: a batch looks up only its own keys, so a 1,000,000-row table needs no more
-  RAM than a 1,000-row one; the sweep streams stale keys from a cursor.
+- memory: a batch looks up only its own keys; the sweep holds one byte per id (1 MB
+  for a 1,000,000-row table) and streams the keys from a cursor.
 - order: a merge needs the source's order and ours to agree, but databases sort text
   by their collation and web pages are not sorted at all; marking needs no order.
 - atomicity: marks, records and position commit in the caller's one transaction, so a
   listing cut short by a crash resumes after its last committed batch, or starts over
   (rows already marked with an equal hash are skipped): nothing lost, nothing repeated.
-The cost is one indexed lookup and one row write per listed row, and one scan of the
-source's keys per listing.
+The cost is one indexed lookup per listed row, one small row per batch, and one scan
+of the source's keys per listing. (Marking each key in its own row, as this did
+before, wrote a page per key: keys sort as text, "10" before "9", so a batch's keys
+are scattered over the table, and the commits were a third of a listing's time.)
 
 Caveat: the state lives in one outbox; a replacement outbox (failover to another host)
 starts empty, so its first complete listing re-sends every row as `upserted` and cannot
@@ -42,28 +47,66 @@ report keys deleted while no outbox knew them.
 from __future__ import annotations
 
 import sqlite3
+from array import array
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from itertools import repeat
 from typing import Any, NamedTuple
 
 import orjson
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS keyed_state (
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS keyed_state (
     source TEXT NOT NULL,
     key TEXT NOT NULL,
     key_data TEXT NOT NULL,
     hash BLOB NOT NULL,
     data_hash BLOB NOT NULL,
-    gen INTEGER NOT NULL,
+    id INTEGER NOT NULL,
     PRIMARY KEY (source, key)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS keyed_sources (source TEXT PRIMARY KEY, gen INTEGER NOT NULL);
-"""
+) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS keyed_sources (
+    source TEXT PRIMARY KEY,
+    gen INTEGER NOT NULL,
+    next_id INTEGER NOT NULL DEFAULT 1
+)""",
+    "CREATE TABLE IF NOT EXISTS keyed_seen (source TEXT NOT NULL, gen INTEGER NOT NULL, ids BLOB NOT NULL)",
+)
+_IDS = "q"  # array type code of packed ids
 
 UPSERTED = "upserted"
 DELETED = "deleted"
 SEEN = "seen"  # the row is there but could not be mapped (a dead letter): keep its key, send nothing
 _CHUNK = 900  # host parameters per IN (...): below SQLite's oldest limit of 999
+
+
+def create(db: sqlite3.Connection) -> None:
+    """The keyed-state tables; an outbox from before ids has its keys carried over."""
+    db.execute("BEGIN IMMEDIATE")  # the poller and the relay both open the outbox: one of them does this
+    try:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(keyed_state)")}
+        old = bool(columns) and "id" not in columns
+        if old:
+            db.execute("ALTER TABLE keyed_state RENAME TO keyed_state_old")
+            db.execute("ALTER TABLE keyed_sources ADD COLUMN next_id INTEGER NOT NULL DEFAULT 1")
+        for statement in SCHEMA:
+            db.execute(statement)
+        if old:
+            db.execute(
+                "INSERT INTO keyed_state (source, key, key_data, hash, data_hash, id) "
+                "SELECT source, key, key_data, hash, data_hash, row_number() OVER (PARTITION BY source ORDER BY key) "
+                "FROM keyed_state_old"
+            )
+            db.execute("DROP TABLE keyed_state_old")
+            # The listing under way (if any) starts over: its marks were in the old table.
+            db.execute(
+                "UPDATE keyed_sources SET next_id = 1 + coalesce((SELECT max(id) FROM keyed_state s "
+                "WHERE s.source = keyed_sources.source), 0)"
+            )
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 class Change(NamedTuple):
@@ -83,19 +126,18 @@ Encode = Callable[[str, str, str, dict[str, Any]], bytes]
 
 
 def apply(
-    db: sqlite3.Connection, source: str, changes: Sequence[Change], encode: Encode, unchanged: Sequence[str] = ()
+    db: sqlite3.Connection, source: str, changes: Sequence[Change], encode: Encode, unchanged: Sequence[int] = ()
 ) -> list[tuple[str, bytes]]:
-    """Mark this batch's keys in the current generation; return the events to record.
+    """Record this batch's keys as seen in the current generation; return the events to record.
 
-    `unchanged`: keys whose stored digest the mapper found equal (only their mark moves).
+    `unchanged`: ids of keys whose stored digest the mapper found equal (`digests`).
     Runs inside the caller's transaction.
     """
-    gen = generation(db, source)
+    gen, next_id = _generation(db, source)
     stored = _known(db, source, [c.key for c in changes])
     events: list[tuple[str, bytes]] = []
     marks: dict[str, tuple[str, str, str, bytes, bytes, int]] = {}
     forget: list[tuple[str, str]] = []
-    touch = unchanged
     for change in changes:
         known = stored.get(change.key)
         if change.op == DELETED:
@@ -109,24 +151,26 @@ def apply(
         if change.op == SEEN:
             # Keep the digest of the unreadable version (one dead letter per version, not per listing) and
             # the data digest of the last good one.
-            data_digest = known[1] if known is not None else b""
-        elif known is None or known[1] != data_digest:
+            data_digest = known[2] if known is not None else b""
+        elif known is None or known[2] != data_digest:
             events.append((change.position, encode(UPSERTED, change.key, change.position, change.data)))
-        marks[change.key] = (source, change.key, change.key_data, change.digest, data_digest, gen)
-        stored[change.key] = (change.digest, data_digest)
+        if known is None:
+            known = (next_id, change.digest, data_digest)
+            next_id += 1
+        marks[change.key] = (source, change.key, change.key_data, change.digest, data_digest, known[0])
+        stored[change.key] = (known[0], change.digest, data_digest)
     db.executemany("DELETE FROM keyed_state WHERE source = ? AND key = ?", forget)
-    for start in range(0, len(touch), _CHUNK):  # one statement per chunk: a third cheaper than one per key
-        chunk = touch[start : start + _CHUNK]
-        db.execute(
-            f"UPDATE keyed_state SET gen = ? WHERE source = ? AND key IN ({','.join('?' * len(chunk))})",
-            (gen, source, *chunk),
-        )
     db.executemany(
-        "INSERT INTO keyed_state (source, key, key_data, hash, data_hash, gen) VALUES (?, ?, ?, ?, ?, ?) "
+        "INSERT INTO keyed_state (source, key, key_data, hash, data_hash, id) VALUES (?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (source, key) DO UPDATE SET key_data = excluded.key_data, hash = excluded.hash, "
-        "data_hash = excluded.data_hash, gen = excluded.gen",
+        "data_hash = excluded.data_hash",
         marks.values(),
     )
+    seen = array(_IDS, unchanged)
+    seen.extend(mark[-1] for mark in marks.values())
+    if seen:
+        db.execute("INSERT INTO keyed_seen (source, gen, ids) VALUES (?, ?, ?)", (source, gen, seen.tobytes()))
+    db.execute("UPDATE keyed_sources SET next_id = ? WHERE source = ?", (next_id, source))
     return events
 
 
@@ -136,41 +180,70 @@ def sweep(db: sqlite3.Connection, source: str, position: str, encode: Encode) ->
     A generator over a cursor, so a mass deletion streams; the caller must exhaust it
     inside its transaction (the generation moves on when it is exhausted).
     """
-    gen = generation(db, source)
-    stale = db.execute(
-        "SELECT key, key_data FROM keyed_state WHERE source = ? AND gen < ? ORDER BY key", (source, gen)
-    )
-    for key, key_data in stale:
-        yield position, encode(DELETED, key, position, orjson.loads(key_data))
-    db.execute("DELETE FROM keyed_state WHERE source = ? AND gen < ?", (source, gen))
+    gen, next_id = _generation(db, source)
+    seen = bytearray(next_id)  # one byte per id: 1 where this listing saw it
+    ids = array(_IDS)
+    for (packed,) in db.execute("SELECT ids FROM keyed_seen WHERE source = ? AND gen = ?", (source, gen)):
+        ids.frombytes(packed)
+        deque(map(seen.__setitem__, ids, repeat(1)), maxlen=0)  # in C: a listing has a million of them
+        del ids[:]
+    keys = db.execute("SELECT id, key FROM keyed_state WHERE source = ?", (source,))
+    gone: list[str] = []  # forgotten once the scan is over: no writes to a table under an open cursor
+    while rows := keys.fetchmany(10_000):
+        stale = [key for id_, key in rows if not seen[id_]]
+        for start in range(0, len(stale), _CHUNK):
+            part = stale[start : start + _CHUNK]
+            found = db.execute(
+                f"SELECT key, key_data FROM keyed_state WHERE source = ? AND key IN ({','.join('?' * len(part))})",
+                (source, *part),
+            ).fetchall()
+            for key, key_data in sorted(found, key=_by_part(part)):
+                yield position, encode(DELETED, key, position, orjson.loads(key_data))
+        gone.extend(stale)
+    for start in range(0, len(gone), _CHUNK):
+        part = gone[start : start + _CHUNK]
+        marks = ",".join("?" * len(part))
+        db.execute(f"DELETE FROM keyed_state WHERE source = ? AND key IN ({marks})", (source, *part))
+    db.execute("DELETE FROM keyed_seen WHERE source = ?", (source,))
     db.execute("UPDATE keyed_sources SET gen = gen + 1 WHERE source = ?", (source,))
 
 
+def _by_part(part: list[str]) -> Callable[[tuple[str, str]], int]:
+    order = {key: i for i, key in enumerate(part)}
+    return lambda row: order[row[0]]
+
+
 def generation(db: sqlite3.Connection, source: str) -> int:
-    row = db.execute("SELECT gen FROM keyed_sources WHERE source = ?", (source,)).fetchone()
+    return _generation(db, source)[0]
+
+
+def _generation(db: sqlite3.Connection, source: str) -> tuple[int, int]:
+    """The source's listing number and next key id."""
+    row = db.execute("SELECT gen, next_id FROM keyed_sources WHERE source = ?", (source,)).fetchone()
     if row is not None:
-        return int(row[0])
-    db.execute("INSERT INTO keyed_sources (source, gen) VALUES (?, 1)", (source,))
-    return 1
+        return int(row[0]), int(row[1])
+    db.execute("INSERT INTO keyed_sources (source, gen, next_id) VALUES (?, 1, 1)", (source,))
+    return 1, 1
 
 
 def known_keys(db: sqlite3.Connection, source: str) -> int:
     return int(db.execute("SELECT count(*) FROM keyed_state WHERE source = ?", (source,)).fetchone()[0])
 
 
-def digests(db: sqlite3.Connection, source: str, keys: Sequence[str]) -> dict[str, bytes]:
-    """The stored row digest of each of `keys` that is known (a batch's worth: bounded)."""
-    return {key: pair[0] for key, pair in _known(db, source, keys).items() if pair is not None}
+def digests(db: sqlite3.Connection, source: str, keys: Sequence[str]) -> dict[str, tuple[int, bytes]]:
+    """The stored id and row digest of each of `keys` that is known (a batch's worth: bounded)."""
+    return {key: (found[0], found[1]) for key, found in _known(db, source, keys).items() if found is not None}
 
 
-def _known(db: sqlite3.Connection, source: str, keys: Sequence[str]) -> dict[str, tuple[bytes, bytes] | None]:
-    found: dict[str, tuple[bytes, bytes] | None] = {}
+def _known(db: sqlite3.Connection, source: str, keys: Sequence[str]) -> dict[str, tuple[int, bytes, bytes] | None]:
+    found: dict[str, tuple[int, bytes, bytes] | None] = {}
     unique = list(dict.fromkeys(keys))
     for start in range(0, len(unique), _CHUNK):
         chunk = unique[start : start + _CHUNK]
         marks = ",".join("?" * len(chunk))
-        for key, digest, data_digest in db.execute(
-            f"SELECT key, hash, data_hash FROM keyed_state WHERE source = ? AND key IN ({marks})", (source, *chunk)
+        for key, id_, digest, data_digest in db.execute(
+            f"SELECT key, id, hash, data_hash FROM keyed_state WHERE source = ? AND key IN ({marks})",
+            (source, *chunk),
         ):
-            found[key] = (digest, data_digest)
+            found[key] = (id_, digest, data_digest)
     return found

@@ -101,7 +101,7 @@ class Outbox:
         # FULL: a commit survives power loss too, not only a killed process.
         self.db.execute(f"PRAGMA synchronous={synchronous}")
         self.db.executescript(SCHEMA)
-        self.db.executescript(keyed.SCHEMA)
+        keyed.create(self.db)
         self.identity = self._identity()
 
     def _identity(self) -> str:
@@ -151,13 +151,13 @@ class Outbox:
         *,
         complete: bool,
         encode: keyed.Encode,
-        unchanged: Sequence[str] = (),
+        unchanged: Sequence[int] = (),
     ) -> int:
         """`append` for a keyed source: only new, changed and deleted keys become records.
 
         `complete`: this batch ends a complete listing; keys not seen since the previous
-        one become `deleted` records at `position`. `unchanged`: keys listed again just as
-        delivered before (`Mapper.map_keyed` finds them). Returns the number of records written.
+        one become `deleted` records at `position`. `unchanged`: ids of keys listed again just
+        as delivered before (`Mapper.map_keyed` finds them). Returns the number of records written.
         """
         db = self.db
         with self._transaction():
@@ -176,8 +176,8 @@ class Outbox:
                 written += swept[0]
         return written
 
-    def digests(self, source: str, keys: Sequence[str]) -> dict[str, bytes]:
-        """A keyed source's stored digests for these keys (see `keyed.py`)."""
+    def digests(self, source: str, keys: Sequence[str]) -> dict[str, tuple[int, bytes]]:
+        """A keyed source's stored id and digest for each of these keys it knows (see `keyed.py`)."""
         return keyed.digests(self.db, source, keys)
 
     def _write(

@@ -42,11 +42,13 @@ class MappedBatch:
 class KeyedBatch:
     changes: list[Change] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
-    unchanged: list[str] = field(default_factory=list)  # keys listed again as delivered: only their mark moves
+    # (key, id) of each key listed again as delivered: not even mapped, only recorded as seen
+    unchanged: list[tuple[str, int]] = field(default_factory=list)
 
 
-# key -> the digest delivered before, for the keys of one batch
-Stored = Callable[[list[str]], Mapping[str, bytes | None]]
+# key -> (id, digest) of what was delivered before, for the known keys of one batch
+Stored = Callable[[list[str]], Mapping[str, tuple[int, bytes]]]
+_NOT_KNOWN = (0, b"")
 
 
 def content_hash(data: dict[str, Any]) -> bytes:
@@ -175,8 +177,8 @@ class Mapper:
 
         A row's digest covers its raw values (the mapped columns, as read) and its op,
         keyed by this mapper's configuration, so a changed mapping re-sends everything
-        once. `stored` (key -> digest delivered before, e.g. `Outbox.digests`): rows
-        whose digest is unchanged skip mapping altogether and are only listed in
+        once. `stored` (key -> id and digest delivered before, e.g. `Outbox.digests`):
+        rows whose digest is unchanged skip mapping altogether and are only listed in
         `unchanged`; in a listing that is nearly every row, and mapping is the costly part.
         """
         out = KeyedBatch()
@@ -184,10 +186,11 @@ class Mapper:
         keys, digests = self._scan(plan, batch)
         if stored is not None:
             known = stored([k for k in keys if k is not None])
-            changed = [i for i, (k, d) in enumerate(zip(keys, digests, strict=True)) if k is None or known.get(k) != d]
+            before = [known.get(k, _NOT_KNOWN) if k is not None else _NOT_KNOWN for k in keys]
+            changed = [i for i, (b, d) in enumerate(zip(before, digests, strict=True)) if b[1] != d]
             if len(changed) < len(batch.rows):
                 skip = set(changed)
-                out.unchanged = [k for i, k in enumerate(keys) if k is not None and i not in skip]
+                out.unchanged = [(k, before[i][0]) for i, k in enumerate(keys) if k is not None and i not in skip]
                 batch = _subset(batch, changed)
                 digests = [digests[i] for i in changed]
         names, key_names = plan.names, self._key_names

@@ -82,7 +82,7 @@ def poll(pipeline: Pipeline, outbox: Outbox) -> int:
                 len(batch.rows),
                 complete=batch.complete,
                 encode=partial(_encode_at, pipeline.mapper, observed),
-                unchanged=mapped.unchanged,
+                unchanged=[id_ for _key, id_ in mapped.unchanged],
             )
         else:
             mapped = pipeline.mapper.map(batch)

@@ -7,6 +7,7 @@ yields keyed RawBatches, and the outbox is the real SQLite file.
 from __future__ import annotations
 
 import json
+import sqlite3
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from outbox import keyed
 from outbox.keyed import SEEN
 from outbox.store import Outbox
 from straw.config import EntitySpec
-from straw.mapping import Mapper
+from straw.mapping import Mapper, content_hash
 from straw.records import DELETED, UPSERTED
 from straw.source import RawBatch
 
@@ -45,7 +46,7 @@ def commit(outbox: Outbox, m: Mapper, raw: RawBatch, encode: keyed.Encode | None
     mapped = m.map_keyed(raw, partial(outbox.digests, "shop"))
     before = outbox.db.execute("SELECT coalesce(max(seq), 0) FROM records").fetchone()[0]
     outbox.append_keyed("shop", "s", mapped.changes, [], raw.next_position, len(raw.rows),
-                        complete=raw.complete, encode=encode or m.encode, unchanged=mapped.unchanged)
+                        complete=raw.complete, encode=encode or m.encode, unchanged=[i for _k, i in mapped.unchanged])
     rows = outbox.db.execute("SELECT event FROM records WHERE seq > ? ORDER BY seq", (before,)).fetchall()
     return [orjson.loads(r[0]) for r in rows]
 
@@ -62,7 +63,7 @@ def test_listings_become_changes_with_composite_keys(tmp_path: Path) -> None:
         # "5.00" is read differently from "5" but maps to the same record: no event
         assert commit(outbox, m, batch([("B", 1, "5.00"), ("A/1", 1, "9.99")], 2, complete=True)) == []
         unchanged = m.map_keyed(batch([("A/1", 1, "9.99")], 3), partial(outbox.digests, "shop"))
-        assert (unchanged.changes, unchanged.unchanged) == ([], ["A%2F1/1"])  # not even mapped
+        assert (unchanged.changes, [k for k, _i in unchanged.unchanged]) == ([], ["A%2F1/1"])  # not even mapped
         changed = commit(outbox, m, batch([("B", 1, "6"), ("C", 2, "1")], 3, complete=True))
         assert summary(changed) == [
             ("item.upserted", "B/1", {"sku": "B", "site": 1, "price": "6.00"}),
@@ -134,7 +135,7 @@ def test_a_row_that_cannot_be_mapped_is_a_dead_letter_and_its_key_stays(tmp_path
         assert keyed.known_keys(outbox.db, "shop") == 1
         # The same unreadable row again: no new dead letter, nothing mapped; fixed, it is an event again.
         again = m.map_keyed(batch([("A", 1, "one euro")], 3), partial(outbox.digests, "shop"))
-        assert (again.changes, again.unchanged, again.dead) == ([], ["A/1"], [])
+        assert (again.changes, [k for k, _i in again.unchanged], again.dead) == ([], ["A/1"], [])
         assert summary(commit(outbox, m, batch([("A", 1, "1.5")], 3, complete=True))) == [
             ("item.upserted", "A/1", {"sku": "A", "site": 1, "price": "1.50"})
         ]
@@ -169,12 +170,42 @@ def test_keys_beyond_64_bits_stay_exact(tmp_path: Path) -> None:
             mapped = m.map_keyed(raw, partial(outbox.digests, "big"))
             before = outbox.backlog()
             outbox.append_keyed("big", "s", mapped.changes, [], raw.next_position, 1, complete=True,
-                                encode=m.encode, unchanged=mapped.unchanged)
+                                encode=m.encode, unchanged=[i for _k, i in mapped.unchanged])
             rows = outbox.db.execute("SELECT event FROM records ORDER BY seq").fetchall()[before:]
             return [json.loads(r[0]) for r in rows]  # orjson would read the big integer as a float
 
         assert summary(listing("a", 1)) == [("item.upserted", str(big), {"id": big, "name": "a"})]
         assert listing("a", 2) == []
         assert summary(listing("b", 3)) == [("item.upserted", str(big), {"id": big, "name": "b"})]
+    finally:
+        outbox.close()
+
+
+def test_an_outbox_from_before_key_ids_keeps_its_keys(tmp_path: Path) -> None:
+    """The keyed state of an older outbox (one row mark per key) is carried over when it is opened."""
+    path = tmp_path / "o.db"
+    m = mapper()
+    old = sqlite3.connect(path, isolation_level=None)
+    old.executescript("""
+        CREATE TABLE keyed_state (source TEXT NOT NULL, key TEXT NOT NULL, key_data TEXT NOT NULL,
+            hash BLOB NOT NULL, data_hash BLOB NOT NULL, gen INTEGER NOT NULL, PRIMARY KEY (source, key)) WITHOUT ROWID;
+        CREATE TABLE keyed_sources (source TEXT PRIMARY KEY, gen INTEGER NOT NULL);
+        INSERT INTO keyed_sources VALUES ('shop', 4);
+    """)
+    # What the old code stored for A/1 and B/1, minus the raw digest (a new digest is only a re-read: no event).
+    for sku, price in (("A", "9.99"), ("B", "5.00")):
+        data = {"sku": sku, "site": 1, "price": price}
+        key_data = json.dumps({"sku": sku, "site": 1}, separators=(",", ":"))
+        old.execute("INSERT INTO keyed_state VALUES ('shop', ?, ?, x'00', ?, 3)",
+                    (f"{sku}/1", key_data, content_hash(data)))
+    old.close()
+
+    outbox = Outbox(path)
+    try:
+        assert keyed.known_keys(outbox.db, "shop") == 2
+        events = commit(outbox, m, batch([("A", 1, "9.99")], 4, complete=True))
+        # A is the same record as delivered before: no event; B vanished: deleted.
+        assert summary(events) == [("item.deleted", "B/1", {"sku": "B", "site": 1})]
+        assert summary(commit(outbox, m, batch([("A", 1, "9.99")], 5, complete=True))) == []
     finally:
         outbox.close()
