@@ -71,6 +71,8 @@ SCHEMA = (
     next_id INTEGER NOT NULL DEFAULT 1
 )""",
     "CREATE TABLE IF NOT EXISTS keyed_seen (source TEXT NOT NULL, gen INTEGER NOT NULL, ids BLOB NOT NULL)",
+    # Keys in id order, which is the order they were first listed in: see `digests`.
+    "CREATE INDEX IF NOT EXISTS keyed_state_ids ON keyed_state (source, id, key, hash)",
 )
 _IDS = "q"  # array type code of packed ids
 
@@ -187,7 +189,7 @@ def sweep(db: sqlite3.Connection, source: str, position: str, encode: Encode) ->
         ids.frombytes(packed)
         deque(map(seen.__setitem__, ids, repeat(1)), maxlen=0)  # in C: a listing has a million of them
         del ids[:]
-    keys = db.execute("SELECT id, key FROM keyed_state WHERE source = ?", (source,))
+    keys = db.execute("SELECT id, key FROM keyed_state WHERE source = ? ORDER BY id", (source,))  # listing order
     gone: list[str] = []  # forgotten once the scan is over: no writes to a table under an open cursor
     while rows := keys.fetchmany(10_000):
         stale = [key for id_, key in rows if not seen[id_]]
@@ -231,8 +233,35 @@ def known_keys(db: sqlite3.Connection, source: str) -> int:
 
 
 def digests(db: sqlite3.Connection, source: str, keys: Sequence[str]) -> dict[str, tuple[int, bytes]]:
-    """The stored id and row digest of each of `keys` that is known (a batch's worth: bounded)."""
-    return {key: (found[0], found[1]) for key, found in _known(db, source, keys).items() if found is not None}
+    """The stored id and row digest of each of `keys` that is known (a batch's worth: bounded).
+
+    A listing comes in the same order each time, and ids were given in that order, so
+    a batch's keys are mostly one run of ids: read that run in one range scan of an
+    index, a third of the cost of looking keys up one by one (keys sort as text, "10"
+    before "9": one by one they are scattered). Keys outside the run (new since, or
+    moved) are looked up one by one.
+    """
+    unique = list(dict.fromkeys(keys))
+    found: dict[str, tuple[int, bytes]] = {}
+    ends = _known(db, source, [unique[0], unique[-1]]) if len(unique) >= _RUN else {}
+    first, last = (ends.get(unique[0]), ends.get(unique[-1])) if ends else (None, None)
+    if first is not None and last is not None and 0 <= last[0] - first[0] < 2 * len(unique):
+        wanted = set(unique)
+        found = {
+            key: (id_, digest)
+            for key, id_, digest in db.execute(
+                "SELECT key, id, hash FROM keyed_state INDEXED BY keyed_state_ids "
+                "WHERE source = ? AND id BETWEEN ? AND ?",
+                (source, first[0], last[0]),
+            )
+            if key in wanted
+        }
+    rest = [key for key in unique if key not in found]
+    found.update((key, (row[0], row[1])) for key, row in _known(db, source, rest).items() if row is not None)
+    return found
+
+
+_RUN = 64  # from this many keys a batch's run of ids is worth a range scan
 
 
 def _known(db: sqlite3.Connection, source: str, keys: Sequence[str]) -> dict[str, tuple[int, bytes, bytes] | None]:

@@ -209,3 +209,24 @@ def test_an_outbox_from_before_key_ids_keeps_its_keys(tmp_path: Path) -> None:
         assert summary(commit(outbox, m, batch([("A", 1, "9.99")], 5, complete=True))) == []
     finally:
         outbox.close()
+
+
+def test_a_long_listing_finds_keys_in_and_out_of_their_first_order(tmp_path: Path) -> None:
+    """Batches of 64 keys and more read their stored digests as one run of ids; new and moved keys still match."""
+    outbox, m = Outbox(tmp_path / "o.db"), mapper()
+    rows = [(f"K{i:03}", 1, "1.00") for i in range(200)]
+    try:
+        assert len(commit(outbox, m, batch(rows, 1, complete=True))) == 200
+        second = [r for r in rows if r[0] != "K050"]
+        second[99] = ("K100", 1, "2.00")
+        second.insert(50, ("K050b", 1, "1.00"))  # new: its id comes after every other
+        events = commit(outbox, m, batch(second, 2, complete=True))
+        assert summary(events) == [
+            ("item.upserted", "K050b/1", {"sku": "K050b", "site": 1, "price": "1.00"}),
+            ("item.upserted", "K100/1", {"sku": "K100", "site": 1, "price": "2.00"}),
+            ("item.deleted", "K050/1", {"sku": "K050", "site": 1}),
+        ]
+        assert commit(outbox, m, batch(second, 3, complete=True)) == []  # K050b is found outside the run
+        assert commit(outbox, m, batch(second[::-1], 4, complete=True)) == []  # a reversed listing: one by one
+    finally:
+        outbox.close()
