@@ -7,23 +7,35 @@ position of its last published record.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-_HASH_TAG = re.compile(r"\{([^}]+)\}")
 POS_PREFIX = "pos:"
+
+
+def hash_tag(key: str) -> str | None:
+    """What Redis Cluster hashes `key` on, if not the whole key: between the first `{` and the next `}`.
+
+    Redis's own rule, to the letter (a regex search would find a later tag after an
+    empty `{}`, which Redis ignores, and so put the checkpoint in another slot).
+    """
+    start = key.find("{")
+    end = key.find("}", start + 1) if start >= 0 else -1
+    return key[start + 1 : end] if end > start + 1 else None
 
 
 def checkpoint_key(stream: str) -> str:
     """Same hash slot as the stream itself, so Redis Cluster accepts the transaction.
 
     A stream key without a hash tag hashes whole, so `{stream}` lands in its slot;
-    one that has a tag already hashes on that tag, so we reuse it.
+    one that has a tag already hashes on that tag, so we reuse it (and keep the
+    whole name after it, so two streams sharing a tag keep two checkpoints).
+    A name with braces but no tag (`a{}b`, `a}b`) has no such key; the
+    configuration refuses those names.
     """
-    tag = _HASH_TAG.search(stream)
-    if tag:
-        return f"straw:ckpt:{{{tag.group(1)}}}:{stream}"
+    tag = hash_tag(stream)
+    if tag is not None:
+        return f"straw:ckpt:{{{tag}}}:{stream}"
     return f"straw:ckpt:{{{stream}}}"
 
 

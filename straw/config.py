@@ -23,7 +23,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from straw.config_scrape import ScrapeSourceSpec
-from straw.config_types import Encoding, Name, Seconds, Strict, TimeZone
+from straw.config_types import Encoding, Name, Seconds, StreamName, Strict, TimeZone
 
 
 class FieldType(StrEnum):
@@ -119,7 +119,7 @@ class DbSourceSpec(Strict):
         default=None, description="timestamp mode: unique, increasing tie-breaker for equal timestamps"
     )
     entity: str
-    stream: Name
+    stream: StreamName
     mapping: dict[str, str] = Field(
         default_factory=dict, description="entity field -> source column; unmapped fields use their own name"
     )

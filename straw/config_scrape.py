@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from straw.config_types import Name, Seconds, Strict, TimeZone
+from straw.config_types import Name, Seconds, StreamName, Strict, TimeZone
 
 
 class ParseType(StrEnum):
@@ -205,7 +205,7 @@ class ScrapeSourceSpec(Strict):
     mode: ScrapeMode = ScrapeMode.STATIC
     base_url: str = Field(description="page URLs below are relative to this")
     entity: str
-    stream: Name
+    stream: StreamName
     mapping: dict[str, str] = Field(
         default_factory=dict, description="entity field -> item field; unmapped fields use their own name"
     )

@@ -18,6 +18,7 @@ from pydantic_core import PydanticCustomError
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_BRACES = re.compile(r"[^{}]*(?:\{[^{}]*\}[^{}]*)*")  # pairs in order, none nested
 
 
 class Strict(BaseModel):
@@ -48,6 +49,30 @@ def _plain_name(value: str) -> str:
     return value
 
 
+def _stream_name(value: str) -> str:
+    """A plain name, or one with a single Redis Cluster hash tag (`erp.{orders}`, `{erp}.orders`).
+
+    Redis hashes a key on the text between its first `{` and the `}` after it, when
+    that text is not empty, so `erp.{orders}` shares a slot with the user's other
+    `{orders}` keys; the checkpoint key reuses the tag. Anything Redis would read
+    differently from how it looks (an empty tag, a second tag it ignores, a stray
+    brace) is refused rather than silently hashed on the whole name.
+    """
+    if "{" not in value and "}" not in value:
+        return _plain_name(value)
+    if not _BRACES.fullmatch(value):
+        problem = "unbalanced or nested braces in '{value}'; a stream name may hold one Redis Cluster hash tag"
+    elif value.count("{") > 1:
+        problem = "more than one hash tag in '{value}' (Redis hashes on the first only); keep one"
+    elif "{}" in value:
+        problem = "empty hash tag in '{value}' (Redis would hash the whole name); put the shared part in it"
+    elif not _NAME.match(value.replace("{", "").replace("}", "")):
+        problem = "'{value}': use letters, digits, '_', '.', '-' and at most one Redis Cluster hash tag"
+    else:
+        return value
+    raise PydanticCustomError("name", problem + ", e.g. 'erp.{orders}'", {"value": value})
+
+
 def _known_zone(value: str) -> str:
     try:
         ZoneInfo(value)
@@ -70,6 +95,7 @@ def _known_encoding(value: str) -> str:
 
 
 Seconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
-Name = Annotated[str, AfterValidator(_plain_name)]  # source, stream and instance names
+Name = Annotated[str, AfterValidator(_plain_name)]  # source and instance names
+StreamName = Annotated[str, AfterValidator(_stream_name)]  # a Name, or one with a Redis Cluster hash tag
 TimeZone = Annotated[str, AfterValidator(_known_zone)]  # an IANA zone name
 Encoding = Annotated[str, AfterValidator(_known_encoding)]  # a Python codec name

@@ -88,6 +88,14 @@ CASES = [
          25, "sources[1].name", "{name: orders", "two sources are named 'orders'; names must be unique"),
     case("unknown-kind", "    table: ORDERS\n", "    table: ORDERS\n    kind: odbc\n",
          16, "sources[0].kind", "kind: odbc", "unknown kind 'odbc'; use one of: 'db'"),
+    case("stream-unbalanced-tag", "stream: erp.orders", "stream: erp.{orders",
+         19, "sources[0].stream", "erp.{orders", "unbalanced or nested braces in 'erp.{orders'; a stream name may"),
+    case("stream-empty-tag", "stream: erp.orders", "stream: erp.{}orders",
+         19, "sources[0].stream", "erp.{}orders", "empty hash tag in 'erp.{}orders' (Redis would hash the whole"),
+    case("stream-two-tags", "stream: erp.orders", "stream: '{erp}.{orders}'",
+         19, "sources[0].stream", "{erp}.{orders}", "more than one hash tag in '{erp}.{orders}' (Redis hashes on the"),
+    case("stream-bad-character", "stream: erp.orders", "stream: erp/{orders}",
+         19, "sources[0].stream", "erp/{orders}", "use letters, digits, '_', '.', '-' and at most one Redis Cluster"),
 ]
 
 
@@ -102,6 +110,13 @@ def test_base_is_valid(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, BASE))
     assert config.sources[0].kind == "db"  # `kind` may be left out
     assert config.sources[0].poll_interval == 5.0
+
+
+@pytest.mark.parametrize("stream", ["erp.{orders}", "'{erp}.orders'", "\"{shop-1}.orders.v2\"", "erp.{a}.v2"])
+def test_a_stream_name_may_hold_one_redis_cluster_hash_tag(tmp_path: Path, stream: str) -> None:
+    config = load_config(write(tmp_path, BASE.replace("stream: erp.orders", f"stream: {stream}")))
+    assert config.sources[0].stream == stream.strip("'\"")
+    assert config.streams == [stream.strip("'\"")]
 
 
 @pytest.mark.parametrize(("old", "new", "line", "key", "held", "hint"), CASES)

@@ -20,8 +20,8 @@ import redis
 from sqlalchemy import create_engine, delete, insert, select, update
 
 from fixtures.legacy_orders import create_orders, order_rows
+from tests.crashes import PACED, assert_exactly_once, crash_loop, finish
 from tests.helpers import orders_config, read_stream
-from tests.test_crash import PACED, assert_exactly_once, crash_loop, finish
 
 pytestmark = pytest.mark.slow
 

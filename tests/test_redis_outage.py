@@ -26,8 +26,8 @@ from adapters.db import position
 from fixtures.legacy_orders import create_orders, order_rows
 from straw.local_redis import RedisServer
 from straw.records import event_id
+from tests.crashes import REPO, SOURCE, assert_exactly_once, spawn_straw, straw_command, tail
 from tests.helpers import orders_config, read_stream
-from tests.test_crash import REPO, SOURCE, assert_exactly_once, spawn_straw, straw_command, tail
 
 pytestmark = pytest.mark.slow  # deselect with -m 'not slow'
 STREAM = "outage.orders"  # the Redis is this test's alone

@@ -23,7 +23,7 @@ from sqlalchemy import create_engine, insert
 
 from adapters.db import position
 from fixtures.legacy_orders import create_orders, order_rows
-from outbox.checkpoint import checkpoint_key
+from outbox.checkpoint import checkpoint_key, hash_tag
 from outbox.relay import Relay, SplitBrain, adopt_streams, read_checkpoint, run_relay
 from outbox.store import Outbox
 from straw.local_redis import free_port, redis_server_binary
@@ -249,9 +249,10 @@ def test_two_relays_racing_on_twin_outboxes_publish_each_record_once(
 
 # --- Redis Cluster: the MULTI holds the stream and its checkpoint, so both must share a slot ---
 
-# A tag is reused, a plain name becomes the tag. (A name with braces but no valid tag, such as
-# `a{}b`, can share a slot with no other key; the configuration refuses braces in stream names.)
-NAMES = ["orders", "erp.orders", "test.0af3.orders", "{shop-1}.orders", "erp.{orders}.v2", "a{b}c{d}", "{{x}}"]
+# A tag is reused, a plain name becomes the tag. (A name with braces but no tag, such as `a{}b`,
+# can share a slot with no other key; the configuration refuses it, and every brace it finds odd.)
+NAMES = ["orders", "erp.orders", "test.0af3.orders", "{shop-1}.orders", "erp.{orders}", "erp.{orders}.v2",
+         "a{b}c{d}", "{{x}}"]
 
 
 @pytest.mark.parametrize("stream", NAMES)
@@ -305,7 +306,17 @@ def cluster_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Red
         server.wait()
 
 
-@pytest.mark.parametrize("stream", ["erp.orders", "{shop-1}.orders"])
+def test_hash_tag_is_what_the_cluster_hashes_on(cluster_node: redis.Redis) -> None:
+    # An empty `{}` makes Redis hash the whole key, even with a tag after it; a stray `}` is just a character.
+    keys = ["erp.orders", "erp.{orders}", "{erp}.orders", "a{b}c{d}", "{{x}}", "a{}b{c}", "{}x{y}", "a}b{c}", "a{b"]
+    tags = [hash_tag(key) for key in keys]
+    assert tags == [None, "orders", "erp", "b", "{x", None, None, "c", None]
+    for key, tag in zip(keys, tags, strict=True):
+        slot = cluster_node.execute_command("CLUSTER", "KEYSLOT", key)
+        assert cluster_node.execute_command("CLUSTER", "KEYSLOT", key if tag is None else tag) == slot, key
+
+
+@pytest.mark.parametrize("stream", ["erp.orders", "{shop-1}.orders", "erp.{orders}"])
 def test_a_cluster_node_accepts_the_relay_transaction(
     stream: str, cluster_node: redis.Redis, open_outbox: OpenOutbox
 ) -> None:
@@ -326,3 +337,32 @@ def test_a_cluster_node_accepts_the_relay_transaction(
     assert drain(Relay(cluster_node, outbox, batch_size=4), stream) == 10
     assert stream_seqs(cluster_node, stream) == list(range(1, 11))
     cluster_node.delete(stream, checkpoint_key(stream))
+
+
+def test_a_stream_with_a_hash_tag_shares_its_slot_with_the_users_keys_on_a_cluster(
+    tmp_path: Path, sqlite_url: str, cluster_node: redis.Redis
+) -> None:
+    """What a tag in the stream name is for: a loader's own `{shop-7}` keys in one MULTI with the stream."""
+    stream, mine = "legacy.{shop-7}.orders", "{shop-7}:loaded"
+    engine = create_engine(sqlite_url)
+    create_orders(engine, 30)
+    engine.dispose()
+    node = cluster_node.connection_pool.connection_kwargs
+    url = f"redis://{node['host']}:{node['port']}/0"
+    config = orders_config(tmp_path, db_url=sqlite_url, redis_url=url, stream=stream, batch_size=10,
+                           relay_batch_size=7)
+    try:
+        assert run_once(config).errors == []
+        entries = read_stream(cluster_node, stream)
+        assert [e["event"]["subject"] for e in entries] == [str(n) for n in range(1, 31)]
+        ckpt = read_checkpoint(cluster_node, stream)
+        assert (ckpt.seq, ckpt.positions) == (30, {SOURCE: pos(30)})
+        slots = {cluster_node.execute_command("CLUSTER", "KEYSLOT", k) for k in (stream, checkpoint_key(stream), mine)}
+        assert len(slots) == 1
+        with cluster_node.pipeline(transaction=True) as pipe:
+            pipe.xrange(stream, count=1)
+            pipe.set(mine, entries[-1]["entry_id"])
+            first, stored = pipe.execute()
+        assert (first[0][0].decode(), stored) == (entries[0]["entry_id"], True)
+    finally:
+        cluster_node.delete(stream, checkpoint_key(stream), mine)
