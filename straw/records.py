@@ -29,11 +29,12 @@ def source_uri(instance: str, source: str) -> str:
 def subject(key_values: tuple[Any, ...]) -> str:
     """The entity key as text; composite keys join their parts with '/', each part escaped."""
     if len(key_values) == 1:
-        return _text(key_values[0])
-    return "/".join(quote(_text(v), safe="") for v in key_values)
+        return subject_part(key_values[0])
+    return "/".join(quote(subject_part(v), safe="") for v in key_values)
 
 
-def _text(value: Any) -> str:
+def subject_part(value: Any) -> str:
+    """One key field as text: the whole subject of a one-field key."""
     if isinstance(value, (dt.date, dt.datetime)):
         return value.isoformat()
     return str(value)

@@ -230,3 +230,17 @@ def test_a_long_listing_finds_keys_in_and_out_of_their_first_order(tmp_path: Pat
         assert commit(outbox, m, batch(second[::-1], 4, complete=True)) == []  # a reversed listing: one by one
     finally:
         outbox.close()
+
+
+def test_a_one_field_key_that_cannot_be_read_is_a_dead_letter(tmp_path: Path) -> None:
+    entity = EntitySpec.model_validate({"key": ["no"], "fields": {"no": "integer", "name": "string"}})
+    m = Mapper(source_uri="straw/t/shop", source_name="shop", entity_name="item", entity=entity, mapping={},
+               zone=None)
+    raw = RawBatch(("no", "name"), [(1, "a"), ("x", "b"), (None, "c"), (3, "d")], ["1", "2", "3", "4"], keyed=True)
+    outbox = Outbox(tmp_path / "o.db")
+    try:
+        mapped = m.map_keyed(raw, partial(outbox.digests, "shop"))
+    finally:
+        outbox.close()
+    assert [c.key for c in mapped.changes] == ["1", "3"]
+    assert [d.position for d in mapped.dead] == ["2", "3"]
