@@ -35,7 +35,7 @@ from bench.slice_bench import ORDER_ENTITY, ORDER_MAPPING, run_naive
 from fixtures.legacy_orders import orders_table
 from outbox.store import Outbox
 from straw.config_load import load_config
-from straw.runner import Runner, build_pipeline, poll
+from straw.runner import Runner, build_pipeline, freeze_startup_objects, poll
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = {
@@ -185,6 +185,7 @@ def _step(step: str, config_path: Path) -> dict[str, Any]:
     config = load_config(config_path)
     pipeline = build_pipeline(config, config.sources[0])
     outbox = Outbox(config.outbox.path)
+    freeze_startup_objects()  # as `Runner.run` does once its pipelines are built
     try:
         if step == "diff":
             outbox.db.execute("DELETE FROM records")  # the first listing's records: not this step's

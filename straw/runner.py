@@ -7,6 +7,7 @@ can be down, or busy, while the other goes on.
 
 from __future__ import annotations
 
+import gc
 import signal
 import threading
 import time
@@ -62,6 +63,17 @@ def build_pipeline(config: Config, spec: AnySourceSpec) -> Pipeline:
 
         return Pipeline(spec, ScrapeSource(spec), mapper)
     return Pipeline(spec, DbSource(spec, mapper.required_columns(), key_columns=mapper.key_columns()), mapper)
+
+
+def freeze_startup_objects() -> None:
+    """Keep the cyclic garbage collector off what start-up built (modules, models, engines).
+
+    A poll allocates a container per row; every few thousand rows the collector runs,
+    and its full passes walked the hundred thousand objects of the imported libraries
+    each time: a sixth of a snapshot diff's time. They live as long as the process,
+    so they are moved out of its sight once, when the pipelines are built.
+    """
+    gc.freeze()
 
 
 def poll(pipeline: Pipeline, outbox: Outbox) -> int:
@@ -134,6 +146,7 @@ class Runner:
         result = RunResult()
         outbox = Outbox(config.outbox.path)
         pipelines = [build_pipeline(config, spec) for spec in config.sources]
+        freeze_startup_objects()
         relay = RelayProcess(config, self.log_level)
         relay.start()
         try:
