@@ -10,6 +10,7 @@ import redis
 import yaml
 
 from fixtures.legacy_orders import ORDER_ENTITY, ORDER_MAPPING
+from outbox.store import Outbox
 from straw.config import Config
 from straw.config_load import load_config
 from straw.runner import Runner
@@ -79,3 +80,13 @@ def read_stream(client: redis.Redis, stream: str) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def source_state(directory: Path, source: str = "web-orders") -> tuple[str | None, str | None]:
+    """(position, last error) of `source` in the outbox of the config in `directory`."""
+    outbox = Outbox(directory / "outbox.db")
+    try:
+        state = {s.source: s for s in outbox.sources()}[source]
+        return state.position, state.error
+    finally:
+        outbox.close()

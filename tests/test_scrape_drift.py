@@ -10,8 +10,7 @@ import redis
 
 from fixtures.webui import WebUI, start_webui
 from fixtures.webui.configs import app_list, grid_list, orders_list, scrape_config
-from outbox.store import Outbox
-from tests.helpers import run_once
+from tests.helpers import run_once, source_state
 
 
 @pytest.fixture
@@ -19,15 +18,6 @@ def webui() -> Iterator[WebUI]:
     ui = start_webui(35)
     yield ui
     ui.stop()
-
-
-def source_state(directory: Path) -> tuple[str | None, str | None]:
-    outbox = Outbox(directory / "outbox.db")
-    try:
-        state = {s.source: s for s in outbox.sources()}["web-orders"]
-        return state.position, state.error
-    finally:
-        outbox.close()
 
 
 def test_a_required_field_matching_nothing_fails_the_run_and_saves_the_page(

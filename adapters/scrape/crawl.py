@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 from typing import Any
 from urllib.parse import urljoin
@@ -21,7 +22,7 @@ import structlog
 from lxml import etree
 
 from adapters.scrape.errors import LayoutDrift, LoginFailed, SessionExpired
-from adapters.scrape.extract import MISSING, HeaderMap, Rule, compile_query, locator_query, rules, text_of
+from adapters.scrape.extract import MISSING, Row, Rule, Tables, compile_query, locator_query, rules, text_of
 from adapters.scrape.fetch import Fetcher, postback_args
 from adapters.scrape.page import Node, Page, css, elements, strings
 from straw.config_scrape import Locator, ScrapeSourceSpec
@@ -59,6 +60,8 @@ class Crawler:
         pagination = spec.listing.pagination
         self.next = pagination.next if pagination else None
         self.pages = pagination.pages if pagination else None
+        self._next_query = locator_query(self.next) if self.next else None
+        self._pages_query = compile_query(self.pages.css, self.pages.xpath) if self.pages else None
         self.max_pages = pagination.max_pages if pagination else 1
         self._unmatched: dict[str, int] = {}
         self._lock = threading.Lock()  # detail pages are read by several threads
@@ -148,8 +151,6 @@ class Crawler:
         visited_links: set[str] = set()
         pages = 0
         complete = False
-        # One page after the other: fetching the next page on a second thread while this one is
-        # extracted measured slower (the two threads hand the GIL back and forth).
         while True:
             rows = [r for r in self.rows(page.tree) if isinstance(r, etree._Element)]
             if pages == 0 and len(rows) < self.spec.listing.min_rows:
@@ -164,35 +165,44 @@ class Crawler:
             if not repeated:
                 seen_pages.add(fingerprint)
                 pages += 1
-                # Lazily: a preview stops extracting (and counting unmatched selectors) at its limit.
-                items.extend(islice(self._items(page, rows), None if limit is None else limit - len(items)))
-                if limit is not None and len(items) >= limit:
+            wanted = None if limit is None else limit - len(items)
+            at_limit = wanted is not None and not repeated and len(rows) >= wanted
+            target = self._next_link(page, visited_links) if rows and not at_limit else None
+            read = None if repeated else partial(self._read, page, rows, items, wanted)
+            if target is None or pages >= self.max_pages:
+                if read is not None:
+                    read()
+                if at_limit:
                     break
-            target = self._next_link(page, visited_links) if rows else None
-            if target is None:
-                complete = True
-                break
-            if pages >= self.max_pages:
+                if target is None:
+                    complete = True
+                    break
                 log().warning("max_pages reached; the listing was not read to its end", source=self.spec.name,
                               max_pages=self.max_pages)
                 break
-            page = self._checked(self.fetcher.follow(page, *target)(), wait)
+            # This page's rows are read while the server builds the next one (static mode).
+            page = self._checked(self.fetcher.follow(page, *target, meanwhile=read), wait)
         if self.detail_link is not None:
             self._add_details(items)
         return Crawl(items, complete, pages, dict(self._unmatched))
 
+    def _read(self, page: Page, rows: list[Node], items: list[dict[str, Any]], wanted: int | None) -> None:
+        # Lazily: a preview stops extracting (and counting unmatched selectors) at its limit.
+        items.extend(islice(self._items(page, rows), wanted))
+
     def _items(self, page: Page, rows: list[Node]) -> Iterator[dict[str, Any]]:
-        headers: dict[Node, HeaderMap] = {}
-        for row in rows:
+        tables = Tables()
+        for node in rows:
+            row = Row(node, tables)
             item: dict[str, Any] = {}
             for rule in self.list_rules:
-                item[rule.name] = self._value(page, rule, row, headers)
+                item[rule.name] = self._value(page, rule, row)
             if self.detail_link is not None:
-                item[_DETAIL] = urljoin(page.url, self._value(page, self.detail_link, row, headers))
+                item[_DETAIL] = urljoin(page.url, self._value(page, self.detail_link, row))
             yield item
 
-    def _value(self, page: Page, rule: Rule, node: Node, headers: dict[Node, HeaderMap]) -> Any:
-        value = rule.value(node, headers)
+    def _value(self, page: Page, rule: Rule, row: Row) -> Any:
+        value = rule.value(row)
         if value is MISSING:
             if rule.required:
                 raise self._drift(page, f"field {rule.name!r}", rule.selector)
@@ -202,13 +212,13 @@ class Crawler:
         return value
 
     def _next_link(self, page: Page, visited: set[str]) -> tuple[Locator, Node, int] | None:
-        if self.next is not None:
-            for index, node in enumerate(locator_query(self.next)(page.tree)):
+        if self.next is not None and self._next_query is not None:
+            for index, node in enumerate(self._next_query(page.tree)):
                 if _active(node):
                     return self.next, node, index
             return None
-        if self.pages is not None:
-            for index, node in enumerate(compile_query(self.pages.css, self.pages.xpath)(page.tree)):
+        if self.pages is not None and self._pages_query is not None:
+            for index, node in enumerate(self._pages_query(page.tree)):
                 key = node.get("href") or node.get("onclick") or text_of(node)
                 if _active(node) and key not in visited:
                     visited.add(key)
@@ -229,8 +239,8 @@ class Crawler:
 
     def _detail(self, url: str) -> dict[str, Any]:
         page = self._open(url)
-        headers: dict[Node, HeaderMap] = {}
-        return {rule.name: self._value(page, rule, page.tree, headers) for rule in self.detail_rules}
+        row = Row(page.tree, Tables())
+        return {rule.name: self._value(page, rule, row) for rule in self.detail_rules}
 
     # -- layout drift ----------------------------------------------------------------------
 

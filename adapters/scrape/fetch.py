@@ -19,6 +19,21 @@ from straw.config_scrape import HttpSpec, Locator, LoginSpec
 _POSTBACK = re.compile(r"""__doPostBack\(\s*['"]([^'"]*)['"]\s*,\s*['"]([^'"]*)['"]\s*\)""")
 
 
+Meanwhile = Callable[[], None]
+
+
+class Once:
+    """Runs `work` the first time it is called, then never again."""
+
+    def __init__(self, work: Meanwhile | None) -> None:
+        self._work = work
+
+    def __call__(self) -> None:
+        work, self._work = self._work, None
+        if work is not None:
+            work()
+
+
 class Fetcher(Protocol):
     mode: str
 
@@ -30,11 +45,15 @@ class Fetcher(Protocol):
 
     def open(self, url: str) -> Page: ...
 
-    def follow(self, page: Page, locator: Locator, element: Node, index: int) -> Callable[[], Page]:
-        """How to activate the `index`th match of `locator` on `page` (a link, postback link or button).
+    def follow(
+        self, page: Page, locator: Locator, element: Node, index: int, meanwhile: Meanwhile | None = None
+    ) -> Page:
+        """The page that activating the `index`th match of `locator` on `page` leads to (a link,
+        postback link or button).
 
-        Everything needed from `page` (href, form fields, postback arguments) is read now; calling
-        the result makes the request.
+        `meanwhile` runs once before this returns or fails: static mode runs it once the request is
+        on the wire, so the server builds the next page while the caller reads this one. Its
+        exceptions propagate, and win over the fetch's own error.
         """
         ...
 

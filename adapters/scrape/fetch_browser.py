@@ -2,13 +2,19 @@
 
 One browser lives as long as the source; each run gets a fresh context (closed
 at the end, so memory stays flat over long runs) with one page reused for every
-URL, which is several times faster than a page per URL.
+URL, which is several times faster than a page per URL. A renderer reused for
+hundreds of pages keeps growing, so every `RECYCLE_EVERY` page loads the fetcher
+moves to a fresh context, cookies kept: before opening a URL, or, on a listing
+paged by postbacks (which has no URL for "page 17", only the form on the page
+shown), before the next click, after putting the current document back in the
+fresh page from its saved response.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +25,7 @@ import structlog
 
 from adapters.scrape.errors import LoginFailed, ScrapeError
 from adapters.scrape.extract import playwright_selector
-from adapters.scrape.fetch import RateLimit, describe_error, postback_args, with_retries, write_private
+from adapters.scrape.fetch import Meanwhile, RateLimit, describe_error, postback_args, with_retries, write_private
 from adapters.scrape.page import Node, Page
 from straw.config_scrape import HttpSpec, Locator, LoginSpec
 
@@ -34,6 +40,8 @@ _PRESENT = """([css, xpath, unless]) => {
     : document.evaluate(xpath, document, null, XPathResult.FIRST_ORDERED_NODE_TYPE, null).singleNodeValue;
   return found !== null || (unless !== null && document.querySelector(unless) !== null);
 }"""
+# The same check, and the page itself when it passes: one round trip to the browser instead of two.
+_PRESENT_HTML = f"""(arg) => ({_PRESENT})(arg) ? document.documentElement.outerHTML : null"""
 RECYCLE_EVERY = 50  # page loads per browser context before a fresh one (cookies carried over)
 LAUNCH_ARGS = [
     "--no-sandbox",
@@ -43,7 +51,10 @@ LAUNCH_ARGS = [
     "--no-first-run",
     "--disable-sync",
     "--disable-dev-shm-usage",
-    "--disable-features=BackForwardCache",
+    # No page is ever revisited, so no back/forward cache; and keep the frame host across same-site
+    # navigations instead of building a new one per document (RenderDocument): a quarter of the
+    # time of each page load on the fixture UI.
+    "--disable-features=BackForwardCache,RenderDocument",
 ]
 
 
@@ -62,6 +73,8 @@ class BrowserFetcher:
         self._page: Any = None
         self._options: dict[str, Any] = {}
         self._navigations = 0
+        self._document: Any = None  # the response that loaded the page's current document
+        self.recycles = 0  # fresh contexts taken mid-run, over the fetcher's life
 
     @property
     def parallel(self) -> int:
@@ -80,13 +93,13 @@ class BrowserFetcher:
                     f"source {self.source!r}: no browser at {self.executable}; install Chromium "
                     "(Debian: apt-get install chromium) or set `browser_executable`"
                 )
-            self._playwright = sync_playwright().start()
+            self._playwright = _driver_acquire(sync_playwright)
             try:
                 self._browser = self._playwright.chromium.launch(
                     executable_path=str(self.executable), args=LAUNCH_ARGS, headless=True
                 )
             except Exception as exc:
-                self._playwright.stop()
+                _driver_release()
                 self._playwright = None
                 raise ScrapeError(f"source {self.source!r}: cannot start {self.executable}: {exc}") from None
         return self._browser
@@ -109,6 +122,7 @@ class BrowserFetcher:
         self._context.set_default_timeout(self.http.timeout * 1000)
         self._page = self._context.new_page()
         self._navigations = 0
+        self._document = None
 
     def _recycle(self) -> None:
         """A fresh context and page, same cookies: a renderer reused for hundreds of pages keeps growing."""
@@ -118,11 +132,57 @@ class BrowserFetcher:
         self._context.set_default_timeout(self.http.timeout * 1000)
         self._page = self._context.new_page()
         self._navigations = 0
+        self._document = None
+        self.recycles += 1
+
+    def _recycle_here(self) -> None:
+        """A fresh context showing the document the old one shows: its response replayed, not re-fetched.
+
+        For a listing paged by postbacks the place in the listing lives in the page itself (the
+        WebForms view state); going to its URL again would start over at page 1. The saved response
+        is served to the fresh page at the same URL, so its scripts, form and cookies behave as
+        before and the next click posts from where the old page was.
+        """
+        from playwright.sync_api import Error as PlaywrightError
+
+        if self._document is None:
+            return  # not loaded by a navigation we saw (the login form): recycle at the next one
+        try:
+            body = self._document.body()
+        except PlaywrightError:
+            return  # the browser no longer holds it: try after the next page load
+        url = self.page.url
+        headers = {k: v for k, v in self._document.headers.items() if k == "content-type"}
+        wanted = url.split("#", 1)[0]
+        served: list[str] = []
+
+        def replay(route: Any) -> None:
+            served.append(route.request.url)
+            route.fulfill(status=200, headers=headers, body=body)
+
+        self._recycle()
+        self._page.route(lambda u: u.split("#", 1)[0] == wanted, replay, times=1)
+        try:
+            self._document = self._page.goto(url, wait_until="load")
+        except PlaywrightError as exc:
+            raise ScrapeError(f"source {self.source!r}: could not restore {url} in a fresh browser context: "
+                              f"{describe_error(exc)}") from None
+        if not served:
+            # The page was loaded from the server instead: it shows another place in the listing.
+            raise ScrapeError(f"source {self.source!r}: could not restore {url} in a fresh browser context")
+
+    def _new_page(self) -> None:
+        from playwright.sync_api import Error as PlaywrightError
+
+        with contextlib.suppress(PlaywrightError):  # a page that is stuck or already gone
+            self._page.close()
+        self._page = self._context.new_page()
+        self._document = None
 
     def end(self) -> None:
         if self._context is not None:
             self._context.close()
-        self._context = self._page = None
+        self._context = self._page = self._document = None
 
     def save_session(self) -> None:
         if self.session_file is not None and self._context is not None:
@@ -148,12 +208,16 @@ class BrowserFetcher:
             try:
                 response = action()
             except PlaywrightError as exc:
+                # A navigation that timed out is still pending in the page, and the next one to the
+                # same URL would be aborted by it: the retry starts from a new page (same context).
+                self._new_page()
                 return describe_error(exc)
             status = response.status if response is not None else 200
             if status >= 500:
                 return f"HTTP {status}"
             if status >= 400:
                 raise ScrapeError(f"source {self.source!r}: {what}: HTTP {status}")
+            self._document = response
             return self._snapshot()
 
         return with_retries(self.source, what, self.http, self.limit, attempt)
@@ -164,22 +228,30 @@ class BrowserFetcher:
         self._navigations += 1
         return self._retrying(f"GET {url}", lambda: self.page.goto(url, wait_until="load"))
 
-    def follow(self, page: Page, locator: Locator, element: Node, index: int) -> Callable[[], Page]:
+    def follow(
+        self, page: Page, locator: Locator, element: Node, index: int, meanwhile: Meanwhile | None = None
+    ) -> Page:
+        # First: the browser's DOM is about to be replaced, and Playwright's sync calls block anyway.
+        if meanwhile is not None:
+            meanwhile()
         href = element.get("href") or ""
         if element.tag == "a" and href and not href.startswith(("#", "javascript:")) and not element.get("onclick"):
             # A plain link: going there is what a click does, without waiting on the click's events.
-            url = urljoin(page.url, href)
-            return lambda: self.open(url)
+            return self.open(urljoin(page.url, href))
         navigates = bool(
             postback_args(href) is not None
             or (element.tag in ("input", "button") and next(element.iterancestors("form"), None) is not None)
         )
-        return lambda: self._click(page, locator, index, navigates)
+        return self._click(page, locator, index, navigates)
 
     def _click(self, page: Page, locator: Locator, index: int, navigates: bool) -> Page:
+        if navigates and self._navigations >= RECYCLE_EVERY:
+            self._recycle_here()
         target = self.page.locator(playwright_selector(locator)).nth(index)
         if not navigates:
-            # A script-driven pager re-renders in place: click, then let its requests settle.
+            # A script-driven pager re-renders in place: click, then let its requests settle. Its
+            # document, and the place in the listing with it, lasts the whole listing: nothing to
+            # recycle it into, so its memory is the web app's own until the run ends.
             target.click()
             self.page.wait_for_load_state("networkidle")
             return self._snapshot()
@@ -193,6 +265,7 @@ class BrowserFetcher:
         self.limit.wait()
         from playwright.sync_api import Error as PlaywrightError
 
+        self._navigations += 1
         try:
             response = click()
         except PlaywrightError as exc:
@@ -201,6 +274,7 @@ class BrowserFetcher:
             ) from None
         if response is not None and response.status >= 400:
             raise ScrapeError(f"source {self.source!r}: clicking {locator} on {page.url}: HTTP {response.status}")
+        self._document = response
         return self._snapshot()
 
     def login(self, spec: LoginSpec, url: str) -> Page:
@@ -214,8 +288,9 @@ class BrowserFetcher:
         submit = form.locator(f"css={spec.submit}") if spec.submit else form.locator(
             "css=[type=submit], button:not([type])"
         )
-        with page.expect_navigation(wait_until="load"):
+        with page.expect_navigation(wait_until="load") as navigation:
             submit.first.click()
+        self._document = navigation.value
         return self._snapshot()
 
     def wait_for(self, locator: Locator, seconds: float, unless: str | None = None) -> Page | None:
@@ -226,8 +301,11 @@ class BrowserFetcher:
         # new document, which costs more than reading the page.
         arg = [locator.css, locator.xpath, unless]
         try:
-            if not self.page.evaluate(_PRESENT, arg):
-                self.page.wait_for_function(_PRESENT, arg=arg, polling=50, timeout=seconds * 1000)
+            html = self.page.evaluate(_PRESENT_HTML, arg)
+            if html is not None:
+                return Page(self.page.url, str(html))
+            # Checked at each animation frame: a list that arrives by XHR is read as soon as it is there.
+            self.page.wait_for_function(_PRESENT, arg=arg, polling="raf", timeout=seconds * 1000)
         except PlaywrightError:
             # Timed out, or a selector only lxml's cssselect understands: drift is reported from the page.
             wanted = self.page.locator(playwright_selector(locator))
@@ -253,8 +331,28 @@ class BrowserFetcher:
             self._browser.close()
             self._browser = None
         if self._playwright is not None:
-            self._playwright.stop()
+            _driver_release()
             self._playwright = None
+
+
+# Playwright's sync API can be started once per thread: browser sources polled by the same thread
+# (the runner polls every source from one) share one driver, each with its own browser.
+_drivers = threading.local()
+
+
+def _driver_acquire(start: Callable[[], Any]) -> Any:
+    if getattr(_drivers, "users", 0) == 0:
+        _drivers.playwright = start().start()
+        _drivers.users = 0
+    _drivers.users += 1
+    return _drivers.playwright
+
+
+def _driver_release() -> None:
+    _drivers.users -= 1
+    if _drivers.users == 0:
+        _drivers.playwright.stop()
+        _drivers.playwright = None
 
 
 def _quoted(value: str) -> str:

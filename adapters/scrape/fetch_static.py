@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
+import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
@@ -14,6 +14,8 @@ import structlog
 
 from adapters.scrape.errors import LoginFailed, ScrapeError
 from adapters.scrape.fetch import (
+    Meanwhile,
+    Once,
     RateLimit,
     describe_error,
     enclosing_form,
@@ -54,13 +56,16 @@ class StaticFetcher:
                     raise ScrapeError(
                         f"source {self.source!r}: cannot use CA bundle {http.verify}: {exc}; fix `http.verify`"
                     ) from None
+            limits = httpx.Limits(max_connections=http.concurrency, max_keepalive_connections=http.concurrency)
             self._client = httpx.Client(
                 follow_redirects=True,
                 timeout=http.timeout,
-                verify=verify,
                 auth=httpx.BasicAuth(http.basic_auth.username, http.basic_auth.password) if http.basic_auth else None,
                 headers={"User-Agent": "straw-scrape/0.1", **http.headers},
-                limits=httpx.Limits(max_connections=http.concurrency, max_keepalive_connections=http.concurrency),
+                transport=_TlsWhenNeeded(verify, limits),
+                # Still given for the transports of proxies named in the environment.
+                verify=verify,
+                limits=limits,
             )
         return self._client
 
@@ -91,10 +96,23 @@ class StaticFetcher:
     def end(self) -> None:
         pass
 
-    def _request(self, method: str, url: str, data: dict[str, str] | None = None) -> Page:
+    def _request(
+        self, method: str, url: str, data: dict[str, str] | None = None, meanwhile: Meanwhile | None = None
+    ) -> Page:
+        once = Once(meanwhile)
+
+        def on_trace(event: str, info: dict[str, Any]) -> None:
+            # httpcore's trace hook: the request has been sent and the server is at work. The
+            # caller's own work goes here, so the answer is waiting in the socket when we read it
+            # (no idle wait, no wake-up). Should the event be renamed, `once()` below still runs it.
+            if event == "http11.receive_response_headers.started":
+                once()
+
+        extensions = {"trace": on_trace} if meanwhile is not None else None
+
         def attempt() -> Page | str:
             try:
-                response = self.client.request(method, url, data=data)
+                response = self.client.request(method, url, data=data, extensions=extensions)
             except httpx.HTTPError as exc:
                 return describe_error(exc)
             if response.status_code >= 500:
@@ -104,7 +122,15 @@ class StaticFetcher:
             text = decode(response.content, response.headers.get("content-type"), self.http.encoding)
             return Page(str(response.url), text)
 
-        return with_retries(self.source, f"{method} {url}", self.http, self.limit, attempt)
+        try:
+            page = with_retries(self.source, f"{method} {url}", self.http, self.limit, attempt)
+        except Exception:
+            # Not run yet if no request got out. Run now: an error of the caller's work (layout
+            # drift on the page before) is the one to report, as it would have come first.
+            once()
+            raise
+        once()
+        return page
 
     def open(self, url: str) -> Page:
         return self._request("GET", url)
@@ -120,7 +146,18 @@ class StaticFetcher:
     def submit(self, page: Page, form: Node, values: dict[str, str]) -> Page:
         return self._request(*self._form_request(page, form, values))
 
-    def follow(self, page: Page, locator: Locator, element: Node, index: int) -> Callable[[], Page]:
+    def follow(
+        self, page: Page, locator: Locator, element: Node, index: int, meanwhile: Meanwhile | None = None
+    ) -> Page:
+        try:
+            method, url, data = self._activate(page, locator, element)
+        except Exception:
+            Once(meanwhile)()
+            raise
+        return self._request(method, url, data, meanwhile)
+
+    def _activate(self, page: Page, locator: Locator, element: Node) -> tuple[str, str, dict[str, str] | None]:
+        """The request a browser makes when `element` is clicked: a link, a postback link or a button."""
         href = element.get("href")
         postback = postback_args(href) or postback_args(element.get("onclick"))
         if postback is not None or (element.tag in ("input", "button") and element.get("href") is None):
@@ -132,12 +169,10 @@ class StaticFetcher:
                 values["__EVENTTARGET"], values["__EVENTARGUMENT"] = postback
             elif element.get("name"):
                 values[str(element.get("name"))] = element.get("value") or ""
-            method, url, data = self._form_request(page, form, values)
-            return lambda: self._request(method, url, data)
+            return self._form_request(page, form, values)
         if not href:
             raise ScrapeError(f"source {self.source!r}: {locator} on {page.url} has no href to follow")
-        url = urljoin(page.url, href)
-        return lambda: self.open(url)
+        return "GET", urljoin(page.url, href), None
 
     def login(self, spec: LoginSpec, url: str) -> Page:
         page = self.open(url)
@@ -157,3 +192,31 @@ class StaticFetcher:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+
+
+class _TlsWhenNeeded(httpx.BaseTransport):
+    """http:// on one connection pool; https:// on another, made at the first https:// request.
+
+    A verifying TLS context loads the whole CA bundle (~16 ms, as long as a hundred page fetches);
+    an intranet UI on plain HTTP never needs it.
+    """
+
+    def __init__(self, verify: bool | ssl.SSLContext, limits: httpx.Limits) -> None:
+        self._verify = verify
+        self._limits = limits
+        self._plain = httpx.HTTPTransport(verify=False, limits=limits)  # no certificates to load
+        self._tls: httpx.HTTPTransport | None = None
+        self._lock = threading.Lock()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.scheme != "https":
+            return self._plain.handle_request(request)
+        with self._lock:
+            if self._tls is None:
+                self._tls = httpx.HTTPTransport(verify=self._verify, limits=self._limits)
+        return self._tls.handle_request(request)
+
+    def close(self) -> None:
+        self._plain.close()
+        if self._tls is not None:
+            self._tls.close()
