@@ -21,11 +21,12 @@ fi
 install_straw() {  # $1: extras, e.g. "test"
   local stamp=".venv/.straw-installed-$1"
   local want
-  want="$(cat pyproject.toml | sha256sum | cut -c1-16)"
+  want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "installing straw[$1] into .venv (first run takes a minute)" >&2
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[$1]" >&2
+    # constraints.txt: the versions the tests last passed with, so every machine gets the same ones.
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[$1]" >&2
     echo "$want" > "$stamp"
   fi
 }
