@@ -9,8 +9,6 @@
   100,000 rows (quick: 10,000). Flat RSS means memory does not grow with the table.
 - `mode_<mode>_postgres_rows_per_s`: `Runner.run(once=True)` of the scale's rows
   into a fresh stream for each mode; baseline the slice's `per_row_xadd`.
-
-Not yet registered in bench/run.py (its figures were not in yet); `run_all` is ready for it.
 """
 
 from __future__ import annotations
