@@ -165,6 +165,14 @@ class Mapper:
         upserted = self._envelope(UPSERTED, observed).encode
         deleted = self._envelope(DELETED, observed).encode
         events = out.events
+        fast = self._columns(batch) if batch.ops is None else None
+        if fast is not None:
+            keys, rows = fast
+            out.events = [
+                (position, upserted(key, position, dict(zip(names, values, strict=True))))
+                for position, key, values in zip(batch.positions, keys, rows, strict=True)
+            ]
+            return out
         for _index, position, op, key, values in self._decode(batch, out.dead):
             if op == DELETED:
                 events.append((position, deleted(key, position, dict(zip(key_names, values, strict=True)))))
@@ -253,6 +261,29 @@ class Mapper:
                 source=self.source_uri, entity=self.entity_name, op=op, time=time
             )
         return found
+
+    def _columns(self, batch: RawBatch) -> tuple[list[str], list[tuple[Any, ...]]] | None:
+        """Keys and values of a batch of upserts, coerced column by column; None if any row is dead.
+
+        `map` over a column calls its coercer from C: a third cheaper than a comprehension
+        per row. A batch with a row that cannot be mapped goes row by row (`_decode`),
+        which finds it and says why.
+        """
+        plan = self._plan(batch.columns)
+        if not batch.rows or len(plan.key) != 1:
+            return None
+        columns: list[list[Any]] = []
+        try:
+            for convert, column in zip(plan.coercers, zip(*map(plan.pick, batch.rows), strict=True), strict=True):
+                if None in column:
+                    columns.append([None if v is None else convert(v) for v in column])
+                else:
+                    columns.append(list(map(convert, column)))
+        except (ValueError, TypeError):
+            return None
+        if any(None in columns[i] for i in plan.required):
+            return None
+        return list(map(subject_part, columns[plan.key[0]])), list(zip(*columns, strict=True))
 
     def _decode(
         self, batch: RawBatch, dead: list[DeadLetter], keyed: bool = False
