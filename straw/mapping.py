@@ -202,6 +202,15 @@ class Mapper:
                 batch = _subset(batch, changed)
                 digests = [digests[i] for i in changed]
         names, key_names = plan.names, self._key_names
+        fast = self._columns(batch) if batch.ops is None else None
+        if fast is not None:  # every row new or changed, as in a first listing
+            for index, (position, key, row) in enumerate(zip(batch.positions, *fast, strict=True)):
+                data = dict(zip(names, row, strict=True))
+                key_data = {k: data[k] for k in key_names}
+                out.changes.append(
+                    Change(key, _dumps(key_data).decode(), digests[index], content_hash(data), UPSERTED, position, data)
+                )
+            return out
         for index, position, op, key, values in self._decode(batch, out.dead, keyed=True):
             if op != UPSERTED:
                 data = dict(zip(key_names, values, strict=True))
