@@ -225,11 +225,20 @@ class RelaySpec(Strict):
     )
 
 
+class MetricsSpec(Strict):
+    """A Prometheus endpoint (`/metrics`) served while `straw run` runs."""
+
+    port: int = Field(ge=1, le=65535)
+    # Loopback by default: an on-premises host's metrics are for its own scraper unless opened on purpose.
+    host: str = Field(default="127.0.0.1", min_length=1, description="address to listen on; 0.0.0.0 for all")
+
+
 class Config(Strict):
     instance: Name = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "straw")
     redis: RedisSpec = RedisSpec()
     outbox: OutboxSpec = OutboxSpec()
     relay: RelaySpec = RelaySpec()
+    metrics: MetricsSpec | None = Field(default=None, description="off unless given")
     entities: dict[str, EntitySpec] = Field(min_length=1)
     sources: list[SourceSpec] = Field(min_length=1)
 

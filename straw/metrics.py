@@ -1,0 +1,158 @@
+"""Prometheus metrics for `straw run`: the outbox's state at each scrape, and the runner's poll timings.
+
+The outbox already holds what `straw status` shows (positions, backlog, dead
+letters, errors), written by the poller and by the relay process alike, so a
+scrape reads it there rather than have both processes keep counters: one
+short-lived read-only connection per scrape, which WAL lets run beside the
+writers without blocking them. Only what the outbox does not keep (how long a
+poll takes, how often one fails) is counted in this process.
+
+Labels are source and stream names only: both are plain names checked by the
+configuration, never a URL, so no secret can reach a label.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from wsgiref.simple_server import WSGIServer
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = structlog.get_logger("straw.metrics")
+
+# A poll of a large snapshot or a slow web UI takes minutes, not the library's default 10 s ceiling.
+POLL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class OutboxCollector(Collector):
+    """Yields the outbox's per-source and per-stream state, read afresh at each scrape."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def describe(self) -> Iterable[Metric]:
+        # Names only, so registering checks them without opening the outbox.
+        return _Families().all()
+
+    def collect(self) -> Iterable[Metric]:
+        families = _Families()
+        if not self.path.exists():
+            return []
+        try:
+            self._read(families)
+        except sqlite3.Error as exc:
+            # A scrape must not fail the run; the missing series are what an alert sees.
+            log.warning("metrics: outbox not readable", error=str(exc))
+            return []
+        return families.all()
+
+    def _read(self, families: _Families) -> None:
+        uri = self.path.resolve().as_uri() + "?mode=ro"
+        with closing(sqlite3.connect(uri, uri=True, timeout=5.0, isolation_level=None)) as db:
+            db.execute("BEGIN")  # one snapshot for every query of this scrape
+            dead = dict(db.execute("SELECT source, count(*) FROM dead_letters GROUP BY source").fetchall())
+            for source, polled_at, rows_read, error in db.execute(
+                "SELECT source, polled_at, rows_read, error FROM positions ORDER BY source"
+            ):
+                families.rows_read.add_metric([source], rows_read)
+                families.error.add_metric([source], 0 if error is None else 1)
+                if polled_at is not None:
+                    families.polled_at.add_metric([source], dt.datetime.fromisoformat(polled_at).timestamp())
+                dead.setdefault(source, 0)
+            for source, count in sorted(dead.items()):
+                families.dead_letters.add_metric([source], count)
+            for stream, seq, error, backlog in db.execute(
+                "SELECT stream, published_seq, error, "
+                "(SELECT count(*) FROM records r WHERE r.stream = s.stream AND r.seq > s.published_seq) "
+                "FROM streams s ORDER BY stream"
+            ):
+                families.published_seq.add_metric([stream], seq)
+                families.backlog.add_metric([stream], backlog)
+                families.stream_error.add_metric([stream], 0 if error is None else 1)
+            db.execute("COMMIT")
+
+
+class _Families:
+    def __init__(self) -> None:
+        self.rows_read = CounterMetricFamily(
+            "straw_source_rows_read", "Rows read from the source into the outbox.", labels=["source"]
+        )
+        self.polled_at = GaugeMetricFamily(
+            "straw_source_last_poll_timestamp_seconds", "When the source was last polled (Unix time).",
+            labels=["source"],
+        )
+        self.error = GaugeMetricFamily(
+            "straw_source_error", "1 if the source's last poll failed, else 0.", labels=["source"]
+        )
+        self.dead_letters = GaugeMetricFamily(
+            "straw_dead_letters", "Dead letters held in the outbox.", labels=["source"]
+        )
+        self.backlog = GaugeMetricFamily(
+            "straw_stream_backlog_records", "Records in the outbox not yet published to the stream.",
+            labels=["stream"],
+        )
+        self.published_seq = GaugeMetricFamily(
+            "straw_stream_published_seq", "Outbox sequence number of the last record published to the stream.",
+            labels=["stream"],
+        )
+        self.stream_error = GaugeMetricFamily(
+            "straw_stream_error", "1 if the relay's last publish to the stream failed (Redis down?), else 0.",
+            labels=["stream"],
+        )
+
+    def all(self) -> list[Metric]:
+        return [self.rows_read, self.polled_at, self.error, self.dead_letters,
+                self.backlog, self.published_seq, self.stream_error]
+
+
+@dataclass
+class MetricsServer:
+    server: WSGIServer
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5.0)
+
+
+class Metrics:
+    """One run's registry: the outbox collector and the poll timings the runner records.
+
+    A registry of its own, not the library's global one, so two runs in one
+    process (the tests) never register the same name twice.
+    """
+
+    def __init__(self, outbox_path: Path, sources: Sequence[str]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(OutboxCollector(outbox_path))
+        self.poll_seconds = Histogram(
+            "straw_poll_duration_seconds", "Time a poll took, failed ones included.", ["source"],
+            buckets=POLL_BUCKETS, registry=self.registry,
+        )
+        self.poll_errors = Counter(
+            "straw_poll_errors", "Polls that failed (the position did not move).", ["source"], registry=self.registry
+        )
+        for name in sources:  # a source that has not polled yet shows zeros rather than no series
+            self.poll_seconds.labels(name)
+            self.poll_errors.labels(name)
+
+    def observe(self, source: str, seconds: float, *, failed: bool) -> None:
+        self.poll_seconds.labels(source).observe(seconds)
+        if failed:
+            self.poll_errors.labels(source).inc()
+
+    def serve(self, host: str, port: int) -> MetricsServer:
+        """Serve /metrics from a daemon thread; OSError when the address cannot be bound."""
+        server, thread = start_http_server(port, host, registry=self.registry)
+        return MetricsServer(server, thread)
+
