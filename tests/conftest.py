@@ -79,12 +79,13 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'legacy.db'}"
 
 
-def _scratch_database(admin_url: str, service: str, hint: str) -> Iterator[str]:
+def _scratch_database(admin_url: str, service: str, hint: str, options: str = "") -> Iterator[str]:
+    """A database of its own for one test; `options`: what follows CREATE DATABASE name."""
     name = f"straw_t_{uuid.uuid4().hex[:10]}"
     admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
-            conn.execute(text(f"CREATE DATABASE {name}"))
+            conn.execute(text(f"CREATE DATABASE {name} {options}"))
     except Exception as exc:  # the service is missing or refuses: say which and how to fix
         admin.dispose()
         pytest.skip(f"{service} not reachable at {make_url(admin_url).render_as_string()}: "
@@ -104,6 +105,15 @@ def _scratch_database(admin_url: str, service: str, hint: str) -> Iterator[str]:
 def pg_url() -> Iterator[str]:
     yield from _scratch_database(
         PG_ADMIN_URL, "PostgreSQL", "start PostgreSQL on 127.0.0.1:5432 (trust auth) or set STRAW_TEST_PG_URL"
+    )
+
+
+@pytest.fixture
+def sql_ascii_pg_url() -> Iterator[str]:
+    """A PostgreSQL database created SQL_ASCII, as old installations were: it keeps any bytes it is sent."""
+    yield from _scratch_database(
+        PG_ADMIN_URL, "PostgreSQL", "start PostgreSQL on 127.0.0.1:5432 (trust auth) or set STRAW_TEST_PG_URL",
+        "ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
     )
 
 

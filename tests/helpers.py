@@ -90,3 +90,12 @@ def source_state(directory: Path, source: str = "web-orders") -> tuple[str | Non
         return state.position, state.error
     finally:
         outbox.close()
+
+
+def dead_letters(directory: Path) -> list[dict[str, Any]]:
+    """Every dead letter in the outbox of the config in `directory`, oldest first."""
+    outbox = Outbox(directory / "outbox.db")
+    try:
+        return sorted(outbox.dead_letters(limit=100), key=lambda d: d["id"])
+    finally:
+        outbox.close()

@@ -4,12 +4,9 @@ BLOBs, NULL against empty text, naive timestamps around DST changes."""
 from __future__ import annotations
 
 import datetime as dt
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 import yaml
 from sqlalchemy import (
@@ -23,14 +20,11 @@ from sqlalchemy import (
     Table,
     create_engine,
     insert,
-    make_url,
     text,
 )
 
 from adapters.db.engine import make_engine
-from outbox.store import Outbox
-from tests.conftest import PG_ADMIN_URL
-from tests.helpers import orders_config, read_stream, run_once
+from tests.helpers import dead_letters, orders_config, read_stream, run_once
 
 
 def legacy_config(tmp_path: Path, db_url: str, redis_url: str, stream: str, fields: dict[str, Any],
@@ -44,14 +38,6 @@ def legacy_config(tmp_path: Path, db_url: str, redis_url: str, stream: str, fiel
     config["entities"] = {"order": {"key": ["id"], "fields": fields}}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
-
-
-def dead_letters(directory: Path) -> list[dict[str, Any]]:
-    outbox = Outbox(directory / "outbox.db")
-    try:
-        return outbox.dead_letters("orders")
-    finally:
-        outbox.close()
 
 
 def test_cp1252_bytes_char_padding_blobs_and_nulls(
@@ -121,26 +107,6 @@ def test_naive_timestamps_across_dst_changes(
     ]
     assert {d["day"] for d in data} == {"2026-03-29"}  # a DATE stays a date, without time or zone
     engine.dispose()
-
-
-@pytest.fixture
-def sql_ascii_pg_url() -> Iterator[str]:
-    """A PostgreSQL database created SQL_ASCII, as old installations were: it keeps any bytes it is sent."""
-    name = f"straw_t_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f"CREATE DATABASE {name} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' "
-                              "TEMPLATE template0"))
-    except Exception as exc:
-        admin.dispose()
-        pytest.skip(f"PostgreSQL not reachable for a SQL_ASCII database: {type(exc).__name__}")
-    try:
-        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
 
 
 def test_sql_ascii_postgresql_text_is_decoded_by_the_source_encoding(

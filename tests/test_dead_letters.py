@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 import orjson
 import redis
@@ -15,7 +14,7 @@ from typer.testing import CliRunner
 from fixtures.legacy_orders import order_rows
 from outbox.store import Outbox
 from straw.cli import app
-from tests.helpers import orders_config, read_stream, run_once
+from tests.helpers import dead_letters, orders_config, read_stream, run_once
 
 
 def loose_orders(metadata: MetaData) -> Table:
@@ -33,14 +32,6 @@ def loose_orders(metadata: MetaData) -> Table:
         Column("NOTE", String(200)),
         Column("CHANGED_AT", TIMESTAMP, nullable=False),
     )
-
-
-def dead_letters(tmp_path: Path) -> list[dict[str, Any]]:
-    outbox = Outbox(tmp_path / "outbox.db")
-    try:
-        return sorted(outbox.dead_letters(limit=100), key=lambda d: d["id"])
-    finally:
-        outbox.close()
 
 
 def source_position(tmp_path: Path) -> str | None:
