@@ -196,10 +196,11 @@ def sweep(db: sqlite3.Connection, source: str, position: str, encode: Encode) ->
         for start in range(0, len(stale), _CHUNK):
             part = stale[start : start + _CHUNK]
             found = db.execute(
-                f"SELECT key, key_data FROM keyed_state WHERE source = ? AND key IN ({','.join('?' * len(part))})",
+                f"SELECT key, key_data FROM keyed_state WHERE source = ? AND key IN ({','.join('?' * len(part))}) "
+                "ORDER BY id",
                 (source, *part),
             ).fetchall()
-            for key, key_data in sorted(found, key=_by_part(part)):
+            for key, key_data in found:
                 yield position, encode(DELETED, key, position, orjson.loads(key_data))
         gone.extend(stale)
     for start in range(0, len(gone), _CHUNK):
@@ -208,15 +209,6 @@ def sweep(db: sqlite3.Connection, source: str, position: str, encode: Encode) ->
         db.execute(f"DELETE FROM keyed_state WHERE source = ? AND key IN ({marks})", (source, *part))
     db.execute("DELETE FROM keyed_seen WHERE source = ?", (source,))
     db.execute("UPDATE keyed_sources SET gen = gen + 1 WHERE source = ?", (source,))
-
-
-def _by_part(part: list[str]) -> Callable[[tuple[str, str]], int]:
-    order = {key: i for i, key in enumerate(part)}
-    return lambda row: order[row[0]]
-
-
-def generation(db: sqlite3.Connection, source: str) -> int:
-    return _generation(db, source)[0]
 
 
 def _generation(db: sqlite3.Connection, source: str) -> tuple[int, int]:
