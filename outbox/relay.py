@@ -24,10 +24,30 @@ import structlog
 
 from outbox.checkpoint import POS_PREFIX, Checkpoint, checkpoint_key
 from outbox.store import Outbox
+from straw.redact import redact
 
 log = structlog.get_logger("straw.relay")
 
+# Refused credentials or permissions are final: waiting does not fix a password. They are caught before
+# REDIS_DOWN (redis-py's AuthenticationError is a ConnectionError).
+REDIS_REFUSED = (redis.AuthenticationError, redis.exceptions.AuthenticationWrongNumberOfArgsError,
+                 redis.exceptions.NoPermissionError)
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
+
+
+class RedisRefused(Exception):
+    """Redis refused our credentials (AUTH) or the ACL user's permissions (NOPERM)."""
+
+
+def refused(exc: BaseException) -> RedisRefused:
+    """The one line for refused credentials: authentication failed, or the ACL user lacks a permission."""
+    detail = " ".join(str(exc).split())
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return RedisRefused(
+            f"Redis authorization failed ({detail}): the ACL user of redis.url needs +@read +@write +@stream "
+            "+@scripting +@connection on the streams and their checkpoint keys"
+        )
+    return RedisRefused(f"Redis authentication failed ({detail}): check the user and password in redis.url")
 
 
 class StopFlag(Protocol):
@@ -241,11 +261,23 @@ def run_relay(
             else:  # woken early when there is news (polling done, stop), so a short run ends promptly
                 wake.wait(idle_interval)
                 wake.clear()
+        except REDIS_REFUSED as exc:
+            failure = refused(exc)
+            log.error("relay stopped", error=str(failure))
+            for stream in streams:
+                if outbox.stream_known(stream):
+                    outbox.stream_error(stream, redact(str(failure)))
+            if client is not None:
+                client.close()
+            raise failure from None
         except REDIS_DOWN as exc:
             if health.down_since is None:
                 health.down_since = time.monotonic()
             delay = backoff.next()
-            message = f"redis unreachable ({type(exc).__name__}: {exc}); {outbox.backlog()} records wait in the outbox"
+            # Redacted before it is stored: `straw status` and the metrics show this text to anyone.
+            message = redact(
+                f"redis unreachable ({type(exc).__name__}: {exc}); {outbox.backlog()} records wait in the outbox"
+            )
             log.warning("relay waiting for redis", error=message, retry_in=round(delay, 2))
             for stream in streams:
                 if outbox.stream_known(stream):
@@ -257,7 +289,7 @@ def run_relay(
         except SplitBrain as exc:
             log.error("relay stopped", error=str(exc))
             for stream in streams:
-                outbox.stream_error(stream, str(exc))
+                outbox.stream_error(stream, redact(str(exc)))
             raise
     if client is not None:
         client.close()

@@ -9,6 +9,7 @@ reads records in `seq` order and, once Redis holds them, marks them published
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import sqlite3
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -62,6 +63,55 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
+class OutboxError(Exception):
+    """The outbox file cannot be used: one line naming the file, what happened and how to recover."""
+
+
+_FULL = ("SQLITE_FULL",)
+_READONLY = ("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH")
+_DAMAGED = ("SQLITE_NOTADB", "SQLITE_CORRUPT")
+
+
+def explain(path: Path, exc: BaseException) -> OutboxError:
+    """Turn a SQLite or OS error about the outbox into the operator's one line (what, where, what to do)."""
+    detail = " ".join(str(exc).split()) or type(exc).__name__
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if name.startswith(_FULL) or code == errno.ENOSPC:
+        return OutboxError(
+            f"outbox {path}: the disk is full ({detail}); nothing already in the outbox is lost: "
+            f"free space on the file system of {path.parent}, then start straw again"
+        )
+    if name.startswith(_DAMAGED):
+        return OutboxError(
+            f"outbox {path} is damaged or not an outbox ({detail}); move it aside (with its -wal and -shm files, "
+            f"e.g. mv {path} {path}.broken): a new outbox starts from the stream's checkpoint in Redis, "
+            "so nothing published is repeated and the rest is read from the sources again"
+        )
+    if name.startswith(_READONLY) or code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return OutboxError(
+            f"outbox {path}: cannot write ({detail}); make the file, its -wal and -shm files and the folder "
+            f"{path.parent} writable for this user (or mount the file system read-write), then start straw again"
+        )
+    if name.startswith("SQLITE_IOERR") or isinstance(exc, OSError):
+        return OutboxError(
+            f"outbox {path}: input/output error ({detail}); check the disk holding {path.parent}, "
+            "then start straw again"
+        )
+    return OutboxError(f"outbox {path}: {detail}")
+
+
+@contextmanager
+def guarded(path: Path) -> Iterator[None]:
+    """SQLite and OS errors about the outbox file become an OutboxError that says what to do."""
+    try:
+        yield
+    except (sqlite3.DatabaseError, OSError) as exc:
+        if isinstance(exc, sqlite3.IntegrityError | sqlite3.ProgrammingError | sqlite3.InterfaceError):
+            raise  # a bug of ours, not the file's state
+        raise explain(path, exc) from exc
+
+
 class Pending(NamedTuple):
     seq: int
     source: str
@@ -94,15 +144,20 @@ class Outbox:
     """Not shared across threads: open one per thread or process (SQLite handles the rest)."""
 
     def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit survives power loss too, not only a killed process.
-        self.db.execute(f"PRAGMA synchronous={synchronous}")
-        self.db.executescript(SCHEMA)
-        keyed.create(self.db)
-        self.identity = self._identity()
+        with guarded(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                # FULL: a commit survives power loss too, not only a killed process.
+                self.db.execute(f"PRAGMA synchronous={synchronous}")
+                self.db.executescript(SCHEMA)
+                keyed.create(self.db)
+                self.identity = self._identity()
+            except BaseException:
+                self.db.close()
+                raise
 
     def _identity(self) -> str:
         row = self.db.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()
@@ -116,14 +171,20 @@ class Outbox:
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        """A write transaction that takes the lock up front (no upgrade deadlock with the other process)."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        """A write transaction that takes the lock up front (no upgrade deadlock with the other process).
+
+        A full disk may end the transaction inside SQLite already (it rolls back by itself),
+        hence the check before our ROLLBACK; either way nothing of it was committed.
+        """
+        with guarded(self.path):
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
     # --- the poller's side -------------------------------------------------
 
@@ -210,6 +271,10 @@ class Outbox:
     def polled(self, source: str, error: str | None = None) -> None:
         """Note a poll that changed no position: its time, or the error that stopped it."""
         now = _now()
+        with guarded(self.path):
+            self._polled(source, now, error)
+
+    def _polled(self, source: str, now: str, error: str | None) -> None:
         self.db.execute(
             "INSERT INTO positions (source, polled_at, error, error_at) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (source) DO UPDATE SET polled_at = excluded.polled_at, error = excluded.error, "
@@ -286,10 +351,11 @@ class Outbox:
         return sum(counts.values())
 
     def stream_error(self, stream: str, error: str | None) -> None:
-        self.db.execute(
-            "UPDATE streams SET error = ?, error_at = ? WHERE stream = ?",
-            (error, _now() if error else None, stream),
-        )
+        with guarded(self.path):
+            self.db.execute(
+                "UPDATE streams SET error = ?, error_at = ? WHERE stream = ?",
+                (error, _now() if error else None, stream),
+            )
 
     # --- reading for status ------------------------------------------------
 

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import orjson
 import redis
@@ -16,11 +16,14 @@ from rich.table import Table
 from rich.text import Text
 
 from outbox.checkpoint import checkpoint_key
-from outbox.relay import REDIS_DOWN, connect
-from outbox.store import Outbox
+from outbox.lock import OutboxBusy
+from outbox.relay import REDIS_DOWN, REDIS_REFUSED, connect, refused
+from outbox.store import Outbox, OutboxError
 from straw import logs
 from straw.config import Config
 from straw.config_load import CONFIG_ENV, ConfigError, load_config
+from straw.config_types import parse_duration
+from straw.outbox_check import check_outbox
 from straw.redact import describe, redact
 from straw.runner import Runner, build_pipeline
 
@@ -53,11 +56,31 @@ def _load(path: Path | None) -> Config:
 
 @contextmanager
 def _outbox(config: Config) -> Iterator[Outbox]:
-    outbox = Outbox(config.outbox.path)
+    """The outbox for a read-only command; a full, read-only or damaged file is one line and exit 1."""
+    try:
+        outbox = Outbox(config.outbox.path)
+    except OutboxError as exc:
+        _fail(str(exc))
     try:
         yield outbox
+    except OutboxError as exc:
+        _fail(str(exc))
     finally:
         outbox.close()
+
+
+def _fail(message: str) -> NoReturn:
+    err.print("[red]error[/] ", end="", highlight=False)
+    err.print(redact(message), markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _seconds(value: str) -> float:
+    """`--wait-lock 60s`: a duration as the configuration writes them."""
+    try:
+        return float(value) if value.replace(".", "", 1).isdigit() else float(parse_duration(value))
+    except Exception:
+        raise typer.BadParameter(f"not a duration: {value!r}; write seconds (60) or e.g. '60s', '2m'") from None
 
 
 def _redis_or_none(config: Config, action: Callable[[redis.Redis], T]) -> T | str:
@@ -65,6 +88,8 @@ def _redis_or_none(config: Config, action: Callable[[redis.Redis], T]) -> T | st
     client = connect(config.redis.url, socket_timeout=3.0)
     try:
         return action(client)
+    except REDIS_REFUSED as exc:
+        return redact(str(refused(exc)))
     except REDIS_DOWN as exc:
         return f"unreachable ({describe(exc)})"
     finally:
@@ -79,13 +104,27 @@ def run(
         float, typer.Option(help="With --once: seconds to keep retrying an unreachable Redis before exiting.")
     ] = 30.0,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ERROR.")] = None,
+    wait_lock: Annotated[
+        str, typer.Option(help="Seconds (or '60s', '2m') to wait for another straw process to release the outbox.")
+    ] = "0",
 ) -> None:
-    """Poll the sources and publish to Redis; runs until stopped (SIGTERM/Ctrl-C) unless --once."""
+    """Poll the sources and publish to Redis; runs until stopped (SIGTERM/Ctrl-C) unless --once.
+
+    One process per outbox: a second one exits with code 1 at once, naming the holder's PID.
+    """
     logs.setup(log_level)
     config = _load(config_path)
-    result = Runner(config, log_level).run(once=once, wait=wait)
+    try:
+        result = Runner(config, log_level).run(once=once, wait=wait, wait_lock=_seconds(wait_lock))
+    except (OutboxBusy, OutboxError) as exc:
+        _fail(str(exc))
     if once:
+        for name, tally in result.tallies.items():
+            out.print(f"{name}: {tally.summary()}", highlight=False)
         out.print(f"read {result.rows_read} rows; outbox backlog {result.backlog}", highlight=False)
+    if result.stopped is not None:
+        left = f"; {result.backlog} records wait in the outbox for the next run" if result.backlog else ""
+        out.print(f"stopped by {result.stopped}{left}", highlight=False)
     for problem in result.errors:
         err.print("[red]error[/] ", end="", highlight=False)
         err.print(problem, markup=False, highlight=False, soft_wrap=True)
@@ -120,11 +159,8 @@ def check(config_path: ConfigOption = None) -> None:
             line(False, f"source {spec.name}", describe(exc))
         finally:
             pipeline.source.close()
-    try:
-        with _outbox(config) as outbox:
-            line(True, "outbox", f"{config.outbox.path} (backlog {outbox.backlog()})")
-    except Exception as exc:
-        line(False, "outbox", f"{config.outbox.path}: {describe(exc)}")
+    ok, detail = check_outbox(config.outbox.path)  # writes nothing, creates nothing
+    line(ok, "outbox", detail)
     info = _redis_or_none(config, lambda c: c.info("server"))
     if isinstance(info, str):
         line(False, "redis", info)
@@ -195,6 +231,12 @@ def _when(stamp: str | None) -> str:
     return stamp[:19].replace("T", " ") + "Z" if stamp else "never"
 
 
+def _read_cell(spec: Any, rows: int) -> str:
+    """A snapshot source lists every row at every poll: say so, so that "read" is not taken for changes
+    (its changes are the events it published)."""
+    return f"{rows} listed" if getattr(spec, "mode", None) == "snapshot" else str(rows)
+
+
 def _cell(value: Any) -> Text:
     """Legacy text as it is: `[urgent]` is data, not console markup."""
     return Text("∅" if value is None else str(value))
@@ -218,7 +260,7 @@ def status(config_path: ConfigOption = None) -> None:
             spec.name,
             Text(state.position if state and state.position else "(start)"),
             _when(state.polled_at if state else None),
-            str(state.rows_read if state else 0),
+            _read_cell(spec, state.rows_read if state else 0),
             str(state.rows_published if state else 0),
             str(dead.get(spec.name, 0)),
             Text(redact(state.error) if state and state.error else "", style="red"),

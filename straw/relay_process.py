@@ -23,8 +23,8 @@ from typing import IO, Any
 
 import orjson
 
-from outbox.relay import Health, connect, run_relay
-from outbox.store import Outbox
+from outbox.relay import Health, RedisRefused, connect, run_relay
+from outbox.store import Outbox, OutboxError
 from straw import logs
 from straw.config import Config
 from straw.redact import redact, register_secret, registered_secrets
@@ -84,10 +84,11 @@ def child_main() -> int:
         halt()  # stdin closed: the parent is gone
 
     threading.Thread(target=listen, name="parent", daemon=True).start()
-    # NORMAL: the relay's commits only mark records published; if power loss undoes one,
-    # the Redis checkpoint says what was published and the next round reconciles.
-    outbox = Outbox(config.outbox.path, synchronous="NORMAL")
+    outbox: Outbox | None = None
     try:
+        # NORMAL: the relay's commits only mark records published; if power loss undoes one,
+        # the Redis checkpoint says what was published and the next round reconciles.
+        outbox = Outbox(config.outbox.path, synchronous="NORMAL")
         run_relay(
             lambda: connect(config.redis.url, config.redis.socket_timeout),
             outbox,
@@ -101,11 +102,15 @@ def child_main() -> int:
             wake=wake,
             health=ReportingHealth(stdout),
         )
+    except (RedisRefused, OutboxError) as exc:  # already the operator's one line
+        _send(stdout, {"error": redact(str(exc))})
+        return 1
     except Exception as exc:
         _send(stdout, {"error": redact(f"{type(exc).__name__}: {exc}")})
         return 1
     finally:
-        outbox.close()
+        if outbox is not None:
+            outbox.close()
     return 0
 
 

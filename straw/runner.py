@@ -7,11 +7,12 @@ can be down, or busy, while the other goes on.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,15 +23,16 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from adapters.db.poller import DbSource, SchemaDrift
 from adapters.scrape.errors import ScrapeError
-from outbox.relay import REDIS_DOWN, adopt_streams, connect
-from outbox.store import Outbox
+from outbox.lock import OutboxLock
+from outbox.relay import REDIS_DOWN, REDIS_REFUSED, adopt_streams, connect, refused
+from outbox.store import Outbox, OutboxError
 from straw.config import AnySourceSpec, Config
 from straw.config_scrape import ScrapeSourceSpec
-from straw.mapping import KeyedBatch, MappedBatch, Mapper, MappingError
-from straw.records import observed_now, source_uri
+from straw.mapping import DeadLetter, KeyedBatch, MappedBatch, Mapper, MappingError
+from straw.records import DELETED, observed_now, source_uri
 from straw.redact import describe
 from straw.relay_process import RelayProcess
-from straw.source import Source
+from straw.source import RawBatch, Source
 
 if TYPE_CHECKING:
     from straw.metrics import Metrics
@@ -79,16 +81,62 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def poll(pipeline: Pipeline, outbox: Outbox) -> int:
-    """Read everything after the stored position into the outbox, batch by batch; return rows read."""
+@dataclass
+class Tally:
+    """What polling one source did: rows read, events new in the outbox (upserted / deleted), dead letters."""
+
+    rows: int = 0
+    upserted: int = 0
+    deleted: int = 0
+    dead: int = 0
+
+    def add(self, other: Tally) -> None:
+        self.rows += other.rows
+        self.upserted += other.upserted
+        self.deleted += other.deleted
+        self.dead += other.dead
+
+    def summary(self) -> str:
+        return (f"{self.rows} rows read, {self.upserted + self.deleted} events new "
+                f"({self.upserted} upserted, {self.deleted} deleted), {self.dead} dead letters")
+
+
+def poll(
+    pipeline: Pipeline, outbox: Outbox, *, stop: Callable[[], bool] | None = None, tally: Tally | None = None
+) -> int:
+    """Read everything after the stored position into the outbox, batch by batch; return rows read.
+
+    `stop`: asked after each committed batch; when it says so, the poll ends there (the
+    position stands after that batch, so the next poll goes on from it). `tally`: counts
+    what the poll did.
+    """
     spec = pipeline.spec
     rows = 0
-    for batch in pipeline.source.read(outbox.position(spec.name)):
+    tally = tally if tally is not None else Tally()
+    batches = pipeline.source.read(outbox.position(spec.name))
+    try:
+        rows = _poll_batches(pipeline, outbox, batches, stop, tally)
+    finally:
+        close = getattr(batches, "close", None)  # a stop leaves the read unfinished: release its cursor now
+        if close is not None:
+            close()
+    if rows == 0:
+        outbox.polled(spec.name)
+    return rows
+
+
+def _poll_batches(
+    pipeline: Pipeline, outbox: Outbox, batches: Iterator[RawBatch], stop: Callable[[], bool] | None, tally: Tally
+) -> int:
+    spec = pipeline.spec
+    rows = 0
+    for batch in batches:
         mapped: MappedBatch | KeyedBatch
         if batch.keyed:
             mapped = pipeline.mapper.map_keyed(batch, partial(outbox.digests, spec.name))
             observed = observed_now()
-            outbox.append_keyed(
+            deleted = [0]
+            written = outbox.append_keyed(
                 spec.name,
                 spec.stream,
                 mapped.changes,
@@ -96,9 +144,11 @@ def poll(pipeline: Pipeline, outbox: Outbox) -> int:
                 batch.next_position,
                 len(batch.rows),
                 complete=batch.complete,
-                encode=partial(_encode_at, pipeline.mapper, observed),
+                encode=partial(_encode_counted, pipeline.mapper, observed, deleted),
                 unchanged=[id_ for _key, id_ in mapped.unchanged],
             )
+            tally.upserted += written - deleted[0]
+            tally.deleted += deleted[0]
         else:
             mapped = pipeline.mapper.map(batch)
             outbox.append(
@@ -109,21 +159,49 @@ def poll(pipeline: Pipeline, outbox: Outbox) -> int:
                 batch.next_position,
                 len(batch.rows),
             )
+            gone = _deletions(batch.ops, batch.positions, mapped.dead) if batch.ops is not None else 0
+            tally.upserted += len(mapped.events) - gone
+            tally.deleted += gone
         if mapped.dead:
             log.warning("rows sent to dead letters", source=spec.name, count=len(mapped.dead),
                         first_reason=mapped.dead[0].reason)
         rows += len(batch.rows)
-    if rows == 0:
-        outbox.polled(spec.name)
+        tally.rows += len(batch.rows)
+        tally.dead += len(mapped.dead)
+        if stop is not None and stop():
+            break  # a stop takes effect here, at a batch boundary: this batch is committed
     return rows
 
 
-def _encode_at(mapper: Mapper, time: str, op: str, key: str, position: str, data: dict[str, Any]) -> bytes:
+def _encode_counted(
+    mapper: Mapper, time: str, deleted: list[int], op: str, key: str, position: str, data: dict[str, Any]
+) -> bytes:
+    if op == DELETED:
+        deleted[0] += 1
     return mapper.encode(op, key, position, data, time)
+
+
+def _deletions(ops: Sequence[str], positions: Sequence[str], dead: Sequence[DeadLetter]) -> int:
+    """How many rows of a soft-delete batch became `deleted` events (dead letters do not)."""
+    skipped = {d.position for d in dead}
+    return sum(1 for op, pos in zip(ops, positions, strict=True) if op == DELETED and pos not in skipped)
 
 
 # A failing source is reported and retried; it must not stop the other sources or the relay.
 POLL_ERRORS = (SQLAlchemyError, SchemaDrift, ScrapeError, MappingError, OSError, ValueError, TypeError)
+
+# How long a stopped run (SIGTERM/SIGINT) lets the relay publish what the outbox holds before exiting;
+# what is left stays safe in the outbox for the next run.
+STOP_GRACE = 2.0
+
+# Driver messages that mean the database refused our credentials (PostgreSQL, MariaDB/MySQL, SQL Server, ODBC).
+_AUTH_FAILED = ("password authentication failed", "access denied for user", "authentication failed",
+                "login failed", "invalid authorization specification", "no pg_hba.conf entry")
+
+
+def auth_failed(message: str) -> bool:
+    lowered = message.lower()
+    return any(hint in lowered for hint in _AUTH_FAILED)
 
 
 @dataclass
@@ -131,22 +209,31 @@ class RunResult:
     rows_read: int = 0
     errors: list[str] = field(default_factory=list)
     backlog: int = 0
+    tallies: dict[str, Tally] = field(default_factory=dict)  # per source, what this run did
+    stopped: str | None = None  # the signal that stopped the run, if one did
 
 
 class Runner:
     def __init__(self, config: Config, log_level: str | None = None) -> None:
         self.config = config
         self.stop = threading.Event()
+        self.hurry = threading.Event()  # a second signal: do not wait for the relay
+        self.stopped: str | None = None
         self.log_level = log_level
         self.metrics: Metrics | None = None
 
-    def run(self, *, once: bool = False, wait: float = 30.0) -> RunResult:
+    def run(self, *, once: bool = False, wait: float = 30.0, wait_lock: float = 0.0) -> RunResult:
         """`once`: poll every source until caught up, publish everything, return.
 
         `wait` (once only): how long to keep retrying Redis before giving up with
         the records safe in the outbox. With `metrics` configured, /metrics is
-        served for as long as this runs.
+        served for as long as this runs. The outbox is locked for the whole run
+        (OutboxBusy if another process holds it `wait_lock` seconds on).
         """
+        with OutboxLock(self.config.outbox.path, wait_lock):
+            return self._serve(once, wait)
+
+    def _serve(self, once: bool, wait: float) -> RunResult:
         spec = self.config.metrics
         if spec is None:
             return self._run(once, wait)
@@ -173,37 +260,49 @@ class Runner:
         relay = RelayProcess(config, self.log_level)
         relay.start()
         try:
-            with _stop_on_signals(self.stop):
+            with _stop_on_signals(self):
                 deadline = time.monotonic() + wait
                 if once:
                     for pipeline in pipelines:
-                        if not self._await_stream(outbox, pipeline.spec.stream, deadline):
-                            result.errors.append(
-                                f"{pipeline.spec.name}: stream {pipeline.spec.stream!r} not adopted: "
-                                "Redis unreachable, and a new outbox must read the stream's checkpoint first"
-                            )
+                        if self.stop.is_set():
+                            break
+                        stream_error = self._await_stream(outbox, pipeline.spec.stream, deadline, relay)
+                        if stream_error is not None:
+                            result.errors.append(f"{pipeline.spec.name}: {stream_error}")
                             continue
                         result.rows_read += self._catch_up(pipeline, outbox, result)
                     relay.drain()
                     self._await_relay(relay, wait)
                 else:
                     self._loop(pipelines, outbox, result, relay)
+                if self.stop.is_set():
+                    self._grace(relay)
         finally:
             self.stop.set()
             relay.shutdown()
             for pipeline in pipelines:
                 pipeline.source.close()
-            result.backlog = outbox.backlog()
-            outbox.close()
+            try:
+                result.backlog = outbox.backlog()
+            finally:
+                outbox.close()
+        result.stopped = self.stopped
         relay_error = relay.error()
         if relay_error is not None:
             result.errors.append(f"relay: {relay_error}")
-        elif result.backlog:
+        elif result.backlog and self.stopped is None:
             result.errors.append(
                 f"{result.backlog} records wait in the outbox (Redis unreachable?); they are safe and "
                 "will be published by the next run"
             )
         return result
+
+    def _grace(self, relay: RelayProcess) -> None:
+        """Stopped by a signal: let the relay publish what the outbox holds, for STOP_GRACE seconds at most."""
+        relay.drain()
+        deadline = time.monotonic() + STOP_GRACE
+        while relay.is_alive() and not self.hurry.is_set() and time.monotonic() < deadline:
+            relay.join(timeout=0.05)
 
     def _catch_up(self, pipeline: Pipeline, outbox: Outbox, result: RunResult) -> int:
         """Poll until a poll comes back short of `max_rows_per_poll` (or fails)."""
@@ -224,50 +323,73 @@ class Runner:
             if down is not None and time.monotonic() - down > wait:
                 return
 
-    def _await_stream(self, outbox: Outbox, stream: str, deadline: float) -> bool:
-        """A new outbox must take the stream's checkpoint from Redis before its first poll.
+    def _await_stream(self, outbox: Outbox, stream: str, deadline: float, relay: RelayProcess) -> str | None:
+        """A new outbox must take the stream's checkpoint from Redis before its first poll; None once it has.
 
         We read it here rather than wait for the relay process to start and do it;
-        if Redis is not there, the relay will adopt the stream once it is.
+        if Redis is not there, the relay will adopt the stream once it is. Refused
+        credentials are final: no use waiting for them.
         """
         if not outbox.stream_known(stream):
             client = connect(self.config.redis.url, socket_timeout=min(self.config.redis.socket_timeout, 5.0))
             try:
                 adopt_streams(client, outbox, [stream])
+            except REDIS_REFUSED as exc:
+                return describe(refused(exc))
             except REDIS_DOWN:
                 pass
             finally:
                 client.close()
         while not outbox.stream_known(stream):
-            if self.stop.is_set() or time.monotonic() > deadline:
-                return False
+            if self.stop.is_set() or time.monotonic() > deadline or not relay.is_alive():
+                if relay.error() is not None:
+                    return "stream not adopted: the relay stopped (below)"
+                return (f"stream {stream!r} not adopted: Redis unreachable, and a new outbox must read the "
+                        "stream's checkpoint first")
             time.sleep(0.02)
-        return True
+        return None
 
     def _poll_logged(self, pipeline: Pipeline, outbox: Outbox, result: RunResult) -> int:
         spec = pipeline.spec
         started = time.monotonic()
+        tally = Tally()
         try:
-            rows = poll(pipeline, outbox)
+            rows = poll(pipeline, outbox, stop=self.stop.is_set, tally=tally)
+        except OutboxError as exc:
+            # The outbox itself failed (full disk, read-only, damaged): nothing to note in it either.
+            self._failed(pipeline, result, started, str(exc))
+            return 0
         except POLL_ERRORS as exc:
-            if self.metrics is not None:
-                self.metrics.observe(spec.name, time.monotonic() - started, failed=True)
             message = describe(exc)
-            pipeline.failures += 1
-            delay = min(spec.poll_interval * 2**pipeline.failures, 300.0)
-            pipeline.next_due = time.monotonic() + delay
-            log.error("poll failed; position not advanced", source=spec.name, error=message,
-                      retry_in=round(delay, 1))
-            outbox.polled(spec.name, error=message)
-            result.errors.append(f"{spec.name}: {message}")
+            if auth_failed(message):
+                message = f"database authentication failed ({message}); check the user and password in the url"
+            self._failed(pipeline, result, started, message)
+            with contextlib.suppress(OutboxError):
+                outbox.polled(spec.name, error=message)
             return 0
         if self.metrics is not None:
             self.metrics.observe(spec.name, time.monotonic() - started, failed=False)
         pipeline.failures = 0
-        pipeline.next_due = time.monotonic() + spec.poll_interval
-        if rows:
-            log.info("polled", source=spec.name, rows=rows, seconds=round(time.monotonic() - started, 3))
+        limit = spec.max_rows_per_poll
+        # A poll cut at its cap has more waiting: the next one is due at once, not a poll_interval later.
+        pipeline.next_due = time.monotonic() + (0.0 if limit and rows >= limit else spec.poll_interval)
+        result.tallies.setdefault(spec.name, Tally()).add(tally)
+        if tally.upserted or tally.deleted or tally.dead:
+            log.info("polled", source=spec.name, rows=rows, upserted=tally.upserted, deleted=tally.deleted,
+                     dead_letters=tally.dead, seconds=round(time.monotonic() - started, 3))
+        elif rows:
+            log.debug("polled; nothing new", source=spec.name, rows=rows)
         return rows
+
+    def _failed(self, pipeline: Pipeline, result: RunResult, started: float, message: str) -> None:
+        spec = pipeline.spec
+        if self.metrics is not None:
+            self.metrics.observe(spec.name, time.monotonic() - started, failed=True)
+        pipeline.failures += 1
+        delay = min(spec.poll_interval * 2**pipeline.failures, 300.0)
+        pipeline.next_due = time.monotonic() + delay
+        log.error("poll failed; position not advanced", source=spec.name, error=message, retry_in=round(delay, 1))
+        result.errors.append(f"{spec.name}: {message}")
 
     def _loop(self, pipelines: list[Pipeline], outbox: Outbox, result: RunResult, relay: RelayProcess) -> None:
         while not self.stop.is_set():
@@ -284,15 +406,21 @@ class Runner:
 
 
 @contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGTERM/SIGINT finish the current batch and stop; each batch is its own transaction anyway."""
+def _stop_on_signals(runner: Runner) -> Iterator[None]:
+    """SIGTERM/SIGINT: stop at the next batch boundary (each batch is its own transaction), let the
+    relay publish for a moment, exit; a second signal cuts that moment short."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, _frame: Any) -> None:
-        log.info("stopping", signal=signal.Signals(signum).name)
-        stop.set()
+        name = signal.Signals(signum).name
+        if runner.stop.is_set():
+            runner.hurry.set()
+            return
+        log.info("stopping at the next batch boundary", signal=name)
+        runner.stopped = name
+        runner.stop.set()
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
