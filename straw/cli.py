@@ -161,7 +161,8 @@ def check(config_path: ConfigOption = None) -> None:
             pipeline.source.close()
     ok, detail = check_outbox(config.outbox.path)  # writes nothing, creates nothing
     line(ok, "outbox", detail)
-    info = _redis_or_none(config, lambda c: c.info("server"))
+    # The streams' lengths too: an ACL user that may connect but not touch the streams fails here, not at run.
+    info = _redis_or_none(config, lambda c: (c.info("server"), [c.xlen(s) for s in config.streams])[0])
     if isinstance(info, str):
         line(False, "redis", info)
     else:

@@ -289,7 +289,8 @@ class Runner:
         result.stopped = self.stopped
         relay_error = relay.error()
         if relay_error is not None:
-            result.errors.append(f"relay: {relay_error}")
+            if not any(relay_error in error for error in result.errors):  # refused credentials: said once
+                result.errors.append(f"relay: {relay_error}")
         elif result.backlog and self.stopped is None:
             result.errors.append(
                 f"{result.backlog} records wait in the outbox (Redis unreachable?); they are safe and "
