@@ -17,7 +17,7 @@ from types import TracebackType
 
 from filelock import FileLock, Timeout
 
-from outbox.store import guarded
+from outbox.store import explain
 
 
 class OutboxBusy(Exception):
@@ -56,10 +56,11 @@ class OutboxLock:
 
     def acquire(self) -> None:
         try:
-            with guarded(self.outbox):  # a read-only folder or a full disk: say so, naming the outbox
-                self.outbox.parent.mkdir(parents=True, exist_ok=True)
-                self._lock.acquire(timeout=self.wait, poll_interval=0.1)
-        except Timeout:
+            self.outbox.parent.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire(timeout=self.wait, poll_interval=0.1)
+        except OSError as exc:
+            if not isinstance(exc, Timeout):  # a TimeoutError, hence an OSError, but not the disk's
+                raise explain(self.outbox, exc) from exc  # a read-only folder, a full disk: naming the outbox
             waited = f" (waited {self.wait:g}s)" if self.wait else ""
             raise OutboxBusy(
                 f"outbox {self.outbox} is in use by another straw process (PID {holder(self.outbox)}){waited}; "
