@@ -33,6 +33,8 @@ def items_config(directory: Path, *, db_url: str, redis_url: str, stream: str, *
         "mapping": {"id": "ID", "v": "V"}, "batch_size": 5000, "poll_interval": 0.05,
     }
     spec.update(source)
+    if spec["mode"] != "incrementing":
+        del spec["incrementing_column"]
     config = {
         "instance": "test",
         "redis": {"url": redis_url},

@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import redis
 
 from straw.config_load import load_config
@@ -20,6 +21,7 @@ from tests.crashes import spawn_straw, straw_command, tail
 MILLION = 1_000_000
 
 
+@pytest.mark.slow  # a million rows through the whole slice: about a minute
 def test_sigterm_during_a_million_row_poll_stops_at_a_batch_boundary(
     tmp_path: Path, redis_client: redis.Redis, redis_url: str, stream_name: str
 ) -> None:
