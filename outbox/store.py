@@ -103,11 +103,15 @@ def explain(path: Path, exc: BaseException) -> OutboxError:
 
 @contextmanager
 def guarded(path: Path) -> Iterator[None]:
-    """SQLite and OS errors about the outbox file become an OutboxError that says what to do."""
+    """SQLite's errors about the outbox file become an OutboxError that says what to do.
+
+    Only SQLite's: an OSError raised by the caller's code inside a transaction (an encoder,
+    say) is not about the file, and passes as it is.
+    """
     try:
         yield
-    except (sqlite3.DatabaseError, OSError) as exc:
-        if isinstance(exc, sqlite3.IntegrityError | sqlite3.ProgrammingError | sqlite3.InterfaceError):
+    except sqlite3.DatabaseError as exc:
+        if isinstance(exc, sqlite3.IntegrityError | sqlite3.ProgrammingError):
             raise  # a bug of ours, not the file's state
         raise explain(path, exc) from exc
 
@@ -145,8 +149,11 @@ class Outbox:
 
     def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
         self.path = path
-        with guarded(path):
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise explain(path, exc) from exc
+        with guarded(path):
             self.db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
             try:
                 self.db.execute("PRAGMA journal_mode=WAL")
