@@ -23,9 +23,10 @@ from urllib.parse import urljoin
 import orjson
 import structlog
 
-from adapters.scrape.errors import LoginFailed, ScrapeError
+from adapters.scrape.errors import Challenged, ScrapeError
 from adapters.scrape.extract import playwright_selector
 from adapters.scrape.fetch import Meanwhile, RateLimit, describe_error, postback_args, with_retries, write_private
+from adapters.scrape.login import check_submission, login_form
 from adapters.scrape.page import Node, Page
 from straw.config_scrape import HttpSpec, Locator, LoginSpec
 
@@ -215,6 +216,8 @@ class BrowserFetcher:
             status = response.status if response is not None else 200
             if status >= 500:
                 return f"HTTP {status}"
+            if status in (401, 403):
+                raise Challenged(f"source {self.source!r}: {what}: HTTP {status}", status)
             if status >= 400:
                 raise ScrapeError(f"source {self.source!r}: {what}: HTTP {status}")
             self._document = response
@@ -272,17 +275,23 @@ class BrowserFetcher:
             raise ScrapeError(
                 f"source {self.source!r}: clicking {locator} on {page.url}: {describe_error(exc)}"
             ) from None
+        if response is not None and response.status in (401, 403):
+            raise Challenged(f"source {self.source!r}: clicking {locator} on {page.url}: HTTP {response.status}",
+                             response.status)
         if response is not None and response.status >= 400:
             raise ScrapeError(f"source {self.source!r}: clicking {locator} on {page.url}: HTTP {response.status}")
         self._document = response
         return self._snapshot()
 
     def login(self, spec: LoginSpec, url: str) -> Page:
-        self.open(url)
+        shown = self.open(url)
         page = self.page
-        form = page.locator(f"css={spec.form}").first
-        if form.count() == 0:
-            raise LoginFailed(f"source {self.source!r}: no login form ({spec.form!r}) on {page.url}")
+        form = page.locator(f"css={spec.form_css}").nth(login_form(self.source, shown, spec))
+        # Where the browser would really send it: the form's resolved method and action.
+        method, action = form.evaluate(
+            "f => [f.getAttribute('method') || 'get', new URL(f.getAttribute('action') || '', document.baseURI).href]"
+        )
+        check_submission(self.source, page.url, str(method), str(action))
         for name, value in spec.fields.items():
             form.locator(f"[name={_quoted(name)}]").fill(value)
         submit = form.locator(f"css={spec.submit}") if spec.submit else form.locator(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 import threading
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
@@ -12,11 +13,12 @@ import httpx
 import orjson
 import structlog
 
-from adapters.scrape.errors import LoginFailed, ScrapeError
+from adapters.scrape.errors import Challenged, ScrapeError
 from adapters.scrape.fetch import (
     Meanwhile,
     Once,
     RateLimit,
+    backoff,
     describe_error,
     enclosing_form,
     form_values,
@@ -24,6 +26,7 @@ from adapters.scrape.fetch import (
     with_retries,
     write_private,
 )
+from adapters.scrape.login import check_submission, login_form
 from adapters.scrape.page import Node, Page, css, decode
 from straw.config_scrape import HttpSpec, Locator, LoginSpec
 
@@ -117,6 +120,9 @@ class StaticFetcher:
                 return describe_error(exc)
             if response.status_code >= 500:
                 return f"HTTP {response.status_code}"
+            if response.status_code in (401, 403):
+                raise Challenged(f"source {self.source!r}: {method} {url}: HTTP {response.status_code}",
+                                 response.status_code)
             if response.status_code >= 400:
                 raise ScrapeError(f"source {self.source!r}: {method} {url}: HTTP {response.status_code}")
             text = decode(response.content, response.headers.get("content-type"), self.http.encoding)
@@ -175,13 +181,45 @@ class StaticFetcher:
         return "GET", urljoin(page.url, href), None
 
     def login(self, spec: LoginSpec, url: str) -> Page:
-        page = self.open(url)
-        forms = css(page.tree, spec.form)
-        if not forms:
-            raise LoginFailed(f"source {self.source!r}: no login form ({spec.form!r}) on {page.url}")
-        values = form_values(forms[0])
-        values.update(spec.fields)
-        return self.submit(page, forms[0], values)
+        # A failed POST is not sent again: its single-use token is spent. The form is fetched afresh.
+        attempts = self.http.retries + 1
+        problem = ""
+        for number in range(attempts):
+            page = self.open(url)
+            form = css(page.tree, spec.form_css)[login_form(self.source, page, spec)]
+            values = form_values(form)
+            values.update(spec.fields)
+            method, action, _ = self._form_request(page, form, {})
+            check_submission(self.source, page.url, method, action)
+            outcome = self._post_login(page.url, action, values)
+            if isinstance(outcome, Page):
+                return outcome
+            problem = outcome
+            if number + 1 < attempts:
+                delay = backoff(number, self.http.backoff)
+                log().warning("retrying", source=self.source, what=f"login at {page.url}", error=problem,
+                              retry_in=delay)
+                time.sleep(delay)
+        raise ScrapeError(f"source {self.source!r}: login at {url} failed {attempts} time(s): {problem}")
+
+    def _post_login(self, page_url: str, action: str, values: dict[str, str]) -> Page | str:
+        """POST the credentials; redirects are followed by hand, so that none re-posts them elsewhere."""
+        self.limit.wait()
+        try:
+            response = self.client.request("POST", action, data=values, follow_redirects=False)
+            while response.next_request is not None:
+                following = response.next_request
+                if following.method == "POST":
+                    # 307/308 repeat the POST, body and all: only within the login page's origin.
+                    check_submission(self.source, page_url, "POST", str(following.url))
+                response = self.client.send(following, follow_redirects=False)
+        except httpx.HTTPError as exc:
+            return describe_error(exc)
+        if response.status_code >= 500:
+            return f"HTTP {response.status_code}"
+        # 4xx too: the success check then says the login did not succeed.
+        text = decode(response.content, response.headers.get("content-type"), self.http.encoding)
+        return Page(str(response.url), text)
 
     def wait_for(self, locator: Locator, seconds: float, unless: str | None = None) -> Page | None:
         return None
