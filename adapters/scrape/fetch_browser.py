@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
 
-import orjson
 import structlog
 
+from adapters.scrape import session
 from adapters.scrape.errors import Challenged, ScrapeError
 from adapters.scrape.extract import playwright_selector
-from adapters.scrape.fetch import Meanwhile, RateLimit, describe_error, postback_args, with_retries, write_private
+from adapters.scrape.fetch import Meanwhile, RateLimit, describe_error, postback_args, with_retries
 from adapters.scrape.login import check_submission, login_form
 from adapters.scrape.page import Node, Page
 from straw.config_scrape import HttpSpec, Locator, LoginSpec
@@ -116,8 +116,7 @@ class BrowserFetcher:
                 "username": self.http.basic_auth.username,
                 "password": self.http.basic_auth.password,
             }
-        if self.session_file is not None and self.session_file.exists():
-            options["storage_state"] = str(self.session_file)
+        options["storage_state"] = session.load(self.session_file, self.source)
         self._options = {k: v for k, v in options.items() if v is not None}
         self._context = browser.new_context(**self._options)
         self._context.set_default_timeout(self.http.timeout * 1000)
@@ -186,8 +185,8 @@ class BrowserFetcher:
         self._context = self._page = self._document = None
 
     def save_session(self) -> None:
-        if self.session_file is not None and self._context is not None:
-            write_private(self.session_file, orjson.dumps(self._context.storage_state()))
+        if self._context is not None:
+            session.save(self.session_file, self._context.storage_state())
 
     @property
     def page(self) -> Any:

@@ -10,9 +10,9 @@ from typing import Any
 from urllib.parse import urljoin
 
 import httpx
-import orjson
 import structlog
 
+from adapters.scrape import session
 from adapters.scrape.errors import Challenged, ScrapeError
 from adapters.scrape.fetch import (
     Meanwhile,
@@ -24,7 +24,6 @@ from adapters.scrape.fetch import (
     form_values,
     postback_args,
     with_retries,
-    write_private,
 )
 from adapters.scrape.login import check_submission, login_form
 from adapters.scrape.page import Node, Page, css, decode
@@ -77,24 +76,12 @@ class StaticFetcher:
         return self.http.concurrency
 
     def begin(self) -> None:
-        if self.session_file is None or not self.session_file.exists():
-            return
-        try:
-            saved = orjson.loads(self.session_file.read_bytes())
-        except (OSError, orjson.JSONDecodeError) as exc:
-            log().warning("session file unreadable; logging in afresh", source=self.source, error=str(exc))
-            return
-        for cookie in saved:
+        state = session.load(self.session_file, self.source)
+        for cookie in state["cookies"] if state else []:
             self.client.cookies.set(cookie["name"], cookie["value"], domain=cookie["domain"], path=cookie["path"])
 
     def save_session(self) -> None:
-        if self.session_file is None:
-            return
-        cookies = [
-            {"name": c.name, "value": c.value, "domain": c.domain, "path": c.path}
-            for c in self.client.cookies.jar
-        ]
-        write_private(self.session_file, orjson.dumps(cookies))
+        session.save(self.session_file, session.from_jar(self.client.cookies.jar))
 
     def end(self) -> None:
         pass
