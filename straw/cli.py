@@ -160,6 +160,10 @@ def preview(
             dead.extend((d.position, d.reason) for d in mapped.dead)
     except Exception as exc:
         err.print(describe(exc), markup=False, highlight=False, soft_wrap=True)
+        diagnose = getattr(pipeline.source, "diagnose", None)  # scrape: what each selector finds there
+        probes = diagnose(exc) if diagnose is not None else None
+        if probes:
+            _print_probes(probes)
         raise typer.Exit(1) from None
     finally:
         pipeline.source.close()
@@ -188,6 +192,20 @@ def _print_selectors(selectors: Iterable[tuple[str, str, bool, int]], rows: int)
         matched = Text(f"{rows - missing}/{rows}", style="bold red" if missing else "green")
         table.add_row(Text(name + (" *" if required else "")), Text(where), matched)
     out.print(table)
+
+
+def _print_probes(probes: Iterable[Any]) -> None:
+    """After layout drift: every field, its selector, what it matched on that page and why it failed."""
+    table = Table(title="selectors on the page that failed (* required)")
+    for column in ("field", "selector", "matched", "first value", "problem"):
+        table.add_column(column, overflow="fold")
+    for p in probes:
+        style = "bold red" if p.problem and p.required else "yellow" if p.problem else "green"
+        table.add_row(
+            Text(p.field + (" *" if p.required else "")), Text(p.selector),
+            Text(f"{p.matched}/{p.of}", style=style), _cell(p.first), Text(redact(p.problem), style=style),
+        )
+    out.print(table, crop=False)
 
 
 def _when(stamp: str | None) -> str:
