@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 import redis
 
 from fixtures.webui import WebUI, start_webui
 from fixtures.webui.configs import orders_list, scrape_config
+from tests.helpers import run_once
 from tests.test_cli import invoke, lines
 
 
@@ -92,3 +94,24 @@ def test_preview_names_a_regex_that_did_not_match_and_a_failed_parse(
     text = " ".join(result.output.split())
     assert "regex /^(\\d+)$/ did not match 'Café Müller'" in text
     assert "cannot read '01-01-2026' as date with format '%Y/%m/%d'" in text
+
+
+def test_status_in_a_pipe_or_as_json_shows_the_whole_error(
+    tmp_path: Path, webui: WebUI, redis_url: str, stream_name: str
+) -> None:
+    path = scrape_config(tmp_path, webui, redis_url=redis_url, stream=stream_name, listing=orders_list(),
+                         with_detail=False)
+    webui.layout = "v2"
+    errors = run_once(path).errors
+    assert len(errors) == 1
+    expected = f"source 'web-orders': layout drift on {webui.url}orders: field 'amount' (css 'td.amt') matched nothing"
+    narrow = invoke("status", "--config", str(path), env={"COLUMNS": "60"})  # not a terminal, and narrow
+    assert narrow.exit_code == 0, narrow.output
+    assert any(expected in line for line in narrow.stdout.splitlines()), narrow.stdout  # one line, not cut
+    as_json = invoke("status", "--config", str(path), "--json", env={"COLUMNS": "60"})
+    assert as_json.exit_code == 0, as_json.output
+    document = orjson.loads(as_json.stdout)
+    (source,) = document["sources"]
+    assert source["source"] == "web-orders" and expected in source["error"] and source["read"] == 0
+    assert document["streams"][0]["stream"] == stream_name
+    assert document["outbox"]["backlog"] == 0
