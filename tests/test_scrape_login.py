@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,15 @@ import pytest
 import redis
 import yaml
 
+from adapters.scrape import ScrapeSource
 from adapters.scrape.errors import LoginFailed
+from adapters.scrape.fetch_static import StaticFetcher
 from adapters.scrape.login import check_submission
 from fixtures.webui import WebUI, start_webui
 from fixtures.webui.configs import grid_list, orders_list, scrape_config
 from fixtures.webui.server import OWNER, PASSWORD
+from straw.config_load import load_config
+from straw.config_scrape import ScrapeSourceSpec
 from tests.helpers import read_stream, run_once
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -333,3 +338,40 @@ def test_an_unreadable_foreign_or_stale_session_file_is_ignored_with_a_warning(
     logged = captured.out + captured.err
     assert "session file ignored" in logged and str(session) in logged
     assert orjson.loads(session.read_bytes())["cookies"][0]["name"] == "SID"  # replaced by a good one
+
+
+def test_sources_on_one_host_share_one_connection_pool_and_rate_limit(
+    tmp_path: Path, redis_url: str, stream_name: str
+) -> None:
+    ui = start_webui(40, detail_delay=0.05)
+    try:
+        specs = []
+        for name, concurrency, rate in (("a", 2, None), ("b", 4, 1000.0)):
+            folder = tmp_path / name
+            folder.mkdir()
+            path = scrape_config(folder, ui, redis_url=redis_url, stream=stream_name, listing=orders_list(),
+                                 name=name, http={"concurrency": concurrency, "rate_limit": rate, "retries": 0})
+            spec = load_config(path).sources[0]
+            assert isinstance(spec, ScrapeSourceSpec)
+            specs.append(spec)
+        sources = [ScrapeSource(spec) for spec in specs]
+        try:
+            first, second = (s.fetcher for s in sources)
+            assert isinstance(first, StaticFetcher) and isinstance(second, StaticFetcher)
+            assert first.host is not None and first.host is second.host
+            assert first.host.connections == 2
+            assert first.limit is second.limit and first.limit.interval == 1 / 1000.0
+
+            crawls = [threading.Thread(target=source.crawl) for source in sources]
+            for thread in crawls:
+                thread.start()
+            for thread in crawls:
+                thread.join()
+            assert all(s.last is not None and len(s.last.items) == 40 for s in sources)
+            # Each source reads detail pages 2 and 4 at a time; the server never sees more than 2.
+            assert ui.max_in_flight <= 2
+        finally:
+            for source in sources:
+                source.close()
+    finally:
+        ui.stop()

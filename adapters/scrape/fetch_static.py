@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ssl
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from urllib.parse import urljoin
 import httpx
 import structlog
 
-from adapters.scrape import session
+from adapters.scrape import hosts, session
 from adapters.scrape.errors import Challenged, ScrapeError
 from adapters.scrape.fetch import (
     Meanwhile,
@@ -25,6 +24,7 @@ from adapters.scrape.fetch import (
     postback_args,
     with_retries,
 )
+from adapters.scrape.hosts import TlsWhenNeeded
 from adapters.scrape.login import check_submission, login_form
 from adapters.scrape.page import Node, Page, css, decode
 from straw.config_scrape import HttpSpec, Locator, LoginSpec
@@ -38,12 +38,18 @@ def log() -> Any:
 class StaticFetcher:
     mode = "static"
 
-    def __init__(self, source: str, http: HttpSpec, session_file: Path | None) -> None:
+    def __init__(self, source: str, http: HttpSpec, session_file: Path | None, base_url: str | None = None) -> None:
         self.source = source
         self.http = http
         self.session_file = session_file
         self._client: httpx.Client | None = None
-        self.limit = RateLimit(http.rate_limit)
+        # Sources on one server share its connection pool and rate limit (see hosts.py).
+        self.host = hosts.register(base_url, http.verify, http.concurrency, http.rate_limit) if base_url else None
+        self._limit = RateLimit(http.rate_limit)
+
+    @property
+    def limit(self) -> RateLimit:
+        return self.host.rate() if self.host is not None else self._limit
 
     @property
     def client(self) -> httpx.Client:
@@ -59,12 +65,16 @@ class StaticFetcher:
                         f"source {self.source!r}: cannot use CA bundle {http.verify}: {exc}; fix `http.verify`"
                     ) from None
             limits = httpx.Limits(max_connections=http.concurrency, max_keepalive_connections=http.concurrency)
+            if self.host is not None:
+                limits = httpx.Limits(max_connections=self.host.connections,
+                                      max_keepalive_connections=self.host.connections)
+            transport = self.host.transport(verify) if self.host is not None else TlsWhenNeeded(verify, limits)
             self._client = httpx.Client(
                 follow_redirects=True,
                 timeout=http.timeout,
                 auth=httpx.BasicAuth(http.basic_auth.username, http.basic_auth.password) if http.basic_auth else None,
                 headers={"User-Agent": "straw-scrape/0.1", **http.headers},
-                transport=_TlsWhenNeeded(verify, limits),
+                transport=transport,
                 # Still given for the transports of proxies named in the environment.
                 verify=verify,
                 limits=limits,
@@ -217,31 +227,7 @@ class StaticFetcher:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
-
-
-class _TlsWhenNeeded(httpx.BaseTransport):
-    """http:// on one connection pool; https:// on another, made at the first https:// request.
-
-    A verifying TLS context loads the whole CA bundle (~16 ms, as long as a hundred page fetches);
-    an intranet UI on plain HTTP never needs it.
-    """
-
-    def __init__(self, verify: bool | ssl.SSLContext, limits: httpx.Limits) -> None:
-        self._verify = verify
-        self._limits = limits
-        self._plain = httpx.HTTPTransport(verify=False, limits=limits)  # no certificates to load
-        self._tls: httpx.HTTPTransport | None = None
-        self._lock = threading.Lock()
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if request.url.scheme != "https":
-            return self._plain.handle_request(request)
-        with self._lock:
-            if self._tls is None:
-                self._tls = httpx.HTTPTransport(verify=self._verify, limits=self._limits)
-        return self._tls.handle_request(request)
-
-    def close(self) -> None:
-        self._plain.close()
-        if self._tls is not None:
-            self._tls.close()
+            self._client = None
+        if self.host is not None:
+            hosts.release(self.host)
+            self.host = None

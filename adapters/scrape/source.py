@@ -30,7 +30,7 @@ def make_fetcher(spec: ScrapeSourceSpec) -> Fetcher:
     session = spec.login.session_file if spec.login else None
     if spec.mode is ScrapeMode.BROWSER:
         return BrowserFetcher(spec.name, spec.http, session, spec.browser_executable)
-    return StaticFetcher(spec.name, spec.http, session)
+    return StaticFetcher(spec.name, spec.http, session, spec.base_url)
 
 
 class ScrapeSource:
