@@ -375,3 +375,22 @@ def test_sources_on_one_host_share_one_connection_pool_and_rate_limit(
                 source.close()
     finally:
         ui.stop()
+
+
+def test_the_readme_login_example_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("**A login-protected list and detail UI, step by step.**", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    entity = ("entities:\n  issue:\n    key: [id]\n    fields: {id: integer, subject: string, state: string, "
+              "created: datetime, description: string}\n")
+    for var in ("TRACKER_USER", "TRACKER_PASSWORD"):
+        monkeypatch.setenv(var, "x" * 8)
+    path = tmp_path / "straw.yaml"
+    path.write_text(entity + example)
+    spec = load_config(path).source("tracker-issues")
+    assert isinstance(spec, ScrapeSourceSpec) and spec.login is not None
+    assert spec.login.form is None and spec.login.when == "challenged"
+    source = ScrapeSource(spec)
+    assert source.crawler.url(spec.login.url) == "https://tracker.intranet/"
+    assert source.crawler.url(spec.listing.url).endswith("assigned_to=alice@example.com")
+    source.close()

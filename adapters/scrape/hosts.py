@@ -40,6 +40,8 @@ class Host:
         return min(self.concurrency)
 
     def rate(self) -> RateLimit:
+        if self.limit is not None:  # asked before every request: no lock once made
+            return self.limit
         with _lock:
             if self.limit is None:
                 given = [r for r in self.rates if r]
