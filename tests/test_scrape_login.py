@@ -20,13 +20,14 @@ import yaml
 
 from adapters.scrape import ScrapeSource
 from adapters.scrape.errors import LoginFailed
+from adapters.scrape.fetch_browser import BrowserFetcher
 from adapters.scrape.fetch_static import StaticFetcher
 from adapters.scrape.login import check_submission
 from fixtures.webui import WebUI, start_webui
 from fixtures.webui.configs import grid_list, orders_list, scrape_config
 from fixtures.webui.server import OWNER, PASSWORD
 from straw.config_load import load_config
-from straw.config_scrape import ScrapeSourceSpec
+from straw.config_scrape import ScrapeMode, ScrapeSourceSpec
 from tests.helpers import read_stream, run_once
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -361,6 +362,9 @@ def test_sources_on_one_host_share_one_connection_pool_and_rate_limit(
             assert first.host is not None and first.host is second.host
             assert first.host.connections == 2
             assert first.limit is second.limit and first.limit.interval == 1 / 1000.0
+            browser = ScrapeSource(specs[0].model_copy(update={"name": "c", "mode": ScrapeMode.BROWSER}))
+            assert isinstance(browser.fetcher, BrowserFetcher) and browser.fetcher.limit is first.limit
+            browser.close()  # never started a browser
 
             crawls = [threading.Thread(target=source.crawl) for source in sources]
             for thread in crawls:

@@ -22,7 +22,7 @@ from urllib.parse import urljoin
 
 import structlog
 
-from adapters.scrape import session
+from adapters.scrape import hosts, session
 from adapters.scrape.errors import Challenged, ScrapeError
 from adapters.scrape.extract import playwright_selector
 from adapters.scrape.fetch import Meanwhile, RateLimit, describe_error, postback_args, with_retries
@@ -62,12 +62,16 @@ LAUNCH_ARGS = [
 class BrowserFetcher:
     mode = "browser"
 
-    def __init__(self, source: str, http: HttpSpec, session_file: Path | None, executable: Path) -> None:
+    def __init__(
+        self, source: str, http: HttpSpec, session_file: Path | None, executable: Path, base_url: str | None = None
+    ) -> None:
         self.source = source
         self.http = http
         self.session_file = session_file
         self.executable = executable
-        self.limit = RateLimit(http.rate_limit)
+        # Sources on one server share its rate limit (see hosts.py).
+        self.host = hosts.register(base_url, http.verify, None, http.rate_limit) if base_url else None
+        self._limit = RateLimit(http.rate_limit)
         self._playwright: Any = None
         self._browser: Any = None
         self._context: Any = None
@@ -76,6 +80,10 @@ class BrowserFetcher:
         self._navigations = 0
         self._document: Any = None  # the response that loaded the page's current document
         self.recycles = 0  # fresh contexts taken mid-run, over the fetcher's life
+
+    @property
+    def limit(self) -> RateLimit:
+        return self.host.rate() if self.host is not None else self._limit
 
     @property
     def parallel(self) -> int:
@@ -341,6 +349,9 @@ class BrowserFetcher:
         if self._playwright is not None:
             _driver_release()
             self._playwright = None
+        if self.host is not None:
+            hosts.release(self.host)
+            self.host = None
 
 
 # Playwright's sync API can be started once per thread: browser sources polled by the same thread

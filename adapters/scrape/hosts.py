@@ -4,8 +4,8 @@ A legacy intranet server is usually one small machine: ten sources reading ten l
 must not open ten times the connections, nor send ten times the rate, that one source is
 allowed. Sources whose `base_url` has the same origin (and the same TLS settings) share one
 connection pool, sized by the smallest `http.concurrency` among them, and one rate limit, the
-smallest `http.rate_limit` among them. Cookies, headers and credentials stay each source's
-own (two sources may log in as two users).
+smallest `http.rate_limit` among them (browser-mode sources share the rate limit too).
+Cookies, headers and credentials stay each source's own (two sources may log in as two users).
 
 Sources register when they are built; the pool is made at the first request, when every
 source of the configuration has said what it allows.
@@ -29,7 +29,7 @@ HostKey = tuple[str, str, str]
 @dataclass
 class Host:
     key: HostKey
-    concurrency: list[int] = field(default_factory=list)  # one entry per registered source
+    concurrency: list[int] = field(default_factory=list)  # one entry per static source
     rates: list[float | None] = field(default_factory=list)
     users: int = 0
     limit: RateLimit | None = None
@@ -37,7 +37,7 @@ class Host:
 
     @property
     def connections(self) -> int:
-        return min(self.concurrency)
+        return min(self.concurrency, default=4)
 
     def rate(self) -> RateLimit:
         if self.limit is not None:  # asked before every request: no lock once made
@@ -65,11 +65,13 @@ def key_of(base_url: str, verify: Any) -> HostKey:
     return parts.scheme.lower(), parts.netloc.lower(), repr(verify)
 
 
-def register(base_url: str, verify: Any, concurrency: int, rate_limit: float | None) -> Host:
+def register(base_url: str, verify: Any, concurrency: int | None, rate_limit: float | None) -> Host:
+    """`concurrency` None: a browser source, which shares the rate limit but not the pool."""
     key = key_of(base_url, verify)
     with _lock:
         host = _hosts.setdefault(key, Host(key))
-        host.concurrency.append(concurrency)
+        if concurrency is not None:
+            host.concurrency.append(concurrency)
         host.rates.append(rate_limit)
         host.users += 1
         return host

@@ -29,7 +29,7 @@ from straw.source import RawBatch
 def make_fetcher(spec: ScrapeSourceSpec) -> Fetcher:
     session = spec.login.session_file if spec.login else None
     if spec.mode is ScrapeMode.BROWSER:
-        return BrowserFetcher(spec.name, spec.http, session, spec.browser_executable)
+        return BrowserFetcher(spec.name, spec.http, session, spec.browser_executable, spec.base_url)
     return StaticFetcher(spec.name, spec.http, session, spec.base_url)
 
 
