@@ -398,3 +398,21 @@ def test_the_readme_login_example_loads(tmp_path: Path, monkeypatch: pytest.Monk
     assert source.crawler.url(spec.login.url) == "https://tracker.intranet/"
     assert source.crawler.url(spec.listing.url).endswith("assigned_to=alice@example.com")
     source.close()
+
+
+def test_a_redirect_to_the_login_page_is_a_challenge_even_when_no_form_shows(
+    tmp_path: Path, webui: WebUI, redis_url: str, redis_client: redis.Redis, stream_name: str
+) -> None:
+    """Static mode cannot see a login form built by JavaScript: the redirect alone must stop the run,
+    or the login page would be read as an empty listing and every item published as deleted."""
+    listing = {**orders_list(), "min_rows": 0}
+    path = scrape_config(tmp_path, webui, redis_url=redis_url, stream=stream_name, listing=listing,
+                         with_detail=False)
+    assert run_once(path).errors == []
+    assert len(subjects(redis_client, stream_name)) == 35
+    webui.login_style = "script"
+    webui.expire_sessions()
+    result = run_once(path)
+    assert len(result.errors) == 1
+    assert "no login form on" in result.errors[0]
+    assert len(subjects(redis_client, stream_name)) == 35  # nothing deleted
