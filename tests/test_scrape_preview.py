@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from fixtures.webui import WebUI, start_webui
-from fixtures.webui.configs import orders_list, scrape_config
+from fixtures.webui.configs import app_list, orders_list, scrape_config
 from tests.helpers import run_once
 from tests.test_cli import invoke, lines
 
@@ -115,3 +115,21 @@ def test_status_in_a_pipe_or_as_json_shows_the_whole_error(
     assert source["source"] == "web-orders" and expected in source["error"] and source["read"] == 0
     assert document["streams"][0]["stream"] == stream_name
     assert document["outbox"]["backlog"] == 0
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="browser mode needs Chromium")
+def test_preview_after_layout_drift_in_browser_mode(
+    tmp_path: Path, webui: WebUI, redis_url: str, stream_name: str
+) -> None:
+    pytest.importorskip("playwright")
+    listing = app_list()
+    listing["fields"]["amount"] = {"css": "td.amount", "required": True}  # the grid's cells have no class
+    path = scrape_config(tmp_path, webui, redis_url=redis_url, stream=stream_name, listing=listing,
+                         mode="browser", with_detail=False)
+    result = invoke("preview", "web-orders", "--config", str(path), "--limit", "3")
+    assert result.exit_code == 1, result.output
+    out = lines(result.output)
+    assert any("(rows)" in line and "10/10" in line for line in out)  # rows built by the page's script
+    assert any("customer" in line and "10/10" in line and "Café Müller" in line for line in out)
+    assert any("amount *" in line and "0/10" in line and "matched nothing" in line for line in out)
+    assert not (tmp_path / "debug").exists()  # no page, no screenshot
