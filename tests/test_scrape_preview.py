@@ -39,6 +39,7 @@ def test_preview_shows_records_and_flags_selectors_that_match_nothing(
     assert webui.hits.get("/order/1004") is None  # only the previewed rows' detail pages were read
     assert redis_client.xlen(stream_name) == 0
     assert not (tmp_path / "outbox.db").exists()
+    assert not (tmp_path / "session.json").exists()  # logged in, but no session kept: writes nothing
 
 
 def test_check_reads_the_first_page(tmp_path: Path, webui: WebUI, redis_url: str, stream_name: str) -> None:

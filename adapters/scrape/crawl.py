@@ -68,6 +68,7 @@ class Crawler:
         self._lock = threading.Lock()  # detail pages are read by several threads
         self._login_lock = threading.Lock()
         self._logins = 0  # logins so far: a challenged request logs in only if no one did meanwhile
+        self._writes = True  # False in a preview or check: no session file, no debug page
 
     def url(self, path: str) -> str:
         return urljoin(self.spec.base_url, path)
@@ -75,15 +76,17 @@ class Crawler:
     # -- the run ---------------------------------------------------------------------------
 
     def run(self, limit: int | None = None) -> Crawl:
+        # A preview or check (`limit`) writes nothing: no debug page, no session file.
+        self._writes = limit is None
         self.fetcher.begin()
         try:
             try:
                 crawl = self._run(limit)
             except LayoutDrift as drift:
-                if limit is None:  # a preview or check (`limit`) writes nothing, not even a debug page
+                if self._writes:
                     self._save_debug(drift)
                 raise
-            if self.spec.login is not None:
+            if self.spec.login is not None and self._writes:
                 self.fetcher.save_session()  # the server may have renewed the session cookie meanwhile
             return crawl
         finally:
@@ -130,7 +133,8 @@ class Crawler:
                 f"got {page.url}); check the credentials in `login.fields`"
             )
         self._logins += 1
-        self.fetcher.save_session()
+        if self._writes:
+            self.fetcher.save_session()
 
     def _open(self, url: str, wait: Locator | None = None) -> Page:
         """GET `url`; challenged (401/403, sent to the login page, shown the login form): log in once, ask again."""
