@@ -197,6 +197,10 @@ def preview(
             dead.extend((d.position, d.reason) for d in mapped.dead)
     except Exception as exc:
         err.print(describe(exc), markup=False, highlight=False, soft_wrap=True)
+        diagnose = getattr(pipeline.source, "diagnose", None)  # scrape: what each selector finds there
+        probes = diagnose(exc) if diagnose is not None else None
+        if probes:
+            _print_probes(probes)
         raise typer.Exit(1) from None
     finally:
         pipeline.source.close()
@@ -227,6 +231,20 @@ def _print_selectors(selectors: Iterable[tuple[str, str, bool, int]], rows: int)
     out.print(table)
 
 
+def _print_probes(probes: Iterable[Any]) -> None:
+    """After layout drift: every field, its selector, what it matched on that page and why it failed."""
+    table = Table(title="selectors on the page that failed (* required)")
+    for column in ("field", "selector", "matched", "first value", "problem"):
+        table.add_column(column, overflow="fold")
+    for p in probes:
+        style = "bold red" if p.problem and p.required else "yellow" if p.problem else "green"
+        table.add_row(
+            Text(p.field + (" *" if p.required else "")), Text(p.selector),
+            Text(f"{p.matched}/{p.of}", style=style), _cell(p.first), Text(redact(p.problem), style=style),
+        )
+    out.print(table, crop=False)
+
+
 def _when(stamp: str | None) -> str:
     """Outbox times are UTC ISO; show them to the second."""
     return stamp[:19].replace("T", " ") + "Z" if stamp else "never"
@@ -244,7 +262,10 @@ def _cell(value: Any) -> Text:
 
 
 @app.command()
-def status(config_path: ConfigOption = None) -> None:
+def status(
+    config_path: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document instead of tables.")] = False,
+) -> None:
     """Per source: position, last poll, rows read and published, errors; outbox backlog; streams."""
     config = _load(config_path)
     with _outbox(config) as outbox:
@@ -252,41 +273,58 @@ def status(config_path: ConfigOption = None) -> None:
         dead = outbox.dead_letter_counts()
         streams = {s.stream: s for s in outbox.streams()}
         backlog = outbox.backlog()
+    sources: list[dict[str, Any]] = []
+    for spec in config.sources:
+        state = states.get(spec.name)
+        sources.append({
+            "source": spec.name,
+            "position": state.position if state and state.position else None,
+            "last_poll": _when(state.polled_at if state else None),
+            "read": state.rows_read if state else 0,
+            "published": state.rows_published if state else 0,
+            "dead_letters": dead.get(spec.name, 0),
+            "error": redact(state.error) if state and state.error else None,
+        })
+    lengths = _redis_or_none(config, lambda c: {s: int(c.xlen(s)) for s in config.streams})
+    redis_error = lengths if isinstance(lengths, str) else None
+    stream_rows: list[dict[str, Any]] = []
+    for stream_name in config.streams:
+        known = streams.get(stream_name)
+        stream_rows.append({
+            "stream": stream_name,
+            "length": lengths.get(stream_name, 0) if isinstance(lengths, dict) else None,
+            "checkpoint": checkpoint_key(stream_name),
+            "published_seq": known.published_seq if known else 0,
+            "backlog": known.backlog if known else 0,
+            "last_publish": _when(known.published_at if known else None),
+            "error": redact(known.error) if known and known.error
+            else (f"redis {redis_error}" if redis_error else None),
+        })
+    if as_json:
+        document = {"sources": sources, "streams": stream_rows,
+                    "outbox": {"path": str(config.outbox.path), "backlog": backlog}}
+        sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    # In a log or a pipe nothing is cut: the error column is what an operator greps for.
+    shown = out if out.is_terminal else Console(file=out.file, width=100_000)
     table = Table(title="sources")
     for column in ("source", "position", "last poll", "read", "published", "dead letters", "error"):
         table.add_column(column)
-    for spec in config.sources:
-        state = states.get(spec.name)
+    for spec, row in zip(config.sources, sources, strict=True):
         table.add_row(
-            spec.name,
-            Text(state.position if state and state.position else "(start)"),
-            _when(state.polled_at if state else None),
-            _read_cell(spec, state.rows_read if state else 0),
-            str(state.rows_published if state else 0),
-            str(dead.get(spec.name, 0)),
-            Text(redact(state.error) if state and state.error else "", style="red"),
+            row["source"], Text(row["position"] or "(start)"), row["last_poll"], _read_cell(spec, row["read"]),
+            str(row["published"]), str(row["dead_letters"]), Text(row["error"] or "", style="red"),
         )
-    out.print(table)
-    lengths = _redis_or_none(config, lambda c: {s: int(c.xlen(s)) for s in config.streams})
-    redis_error = lengths if isinstance(lengths, str) else None
+    shown.print(table)
     table = Table(title="streams")
     for column in ("stream", "length", "checkpoint", "published seq", "backlog", "last publish", "error"):
         table.add_column(column)
-    for stream_name in config.streams:
-        known = streams.get(stream_name)
+    for row in stream_rows:
         table.add_row(
-            stream_name,
-            str(lengths.get(stream_name, 0)) if isinstance(lengths, dict) else "?",
-            checkpoint_key(stream_name),
-            str(known.published_seq if known else 0),
-            str(known.backlog if known else 0),
-            _when(known.published_at if known else None),
-            Text(
-                redact(known.error) if known and known.error else (f"redis {redis_error}" if redis_error else ""),
-                style="red",
-            ),
+            row["stream"], "?" if row["length"] is None else str(row["length"]), row["checkpoint"],
+            str(row["published_seq"]), str(row["backlog"]), row["last_publish"], Text(row["error"] or "", style="red"),
         )
-    out.print(table)
+    shown.print(table)
     out.print(f"outbox {config.outbox.path}: {backlog} records waiting", highlight=False)
 
 

@@ -164,15 +164,28 @@ class LoginSuccess(Strict):
         return self
 
 
+class LoginWhen(StrEnum):
+    CHALLENGED = "challenged"  # when a page answers 401/403, redirects to `url` or shows the login form
+    ALWAYS = "always"  # at the start of every run, too
+
+
 class LoginSpec(Strict):
-    url: str
-    form: str = Field(default="form", description="CSS of the login form")
+    url: str = Field(description="the page with the login form, relative to base_url ('.' is base_url itself)")
+    form: str | None = Field(
+        default=None,
+        description="CSS of the login form; default: the form holding every input of `fields` and a password box",
+    )
     fields: dict[str, str] = Field(min_length=1, description="input name -> value; put secrets in ${ENV_VAR}")
     submit: str | None = Field(default=None, description="browser mode: CSS of the button to click")
     success: LoginSuccess
+    when: LoginWhen = LoginWhen.CHALLENGED
     session_file: Path | None = Field(
         default=None, description="keep cookies here between runs (written owner-only)"
     )
+
+    @property
+    def form_css(self) -> str:
+        return self.form or "form"
 
 
 class BasicAuth(Strict):

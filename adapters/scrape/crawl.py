@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -21,11 +21,12 @@ from urllib.parse import urljoin
 import structlog
 from lxml import etree
 
-from adapters.scrape.errors import LayoutDrift, LoginFailed, SessionExpired
+from adapters.scrape.errors import Challenged, LayoutDrift, LoginFailed, SessionExpired
 from adapters.scrape.extract import MISSING, Row, Rule, Tables, compile_query, locator_query, rules, text_of
-from adapters.scrape.fetch import Fetcher, postback_args
+from adapters.scrape.fetch import Fetcher, postback_args, private_folder, write_private
+from adapters.scrape.login import same_page
 from adapters.scrape.page import Node, Page, css, elements, strings
-from straw.config_scrape import Locator, ScrapeSourceSpec
+from straw.config_scrape import Locator, LoginWhen, ScrapeSourceSpec
 
 
 def log() -> Any:
@@ -65,6 +66,9 @@ class Crawler:
         self.max_pages = pagination.max_pages if pagination else 1
         self._unmatched: dict[str, int] = {}
         self._lock = threading.Lock()  # detail pages are read by several threads
+        self._login_lock = threading.Lock()
+        self._logins = 0  # logins so far: a challenged request logs in only if no one did meanwhile
+        self._writes = True  # False in a preview or check: no session file, no debug page
 
     def url(self, path: str) -> str:
         return urljoin(self.spec.base_url, path)
@@ -72,39 +76,52 @@ class Crawler:
     # -- the run ---------------------------------------------------------------------------
 
     def run(self, limit: int | None = None) -> Crawl:
+        # A preview or check (`limit`) writes nothing: no debug page, no session file.
+        self._writes = limit is None
         self.fetcher.begin()
         try:
             try:
                 crawl = self._run(limit)
             except LayoutDrift as drift:
-                self._save_debug(drift)
+                if self._writes:
+                    self._save_debug(drift)
                 raise
-            if self.spec.login is not None:
+            if self.spec.login is not None and self._writes:
                 self.fetcher.save_session()  # the server may have renewed the session cookie meanwhile
             return crawl
         finally:
             self.fetcher.end()
 
     def _run(self, limit: int | None) -> Crawl:
+        login = self.spec.login
+        if login is not None and login.when is LoginWhen.ALWAYS:
+            self._login()
         try:
             return self._crawl(limit)
         except SessionExpired:
             pass
-        # The saved session is gone or expired (or there was none): log in once, start over.
+        # Challenged while following a pager link or postback: that place in the listing cannot be
+        # asked for again on its own. Log in once, start over.
         self._login()
         try:
             return self._crawl(limit)
-        except SessionExpired:
-            raise LoginFailed(
-                f"source {self.spec.name!r}: still shown the login form after logging in; "
-                "check `login.fields` and `login.success`"
-            ) from None
+        except SessionExpired as exc:
+            raise self._still_challenged(exc) from None
+
+    def _still_challenged(self, exc: SessionExpired) -> LoginFailed:
+        return LoginFailed(
+            f"{exc} right after logging in; check the credentials in `login.fields` and that `login.success` "
+            "matches only a logged-in page"
+        )
 
     def _login(self) -> None:
         login = self.spec.login
         assert login is not None  # SessionExpired is raised only when a login is configured
         log().info("logging in", source=self.spec.name, url=self.url(login.url))
-        page = self.fetcher.login(login, self.url(login.url))
+        try:
+            page = self.fetcher.login(login, self.url(login.url))
+        except Challenged as exc:
+            raise LoginFailed(f"{exc}: the login page itself refuses us; check `login.url`") from None
         success = login.success
         ok = (success.url_contains is None or success.url_contains in page.url) and (
             success.selector is None or bool(locator_query(success.selector)(page.tree))
@@ -115,16 +132,45 @@ class Crawler:
                 f"source {self.spec.name!r}: login at {self.url(login.url)} did not succeed (expected {check}, "
                 f"got {page.url}); check the credentials in `login.fields`"
             )
-        self.fetcher.save_session()
+        self._logins += 1
+        if self._writes:
+            self.fetcher.save_session()
 
     def _open(self, url: str, wait: Locator | None = None) -> Page:
-        return self._checked(self.fetcher.open(url), wait)
+        """GET `url`; challenged (401/403, sent to the login page, shown the login form): log in once, ask again."""
+        if self.spec.login is None:
+            return self._checked(self.fetcher.open(url), wait, url)
+        logins = self._logins
+        try:
+            return self._checked(self._challenge(lambda: self.fetcher.open(url)), wait, url)
+        except SessionExpired:
+            pass
+        with self._login_lock:  # detail pages are fetched by several threads; one logs in
+            if self._logins == logins:
+                self._login()
+        try:
+            return self._checked(self._challenge(lambda: self.fetcher.open(url)), wait, url)
+        except SessionExpired as exc:
+            raise self._still_challenged(exc) from None
 
-    def _checked(self, page: Page, wait: Locator | None) -> Page:
+    def _challenge(self, fetch: Callable[[], Page]) -> Page:
+        try:
+            return fetch()
+        except Challenged as exc:
+            if self.spec.login is None:
+                raise  # nothing to log in with: a plain HTTP error
+            raise SessionExpired(str(exc)) from None
+
+    def _checked(self, page: Page, wait: Locator | None, requested: str | None = None) -> Page:
         login = self.spec.login
+        if login is not None:
+            at_login = self.url(login.url)
+            # Sent to the login page (a redirect) when asking for another one: a challenge.
+            if requested is not None and not same_page(requested, at_login) and same_page(page.url, at_login):
+                raise SessionExpired(f"source {self.spec.name!r}: {requested} was sent to the login page {page.url}")
         if wait is not None:
-            form = login.form if login is not None else None
-            page = self.fetcher.wait_for(wait, self.spec.listing.wait, form) or page
+            unless = f"{login.form_css} input[type=password]" if login is not None else None
+            page = self.fetcher.wait_for(wait, self.spec.listing.wait, unless) or page
         if login is not None and self._is_login_page(page):
             raise SessionExpired(f"source {self.spec.name!r}: {page.url} shows the login form")
         return page
@@ -134,7 +180,7 @@ class Crawler:
         assert login is not None
         # Any one configured input (or a password box) is enough: a renamed input must not make the
         # login page pass for a list page, or the run would end in a confusing layout-drift error.
-        for form in css(page.tree, login.form):
+        for form in css(page.tree, login.form_css):
             names = set(strings(form, ".//input/@name"))
             if names & set(login.fields) or elements(form, ".//input[@type='password']"):
                 return True
@@ -181,7 +227,7 @@ class Crawler:
                               max_pages=self.max_pages)
                 break
             # This page's rows are read while the server builds the next one (static mode).
-            page = self._checked(self.fetcher.follow(page, *target, meanwhile=read), wait)
+            page = self._checked(self._challenge(partial(self.fetcher.follow, page, *target, meanwhile=read)), wait)
         if self.detail_link is not None:
             self._add_details(items)
         return Crawl(items, complete, pages, dict(self._unmatched))
@@ -248,14 +294,15 @@ class Crawler:
         return LayoutDrift(self.spec.name, page.url, what, selector, page.html)
 
     def _save_debug(self, drift: LayoutDrift) -> None:
+        # A logged-in page holds session tokens and private data: owner-only, like the session file.
         folder = self.spec.debug_dir
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            private_folder(folder)
             stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
             base = folder / f"{self.spec.name}-{stamp}"
             html = base.with_suffix(".html")
             # A BOM: the saved text is UTF-8 whatever the page's <meta charset> still claims.
-            html.write_text("\ufeff" + drift.html, encoding="utf-8")
+            write_private(html, ("\ufeff" + drift.html).encode("utf-8"))
             saved = [str(html)]
             if self.fetcher.screenshot(base.with_suffix(".png")):
                 saved.append(str(base.with_suffix(".png")))

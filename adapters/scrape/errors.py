@@ -11,6 +11,14 @@ class LoginFailed(ScrapeError):
     """The login form was submitted but the success check did not pass."""
 
 
+class Challenged(ScrapeError):
+    """The server answered 401 or 403: a login challenge when a login is configured, else a plain error."""
+
+    def __init__(self, text: str, status: int) -> None:
+        super().__init__(text)
+        self.status = status
+
+
 class SessionExpired(ScrapeError):
     """A page came back as the login form mid-run; the crawl logs in again once."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -116,8 +117,15 @@ def enclosing_form(element: Node) -> Node | None:
     return form
 
 
+def private_folder(folder: Path) -> None:
+    """A folder only its owner can enter (0700), whatever the umask or its mode before."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if stat.S_IMODE(folder.stat().st_mode) != 0o700:
+        os.chmod(folder, 0o700)
+
+
 def write_private(path: Path, data: bytes) -> None:
-    """Write a session file readable by its owner only: it holds live session cookies."""
+    """Write a file readable by its owner only: session cookies, logged-in pages."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(path.name + ".tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

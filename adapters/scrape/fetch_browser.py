@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
 
-import orjson
 import structlog
 
-from adapters.scrape.errors import LoginFailed, ScrapeError
+from adapters.scrape import hosts, session
+from adapters.scrape.errors import Challenged, ScrapeError
 from adapters.scrape.extract import playwright_selector
-from adapters.scrape.fetch import Meanwhile, RateLimit, describe_error, postback_args, with_retries, write_private
+from adapters.scrape.fetch import Meanwhile, RateLimit, describe_error, postback_args, with_retries
+from adapters.scrape.login import check_submission, login_form
 from adapters.scrape.page import Node, Page
 from straw.config_scrape import HttpSpec, Locator, LoginSpec
 
@@ -61,12 +62,16 @@ LAUNCH_ARGS = [
 class BrowserFetcher:
     mode = "browser"
 
-    def __init__(self, source: str, http: HttpSpec, session_file: Path | None, executable: Path) -> None:
+    def __init__(
+        self, source: str, http: HttpSpec, session_file: Path | None, executable: Path, base_url: str | None = None
+    ) -> None:
         self.source = source
         self.http = http
         self.session_file = session_file
         self.executable = executable
-        self.limit = RateLimit(http.rate_limit)
+        # Sources on one server share its rate limit (see hosts.py).
+        self.host = hosts.register(base_url, http.verify, None, http.rate_limit) if base_url else None
+        self._limit = RateLimit(http.rate_limit)
         self._playwright: Any = None
         self._browser: Any = None
         self._context: Any = None
@@ -75,6 +80,10 @@ class BrowserFetcher:
         self._navigations = 0
         self._document: Any = None  # the response that loaded the page's current document
         self.recycles = 0  # fresh contexts taken mid-run, over the fetcher's life
+
+    @property
+    def limit(self) -> RateLimit:
+        return self.host.rate() if self.host is not None else self._limit
 
     @property
     def parallel(self) -> int:
@@ -115,8 +124,7 @@ class BrowserFetcher:
                 "username": self.http.basic_auth.username,
                 "password": self.http.basic_auth.password,
             }
-        if self.session_file is not None and self.session_file.exists():
-            options["storage_state"] = str(self.session_file)
+        options["storage_state"] = session.load(self.session_file, self.source)
         self._options = {k: v for k, v in options.items() if v is not None}
         self._context = browser.new_context(**self._options)
         self._context.set_default_timeout(self.http.timeout * 1000)
@@ -185,8 +193,8 @@ class BrowserFetcher:
         self._context = self._page = self._document = None
 
     def save_session(self) -> None:
-        if self.session_file is not None and self._context is not None:
-            write_private(self.session_file, orjson.dumps(self._context.storage_state()))
+        if self._context is not None:
+            session.save(self.session_file, self._context.storage_state())
 
     @property
     def page(self) -> Any:
@@ -215,6 +223,8 @@ class BrowserFetcher:
             status = response.status if response is not None else 200
             if status >= 500:
                 return f"HTTP {status}"
+            if status in (401, 403):
+                raise Challenged(f"source {self.source!r}: {what}: HTTP {status}", status)
             if status >= 400:
                 raise ScrapeError(f"source {self.source!r}: {what}: HTTP {status}")
             self._document = response
@@ -272,17 +282,23 @@ class BrowserFetcher:
             raise ScrapeError(
                 f"source {self.source!r}: clicking {locator} on {page.url}: {describe_error(exc)}"
             ) from None
+        if response is not None and response.status in (401, 403):
+            raise Challenged(f"source {self.source!r}: clicking {locator} on {page.url}: HTTP {response.status}",
+                             response.status)
         if response is not None and response.status >= 400:
             raise ScrapeError(f"source {self.source!r}: clicking {locator} on {page.url}: HTTP {response.status}")
         self._document = response
         return self._snapshot()
 
     def login(self, spec: LoginSpec, url: str) -> Page:
-        self.open(url)
+        shown = self.open(url)
         page = self.page
-        form = page.locator(f"css={spec.form}").first
-        if form.count() == 0:
-            raise LoginFailed(f"source {self.source!r}: no login form ({spec.form!r}) on {page.url}")
+        form = page.locator(f"css={spec.form_css}").nth(login_form(self.source, shown, spec))
+        # Where the browser would really send it: the form's resolved method and action.
+        method, action = form.evaluate(
+            "f => [f.getAttribute('method') || 'get', new URL(f.getAttribute('action') || '', document.baseURI).href]"
+        )
+        check_submission(self.source, page.url, str(method), str(action))
         for name, value in spec.fields.items():
             form.locator(f"[name={_quoted(name)}]").fill(value)
         submit = form.locator(f"css={spec.submit}") if spec.submit else form.locator(
@@ -333,6 +349,9 @@ class BrowserFetcher:
         if self._playwright is not None:
             _driver_release()
             self._playwright = None
+        if self.host is not None:
+            hosts.release(self.host)
+            self.host = None
 
 
 # Playwright's sync API can be started once per thread: browser sources polled by the same thread

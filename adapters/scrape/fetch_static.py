@@ -3,27 +3,29 @@
 from __future__ import annotations
 
 import ssl
-import threading
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
 
 import httpx
-import orjson
 import structlog
 
-from adapters.scrape.errors import LoginFailed, ScrapeError
+from adapters.scrape import hosts, session
+from adapters.scrape.errors import Challenged, ScrapeError
 from adapters.scrape.fetch import (
     Meanwhile,
     Once,
     RateLimit,
+    backoff,
     describe_error,
     enclosing_form,
     form_values,
     postback_args,
     with_retries,
-    write_private,
 )
+from adapters.scrape.hosts import TlsWhenNeeded
+from adapters.scrape.login import check_submission, login_form
 from adapters.scrape.page import Node, Page, css, decode
 from straw.config_scrape import HttpSpec, Locator, LoginSpec
 
@@ -36,12 +38,18 @@ def log() -> Any:
 class StaticFetcher:
     mode = "static"
 
-    def __init__(self, source: str, http: HttpSpec, session_file: Path | None) -> None:
+    def __init__(self, source: str, http: HttpSpec, session_file: Path | None, base_url: str | None = None) -> None:
         self.source = source
         self.http = http
         self.session_file = session_file
         self._client: httpx.Client | None = None
-        self.limit = RateLimit(http.rate_limit)
+        # Sources on one server share its connection pool and rate limit (see hosts.py).
+        self.host = hosts.register(base_url, http.verify, http.concurrency, http.rate_limit) if base_url else None
+        self._limit = RateLimit(http.rate_limit)
+
+    @property
+    def limit(self) -> RateLimit:
+        return self.host.rate() if self.host is not None else self._limit
 
     @property
     def client(self) -> httpx.Client:
@@ -57,12 +65,16 @@ class StaticFetcher:
                         f"source {self.source!r}: cannot use CA bundle {http.verify}: {exc}; fix `http.verify`"
                     ) from None
             limits = httpx.Limits(max_connections=http.concurrency, max_keepalive_connections=http.concurrency)
+            if self.host is not None:
+                limits = httpx.Limits(max_connections=self.host.connections,
+                                      max_keepalive_connections=self.host.connections)
+            transport = self.host.transport(verify) if self.host is not None else TlsWhenNeeded(verify, limits)
             self._client = httpx.Client(
                 follow_redirects=True,
                 timeout=http.timeout,
                 auth=httpx.BasicAuth(http.basic_auth.username, http.basic_auth.password) if http.basic_auth else None,
                 headers={"User-Agent": "straw-scrape/0.1", **http.headers},
-                transport=_TlsWhenNeeded(verify, limits),
+                transport=transport,
                 # Still given for the transports of proxies named in the environment.
                 verify=verify,
                 limits=limits,
@@ -74,24 +86,12 @@ class StaticFetcher:
         return self.http.concurrency
 
     def begin(self) -> None:
-        if self.session_file is None or not self.session_file.exists():
-            return
-        try:
-            saved = orjson.loads(self.session_file.read_bytes())
-        except (OSError, orjson.JSONDecodeError) as exc:
-            log().warning("session file unreadable; logging in afresh", source=self.source, error=str(exc))
-            return
-        for cookie in saved:
+        state = session.load(self.session_file, self.source)
+        for cookie in state["cookies"] if state else []:
             self.client.cookies.set(cookie["name"], cookie["value"], domain=cookie["domain"], path=cookie["path"])
 
     def save_session(self) -> None:
-        if self.session_file is None:
-            return
-        cookies = [
-            {"name": c.name, "value": c.value, "domain": c.domain, "path": c.path}
-            for c in self.client.cookies.jar
-        ]
-        write_private(self.session_file, orjson.dumps(cookies))
+        session.save(self.session_file, session.from_jar(self.client.cookies.jar))
 
     def end(self) -> None:
         pass
@@ -117,6 +117,9 @@ class StaticFetcher:
                 return describe_error(exc)
             if response.status_code >= 500:
                 return f"HTTP {response.status_code}"
+            if response.status_code in (401, 403):
+                raise Challenged(f"source {self.source!r}: {method} {url}: HTTP {response.status_code}",
+                                 response.status_code)
             if response.status_code >= 400:
                 raise ScrapeError(f"source {self.source!r}: {method} {url}: HTTP {response.status_code}")
             text = decode(response.content, response.headers.get("content-type"), self.http.encoding)
@@ -175,13 +178,45 @@ class StaticFetcher:
         return "GET", urljoin(page.url, href), None
 
     def login(self, spec: LoginSpec, url: str) -> Page:
-        page = self.open(url)
-        forms = css(page.tree, spec.form)
-        if not forms:
-            raise LoginFailed(f"source {self.source!r}: no login form ({spec.form!r}) on {page.url}")
-        values = form_values(forms[0])
-        values.update(spec.fields)
-        return self.submit(page, forms[0], values)
+        # A failed POST is not sent again: its single-use token is spent. The form is fetched afresh.
+        attempts = self.http.retries + 1
+        problem = ""
+        for number in range(attempts):
+            page = self.open(url)
+            form = css(page.tree, spec.form_css)[login_form(self.source, page, spec)]
+            values = form_values(form)
+            values.update(spec.fields)
+            method, action, _ = self._form_request(page, form, {})
+            check_submission(self.source, page.url, method, action)
+            outcome = self._post_login(page.url, action, values)
+            if isinstance(outcome, Page):
+                return outcome
+            problem = outcome
+            if number + 1 < attempts:
+                delay = backoff(number, self.http.backoff)
+                log().warning("retrying", source=self.source, what=f"login at {page.url}", error=problem,
+                              retry_in=delay)
+                time.sleep(delay)
+        raise ScrapeError(f"source {self.source!r}: login at {url} failed {attempts} time(s): {problem}")
+
+    def _post_login(self, page_url: str, action: str, values: dict[str, str]) -> Page | str:
+        """POST the credentials; redirects are followed by hand, so that none re-posts them elsewhere."""
+        self.limit.wait()
+        try:
+            response = self.client.request("POST", action, data=values, follow_redirects=False)
+            while response.next_request is not None:
+                following = response.next_request
+                if following.method == "POST":
+                    # 307/308 repeat the POST, body and all: only within the login page's origin.
+                    check_submission(self.source, page_url, "POST", str(following.url))
+                response = self.client.send(following, follow_redirects=False)
+        except httpx.HTTPError as exc:
+            return describe_error(exc)
+        if response.status_code >= 500:
+            return f"HTTP {response.status_code}"
+        # 4xx too: the success check then says the login did not succeed.
+        text = decode(response.content, response.headers.get("content-type"), self.http.encoding)
+        return Page(str(response.url), text)
 
     def wait_for(self, locator: Locator, seconds: float, unless: str | None = None) -> Page | None:
         return None
@@ -192,31 +227,7 @@ class StaticFetcher:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
-
-
-class _TlsWhenNeeded(httpx.BaseTransport):
-    """http:// on one connection pool; https:// on another, made at the first https:// request.
-
-    A verifying TLS context loads the whole CA bundle (~16 ms, as long as a hundred page fetches);
-    an intranet UI on plain HTTP never needs it.
-    """
-
-    def __init__(self, verify: bool | ssl.SSLContext, limits: httpx.Limits) -> None:
-        self._verify = verify
-        self._limits = limits
-        self._plain = httpx.HTTPTransport(verify=False, limits=limits)  # no certificates to load
-        self._tls: httpx.HTTPTransport | None = None
-        self._lock = threading.Lock()
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if request.url.scheme != "https":
-            return self._plain.handle_request(request)
-        with self._lock:
-            if self._tls is None:
-                self._tls = httpx.HTTPTransport(verify=self._verify, limits=self._limits)
-        return self._tls.handle_request(request)
-
-    def close(self) -> None:
-        self._plain.close()
-        if self._tls is not None:
-            self._tls.close()
+            self._client = None
+        if self.host is not None:
+            hosts.release(self.host)
+            self.host = None

@@ -16,7 +16,8 @@ from typing import Any
 import orjson
 
 from adapters.scrape.crawl import Crawl, Crawler
-from adapters.scrape.errors import ScrapeError
+from adapters.scrape.diagnose import Probe, probe
+from adapters.scrape.errors import LayoutDrift, ScrapeError
 from adapters.scrape.fetch import Fetcher, describe_error
 from adapters.scrape.fetch_browser import BrowserFetcher
 from adapters.scrape.fetch_static import StaticFetcher
@@ -28,8 +29,8 @@ from straw.source import RawBatch
 def make_fetcher(spec: ScrapeSourceSpec) -> Fetcher:
     session = spec.login.session_file if spec.login else None
     if spec.mode is ScrapeMode.BROWSER:
-        return BrowserFetcher(spec.name, spec.http, session, spec.browser_executable)
-    return StaticFetcher(spec.name, spec.http, session)
+        return BrowserFetcher(spec.name, spec.http, session, spec.browser_executable, spec.base_url)
+    return StaticFetcher(spec.name, spec.http, session, spec.base_url)
 
 
 class ScrapeSource:
@@ -88,6 +89,10 @@ class ScrapeSource:
         unmatched = self.last.unmatched if self.last else {}
         rules = [*self.spec.listing.fields.items(), *(self.spec.detail.fields.items() if self.spec.detail else [])]
         return [(name, rule.describe(), rule.required, unmatched.get(name, 0)) for name, rule in rules]
+
+    def diagnose(self, exc: BaseException) -> list[Probe] | None:
+        """After layout drift: what every selector finds on the page it was found on (`straw preview`)."""
+        return probe(self.spec, exc) if isinstance(exc, LayoutDrift) else None
 
     def close(self) -> None:
         self.fetcher.close()
