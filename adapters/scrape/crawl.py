@@ -22,7 +22,17 @@ import structlog
 from lxml import etree
 
 from adapters.scrape.errors import LayoutDrift, LoginFailed, SessionExpired
-from adapters.scrape.extract import MISSING, Row, Rule, Tables, compile_query, locator_query, rules, text_of
+from adapters.scrape.extract import (
+    MISSING,
+    Row,
+    Rule,
+    Tables,
+    Unusable,
+    compile_query,
+    locator_query,
+    rules,
+    text_of,
+)
 from adapters.scrape.fetch import Fetcher, postback_args
 from adapters.scrape.page import Node, Page, css, elements, strings
 from straw.config_scrape import Locator, ScrapeSourceSpec
@@ -49,8 +59,8 @@ class Crawler:
         self.spec = spec
         self.fetcher = fetcher
         self.rows = locator_query(spec.listing.rows)
-        self.list_rules = rules(spec.listing.fields)
-        self.detail_rules = rules(spec.detail.fields) if spec.detail else []
+        self.list_rules = rules(spec.listing.fields, spec.null_if, spec.zone)
+        self.detail_rules = rules(spec.detail.fields, spec.null_if, spec.zone) if spec.detail else []
         link = spec.detail.link if spec.detail else None
         # A row without its detail link cannot be read completely: that is drift, like a required field.
         self.detail_link = (
@@ -202,7 +212,12 @@ class Crawler:
             yield item
 
     def _value(self, page: Page, rule: Rule, row: Row) -> Any:
-        value = rule.value(row)
+        try:
+            value = rule.value(row, page.fetched)
+        except Unusable as problem:
+            # A required value that is empty, unmatched by its regex or unparsable is drift like a
+            # missing node: publishing null (or the raw text) would overwrite good data downstream.
+            raise self._drift(page, f"field {rule.name!r}", rule.selector, str(problem)) from None
         if value is MISSING:
             if rule.required:
                 raise self._drift(page, f"field {rule.name!r}", rule.selector)
@@ -244,8 +259,8 @@ class Crawler:
 
     # -- layout drift ----------------------------------------------------------------------
 
-    def _drift(self, page: Page, what: str, selector: str) -> LayoutDrift:
-        return LayoutDrift(self.spec.name, page.url, what, selector, page.html)
+    def _drift(self, page: Page, what: str, selector: str, problem: str = "matched nothing") -> LayoutDrift:
+        return LayoutDrift(self.spec.name, page.url, what, selector, page.html, problem)
 
     def _save_debug(self, drift: LayoutDrift) -> None:
         folder = self.spec.debug_dir
