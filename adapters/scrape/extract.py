@@ -83,36 +83,47 @@ _BLOCKS = frozenset({
 _HIDDEN = frozenset({"script", "style", "template", "head", "title"})
 
 
-def _pieces(node: Node, out: list[str]) -> None:
+_SOFT = "\x00"  # a block's edge: a line break unless one is there already
+
+
+def _pieces(node: Node, out: list[str], structured: bool) -> None:
     tag = node.tag
-    if not isinstance(tag, str):  # a comment or processing instruction: only its tail is text
+    if not isinstance(tag, str) or tag in _HIDDEN:  # a comment, processing instruction, script...
         return
-    if tag in _HIDDEN:
-        return
-    if tag == "br" or tag in _BLOCKS:
-        out.append("\n")
+    block = tag in _BLOCKS
+    out.append("\n" if tag == "br" else _SOFT if block else "")
     if node.text:
-        out.append(node.text)
+        out.append(_flat(node.text) if structured and tag not in ("pre", "textarea") else node.text)
     for child in node:
-        _pieces(child, out)
+        _pieces(child, out, structured and tag not in ("pre", "textarea"))
         if child.tail:
-            out.append(child.tail)
-    if tag in _BLOCKS:
-        out.append("\n")
+            out.append(_flat(child.tail) if structured else child.tail)
+    if block:
+        out.append(_SOFT)
+
+
+def _flat(text: str) -> str:
+    return text.replace("\r", " ").replace("\n", " ")
+
+
+_SOFT_BREAKS = re.compile(f"[ \t\r\n{_SOFT}]*{_SOFT}[ \t\r\n{_SOFT}]*")
 
 
 def lines_of(node: Any) -> str:
-    """The text with its line breaks (<br>, block elements, newlines in the text; \\r\\n as \\n):
-    each line whitespace-collapsed and trimmed, blank lines at the ends dropped, runs of them kept as one."""
+    """The text with its line breaks, as a browser shows it: <br> and block elements break lines; in
+    an element without them (a cell holding plain text, <pre>, <textarea>) the text's own newlines
+    do (\\r\\n and \\r read as \\n). Each line whitespace-collapsed and trimmed; blank lines at the
+    ends dropped, a run of them kept as one."""
     if isinstance(node, etree._Element):
+        structured = any(True for _ in node.iterdescendants("br", *_BLOCKS))
         out: list[str] = []
-        _pieces(node, out)
-        text = "".join(out)
+        _pieces(node, out, structured)
+        text = _SOFT_BREAKS.sub("\n", "".join(out))
     else:
         text = str(node)
-    lines = [" ".join(line.split()) for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
     kept: list[str] = []
-    for line in lines:
+    for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        line = " ".join(line.split())
         if line or (kept and kept[-1]):
             kept.append(line)
     while kept and not kept[-1]:
