@@ -26,7 +26,7 @@ import structlog
 from adapters.scrape.errors import LoginFailed, ScrapeError
 from adapters.scrape.extract import playwright_selector
 from adapters.scrape.fetch import Meanwhile, RateLimit, describe_error, postback_args, with_retries, write_private
-from adapters.scrape.page import Node, Page
+from adapters.scrape.page import Node, Page, rendered
 from straw.config_scrape import HttpSpec, Locator, LoginSpec
 
 
@@ -199,7 +199,8 @@ class BrowserFetcher:
         # Serialized by the page's own world: `page.content()` first injects Playwright's utility script
         # into every new document, ten times the cost of the read itself.
         page = self.page
-        return Page(page.url, lambda: str(page.evaluate("() => document.documentElement.outerHTML")))
+        url = page.url
+        return Page(url, lambda: rendered(url, str(page.evaluate("() => document.documentElement.outerHTML"))))
 
     def _retrying(self, what: str, action: Any) -> Page:
         from playwright.sync_api import Error as PlaywrightError
@@ -303,7 +304,7 @@ class BrowserFetcher:
         try:
             html = self.page.evaluate(_PRESENT_HTML, arg)
             if html is not None:
-                return Page(self.page.url, str(html))
+                return Page(self.page.url, rendered(self.page.url, str(html)))
             # Checked at each animation frame: a list that arrives by XHR is read as soon as it is there.
             self.page.wait_for_function(_PRESENT, arg=arg, polling="raf", timeout=seconds * 1000)
         except PlaywrightError:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import codecs
 import datetime as dt
+import logging
 import re
-import warnings
 from collections.abc import Callable
 from functools import cache
 from typing import Any
@@ -22,8 +22,8 @@ Node = etree._Element
 _AS_WINDOWS_1252 = {"iso8859-1", "latin-1", "ascii", "cp1252"}
 
 
-# beautifulsoup4 warns through `warnings` without saying which page; decode() logs its own warning, with the URL.
-warnings.filterwarnings("ignore", message="Some characters could not be decoded", category=UnicodeWarning)
+# beautifulsoup4 logs a warning without saying which page; decode() logs its own, with the URL.
+logging.getLogger("bs4.dammit").setLevel(logging.ERROR)
 
 
 def log() -> Any:
@@ -63,12 +63,26 @@ def decode(body: bytes, content_type: str | None, forced: str | None = None, url
     if text is None:  # UnicodeDammit gives up only on an empty body
         return ""
     if dammit.contains_replacement_characters:
+        # UnicodeDammit's last resort is UTF-8: for a windows-1252 page with one undefined byte that
+        # would replace every accent. Keep whichever reading replaces fewer characters.
+        western = data.decode("cp1252", errors="replace")
+        if western.count("\ufffd") < text.count("\ufffd"):
+            text = western
         log().warning("page is not valid in any encoding tried; unreadable bytes became U+FFFD",
                       url=url, tried=", ".join(known) or "none declared")
     elif known and dammit.original_encoding not in known:
         log().info("page is not in the encoding it declares", url=url, declared=known[0],
                    read_as=dammit.original_encoding)
     return text
+
+
+def rendered(url: str, html: str) -> str:
+    """A browser's serialized DOM, checked: the browser decoded the page itself, trusting its declared
+    charset, so bytes it could not read are U+FFFD already; the values of such a page may be wrong."""
+    if "\ufffd" in html:
+        log().warning("page holds U+FFFD replacement characters: the browser could not decode it whole; "
+                      "check its charset", url=url)
+    return html
 
 
 class Page:
