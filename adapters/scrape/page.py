@@ -55,8 +55,11 @@ def decode(body: bytes, content_type: str | None, forced: str | None = None, url
     characters are kept and a warning names the URL: the values of that page may be wrong.
     """
     data, bom = EncodingDetector.strip_byte_order_mark(body)
-    declared = EncodingDetector.find_declared_encoding(data, is_html=True)
-    tried = [_canonical(name) for name in (forced, bom, _header_charset(content_type), declared)]
+    tried = [_canonical(name) for name in (forced, bom, _header_charset(content_type))]
+    if not any(tried):
+        # Read here only when nothing else is declared (UnicodeDammit finds it itself after a header
+        # that fails): a page declaring latin-1 is read as windows-1252, as browsers do.
+        tried.append(_canonical(EncodingDetector.find_declared_encoding(data, is_html=True)))
     known = [name for name in dict.fromkeys(tried) if name]
     dammit = UnicodeDammit(data, known_definite_encodings=known, is_html=True)
     text = dammit.unicode_markup
