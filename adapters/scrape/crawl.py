@@ -244,7 +244,12 @@ class Crawler:
 
     def _add_details(self, items: list[dict[str, Any]]) -> None:
         urls = [item.pop(_DETAIL) for item in items]
-        if self.fetcher.parallel > 1 and len(urls) > 1:
+        # Browser mode renders several detail pages at once in tabs of one thread (Playwright's
+        # sync API is bound to its thread); static mode fetches them on threads.
+        open_many = getattr(self.fetcher, "open_many", None)
+        if open_many is not None and self.fetcher.parallel > 1 and len(urls) > 1:
+            details = [self._read_detail(self._checked(page, None)) for page in open_many(urls)]
+        elif self.fetcher.parallel > 1 and len(urls) > 1:
             with ThreadPoolExecutor(max_workers=self.fetcher.parallel, thread_name_prefix="straw-detail") as pool:
                 details = list(pool.map(self._detail, urls))
         else:
@@ -253,7 +258,9 @@ class Crawler:
             item.update(detail)
 
     def _detail(self, url: str) -> dict[str, Any]:
-        page = self._open(url)
+        return self._read_detail(self._open(url))
+
+    def _read_detail(self, page: Page) -> dict[str, Any]:
         row = Row(page.tree, Tables())
         return {rule.name: self._value(page, rule, row) for rule in self.detail_rules}
 

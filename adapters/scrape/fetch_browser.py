@@ -15,7 +15,8 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
@@ -74,11 +75,15 @@ class BrowserFetcher:
         self._options: dict[str, Any] = {}
         self._navigations = 0
         self._document: Any = None  # the response that loaded the page's current document
+        self._tabs: list[Any] = []  # the extra pages `open_many` renders detail pages in
         self.recycles = 0  # fresh contexts taken mid-run, over the fetcher's life
 
     @property
     def parallel(self) -> int:
-        return 1  # one page, reused: the browser is the bottleneck, not the network
+        # Detail pages rendered at once, each in its own tab of the run's context (`open_many`):
+        # parsing, styling and running a heavy page's scripts happen in the renderer processes,
+        # which work side by side while this thread waits on all of them.
+        return self.http.concurrency
 
     def _launch(self) -> Any:
         if self._browser is None:
@@ -127,6 +132,7 @@ class BrowserFetcher:
     def _recycle(self) -> None:
         """A fresh context and page, same cookies: a renderer reused for hundreds of pages keeps growing."""
         state = self._context.storage_state()
+        self._tabs = []
         self._context.close()
         self._context = self._launch().new_context(**{**self._options, "storage_state": state})
         self._context.set_default_timeout(self.http.timeout * 1000)
@@ -180,6 +186,7 @@ class BrowserFetcher:
         self._document = None
 
     def end(self) -> None:
+        self._tabs = []
         if self._context is not None:
             self._context.close()
         self._context = self._page = self._document = None
@@ -228,6 +235,86 @@ class BrowserFetcher:
             self._recycle()
         self._navigations += 1
         return self._retrying(f"GET {url}", lambda: self.page.goto(url, wait_until="load"))
+
+    def open_many(self, urls: list[str]) -> Iterator[Page]:
+        """The pages at `urls`, in order, with up to `parallel` of them loading and rendering at once.
+
+        Each tab starts its next URL as soon as its page has been handed over and read (the Page
+        is read eagerly before the tab moves on). A URL whose load fails, or answers 5xx, is
+        fetched again by `open`, with its retries, when its turn comes. Every `RECYCLE_EVERY` loads
+        per tab the tabs are drained and the run moves to a fresh context, as `open` does.
+        """
+        from playwright.sync_api import Error as PlaywrightError
+
+        width = max(1, min(self.parallel, len(urls)))
+        pending = deque(urls)
+        flight: deque[tuple[int, str, Any]] = deque()  # (tab, url, response or the failure)
+        loads = 0
+
+        def start(tab: int) -> None:
+            nonlocal loads
+            url = pending.popleft()
+            loads += 1
+            self.limit.wait()
+            try:
+                # Only until the server's answer is in: the tab parses and renders on its own meanwhile.
+                outcome: Any = self._tabs[tab].goto(url, wait_until="commit")
+            except PlaywrightError as exc:
+                outcome = exc
+            flight.append((tab, url, outcome))
+
+        def fill() -> None:
+            busy = {tab for tab, _, _ in flight}
+            for tab in range(width):
+                if pending and tab not in busy and loads < RECYCLE_EVERY * width:
+                    start(tab)
+
+        self.page  # noqa: B018 - a context to open the tabs in
+        while pending or flight:
+            if not flight:
+                if loads >= RECYCLE_EVERY * width:
+                    self._recycle()
+                    loads = 0
+                while len(self._tabs) < width:
+                    self._tabs.append(self._context.new_page())
+                fill()
+                continue
+            tab, url, outcome = flight.popleft()
+            page = self._settled(tab, url, outcome)
+            if page is None:  # failed or 5xx: the usual retries, on the run's own page
+                self._navigations += 1
+                page = self._retrying(f"GET {url}", lambda url=url: self.page.goto(url, wait_until="load"))
+            page.html  # noqa: B018 - read before this tab moves on to its next URL
+            fill()
+            yield page
+
+    def _settled(self, tab: int, url: str, outcome: Any) -> Page | None:
+        """The tab's page once loaded; None when its load failed or answered 5xx (retried by the caller)."""
+        from playwright.sync_api import Error as PlaywrightError
+
+        if isinstance(outcome, PlaywrightError):
+            self._tabs[tab] = self._fresh_tab(tab)
+            return None
+        status = outcome.status if outcome is not None else 200
+        if status >= 500:
+            return None
+        if status >= 400:
+            raise ScrapeError(f"source {self.source!r}: GET {url}: HTTP {status}")
+        page = self._tabs[tab]
+        try:
+            page.wait_for_load_state("load")
+            html = str(page.evaluate("() => document.documentElement.outerHTML"))
+        except PlaywrightError:
+            self._tabs[tab] = self._fresh_tab(tab)
+            return None
+        return Page(page.url, rendered(page.url, html))
+
+    def _fresh_tab(self, tab: int) -> Any:
+        from playwright.sync_api import Error as PlaywrightError
+
+        with contextlib.suppress(PlaywrightError):  # a tab that is stuck or already gone
+            self._tabs[tab].close()
+        return self._context.new_page()
 
     def follow(
         self, page: Page, locator: Locator, element: Node, index: int, meanwhile: Meanwhile | None = None
