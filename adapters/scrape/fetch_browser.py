@@ -56,6 +56,11 @@ LAUNCH_ARGS = [
     # navigations instead of building a new one per document (RenderDocument): a quarter of the
     # time of each page load on the fixture UI.
     "--disable-features=BackForwardCache,RenderDocument",
+    # Detail pages render in several tabs at once (`open_many`); all but one are background tabs,
+    # whose renderers Chromium would otherwise deprioritize and whose timers it would throttle.
+    "--disable-renderer-backgrounding",
+    "--disable-background-timer-throttling",
+    "--disable-backgrounding-occluded-windows",
 ]
 
 
