@@ -216,7 +216,9 @@ class HttpSpec(Strict):
     headers: dict[str, str] = Field(default_factory=dict)
     retries: int = Field(default=3, ge=0, le=20, description="on timeouts, connection errors and 5xx")
     backoff: Seconds = 0.5
-    concurrency: int = Field(default=4, ge=1, le=64, description="detail pages fetched at once (static mode)")
+    concurrency: int = Field(
+        default=4, ge=1, le=64, description="detail pages fetched (static) or rendered in tabs (browser) at once"
+    )
     rate_limit: float | None = Field(default=None, gt=0, description="requests per second at most")
     encoding: str | None = Field(default=None, description="force a page encoding, e.g. windows-1252")
 

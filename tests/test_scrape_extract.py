@@ -212,3 +212,26 @@ def test_relative_dates_end_to_end(
         created = dt.datetime.fromisoformat(got[no]["created"])
         assert created.utcoffset() == ZONE.utcoffset(created.replace(tzinfo=None))
         assert start <= created + ticket_relative(no)[1] <= end
+
+
+@pytest.mark.skipif(not BROWSER_OK, reason="no Playwright/Chromium")
+def test_browser_renders_detail_pages_concurrently_in_order_with_recycling_and_retries(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis, stream_name: str
+) -> None:
+    from adapters.scrape import fetch_browser
+
+    ui = start_webui(130, stall_seconds=3.0)
+    ui.stall["/ticket/1077"] = 1  # hangs past the timeout once: that tab's load fails, open() retries it
+    recycle, fetch_browser.RECYCLE_EVERY = fetch_browser.RECYCLE_EVERY, 20  # 60 loads across 3 tabs
+    try:
+        path = tickets_config(tmp_path, ui, redis_url=redis_url, stream=stream_name, mode="browser",
+                              http={"timeout": 2, "retries": 1, "backoff": 0.01, "concurrency": 3})
+        assert run_once(path).errors == []
+    finally:
+        fetch_browser.RECYCLE_EVERY = recycle
+        ui.stop()
+    got = data(redis_client, stream_name)
+    assert sorted(got) == list(range(1001, 1131))
+    for no in (1001, 1077, 1130):  # each item has its own detail page's text, not a neighbour's
+        assert got[no]["description"] == ticket_description(no)[1]
+    assert ui.stalled == 1 and ui.hits["/ticket/1077"] == 2
