@@ -59,6 +59,19 @@ class ParseSpec(Strict):
             ) from None
         return value
 
+    @model_validator(mode="after")
+    def _dates_only(self) -> ParseSpec:
+        dated = self.type in (ParseType.DATE, ParseType.DATETIME)
+        for key, given in (("format", self.format is not None), ("relative", self.relative)):
+            if given and not dated:
+                raise PydanticCustomError(
+                    "parse", "`{key}` is for `type: date` or `datetime`, not `{type}`",
+                    {"key": key, "type": str(self.type), "at": (key,)},
+                )
+        if isinstance(self.format, list) and not self.format:
+            raise PydanticCustomError("parse", "`format`: give at least one format", {"at": ("format",)})
+        return self
+
     @property
     def formats(self) -> list[str]:
         """The configured strptime formats, in the order they are tried (empty: ISO 8601)."""

@@ -235,3 +235,26 @@ def test_browser_renders_detail_pages_concurrently_in_order_with_recycling_and_r
     for no in (1001, 1077, 1130):  # each item has its own detail page's text, not a neighbour's
         assert got[no]["description"] == ticket_description(no)[1]
     assert ui.stalled == 1 and ui.hits["/ticket/1077"] == 2
+
+
+@pytest.mark.parametrize(
+    ("parse", "message"),
+    [
+        ({"type": "integer", "relative": True}, "parse.relative: `relative` is for `type: date` or `datetime`"),
+        ({"type": "decimal", "format": "%d"}, "parse.format: `format` is for `type: date` or `datetime`"),
+        ({"type": "date", "format": []}, "parse.format: `format`: give at least one format"),
+    ],
+)
+def test_date_options_on_other_types_are_config_errors_naming_the_key(
+    tmp_path: Path, webui: WebUI, parse: dict[str, Any], message: str
+) -> None:
+    from straw.config_load import ConfigError, load_config
+
+    listing = tickets_list()
+    listing["fields"]["due"] = {"column": "Due", "parse": parse}
+    path = tickets_config(tmp_path, webui, redis_url="redis://127.0.0.1:6379", stream="s", listing=listing)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    text = str(caught.value)
+    assert text.startswith(f"{path}:") and f"sources[0].list.fields.due.{message}" in text
+    assert "\n" not in text
