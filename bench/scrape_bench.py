@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -156,18 +157,9 @@ class _RssSampler:
         self._thread.join()
 
 
-_browser_runs: dict[bool, dict[str, dict[str, Any]]] = {}
-
-
+@cache  # both measures of a bench run share the one long run
 def browser(tmp: Path, quick: bool) -> dict[str, dict[str, Any]]:
-    """Pages/s and memory growth of one long browser-mode run (shared by both measures of a bench run)."""
-    if quick not in _browser_runs:
-        _browser_runs[quick] = _browser(tmp, quick)
-    return _browser_runs[quick]
-
-
-def _browser(tmp: Path, quick: bool) -> dict[str, dict[str, Any]]:
-    """One long browser-mode run over the JavaScript grid."""
+    """Pages/s and memory growth of one long browser-mode run over the JavaScript grid."""
     pages = 200 if quick else 1000
     warm = 50
     with webui_process(pages * PAGE_SIZE) as url:
@@ -265,17 +257,8 @@ def static_real(tmp: Path, repeat: int, quick: bool) -> dict[str, Any]:
 BROWSER_CONCURRENCY = 4
 
 
-_real_runs: dict[bool, dict[str, dict[str, Any]]] = {}
-
-
+@cache  # both measures of a bench run share the one pair of crawls
 def browser_real(tmp: Path, quick: bool) -> dict[str, dict[str, Any]]:
-    """Both browser measures on realistic pages, from one pair of crawls per bench run."""
-    if quick not in _real_runs:
-        _real_runs[quick] = _browser_real(tmp, quick)
-    return _real_runs[quick]
-
-
-def _browser_real(tmp: Path, quick: bool) -> dict[str, dict[str, Any]]:
     """Browser mode on realistic pages: detail pages rendered `BROWSER_CONCURRENCY` at once, against the
     same crawl at concurrency 1 in the same run; RSS (this process and the browser's) sampled over the
     concurrent crawl of 1,000+ pages (quick: ~100)."""

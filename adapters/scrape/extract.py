@@ -250,25 +250,13 @@ class Rule:
         cells = row.cells()
         return cells[index] if index < len(cells) else None
 
-    def text(self, row: Row) -> Any:
-        """The node's text (or attribute) as shown; MISSING when nothing matched."""
-        node = self.node(row)
-        if node is None:
-            return MISSING
-        if self._attr is not None and not isinstance(node, str):
-            attr = node.get(self._attr)
-            if attr is None:
-                return MISSING
-            return " ".join(attr.split())
-        return self._text(node)
-
     def _placeholder(self, text: str) -> bool:
         return bool(self._nulls) and " ".join(text.split()).casefold() in self._nulls
 
     def _read(self, row: Row) -> Any:
         """MISSING, "" (an empty cell), PLACEHOLDER (a `null_if` text), an `Unreadable` (the regex
         did not match) or the text to parse."""
-        # The hot path of a listing (every field of every row): text() and _placeholder() inlined.
+        # The hot path of a listing (every field of every row): one method, no helpers.
         node = self.node(row)
         if node is None:
             return MISSING
