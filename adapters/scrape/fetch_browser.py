@@ -245,8 +245,8 @@ class BrowserFetcher:
         """The pages at `urls`, in order, with up to `parallel` of them loading and rendering at once.
 
         Each tab starts its next URL as soon as its page has been handed over and read (the Page
-        is read eagerly before the tab moves on). A URL whose load fails, or answers 5xx, is
-        fetched again by `open`, with its retries, when its turn comes. Every `RECYCLE_EVERY` loads
+        is read eagerly before the tab moves on). A URL whose load fails, or answers 4xx/5xx, is
+        fetched again by `open`, with its retries and errors, when its turn comes. Every `RECYCLE_EVERY` loads
         per tab the tabs are drained and the run moves to a fresh context, as `open` does.
         """
         from playwright.sync_api import Error as PlaywrightError
@@ -285,26 +285,23 @@ class BrowserFetcher:
                 fill()
                 continue
             tab, url, outcome = flight.popleft()
-            page = self._settled(tab, url, outcome)
-            if page is None:  # failed or 5xx: the usual retries, on the run's own page
-                self._navigations += 1
-                page = self._retrying(f"GET {url}", lambda url=url: self.page.goto(url, wait_until="load"))
+            page = self._settled(tab, outcome)
+            if page is None:  # failed, or not a plain 2xx/3xx: `open` on the run's own page decides
+                page = self.open(url)
             page.html  # noqa: B018 - read before this tab moves on to its next URL
             fill()
             yield page
 
-    def _settled(self, tab: int, url: str, outcome: Any) -> Page | None:
-        """The tab's page once loaded; None when its load failed or answered 5xx (retried by the caller)."""
+    def _settled(self, tab: int, outcome: Any) -> Page | None:
+        """The tab's page once loaded; None when its load failed or answered 4xx/5xx: the caller then
+        fetches it with `open`, whose retries, errors (and login challenges) are the same as for any page."""
         from playwright.sync_api import Error as PlaywrightError
 
         if isinstance(outcome, PlaywrightError):
             self._tabs[tab] = self._fresh_tab(tab)
             return None
-        status = outcome.status if outcome is not None else 200
-        if status >= 500:
+        if outcome is not None and outcome.status >= 400:
             return None
-        if status >= 400:
-            raise ScrapeError(f"source {self.source!r}: GET {url}: HTTP {status}")
         page = self._tabs[tab]
         try:
             page.wait_for_load_state("load")
