@@ -255,11 +255,20 @@ class BrowserFetcher:
         pending = deque(urls)
         flight: deque[tuple[int, str, Any]] = deque()  # (tab, url, response or the failure)
         loads = 0
+        # Each tab's renderer grows with the pages it shows: a tab is replaced by a fresh one (same
+        # context, same cookies) after its share of `RECYCLE_EVERY`, so the tabs together hold no
+        # more than one page did; the context itself is renewed every `RECYCLE_EVERY * width` loads.
+        per_tab = max(1, RECYCLE_EVERY // width)
+        tab_loads = [0] * width
 
         def start(tab: int) -> None:
             nonlocal loads
             url = pending.popleft()
+            if tab_loads[tab] >= per_tab:
+                self._tabs[tab] = self._fresh_tab(tab)
+                tab_loads[tab] = 0
             loads += 1
+            tab_loads[tab] += 1
             self.limit.wait()
             try:
                 # Only until the server's answer is in: the tab parses and renders on its own meanwhile.
@@ -280,6 +289,7 @@ class BrowserFetcher:
                 if loads >= RECYCLE_EVERY * width:
                     self._recycle()
                     loads = 0
+                    tab_loads = [0] * width
                 while len(self._tabs) < width:
                     self._tabs.append(self._context.new_page())
                 fill()
