@@ -45,10 +45,12 @@ def test_a_page_no_encoding_reads_is_a_warning_naming_the_url() -> None:
     found = encoding_page("broken")
     assert found is not None
     with capture_logs() as logs:
-        text = decode(*found, url="http://ui/enc/broken")
-    assert "\ufffd" in text and "Café Müller" in text  # the rest of the page is still read right
+        decode(*found, url="http://ui/enc/broken")
+    # Without a detector installed the unreadable byte becomes U+FFFD (the rest read as windows-1252);
+    # with charset-normalizer or chardet the encoding is guessed. Either way: a warning naming the page.
     [warning] = [e for e in logs if e["log_level"] == "warning"]
-    assert warning["url"] == "http://ui/enc/broken" and "U+FFFD" in warning["event"]
+    assert warning["url"] == "http://ui/enc/broken"
+    assert "U+FFFD" in warning["event"] or "guessed" in warning["event"]
 
 
 def test_declared_encoding_is_tried_first_and_a_forced_one_wins() -> None:
@@ -109,5 +111,5 @@ def test_a_page_read_with_replacement_characters_warns_with_its_url(
     path = names_config(tmp_path, webui, redis_url, stream_name, kind, mode)
     with capture_logs() as logs:
         assert run_once(path).errors == []
-    warnings = [e for e in logs if e["log_level"] == "warning" and "U+FFFD" in e["event"]]
+    warnings = [e for e in logs if e["log_level"] == "warning" and ("U+FFFD" in e["event"] or "guessed" in e["event"])]
     assert warnings and warnings[0]["url"] == f"{webui.url}enc/{kind}"

@@ -20,6 +20,7 @@ Node = etree._Element
 # As browsers do (WHATWG Encoding): a page that says latin-1 or ASCII is read as windows-1252,
 # which is what old servers really send; € and curly quotes live in 0x80-0x9F.
 _AS_WINDOWS_1252 = {"iso8859-1", "latin-1", "ascii", "cp1252"}
+_USUAL = ["utf-8", "windows-1252"]  # tried, in this order, after what the page declares
 
 
 # beautifulsoup4 logs a warning without saying which page; decode() logs its own, with the URL.
@@ -50,9 +51,10 @@ def _header_charset(content_type: str | None) -> str | None:
 def decode(body: bytes, content_type: str | None, forced: str | None = None, url: str | None = None) -> str:
     """Decode a page body with beautifulsoup4's detection: the forced charset, a byte order mark, the
     header's charset, the page's <meta> or XML declaration, each tried strictly in that order, then
-    UTF-8 and windows-1252. A page declaring UTF-8 but holding windows-1252 bytes thus reads as
-    windows-1252 instead of turning into U+FFFD. If no encoding reads it whole, the replacement
-    characters are kept and a warning names the URL: the values of that page may be wrong.
+    UTF-8 and windows-1252, then detection (if charset-normalizer or chardet is installed). A page
+    declaring UTF-8 but holding windows-1252 bytes thus reads as windows-1252 instead of turning
+    into U+FFFD. A page read by a guess, or with replacement characters because no encoding reads
+    it whole, is a warning naming the URL: the values of that page may be wrong.
     """
     data, bom = EncodingDetector.strip_byte_order_mark(body)
     tried = [_canonical(name) for name in (forced, bom, _header_charset(content_type))]
@@ -61,7 +63,9 @@ def decode(body: bytes, content_type: str | None, forced: str | None = None, url
         # that fails): a page declaring latin-1 is read as windows-1252, as browsers do.
         tried.append(_canonical(EncodingDetector.find_declared_encoding(data, is_html=True)))
     known = [name for name in dict.fromkeys(tried) if name]
-    dammit = UnicodeDammit(data, known_definite_encodings=known, is_html=True)
+    # UTF-8 and windows-1252 before any statistical guess: a guess (charset-normalizer or chardet,
+    # when installed) reads a short Western page as windows-1250 as readily as not.
+    dammit = UnicodeDammit(data, known_definite_encodings=known, user_encodings=_USUAL, is_html=True)
     text = dammit.unicode_markup
     if text is None:  # UnicodeDammit gives up only on an empty body
         return ""
@@ -73,6 +77,9 @@ def decode(body: bytes, content_type: str | None, forced: str | None = None, url
             text = western
         log().warning("page is not valid in any encoding tried; unreadable bytes became U+FFFD",
                       url=url, tried=", ".join(known) or "none declared")
+    elif dammit.original_encoding not in (*known, *_USUAL):
+        log().warning("page is in no encoding declared, nor UTF-8 or windows-1252; its encoding was guessed, "
+                      "set `http.encoding` if its text looks wrong", url=url, read_as=dammit.original_encoding)
     elif known and dammit.original_encoding not in known:
         log().info("page is not in the encoding it declares", url=url, declared=known[0],
                    read_as=dammit.original_encoding)
