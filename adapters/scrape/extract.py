@@ -228,7 +228,6 @@ class Rule:
         self._regex = re.compile(rule.regex) if rule.regex else None
         self._nulls = _placeholders(rule.null_if if rule.null_if is not None else null_if)
         text = rule.parse is None or rule.parse.type is ParseType.TEXT
-        self._spec = rule.parse
         self._parse: Parser | None = None if text else parser(rule.parse)
         spec = rule.parse
         self._relative = (
