@@ -144,6 +144,12 @@ MEASURES: dict[str, Callable[[Bench, Scale], Result]] = {
         **scrape_bench.browser(bench.tmp, quick=scale is QUICK)["scrape_browser_pages_per_s"]),
     "scrape_browser_rss_growth_mb": lambda bench, scale: Result(
         **scrape_bench.browser(bench.tmp, quick=scale is QUICK)["scrape_browser_rss_growth_mb"]),
+    "scrape_static_real_pages_per_s": lambda bench, scale: Result(
+        **scrape_bench.static_real(bench.tmp, scale.repeat, quick=scale is QUICK)),
+    "scrape_browser_real_pages_per_s": lambda bench, scale: Result(
+        **scrape_bench.browser_real(bench.tmp, quick=scale is QUICK)["scrape_browser_real_pages_per_s"]),
+    "scrape_browser_real_rss_growth_mb": lambda bench, scale: Result(
+        **scrape_bench.browser_real(bench.tmp, quick=scale is QUICK)["scrape_browser_real_rss_growth_mb"]),
 }
 
 

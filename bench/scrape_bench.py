@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,10 @@ def _straw_static(spec: ScrapeSourceSpec, pages: int) -> float:
     return seconds
 
 
-def _scrapy(url: str, pages: int) -> float:
+def _scrapy(url: str, pages: int, *spider: str) -> float:
     done = subprocess.run(
-        [sys.executable, "-m", "bench.scrape_spider", url], cwd=ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-m", "bench.scrape_spider", url, *spider], cwd=ROOT, capture_output=True, text=True,
+        check=True,
     )
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if result["pages"] != pages:
@@ -155,18 +157,9 @@ class _RssSampler:
         self._thread.join()
 
 
-_browser_runs: dict[bool, dict[str, dict[str, Any]]] = {}
-
-
+@cache  # both measures of a bench run share the one long run
 def browser(tmp: Path, quick: bool) -> dict[str, dict[str, Any]]:
-    """Pages/s and memory growth of one long browser-mode run (shared by both measures of a bench run)."""
-    if quick not in _browser_runs:
-        _browser_runs[quick] = _browser(tmp, quick)
-    return _browser_runs[quick]
-
-
-def _browser(tmp: Path, quick: bool) -> dict[str, dict[str, Any]]:
-    """One long browser-mode run over the JavaScript grid."""
+    """Pages/s and memory growth of one long browser-mode run over the JavaScript grid."""
     pages = 200 if quick else 1000
     warm = 50
     with webui_process(pages * PAGE_SIZE) as url:
@@ -192,4 +185,109 @@ def _browser(tmp: Path, quick: bool) -> dict[str, dict[str, Any]]:
         "scrape_browser_pages_per_s": {"measure": "scrape_browser_pages_per_s", "value": pages / seconds,
                                        "unit": "pages/s"},
         "scrape_browser_rss_growth_mb": {"measure": "scrape_browser_rss_growth_mb", "value": growth, "unit": "MB"},
+    }
+
+
+# -- realistic page weight: /real/list (25 rows, ~75 KB, a stylesheet and a script) and its detail pages --------
+
+REAL_PAGE_SIZE = 25
+
+
+def _real_spec(directory: Path, url: str, mode: str, concurrency: int) -> ScrapeSourceSpec:
+    return ScrapeSourceSpec.model_validate({
+        "name": "bench-real", "kind": "scrape", "mode": mode, "base_url": url, "entity": "order", "stream": "bench",
+        "debug_dir": str(directory / "debug"), "http": {"timeout": 30, "retries": 0, "concurrency": concurrency},
+        "list": {
+            "url": "real/list", "rows": "table.grid tr.item",
+            "fields": {
+                "order_no": {"css": "td a", "parse": "integer", "required": True},
+                "customer": {"column": "Customer"},
+                "order_date": {"column": "Date", "parse": {"type": "date", "format": "%d-%m-%Y"}},
+                "amount": {"css": "td.amt", "parse": "decimal", "required": True},
+            },
+            "pagination": {"next": "a.next", "max_pages": 100_000},
+        },
+        "detail": {"link": "td a", "fields": {"status": {"css": "#status", "required": True}, "note": "#note"}},
+    })
+
+
+def _real_crawl(source: ScrapeSource, lists: int) -> tuple[float, int]:
+    """(seconds, pages read: list pages and detail pages) of one crawl."""
+    started = time.perf_counter()
+    crawl = source.crawl()
+    seconds = time.perf_counter() - started
+    if crawl.pages != lists or len(crawl.items) != lists * REAL_PAGE_SIZE:
+        raise RuntimeError(f"read {crawl.pages} list pages and {len(crawl.items)} items, expected {lists} and "
+                           f"{lists * REAL_PAGE_SIZE}")
+    if any(item["status"] is None for item in crawl.items):
+        raise RuntimeError("a detail page was not read")
+    return seconds, crawl.pages + len(crawl.items)
+
+
+def static_real(tmp: Path, repeat: int, quick: bool) -> dict[str, Any]:
+    """Static mode on realistic pages (list and detail) against the Scrapy spider on the same pages."""
+    lists = 8 if quick else 40
+    with webui_process(lists * REAL_PAGE_SIZE) as url:
+        source = ScrapeSource(_real_spec(tmp, url, "static", 4))
+        straw_s: list[float] = []
+        scrapy_s: list[float] = []
+        pages = lists * (REAL_PAGE_SIZE + 1)
+        try:
+            _real_crawl(source, lists)  # warm-up
+            have_scrapy = importlib.util.find_spec("scrapy") is not None
+            if not have_scrapy:
+                log("scrape_static_real_pages_per_s: scrapy not installed (pip install -e '.[bench]'): no baseline")
+            for rep in range(repeat):
+                if have_scrapy and rep % 2:
+                    scrapy_s.append(_scrapy(url, pages, "real"))
+                straw_s.append(_real_crawl(source, lists)[0])
+                if have_scrapy and not rep % 2:
+                    scrapy_s.append(_scrapy(url, pages, "real"))
+        finally:
+            source.close()
+    result: dict[str, Any] = {"measure": "scrape_static_real_pages_per_s",
+                              "value": _median_rate("scrape_static_real_pages_per_s straw", pages, straw_s),
+                              "unit": "pages/s"}
+    if scrapy_s:
+        result.update(baseline="scrapy", baseline_value=_median_rate("scrape_static_real_pages_per_s scrapy",
+                                                                      pages, scrapy_s))
+    return result
+
+
+BROWSER_CONCURRENCY = 4
+
+
+@cache  # both measures of a bench run share the one pair of crawls
+def browser_real(tmp: Path, quick: bool) -> dict[str, dict[str, Any]]:
+    """Browser mode on realistic pages: detail pages rendered `BROWSER_CONCURRENCY` at once, against the
+    same crawl at concurrency 1 in the same run; RSS (this process and the browser's) sampled over the
+    concurrent crawl of 1,000+ pages (quick: ~100)."""
+    lists = 4 if quick else 40
+    pages = lists * (REAL_PAGE_SIZE + 1)
+    with webui_process(lists * REAL_PAGE_SIZE) as url:
+        one = ScrapeSource(_real_spec(tmp, url, "browser", 1))
+        many = ScrapeSource(_real_spec(tmp, url, "browser", BROWSER_CONCURRENCY))
+        try:
+            warm = ScrapeSource(_real_spec(tmp, url, "browser", BROWSER_CONCURRENCY).model_copy(
+                update={"listing": _real_spec(tmp, url, "browser", 1).listing.model_copy(update={
+                    "pagination": None})}), many.fetcher)
+            warm.crawl()  # starts the browser; the timed runs reuse it
+            ScrapeSource(_real_spec(tmp, url, "browser", 1).model_copy(update={"listing": warm.spec.listing}),
+                         one.fetcher).crawl()
+            baseline_s, _ = _real_crawl(one, lists)
+            with _RssSampler() as memory:
+                seconds, _ = _real_crawl(many, lists)
+        finally:
+            one.close()
+            many.close()
+    growth = memory.growth() / 2**20
+    log(f"scrape_browser_real: {pages} pages; concurrency {BROWSER_CONCURRENCY}: {seconds:.1f} s, concurrency 1: "
+        f"{baseline_s:.1f} s; RSS {min(memory.samples) / 2**20:.0f}-{max(memory.samples) / 2**20:.0f} MB, trend "
+        f"{growth:+.0f} MB over the concurrent run")
+    return {
+        "scrape_browser_real_pages_per_s": {
+            "measure": "scrape_browser_real_pages_per_s", "value": pages / seconds, "unit": "pages/s",
+            "baseline": "concurrency_1", "baseline_value": pages / baseline_s},
+        "scrape_browser_real_rss_growth_mb": {"measure": "scrape_browser_real_rss_growth_mb", "value": growth,
+                                              "unit": "MB"},
     }

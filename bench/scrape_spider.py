@@ -1,7 +1,7 @@
 """The Scrapy baseline: the same crawl and extraction as straw's static scrape, as a small spider.
 
 Run as its own process (Twisted's reactor runs once per process):
-`python -m bench.scrape_spider BASE_URL` prints `{"pages": …, "items": …, "seconds": …}`
+`python -m bench.scrape_spider BASE_URL [real]` prints `{"pages": …, "items": …, "seconds": …}`
 of the second of two crawls in that process, timed from its first request to the spider
 closing: interpreter start-up, imports and first-use costs are left out, as they are on
 straw's side, which also times a crawl after a warm-up crawl in the same process.
@@ -81,6 +81,41 @@ class OrdersSpider(scrapy.Spider):
         self.seconds = time.perf_counter() - self.started
 
 
+class RealSpider(OrdersSpider):
+    """The realistic-weight pages (`/real/list`, 25 rows a page, and each row's detail page), no login."""
+
+    name = "real"
+
+    def start_requests(self) -> Iterator[scrapy.Request]:
+        self.started = time.perf_counter()
+        yield scrapy.Request(self.base + "real/list", callback=self.parse_list)
+
+    def parse_list(self, response: Response) -> Iterator[Any]:
+        self.pages += 1
+        headers = [" ".join(h.split()) for h in response.css("table.grid thead th::text").getall()]
+        column = {name: i for i, name in enumerate(headers)}
+        for row in response.css("table.grid tbody tr.item"):
+            cells = [" ".join(" ".join(td.css("::text").getall()).split()) for td in row.xpath("./td")]
+            item = {
+                "order_no": int(cells[column["No"]]),
+                "customer": cells[column["Customer"]],
+                "order_date": dt.datetime.strptime(cells[column["Date"]], "%d-%m-%Y").date(),
+                "amount": Decimal(row.css("td.amt::text").get() or ""),
+            }
+            yield response.follow(row.css("td a::attr(href)").get() or "", callback=self.parse_detail,
+                                  cb_kwargs={"item": item})
+        following = response.css("a.next::attr(href)").get()
+        if following:
+            yield response.follow(following, callback=self.parse_list)
+
+    def parse_detail(self, response: Response, item: dict[str, Any]) -> Iterator[Any]:
+        self.pages += 1
+        self.items += 1
+        status = " ".join(" ".join(response.css("#status ::text").getall()).split())
+        note = " ".join(" ".join(response.css("#note ::text").getall()).split())
+        yield {**item, "status": status, "note": note}
+
+
 def main() -> None:
     process = CrawlerProcess(settings={
         "LOG_LEVEL": "ERROR",
@@ -89,7 +124,8 @@ def main() -> None:
         "ITEM_PIPELINES": {},
         "REQUEST_FINGERPRINTER_IMPLEMENTATION": "2.7",
     })
-    warm_up, crawler = process.create_crawler(OrdersSpider), process.create_crawler(OrdersSpider)
+    spider_class = RealSpider if sys.argv[2:] == ["real"] else OrdersSpider
+    warm_up, crawler = process.create_crawler(spider_class), process.create_crawler(spider_class)
     # One after the other: the timed crawl starts when the warm-up has closed.
     process.crawl(warm_up, base=sys.argv[1]).addCallback(lambda _: process.crawl(crawler, base=sys.argv[1]))
     process.start()

@@ -35,8 +35,13 @@ class ParseSpec(Strict):
     decimal: Literal[".", ","] | None = Field(
         default=None, description="decimal separator; overrides the locale's"
     )
-    format: str | None = Field(
-        default=None, description="date/datetime: strptime format, e.g. '%d-%m-%Y' or '%d. %b %Y'"
+    format: str | list[str] | None = Field(
+        default=None,
+        description="date/datetime: strptime format, e.g. '%d-%m-%Y' or '%d. %b %Y'; a list: tried in order",
+    )
+    relative: bool = Field(
+        default=False,
+        description="date/datetime: also read '5 minutes ago', 'yesterday', '3 days ago' against the fetch time",
     )
     true: list[str] = Field(default_factory=list, description="boolean: words meaning true (besides the usual)")
     false: list[str] = Field(default_factory=list, description="boolean: words meaning false (besides the usual)")
@@ -53,6 +58,36 @@ class ParseSpec(Strict):
                 "locale", "unknown locale '{value}'; use a code such as 'en', 'nl', 'de_DE'", {"value": value}
             ) from None
         return value
+
+    @model_validator(mode="after")
+    def _dates_only(self) -> ParseSpec:
+        dated = self.type in (ParseType.DATE, ParseType.DATETIME)
+        for key, given in (("format", self.format is not None), ("relative", self.relative)):
+            if given and not dated:
+                raise PydanticCustomError(
+                    "parse", "`{key}` is for `type: date` or `datetime`, not `{type}`",
+                    {"key": key, "type": str(self.type), "at": (key,)},
+                )
+        if isinstance(self.format, list) and not self.format:
+            raise PydanticCustomError("parse", "`format`: give at least one format", {"at": ("format",)})
+        return self
+
+    @property
+    def formats(self) -> list[str]:
+        """The configured strptime formats, in the order they are tried (empty: ISO 8601)."""
+        return [self.format] if isinstance(self.format, str) else list(self.format or [])
+
+    def describe(self) -> str:
+        """How a value is read, for error messages: the format(s) and the locale."""
+        match self.type:
+            case ParseType.DATE | ParseType.DATETIME:
+                how = " or ".join(repr(f) for f in self.formats) if self.formats else "ISO 8601"
+                how = f"format {how}" + (" or a relative date" if self.relative else "")
+            case ParseType.INTEGER | ParseType.DECIMAL | ParseType.CURRENCY:
+                how = f"decimal separator {self.decimal!r}" if self.decimal else ""
+            case _:
+                how = ""
+        return ", ".join(x for x in (how, f"locale {self.locale!r}") if x)
 
 
 def _parse_shorthand(value: Any) -> Any:
@@ -94,7 +129,14 @@ class FieldRule(Strict):
     attr: str | None = Field(default=None, description="read this attribute instead of the text")
     regex: str | None = Field(default=None, description="keep the first group (or the whole match)")
     parse: Annotated[ParseSpec, BeforeValidator(_parse_shorthand)] | None = None
-    required: bool = Field(default=False, description="matching nothing is layout drift: the run fails")
+    required: bool = Field(
+        default=False, description="matching nothing, empty text, no regex match or a parse failure is layout drift"
+    )
+    multiline: bool = Field(default=False, description="keep line breaks (<br>, blocks, newlines); trim each line")
+    null_if: list[str] | None = Field(
+        default=None, description="texts meaning 'no value' (case-insensitive), e.g. ['--', 'n/a']; "
+        "replaces the source's `null_if`"
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> FieldRule:
@@ -200,7 +242,9 @@ class HttpSpec(Strict):
     headers: dict[str, str] = Field(default_factory=dict)
     retries: int = Field(default=3, ge=0, le=20, description="on timeouts, connection errors and 5xx")
     backoff: Seconds = 0.5
-    concurrency: int = Field(default=4, ge=1, le=64, description="detail pages fetched at once (static mode)")
+    concurrency: int = Field(
+        default=4, ge=1, le=64, description="detail pages fetched (static) or rendered in tabs (browser) at once"
+    )
     rate_limit: float | None = Field(default=None, gt=0, description="requests per second at most")
     encoding: str | None = Field(default=None, description="force a page encoding, e.g. windows-1252")
 
@@ -227,6 +271,9 @@ class ScrapeSourceSpec(Strict):
     listing: ListSpec = Field(alias="list")  # `list` in the file; as an attribute it would shadow the type
     detail: DetailSpec | None = None
     timezone: TimeZone = "UTC"
+    null_if: list[str] = Field(
+        default_factory=list, description="texts meaning 'no value' in every field without its own `null_if`"
+    )
     poll_interval: Seconds = 300.0
     batch_size: int = Field(default=500, ge=1, le=100_000)
     browser_executable: Path = Path("/usr/bin/chromium")

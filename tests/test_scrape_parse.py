@@ -92,3 +92,20 @@ def test_windows_1252_pages_decode_declared_or_not() -> None:
     assert text in decode(meta + body, "text/html")
     assert decode("Zoë".encode(), "text/html") == "Zoë"
     assert decode("Zoë".encode("cp1252"), "text/html; charset=utf-8", forced="cp1252") == "Zoë"
+
+
+def test_parse_errors_name_the_configured_formats_and_locale() -> None:
+    # Was: "cannot read '01/02/23 16:00:00' (str) as datetime: expected ISO 8601" although a format was set.
+    with pytest.raises(ValueError) as caught:
+        parse("01/02/23 16:00:00", type="datetime", locale="nl", format=["%d-%m-%Y %H:%M", "%d %B %Y %H:%M"])
+    assert str(caught.value).startswith(
+        "cannot read '01/02/23 16:00:00' as a datetime (format '%d-%m-%Y %H:%M' or '%d %B %Y %H:%M', locale 'nl')"
+    )
+    with pytest.raises(ValueError, match=r"as a date \(format ISO 8601, locale 'en'\)"):
+        parse("24-11-2026", type="date")
+    with pytest.raises(ValueError, match=r"decimal separator ',', locale 'de'"):
+        parse("1,2,3", type="decimal", locale="de", decimal=",")
+    with pytest.raises(ValueError, match=r"no number in 'n/a' \(locale 'nl'\)"):
+        parse("n/a", type="currency", locale="nl")
+    # a list of formats: each tried in order
+    assert parse("24 november 2026", type="date", locale="nl", format=["%d-%m-%Y", "%d %B %Y"]) == dt.date(2026, 11, 24)

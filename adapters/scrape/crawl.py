@@ -22,7 +22,17 @@ import structlog
 from lxml import etree
 
 from adapters.scrape.errors import Challenged, LayoutDrift, LoginFailed, SessionExpired
-from adapters.scrape.extract import MISSING, Row, Rule, Tables, compile_query, locator_query, rules, text_of
+from adapters.scrape.extract import (
+    MISSING,
+    Row,
+    Rule,
+    Tables,
+    Unusable,
+    compile_query,
+    locator_query,
+    rules,
+    text_of,
+)
 from adapters.scrape.fetch import Fetcher, postback_args, private_folder, write_private
 from adapters.scrape.login import same_page
 from adapters.scrape.page import Node, Page, css, elements, strings
@@ -50,8 +60,8 @@ class Crawler:
         self.spec = spec
         self.fetcher = fetcher
         self.rows = locator_query(spec.listing.rows)
-        self.list_rules = rules(spec.listing.fields)
-        self.detail_rules = rules(spec.detail.fields) if spec.detail else []
+        self.list_rules = rules(spec.listing.fields, spec.null_if, spec.zone)
+        self.detail_rules = rules(spec.detail.fields, spec.null_if, spec.zone) if spec.detail else []
         link = spec.detail.link if spec.detail else None
         # A row without its detail link cannot be read completely: that is drift, like a required field.
         self.detail_link = (
@@ -248,7 +258,12 @@ class Crawler:
             yield item
 
     def _value(self, page: Page, rule: Rule, row: Row) -> Any:
-        value = rule.value(row)
+        try:
+            value = rule.value(row, page.fetched)
+        except Unusable as problem:
+            # A required value that is empty, unmatched by its regex or unparsable is drift like a
+            # missing node: publishing null (or the raw text) would overwrite good data downstream.
+            raise self._drift(page, f"field {rule.name!r}", rule.selector, str(problem)) from None
         if value is MISSING:
             if rule.required:
                 raise self._drift(page, f"field {rule.name!r}", rule.selector)
@@ -275,7 +290,12 @@ class Crawler:
 
     def _add_details(self, items: list[dict[str, Any]]) -> None:
         urls = [item.pop(_DETAIL) for item in items]
-        if self.fetcher.parallel > 1 and len(urls) > 1:
+        # Browser mode renders several detail pages at once in tabs of one thread (Playwright's
+        # sync API is bound to its thread); static mode fetches them on threads.
+        open_many = getattr(self.fetcher, "open_many", None)
+        if open_many is not None and self.fetcher.parallel > 1 and len(urls) > 1:
+            details = [self._read_detail(self._checked(page, None)) for page in open_many(urls)]
+        elif self.fetcher.parallel > 1 and len(urls) > 1:
             with ThreadPoolExecutor(max_workers=self.fetcher.parallel, thread_name_prefix="straw-detail") as pool:
                 details = list(pool.map(self._detail, urls))
         else:
@@ -284,14 +304,16 @@ class Crawler:
             item.update(detail)
 
     def _detail(self, url: str) -> dict[str, Any]:
-        page = self._open(url)
+        return self._read_detail(self._open(url))
+
+    def _read_detail(self, page: Page) -> dict[str, Any]:
         row = Row(page.tree, Tables())
         return {rule.name: self._value(page, rule, row) for rule in self.detail_rules}
 
     # -- layout drift ----------------------------------------------------------------------
 
-    def _drift(self, page: Page, what: str, selector: str) -> LayoutDrift:
-        return LayoutDrift(self.spec.name, page.url, what, selector, page.html)
+    def _drift(self, page: Page, what: str, selector: str, problem: str = "matched nothing") -> LayoutDrift:
+        return LayoutDrift(self.spec.name, page.url, what, selector, page.html, problem)
 
     def _save_debug(self, drift: LayoutDrift) -> None:
         # A logged-in page holds session tokens and private data: owner-only, like the session file.

@@ -16,6 +16,7 @@ from lxml import etree
 from adapters.scrape.errors import LayoutDrift
 from adapters.scrape.extract import MISSING, Row, Rule, Tables, locator_query, rules, text_of
 from adapters.scrape.page import Page
+from straw.coerce import Unreadable
 from straw.config_scrape import ScrapeSourceSpec
 
 _FIELD = re.compile(r"field '(?P<name>[^']+)'")
@@ -84,6 +85,10 @@ def _read(rule: Rule, row: Row) -> tuple[Any, str]:
         if raw == "":
             return None, "empty text"
         value = rule.value(row)
+        if isinstance(raw, Unreadable):
+            return None, raw.reason
+        if isinstance(value, Unreadable):
+            return None, value.reason
     except Exception as exc:  # what the extraction itself says is wrong (a parse error, say)
         return None, " ".join(str(exc).split()) or type(exc).__name__
     parse = rule.rule.parse

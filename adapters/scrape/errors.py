@@ -26,13 +26,16 @@ class SessionExpired(ScrapeError):
 class LayoutDrift(ScrapeError):
     """The page no longer looks like the configuration expects."""
 
-    def __init__(self, source: str, url: str, what: str, selector: str, html: str) -> None:
+    def __init__(
+        self, source: str, url: str, what: str, selector: str, html: str, problem: str = "matched nothing"
+    ) -> None:
         self.source, self.url, self.what, self.selector, self.html = source, url, what, selector, html
+        self.problem = problem  # "matched nothing", "is empty", the regex or parse failure
         self.saved: list[str] = []
         super().__init__(self._text())
 
     def _text(self) -> str:
-        text = f"source {self.source!r}: layout drift on {self.url}: {self.what} ({self.selector}) matched nothing"
+        text = f"source {self.source!r}: layout drift on {self.url}: {self.what} ({self.selector}) {self.problem}"
         if self.saved:
             text += f"; saved {', '.join(self.saved)}"
         return text + "; update the selector in the configuration (`straw preview` helps)"

@@ -15,7 +15,8 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
@@ -27,7 +28,7 @@ from adapters.scrape.errors import Challenged, ScrapeError
 from adapters.scrape.extract import playwright_selector
 from adapters.scrape.fetch import Meanwhile, RateLimit, describe_error, postback_args, with_retries
 from adapters.scrape.login import check_submission, login_form
-from adapters.scrape.page import Node, Page
+from adapters.scrape.page import Node, Page, rendered
 from straw.config_scrape import HttpSpec, Locator, LoginSpec
 
 
@@ -56,6 +57,11 @@ LAUNCH_ARGS = [
     # navigations instead of building a new one per document (RenderDocument): a quarter of the
     # time of each page load on the fixture UI.
     "--disable-features=BackForwardCache,RenderDocument",
+    # Detail pages render in several tabs at once (`open_many`); all but one are background tabs,
+    # whose renderers Chromium would otherwise deprioritize and whose timers it would throttle.
+    "--disable-renderer-backgrounding",
+    "--disable-background-timer-throttling",
+    "--disable-backgrounding-occluded-windows",
 ]
 
 
@@ -79,6 +85,7 @@ class BrowserFetcher:
         self._options: dict[str, Any] = {}
         self._navigations = 0
         self._document: Any = None  # the response that loaded the page's current document
+        self._tabs: list[Any] = []  # the extra pages `open_many` renders detail pages in
         self.recycles = 0  # fresh contexts taken mid-run, over the fetcher's life
 
     @property
@@ -87,7 +94,10 @@ class BrowserFetcher:
 
     @property
     def parallel(self) -> int:
-        return 1  # one page, reused: the browser is the bottleneck, not the network
+        # Detail pages rendered at once, each in its own tab of the run's context (`open_many`):
+        # parsing, styling and running a heavy page's scripts happen in the renderer processes,
+        # which work side by side while this thread waits on all of them.
+        return self.http.concurrency
 
     def _launch(self) -> Any:
         if self._browser is None:
@@ -135,6 +145,7 @@ class BrowserFetcher:
     def _recycle(self) -> None:
         """A fresh context and page, same cookies: a renderer reused for hundreds of pages keeps growing."""
         state = self._context.storage_state()
+        self._tabs = []
         self._context.close()
         self._context = self._launch().new_context(**{**self._options, "storage_state": state})
         self._context.set_default_timeout(self.http.timeout * 1000)
@@ -188,6 +199,7 @@ class BrowserFetcher:
         self._document = None
 
     def end(self) -> None:
+        self._tabs = []
         if self._context is not None:
             self._context.close()
         self._context = self._page = self._document = None
@@ -207,7 +219,8 @@ class BrowserFetcher:
         # Serialized by the page's own world: `page.content()` first injects Playwright's utility script
         # into every new document, ten times the cost of the read itself.
         page = self.page
-        return Page(page.url, lambda: str(page.evaluate("() => document.documentElement.outerHTML")))
+        url = page.url
+        return Page(url, lambda: rendered(url, str(page.evaluate("() => document.documentElement.outerHTML"))))
 
     def _retrying(self, what: str, action: Any) -> Page:
         from playwright.sync_api import Error as PlaywrightError
@@ -237,6 +250,93 @@ class BrowserFetcher:
             self._recycle()
         self._navigations += 1
         return self._retrying(f"GET {url}", lambda: self.page.goto(url, wait_until="load"))
+
+    def open_many(self, urls: list[str]) -> Iterator[Page]:
+        """The pages at `urls`, in order, with up to `parallel` of them loading and rendering at once.
+
+        Each tab starts its next URL as soon as its page has been handed over and read (the Page
+        is read eagerly before the tab moves on). A URL whose load fails, or answers 4xx/5xx, is
+        fetched again by `open`, with its retries and errors, when its turn comes. Every `RECYCLE_EVERY` loads
+        per tab the tabs are drained and the run moves to a fresh context, as `open` does.
+        """
+        from playwright.sync_api import Error as PlaywrightError
+
+        width = max(1, min(self.parallel, len(urls)))
+        pending = deque(urls)
+        flight: deque[tuple[int, str, Any]] = deque()  # (tab, url, response or the failure)
+        loads = 0
+        # Each tab's renderer grows with the pages it shows: a tab is replaced by a fresh one (same
+        # context, same cookies) after its share of `RECYCLE_EVERY`, so the tabs together hold no
+        # more than one page did; the context itself is renewed every `RECYCLE_EVERY * width` loads.
+        per_tab = max(1, RECYCLE_EVERY // width)
+        tab_loads = [0] * width
+
+        def start(tab: int) -> None:
+            nonlocal loads
+            url = pending.popleft()
+            if tab_loads[tab] >= per_tab:
+                self._tabs[tab] = self._fresh_tab(tab)
+                tab_loads[tab] = 0
+            loads += 1
+            tab_loads[tab] += 1
+            self.limit.wait()
+            try:
+                # Only until the server's answer is in: the tab parses and renders on its own meanwhile.
+                outcome: Any = self._tabs[tab].goto(url, wait_until="commit")
+            except PlaywrightError as exc:
+                outcome = exc
+            flight.append((tab, url, outcome))
+
+        def fill() -> None:
+            busy = {tab for tab, _, _ in flight}
+            for tab in range(width):
+                if pending and tab not in busy and loads < RECYCLE_EVERY * width:
+                    start(tab)
+
+        self.page  # noqa: B018 - a context to open the tabs in
+        while pending or flight:
+            if not flight:
+                if loads >= RECYCLE_EVERY * width:
+                    self._recycle()
+                    loads = 0
+                    tab_loads = [0] * width
+                while len(self._tabs) < width:
+                    self._tabs.append(self._context.new_page())
+                fill()
+                continue
+            tab, url, outcome = flight.popleft()
+            page = self._settled(tab, outcome)
+            if page is None:  # failed, or not a plain 2xx/3xx: `open` on the run's own page decides
+                page = self.open(url)
+            page.html  # noqa: B018 - read before this tab moves on to its next URL
+            fill()
+            yield page
+
+    def _settled(self, tab: int, outcome: Any) -> Page | None:
+        """The tab's page once loaded; None when its load failed or answered 4xx/5xx: the caller then
+        fetches it with `open`, whose retries, errors (and login challenges) are the same as for any page."""
+        from playwright.sync_api import Error as PlaywrightError
+
+        if isinstance(outcome, PlaywrightError):
+            self._tabs[tab] = self._fresh_tab(tab)
+            return None
+        if outcome is not None and outcome.status >= 400:
+            return None
+        page = self._tabs[tab]
+        try:
+            page.wait_for_load_state("load")
+            html = str(page.evaluate("() => document.documentElement.outerHTML"))
+        except PlaywrightError:
+            self._tabs[tab] = self._fresh_tab(tab)
+            return None
+        return Page(page.url, rendered(page.url, html))
+
+    def _fresh_tab(self, tab: int) -> Any:
+        from playwright.sync_api import Error as PlaywrightError
+
+        with contextlib.suppress(PlaywrightError):  # a tab that is stuck or already gone
+            self._tabs[tab].close()
+        return self._context.new_page()
 
     def follow(
         self, page: Page, locator: Locator, element: Node, index: int, meanwhile: Meanwhile | None = None
@@ -319,7 +419,7 @@ class BrowserFetcher:
         try:
             html = self.page.evaluate(_PRESENT_HTML, arg)
             if html is not None:
-                return Page(self.page.url, str(html))
+                return Page(self.page.url, rendered(self.page.url, str(html)))
             # Checked at each animation frame: a list that arrives by XHR is read as soon as it is there.
             self.page.wait_for_function(_PRESENT, arg=arg, polling="raf", timeout=seconds * 1000)
         except PlaywrightError:

@@ -122,7 +122,7 @@ class StaticFetcher:
                                  response.status_code)
             if response.status_code >= 400:
                 raise ScrapeError(f"source {self.source!r}: {method} {url}: HTTP {response.status_code}")
-            text = decode(response.content, response.headers.get("content-type"), self.http.encoding)
+            text = decode(response.content, response.headers.get("content-type"), self.http.encoding, str(response.url))
             return Page(str(response.url), text)
 
         try:

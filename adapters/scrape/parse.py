@@ -13,6 +13,7 @@ from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from functools import cache
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from babel import Locale
 from babel.numbers import get_decimal_symbol
@@ -47,18 +48,18 @@ def number_parser(spec: ParseSpec) -> Callable[[str], Decimal]:
         # A currency symbol or code may sit on either side of the sign: '-€ 12', '€ -12', '12- EUR'.
         digits = _DIGITS.search(stripped)
         if digits is None:
-            raise ValueError(f"no number in {text!r}")
+            raise ValueError(f"no number in {text!r} ({spec.describe()})")
         first, last = digits.span()
         after = stripped[last:].lstrip()
         if _HAS_MINUS.search(stripped, 0, first) or (after and after[0] in _MINUS):
             negative = not negative
         body = _NOT_NUMBER.sub("", digits.group()).replace(group, "")
         if body.count(point) > 1:
-            raise ValueError(f"cannot read {text!r} as a number with decimal separator {point!r}")
+            raise ValueError(f"cannot read {text!r} as a number with decimal separator {point!r} ({spec.describe()})")
         try:
             value = Decimal(body.replace(point, "."))
         except InvalidOperation:
-            raise ValueError(f"cannot read {text!r} as a number") from None
+            raise ValueError(f"cannot read {text!r} as a number ({spec.describe()})") from None
         return -value if negative else value
 
     return parse
@@ -73,7 +74,7 @@ def integer_parser(spec: ParseSpec) -> Callable[[str], int]:
             return int(raw)
         value = number(text)
         if value != value.to_integral_value():
-            raise ValueError(f"{text!r} has a fraction; parse it as decimal")
+            raise ValueError(f"{text!r} has a fraction; parse it as decimal ({spec.describe()})")
         return int(value)
 
     return parse
@@ -156,17 +157,14 @@ def _strptime(fmt: str) -> Callable[[str], dt.datetime]:
     return read
 
 
-def _date_reader(spec: ParseSpec) -> Callable[[str], dt.datetime]:
-    fmt = spec.format
-    if fmt is None:
-        return lambda text: dt.datetime.fromisoformat(text.strip())
+def _format_reader(fmt: str, locale: str) -> Callable[[str], dt.datetime]:
     if "%b" not in fmt and "%B" not in fmt:
         strptime = _strptime(fmt)
         return lambda text: strptime(" ".join(text.split()))
     # strptime knows only the C locale's month names: swap the locale's name for its number first.
     numeric = fmt.replace("%B", "%m").replace("%b", "%m")
     strptime = _strptime(numeric)
-    names = _month_names(spec.locale)
+    names = _month_names(locale)
     pattern = re.compile("|".join(re.escape(n) for n, _ in names), re.IGNORECASE)
     lookup = dict(names)
 
@@ -174,7 +172,7 @@ def _date_reader(spec: ParseSpec) -> Callable[[str], dt.datetime]:
         clean = " ".join(text.split())
         found = pattern.search(clean)
         if found is None:
-            raise ValueError(f"no month name of locale {spec.locale!r} in {text!r}")
+            raise ValueError(f"no month name of locale {locale!r}")
         month = lookup[found.group(0).casefold()]
         head, tail = clean[: found.start()], clean[found.end() :]
         # An abbreviation's dot ('nov.') may or may not be matched with the name, and may or may not
@@ -185,9 +183,63 @@ def _date_reader(spec: ParseSpec) -> Callable[[str], dt.datetime]:
                 return strptime(candidate)
             except ValueError:
                 continue
-        raise ValueError(f"{text!r} does not match format {fmt!r}")
+        raise ValueError(f"does not match format {fmt!r}")
 
     return read
+
+
+def _date_reader(spec: ParseSpec) -> Callable[[str], dt.datetime]:
+    formats = spec.formats
+    if not formats:
+        return lambda text: dt.datetime.fromisoformat(text.strip())
+    readers = [_format_reader(fmt, spec.locale) for fmt in formats]
+    if len(readers) == 1:
+        return readers[0]
+
+    def read(text: str) -> dt.datetime:
+        for reader in readers[:-1]:
+            try:
+                return reader(text)
+            except ValueError:
+                continue
+        return readers[-1](text)
+
+    return read
+
+
+def _language(locale: str) -> str:
+    return _locale(locale).language
+
+
+@cache
+def _dateparser() -> Any:
+    import dateparser  # a second to import its language data: only sources that read relative dates pay
+
+    return dateparser
+
+
+def relative_reader(spec: ParseSpec, zone: ZoneInfo) -> Callable[[str, dt.datetime], dt.datetime]:
+    """'5 minutes ago', 'yesterday', 'vor 3 Tagen' -> a naive time in `zone`, counted back from `fetched`.
+
+    Only dateparser's relative-time parser runs: an absolute date it would guess at ('01/02/23')
+    stays unread, so the configured formats alone decide what such a text means.
+    """
+    languages = list(dict.fromkeys([_language(spec.locale), "en"]))
+
+    def read(text: str, fetched: dt.datetime) -> dt.datetime:
+        base = fetched.astimezone(zone).replace(tzinfo=None)
+        settings = {"RELATIVE_BASE": base, "PARSERS": ["relative-time"], "RETURN_AS_TIMEZONE_AWARE": False,
+                    "PREFER_DATES_FROM": "past"}
+        found = _dateparser().parse(" ".join(text.split()), languages=languages, settings=settings)
+        if not isinstance(found, dt.datetime):
+            raise ValueError("not a relative date")
+        return found
+
+    return read
+
+
+def _failure(text: str, kind: str, spec: ParseSpec, exc: Exception) -> ValueError:
+    return ValueError(f"cannot read {text!r} as a {kind} ({spec.describe()}): {exc}")
 
 
 def date_parser(spec: ParseSpec) -> Callable[[str], dt.date]:
@@ -197,7 +249,7 @@ def date_parser(spec: ParseSpec) -> Callable[[str], dt.date]:
         try:
             return read(text).date()
         except ValueError as exc:
-            raise ValueError(f"cannot read {text!r} as a date ({spec.format or 'ISO 8601'}): {exc}") from None
+            raise _failure(text, "date", spec, exc) from None
 
     return parse
 
@@ -209,7 +261,7 @@ def datetime_parser(spec: ParseSpec) -> Callable[[str], dt.datetime]:
         try:
             return read(text)  # naive: the mapper reads it in the source's time zone
         except ValueError as exc:
-            raise ValueError(f"cannot read {text!r} as a datetime ({spec.format or 'ISO 8601'}): {exc}") from None
+            raise _failure(text, "datetime", spec, exc) from None
 
     return parse
 
