@@ -294,7 +294,8 @@ class Crawler:
         # sync API is bound to its thread); static mode fetches them on threads.
         open_many = getattr(self.fetcher, "open_many", None)
         if open_many is not None and self.fetcher.parallel > 1 and len(urls) > 1:
-            details = [self._read_detail(self._checked(page, None)) for page in open_many(urls)]
+            pages = open_many(urls, self._open)
+            details = [self._read_detail(self._tab_page(page, url)) for page, url in zip(pages, urls, strict=True)]
         elif self.fetcher.parallel > 1 and len(urls) > 1:
             with ThreadPoolExecutor(max_workers=self.fetcher.parallel, thread_name_prefix="straw-detail") as pool:
                 details = list(pool.map(self._detail, urls))
@@ -302,6 +303,13 @@ class Crawler:
             details = [self._detail(url) for url in urls]
         for item, detail in zip(items, details, strict=True):
             item.update(detail)
+
+    def _tab_page(self, page: Page, url: str) -> Page:
+        """A detail page a browser tab loaded; sent to the login page or shown its form: log in, ask again."""
+        try:
+            return self._checked(page, None, url)
+        except SessionExpired:
+            return self._open(url)
 
     def _detail(self, url: str) -> dict[str, Any]:
         return self._read_detail(self._open(url))

@@ -251,13 +251,15 @@ class BrowserFetcher:
         self._navigations += 1
         return self._retrying(f"GET {url}", lambda: self.page.goto(url, wait_until="load"))
 
-    def open_many(self, urls: list[str]) -> Iterator[Page]:
+    def open_many(self, urls: list[str], fallback: Callable[[str], Page] | None = None) -> Iterator[Page]:
         """The pages at `urls`, in order, with up to `parallel` of them loading and rendering at once.
 
         Each tab starts its next URL as soon as its page has been handed over and read (the Page
         is read eagerly before the tab moves on). A URL whose load fails, or answers 4xx/5xx, is
         fetched again by `open`, with its retries and errors, when its turn comes. Every `RECYCLE_EVERY` loads
         per tab the tabs are drained and the run moves to a fresh context, as `open` does.
+        `fallback` (default `open`): how such a URL is fetched again; the crawler passes its own, which
+        logs in when the page answers 401/403.
         """
         from playwright.sync_api import Error as PlaywrightError
 
@@ -307,7 +309,7 @@ class BrowserFetcher:
             tab, url, outcome = flight.popleft()
             page = self._settled(tab, outcome)
             if page is None:  # failed, or not a plain 2xx/3xx: `open` on the run's own page decides
-                page = self.open(url)
+                page = (fallback or self.open)(url)
             page.html  # noqa: B018 - read before this tab moves on to its next URL
             fill()
             yield page
