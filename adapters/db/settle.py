@@ -1,0 +1,226 @@
+"""Commit-safe watermarks: how far a poll may take rows without passing one a still-open transaction may commit.
+
+A watermark that passes a value an open transaction later commits below loses that row for good.
+Each technique returns, per poll, a `Bound` on the first change column (the timestamp, or the id):
+
+- `ledger` (PostgreSQL, MariaDB/MySQL InnoDB): at every poll straw notes the highest visible value
+  together with the transactions open at that moment. A transaction that will commit a value at or
+  below it already holds that value, so it is open now; once every one of them has ended, nothing can
+  commit at or below it any more and the watermark may pass it. With nothing open, everything visible
+  is final at once (an idle database costs no latency). PostgreSQL: the running xids of
+  `pg_current_snapshot()` (64-bit, never reused: no wraparound) read in the same statement, hence the
+  same snapshot, as the highest value; timestamp mode also stops below the start of the oldest open
+  transaction, since `DEFAULT now()` is the transaction's start even before it has written (and so
+  has no xid). MariaDB/MySQL: the open InnoDB transactions of `information_schema.innodb_trx`
+  (the PROCESS privilege), read after the highest value.
+- `window` (any other database, and the fallbacks): timestamp mode takes rows older than the
+  database's now minus the window; incrementing mode takes ids in order and never passes a gap in
+  them younger than the window (a late commit fills it), giving a gap up, with a log line, once it is
+  older: rolled-back transactions leave gaps that never fill.
+- `off` (SQLite, one writer at a time; or `settle: off`): rows are taken as soon as they are visible.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+from sqlalchemy import literal_column, select, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+
+log = structlog.get_logger("straw.settle")
+
+DEFAULT_WINDOW = 30.0  # seconds: where no database technique applies
+_ER_SPECIFIC_ACCESS_DENIED = 1227  # MySQL/MariaDB: "you need the PROCESS privilege"
+
+
+@dataclass(frozen=True)
+class Bound:
+    """What one poll may take. `hold`: nothing beyond the watermark; `cap`: only rows with value <= cap."""
+
+    cap: Any = None
+    hold: bool = False
+    gaps: GapWatch | None = None
+
+
+OPEN = Bound()
+HOLD = Bound(hold=True)
+
+
+class Probe(Protocol):
+    """What a technique asks of the source, in the source's own terms."""
+
+    def top_query(self) -> Any: ...  # SELECT max(first change column) over the relation (a SQLAlchemy select)
+
+    def params(self) -> dict[str, Any]: ...
+
+    def column_time(self, conn: Connection, utc: dt.datetime) -> dt.datetime: ...  # as the column compares
+
+    def db_now(self, conn: Connection) -> dt.datetime: ...  # the database's clock, aware UTC
+
+
+class Technique(Protocol):
+    name: str
+    why: str
+
+    def bound(self, conn: Connection, probe: Probe) -> Bound: ...
+
+
+class Off:
+    def __init__(self, why: str) -> None:
+        self.name, self.why = "off", why
+
+    def bound(self, conn: Connection, probe: Probe) -> Bound:
+        return OPEN
+
+
+class Window:
+    """A settle window on the database's clock; incrementing mode watches id gaps for as long."""
+
+    def __init__(self, seconds: float, *, timestamp: bool, source: str, why: str) -> None:
+        self.seconds, self.timestamp, self.why = seconds, timestamp, why
+        self.name = f"window {seconds:g}s"
+        self.gaps = None if timestamp else GapWatch(seconds, source)
+
+    def bound(self, conn: Connection, probe: Probe) -> Bound:
+        if self.gaps is not None:
+            return Bound(gaps=self.gaps)
+        now = probe.db_now(conn)
+        return Bound(cap=probe.column_time(conn, now - dt.timedelta(seconds=self.seconds)))
+
+
+@dataclass
+class GapWatch:
+    """Ids missing between the watermark and the rows read, with when straw first saw each gap."""
+
+    window: float
+    source: str
+    first_seen: dict[int, float] = field(default_factory=dict)
+    given_up: int = 0  # gaps older than the window, passed (a metric: rolled back or skipped ids)
+
+    def admit(self, expected: int | None, values: list[Any]) -> tuple[int, int | None]:
+        """How many of `values` (ascending ids) may be taken, and the id expected after them.
+
+        `expected`: the id right after the watermark (None: unknown, e.g. before the first row).
+        """
+        now = time.monotonic()
+        for i, value in enumerate(values):
+            if not isinstance(value, int) or isinstance(value, bool):
+                return len(values), None  # not an integer id: no gaps to see
+            if expected is not None and value > expected:
+                seen = self.first_seen.setdefault(expected, now)
+                if now - seen < self.window:
+                    return i, expected  # a late commit may still fill it: stop before it
+                del self.first_seen[expected]
+                self.given_up += 1
+                log.warning(
+                    "settle: gap in ids given up (a rolled-back transaction or a skipped sequence value)",
+                    source=self.source, missing=f"{expected}..{value - 1}", waited_s=round(now - seen, 1),
+                )
+            elif expected is not None and value == expected:
+                self.first_seen.pop(expected, None)
+            expected = value + 1
+        return len(values), expected
+
+
+class Ledger:
+    """The highest visible value and the transactions open when it was seen; passed once they have ended."""
+
+    def __init__(self, dialect: str, *, timestamp: bool, source: str) -> None:
+        self.dialect, self.timestamp, self.source = dialect, timestamp, source
+        self.entries: list[tuple[Any, frozenset[int]]] = []
+        self.fallback: Window | None = None
+        if dialect == "postgresql":
+            self.name = "pg transaction horizon"
+            self.why = ("PostgreSQL: running xids of pg_current_snapshot() (64-bit) held against the highest "
+                        "visible value" + ("; below the oldest open transaction's start" if timestamp else ""))
+        else:
+            self.name = "innodb open transactions"
+            self.why = "InnoDB: open transactions of information_schema.innodb_trx held against the highest value"
+
+    def bound(self, conn: Connection, probe: Probe) -> Bound:
+        if self.fallback is not None:
+            return self.fallback.bound(conn, probe)
+        if self.dialect == "postgresql":
+            top, open_now, oldest = self._postgres(conn, probe)
+        else:
+            top = conn.execute(probe.top_query(), probe.params()).scalar()
+            found = self._innodb(conn)
+            if found is None:
+                assert self.fallback is not None
+                return self.fallback.bound(conn, probe)
+            open_now, oldest = found, None
+        if top is None:
+            return HOLD  # nothing to take; a row committed from now on is judged at the next poll
+        cap = self._settle(top, open_now)
+        if cap is None:
+            return HOLD
+        if oldest is not None:
+            # DEFAULT now() is the start of its transaction: nothing below that start may be passed yet.
+            start = probe.column_time(conn, oldest.astimezone(dt.UTC)) - dt.timedelta(microseconds=1)
+            cap = min(cap, start)
+        return Bound(cap=cap)
+
+    def _settle(self, top: Any, open_now: frozenset[int]) -> Any:
+        if not open_now:
+            self.entries.clear()
+            return top
+        settled = [value for value, held in self.entries if not held & open_now]
+        cap = max(settled) if settled else None
+        self.entries = [(v, held) for v, held in self.entries if cap is None or v > cap]
+        if not self.entries or top > self.entries[-1][0]:
+            # A value already noted keeps its older, smaller set: it settles sooner.
+            self.entries.append((top, open_now))
+        return cap
+
+    def _postgres(self, conn: Connection, probe: Probe) -> tuple[Any, frozenset[int], dt.datetime | None]:
+        snapshot = "pg_current_snapshot()" if (conn.dialect.server_version_info or (13,)) >= (13,) else (
+            "txid_current_snapshot()")
+        oldest = ("(SELECT min(xact_start) FROM pg_stat_activity WHERE datname = current_database() "
+                  "AND pid <> pg_backend_pid() AND backend_type = 'client backend')") if self.timestamp else "NULL"
+        # One statement, one snapshot: the highest value and the xids running when it was read agree.
+        top = probe.top_query().scalar_subquery()
+        stmt = select(top, literal_column(f"{snapshot}::text"), literal_column(oldest))
+        value, snap, start = conn.execute(stmt, probe.params()).one()
+        xip = str(snap).split(":")[2]
+        return value, frozenset(int(x) for x in xip.split(",") if x), start
+
+    def _innodb(self, conn: Connection) -> frozenset[int] | None:
+        try:
+            rows = conn.execute(text(
+                "SELECT trx_id FROM information_schema.innodb_trx "
+                "WHERE trx_mysql_thread_id <> CONNECTION_ID() AND trx_is_read_only = 0"
+            )).scalars().all()
+        except DBAPIError as exc:
+            code = exc.orig.args[0] if exc.orig is not None and exc.orig.args else None
+            if code != _ER_SPECIFIC_ACCESS_DENIED and "PROCESS" not in str(exc.orig):
+                raise
+            self.fallback = Window(DEFAULT_WINDOW, timestamp=self.timestamp, source=self.source,
+                                   why=NO_PROCESS)
+            self.name, self.why = self.fallback.name, NO_PROCESS
+            log.warning("settle: falling back to a settle window", source=self.source, reason=NO_PROCESS)
+            return None
+        return frozenset(int(r) for r in rows)
+
+
+NO_PROCESS = (f"no PROCESS privilege to read information_schema.innodb_trx: a {DEFAULT_WINDOW:g}s settle window "
+              "instead (GRANT PROCESS ON *.* TO the straw user for the exact technique)")
+
+
+def choose(dialect: str, *, settle: str, delay: float, timestamp: bool, source: str) -> Technique:
+    """The technique for a source: `settle: off`, a fixed `settle_delay`, or auto by dialect."""
+    if settle == "off":
+        return Off("settle: off (the configuration says one writer)")
+    if delay:
+        return Window(delay, timestamp=timestamp, source=source, why="settle_delay set in the configuration")
+    if dialect == "sqlite":
+        return Off("SQLite: one writer at a time, commits in order; nothing to settle")
+    if dialect in ("postgresql", "mysql", "mariadb"):
+        return Ledger(dialect, timestamp=timestamp, source=source)
+    return Window(DEFAULT_WINDOW, timestamp=timestamp, source=source,
+                  why=f"{dialect}: no transaction horizon straw can read; the default window")
+
