@@ -35,6 +35,7 @@ from sqlalchemy.exc import DBAPIError
 log = structlog.get_logger("straw.settle")
 
 DEFAULT_WINDOW = 30.0  # seconds: where no database technique applies
+SHORT_WAIT = 0.3  # seconds a poll re-looks for open transactions to end before leaving rows to the next poll
 _ER_SPECIFIC_ACCESS_DENIED = 1227  # MySQL/MariaDB: "you need the PROCESS privilege"
 
 
@@ -143,8 +144,18 @@ class Ledger:
             self.why = "InnoDB: open transactions of information_schema.innodb_trx held against the highest value"
 
     def bound(self, conn: Connection, probe: Probe) -> Bound:
+        # Most writes commit within milliseconds: re-look briefly before deferring what is held to the next poll.
+        deadline = time.monotonic() + SHORT_WAIT
+        while True:
+            bound, held = self._bound(conn, probe)
+            if not held or time.monotonic() >= deadline:
+                return bound
+            time.sleep(0.05)
+
+    def _bound(self, conn: Connection, probe: Probe) -> tuple[Bound, bool]:
+        """The bound, and whether open transactions hold back part of what is visible."""
         if self.fallback is not None:
-            return self.fallback.bound(conn, probe)
+            return self.fallback.bound(conn, probe), False
         if self.dialect == "postgresql":
             top, open_now, oldest = self._postgres(conn, probe)
         else:
@@ -152,18 +163,19 @@ class Ledger:
             found = self._innodb(conn)
             if found is None:
                 assert self.fallback is not None
-                return self.fallback.bound(conn, probe)
+                return self.fallback.bound(conn, probe), False
             open_now, oldest = found, None
         if top is None:
-            return HOLD  # nothing to take; a row committed from now on is judged at the next poll
+            return HOLD, False  # nothing to take; a row committed from now on is judged at the next poll
         cap = self._settle(top, open_now)
         if cap is None:
-            return HOLD
+            return HOLD, True
         if oldest is not None:
             # DEFAULT now() is the start of its transaction: nothing below that start may be passed yet.
             start = probe.column_time(conn, oldest.astimezone(dt.UTC)) - dt.timedelta(microseconds=1)
-            cap = min(cap, start)
-        return Bound(cap=cap)
+            if start < cap:
+                return Bound(cap=start), True
+        return Bound(cap=cap), cap < top
 
     def _settle(self, top: Any, open_now: frozenset[int]) -> Any:
         if not open_now:
@@ -184,10 +196,14 @@ class Ledger:
                   "AND pid <> pg_backend_pid() AND backend_type = 'client backend')") if self.timestamp else "NULL"
         # One statement, one snapshot: the highest value and the xids running when it was read agree.
         top = probe.top_query().scalar_subquery()
-        stmt = select(top, literal_column(f"{snapshot}::text"), literal_column(oldest))
-        value, snap, start = conn.execute(stmt, probe.params()).one()
+        elsewhere = ("(SELECT string_agg(backend_xid::text, ',') FROM pg_stat_activity "
+                     "WHERE datname IS DISTINCT FROM current_database() AND backend_xid IS NOT NULL)")
+        stmt = select(top, literal_column(f"{snapshot}::text"), literal_column(oldest), literal_column(elsewhere))
+        value, snap, start, elsewhere = conn.execute(stmt, probe.params()).one()
         xip = str(snap).split(":")[2]
-        return value, frozenset(int(x) for x in xip.split(",") if x), start
+        # xids are cluster-wide, and a session writes only in its own database: others' writers never matter.
+        other = {int(x) for x in str(elsewhere or "").split(",") if x}
+        return value, frozenset(int(x) for x in xip.split(",") if x and int(x) % 2**32 not in other), start
 
     def _innodb(self, conn: Connection) -> frozenset[int] | None:
         try:
