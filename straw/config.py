@@ -133,6 +133,10 @@ class DbSourceSpec(Strict):
         default="auto",
         description="commit-safe watermark: auto picks the database's technique; off for single-writer tables",
     )
+    settle_fallback: Seconds = Field(
+        default=30.0, gt=0,
+        description="settle: auto, where the database offers no transaction horizon (ODBC, no PROCESS privilege)",
+    )
     soft_delete: SoftDeleteSpec | None = None
     encoding: Encoding = Field(default="utf-8", description="how text kept in byte columns is encoded (cp1252…)")
     trim_char: bool = Field(default=False, description="strip the trailing spaces that CHAR(n) columns pad with")

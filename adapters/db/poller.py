@@ -87,7 +87,7 @@ class DbSource:
         self._is_deleted = _soft_delete_rule(spec.soft_delete, spec.encoding) if spec.soft_delete else None
         self.settle: settle.Technique = settle.choose(
             self.engine.dialect.name, settle=spec.settle, delay=spec.settle_delay,
-            timestamp=spec.mode is ChangeMode.TIMESTAMP, source=spec.name,
+            timestamp=spec.mode is ChangeMode.TIMESTAMP, source=spec.name, fallback=spec.settle_fallback,
         ) if spec.mode is not ChangeMode.SNAPSHOT else settle.Off("snapshot mode lists every row")
 
     def _change_columns(self) -> list[str]:

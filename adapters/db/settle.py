@@ -131,8 +131,8 @@ class GapWatch:
 class Ledger:
     """The highest visible value and the transactions open when it was seen; passed once they have ended."""
 
-    def __init__(self, dialect: str, *, timestamp: bool, source: str) -> None:
-        self.dialect, self.timestamp, self.source = dialect, timestamp, source
+    def __init__(self, dialect: str, *, timestamp: bool, source: str, fallback: float) -> None:
+        self.dialect, self.timestamp, self.source, self.window = dialect, timestamp, source, fallback
         self.entries: list[tuple[Any, frozenset[int]]] = []
         self.fallback: Window | None = None
         if dialect == "postgresql":
@@ -215,19 +215,21 @@ class Ledger:
             code = exc.orig.args[0] if exc.orig is not None and exc.orig.args else None
             if code != _ER_SPECIFIC_ACCESS_DENIED and "PROCESS" not in str(exc.orig):
                 raise
-            self.fallback = Window(DEFAULT_WINDOW, timestamp=self.timestamp, source=self.source,
-                                   why=NO_PROCESS)
-            self.name, self.why = self.fallback.name, NO_PROCESS
-            log.warning("settle: falling back to a settle window", source=self.source, reason=NO_PROCESS)
+            why = NO_PROCESS.format(window=self.window)
+            self.fallback = Window(self.window, timestamp=self.timestamp, source=self.source, why=why)
+            self.name, self.why = self.fallback.name, why
+            log.warning("settle: falling back to a settle window", source=self.source, reason=why)
             return None
         return frozenset(int(r) for r in rows)
 
 
-NO_PROCESS = (f"no PROCESS privilege to read information_schema.innodb_trx: a {DEFAULT_WINDOW:g}s settle window "
+NO_PROCESS = ("no PROCESS privilege to read information_schema.innodb_trx: a {window:g}s settle window "
               "instead (GRANT PROCESS ON *.* TO the straw user for the exact technique)")
 
 
-def choose(dialect: str, *, settle: str, delay: float, timestamp: bool, source: str) -> Technique:
+def choose(
+    dialect: str, *, settle: str, delay: float, timestamp: bool, source: str, fallback: float = DEFAULT_WINDOW
+) -> Technique:
     """The technique for a source: `settle: off`, a fixed `settle_delay`, or auto by dialect."""
     if settle == "off":
         return Off("settle: off (the configuration says one writer)")
@@ -236,7 +238,7 @@ def choose(dialect: str, *, settle: str, delay: float, timestamp: bool, source: 
     if dialect == "sqlite":
         return Off("SQLite: one writer at a time, commits in order; nothing to settle")
     if dialect in ("postgresql", "mysql", "mariadb"):
-        return Ledger(dialect, timestamp=timestamp, source=source)
-    return Window(DEFAULT_WINDOW, timestamp=timestamp, source=source,
-                  why=f"{dialect}: no transaction horizon straw can read; the default window")
+        return Ledger(dialect, timestamp=timestamp, source=source, fallback=fallback)
+    why = f"{dialect}: no transaction horizon straw can read; the `settle_fallback` window"
+    return Window(fallback, timestamp=timestamp, source=source, why=why)
 
