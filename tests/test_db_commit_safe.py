@@ -79,7 +79,6 @@ def _now_sql(dialect: str) -> str:
 
 def _writers(engine: Engine, table: Any, mode: str, seconds: float, longest: float, seed: int) -> dict[str, int]:
     """4 threads of transactions 0..`longest` s long: inserts (and in timestamp mode updates), 10 % rolled back."""
-    ids = iter(range(1, 1_000_000))
     lock = threading.Lock()
     inserted: list[int] = []
     stats = {"committed": 0, "rolled_back": 0, "failed": 0}
@@ -99,18 +98,18 @@ def _writers(engine: Engine, table: Any, mode: str, seconds: float, longest: flo
                             known = list(inserted)
                         if mode == "timestamp" and known and rng.random() < 0.4:
                             key = rng.choice(known)
-                            conn.execute(update(table).where(table.c.ORDER_NO == key).values(
+                            conn.execute(update(table).where(key == table.c.ORDER_NO).values(
                                 STATUS=rng.choice(["OPEN", "PAID", "SHIPPED"]), CHANGED_AT=now))
-                        else:
-                            with lock:
-                                key = next(ids)
-                                inserted.append(key)
-                            row = {**order_rows(1, first=key)[0], "ORDER_NO": key}
+                        else:  # the database assigns the id (serial / AUTO_INCREMENT), as an ERP's does
+                            row = order_rows(1, first=rng.randint(1, 10_000))[0]
+                            row.pop("ORDER_NO")
+                            stmt = insert(table)
                             if mode == "timestamp":
                                 row.pop("CHANGED_AT")
-                                conn.execute(insert(table).values(CHANGED_AT=now), [row])
-                            else:
-                                conn.execute(insert(table), [row])
+                                stmt = stmt.values(CHANGED_AT=now)
+                            key = conn.execute(stmt, row).inserted_primary_key[0]
+                            with lock:
+                                inserted.append(key)
                         time.sleep(length / steps)
                     if rng.random() < 0.1:
                         txn.rollback()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Protocol
 
 import structlog
@@ -133,7 +134,8 @@ class Ledger:
 
     def __init__(self, dialect: str, *, timestamp: bool, source: str, fallback: float) -> None:
         self.dialect, self.timestamp, self.source, self.window = dialect, timestamp, source, fallback
-        self.entries: list[tuple[Any, frozenset[int]]] = []
+        self.entries: list[tuple[Any, frozenset[object]]] = []
+        self.looks = 0
         self.fallback: Window | None = None
         if dialect == "postgresql":
             self.name = "pg transaction horizon"
@@ -146,8 +148,10 @@ class Ledger:
     def bound(self, conn: Connection, probe: Probe) -> Bound:
         # Most writes commit within milliseconds: re-look briefly before deferring what is held to the next poll.
         deadline = time.monotonic() + SHORT_WAIT
+        self.looks = 0
         while True:
             bound, held = self._bound(conn, probe)
+            self.looks += 1
             if not held or time.monotonic() >= deadline:
                 return bound
             time.sleep(0.05)
@@ -177,7 +181,7 @@ class Ledger:
                 return Bound(cap=start), True
         return Bound(cap=cap), cap < top
 
-    def _settle(self, top: Any, open_now: frozenset[int]) -> Any:
+    def _settle(self, top: Any, open_now: frozenset[object]) -> Any:
         if not open_now:
             self.entries.clear()
             return top
@@ -189,23 +193,47 @@ class Ledger:
             self.entries.append((top, open_now))
         return cap
 
-    def _postgres(self, conn: Connection, probe: Probe) -> tuple[Any, frozenset[int], dt.datetime | None]:
+    def _postgres(self, conn: Connection, probe: Probe) -> tuple[Any, frozenset[object], dt.datetime | None]:
+        """The highest value, the transactions open when it was read, and the oldest one's start.
+
+        Open means either a running xid of the snapshot (64-bit, never reused: no wraparound to mind)
+        or a session of this database inside a transaction: a sequence value or a `now()` is taken
+        before the transaction has an xid, so xids alone would miss a writer for that instant.
+        """
+        if self.looks:
+            conn.execute(text("SELECT pg_stat_clear_snapshot()"))  # activity is cached per transaction
         snapshot = "pg_current_snapshot()" if (conn.dialect.server_version_info or (13,)) >= (13,) else (
             "txid_current_snapshot()")
-        oldest = ("(SELECT min(xact_start) FROM pg_stat_activity WHERE datname = current_database() "
-                  "AND pid <> pg_backend_pid() AND backend_type = 'client backend')") if self.timestamp else "NULL"
-        # One statement, one snapshot: the highest value and the xids running when it was read agree.
-        top = probe.top_query().scalar_subquery()
-        elsewhere = ("(SELECT string_agg(backend_xid::text, ',') FROM pg_stat_activity "
-                     "WHERE datname IS DISTINCT FROM current_database() AND backend_xid IS NOT NULL)")
-        stmt = select(top, literal_column(f"{snapshot}::text"), literal_column(oldest), literal_column(elsewhere))
-        value, snap, start, elsewhere = conn.execute(stmt, probe.params()).one()
+        sessions = (
+            "(SELECT string_agg(CASE WHEN datname = current_database() "
+            "THEN 's' || pid || '@' || extract(epoch FROM xact_start) ELSE 'x' || backend_xid END, ',') "
+            "FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND backend_type = 'client backend' "
+            "AND xact_start IS NOT NULL AND (datname = current_database() OR backend_xid IS NOT NULL))"
+        )
+        # One statement, one snapshot: the highest value is read first, then who is running.
+        stmt = select(probe.top_query().scalar_subquery(), literal_column(f"{snapshot}::text"),
+                      literal_column(sessions))
+        value, snap, listed = conn.execute(stmt, probe.params()).one()
+        found: set[object] = set()
+        elsewhere: set[int] = set()  # xids are cluster-wide; a session writes only in its own database
+        starts: list[Decimal] = []
+        for item in str(listed or "").split(","):
+            if item.startswith("x"):
+                elsewhere.add(int(item[1:]))
+            elif item.startswith("s"):
+                found.add(item)
+                starts.append(Decimal(item.split("@")[1]))
         xip = str(snap).split(":")[2]
-        # xids are cluster-wide, and a session writes only in its own database: others' writers never matter.
-        other = {int(x) for x in str(elsewhere or "").split(",") if x}
-        return value, frozenset(int(x) for x in xip.split(",") if x and int(x) % 2**32 not in other), start
+        found.update(int(x) for x in xip.split(",") if x and int(x) % 2**32 not in elsewhere)
+        oldest = None
+        if self.timestamp and starts:
+            first = min(starts)
+            whole = int(first)
+            micros = int((first - whole) * 1_000_000)
+            oldest = dt.datetime.fromtimestamp(whole, dt.UTC) + dt.timedelta(microseconds=micros)
+        return value, frozenset(found), oldest
 
-    def _innodb(self, conn: Connection) -> frozenset[int] | None:
+    def _innodb(self, conn: Connection) -> frozenset[object] | None:
         try:
             rows = conn.execute(text(
                 "SELECT trx_id FROM information_schema.innodb_trx "
@@ -220,7 +248,7 @@ class Ledger:
             self.name, self.why = self.fallback.name, why
             log.warning("settle: falling back to a settle window", source=self.source, reason=why)
             return None
-        return frozenset(int(r) for r in rows)
+        return frozenset(int(r) for r in rows)  # trx ids grow and are never reused
 
 
 NO_PROCESS = ("no PROCESS privilege to read information_schema.innodb_trx: a {window:g}s settle window "
