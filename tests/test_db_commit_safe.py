@@ -149,7 +149,7 @@ def _folded(client: redis.Redis, stream: str) -> tuple[dict[str, str], int]:
 
 def stress(
     tmp_path: Path, *, writer_url: str, straw_url: str, redis_url: str, client: redis.Redis, stream: str, mode: str,
-    seconds: float = 8.0, longest: float = 1.5, catch_up: float = 20.0, **settle: Any,
+    seconds: float = 4.0, longest: float = 1.5, catch_up: float = 20.0, **settle: Any,
 ) -> dict[str, int]:
     engine = create_engine(writer_url)
     table = create_orders(engine, 0)
@@ -175,7 +175,7 @@ def stress(
     missing = sorted(set(expected) - set(folded), key=int)
     stale = sorted((k for k in expected if k in folded and folded[k] != expected[k]), key=int)
     assert (missing, stale, repeats) == ([], [], 0), f"{len(expected)} rows, writers {stats}"
-    assert stats["committed"] > 10 and stats["rolled_back"] + stats["failed"] > 0, stats
+    assert stats["committed"] > 5 and stats["rolled_back"] + stats["failed"] > 0, stats
     return stats
 
 
@@ -210,7 +210,7 @@ def test_without_process_privilege_a_settle_window_loses_nothing(
     stream_name: str, mode: str,
 ) -> None:
     stress(tmp_path, writer_url=mariadb_url, straw_url=no_process_url, redis_url=redis_url, client=redis_client,
-           stream=stream_name, mode=mode, settle_fallback=3)
+           stream=stream_name, mode=mode, settle_fallback=2)
 
 
 def test_straw_check_names_the_technique_and_the_missing_privilege(
@@ -245,4 +245,4 @@ def test_through_odbc_a_settle_window_and_gap_aware_ids_lose_nothing(
     from tests.test_db_odbc import odbc_url
 
     stress(tmp_path, writer_url=pg_url, straw_url=odbc_url("postgresql", pg_url), redis_url=redis_url,
-           client=redis_client, stream=stream_name, mode=mode, settle_fallback=3)
+           client=redis_client, stream=stream_name, mode=mode, settle_fallback=2)
