@@ -28,8 +28,8 @@ import redis
 import yaml
 from sqlalchemy import MetaData, create_engine, text
 
+from bench.db_bench import write_config
 from bench.services import Bench, log, postgres_database
-from bench.slice_bench import ORDER_ENTITY, ORDER_MAPPING
 from fixtures.legacy_orders import orders_table
 from straw.config_load import load_config
 from straw.runner import Runner
@@ -39,16 +39,10 @@ LONG_TXN = 2.0  # seconds the concurrent transaction stays open each time
 
 
 def _config(directory: Path, url: str, redis_url: str, stream: str, settle: str) -> Path:
-    source: dict[str, Any] = {
-        "name": "erp-orders", "kind": "db", "url": url, "table": "ORDERS", "mode": "timestamp",
-        "timestamp_column": "CHANGED_AT", "key_column": "ORDER_NO", "timezone": "Europe/Amsterdam",
-        "entity": "order", "stream": stream, "mapping": ORDER_MAPPING, "poll_interval": 1.0, "settle": settle,
-    }
-    config = {
-        "instance": "bench", "redis": {"url": redis_url}, "outbox": {"path": str(directory / "outbox.db")},
-        "entities": {"order": ORDER_ENTITY}, "sources": [source],
-    }
-    path = directory / "straw.yaml"
+    """The idle-poll bench's timestamp-mode config, polled every second, with the `settle` under test."""
+    path = write_config(directory, db_url=url, redis_url=redis_url, stream=stream, mode="timestamp")
+    config = yaml.safe_load(path.read_text())
+    config["sources"][0].update(poll_interval=1.0, settle=settle)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 

@@ -246,3 +246,16 @@ def test_through_odbc_a_settle_window_and_gap_aware_ids_lose_nothing(
 
     stress(tmp_path, writer_url=pg_url, straw_url=odbc_url("postgresql", pg_url), redis_url=redis_url,
            client=redis_client, stream=stream_name, mode=mode, settle_fallback=2)
+
+
+def test_gap_aware_ids_stop_at_a_young_gap_and_give_it_up_once_older_than_the_window() -> None:
+    from adapters.db.settle import GapWatch
+
+    watch = GapWatch(window=0.3, source="orders")
+    assert watch.admit(1, [1, 2, 4, 5]) == (2, 3)  # 3 is missing: 4 and 5 wait, the watermark stays at 2
+    assert watch.admit(3, [4, 5]) == (0, 3)  # re-checked at the next poll: still young
+    assert watch.admit(3, [3, 4, 5]) == (3, 6) and watch.given_up == 0  # the late commit filled it
+    assert watch.admit(6, [8]) == (0, 6)
+    time.sleep(0.35)
+    assert watch.admit(6, [8, 9]) == (2, 10) and watch.given_up == 1  # older than the window: a rollback
+    assert watch.admit(None, [20, 21]) == (2, 22)  # no watermark yet: nothing to call a gap
