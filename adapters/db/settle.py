@@ -8,7 +8,8 @@ Each technique returns, per poll, a `Bound` on the first change column (the time
   below it already holds that value, so it is open now; once every one of them has ended, nothing can
   commit at or below it any more and the watermark may pass it. With nothing open, everything visible
   is final at once (an idle database costs no latency). PostgreSQL: the running xids of
-  `pg_current_snapshot()` (64-bit, never reused: no wraparound) read in the same statement, hence the
+  `pg_current_snapshot()` (64-bit, never reused: no wraparound) and the database's sessions inside a
+  transaction (a sequence value is taken before the xid), read in the same statement, hence the
   same snapshot, as the highest value; timestamp mode also stops below the start of the oldest open
   transaction, since `DEFAULT now()` is the transaction's start even before it has written (and so
   has no xid). MariaDB/MySQL: the open InnoDB transactions of `information_schema.innodb_trx`
@@ -139,11 +140,13 @@ class Ledger:
         self.fallback: Window | None = None
         if dialect == "postgresql":
             self.name = "pg transaction horizon"
-            self.why = ("PostgreSQL: running xids of pg_current_snapshot() (64-bit) held against the highest "
-                        "visible value" + ("; below the oldest open transaction's start" if timestamp else ""))
+            self.why = ("PostgreSQL: the highest visible value waits for the transactions open when it was read "
+                        "(running xids of pg_current_snapshot(), 64-bit, and this database's sessions in a "
+                        "transaction)" + ("; and stays below the oldest one's start" if timestamp else ""))
         else:
             self.name = "innodb open transactions"
-            self.why = "InnoDB: open transactions of information_schema.innodb_trx held against the highest value"
+            self.why = ("InnoDB: the highest visible value waits for the write transactions open when it was read "
+                        "(information_schema.innodb_trx)")
 
     def bound(self, conn: Connection, probe: Probe) -> Bound:
         # Most writes commit within milliseconds: re-look briefly before deferring what is held to the next poll.
