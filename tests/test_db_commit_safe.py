@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -259,3 +260,5 @@ def test_gap_aware_ids_stop_at_a_young_gap_and_give_it_up_once_older_than_the_wi
     time.sleep(0.35)
     assert watch.admit(6, [8, 9]) == (2, 10) and watch.given_up == 1  # older than the window: a rollback
     assert watch.admit(None, [20, 21]) == (2, 22)  # no watermark yet: nothing to call a gap
+    assert watch.admit(22, [Decimal(23)]) == (0, 22)  # a NUMBER id over ODBC is an id all the same
+    assert watch.admit(None, ["A-1", "A-3"]) == (2, None)  # text ids: no gaps to see

@@ -111,8 +111,9 @@ class GapWatch:
         `expected`: the id right after the watermark (None: unknown, e.g. before the first row).
         """
         now = time.monotonic()
-        for i, value in enumerate(values):
-            if not isinstance(value, int) or isinstance(value, bool):
+        for i, raw in enumerate(values):
+            value = _integral(raw)
+            if value is None:
                 return len(values), None  # not an integer id: no gaps to see
             if expected is not None and value > expected:
                 seen = self.first_seen.setdefault(expected, now)
@@ -128,6 +129,17 @@ class GapWatch:
                 self.first_seen.pop(expected, None)
             expected = value + 1
         return len(values), expected
+
+
+def _integral(value: Any) -> int | None:
+    """An id as an int: NUMBER/DECIMAL ids (Oracle, SQL Server over ODBC) arrive as Decimal."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, Decimal) and value.is_finite() and value == value.to_integral_value():
+        return int(value)
+    return None
 
 
 class Ledger:
