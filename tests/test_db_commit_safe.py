@@ -150,7 +150,7 @@ def _folded(client: redis.Redis, stream: str) -> tuple[dict[str, str], int]:
 
 def stress(
     tmp_path: Path, *, writer_url: str, straw_url: str, redis_url: str, client: redis.Redis, stream: str, mode: str,
-    seconds: float = 4.0, longest: float = 1.5, catch_up: float = 20.0, **settle: Any,
+    seconds: float = 4.0, longest: float = 1.5, catch_up: float = 30.0, **settle: Any,
 ) -> dict[str, int]:
     engine = create_engine(writer_url)
     table = create_orders(engine, 0)

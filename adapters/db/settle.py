@@ -37,7 +37,7 @@ from sqlalchemy.exc import DBAPIError
 log = structlog.get_logger("straw.settle")
 
 DEFAULT_WINDOW = 30.0  # seconds: where no database technique applies
-SHORT_WAIT = 0.3  # seconds a poll re-looks for open transactions to end before leaving rows to the next poll
+SHORT_WAIT = 1.0  # seconds a poll re-looks for open transactions to end before leaving rows to the next poll
 _ER_SPECIFIC_ACCESS_DENIED = 1227  # MySQL/MariaDB: "you need the PROCESS privilege"
 
 
@@ -251,8 +251,11 @@ class Ledger:
     def _innodb(self, conn: Connection) -> frozenset[object] | None:
         try:
             rows = conn.execute(text(
+                # A writer holds its value (an AUTO_INCREMENT id, NOW() of its statement) from the statement
+                # on: one running a statement or having changed rows. Idle readers never commit a row.
                 "SELECT trx_id FROM information_schema.innodb_trx "
-                "WHERE trx_mysql_thread_id <> CONNECTION_ID() AND trx_is_read_only = 0"
+                "WHERE trx_mysql_thread_id <> CONNECTION_ID() AND trx_is_read_only = 0 "
+                "AND (trx_rows_modified > 0 OR trx_query IS NOT NULL OR trx_state <> 'RUNNING')"
             )).scalars().all()
         except DBAPIError as exc:
             code = exc.orig.args[0] if exc.orig is not None and exc.orig.args else None
