@@ -37,6 +37,7 @@ from sqlalchemy.exc import DBAPIError
 log = structlog.get_logger("straw.settle")
 
 DEFAULT_WINDOW = 30.0  # seconds: where no database technique applies
+INNODB_TRX_CACHE = 0.11  # seconds: InnoDB's TRX_I_S_CACHE_MIN_REFRESH_TIME (100 ms), and a margin
 SHORT_WAIT = 1.0  # seconds a poll re-looks for open transactions to end before leaving rows to the next poll
 _ER_SPECIFIC_ACCESS_DENIED = 1227  # MySQL/MariaDB: "you need the PROCESS privilege"
 
@@ -178,8 +179,15 @@ class Ledger:
         if self.dialect == "postgresql":
             top, open_now, oldest = self._postgres(conn, probe)
         else:
+            # InnoDB keeps a read view for the whole transaction (REPEATABLE READ): each read gets its own,
+            # so the rows are read after who was open, and a writer committing in between is among them.
+            conn.rollback()
             top = conn.execute(probe.top_query(), probe.params()).scalar()
+            # information_schema.innodb_trx is served from a cache refreshed at most every 0.1 s: read it
+            # later than that, or a writer that started just before the highest value was read is missed.
+            time.sleep(INNODB_TRX_CACHE)
             found = self._innodb(conn)
+            conn.rollback()
             if found is None:
                 assert self.fallback is not None
                 return self.fallback.bound(conn, probe), False
@@ -251,11 +259,10 @@ class Ledger:
     def _innodb(self, conn: Connection) -> frozenset[object] | None:
         try:
             rows = conn.execute(text(
-                # A writer holds its value (an AUTO_INCREMENT id, NOW() of its statement) from the statement
-                # on: one running a statement or having changed rows. Idle readers never commit a row.
+                # Every transaction counts, idle ones too: filtering on trx_rows_modified or trx_query
+                # lost rows under the stress test (tests/test_db_commit_safe.py).
                 "SELECT trx_id FROM information_schema.innodb_trx "
-                "WHERE trx_mysql_thread_id <> CONNECTION_ID() AND trx_is_read_only = 0 "
-                "AND (trx_rows_modified > 0 OR trx_query IS NOT NULL OR trx_state <> 'RUNNING')"
+                "WHERE trx_mysql_thread_id <> CONNECTION_ID() AND trx_is_read_only = 0"
             )).scalars().all()
         except DBAPIError as exc:
             code = exc.orig.args[0] if exc.orig is not None and exc.orig.args else None
