@@ -37,7 +37,9 @@ from sqlalchemy.exc import DBAPIError
 log = structlog.get_logger("straw.settle")
 
 DEFAULT_WINDOW = 30.0  # seconds: where no database technique applies
-INNODB_TRX_CACHE = 0.11  # seconds: InnoDB's TRX_I_S_CACHE_MIN_REFRESH_TIME (100 ms), and a margin
+# seconds: InnoDB's TRX_I_S_CACHE_MIN_REFRESH_TIME (100 ms), and a margin for a statement that has taken
+# its NOW() but is not yet registered as a transaction
+INNODB_TRX_CACHE = 0.2
 SHORT_WAIT = 1.0  # seconds a poll re-looks for open transactions to end before leaving rows to the next poll
 _ER_SPECIFIC_ACCESS_DENIED = 1227  # MySQL/MariaDB: "you need the PROCESS privilege"
 
@@ -184,7 +186,8 @@ class Ledger:
             conn.rollback()
             top = conn.execute(probe.top_query(), probe.params()).scalar()
             # information_schema.innodb_trx is served from a cache refreshed at most every 0.1 s: read it
-            # later than that, or a writer that started just before the highest value was read is missed.
+            # later than that (and a margin), or a writer that started just before the highest value was
+            # read is missed.
             time.sleep(INNODB_TRX_CACHE)
             found = self._innodb(conn)
             conn.rollback()
