@@ -23,7 +23,7 @@ from typing import Any, TextIO
 # `python bench/run.py` puts bench/ first on sys.path; the packages live one level up.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import db_bench, scrape_bench
+from bench import db_bench, latency_bench, scrape_bench
 from bench.ceiling import prepare, sample_entries, xadd_pipelined
 from bench.legacy import legacy_database
 from bench.services import Bench, Watchdog, log
@@ -123,6 +123,10 @@ def _snapshots(bench: Bench, scale: Scale) -> list[dict[str, Any]]:
     return db_bench.snapshot_diff(bench, *_db_big(scale))
 
 
+def _latency(bench: Bench, scale: Scale) -> list[dict[str, Any]]:
+    return latency_bench.change_latency(bench, quick=scale is QUICK)
+
+
 def _modes(bench: Bench, scale: Scale) -> list[dict[str, Any]]:
     return db_bench.modes_postgres(bench, scale.rows, scale.repeat)
 
@@ -138,6 +142,8 @@ MEASURES: dict[str, Callable[[Bench, Scale], Result]] = {
         f"mode_{mode}_postgres_rows_per_s": _one_of(_modes, f"mode_{mode}_postgres_rows_per_s")
         for mode in ("incrementing", "timestamp", "snapshot")
     },
+    "change_latency_p99_ms": _one_of(_latency, "change_latency_p99_ms"),
+    "change_latency_p99_long_txn_ms": _one_of(_latency, "change_latency_p99_long_txn_ms"),
     "scrape_static_pages_per_s": lambda bench, scale: Result(
         **scrape_bench.static_pages(bench.tmp, scale.repeat, quick=scale is QUICK)),
     "scrape_browser_pages_per_s": lambda bench, scale: Result(

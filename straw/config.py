@@ -18,6 +18,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -125,7 +126,16 @@ class DbSourceSpec(Strict):
     )
     timezone: TimeZone = "UTC"
     settle_delay: Seconds = Field(
-        default=0.0, description="timestamp mode: take only rows older than the database's now - settle_delay"
+        default=0.0,
+        description="a fixed settle window on the database's clock instead of `settle: auto` (0: auto decides)",
+    )
+    settle: Literal["auto", "off"] = Field(
+        default="auto",
+        description="commit-safe watermark: auto picks the database's technique; off for single-writer tables",
+    )
+    settle_fallback: Seconds = Field(
+        default=30.0, gt=0,
+        description="settle: auto, where the database offers no transaction horizon (ODBC, no PROCESS privilege)",
     )
     soft_delete: SoftDeleteSpec | None = None
     encoding: Encoding = Field(default="utf-8", description="how text kept in byte columns is encoded (cp1252…)")
@@ -139,6 +149,11 @@ class DbSourceSpec(Strict):
 
 
 
+
+    @field_validator("settle", mode="before")
+    @classmethod
+    def _settle_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
 
     @model_validator(mode="after")
     def _table_or_query(self) -> DbSourceSpec:
@@ -161,9 +176,15 @@ class DbSourceSpec(Strict):
                     "(e.g. 0, or '1900-01-01 00:00:00')",
                     {"at": ("query",)},
                 )
-        if self.settle_delay and self.mode is not ChangeMode.TIMESTAMP:
+        if self.settle_delay and self.mode is ChangeMode.SNAPSHOT:
             raise PydanticCustomError(
-                "settle_delay", "`settle_delay` applies to mode 'timestamp' only", {"at": ("settle_delay",)}
+                "settle_delay", "`settle_delay` applies to modes 'timestamp' and 'incrementing' only",
+                {"at": ("settle_delay",)},
+            )
+        if self.settle_delay and self.settle == "off":
+            raise PydanticCustomError(
+                "settle_delay", "`settle: off` takes rows at once; remove `settle_delay` or `settle: off`",
+                {"at": ("settle",)},
             )
         return self
 

@@ -42,8 +42,11 @@ def test_last_value_needs_start_value_and_no_snapshot() -> None:
 
 
 def test_settle_delay_soft_delete_and_encoding_are_checked() -> None:
-    assert problems(source("mode: incrementing\nincrementing_column: a\ntable: T\nsettle_delay: 5s")) == [
-        "straw.yaml:10: sources[0].settle_delay: `settle_delay` applies to mode 'timestamp' only"
+    assert problems(source("mode: snapshot\ntable: T\nsettle_delay: 5s")) == [
+        "straw.yaml:9: sources[0].settle_delay: `settle_delay` applies to modes 'timestamp' and 'incrementing' only"
+    ]
+    assert problems(source("mode: incrementing\nincrementing_column: a\ntable: T\nsettle: off\nsettle_delay: 5s")) == [
+        "straw.yaml:10: sources[0].settle: `settle: off` takes rows at once; remove `settle_delay` or `settle: off`"
     ]
     assert problems(source("mode: snapshot\ntable: T\nsoft_delete: {column: X}")) == [
         "straw.yaml:9: sources[0].soft_delete.column: give exactly one of `value` (e.g. value: 'J') or "

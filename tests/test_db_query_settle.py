@@ -53,8 +53,10 @@ def test_settle_delay_delivers_a_row_committed_late_with_an_older_timestamp(
     plain.mkdir()
 
     def run(directory: Path, stream: str, delay: float) -> int:
+        # delay 0 here is `settle: off`, the old default: tests/test_db_commit_safe.py proves `settle: auto`
+        settle: dict[str, Any] = {"settle_delay": delay} if delay else {"settle": "off"}
         path = orders_config(directory, db_url=server_url, redis_url=redis_url, stream=stream, mode="timestamp",
-                             settle_delay=delay)
+                             **settle)
         result = run_once(path)
         assert result.errors == []
         return int(result.rows_read)
@@ -69,7 +71,7 @@ def test_settle_delay_delivers_a_row_committed_late_with_an_older_timestamp(
         assert run(plain, other_stream, 0) == 1
         assert run(settled, stream_name, 600) == 0  # both are younger than the settle delay
         slow_txn.commit()
-    # Without a settle delay the late row is behind the watermark already, and lost.
+    # With `settle: off` the late row is behind the watermark already, and lost.
     assert run(plain, other_stream, 0) == 0
     assert [e["subject"] for e in events(redis_client, other_stream)] == ["2"]
     assert run(settled, stream_name, 600) == 0

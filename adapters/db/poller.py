@@ -25,6 +25,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     column,
+    func,
     literal,
     or_,
     select,
@@ -36,7 +37,7 @@ from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import DBAPIError, NoSuchTableError
 from sqlalchemy.types import NullType, TypeDecorator, TypeEngine
 
-from adapters.db import position
+from adapters.db import position, settle
 from adapters.db.engine import make_engine
 from straw.coerce import boolean
 from straw.config import ChangeMode, DbSourceSpec, SoftDeleteSpec
@@ -82,7 +83,12 @@ class DbSource:
         self._names: list[str] = []  # the wanted columns as the relation spells them
         self._types: tuple[type | None, ...] = ()  # python types of the change columns (None: as stored)
         self._aware: bool | None = False  # the timestamp column keeps a time zone (None: not known yet)
+        self._last_value: Any = None  # the watermark of the read under way (a settle probe binds it too)
         self._is_deleted = _soft_delete_rule(spec.soft_delete, spec.encoding) if spec.soft_delete else None
+        self.settle: settle.Technique = settle.choose(
+            self.engine.dialect.name, settle=spec.settle, delay=spec.settle_delay,
+            timestamp=spec.mode is ChangeMode.TIMESTAMP, source=spec.name, fallback=spec.settle_fallback,
+        ) if spec.mode is not ChangeMode.SNAPSHOT else settle.Off("snapshot mode lists every row")
 
     def _change_columns(self) -> list[str]:
         if self.spec.mode is ChangeMode.INCREMENTING:
@@ -148,7 +154,8 @@ class DbSource:
 
     # --- the statement ---
 
-    def statement(self, after: str | None, limit: int | None, cutoff: dt.datetime | None = None) -> Select[Any]:
+    def statement(self, after: str | None, limit: int | None, cutoff: Any = None) -> Select[Any]:
+        """`cutoff`: take only rows whose first change column is at or below it (what has settled)."""
         relation = self.relation()
         names = self._names
         change_names = self._resolved(self._change_columns())
@@ -177,26 +184,46 @@ class DbSource:
                 stmt = stmt.where(and_(ts >= values[0], or_(ts > values[0], key > values[1])))
         if mode is ChangeMode.TIMESTAMP:
             stmt = stmt.where(change[0].is_not(None))
-            if cutoff is not None:
-                stmt = stmt.where(change[0] <= bindparam("settle_cutoff", cutoff, type_=DateTime(bool(self._aware))))
+        if cutoff is not None:
+            if isinstance(cutoff, dt.datetime):
+                bound = bindparam("settle_cutoff", cutoff, type_=DateTime(cutoff.tzinfo is not None))
+                stmt = stmt.where(change[0] <= bound)
+            else:
+                stmt = stmt.where(change[0] <= bind(cutoff))
         if limit is not None:
             stmt = stmt.limit(limit)
         return stmt
 
     def settle_cutoff(self, conn: Connection) -> dt.datetime:
         """The database's now minus `settle_delay`, in the source's time zone (naive for naive columns)."""
-        self.relation()  # reflected or probed: what the column's zone awareness is known from
+        # Subtract in UTC: wall-clock arithmetic in the local zone is an hour off across a DST change.
+        return self.column_time(conn, self.db_now(conn) - dt.timedelta(seconds=self.spec.settle_delay))
+
+    def db_now(self, conn: Connection) -> dt.datetime:
+        """The database's clock, as an aware UTC time: a settle window must not depend on this host's clock."""
         dialect = conn.dialect.name
         raw = conn.execute(text(_UTC_NOW.get(dialect, "SELECT CURRENT_TIMESTAMP"))).scalar_one()
         now: dt.datetime = dt.datetime.fromisoformat(raw) if isinstance(raw, str) else raw
         if now.tzinfo is None:
             # Only the generic CURRENT_TIMESTAMP is local time; the dialects listed give UTC.
             now = now.replace(tzinfo=dt.UTC if dialect in _UTC_NOW else self.spec.zone)
-        # Subtract in UTC: wall-clock arithmetic in the local zone is an hour off across a DST change.
-        local = (now.astimezone(dt.UTC) - dt.timedelta(seconds=self.spec.settle_delay)).astimezone(self.spec.zone)
+        return now.astimezone(dt.UTC)
+
+    def column_time(self, conn: Connection, utc: dt.datetime) -> dt.datetime:
+        """An instant as the timestamp column compares: in the source's zone, naive for naive columns."""
+        self.relation()  # reflected or probed: what the column's zone awareness is known from
+        local = utc.astimezone(self.spec.zone)
         if self._aware is None:
             self._aware = self._returns_zoned(conn)
         return local if self._aware else local.replace(tzinfo=None)
+
+    def top_query(self) -> Select[Any]:
+        """The highest value of the first change column: what a settle technique holds against open writers."""
+        relation = self.relation()
+        return select(func.max(relation.c[self._resolved(self._change_columns())[0]]))
+
+    def params(self) -> dict[str, Any]:
+        return self._query_params(self._last_value)
 
     def _returns_zoned(self, conn: Connection) -> bool | None:
         """Does the query's timestamp column hold zoned values? One value tells; None while it has no rows.
@@ -225,11 +252,15 @@ class DbSource:
 
     def _read(self, after: str | None, limit: int | None) -> Iterator[RawBatch]:
         with self.engine.connect() as conn:
-            cutoff = self.settle_cutoff(conn) if self.spec.settle_delay else None
-            stmt = self.statement(after, limit, cutoff)
+            self.relation()  # the change columns' types decode the position
             last_value = None
             if after is not None and self.spec.mode is not ChangeMode.SNAPSHOT:
                 last_value = position.decode(after, self._types)[0]
+            self._last_value = last_value
+            bound = self.settle.bound(conn, self)
+            if bound.hold:
+                return
+            stmt = self.statement(after, limit, bound.cap)
             result = conn.execution_options(stream_results=True, yield_per=self.spec.batch_size).execute(
                 stmt, self._query_params(last_value)
             )
@@ -240,7 +271,18 @@ class DbSource:
                 yield from self._listing(result.partitions(), columns, slots, ops, after, limit)
                 return
             encode = position.encode
+            gaps = bound.gaps
+            expected = last_value + 1 if isinstance(last_value, int) else None
             for rows in result.partitions():  # Rows index like tuples; copying them costs a tenth of the read
+                if gaps is not None:
+                    # The watermark never passes an id gap younger than the window: a late commit may fill it.
+                    taken, expected = gaps.admit(expected, [r[slots[0]] for r in rows])
+                    if taken < len(rows):
+                        if taken:
+                            yield RawBatch(columns, rows[:taken], [encode((r[slots[0]],)) for r in rows[:taken]],
+                                           ops(rows[:taken]) if ops else None)
+                        result.close()
+                        return
                 if len(slots) == 1:
                     s = slots[0]
                     positions = [encode((r[s],)) for r in rows]
@@ -314,7 +356,13 @@ class DbSource:
         # An ODBC connection string may carry PWD=…: name only the kind of connection.
         url = "odbc" if self.spec.url.startswith("odbc:") else self.engine.url.render_as_string(hide_password=True)
         what = f"table {self.spec.table}" if self.spec.table is not None else "query"
-        return f"{url} {what}: {len(self._wanted)} columns, mode {self.spec.mode.value}"
+        settled = ""
+        if self.spec.mode is not ChangeMode.SNAPSHOT:
+            with self.engine.connect() as conn:  # one probe: a missing privilege shows (and falls back) here
+                self._last_value = None
+                self.settle.bound(conn, self)
+            settled = f"; settle: {self.settle.name} ({self.settle.why})"
+        return f"{url} {what}: {len(self._wanted)} columns, mode {self.spec.mode.value}{settled}"
 
     def close(self) -> None:
         self.engine.dispose()

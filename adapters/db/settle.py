@@ -1,0 +1,300 @@
+"""Commit-safe watermarks: how far a poll may take rows without passing one a still-open transaction may commit.
+
+A watermark that passes a value an open transaction later commits below loses that row for good.
+Each technique returns, per poll, a `Bound` on the first change column (the timestamp, or the id):
+
+- `ledger` (PostgreSQL, MariaDB/MySQL InnoDB): at every poll straw notes the highest visible value
+  together with the transactions open at that moment. A transaction that will commit a value at or
+  below it already holds that value, so it is open now; once every one of them has ended, nothing can
+  commit at or below it any more and the watermark may pass it. With nothing open, everything visible
+  is final at once (an idle database costs no latency). PostgreSQL: the running xids of
+  `pg_current_snapshot()` (64-bit, never reused: no wraparound) and the database's sessions inside a
+  transaction (a sequence value is taken before the xid), read in the same statement, hence the
+  same snapshot, as the highest value; timestamp mode also stops below the start of the oldest open
+  transaction, since `DEFAULT now()` is the transaction's start even before it has written (and so
+  has no xid). MariaDB/MySQL: the open InnoDB transactions of `information_schema.innodb_trx`
+  (the PROCESS privilege), read after the highest value.
+- `window` (any other database, and the fallbacks): timestamp mode takes rows older than the
+  database's now minus the window; incrementing mode takes ids in order and never passes a gap in
+  them younger than the window (a late commit fills it), giving a gap up, with a log line, once it is
+  older: rolled-back transactions leave gaps that never fill.
+- `off` (SQLite, one writer at a time; or `settle: off`): rows are taken as soon as they are visible.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Protocol
+
+import structlog
+from sqlalchemy import literal_column, select, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+
+log = structlog.get_logger("straw.settle")
+
+DEFAULT_WINDOW = 30.0  # seconds: where no database technique applies
+# seconds: InnoDB's TRX_I_S_CACHE_MIN_REFRESH_TIME (100 ms), and a margin for a statement that has taken
+# its NOW() but is not yet registered as a transaction
+INNODB_TRX_CACHE = 0.2
+SHORT_WAIT = 1.0  # seconds a poll re-looks for open transactions to end before leaving rows to the next poll
+_ER_SPECIFIC_ACCESS_DENIED = 1227  # MySQL/MariaDB: "you need the PROCESS privilege"
+
+
+@dataclass(frozen=True)
+class Bound:
+    """What one poll may take. `hold`: nothing beyond the watermark; `cap`: only rows with value <= cap."""
+
+    cap: Any = None
+    hold: bool = False
+    gaps: GapWatch | None = None
+
+
+OPEN = Bound()
+HOLD = Bound(hold=True)
+
+
+class Probe(Protocol):
+    """What a technique asks of the source, in the source's own terms."""
+
+    def top_query(self) -> Any: ...  # SELECT max(first change column) over the relation (a SQLAlchemy select)
+
+    def params(self) -> dict[str, Any]: ...
+
+    def column_time(self, conn: Connection, utc: dt.datetime) -> dt.datetime: ...  # as the column compares
+
+    def db_now(self, conn: Connection) -> dt.datetime: ...  # the database's clock, aware UTC
+
+
+class Technique(Protocol):
+    name: str
+    why: str
+
+    def bound(self, conn: Connection, probe: Probe) -> Bound: ...
+
+
+class Off:
+    def __init__(self, why: str) -> None:
+        self.name, self.why = "off", why
+
+    def bound(self, conn: Connection, probe: Probe) -> Bound:
+        return OPEN
+
+
+class Window:
+    """A settle window on the database's clock; incrementing mode watches id gaps for as long."""
+
+    def __init__(self, seconds: float, *, timestamp: bool, source: str, why: str) -> None:
+        self.seconds, self.timestamp, self.why = seconds, timestamp, why
+        self.name = f"window {seconds:g}s"
+        self.gaps = None if timestamp else GapWatch(seconds, source)
+
+    def bound(self, conn: Connection, probe: Probe) -> Bound:
+        if self.gaps is not None:
+            return Bound(gaps=self.gaps)
+        now = probe.db_now(conn)
+        return Bound(cap=probe.column_time(conn, now - dt.timedelta(seconds=self.seconds)))
+
+
+@dataclass
+class GapWatch:
+    """Ids missing between the watermark and the rows read, with when straw first saw each gap."""
+
+    window: float
+    source: str
+    first_seen: dict[int, float] = field(default_factory=dict)
+    given_up: int = 0  # gaps older than the window, passed (a metric: rolled back or skipped ids)
+
+    def admit(self, expected: int | None, values: list[Any]) -> tuple[int, int | None]:
+        """How many of `values` (ascending ids) may be taken, and the id expected after them.
+
+        `expected`: the id right after the watermark (None: unknown, e.g. before the first row).
+        """
+        now = time.monotonic()
+        for i, raw in enumerate(values):
+            value = _integral(raw)
+            if value is None:
+                return len(values), None  # not an integer id: no gaps to see
+            if expected is not None and value > expected:
+                seen = self.first_seen.setdefault(expected, now)
+                if now - seen < self.window:
+                    return i, expected  # a late commit may still fill it: stop before it
+                del self.first_seen[expected]
+                self.given_up += 1
+                log.warning(
+                    "settle: gap in ids given up (a rolled-back transaction or a skipped sequence value)",
+                    source=self.source, missing=f"{expected}..{value - 1}", waited_s=round(now - seen, 1),
+                )
+            elif expected is not None and value == expected:
+                self.first_seen.pop(expected, None)
+            expected = value + 1
+        return len(values), expected
+
+
+def _integral(value: Any) -> int | None:
+    """An id as an int: NUMBER/DECIMAL ids (Oracle, SQL Server over ODBC) arrive as Decimal."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, Decimal) and value.is_finite() and value == value.to_integral_value():
+        return int(value)
+    return None
+
+
+class Ledger:
+    """The highest visible value and the transactions open when it was seen; passed once they have ended."""
+
+    def __init__(self, dialect: str, *, timestamp: bool, source: str, fallback: float) -> None:
+        self.dialect, self.timestamp, self.source, self.window = dialect, timestamp, source, fallback
+        self.entries: list[tuple[Any, frozenset[object]]] = []
+        self.looks = 0
+        self.fallback: Window | None = None
+        if dialect == "postgresql":
+            self.name = "pg transaction horizon"
+            self.why = ("PostgreSQL: the highest visible value waits for the transactions open when it was read "
+                        "(running xids of pg_current_snapshot(), 64-bit, and this database's sessions in a "
+                        "transaction)" + ("; and stays below the oldest one's start" if timestamp else ""))
+        else:
+            self.name = "innodb open transactions"
+            self.why = ("InnoDB: the highest visible value waits for the write transactions open when it was read "
+                        "(information_schema.innodb_trx)")
+
+    def bound(self, conn: Connection, probe: Probe) -> Bound:
+        # Most writes commit within milliseconds: re-look briefly before deferring what is held to the next poll.
+        deadline = time.monotonic() + SHORT_WAIT
+        self.looks = 0
+        while True:
+            bound, held = self._bound(conn, probe)
+            self.looks += 1
+            if not held or time.monotonic() >= deadline:
+                return bound
+            time.sleep(0.05)
+
+    def _bound(self, conn: Connection, probe: Probe) -> tuple[Bound, bool]:
+        """The bound, and whether open transactions hold back part of what is visible."""
+        if self.fallback is not None:
+            return self.fallback.bound(conn, probe), False
+        if self.dialect == "postgresql":
+            top, open_now, oldest = self._postgres(conn, probe)
+        else:
+            # InnoDB keeps a read view for the whole transaction (REPEATABLE READ): each read gets its own,
+            # so the rows are read after who was open, and a writer committing in between is among them.
+            conn.rollback()
+            top = conn.execute(probe.top_query(), probe.params()).scalar()
+            # information_schema.innodb_trx is served from a cache refreshed at most every 0.1 s: read it
+            # later than that (and a margin), or a writer that started just before the highest value was
+            # read is missed.
+            time.sleep(INNODB_TRX_CACHE)
+            found = self._innodb(conn)
+            conn.rollback()
+            if found is None:
+                assert self.fallback is not None
+                return self.fallback.bound(conn, probe), False
+            open_now, oldest = found, None
+        if top is None:
+            return HOLD, False  # nothing to take; a row committed from now on is judged at the next poll
+        cap = self._settle(top, open_now)
+        if cap is None:
+            return HOLD, True
+        if oldest is not None:
+            # DEFAULT now() is the start of its transaction: nothing below that start may be passed yet.
+            start = probe.column_time(conn, oldest.astimezone(dt.UTC)) - dt.timedelta(microseconds=1)
+            if start < cap:
+                return Bound(cap=start), True
+        return Bound(cap=cap), cap < top
+
+    def _settle(self, top: Any, open_now: frozenset[object]) -> Any:
+        if not open_now:
+            self.entries.clear()
+            return top
+        settled = [value for value, held in self.entries if not held & open_now]
+        cap = max(settled) if settled else None
+        self.entries = [(v, held) for v, held in self.entries if cap is None or v > cap]
+        if not self.entries or top > self.entries[-1][0]:
+            # A value already noted keeps its older, smaller set: it settles sooner.
+            self.entries.append((top, open_now))
+        return cap
+
+    def _postgres(self, conn: Connection, probe: Probe) -> tuple[Any, frozenset[object], dt.datetime | None]:
+        """The highest value, the transactions open when it was read, and the oldest one's start.
+
+        Open means either a running xid of the snapshot (64-bit, never reused: no wraparound to mind)
+        or a session of this database inside a transaction: a sequence value or a `now()` is taken
+        before the transaction has an xid, so xids alone would miss a writer for that instant.
+        """
+        if self.looks:
+            conn.execute(text("SELECT pg_stat_clear_snapshot()"))  # activity is cached per transaction
+        snapshot = "pg_current_snapshot()" if (conn.dialect.server_version_info or (13,)) >= (13,) else (
+            "txid_current_snapshot()")
+        sessions = (
+            "(SELECT string_agg(CASE WHEN datname = current_database() "
+            "THEN 's' || pid || '@' || extract(epoch FROM xact_start) ELSE 'x' || backend_xid END, ',') "
+            "FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND backend_type = 'client backend' "
+            "AND xact_start IS NOT NULL AND (datname = current_database() OR backend_xid IS NOT NULL))"
+        )
+        # One statement, one snapshot: the highest value is read first, then who is running.
+        stmt = select(probe.top_query().scalar_subquery(), literal_column(f"{snapshot}::text"),
+                      literal_column(sessions))
+        value, snap, listed = conn.execute(stmt, probe.params()).one()
+        found: set[object] = set()
+        elsewhere: set[int] = set()  # xids are cluster-wide; a session writes only in its own database
+        starts: list[Decimal] = []
+        for item in str(listed or "").split(","):
+            if item.startswith("x"):
+                elsewhere.add(int(item[1:]))
+            elif item.startswith("s"):
+                found.add(item)
+                starts.append(Decimal(item.split("@")[1]))
+        xip = str(snap).split(":")[2]
+        found.update(int(x) for x in xip.split(",") if x and int(x) % 2**32 not in elsewhere)
+        oldest = None
+        if self.timestamp and starts:
+            first = min(starts)
+            whole = int(first)
+            micros = int((first - whole) * 1_000_000)
+            oldest = dt.datetime.fromtimestamp(whole, dt.UTC) + dt.timedelta(microseconds=micros)
+        return value, frozenset(found), oldest
+
+    def _innodb(self, conn: Connection) -> frozenset[object] | None:
+        try:
+            rows = conn.execute(text(
+                # Every transaction counts, idle ones too: filtering on trx_rows_modified or trx_query
+                # lost rows under the stress test (tests/test_db_commit_safe.py).
+                "SELECT trx_id FROM information_schema.innodb_trx "
+                "WHERE trx_mysql_thread_id <> CONNECTION_ID() AND trx_is_read_only = 0"
+            )).scalars().all()
+        except DBAPIError as exc:
+            code = exc.orig.args[0] if exc.orig is not None and exc.orig.args else None
+            if code != _ER_SPECIFIC_ACCESS_DENIED and "PROCESS" not in str(exc.orig):
+                raise
+            why = NO_PROCESS.format(window=self.window)
+            self.fallback = Window(self.window, timestamp=self.timestamp, source=self.source, why=why)
+            self.name, self.why = self.fallback.name, why
+            log.warning("settle: falling back to a settle window", source=self.source, reason=why)
+            return None
+        return frozenset(int(r) for r in rows)  # trx ids grow and are never reused
+
+
+NO_PROCESS = ("no PROCESS privilege to read information_schema.innodb_trx: a {window:g}s settle window "
+              "instead (GRANT PROCESS ON *.* TO the straw user for the exact technique)")
+
+
+def choose(
+    dialect: str, *, settle: str, delay: float, timestamp: bool, source: str, fallback: float = DEFAULT_WINDOW
+) -> Technique:
+    """The technique for a source: `settle: off`, a fixed `settle_delay`, or auto by dialect."""
+    if settle == "off":
+        return Off("settle: off (the configuration says one writer)")
+    if delay:
+        return Window(delay, timestamp=timestamp, source=source, why="settle_delay set in the configuration")
+    if dialect == "sqlite":
+        return Off("SQLite: one writer at a time, commits in order; nothing to settle")
+    if dialect in ("postgresql", "mysql", "mariadb"):
+        return Ledger(dialect, timestamp=timestamp, source=source, fallback=fallback)
+    why = f"{dialect}: no transaction horizon straw can read; the `settle_fallback` window"
+    return Window(fallback, timestamp=timestamp, source=source, why=why)
+
