@@ -65,7 +65,10 @@ def build_pipeline(config: Config, spec: AnySourceSpec) -> Pipeline:
         from adapters.scrape.source import ScrapeSource
 
         return Pipeline(spec, ScrapeSource(spec), mapper)
-    return Pipeline(spec, DbSource(spec, mapper.required_columns(), key_columns=mapper.key_columns()), mapper)
+    source = DbSource(
+        spec, mapper.required_columns(), key_columns=mapper.key_columns(), database=config.database(spec.url)
+    )
+    return Pipeline(spec, source, mapper)
 
 
 def freeze_startup_objects() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, overload
 
 from sqlalchemy import (
@@ -37,9 +38,9 @@ from sqlalchemy.exc import DBAPIError, NoSuchTableError
 from sqlalchemy.types import NullType, TypeDecorator, TypeEngine
 
 from adapters.db import position
-from adapters.db.engine import make_engine
+from adapters.db.budget import DATABASES, Database
 from straw.coerce import boolean
-from straw.config import ChangeMode, DbSourceSpec, SoftDeleteSpec
+from straw.config import ChangeMode, DatabaseSpec, DbSourceSpec, SoftDeleteSpec
 from straw.records import DELETED, UPSERTED
 from straw.source import RawBatch
 
@@ -67,14 +68,24 @@ class DbSource:
         engine: Engine | None = None,
         *,
         key_columns: Sequence[str] = (),
+        database: DatabaseSpec | None = None,
     ) -> None:
         """`columns`: the source columns the mapping needs; change columns are added here.
 
         `key_columns`: the entity key's columns (snapshot mode orders and resumes by them).
+        `database`: the budget of the database at `spec.url`, whose engine this source shares
+        with every other source there (an `engine` given instead is this source's own).
         """
         self.name = spec.name
         self.spec = spec
-        self.engine = engine or make_engine(spec.url, statement_timeout=spec.statement_timeout, encoding=spec.encoding)
+        self._shared = engine is None
+        if engine is None:
+            self.database = DATABASES.open(
+                database or DatabaseSpec(url=spec.url), statement_timeout=spec.statement_timeout, encoding=spec.encoding
+            )
+        else:
+            self.database = Database(database or DatabaseSpec(url=spec.url), engine)
+        self.engine = self.database.engine
         self._keys = list(key_columns)
         soft = [spec.soft_delete.column] if spec.soft_delete else []
         self._wanted = list(dict.fromkeys([*columns, *self._change_columns(), *soft]))
@@ -95,15 +106,23 @@ class DbSource:
 
     # --- the relation: a reflected table, or the configured query as a subquery ---
 
-    def relation(self) -> FromClause:
+    def connect(self) -> AbstractContextManager[Connection]:
+        """A connection from the database's budget, in turn with the other sources on it."""
+        return self.database.connect(statement_timeout=self.spec.statement_timeout, encoding=self.spec.encoding)
+
+    def relation(self, conn: Connection | None = None) -> FromClause:
+        """`conn`: the connection in hand, if any (a second one could wait forever on a budget of one)."""
         if self._from is None:
-            self._from = self._reflect() if self.spec.table is not None else self._probe()
+            if conn is None:
+                with self.connect() as own:
+                    return self.relation(own)
+            self._from = self._reflect(conn) if self.spec.table is not None else self._probe(conn)
         return self._from
 
-    def _reflect(self) -> FromClause:
+    def _reflect(self, conn: Connection) -> FromClause:
         name = str(self.spec.table)
         try:
-            table = Table(name, MetaData(), schema=self.spec.db_schema, autoload_with=self.engine)
+            table = Table(name, MetaData(), schema=self.spec.db_schema, autoload_with=conn)
         except NoSuchTableError:
             raise SchemaDrift(
                 f"source {self.name!r}: table {name!r} not found; check `table` (and `schema`)"
@@ -114,13 +133,12 @@ class DbSource:
         self._aware = bool(getattr(change[0].type, "timezone", False))
         return table
 
-    def _probe(self) -> FromClause:
+    def _probe(self, conn: Connection) -> FromClause:
         """Ask the database which columns the query returns (no rows are read)."""
         query = str(self.spec.query).strip().rstrip(";")
-        with self.engine.connect() as conn:
-            result = conn.execute(text(f"SELECT * FROM ({query}) q WHERE 1 = 0"), self._query_params(None))
-            returned = list(result.keys())
-            result.close()
+        result = conn.execute(text(f"SELECT * FROM ({query}) q WHERE 1 = 0"), self._query_params(None))
+        returned = list(result.keys())
+        result.close()
         self._names = self._resolve(returned, "`query`")
         self._types = tuple(None for _ in self._change_columns())
         self._aware = None  # a query's column types show only in the values it returns
@@ -185,7 +203,7 @@ class DbSource:
 
     def settle_cutoff(self, conn: Connection) -> dt.datetime:
         """The database's now minus `settle_delay`, in the source's time zone (naive for naive columns)."""
-        self.relation()  # reflected or probed: what the column's zone awareness is known from
+        self.relation(conn)  # reflected or probed: what the column's zone awareness is known from
         dialect = conn.dialect.name
         raw = conn.execute(text(_UTC_NOW.get(dialect, "SELECT CURRENT_TIMESTAMP"))).scalar_one()
         now: dt.datetime = dt.datetime.fromisoformat(raw) if isinstance(raw, str) else raw
@@ -224,7 +242,8 @@ class DbSource:
             raise
 
     def _read(self, after: str | None, limit: int | None) -> Iterator[RawBatch]:
-        with self.engine.connect() as conn:
+        with self.connect() as conn:
+            self.relation(conn)
             cutoff = self.settle_cutoff(conn) if self.spec.settle_delay else None
             stmt = self.statement(after, limit, cutoff)
             last_value = None
@@ -308,8 +327,8 @@ class DbSource:
         return None
 
     def check(self) -> str:
-        relation = self.relation()
-        with self.engine.connect() as conn:
+        with self.connect() as conn:
+            relation = self.relation(conn)
             conn.execute(select(relation.c[self._names[0]]).limit(1), self._query_params(None)).all()
         # An ODBC connection string may carry PWD=…: name only the kind of connection.
         url = "odbc" if self.spec.url.startswith("odbc:") else self.engine.url.render_as_string(hide_password=True)
@@ -317,7 +336,10 @@ class DbSource:
         return f"{url} {what}: {len(self._wanted)} columns, mode {self.spec.mode.value}"
 
     def close(self) -> None:
-        self.engine.dispose()
+        if self._shared:
+            DATABASES.close(self.database)
+        else:
+            self.engine.dispose()
 
 
 class _ListingPositions(Sequence[str]):
