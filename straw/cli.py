@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -14,12 +15,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from sqlalchemy.engine import make_url
 
+from adapters.db.budget import check_budget
 from outbox.checkpoint import checkpoint_key
 from outbox.relay import REDIS_DOWN, connect
-from outbox.store import Outbox
+from outbox.store import Outbox, SourceState
 from straw import logs
-from straw.config import Config
+from straw.config import Config, DatabaseSpec, DbSourceSpec
 from straw.config_load import CONFIG_ENV, ConfigError, load_config
 from straw.redact import describe, redact
 from straw.runner import Runner, build_pipeline
@@ -100,10 +103,10 @@ def check(config_path: ConfigOption = None) -> None:
     config = _load(config_path)
     failed = False
 
-    def line(ok: bool, what: str, detail: str) -> None:
+    def line(ok: bool, what: str, detail: str, *, warn: bool = False) -> None:
         nonlocal failed
-        failed = failed or not ok
-        mark = "[green]ok[/]  " if ok else "[red]FAIL[/]"
+        failed = failed or not (ok or warn)
+        mark = "[green]ok[/]  " if ok else "[yellow]warn[/]" if warn else "[red]FAIL[/]"
         out.print(f"{mark} {what}: ", end="", highlight=False)
         out.print(redact(detail), markup=False, highlight=False, soft_wrap=True)
 
@@ -120,6 +123,14 @@ def check(config_path: ConfigOption = None) -> None:
             line(False, f"source {spec.name}", describe(exc))
         finally:
             pipeline.source.close()
+    for database in _databases(config):
+        what = f"database {_database_name(database.url)}"
+        try:
+            detail, within = check_budget(database)
+        except Exception as exc:
+            line(False, what, describe(exc))
+            continue
+        line(within, what, detail, warn=not within)
     try:
         with _outbox(config) as outbox:
             line(True, "outbox", f"{config.outbox.path} (backlog {outbox.backlog()})")
@@ -134,6 +145,21 @@ def check(config_path: ConfigOption = None) -> None:
         line(ok, "redis", f"version {version}" + ("" if ok else " (streams need Redis 5 or newer)"))
     if failed:
         raise typer.Exit(1)
+
+
+def _databases(config: Config) -> list[DatabaseSpec]:
+    urls = dict.fromkeys(s.url for s in config.sources if isinstance(s, DbSourceSpec))
+    return [config.database(url) for url in urls]
+
+
+def _database_name(url: str) -> str:
+    """A database as `check` names it: never a password (an ODBC string may hold PWD=…, so only its kind)."""
+    if url.startswith("odbc:"):
+        return "odbc"
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "(unparsable url)"
 
 
 @app.command()
@@ -200,8 +226,47 @@ def _cell(value: Any) -> Text:
     return Text("∅" if value is None else str(value))
 
 
+class SourceFilter(StrEnum):
+    ERROR = "error"
+    OK = "ok"
+    NEW = "new"
+
+
+class SourceOrder(StrEnum):
+    STATE = "state"
+    NAME = "name"
+    LAST_POLL = "last-poll"
+
+
+def _source_state(state: SourceState | None) -> SourceFilter:
+    if state is None or state.polled_at is None:
+        return SourceFilter.NEW
+    return SourceFilter.ERROR if state.error else SourceFilter.OK
+
+
+def _ordered_sources(
+    names: list[str], states: dict[str, SourceState], only: SourceFilter | None, order: SourceOrder
+) -> list[str]:
+    """The sources to list: errors first (then new, then ok) by default, each group by name."""
+    rank = {SourceFilter.ERROR: 0, SourceFilter.NEW: 1, SourceFilter.OK: 2}
+    kept = [n for n in names if only is None or _source_state(states.get(n)) is only]
+    if order is SourceOrder.NAME:
+        return sorted(kept)
+    if order is SourceOrder.LAST_POLL:  # the longest unpolled first: a stuck source stands out
+        return sorted(kept, key=lambda n: ((states[n].polled_at or "") if n in states else "", n))
+    return sorted(kept, key=lambda n: (rank[_source_state(states.get(n))], n))
+
+
 @app.command()
-def status(config_path: ConfigOption = None) -> None:
+def status(
+    config_path: ConfigOption = None,
+    state_filter: Annotated[
+        SourceFilter | None, typer.Option("--state", help="Only sources in this state.", case_sensitive=False)
+    ] = None,
+    sort: Annotated[
+        SourceOrder, typer.Option(help="state: errors first, then never polled, then ok; each by name.")
+    ] = SourceOrder.STATE,
+) -> None:
     """Per source: position, last poll, rows read and published, errors; outbox backlog; streams."""
     config = _load(config_path)
     with _outbox(config) as outbox:
@@ -209,10 +274,19 @@ def status(config_path: ConfigOption = None) -> None:
         dead = outbox.dead_letter_counts()
         streams = {s.stream: s for s in outbox.streams()}
         backlog = outbox.backlog()
-    table = Table(title="sources")
+    specs = {s.name: s for s in config.sources}
+    names = list(specs)
+    shown = _ordered_sources(names, states, state_filter, sort)
+    counts = {k: sum(1 for n in names if _source_state(states.get(n)) is k) for k in SourceFilter}
+    table = Table(
+        title=f"sources ({len(names)}: {counts[SourceFilter.ERROR]} error, {counts[SourceFilter.NEW]} new, "
+        f"{counts[SourceFilter.OK]} ok" + (f"; showing {len(shown)} {state_filter.value}" if state_filter else "")
+        + ")"
+    )
     for column in ("source", "position", "last poll", "read", "published", "dead letters", "error"):
         table.add_column(column)
-    for spec in config.sources:
+    for name in shown:
+        spec = specs[name]
         state = states.get(spec.name)
         table.add_row(
             spec.name,

@@ -146,3 +146,36 @@ class Databases:
 
 
 DATABASES = Databases()
+
+
+# `straw check` warns when a budget is larger than this share of the server's `max_connections`:
+# the legacy application itself needs the rest.
+SERVER_SHARE = 0.1
+
+_MAX_CONNECTIONS = {
+    "postgresql": "SHOW max_connections",
+    "mysql": "SELECT @@max_connections",
+    "mariadb": "SELECT @@max_connections",
+}
+
+
+def check_budget(spec: DatabaseSpec) -> tuple[str, bool]:
+    """One line on the database's budget against the server's `max_connections`, and whether it is within it."""
+    budget = f"budget {spec.connections} connection{'s' if spec.connections != 1 else ''}"
+    budget += f", {spec.idle_connections} kept idle for {spec.idle_timeout:g}s"
+    database = DATABASES.open(spec, statement_timeout=None, encoding="utf-8")
+    try:
+        query = _MAX_CONNECTIONS.get(database.engine.dialect.name)
+        if query is None:
+            return f"{budget} (the server does not tell its max_connections)", True
+        with database.connect() as conn:
+            server = int(conn.exec_driver_sql(query).scalar_one())
+    finally:
+        DATABASES.close(database)
+    if spec.connections > server * SERVER_SHARE:
+        return (
+            f"{budget}: more than {SERVER_SHARE:.0%} of the server's max_connections {server}; "
+            f"lower `connections` under `databases:` to {max(1, int(server * SERVER_SHARE))} or fewer",
+            False,
+        )
+    return f"{budget} of the server's max_connections {server}", True
