@@ -311,3 +311,33 @@ def test_check_reports_the_budget_and_warns_above_a_tenth_of_max_connections(
         {"url": small_pg, "connections": 5}]))])
     assert "warn" in too_many.output and "more than 10% of the server's max_connections 20" in too_many.output
     assert "lower `connections`" in too_many.output
+
+
+def _kill_others(url: str) -> int:
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def test_a_kept_connection_that_died_while_resting_is_replaced_before_the_poll(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No ping on a connection returned a moment ago (a busy pool's idle polls); one that rested is pinged."""
+    import adapters.db.engine
+
+    _fill(pg_url, 1)
+    source = DbSource(_spec(pg_url, "a"), ["id"])
+    try:
+        list(source.read(None))
+        monkeypatch.setattr(adapters.db.engine, "PING_AFTER", 0.0)
+        assert _kill_others(pg_url) == 1  # the kept connection dies (a server restart, a firewall)
+        time.sleep(0.05)
+        assert len(list(source.read(None))[0].rows) == ROWS
+    finally:
+        source.close()

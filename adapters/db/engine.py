@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import DisconnectionError
 
 from adapters.db import odbc
 
@@ -41,8 +42,11 @@ def make_engine(
     backend = parsed.get_backend_name()
     options: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 2} if backend != "sqlite" else {}
     if connections is not None and backend != "sqlite":
-        options.update(pool_size=1, max_overflow=connections - 1)
+        # A shared pool is busy: pinging at every checkout would double an idle poll's round trips.
+        options.update(pool_size=1, max_overflow=connections - 1, pool_pre_ping=False)
     engine = create_engine(parsed, **options)
+    if connections is not None and backend != "sqlite":
+        _ping_after_rest(engine)
     _remember_session(engine, statement_timeout, encoding)
     if backend == "postgresql" and parsed.get_driver_name() == "psycopg":
         _sql_ascii_text(engine, encoding)
@@ -118,7 +122,30 @@ def _register_text(dbapi_connection: Any, encoding: str) -> None:
     dbapi_connection.adapters.register_dumper(str, LegacyStr)
 
 
-_TIMEOUT, _ENCODING = "straw.statement_timeout", "straw.encoding"
+_TIMEOUT, _ENCODING, _RETURNED = "straw.statement_timeout", "straw.encoding", "straw.returned"
+
+# A connection unused for longer than this is pinged before a poll gets it (the server may have
+# restarted, a firewall dropped it); one returned just now is not.
+PING_AFTER = 2.0
+
+
+def _ping_after_rest(engine: Engine) -> None:
+    """SQLAlchemy's pessimistic disconnect handling, only for connections that have rested."""
+
+    @event.listens_for(engine, "checkin")
+    def _returned(_dbapi_connection: Any, record: Any) -> None:
+        if record is not None:
+            record.info[_RETURNED] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        returned = record.info.get(_RETURNED)
+        if returned is None or time.monotonic() - returned <= PING_AFTER:
+            return  # new, or in use a moment ago
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:  # the pool drops this connection and hands out a fresh one
+            raise DisconnectionError(str(exc)) from exc
 
 
 def _remember_session(engine: Engine, statement_timeout: float | None, encoding: str) -> None:

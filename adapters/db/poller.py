@@ -26,7 +26,6 @@ from sqlalchemy import (
     and_,
     bindparam,
     column,
-    literal,
     or_,
     select,
     text,
@@ -90,6 +89,8 @@ class DbSource:
         soft = [spec.soft_delete.column] if spec.soft_delete else []
         self._wanted = list(dict.fromkeys([*columns, *self._change_columns(), *soft]))
         self._from: FromClause | None = None
+        self._statements: dict[tuple[Any, ...], Select[Any]] = {}  # by shape, for `_from` (see `_statement`)
+        self._statements_of: FromClause | None = None
         self._names: list[str] = []  # the wanted columns as the relation spells them
         self._types: tuple[type | None, ...] = ()  # python types of the change columns (None: as stored)
         self._aware: bool | None = False  # the timestamp column keeps a time zone (None: not known yet)
@@ -167,7 +168,39 @@ class DbSource:
     # --- the statement ---
 
     def statement(self, after: str | None, limit: int | None, cutoff: dt.datetime | None = None) -> Select[Any]:
+        """The read of the rows after `after`, its values bound."""
+        stmt, params, _values = self._statement(after, limit, cutoff)
+        return stmt.params(params)
+
+    def _statement(
+        self, after: str | None, limit: int | None, cutoff: dt.datetime | None
+    ) -> tuple[Select[Any], dict[str, Any], tuple[Any, ...]]:
+        """The read's statement, its parameters and the watermark's values.
+
+        The statement is built once per shape (watermark or not, limit, cutoff) and kept:
+        an idle poll constructs no expression, and SQLAlchemy finds its compiled form in
+        the cache. Only the values change, as bound parameters.
+        """
         relation = self.relation()
+        values: tuple[Any, ...] = ()
+        if self.spec.mode is ChangeMode.SNAPSHOT:
+            _listing, resume = position.decode_snapshot(after, len(self._change_columns()))
+            if resume is not None:
+                values = tuple(position.restore(resume, self._types))
+        elif after is not None:
+            values = tuple(position.decode(after, self._types))
+        shape = (len(values), limit, cutoff is not None, self._aware)
+        stmt = self._statements.get(shape)
+        if stmt is None or self._statements_of is not relation:
+            if self._statements_of is not relation:  # reflected again (after a drift): build anew
+                self._statements, self._statements_of = {}, relation
+            stmt = self._statements[shape] = self._build(relation, len(values), limit, cutoff is not None)
+        params = {f"straw_w{i}": v for i, v in enumerate(values)}
+        if cutoff is not None:
+            params["settle_cutoff"] = cutoff
+        return stmt, params, values
+
+    def _build(self, relation: FromClause, bound: int, limit: int | None, settle: bool) -> Select[Any]:
         names = self._names
         change_names = self._resolved(self._change_columns())
         change = [relation.c[c] for c in change_names]
@@ -179,24 +212,22 @@ class DbSource:
         mode = self.spec.mode
         # A query's column types are unknown: bind untyped, so the database reads the value as the column's type
         # (typed as text, PostgreSQL would refuse to compare a timestamp with it).
-        bind = (lambda v: v) if isinstance(relation, Table) else (lambda v: literal(v, NullType()))
-        if mode is ChangeMode.SNAPSHOT:
-            _listing, resume = position.decode_snapshot(after, len(change))
-            if resume is not None:
-                values = tuple(map(bind, position.restore(resume, self._types)))
-                stmt = stmt.where(change[0] > values[0] if len(change) == 1 else tuple_(*change) > tuple_(*values))
-        elif after is not None:
-            values = tuple(map(bind, position.decode(after, self._types)))
-            if mode is ChangeMode.INCREMENTING:
-                stmt = stmt.where(change[0] > values[0])
-            else:
-                ts, key = change
-                # ts >= :ts narrows by the index first; the OR keeps rows that share the last timestamp.
-                stmt = stmt.where(and_(ts >= values[0], or_(ts > values[0], key > values[1])))
+        typed = isinstance(relation, Table)
+        values = tuple(
+            bindparam(f"straw_w{i}", type_=change[i].type if typed else NullType()) for i in range(bound)
+        )
+        if values and mode is ChangeMode.SNAPSHOT:
+            stmt = stmt.where(change[0] > values[0] if len(change) == 1 else tuple_(*change) > tuple_(*values))
+        elif values and mode is ChangeMode.INCREMENTING:
+            stmt = stmt.where(change[0] > values[0])
+        elif values:
+            ts, key = change
+            # ts >= :ts narrows by the index first; the OR keeps rows that share the last timestamp.
+            stmt = stmt.where(and_(ts >= values[0], or_(ts > values[0], key > values[1])))
         if mode is ChangeMode.TIMESTAMP:
             stmt = stmt.where(change[0].is_not(None))
-            if cutoff is not None:
-                stmt = stmt.where(change[0] <= bindparam("settle_cutoff", cutoff, type_=DateTime(bool(self._aware))))
+            if settle:
+                stmt = stmt.where(change[0] <= bindparam("settle_cutoff", type_=DateTime(bool(self._aware))))
         if limit is not None:
             stmt = stmt.limit(limit)
         return stmt
@@ -245,13 +276,10 @@ class DbSource:
         with self.connect() as conn:
             self.relation(conn)
             cutoff = self.settle_cutoff(conn) if self.spec.settle_delay else None
-            stmt = self.statement(after, limit, cutoff)
-            last_value = None
-            if after is not None and self.spec.mode is not ChangeMode.SNAPSHOT:
-                last_value = position.decode(after, self._types)[0]
-            result = conn.execution_options(stream_results=True, yield_per=self.spec.batch_size).execute(
-                stmt, self._query_params(last_value)
-            )
+            stmt, params, values = self._statement(after, limit, cutoff)
+            last_value = values[0] if values and self.spec.mode is not ChangeMode.SNAPSHOT else None
+            params.update(self._query_params(last_value))
+            result = conn.execution_options(stream_results=True, yield_per=self.spec.batch_size).execute(stmt, params)
             columns = tuple(self._names)
             slots = [columns.index(c) for c in self._resolved(self._change_columns())]
             ops = self._ops(columns)
