@@ -276,25 +276,57 @@ class DbSource:
         with self.connect() as conn:
             self.relation(conn)
             cutoff = self.settle_cutoff(conn) if self.spec.settle_delay else None
-            stmt, params, values = self._statement(after, limit, cutoff)
-            last_value = values[0] if values and self.spec.mode is not ChangeMode.SNAPSHOT else None
-            params.update(self._query_params(last_value))
-            result = conn.execution_options(stream_results=True, yield_per=self.spec.batch_size).execute(stmt, params)
             columns = tuple(self._names)
             slots = [columns.index(c) for c in self._resolved(self._change_columns())]
             ops = self._ops(columns)
             if self.spec.mode is ChangeMode.SNAPSHOT:
+                # One listing, one cursor: the whole relation as of one moment, streamed in partitions.
+                stmt, params, _values = self._statement(after, limit, cutoff)
+                params.update(self._query_params(None))
+                result = conn.execution_options(stream_results=True, yield_per=self.spec.batch_size).execute(
+                    stmt, params
+                )
                 yield from self._listing(result.partitions(), columns, slots, ops, after, limit)
                 return
-            encode = position.encode
-            for rows in result.partitions():  # Rows index like tuples; copying them costs a tenth of the read
-                if len(slots) == 1:
-                    s = slots[0]
-                    positions = [encode((r[s],)) for r in rows]
-                else:
-                    a, b = slots
-                    positions = [encode((r[a], r[b])) for r in rows]
-                yield RawBatch(columns, rows, positions, ops(rows) if ops else None)
+            yield from self._pages(conn, after, limit, cutoff, columns, slots, ops)
+
+    def _pages(
+        self,
+        conn: Connection,
+        after: str | None,
+        limit: int | None,
+        cutoff: dt.datetime | None,
+        columns: tuple[str, ...],
+        slots: list[int],
+        ops: Callable[[Sequence[Any]], list[str]] | None,
+    ) -> Iterator[RawBatch]:
+        """Rows after the watermark, one `batch_size` page per query, each page resuming after the last.
+
+        A plain query per page rather than a server-side cursor: an idle poll is then one
+        statement (which the driver prepares once it has seen it a few times), not a cursor
+        declared, fetched from and closed. Memory stays one page whatever the backlog.
+        """
+        encode = position.encode
+        left = limit
+        while True:
+            page = self.spec.batch_size if left is None else min(self.spec.batch_size, left)
+            stmt, params, values = self._statement(after, page, cutoff)
+            params.update(self._query_params(values[0] if values else None))
+            rows = conn.execute(stmt, params).fetchall()  # Rows index like tuples: not copied
+            if not rows:
+                return
+            if len(slots) == 1:
+                s = slots[0]
+                positions = [encode((r[s],)) for r in rows]
+            else:
+                a, b = slots
+                positions = [encode((r[a], r[b])) for r in rows]
+            yield RawBatch(columns, rows, positions, ops(rows) if ops else None)
+            if left is not None:
+                left -= len(rows)
+            if len(rows) < page or left == 0:
+                return
+            after = positions[-1]
 
     def _listing(
         self,
