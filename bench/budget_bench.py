@@ -90,14 +90,16 @@ def idle_cpu(bench: Bench, seconds: float) -> dict[str, Any]:
                 time.sleep(0.2)
             time.sleep(6.0)  # a full round of idle polls before the window opens
             tree = psutil.Process(run.pid)
-            cpu, started = _tree_cpu(tree), time.monotonic()
+            cpu, own, started = _tree_cpu(tree), sum(tree.cpu_times()[:2]), time.monotonic()
             time.sleep(seconds)
             used, wall = _tree_cpu(tree) - cpu, time.monotonic() - started
+            own = sum(tree.cpu_times()[:2]) - own
         finally:
             run.send_signal(signal.SIGTERM)
             run.communicate(timeout=60)
         pct = used / wall * 100
-        log(f"idle_cpu_pct_300_sources: {used:.2f} CPU s in {wall:.1f} s = {pct:.1f} % of a core")
+        log(f"idle_cpu_pct_300_sources: {used:.2f} CPU s in {wall:.1f} s = {pct:.1f} % of a core "
+            f"(runner {own / wall * 100:.1f} %, relay {(used - own) / wall * 100:.1f} %)")
     return {"measure": "idle_cpu_pct_300_sources", "value": pct, "unit": "% of a core"}
 
 

@@ -345,3 +345,27 @@ def test_a_kept_connection_that_died_while_resting_is_replaced_before_the_poll(
         assert _rows(source) == ROWS
     finally:
         source.close()
+
+
+def test_status_lists_errors_first_and_filters_by_state(tmp_path: Path, redis_url: str) -> None:
+    from outbox.store import Outbox
+
+    path = _config(tmp_path, "sqlite:///unused.db", redis_url, "s", 4)  # t000 … t003
+    outbox = Outbox(tmp_path / "outbox.db")
+    outbox.polled("t000")
+    outbox.polled("t002", error="OperationalError: server closed the connection")
+    outbox.polled("t003")
+    outbox.close()
+    runner = CliRunner()
+
+    def listed(*options: str) -> list[str]:
+        output = runner.invoke(app, ["status", "--config", str(path), *options]).output
+        return [line.split("│")[1].strip() for line in output.splitlines()
+                if line.startswith("│") and line.split("│")[1].strip().startswith("t0")]
+
+    assert listed() == ["t002", "t001", "t000", "t003"]  # error, never polled, ok…
+    assert listed("--state", "error") == ["t002"]
+    assert listed("--state", "ok") == ["t000", "t003"]
+    assert listed("--sort", "name") == ["t000", "t001", "t002", "t003"]
+    title = runner.invoke(app, ["status", "--config", str(path), "--state", "error"]).output
+    assert "4: 1 error, 1 new, 2 ok; showing 1 error" in title
