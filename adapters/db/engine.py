@@ -47,6 +47,8 @@ def make_engine(
     engine = create_engine(parsed, **options)
     if connections is not None and backend != "sqlite":
         _ping_after_rest(engine)
+    if connections is not None and parsed.get_driver_name() == "psycopg":
+        _prepare_for_many(engine)
     _remember_session(engine, statement_timeout, encoding)
     if backend == "postgresql" and parsed.get_driver_name() == "psycopg":
         _sql_ascii_text(engine, encoding)
@@ -127,6 +129,19 @@ _TIMEOUT, _ENCODING, _RETURNED = "straw.statement_timeout", "straw.encoding", "s
 # A connection unused for longer than this is pinged before a poll gets it (the server may have
 # restarted, a firewall dropped it); one returned just now is not.
 PING_AFTER = 2.0
+
+
+# Statements a shared PostgreSQL connection keeps prepared: one per source on the database, at least.
+PREPARED_MAX = 2000
+
+
+def _prepare_for_many(engine: Engine) -> None:
+    """psycopg prepares a statement after its 5th execution, but keeps only the last 100: with 300
+    sources taking turns on one connection each statement was evicted before it ever got there."""
+
+    @event.listens_for(engine, "connect")
+    def _many(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.prepared_max = PREPARED_MAX
 
 
 def _ping_after_rest(engine: Engine) -> None:
