@@ -369,3 +369,22 @@ def test_status_lists_errors_first_and_filters_by_state(tmp_path: Path, redis_ur
     assert listed("--sort", "name") == ["t000", "t001", "t002", "t003"]
     title = runner.invoke(app, ["status", "--config", str(path), "--state", "error"]).output
     assert "4: 1 error, 1 new, 2 ok; showing 1 error" in title
+
+
+def test_odbc_sources_on_one_database_share_its_pool_and_budget(pg_url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    _fill(pg_url, 1)
+    url = make_url(pg_url)
+    odbc = (f"odbc:Driver={{PostgreSQL Unicode}};Server={url.host};Port={url.port or 5432};"
+            f"Database={url.database};UID={url.username};")
+    budget = DatabaseSpec(url=odbc, connections=1)
+    a, b = (DbSource(_spec(odbc, n), ["id", "name"], database=budget) for n in ("a", "b"))
+    try:
+        assert a.engine is b.engine and a.database.gate.slots == 1
+        assert _rows(a) == _rows(b) == ROWS
+        assert _open_connections(pg_url) == 1
+    finally:
+        a.close()
+        b.close()
+    assert _open_connections(pg_url) == 0
