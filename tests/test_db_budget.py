@@ -14,7 +14,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -154,22 +155,23 @@ def _prove(url: str, tmp_path: Path, redis_url: str, stream: str, budget: int, *
     assert sampler.samples > 0 and 1 <= sampler.peak <= budget
 
 
-@pytest.fixture
-def small_pg() -> Iterator[str]:
+def _private(server: Callable[[int], AbstractContextManager[str]], max_connections: int) -> Iterator[str]:
+    """A private server with a low `max_connections`; the test is skipped where its binaries are missing."""
     try:
-        with private_postgres(max_connections=20) as url:
+        with server(max_connections) as url:
             yield url
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
+
+
+@pytest.fixture
+def small_pg() -> Iterator[str]:
+    yield from _private(private_postgres, 20)
 
 
 @pytest.fixture
 def small_mariadb() -> Iterator[str]:
-    try:
-        with private_mariadb(max_connections=10) as url:
-            yield url
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+    yield from _private(private_mariadb, 10)
 
 
 def test_300_sources_on_a_postgresql_with_20_connections(
