@@ -148,7 +148,10 @@ def check(config_path: ConfigOption = None) -> None:
 
 
 def _databases(config: Config) -> list[DatabaseSpec]:
-    urls = dict.fromkeys(s.url for s in config.sources if isinstance(s, DbSourceSpec))
+    """The databases whose budget `check` reports: those behind a server (a SQLite file has no connection limit)."""
+    urls = dict.fromkeys(
+        s.url for s in config.sources if isinstance(s, DbSourceSpec) and not s.url.startswith("sqlite")
+    )
     return [config.database(url) for url in urls]
 
 

@@ -300,33 +300,44 @@ class DbSource:
         slots: list[int],
         ops: Callable[[Sequence[Any]], list[str]] | None,
     ) -> Iterator[RawBatch]:
-        """Rows after the watermark, one `batch_size` page per query, each page resuming after the last.
+        """Rows after the watermark: a first page by a plain query, the rest (if any) from one cursor.
 
-        A plain query per page rather than a server-side cursor: an idle poll is then one
-        statement (which the driver prepares once it has seen it a few times), not a cursor
-        declared, fetched from and closed. Memory stays one page whatever the backlog.
+        Most polls find nothing or less than a page: for them one statement (which the
+        driver prepares once it has seen it a few times), not a server-side cursor
+        declared, fetched from and closed. A backlog beyond the first page streams from
+        one cursor resuming after it: one sort, not one per page on an unindexed column.
         """
+        page = self.spec.batch_size if limit is None else min(self.spec.batch_size, limit)
+        stmt, params, values = self._statement(after, page, cutoff)
+        params.update(self._query_params(values[0] if values else None))
+        rows = conn.execute(stmt, params).fetchall()  # Rows index like tuples: not copied
+        if not rows:
+            return
+        first = self._batch(rows, columns, slots, ops)
+        yield first
+        if len(rows) < page or limit == page:
+            return
+        stmt, params, values = self._statement(first.positions[-1], None if limit is None else limit - page, cutoff)
+        params.update(self._query_params(values[0] if values else None))
+        result = conn.execution_options(stream_results=True, yield_per=self.spec.batch_size).execute(stmt, params)
+        for rows in result.partitions():
+            yield self._batch(rows, columns, slots, ops)
+
+    @staticmethod
+    def _batch(
+        rows: Sequence[Any],
+        columns: tuple[str, ...],
+        slots: list[int],
+        ops: Callable[[Sequence[Any]], list[str]] | None,
+    ) -> RawBatch:
         encode = position.encode
-        left = limit
-        while True:
-            page = self.spec.batch_size if left is None else min(self.spec.batch_size, left)
-            stmt, params, values = self._statement(after, page, cutoff)
-            params.update(self._query_params(values[0] if values else None))
-            rows = conn.execute(stmt, params).fetchall()  # Rows index like tuples: not copied
-            if not rows:
-                return
-            if len(slots) == 1:
-                s = slots[0]
-                positions = [encode((r[s],)) for r in rows]
-            else:
-                a, b = slots
-                positions = [encode((r[a], r[b])) for r in rows]
-            yield RawBatch(columns, rows, positions, ops(rows) if ops else None)
-            if left is not None:
-                left -= len(rows)
-            if len(rows) < page or left == 0:
-                return
-            after = positions[-1]
+        if len(slots) == 1:
+            s = slots[0]
+            positions = [encode((r[s],)) for r in rows]
+        else:
+            a, b = slots
+            positions = [encode((r[a], r[b])) for r in rows]
+        return RawBatch(columns, rows, positions, ops(rows) if ops else None)
 
     def _listing(
         self,
