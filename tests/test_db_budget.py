@@ -23,15 +23,14 @@ import pytest
 import redis
 import yaml
 from sqlalchemy import create_engine, text
-from typer.testing import CliRunner
 
 from adapters.db.budget import DATABASES, Gate
 from adapters.db.poller import DbSource
 from fixtures.private_sql import private_mariadb, private_postgres
-from straw.cli import app
 from straw.config import DatabaseSpec, DbSourceSpec
 from straw.config_load import ConfigError, load_config
 from straw.runner import Runner
+from tests.test_cli import invoke
 
 TABLES = 300
 ROWS = 3
@@ -310,11 +309,9 @@ def test_check_reports_the_budget_and_warns_above_a_tenth_of_max_connections(
     small_pg: str, tmp_path: Path
 ) -> None:
     _fill(small_pg, 2)
-    runner = CliRunner()
-    ok = runner.invoke(app, ["check", "--config", str(_write(tmp_path, small_pg, []))])
+    ok = invoke("check", "--config", str(_write(tmp_path, small_pg, [])))
     assert "budget 2 connections, 1 kept idle for 60s of the server's max_connections 20" in ok.output
-    too_many = runner.invoke(app, ["check", "--config", str(_write(tmp_path, small_pg, [
-        {"url": small_pg, "connections": 5}]))])
+    too_many = invoke("check", "--config", str(_write(tmp_path, small_pg, [{"url": small_pg, "connections": 5}])))
     assert "warn" in too_many.output and "more than 10% of the server's max_connections 20" in too_many.output
     assert "lower `connections`" in too_many.output
 
@@ -358,10 +355,8 @@ def test_status_lists_errors_first_and_filters_by_state(tmp_path: Path, redis_ur
     outbox.polled("t002", error="OperationalError: server closed the connection")
     outbox.polled("t003")
     outbox.close()
-    runner = CliRunner()
-
     def listed(*options: str) -> list[str]:
-        output = runner.invoke(app, ["status", "--config", str(path), *options]).output
+        output = invoke("status", "--config", str(path), *options).output
         return [line.split("│")[1].strip() for line in output.splitlines()
                 if line.startswith("│") and line.split("│")[1].strip().startswith("t0")]
 
@@ -369,7 +364,7 @@ def test_status_lists_errors_first_and_filters_by_state(tmp_path: Path, redis_ur
     assert listed("--state", "error") == ["t002"]
     assert listed("--state", "ok") == ["t000", "t003"]
     assert listed("--sort", "name") == ["t000", "t001", "t002", "t003"]
-    title = runner.invoke(app, ["status", "--config", str(path), "--state", "error"]).output
+    title = invoke("status", "--config", str(path), "--state", "error").output
     assert "4: 1 error, 1 new, 2 ok; showing 1 error" in title
 
 
