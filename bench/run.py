@@ -23,7 +23,7 @@ from typing import Any, TextIO
 # `python bench/run.py` puts bench/ first on sys.path; the packages live one level up.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import db_bench, latency_bench, scrape_bench
+from bench import budget_bench, db_bench, latency_bench, scrape_bench
 from bench.ceiling import prepare, sample_entries, xadd_pipelined
 from bench.legacy import legacy_database
 from bench.services import Bench, Watchdog, log
@@ -37,10 +37,11 @@ class Scale:
     repeat: int
     ceiling_samples: int = 2000
     timeout: float = 900.0  # per measure: a hung run is interrupted, cleaned up and reported
+    idle_seconds: float = 60.0  # idle_cpu_pct_300_sources: how long the CPU is measured
 
 
 FULL = Scale(rows=100_000, repeat=5)
-QUICK = Scale(rows=10_000, repeat=3, ceiling_samples=1000, timeout=120.0)
+QUICK = Scale(rows=10_000, repeat=3, ceiling_samples=1000, timeout=120.0, idle_seconds=15.0)
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,8 @@ MEASURES: dict[str, Callable[[Bench, Scale], Result]] = {
         **scrape_bench.browser_real(bench.tmp, quick=scale is QUICK)["scrape_browser_real_pages_per_s"]),
     "scrape_browser_real_rss_growth_mb": lambda bench, scale: Result(
         **scrape_bench.browser_real(bench.tmp, quick=scale is QUICK)["scrape_browser_real_rss_growth_mb"]),
+    "idle_cpu_pct_300_sources": lambda bench, scale: Result(**budget_bench.idle_cpu(bench, scale.idle_seconds)),
+    "poll_fanout_sources_per_s": lambda bench, scale: Result(**budget_bench.poll_fanout(bench, scale.repeat)),
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -14,13 +15,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from sqlalchemy.engine import make_url
 
+from adapters.db.budget import check_budget
 from outbox.checkpoint import checkpoint_key
 from outbox.lock import OutboxBusy
 from outbox.relay import REDIS_DOWN, REDIS_REFUSED, connect, refused
-from outbox.store import Outbox, OutboxError
+from outbox.store import Outbox, OutboxError, SourceState
 from straw import logs
-from straw.config import Config
+from straw.config import Config, DatabaseSpec, DbSourceSpec
 from straw.config_load import CONFIG_ENV, ConfigError, load_config
 from straw.config_types import parse_duration
 from straw.outbox_check import check_outbox
@@ -139,10 +142,10 @@ def check(config_path: ConfigOption = None) -> None:
     config = _load(config_path)
     failed = False
 
-    def line(ok: bool, what: str, detail: str) -> None:
+    def line(ok: bool, what: str, detail: str, *, warn: bool = False) -> None:
         nonlocal failed
-        failed = failed or not ok
-        mark = "[green]ok[/]  " if ok else "[red]FAIL[/]"
+        failed = failed or not (ok or warn)
+        mark = "[green]ok[/]  " if ok else "[yellow]warn[/]" if warn else "[red]FAIL[/]"
         out.print(f"{mark} {what}: ", end="", highlight=False)
         out.print(redact(detail), markup=False, highlight=False, soft_wrap=True)
 
@@ -159,6 +162,14 @@ def check(config_path: ConfigOption = None) -> None:
             line(False, f"source {spec.name}", describe(exc))
         finally:
             pipeline.source.close()
+    for database in _databases(config):
+        what = f"database {_database_name(database.url)}"
+        try:
+            detail, within = check_budget(database)
+        except Exception as exc:
+            line(False, what, describe(exc))
+            continue
+        line(within, what, detail, warn=not within)
     ok, detail = check_outbox(config.outbox.path)  # writes nothing, creates nothing
     line(ok, "outbox", detail)
     # The streams' lengths too: an ACL user that may connect but not touch the streams fails here, not at run.
@@ -171,6 +182,24 @@ def check(config_path: ConfigOption = None) -> None:
         line(ok, "redis", f"version {version}" + ("" if ok else " (streams need Redis 5 or newer)"))
     if failed:
         raise typer.Exit(1)
+
+
+def _databases(config: Config) -> list[DatabaseSpec]:
+    """The databases whose budget `check` reports: those behind a server (a SQLite file has no connection limit)."""
+    urls = dict.fromkeys(
+        s.url for s in config.sources if isinstance(s, DbSourceSpec) and not s.url.startswith("sqlite")
+    )
+    return [config.database(url) for url in urls]
+
+
+def _database_name(url: str) -> str:
+    """A database as `check` names it: never a password (an ODBC string may hold PWD=…, so only its kind)."""
+    if url.startswith("odbc:"):
+        return "odbc"
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "(unparsable url)"
 
 
 @app.command()
@@ -261,10 +290,47 @@ def _cell(value: Any) -> Text:
     return Text("∅" if value is None else str(value))
 
 
+class SourceFilter(StrEnum):
+    ERROR = "error"
+    OK = "ok"
+    NEW = "new"
+
+
+class SourceOrder(StrEnum):
+    STATE = "state"
+    NAME = "name"
+    LAST_POLL = "last-poll"
+
+
+def _source_state(state: SourceState | None) -> SourceFilter:
+    if state is None or state.polled_at is None:
+        return SourceFilter.NEW
+    return SourceFilter.ERROR if state.error else SourceFilter.OK
+
+
+def _ordered_sources(
+    names: list[str], states: dict[str, SourceState], only: SourceFilter | None, order: SourceOrder
+) -> list[str]:
+    """The sources to list: errors first (then new, then ok) by default, each group by name."""
+    rank = {SourceFilter.ERROR: 0, SourceFilter.NEW: 1, SourceFilter.OK: 2}
+    kept = [n for n in names if only is None or _source_state(states.get(n)) is only]
+    if order is SourceOrder.NAME:
+        return sorted(kept)
+    if order is SourceOrder.LAST_POLL:  # the longest unpolled first: a stuck source stands out
+        return sorted(kept, key=lambda n: ((states[n].polled_at or "") if n in states else "", n))
+    return sorted(kept, key=lambda n: (rank[_source_state(states.get(n))], n))
+
+
 @app.command()
 def status(
     config_path: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document instead of tables.")] = False,
+    state_filter: Annotated[
+        SourceFilter | None, typer.Option("--state", help="Only sources in this state.", case_sensitive=False)
+    ] = None,
+    sort: Annotated[
+        SourceOrder, typer.Option(help="state: errors first, then never polled, then ok; each by name.")
+    ] = SourceOrder.STATE,
 ) -> None:
     """Per source: position, last poll, rows read and published, errors; outbox backlog; streams."""
     config = _load(config_path)
@@ -273,11 +339,17 @@ def status(
         dead = outbox.dead_letter_counts()
         streams = {s.stream: s for s in outbox.streams()}
         backlog = outbox.backlog()
+    specs = {s.name: s for s in config.sources}
+    names = list(specs)
+    listed = _ordered_sources(names, states, state_filter, sort)
+    counts = {k: sum(1 for n in names if _source_state(states.get(n)) is k) for k in SourceFilter}
     sources: list[dict[str, Any]] = []
-    for spec in config.sources:
+    for name in listed:
+        spec = specs[name]
         state = states.get(spec.name)
         sources.append({
             "source": spec.name,
+            "state": _source_state(state).value,
             "position": state.position if state and state.position else None,
             "last_poll": _when(state.polled_at if state else None),
             "read": state.rows_read if state else 0,
@@ -307,10 +379,15 @@ def status(
         return
     # In a log or a pipe nothing is cut: the error column is what an operator greps for.
     shown = out if out.is_terminal else Console(file=out.file, width=100_000)
-    table = Table(title="sources")
+    table = Table(
+        title=f"sources ({len(names)}: {counts[SourceFilter.ERROR]} error, {counts[SourceFilter.NEW]} new, "
+        f"{counts[SourceFilter.OK]} ok" + (f"; showing {len(listed)} {state_filter.value}" if state_filter else "")
+        + ")"
+    )
     for column in ("source", "position", "last poll", "read", "published", "dead letters", "error"):
         table.add_column(column)
-    for spec, row in zip(config.sources, sources, strict=True):
+    for row in sources:
+        spec = specs[row["source"]]
         table.add_row(
             row["source"], Text(row["position"] or "(start)"), row["last_poll"], _read_cell(spec, row["read"]),
             str(row["published"]), str(row["dead_letters"]), Text(row["error"] or "", style="red"),

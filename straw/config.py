@@ -254,6 +254,15 @@ class MetricsSpec(Strict):
     host: str = Field(default="127.0.0.1", min_length=1, description="address to listen on; 0.0.0.0 for all")
 
 
+class DatabaseSpec(Strict):
+    """The connection budget of one legacy database, shared by every source whose `url` is this one."""
+
+    url: str = Field(description="exactly as the sources spell it (after ${VAR} substitution)")
+    connections: int = Field(default=2, ge=1, le=1000, description="most connections straw ever holds on it")
+    idle_connections: int = Field(default=1, ge=0, le=1, description="kept open between polls: 1 or 0")
+    idle_timeout: Seconds = Field(default=60.0, description="close the kept connection after this long unused")
+
+
 class Config(Strict):
     instance: Name = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "straw")
     redis: RedisSpec = RedisSpec()
@@ -262,6 +271,9 @@ class Config(Strict):
     metrics: MetricsSpec | None = Field(default=None, description="off unless given")
     entities: dict[str, EntitySpec] = Field(min_length=1)
     sources: list[SourceSpec] = Field(min_length=1)
+    databases: list[DatabaseSpec] = Field(
+        default_factory=list, description="connection budgets; a database not listed gets the defaults"
+    )
 
 
     @model_validator(mode="after")
@@ -298,6 +310,32 @@ class Config(Strict):
                     },
                 )
         return self
+
+    @model_validator(mode="after")
+    def _databases_used(self) -> Config:
+        urls = {s.url for s in self.sources if isinstance(s, DbSourceSpec)}
+        seen: set[str] = set()
+        for index, database in enumerate(self.databases):
+            # The URL itself is never quoted: it may hold a password.
+            if database.url in seen:
+                raise PydanticCustomError(
+                    "database", "this database is listed twice under `databases`; merge the two entries",
+                    {"at": ("databases", index, "url")},
+                )
+            seen.add(database.url)
+            if database.url not in urls:
+                raise PydanticCustomError(
+                    "database", "no database source has this `url`; spell it exactly as the sources do",
+                    {"at": ("databases", index, "url")},
+                )
+        return self
+
+    def database(self, url: str) -> DatabaseSpec:
+        """The budget of the database at `url`: its `databases` entry, or the defaults."""
+        for database in self.databases:
+            if database.url == url:
+                return database
+        return DatabaseSpec(url=url)
 
     def source(self, name: str) -> AnySourceSpec:
         for source in self.sources:

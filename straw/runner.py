@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import heapq
 import signal
 import threading
 import time
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from sqlalchemy.exc import SQLAlchemyError
 
+from adapters.db.budget import DATABASES
 from adapters.db.poller import DbSource, SchemaDrift
 from adapters.scrape.errors import ScrapeError
 from outbox.lock import OutboxLock
@@ -67,7 +69,10 @@ def build_pipeline(config: Config, spec: AnySourceSpec) -> Pipeline:
         from adapters.scrape.source import ScrapeSource
 
         return Pipeline(spec, ScrapeSource(spec), mapper)
-    return Pipeline(spec, DbSource(spec, mapper.required_columns(), key_columns=mapper.key_columns()), mapper)
+    source = DbSource(
+        spec, mapper.required_columns(), key_columns=mapper.key_columns(), database=config.database(spec.url)
+    )
+    return Pipeline(spec, source, mapper)
 
 
 def freeze_startup_objects() -> None:
@@ -393,17 +398,33 @@ class Runner:
         result.errors.append(f"{spec.name}: {message}")
 
     def _loop(self, pipelines: list[Pipeline], outbox: Outbox, result: RunResult, relay: RelayProcess) -> None:
+        """Poll each source when it is due, soonest first: a heap of due times, not a scan of every source.
+
+        Polls run one after the other in due order, so a due source waits behind those due
+        before it and no longer. Between polls there is one wait, to the soonest due time
+        (at most a second: the relay's health and idle connections are looked at that often).
+        """
+        due = [(p.next_due, index) for index, p in enumerate(pipelines)]
+        heapq.heapify(due)
+        adopted: set[str] = set()
         while not self.stop.is_set():
             if not relay.is_alive():
                 log.error("relay stopped; stopping", error=relay.error())
                 return
             now = time.monotonic()
-            for pipeline in pipelines:
-                if pipeline.next_due <= now and outbox.stream_known(pipeline.spec.stream):
+            while due and due[0][0] <= now and not self.stop.is_set():
+                index = heapq.heappop(due)[1]
+                pipeline = pipelines[index]
+                stream = pipeline.spec.stream
+                if stream in adopted or outbox.stream_known(stream):
+                    adopted.add(stream)
                     result.rows_read += self._poll_logged(pipeline, outbox, result)
                     result.errors.clear()  # in a long run, errors live in the log and in `straw status`
-            soonest = min(p.next_due for p in pipelines)
-            self.stop.wait(max(0.01, min(soonest - time.monotonic(), 1.0)))
+                else:  # the relay has not adopted the stream's checkpoint yet: look again shortly
+                    pipeline.next_due = now + 0.2
+                heapq.heappush(due, (pipeline.next_due, index))
+            DATABASES.trim(time.monotonic())
+            self.stop.wait(max(0.01, min(due[0][0] - time.monotonic(), 1.0)))
 
 
 @contextmanager

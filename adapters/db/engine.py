@@ -7,7 +7,8 @@ import time
 from typing import Any
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import DisconnectionError
 
 from adapters.db import odbc
 
@@ -24,17 +25,31 @@ _READ_ONLY = {
 
 
 def make_engine(
-    url: str, *, read_only: bool = True, statement_timeout: float | None = None, encoding: str = "utf-8"
+    url: str,
+    *,
+    read_only: bool = True,
+    statement_timeout: float | None = None,
+    encoding: str = "utf-8",
+    connections: int | None = None,
 ) -> Engine:
     """`url`: a SQLAlchemy URL, or `odbc:<ODBC connection string or DSN=name>` (see `odbc.py`).
 
     `encoding`: the source's text encoding, for databases that do not know their own
-    (a PostgreSQL database created as SQL_ASCII).
+    (a PostgreSQL database created as SQL_ASCII). `connections`: the most connections
+    ever open at once, one of them kept between uses, a surplus one closed when returned.
     """
     parsed = make_url(odbc.url_for(url) if url.startswith(odbc.PREFIX) else url)
     backend = parsed.get_backend_name()
     options: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 2} if backend != "sqlite" else {}
+    if connections is not None and backend != "sqlite":
+        # A shared pool is busy: pinging at every checkout would double an idle poll's round trips.
+        options.update(pool_size=1, max_overflow=connections - 1, pool_pre_ping=False)
     engine = create_engine(parsed, **options)
+    if connections is not None and backend != "sqlite":
+        _ping_after_rest(engine)
+    if connections is not None and parsed.get_driver_name() == "psycopg":
+        _prepare_for_many(engine)
+    _remember_session(engine, statement_timeout, encoding)
     if backend == "postgresql" and parsed.get_driver_name() == "psycopg":
         _sql_ascii_text(engine, encoding)
     statements = [_READ_ONLY[backend]] if read_only and backend in _READ_ONLY else []
@@ -54,8 +69,8 @@ def make_engine(
                 # SET outside a transaction block must be committed under psycopg's implicit transactions.
                 dbapi_connection.commit()
 
-    if statement_timeout and backend == "sqlite":
-        _sqlite_deadline(engine, statement_timeout)
+    if backend == "sqlite":
+        _sqlite_deadline(engine)
     if parsed.get_driver_name() == "pyodbc":
 
         @event.listens_for(engine, "connect")
@@ -80,7 +95,17 @@ def _sql_ascii_text(engine: Engine, encoding: str) -> None:
     valid in it stays bytes, so the mapping reports it (a dead letter naming the
     offset) instead of failing the batch.
     """
+    @event.listens_for(engine, "connect", insert=True)  # first: SQLAlchemy's own queries on it read text
+    def _text(dbapi_connection: Any, _record: Any) -> None:
+        _register_text(dbapi_connection, encoding)
+
+
+def _register_text(dbapi_connection: Any, encoding: str) -> None:
+    """The SQL_ASCII text loaders of `_sql_ascii_text` for `encoding` (nothing on any other database)."""
     from psycopg.adapt import Dumper, Loader  # the psycopg driver is in use: importable
+
+    if dbapi_connection.info.parameter_status("server_encoding") != "SQL_ASCII":
+        return
 
     class LegacyText(Loader):
         def load(self, data: Any) -> str | bytes:
@@ -94,21 +119,97 @@ def _sql_ascii_text(engine: Engine, encoding: str) -> None:
         def dump(self, obj: str) -> bytes:
             return obj.encode(encoding)
 
-    @event.listens_for(engine, "connect", insert=True)  # first: SQLAlchemy's own queries on it read text
-    def _text(dbapi_connection: Any, _record: Any) -> None:
-        if dbapi_connection.info.parameter_status("server_encoding") == "SQL_ASCII":
-            for name in ("text", "varchar", "bpchar", "name", 0, 705):  # 0: no type; 705: unknown
-                dbapi_connection.adapters.register_loader(name, LegacyText)
-            dbapi_connection.adapters.register_dumper(str, LegacyStr)
+    for name in ("text", "varchar", "bpchar", "name", 0, 705):  # 0: no type; 705: unknown
+        dbapi_connection.adapters.register_loader(name, LegacyText)
+    dbapi_connection.adapters.register_dumper(str, LegacyStr)
+
+
+_TIMEOUT, _ENCODING, _RETURNED = "straw.statement_timeout", "straw.encoding", "straw.returned"
+
+# A connection unused for longer than this is pinged before a poll gets it (the server may have
+# restarted, a firewall dropped it); one returned just now is not.
+PING_AFTER = 2.0
+
+
+# Statements a shared PostgreSQL connection keeps prepared: one per source on the database, at least.
+PREPARED_MAX = 2000
+
+
+def _prepare_for_many(engine: Engine) -> None:
+    """psycopg prepares a statement after its 5th execution, but keeps only the last 100: with 300
+    sources taking turns on one connection each statement was evicted before it ever got there."""
+
+    @event.listens_for(engine, "connect")
+    def _many(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.prepared_max = PREPARED_MAX
+
+
+def _ping_after_rest(engine: Engine) -> None:
+    """SQLAlchemy's pessimistic disconnect handling, only for connections that have rested."""
+
+    @event.listens_for(engine, "checkin")
+    def _returned(_dbapi_connection: Any, record: Any) -> None:
+        if record is not None:
+            record.info[_RETURNED] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        returned = record.info.get(_RETURNED)
+        if returned is None or time.monotonic() - returned <= PING_AFTER:
+            return  # new, or in use a moment ago
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:  # the pool drops this connection and hands out a fresh one
+            raise DisconnectionError(str(exc)) from exc
+
+
+def _remember_session(engine: Engine, statement_timeout: float | None, encoding: str) -> None:
+    """Each new connection notes the settings it was opened with, so `session` changes only what differs."""
+
+    @event.listens_for(engine, "connect")
+    def _note(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_TIMEOUT] = statement_timeout
+        record.info[_ENCODING] = encoding
+
+
+def session(conn: Connection, statement_timeout: float | None, encoding: str) -> None:
+    """Give a shared connection one source's statement timeout and text encoding.
+
+    Sources on one database share its pool but may differ in these; a connection keeps
+    what it was last given, so in the usual case (all alike) this is two dict look-ups.
+    """
+    info = conn.info
+    if info.get(_ENCODING, encoding) != encoding:
+        if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
+            _register_text(conn.connection.dbapi_connection, encoding)
+        info[_ENCODING] = encoding
+    if info.get(_TIMEOUT, statement_timeout) == statement_timeout:
+        return
+    backend = conn.dialect.name
+    dbapi_connection = conn.connection.dbapi_connection
+    if conn.dialect.driver == "pyodbc":
+        dbapi_connection.timeout = max(1, round(statement_timeout)) if statement_timeout else 0  # type: ignore[union-attr]
+    elif backend in ("postgresql", "mysql", "mariadb"):
+        cursor = dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            for statement in _timeout_statements(backend, statement_timeout or 0.0):
+                _execute_first(cursor, statement)
+        finally:
+            cursor.close()
+        if backend == "postgresql":
+            dbapi_connection.commit()  # type: ignore[union-attr]  # else the poll's rollback would undo the SET
+    info[_TIMEOUT] = statement_timeout  # SQLite's deadline reads it from here at each statement
 
 
 def _timeout_statements(backend: str, seconds: float) -> list[str]:
+    """`seconds` 0: no limit."""
+    millis = max(1, round(seconds * 1000)) if seconds else 0
     if backend == "postgresql":
-        return [f"SET statement_timeout = {max(1, round(seconds * 1000))}"]
+        return [f"SET statement_timeout = {millis}"]
     if backend in ("mysql", "mariadb"):
         # MariaDB and MySQL name it differently; the first one the server knows wins.
         return [f"SET SESSION max_statement_time = {seconds:.3f}\n"
-                f"SET SESSION max_execution_time = {max(1, round(seconds * 1000))}"]
+                f"SET SESSION max_execution_time = {millis}"]
     return []
 
 
@@ -124,11 +225,15 @@ def _execute_first(cursor: Any, alternatives: str) -> None:
     cursor.execute(options[-1])
 
 
-def _sqlite_deadline(engine: Engine, seconds: float) -> None:
+def _sqlite_deadline(engine: Engine) -> None:
     """SQLite has no statement timeout: a progress handler interrupts a statement past its deadline."""
 
     @event.listens_for(engine, "before_cursor_execute")
     def _arm(conn: Any, _cursor: Any, _statement: Any, _params: Any, _context: Any, _many: Any) -> None:
+        seconds = conn.info.get(_TIMEOUT)  # the connection's, as `session` last set it
+        if not seconds:
+            conn.connection.dbapi_connection.set_progress_handler(None, 10_000)
+            return
         deadline = time.monotonic() + seconds
         # SQLite calls this every 10,000 virtual-machine steps; a true return interrupts the statement.
         conn.connection.dbapi_connection.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)

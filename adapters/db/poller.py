@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, overload
 
 from sqlalchemy import (
@@ -26,7 +27,6 @@ from sqlalchemy import (
     bindparam,
     column,
     func,
-    literal,
     or_,
     select,
     text,
@@ -38,9 +38,9 @@ from sqlalchemy.exc import DBAPIError, NoSuchTableError
 from sqlalchemy.types import NullType, TypeDecorator, TypeEngine
 
 from adapters.db import position, settle
-from adapters.db.engine import make_engine
+from adapters.db.budget import DATABASES, Database
 from straw.coerce import boolean
-from straw.config import ChangeMode, DbSourceSpec, SoftDeleteSpec
+from straw.config import ChangeMode, DatabaseSpec, DbSourceSpec, SoftDeleteSpec
 from straw.records import DELETED, UPSERTED
 from straw.source import RawBatch
 
@@ -68,18 +68,30 @@ class DbSource:
         engine: Engine | None = None,
         *,
         key_columns: Sequence[str] = (),
+        database: DatabaseSpec | None = None,
     ) -> None:
         """`columns`: the source columns the mapping needs; change columns are added here.
 
         `key_columns`: the entity key's columns (snapshot mode orders and resumes by them).
+        `database`: the budget of the database at `spec.url`, whose engine this source shares
+        with every other source there (an `engine` given instead is this source's own).
         """
         self.name = spec.name
         self.spec = spec
-        self.engine = engine or make_engine(spec.url, statement_timeout=spec.statement_timeout, encoding=spec.encoding)
+        self._shared = engine is None
+        if engine is None:
+            self.database = DATABASES.open(
+                database or DatabaseSpec(url=spec.url), statement_timeout=spec.statement_timeout, encoding=spec.encoding
+            )
+        else:
+            self.database = Database(database or DatabaseSpec(url=spec.url), engine)
+        self.engine = self.database.engine
         self._keys = list(key_columns)
         soft = [spec.soft_delete.column] if spec.soft_delete else []
         self._wanted = list(dict.fromkeys([*columns, *self._change_columns(), *soft]))
         self._from: FromClause | None = None
+        self._statements: dict[tuple[Any, ...], Select[Any]] = {}  # by shape, for `_from` (see `_statement`)
+        self._statements_of: FromClause | None = None
         self._names: list[str] = []  # the wanted columns as the relation spells them
         self._types: tuple[type | None, ...] = ()  # python types of the change columns (None: as stored)
         self._aware: bool | None = False  # the timestamp column keeps a time zone (None: not known yet)
@@ -101,15 +113,23 @@ class DbSource:
 
     # --- the relation: a reflected table, or the configured query as a subquery ---
 
-    def relation(self) -> FromClause:
+    def connect(self) -> AbstractContextManager[Connection]:
+        """A connection from the database's budget, in turn with the other sources on it."""
+        return self.database.connect(statement_timeout=self.spec.statement_timeout, encoding=self.spec.encoding)
+
+    def relation(self, conn: Connection | None = None) -> FromClause:
+        """`conn`: the connection in hand, if any (a second one could wait forever on a budget of one)."""
         if self._from is None:
-            self._from = self._reflect() if self.spec.table is not None else self._probe()
+            if conn is None:
+                with self.connect() as own:
+                    return self.relation(own)
+            self._from = self._reflect(conn) if self.spec.table is not None else self._probe(conn)
         return self._from
 
-    def _reflect(self) -> FromClause:
+    def _reflect(self, conn: Connection) -> FromClause:
         name = str(self.spec.table)
         try:
-            table = Table(name, MetaData(), schema=self.spec.db_schema, autoload_with=self.engine)
+            table = Table(name, MetaData(), schema=self.spec.db_schema, autoload_with=conn)
         except NoSuchTableError:
             raise SchemaDrift(
                 f"source {self.name!r}: table {name!r} not found; check `table` (and `schema`)"
@@ -120,13 +140,12 @@ class DbSource:
         self._aware = bool(getattr(change[0].type, "timezone", False))
         return table
 
-    def _probe(self) -> FromClause:
+    def _probe(self, conn: Connection) -> FromClause:
         """Ask the database which columns the query returns (no rows are read)."""
         query = str(self.spec.query).strip().rstrip(";")
-        with self.engine.connect() as conn:
-            result = conn.execute(text(f"SELECT * FROM ({query}) q WHERE 1 = 0"), self._query_params(None))
-            returned = list(result.keys())
-            result.close()
+        result = conn.execute(text(f"SELECT * FROM ({query}) q WHERE 1 = 0"), self._query_params(None))
+        returned = list(result.keys())
+        result.close()
         self._names = self._resolve(returned, "`query`")
         self._types = tuple(None for _ in self._change_columns())
         self._aware = None  # a query's column types show only in the values it returns
@@ -155,8 +174,42 @@ class DbSource:
     # --- the statement ---
 
     def statement(self, after: str | None, limit: int | None, cutoff: Any = None) -> Select[Any]:
-        """`cutoff`: take only rows whose first change column is at or below it (what has settled)."""
+        """The read of the rows after `after`, its values bound. `cutoff`: take only rows whose first
+        change column is at or below it (what has settled)."""
+        stmt, params, _values = self._statement(after, limit, cutoff)
+        return stmt.params(params)
+
+    def _statement(
+        self, after: str | None, limit: int | None, cutoff: Any
+    ) -> tuple[Select[Any], dict[str, Any], tuple[Any, ...]]:
+        """The read's statement, its parameters and the watermark's values.
+
+        The statement is built once per shape (watermark or not, limit, cutoff) and kept:
+        an idle poll constructs no expression, and SQLAlchemy finds its compiled form in
+        the cache. Only the values change, as bound parameters.
+        """
         relation = self.relation()
+        values: tuple[Any, ...] = ()
+        if self.spec.mode is ChangeMode.SNAPSHOT:
+            _listing, resume = position.decode_snapshot(after, len(self._change_columns()))
+            if resume is not None:
+                values = tuple(position.restore(resume, self._types))
+        elif after is not None:
+            values = tuple(position.decode(after, self._types))
+        kind = None if cutoff is None else (
+            ("aware" if cutoff.tzinfo is not None else "naive") if isinstance(cutoff, dt.datetime) else "value")
+        shape = (len(values), limit, kind)
+        stmt = self._statements.get(shape)
+        if stmt is None or self._statements_of is not relation:
+            if self._statements_of is not relation:  # reflected again (after a drift): build anew
+                self._statements, self._statements_of = {}, relation
+            stmt = self._statements[shape] = self._build(relation, len(values), limit, kind)
+        params = {f"straw_w{i}": v for i, v in enumerate(values)}
+        if cutoff is not None:
+            params["settle_cutoff"] = cutoff
+        return stmt, params, values
+
+    def _build(self, relation: FromClause, bound: int, limit: int | None, settle: str | None) -> Select[Any]:
         names = self._names
         change_names = self._resolved(self._change_columns())
         change = [relation.c[c] for c in change_names]
@@ -168,28 +221,25 @@ class DbSource:
         mode = self.spec.mode
         # A query's column types are unknown: bind untyped, so the database reads the value as the column's type
         # (typed as text, PostgreSQL would refuse to compare a timestamp with it).
-        bind = (lambda v: v) if isinstance(relation, Table) else (lambda v: literal(v, NullType()))
-        if mode is ChangeMode.SNAPSHOT:
-            _listing, resume = position.decode_snapshot(after, len(change))
-            if resume is not None:
-                values = tuple(map(bind, position.restore(resume, self._types)))
-                stmt = stmt.where(change[0] > values[0] if len(change) == 1 else tuple_(*change) > tuple_(*values))
-        elif after is not None:
-            values = tuple(map(bind, position.decode(after, self._types)))
-            if mode is ChangeMode.INCREMENTING:
-                stmt = stmt.where(change[0] > values[0])
-            else:
-                ts, key = change
-                # ts >= :ts narrows by the index first; the OR keeps rows that share the last timestamp.
-                stmt = stmt.where(and_(ts >= values[0], or_(ts > values[0], key > values[1])))
+        typed = isinstance(relation, Table)
+        values = tuple(
+            bindparam(f"straw_w{i}", type_=change[i].type if typed else NullType()) for i in range(bound)
+        )
+        if values and mode is ChangeMode.SNAPSHOT:
+            stmt = stmt.where(change[0] > values[0] if len(change) == 1 else tuple_(*change) > tuple_(*values))
+        elif values and mode is ChangeMode.INCREMENTING:
+            stmt = stmt.where(change[0] > values[0])
+        elif values:
+            ts, key = change
+            # ts >= :ts narrows by the index first; the OR keeps rows that share the last timestamp.
+            stmt = stmt.where(and_(ts >= values[0], or_(ts > values[0], key > values[1])))
         if mode is ChangeMode.TIMESTAMP:
             stmt = stmt.where(change[0].is_not(None))
-        if cutoff is not None:
-            if isinstance(cutoff, dt.datetime):
-                bound = bindparam("settle_cutoff", cutoff, type_=DateTime(cutoff.tzinfo is not None))
-                stmt = stmt.where(change[0] <= bound)
-            else:
-                stmt = stmt.where(change[0] <= bind(cutoff))
+        if settle is not None:
+            # A settled cutoff: a time (zoned or naive, as the column compares) or a value of the column itself.
+            kind = DateTime(settle == "aware") if settle in ("aware", "naive") else (
+                change[0].type if typed else NullType())
+            stmt = stmt.where(change[0] <= bindparam("settle_cutoff", type_=kind))
         if limit is not None:
             stmt = stmt.limit(limit)
         return stmt
@@ -251,45 +301,93 @@ class DbSource:
             raise
 
     def _read(self, after: str | None, limit: int | None) -> Iterator[RawBatch]:
-        with self.engine.connect() as conn:
-            self.relation()  # the change columns' types decode the position
+        with self.connect() as conn:
+            self.relation(conn)  # the change columns' types decode the position
             last_value = None
             if after is not None and self.spec.mode is not ChangeMode.SNAPSHOT:
                 last_value = position.decode(after, self._types)[0]
             self._last_value = last_value
-            bound = self.settle.bound(conn, self)
-            if bound.hold:
-                return
-            stmt = self.statement(after, limit, bound.cap)
-            result = conn.execution_options(stream_results=True, yield_per=self.spec.batch_size).execute(
-                stmt, self._query_params(last_value)
-            )
             columns = tuple(self._names)
             slots = [columns.index(c) for c in self._resolved(self._change_columns())]
             ops = self._ops(columns)
             if self.spec.mode is ChangeMode.SNAPSHOT:
+                # One listing, one cursor: the whole relation as of one moment, streamed in partitions.
+                stmt, params, _values = self._statement(after, limit, None)
+                params.update(self._query_params(None))
+                result = conn.execution_options(stream_results=True, yield_per=self.spec.batch_size).execute(
+                    stmt, params
+                )
                 yield from self._listing(result.partitions(), columns, slots, ops, after, limit)
                 return
-            encode = position.encode
-            gaps = bound.gaps
-            expected = last_value + 1 if isinstance(last_value, int) else None
-            for rows in result.partitions():  # Rows index like tuples; copying them costs a tenth of the read
-                if gaps is not None:
-                    # The watermark never passes an id gap younger than the window: a late commit may fill it.
-                    taken, expected = gaps.admit(expected, [r[slots[0]] for r in rows])
-                    if taken < len(rows):
-                        if taken:
-                            yield RawBatch(columns, rows[:taken], [encode((r[slots[0]],)) for r in rows[:taken]],
-                                           ops(rows[:taken]) if ops else None)
-                        result.close()
-                        return
-                if len(slots) == 1:
-                    s = slots[0]
-                    positions = [encode((r[s],)) for r in rows]
-                else:
-                    a, b = slots
-                    positions = [encode((r[a], r[b])) for r in rows]
-                yield RawBatch(columns, rows, positions, ops(rows) if ops else None)
+            # Before the rows are read: on MariaDB the settle check ends the connection's transaction,
+            # so the read below gets a view of its own, taken after the open writers were seen.
+            bound = self.settle.bound(conn, self)
+            if bound.hold:
+                return
+            yield from self._pages(conn, after, limit, bound, columns, slots, ops)
+
+    def _pages(
+        self,
+        conn: Connection,
+        after: str | None,
+        limit: int | None,
+        bound: settle.Bound,
+        columns: tuple[str, ...],
+        slots: list[int],
+        ops: Callable[[Sequence[Any]], list[str]] | None,
+    ) -> Iterator[RawBatch]:
+        """Rows after the watermark: a first page by a plain query, the rest (if any) from one cursor.
+
+        Most polls find nothing or less than a page: for them one statement (which the
+        driver prepares once it has seen it a few times), not a server-side cursor
+        declared, fetched from and closed. A backlog beyond the first page streams from
+        one cursor resuming after it: one sort, not one per page on an unindexed column.
+        """
+        cutoff, gaps = bound.cap, bound.gaps
+        page = self.spec.batch_size if limit is None else min(self.spec.batch_size, limit)
+        stmt, params, values = self._statement(after, page, cutoff)
+        params.update(self._query_params(values[0] if values else None))
+        rows: Sequence[Any] = conn.execute(stmt, params).fetchall()  # Rows index like tuples: not copied
+        if not rows:
+            return
+        fetched = len(rows)
+        expected = values[0] + 1 if values and isinstance(values[0], int) else None
+        stop = False
+        if gaps is not None:
+            rows, expected, stop = _admitted(gaps, expected, rows, slots[0])
+        if not rows:
+            return
+        first = self._batch(rows, columns, slots, ops)
+        yield first
+        if stop or fetched < page or limit == page:
+            return
+        stmt, params, values = self._statement(first.positions[-1], None if limit is None else limit - page, cutoff)
+        params.update(self._query_params(values[0] if values else None))
+        result = conn.execution_options(stream_results=True, yield_per=self.spec.batch_size).execute(stmt, params)
+        for rows in result.partitions():
+            if gaps is not None:
+                rows, expected, stop = _admitted(gaps, expected, rows, slots[0])
+            if rows:
+                yield self._batch(rows, columns, slots, ops)
+            if stop:
+                result.close()
+                return
+
+    @staticmethod
+    def _batch(
+        rows: Sequence[Any],
+        columns: tuple[str, ...],
+        slots: list[int],
+        ops: Callable[[Sequence[Any]], list[str]] | None,
+    ) -> RawBatch:
+        encode = position.encode
+        if len(slots) == 1:
+            s = slots[0]
+            positions = [encode((r[s],)) for r in rows]
+        else:
+            a, b = slots
+            positions = [encode((r[a], r[b])) for r in rows]
+        return RawBatch(columns, rows, positions, ops(rows) if ops else None)
 
     def _listing(
         self,
@@ -350,22 +448,34 @@ class DbSource:
         return None
 
     def check(self) -> str:
-        relation = self.relation()
-        with self.engine.connect() as conn:
+        with self.connect() as conn:
+            relation = self.relation(conn)
             conn.execute(select(relation.c[self._names[0]]).limit(1), self._query_params(None)).all()
         # An ODBC connection string may carry PWD=…: name only the kind of connection.
         url = "odbc" if self.spec.url.startswith("odbc:") else self.engine.url.render_as_string(hide_password=True)
         what = f"table {self.spec.table}" if self.spec.table is not None else "query"
         settled = ""
         if self.spec.mode is not ChangeMode.SNAPSHOT:
-            with self.engine.connect() as conn:  # one probe: a missing privilege shows (and falls back) here
+            with self.connect() as conn:  # one probe: a missing privilege shows (and falls back) here
                 self._last_value = None
                 self.settle.bound(conn, self)
             settled = f"; settle: {self.settle.name} ({self.settle.why})"
         return f"{url} {what}: {len(self._wanted)} columns, mode {self.spec.mode.value}{settled}"
 
     def close(self) -> None:
-        self.engine.dispose()
+        if self._shared:
+            DATABASES.close(self.database)
+        else:
+            self.engine.dispose()
+
+
+def _admitted(
+    gaps: settle.GapWatch, expected: int | None, rows: Sequence[Any], slot: int
+) -> tuple[Sequence[Any], int | None, bool]:
+    """The rows the watermark may pass: never an id gap younger than the window (a late commit may fill
+    it). Returns them, the id expected next, and whether the read stops here."""
+    taken, expected = gaps.admit(expected, [r[slot] for r in rows])
+    return (rows if taken == len(rows) else rows[:taken]), expected, taken < len(rows)
 
 
 class _ListingPositions(Sequence[str]):

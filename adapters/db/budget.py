@@ -1,0 +1,181 @@
+"""A connection budget per legacy database: one shared pool, a fair queue in front of it.
+
+Every source whose `url` names the same database borrows its connections from one
+engine. At most `connections` are ever open on that database (the pool holds one
+between polls, more only while polls overlap, and closes a surplus one as soon as it
+is returned); a poll waits its turn in a first-come first-served queue, so a due
+source is never starved by the others. The one connection kept between polls is
+closed after `idle_timeout` without use (`trim`), or at once with `idle_connections: 0`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy.engine import Connection, Engine
+
+from adapters.db.engine import make_engine, session
+from straw.config import DatabaseSpec
+
+
+class Gate:
+    """A counting semaphore that serves waiters in arrival order (threading.Semaphore does not promise it)."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._free = slots
+        self._lock = threading.Lock()
+        self._waiters: deque[threading.Lock] = deque()
+
+    def acquire(self) -> None:
+        with self._lock:
+            if self._free and not self._waiters:
+                self._free -= 1
+                return
+            waiter = threading.Lock()
+            waiter.acquire()
+            self._waiters.append(waiter)
+        waiter.acquire()  # released by `release`, which hands its slot over directly
+
+    def release(self) -> None:
+        with self._lock:
+            if self._waiters:
+                self._waiters.popleft().release()
+            else:
+                self._free += 1
+
+    def acquire_all(self) -> bool:
+        """Take every slot at once if none is in use or awaited (no waiting); True when taken."""
+        with self._lock:
+            if self._free != self.slots or self._waiters:
+                return False
+            self._free = 0
+            return True
+
+    def release_all(self) -> None:
+        for _ in range(self.slots):
+            self.release()
+
+    @property
+    def in_use(self) -> int:
+        with self._lock:
+            return self.slots - self._free
+
+
+class Database:
+    """One legacy database's engine and budget, shared by the sources on it."""
+
+    def __init__(self, spec: DatabaseSpec, engine: Engine) -> None:
+        self.spec = spec
+        self.engine = engine
+        self.gate = Gate(spec.connections)
+        self.users = 0
+        self.last_used = time.monotonic()
+        self._kept = False  # a connection may be open in the pool between polls
+
+    @contextmanager
+    def connect(self, *, statement_timeout: float | None = None, encoding: str = "utf-8") -> Iterator[Connection]:
+        """A connection for one poll, in turn; the source's own session settings applied to it."""
+        self.gate.acquire()
+        try:
+            with self.engine.connect() as conn:
+                self._kept = True
+                session(conn, statement_timeout, encoding)
+                yield conn
+        finally:
+            self.last_used = time.monotonic()
+            self.gate.release()
+        if not self.spec.idle_connections:
+            self.close_idle()
+
+    def trim(self, now: float) -> None:
+        """Close the connection kept between polls once it has been unused for `idle_timeout`."""
+        if self._kept and now - self.last_used >= self.spec.idle_timeout:
+            self.close_idle()
+
+    def close_idle(self) -> None:
+        # Only with every slot in hand: a connection checked out meanwhile would outlive its pool.
+        if self.gate.acquire_all():
+            try:
+                self.engine.dispose()
+                self._kept = False
+            finally:
+                self.gate.release_all()
+
+
+class Databases:
+    """The process's shared databases, by URL; a source opens one and closes it when done."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_url: dict[str, Database] = {}
+
+    def open(self, spec: DatabaseSpec, *, statement_timeout: float | None, encoding: str) -> Database:
+        """The shared database at `spec.url`, made on first use (the first source's settings are its defaults)."""
+        with self._lock:
+            database = self._by_url.get(spec.url)
+            if database is None:
+                engine = make_engine(
+                    spec.url, statement_timeout=statement_timeout, encoding=encoding, connections=spec.connections
+                )
+                database = self._by_url[spec.url] = Database(spec, engine)
+            database.users += 1
+            return database
+
+    def close(self, database: Database) -> None:
+        with self._lock:
+            database.users -= 1
+            if database.users > 0 or self._by_url.get(database.spec.url) is not database:
+                return
+            del self._by_url[database.spec.url]
+        database.engine.dispose()
+
+    def trim(self, now: float) -> None:
+        with self._lock:
+            open_now = list(self._by_url.values())
+        for database in open_now:
+            database.trim(now)
+
+    def all(self) -> list[Database]:
+        with self._lock:
+            return list(self._by_url.values())
+
+
+DATABASES = Databases()
+
+
+# `straw check` warns when a budget is larger than this share of the server's `max_connections`:
+# the legacy application itself needs the rest.
+SERVER_SHARE = 0.1
+
+_MAX_CONNECTIONS = {
+    "postgresql": "SHOW max_connections",
+    "mysql": "SELECT @@max_connections",
+    "mariadb": "SELECT @@max_connections",
+}
+
+
+def check_budget(spec: DatabaseSpec) -> tuple[str, bool]:
+    """One line on the database's budget against the server's `max_connections`, and whether it is within it."""
+    budget = f"budget {spec.connections} connection{'s' if spec.connections != 1 else ''}"
+    budget += f", {spec.idle_connections} kept idle for {spec.idle_timeout:g}s"
+    database = DATABASES.open(spec, statement_timeout=None, encoding="utf-8")
+    try:
+        query = _MAX_CONNECTIONS.get(database.engine.dialect.name)
+        if query is None:
+            return f"{budget} (the server does not tell its max_connections)", True
+        with database.connect() as conn:
+            server = int(conn.exec_driver_sql(query).scalar_one())
+    finally:
+        DATABASES.close(database)
+    if spec.connections > server * SERVER_SHARE:
+        return (
+            f"{budget}: more than {SERVER_SHARE:.0%} of the server's max_connections {server}; "
+            f"lower `connections` under `databases:` to {max(1, int(server * SERVER_SHARE))} or fewer",
+            False,
+        )
+    return f"{budget} of the server's max_connections {server}", True
