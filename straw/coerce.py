@@ -34,12 +34,29 @@ _WORDS = {
 MAX_DIGITS = 1000
 
 
+class Unreadable:
+    """A value the database driver could not decode ('infinity' timestamps, bad UTF-8), read raw instead.
+
+    Every coercer refuses it: its row becomes a dead letter that shows the raw value and why.
+    """
+
+    __slots__ = ("raw", "why")
+
+    def __init__(self, raw: Any, why: str) -> None:
+        self.raw, self.why = raw, why
+
+    def __repr__(self) -> str:
+        return f"Unreadable({self.raw!r})"
+
+
 def _describe(value: Any) -> str:
     text = repr(value)
     return f"{text[:80]}… ({type(value).__name__})" if len(text) > 80 else f"{text} ({type(value).__name__})"
 
 
 def _fail(value: Any, kind: str, why: str = "") -> ValueError:
+    if isinstance(value, Unreadable):
+        return ValueError(f"the database driver cannot read {_describe(value.raw)} as {kind}: {value.why}")
     return ValueError(f"cannot read {_describe(value)} as {kind}{': ' + why if why else ''}")
 
 

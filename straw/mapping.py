@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from outbox.keyed import SEEN, Change
-from straw.coerce import Coercer, coercer
+from straw.coerce import Coercer, Unreadable, coercer
 from straw.config import EntitySpec
 from straw.records import DELETED, UPSERTED, Envelope, observed_now, subject, subject_part
 from straw.source import RawBatch
@@ -456,6 +456,8 @@ def _why(exc: Exception) -> str:
 
 
 def _raw_default(value: Any) -> Any:
+    if isinstance(value, Unreadable):
+        return {"$unreadable": _raw_safe(value.raw)}
     if isinstance(value, (bytes, bytearray, memoryview)):
         return {"$bytes_hex": bytes(value).hex()}
     if isinstance(value, Decimal):

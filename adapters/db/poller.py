@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from itertools import chain
+from sys import getsizeof
 from typing import Any, overload
 
 from sqlalchemy import (
@@ -24,6 +27,7 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    cast,
     column,
     literal,
     or_,
@@ -33,12 +37,12 @@ from sqlalchemy import (
     type_coerce,
 )
 from sqlalchemy.engine import Connection, Dialect, Engine
-from sqlalchemy.exc import DBAPIError, NoSuchTableError
-from sqlalchemy.types import NullType, TypeDecorator, TypeEngine
+from sqlalchemy.exc import DataError, DBAPIError, NoSuchTableError
+from sqlalchemy.types import LargeBinary, NullType, Text, TypeDecorator, TypeEngine
 
 from adapters.db import position
 from adapters.db.engine import make_engine
-from straw.coerce import boolean
+from straw.coerce import Unreadable, boolean
 from straw.config import ChangeMode, DbSourceSpec, SoftDeleteSpec
 from straw.records import DELETED, UPSERTED
 from straw.source import RawBatch
@@ -224,30 +228,153 @@ class DbSource:
             raise
 
     def _read(self, after: str | None, limit: int | None) -> Iterator[RawBatch]:
+        """Stream from `after`; a batch the driver cannot decode is narrowed to its row, and the read goes on."""
+        cutoff = None
+        if self.spec.settle_delay:
+            with self.engine.connect() as conn:
+                cutoff = self.settle_cutoff(conn)
+        failed: list[BaseException] = []
+        while True:
+            failed.clear()
+            for batch in self._stream(after, limit, cutoff, failed):
+                after = batch.next_position
+                limit = None if limit is None else limit - len(batch.rows)
+                yield batch
+            if not failed:
+                return
+            moved = False
+            for batch in self._narrow(after, limit, cutoff, failed[0]):
+                after, moved = batch.next_position, True
+                limit = None if limit is None else limit - len(batch.rows)
+                yield batch
+            if not moved:
+                raise failed[0]  # nothing to narrow to: not a value of a row after all
+            if limit is not None and limit <= 0:
+                return
+
+    def _stream(
+        self, after: str | None, limit: int | None, cutoff: dt.datetime | None, failed: list[BaseException]
+    ) -> Iterator[RawBatch]:
+        """Batches from one statement; a fetch the driver cannot decode ends them early, the error in `failed`."""
         with self.engine.connect() as conn:
-            cutoff = self.settle_cutoff(conn) if self.spec.settle_delay else None
             stmt = self.statement(after, limit, cutoff)
-            last_value = None
-            if after is not None and self.spec.mode is not ChangeMode.SNAPSHOT:
-                last_value = position.decode(after, self._types)[0]
-            result = conn.execution_options(stream_results=True, yield_per=self.spec.batch_size).execute(
-                stmt, self._query_params(last_value)
-            )
+            try:
+                result = conn.execution_options(stream_results=True).execute(stmt, self._params_after(after))
+            except Exception as exc:
+                if not _undecodable(exc):
+                    raise
+                failed.append(exc)
+                return
             columns = tuple(self._names)
             slots = [columns.index(c) for c in self._resolved(self._change_columns())]
             ops = self._ops(columns)
+            chunks = _guarded(_chunks(result.fetchmany, self.spec.batch_size, self.spec.batch_bytes), failed)
             if self.spec.mode is ChangeMode.SNAPSHOT:
-                yield from self._listing(result.partitions(), columns, slots, ops, after, limit)
+                yield from self._listing(chunks, columns, slots, ops, after, limit, failed)
                 return
-            encode = position.encode
-            for rows in result.partitions():  # Rows index like tuples; copying them costs a tenth of the read
-                if len(slots) == 1:
-                    s = slots[0]
-                    positions = [encode((r[s],)) for r in rows]
-                else:
-                    a, b = slots
-                    positions = [encode((r[a], r[b])) for r in rows]
-                yield RawBatch(columns, rows, positions, ops(rows) if ops else None)
+            make = self._incremental_batch(columns, slots, ops)
+            for rows in chunks:  # Rows index like tuples; copying them costs a tenth of the read
+                yield make(rows)
+
+    def _incremental_batch(
+        self, columns: tuple[str, ...], slots: list[int], ops: Callable[[Sequence[Any]], list[str]] | None
+    ) -> Callable[[Sequence[Any]], RawBatch]:
+        encode = position.encode
+
+        def make(rows: Sequence[Any]) -> RawBatch:
+            if len(slots) == 1:
+                s = slots[0]
+                positions = [encode((r[s],)) for r in rows]
+            else:
+                a, b = slots
+                positions = [encode((r[a], r[b])) for r in rows]
+            return RawBatch(columns, rows, positions, ops(rows) if ops else None)
+
+        return make
+
+    def _params_after(self, after: str | None) -> dict[str, Any]:
+        last_value = None
+        if after is not None and self.spec.mode is not ChangeMode.SNAPSHOT:
+            last_value = position.decode(after, self._types)[0]
+        return self._query_params(last_value)
+
+    def _narrow(
+        self, after: str | None, limit: int | None, cutoff: dt.datetime | None, error: BaseException
+    ) -> Iterator[RawBatch]:
+        """Re-read after `after` in halving pieces down to the one row the driver cannot decode.
+
+        The good rows before it are delivered; that row is read again column by column
+        (each failing column raw, as text or bytes, wrapped in `Unreadable`), so the mapping
+        makes it a dead letter and the position moves past it. Bounded: about
+        2·log2(batch_size) small reads. An error that is not the data's (the row cannot
+        be found, its raw form cannot be read either) is raised as it came.
+        """
+        columns = tuple(self._names)
+        slots = [columns.index(c) for c in self._resolved(self._change_columns())]
+        ops = self._ops(columns)
+        make: Callable[[Sequence[Any]], RawBatch]
+        if self.spec.mode is ChangeMode.SNAPSHOT:
+            number, _resume = position.decode_snapshot(after, len(slots))
+            make = partial(self._snapshot_batch, columns, slots=slots, number=number, ops=ops, complete=False)
+        else:
+            make = self._incremental_batch(columns, slots, ops)
+        size = max(1, min(self.spec.batch_size, limit or self.spec.batch_size) // 2)
+        while limit is None or limit > 0:
+            piece = size if limit is None else min(size, limit)
+            try:
+                with self.engine.connect() as conn:
+                    rows = conn.execute(self.statement(after, piece, cutoff), self._params_after(after)).all()
+            except Exception as exc:
+                if not _undecodable(exc):
+                    raise
+                if size > 1:
+                    size //= 2
+                    continue
+                row = self._unreadable_row(after, cutoff, exc)
+                if row is None:
+                    raise error from None
+                yield make([row])
+                return
+            if not rows:
+                return  # the row is gone since: nothing to narrow
+            batch = make(rows)
+            yield batch
+            after = batch.next_position
+            limit = None if limit is None else limit - len(rows)
+            if len(rows) < piece:
+                return
+
+    def _unreadable_row(
+        self, after: str | None, cutoff: dt.datetime | None, error: Exception
+    ) -> tuple[Any, ...] | None:
+        """The next row, each column read alone: those the driver cannot decode read raw, as `Unreadable`."""
+        stmt = self.statement(after, 1, cutoff)
+        params = self._params_after(after)
+        relation = self.relation()
+        keep = set(self._resolved(self._change_columns()))
+        values: list[Any] = []
+        why = _error_text(error)
+        with self.engine.connect() as conn:
+            for name in self._names:
+                try:
+                    found = conn.execute(stmt.with_only_columns(relation.c[name]), params).first()
+                except Exception as exc:
+                    if not _undecodable(exc) or name in keep:
+                        return None  # a change column must be read as it is: it is the position
+                    conn.rollback()
+                    try:
+                        raw = conn.execute(stmt.with_only_columns(_raw_column(relation.c[name], conn.dialect.name)),
+                                           params).first()
+                    except Exception:
+                        return None
+                    if raw is None:
+                        return None
+                    values.append(Unreadable(raw[0], _error_text(exc) or why))
+                    continue
+                if found is None:
+                    return None
+                values.append(found[0])
+        return tuple(values)
 
     def _listing(
         self,
@@ -257,8 +384,12 @@ class DbSource:
         ops: Callable[[Sequence[Any]], list[str]] | None,
         after: str | None,
         limit: int | None,
+        failed: list[BaseException] | None = None,
     ) -> Iterator[RawBatch]:
-        """Snapshot batches; the last one of a listing that reached the end says `complete`."""
+        """Snapshot batches; the last one of a listing that reached the end says `complete`.
+
+        A read that ended on a row the driver cannot decode (`failed`) has not reached the end.
+        """
         number, _resume = position.decode_snapshot(after, len(slots))
         encode = position.encode
         held: Sequence[Any] | None = None
@@ -268,7 +399,7 @@ class DbSource:
                 yield self._snapshot_batch(columns, held, slots, number, ops, complete=False)
             held, count = rows, count + len(rows)
         # A read cut short by `limit` has not seen the end of the relation: the next poll resumes it.
-        complete = limit is None or count < limit
+        complete = (limit is None or count < limit) and not failed
         if held is None:
             if complete:
                 yield RawBatch(columns, [], [], keyed=True, complete=True, end=encode((number,)))
@@ -413,3 +544,67 @@ def _python_type(sql_type: Any) -> type | None:
     except NotImplementedError:
         return None
     return kind if isinstance(kind, type) else None
+
+
+def _undecodable(exc: BaseException) -> bool:
+    """Is this the driver failing on a value (not the database, the network or the statement)?"""
+    if isinstance(exc, DataError):  # psycopg: timestamp too large (after year 10K), date out of range
+        return True
+    if isinstance(exc, DBAPIError):
+        return "could not decode" in str(exc.orig).lower()  # sqlite3: TEXT that is not UTF-8
+    return isinstance(exc, (ValueError, ArithmeticError))  # a driver's or SQLAlchemy's converter
+
+
+def _error_text(exc: BaseException) -> str:
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    text = str(orig).strip().splitlines()[0] if str(orig).strip() else ""
+    return f"{type(orig).__name__}: {text}" if text else type(orig).__name__
+
+
+def _raw_column(col: Any, dialect: str) -> ColumnElement[Any]:
+    """The column as its raw bytes or text, past the driver's converters."""
+    if dialect == "sqlite":
+        raw: ColumnElement[Any] = cast(col, LargeBinary)
+    else:
+        raw = cast(col, Text)
+    return type_coerce(raw, NullType()).label(col.name)
+
+
+def _guarded(chunks: Iterator[list[Any]], failed: list[BaseException]) -> Iterator[list[Any]]:
+    """The chunks until one cannot be fetched because of a value: then the error goes in `failed`."""
+    while True:
+        try:
+            rows = next(chunks)
+        except StopIteration:
+            return
+        except Exception as exc:
+            if not _undecodable(exc):
+                raise
+            failed.append(exc)
+            return
+        yield rows
+
+
+def _chunks(fetch: Callable[[int], Sequence[Any]], batch_size: int, budget: int) -> Iterator[list[Any]]:
+    """Rows in batches of `batch_size`, or fewer when they would hold more than about `budget` bytes.
+
+    Each batch is sized by the width of the rows before it (the first by a probe of a few
+    rows), and measured as it comes: peak memory follows the budget, not the row count.
+    """
+    width = 0  # bytes per row, as last measured
+    probe = min(batch_size, 16)
+    while True:
+        want = batch_size if not width else max(1, min(batch_size, budget // width))
+        rows = list(fetch(probe if not width else want))
+        if not rows:
+            return
+        size = sum(map(getsizeof, chain.from_iterable(rows))) + 64 * len(rows)
+        if not width and len(rows) == probe and probe < want:
+            width = max(1, size // len(rows))
+            more = max(0, min(want, budget // width) - len(rows))
+            if more:
+                rest = list(fetch(more))
+                rows.extend(rest)
+                size += sum(map(getsizeof, chain.from_iterable(rest))) + 64 * len(rest)
+        width = max(1, size // len(rows))
+        yield rows

@@ -1,0 +1,91 @@
+"""Values the driver itself cannot decode: the batch is narrowed to the row, a dead letter; the rest flows.
+
+PostgreSQL timestamp/date 'infinity' (psycopg: "timestamp too large (after year 10K)"),
+SQLite TEXT that is not UTF-8 (sqlite3: "Could not decode to UTF-8 column …"): before,
+no row of the batch was delivered and the position never moved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import redis
+from sqlalchemy import create_engine, text
+
+from fixtures.legacy_orders import create_orders
+from tests.helpers import dead_letters, orders_config, read_stream, run_once, source_state
+
+
+def _subjects(client: redis.Redis, stream: str) -> list[str]:
+    return [e["event"]["subject"] for e in read_stream(client, stream)]
+
+
+def test_postgresql_infinity_dates_are_dead_letters_and_the_position_moves(
+    tmp_path: Path, pg_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str
+) -> None:
+    engine = create_engine(pg_url)
+    create_orders(engine, 20)
+    with engine.begin() as conn:
+        conn.execute(text("""UPDATE "ORDERS" SET "CHANGED_AT" = 'infinity' WHERE "ORDER_NO" = 3"""))
+        conn.execute(text("""UPDATE "ORDERS" SET "ORDER_DATE" = '-infinity' WHERE "ORDER_NO" = 11"""))
+    engine.dispose()
+    path = orders_config(tmp_path, db_url=pg_url, redis_url=redis_url, stream=stream_name, batch_size=8)
+
+    result = run_once(path)
+    assert not result.errors
+    assert _subjects(redis_client, stream_name) == [str(n) for n in range(1, 21) if n not in (3, 11)]
+    dead = dead_letters(tmp_path)
+    assert [d["position"] for d in dead] == ["[3]", "[11]"]
+    assert dead[0]["reason"].startswith(
+        "field 'changed_at' (column 'CHANGED_AT'): the database driver cannot read 'infinity' (str) as datetime: "
+        "DataError: timestamp too large (after year 10K)"
+    )
+    assert "'-infinity' (str) as date: DataError: date too small (before year 1)" in dead[1]["reason"]
+    assert '"CHANGED_AT":{"$unreadable":"infinity"}' in dead[0]["raw"]
+    assert source_state(tmp_path, "orders")[0] == "[20]"
+
+    again = run_once(path)  # nothing new: no event, no dead letter twice
+    assert not again.errors
+    assert len(_subjects(redis_client, stream_name)) == 18 and len(dead_letters(tmp_path)) == 2
+
+
+def test_postgresql_infinity_in_a_snapshot_listing(
+    tmp_path: Path, pg_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str
+) -> None:
+    engine = create_engine(pg_url)
+    create_orders(engine, 12)
+    with engine.begin() as conn:
+        conn.execute(text("""UPDATE "ORDERS" SET "CHANGED_AT" = 'infinity' WHERE "ORDER_NO" = 5"""))
+    engine.dispose()
+    path = orders_config(tmp_path, db_url=pg_url, redis_url=redis_url, stream=stream_name, mode="snapshot",
+                         batch_size=4, timestamp_column=None, key_column=None)
+    assert not run_once(path).errors
+    assert not run_once(path).errors  # a second listing: the row stays, unchanged, and is not deleted
+    events = read_stream(redis_client, stream_name)
+    assert [e["event"]["subject"] for e in events] == [str(n) for n in range(1, 13) if n != 5]
+    assert all(e["event"]["type"] == "order.upserted" for e in events)
+    assert [d["reason"].split(":")[0] for d in dead_letters(tmp_path)] == ["field 'changed_at' (column 'CHANGED_AT')"]
+
+
+def test_sqlite_text_that_is_not_utf8_is_a_dead_letter_even_with_cp1252(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis, stream_name: str
+) -> None:
+    url = f"sqlite:///{tmp_path / 'legacy.db'}"
+    engine = create_engine(url)
+    create_orders(engine, 30)
+    with engine.begin() as conn:
+        conn.execute(text("""UPDATE "ORDERS" SET "CUST_NAME" = CAST(x'4361668e' AS TEXT) WHERE "ORDER_NO" = 7"""))
+    engine.dispose()
+    path = orders_config(tmp_path, db_url=url, redis_url=redis_url, stream=stream_name, batch_size=10,
+                         encoding="cp1252")
+
+    result = run_once(path)
+    assert not result.errors
+    assert _subjects(redis_client, stream_name) == [str(n) for n in range(1, 31) if n != 7]
+    [dead] = dead_letters(tmp_path)
+    assert dead["position"] == "[7]"
+    assert dead["reason"].startswith(
+        "field 'customer' (column 'CUST_NAME'): the database driver cannot read b'Caf\\x8e' (bytes) as string: "
+        "OperationalError: Could not decode to UTF-8 column 'CUST_NAME'"
+    )
+    assert source_state(tmp_path, "orders")[0] == "[30]"
