@@ -89,3 +89,38 @@ def test_sqlite_text_that_is_not_utf8_is_a_dead_letter_even_with_cp1252(
         "OperationalError: Could not decode to UTF-8 column 'CUST_NAME'"
     )
     assert source_state(tmp_path, "orders")[0] == "[30]"
+
+
+_READ_ALL = """
+import resource, sys
+from straw.config_load import load_config
+from straw.runner import build_pipeline
+config = load_config(sys.argv[1])
+source = build_pipeline(config, config.sources[0]).source
+rows = batches = widest = 0
+for batch in source.read(None):
+    rows, batches, widest = rows + len(batch.rows), batches + 1, max(widest, len(batch.rows))
+source.close()
+print(rows, batches, widest, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_a_batch_closes_at_the_byte_budget_so_memory_follows_it_not_the_row_count(
+    tmp_path: Path, redis_url: str, stream_name: str
+) -> None:
+    """120 rows of 2 MB within one batch_size: one batch and 303 MB peak before; with a 16 MB budget 8 rows a batch."""
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'legacy.db'}"
+    engine = create_engine(url)
+    create_orders(engine, 120)
+    with engine.begin() as conn:
+        conn.execute(text("""UPDATE "ORDERS" SET "NOTE" = printf('%.*c', 2000000, 'x') || "ORDER_NO" """))
+    engine.dispose()
+    path = orders_config(tmp_path, db_url=url, redis_url=redis_url, stream=stream_name, batch_size=1000,
+                         batch_bytes=16 * 2**20)
+    done = subprocess.run([sys.executable, "-c", _READ_ALL, str(path)], capture_output=True, text=True, check=True)
+    rows, batches, widest, rss_mb = map(int, done.stdout.split())
+    assert rows == 120 and widest <= 10 and batches >= 12, done.stdout
+    assert rss_mb < 160, f"peak RSS {rss_mb} MB for a 16 MB budget"

@@ -592,7 +592,7 @@ def _chunks(fetch: Callable[[int], Sequence[Any]], batch_size: int, budget: int)
     rows), and measured as it comes: peak memory follows the budget, not the row count.
     """
     width = 0  # bytes per row, as last measured
-    probe = min(batch_size, 16)
+    probe = min(batch_size, 4)
     while True:
         want = batch_size if not width else max(1, min(batch_size, budget // width))
         rows = list(fetch(probe if not width else want))
