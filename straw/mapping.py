@@ -201,13 +201,18 @@ class Mapper:
         out = KeyedBatch()
         plan = self._plan(batch.columns)
         keys, digests = self._scan(plan, batch)
+        twice: dict[str, list[tuple[str, Sequence[Any], bytes]]] = {}
+        if len(set(keys)) < len(keys):  # a key listed more than once (or several unreadable ones)
+            batch, keys, digests, twice = self._split_duplicates(batch, keys, digests)
+        if twice:
+            self._duplicates(out, plan, batch.columns, twice, stored)
         if stored is not None:
             known = stored([k for k in keys if k is not None])
             before = [known.get(k, _NOT_KNOWN) if k is not None else _NOT_KNOWN for k in keys]
             changed = [i for i, (b, d) in enumerate(zip(before, digests, strict=True)) if b[1] != d]
             if len(changed) < len(batch.rows):
                 skip = set(changed)
-                out.unchanged = [(k, before[i][0]) for i, k in enumerate(keys) if k is not None and i not in skip]
+                out.unchanged += [(k, before[i][0]) for i, k in enumerate(keys) if k is not None and i not in skip]
                 batch = _subset(batch, changed)
                 digests = [digests[i] for i in changed]
         names, key_names = plan.names, self._key_names
@@ -239,6 +244,53 @@ class Mapper:
                 continue
             out.changes.append(change)
         return out
+
+    def _split_duplicates(
+        self, batch: RawBatch, keys: list[str | None], digests: list[bytes]
+    ) -> tuple[RawBatch, list[str | None], list[bytes], dict[str, list[tuple[str, Sequence[Any], bytes]]]]:
+        """The batch without the rows of keys it lists more than once, and those (position, row, digest) by key."""
+        where: dict[str, list[int]] = {}
+        for index, key in enumerate(keys):
+            if key is not None:
+                where.setdefault(key, []).append(index)
+        twice = {key: found for key, found in where.items() if len(found) > 1}
+        if not twice:
+            return batch, keys, digests, {}
+        keep = [i for i, key in enumerate(keys) if key not in twice]
+        rows = {key: [(batch.positions[i], batch.rows[i], digests[i]) for i in found] for key, found in twice.items()}
+        return _subset(batch, keep), [keys[i] for i in keep], [digests[i] for i in keep], rows
+
+    def _duplicates(
+        self, out: KeyedBatch, plan: _Plan, columns: tuple[str, ...],
+        rows: dict[str, list[tuple[str, Sequence[Any], bytes]]], stored: Stored | None,
+    ) -> None:
+        """A key listed twice in one listing: which row is the entity? Neither is sent.
+
+        One dead letter names the key, and the key is kept alive (op SEEN) with a digest of
+        all its rows, so an unchanged pair is not a dead letter again at the next listing.
+        """
+        known = stored(list(rows)) if stored is not None else {}
+        key_slots = plan.key
+        for key in rows:
+            found = rows[key]
+            digest = blake2b(b"".join(d for _p, _r, d in found), digest_size=16).digest()
+            before = known.get(key)
+            if before is not None and before[1] == digest:
+                out.unchanged.append((key, before[0]))
+                continue
+            position, row = found[0][0], found[0][1]
+            out.dead.append(DeadLetter(
+                position,
+                f"key {key!r} is listed {len(found)} times in one listing (no unique key?): none of its rows is sent "
+                "until it is listed once",
+                orjson.dumps([orjson.loads(raw_json(columns, r)) for _p, r, _d in found]).decode(),
+            ))
+            picked = plan.pick(row)
+            try:
+                key_data = {self._key_names[n]: plan.coercers[i](picked[i]) for n, i in enumerate(key_slots)}
+                out.changes.append(Change(key, _dumps(key_data).decode(), digest, b"", SEEN, position, {}))
+            except Exception:  # the key read once already: this cannot fail, but a key is not worth a crash
+                continue
 
     def _checked_hash(self, key: str, position: str, data: dict[str, Any]) -> bytes:
         """The content hash of data that the outbox will be able to encode as an event."""

@@ -396,7 +396,11 @@ class DbSource:
         count = 0
         for rows in partitions:
             if held is not None:
-                yield self._snapshot_batch(columns, held, slots, number, ops, complete=False)
+                # Rows of one key (a table without a unique key) stay in one batch, where the mapping sees them.
+                cut = _key_group_start(held, slots) if _same_key(held[-1], rows[0], slots) else len(held)
+                if cut:
+                    yield self._snapshot_batch(columns, held[:cut], slots, number, ops, complete=False)
+                rows = [*held[cut:], *rows] if cut < len(held) else rows
             held, count = rows, count + len(rows)
         # A read cut short by `limit` has not seen the end of the relation: the next poll resumes it.
         complete = (limit is None or count < limit) and not failed
@@ -404,6 +408,14 @@ class DbSource:
             if complete:
                 yield RawBatch(columns, [], [], keyed=True, complete=True, end=encode((number,)))
             return
+        if not complete:
+            # It resumes after the last key: that key's rows must all be in the next read, none in this one.
+            cut = _key_group_start(held, slots)
+            if cut == 0:
+                if failed:
+                    return  # the narrowing re-reads them
+                cut = len(held)  # a whole read of one key: move on all the same
+            held = held[:cut]
         yield self._snapshot_batch(columns, held, slots, number, ops, complete=complete)
 
     def _snapshot_batch(
@@ -608,3 +620,15 @@ def _chunks(fetch: Callable[[int], Sequence[Any]], batch_size: int, budget: int)
                 size += sum(map(getsizeof, chain.from_iterable(rest))) + 64 * len(rest)
         width = max(1, size // len(rows))
         yield rows
+
+
+def _same_key(a: Sequence[Any], b: Sequence[Any], slots: list[int]) -> bool:
+    return all(a[s] == b[s] for s in slots)
+
+
+def _key_group_start(rows: Sequence[Any], slots: list[int]) -> int:
+    """Where the trailing run of rows sharing the last row's key starts."""
+    cut = len(rows) - 1
+    while cut > 0 and _same_key(rows[cut - 1], rows[-1], slots):
+        cut -= 1
+    return cut
