@@ -124,3 +124,24 @@ def test_a_batch_closes_at_the_byte_budget_so_memory_follows_it_not_the_row_coun
     rows, batches, widest, rss_mb = map(int, done.stdout.split())
     assert rows == 120 and widest <= 10 and batches >= 12, done.stdout
     assert rss_mb < 160, f"peak RSS {rss_mb} MB for a 16 MB budget"
+
+
+def test_mariadb_zero_dates_are_dead_letters(
+    tmp_path: Path, mariadb_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str
+) -> None:
+    """pymysql hands '0000-00-00' over as text: it never breaks the fetch, and the mapping refuses it."""
+    engine = create_engine(mariadb_url)
+    create_orders(engine, 6)
+    with engine.begin() as conn:
+        conn.execute(text("SET SESSION sql_mode = ''"))
+        conn.execute(text("UPDATE ORDERS SET ORDER_DATE = '0000-00-00' WHERE ORDER_NO = 2"))
+        conn.execute(text("UPDATE ORDERS SET CHANGED_AT = '0000-00-00 00:00:00' WHERE ORDER_NO = 5"))
+    engine.dispose()
+    path = orders_config(tmp_path, db_url=mariadb_url, redis_url=redis_url, stream=stream_name)
+    assert not run_once(path).errors
+    assert _subjects(redis_client, stream_name) == ["1", "3", "4", "6"]
+    assert [d["reason"] for d in dead_letters(tmp_path)] == [
+        "field 'order_date' (column 'ORDER_DATE'): cannot read '0000-00-00' (str) as date: expected YYYY-MM-DD",
+        "field 'changed_at' (column 'CHANGED_AT'): cannot read '0000-00-00 00:00:00' (str) as datetime: "
+        "expected ISO 8601",
+    ]
