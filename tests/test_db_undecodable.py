@@ -16,6 +16,16 @@ from fixtures.legacy_orders import create_orders
 from tests.helpers import dead_letters, orders_config, read_stream, run_once, source_state
 
 
+def legacy_orders(url: str, count: int, *statements: str) -> None:
+    """The fixture ORDERS table with `count` rows, then `statements` run on it (hostile values)."""
+    engine = create_engine(url)
+    create_orders(engine, count)
+    with engine.begin() as conn:
+        for statement in statements:
+            conn.execute(text(statement))
+    engine.dispose()
+
+
 def _subjects(client: redis.Redis, stream: str) -> list[str]:
     return [e["event"]["subject"] for e in read_stream(client, stream)]
 
@@ -23,12 +33,12 @@ def _subjects(client: redis.Redis, stream: str) -> list[str]:
 def test_postgresql_infinity_dates_are_dead_letters_and_the_position_moves(
     tmp_path: Path, pg_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str
 ) -> None:
-    engine = create_engine(pg_url)
-    create_orders(engine, 20)
-    with engine.begin() as conn:
-        conn.execute(text("""UPDATE "ORDERS" SET "CHANGED_AT" = 'infinity' WHERE "ORDER_NO" = 3"""))
-        conn.execute(text("""UPDATE "ORDERS" SET "ORDER_DATE" = '-infinity' WHERE "ORDER_NO" = 11"""))
-    engine.dispose()
+    legacy_orders(
+        pg_url,
+        20,
+        """UPDATE "ORDERS" SET "CHANGED_AT" = 'infinity' WHERE "ORDER_NO" = 3""",
+        """UPDATE "ORDERS" SET "ORDER_DATE" = '-infinity' WHERE "ORDER_NO" = 11""",
+    )
     path = orders_config(tmp_path, db_url=pg_url, redis_url=redis_url, stream=stream_name, batch_size=8)
 
     result = run_once(path)
@@ -52,11 +62,11 @@ def test_postgresql_infinity_dates_are_dead_letters_and_the_position_moves(
 def test_postgresql_infinity_in_a_snapshot_listing(
     tmp_path: Path, pg_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str
 ) -> None:
-    engine = create_engine(pg_url)
-    create_orders(engine, 12)
-    with engine.begin() as conn:
-        conn.execute(text("""UPDATE "ORDERS" SET "CHANGED_AT" = 'infinity' WHERE "ORDER_NO" = 5"""))
-    engine.dispose()
+    legacy_orders(
+        pg_url,
+        12,
+        """UPDATE "ORDERS" SET "CHANGED_AT" = 'infinity' WHERE "ORDER_NO" = 5""",
+    )
     path = orders_config(tmp_path, db_url=pg_url, redis_url=redis_url, stream=stream_name, mode="snapshot",
                          batch_size=4, timestamp_column=None, key_column=None)
     assert not run_once(path).errors
@@ -71,11 +81,11 @@ def test_sqlite_text_that_is_not_utf8_is_a_dead_letter_even_with_cp1252(
     tmp_path: Path, redis_url: str, redis_client: redis.Redis, stream_name: str
 ) -> None:
     url = f"sqlite:///{tmp_path / 'legacy.db'}"
-    engine = create_engine(url)
-    create_orders(engine, 30)
-    with engine.begin() as conn:
-        conn.execute(text("""UPDATE "ORDERS" SET "CUST_NAME" = CAST(x'4361668e' AS TEXT) WHERE "ORDER_NO" = 7"""))
-    engine.dispose()
+    legacy_orders(
+        url,
+        30,
+        """UPDATE "ORDERS" SET "CUST_NAME" = CAST(x'4361668e' AS TEXT) WHERE "ORDER_NO" = 7""",
+    )
     path = orders_config(tmp_path, db_url=url, redis_url=redis_url, stream=stream_name, batch_size=10,
                          encoding="cp1252")
 
@@ -113,11 +123,11 @@ def test_a_batch_closes_at_the_byte_budget_so_memory_follows_it_not_the_row_coun
     import sys
 
     url = f"sqlite:///{tmp_path / 'legacy.db'}"
-    engine = create_engine(url)
-    create_orders(engine, 120)
-    with engine.begin() as conn:
-        conn.execute(text("""UPDATE "ORDERS" SET "NOTE" = printf('%.*c', 2000000, 'x') || "ORDER_NO" """))
-    engine.dispose()
+    legacy_orders(
+        url,
+        120,
+        """UPDATE "ORDERS" SET "NOTE" = printf('%.*c', 2000000, 'x') || "ORDER_NO" """,
+    )
     path = orders_config(tmp_path, db_url=url, redis_url=redis_url, stream=stream_name, batch_size=1000,
                          batch_bytes=16 * 2**20)
     done = subprocess.run([sys.executable, "-c", _READ_ALL, str(path)], capture_output=True, text=True, check=True)
@@ -130,13 +140,13 @@ def test_mariadb_zero_dates_are_dead_letters(
     tmp_path: Path, mariadb_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str
 ) -> None:
     """pymysql hands '0000-00-00' over as text: it never breaks the fetch, and the mapping refuses it."""
-    engine = create_engine(mariadb_url)
-    create_orders(engine, 6)
-    with engine.begin() as conn:
-        conn.execute(text("SET SESSION sql_mode = ''"))
-        conn.execute(text("UPDATE ORDERS SET ORDER_DATE = '0000-00-00' WHERE ORDER_NO = 2"))
-        conn.execute(text("UPDATE ORDERS SET CHANGED_AT = '0000-00-00 00:00:00' WHERE ORDER_NO = 5"))
-    engine.dispose()
+    legacy_orders(
+        mariadb_url,
+        6,
+        "SET SESSION sql_mode = ''",
+        "UPDATE ORDERS SET ORDER_DATE = '0000-00-00' WHERE ORDER_NO = 2",
+        "UPDATE ORDERS SET CHANGED_AT = '0000-00-00 00:00:00' WHERE ORDER_NO = 5",
+    )
     path = orders_config(tmp_path, db_url=mariadb_url, redis_url=redis_url, stream=stream_name)
     assert not run_once(path).errors
     assert _subjects(redis_client, stream_name) == ["1", "3", "4", "6"]

@@ -23,15 +23,14 @@ import orjson
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import create_engine, text
 
-from fixtures.legacy_orders import create_orders
 from outbox.store import Outbox
 from straw.config import EntitySpec
 from straw.mapping import Mapper, raw_json
 from straw.source import RawBatch
 from tests.helpers import dead_letters, orders_config, read_stream, run_once
 from tests.test_cli import invoke
+from tests.test_db_undecodable import legacy_orders
 
 ZONE = ZoneInfo("Europe/Amsterdam")
 ENTITY = EntitySpec.model_validate(
@@ -226,13 +225,13 @@ def test_a_numeric_beyond_the_decimal_context_is_exact_or_a_dead_letter() -> Non
 def test_a_huge_numeric_on_postgresql_is_a_dead_letter_the_rest_delivered(
     tmp_path: Path, pg_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str
 ) -> None:
-    engine = create_engine(pg_url)
-    create_orders(engine, 5)
-    with engine.begin() as conn:
-        conn.execute(text('ALTER TABLE "ORDERS" ALTER COLUMN "AMOUNT" TYPE NUMERIC'))
-        conn.execute(text('UPDATE "ORDERS" SET "AMOUNT" = 123456789012345678901234567890.125 WHERE "ORDER_NO" = 2'))
-        conn.execute(text('UPDATE "ORDERS" SET "AMOUNT" = 10::numeric ^ 1200 WHERE "ORDER_NO" = 4'))
-    engine.dispose()
+    legacy_orders(
+        pg_url,
+        5,
+        'ALTER TABLE "ORDERS" ALTER COLUMN "AMOUNT" TYPE NUMERIC',
+        'UPDATE "ORDERS" SET "AMOUNT" = 123456789012345678901234567890.125 WHERE "ORDER_NO" = 2',
+        'UPDATE "ORDERS" SET "AMOUNT" = 10::numeric ^ 1200 WHERE "ORDER_NO" = 4',
+    )
     path = orders_config(tmp_path, db_url=pg_url, redis_url=redis_url, stream=stream_name)
 
     result = run_once(path)
