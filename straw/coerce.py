@@ -123,6 +123,7 @@ def _format_decimal(value: Decimal) -> str:
 
 def decimal(scale: int | None) -> Coercer:
     quantum = Decimal(1).scaleb(-scale) if scale is not None else None
+    needed = (scale or 0) + 2  # digits of precision beyond the integer part's that quantize needs
 
     def coerce(value: Any) -> Any:
         if isinstance(value, Decimal):
@@ -142,13 +143,17 @@ def decimal(scale: int | None) -> Coercer:
             raise _fail(value, "decimal")
         if not number.is_finite():
             raise _fail(value, "decimal", "not a finite number")
-        if max(number.adjusted(), 0) + max(-number.as_tuple().exponent, scale or 0, 0) > MAX_DIGITS:  # type: ignore[operator]
+        # Only the exponent can make the text longer than the value read: 1E+999999, 1E-999999.
+        adjusted = number.adjusted()
+        if adjusted >= MAX_DIGITS or (quantum is None and adjusted <= -MAX_DIGITS):
             raise _fail(value, "decimal", f"more than {MAX_DIGITS} digits")
         if quantum is not None:
-            # The default context's 28 digits would refuse NUMERIC(38) values: give quantize what it needs.
-            digits = max(number.adjusted(), 0) + (scale or 0) + 2
+            digits = adjusted + needed
             try:
-                number = number.quantize(quantum, rounding=ROUND_HALF_EVEN, context=Context(prec=max(digits, 28)))
+                if digits <= 28:  # the default context's precision
+                    number = number.quantize(quantum, rounding=ROUND_HALF_EVEN)
+                else:  # it would refuse NUMERIC(38) values: give quantize the digits it needs
+                    number = number.quantize(quantum, rounding=ROUND_HALF_EVEN, context=Context(prec=digits))
             except DecimalException as exc:
                 raise _fail(value, "decimal", f"cannot round to scale {scale} ({type(exc).__name__})") from None
         return _format_decimal(number)
