@@ -34,29 +34,30 @@ _WORDS = {
 MAX_DIGITS = 1000
 
 
-class Unreadable:
-    """A value the database driver could not decode ('infinity' timestamps, bad UTF-8), read raw instead.
-
-    Every coercer refuses it: its row becomes a dead letter that shows the raw value and why.
-    """
-
-    __slots__ = ("raw", "why")
-
-    def __init__(self, raw: Any, why: str) -> None:
-        self.raw, self.why = raw, why
-
-    def __repr__(self) -> str:
-        return f"Unreadable({self.raw!r})"
-
-
 def _describe(value: Any) -> str:
     text = repr(value)
     return f"{text[:80]}… ({type(value).__name__})" if len(text) > 80 else f"{text} ({type(value).__name__})"
 
 
+class Unreadable:
+    """A value a source saw but could not read (a scraped date matching no configured format).
+
+    Every coercer refuses it with the source's own reason, so its row becomes a dead letter that
+    says why, instead of being published with a null or with the raw text.
+    """
+
+    __slots__ = ("reason", "text")
+
+    def __init__(self, text: str, reason: str) -> None:
+        self.text, self.reason = text, reason
+
+    def __repr__(self) -> str:  # what the dead letter's raw row shows for it
+        return f"unreadable {self.text!r}"
+
+
 def _fail(value: Any, kind: str, why: str = "") -> ValueError:
     if isinstance(value, Unreadable):
-        return ValueError(f"the database driver cannot read {_describe(value.raw)} as {kind}: {value.why}")
+        return ValueError(value.reason)
     return ValueError(f"cannot read {_describe(value)} as {kind}{': ' + why if why else ''}")
 
 

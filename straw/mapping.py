@@ -509,7 +509,7 @@ def _why(exc: Exception) -> str:
 
 def _raw_default(value: Any) -> Any:
     if isinstance(value, Unreadable):
-        return {"$unreadable": _raw_safe(value.raw)}
+        return {"$unreadable": _raw_safe(value.text)}
     if isinstance(value, (bytes, bytearray, memoryview)):
         return {"$bytes_hex": bytes(value).hex()}
     if isinstance(value, Decimal):

@@ -369,7 +369,9 @@ class DbSource:
                         return None
                     if raw is None:
                         return None
-                    values.append(Unreadable(raw[0], _error_text(exc) or why))
+                    shown = raw[0] if isinstance(raw[0], str) else repr(raw[0])
+                    values.append(Unreadable(shown, f"the database driver cannot read {raw[0]!r}: "
+                                                    f"{_error_text(exc) or why}"))
                     continue
                 if found is None:
                     return None
