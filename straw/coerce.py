@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
+import math
 from collections.abc import Callable
-from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from decimal import ROUND_HALF_EVEN, Context, Decimal, DecimalException, InvalidOperation
 from typing import Any
 from zoneinfo import ZoneInfo
-
-import orjson
 
 from straw.config import FieldSpec, FieldType
 
@@ -28,6 +28,10 @@ _WORDS = {
     for word in _TRUE | _FALSE
     for variant in (word, word.upper(), word.capitalize())
 }
+
+
+# Digits a decimal may have in its plain ('f') form: 1E+999999 would be a megabyte of zeros in every event.
+MAX_DIGITS = 1000
 
 
 def _describe(value: Any) -> str:
@@ -92,10 +96,16 @@ def integer(value: Any) -> Any:
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, Decimal):
-        if value.is_finite() and value == value.to_integral_value():
+        if not value.is_finite():
+            raise _fail(value, "integer", "not a finite number")
+        if value.adjusted() >= MAX_DIGITS:
+            raise _fail(value, "integer", f"more than {MAX_DIGITS} digits")
+        if value == value.to_integral_value():
             return int(value)
         raise _fail(value, "integer", "has a fraction")
     if isinstance(value, float):
+        if not math.isfinite(value):
+            raise _fail(value, "integer", "not a finite number")
         if value.is_integer():
             return int(value)
         raise _fail(value, "integer", "has a fraction")
@@ -114,6 +124,7 @@ def _format_decimal(value: Decimal) -> str:
 
 def decimal(scale: int | None) -> Coercer:
     quantum = Decimal(1).scaleb(-scale) if scale is not None else None
+    needed = (scale or 0) + 2  # digits of precision beyond the integer part's that quantize needs
 
     def coerce(value: Any) -> Any:
         if isinstance(value, Decimal):
@@ -133,8 +144,19 @@ def decimal(scale: int | None) -> Coercer:
             raise _fail(value, "decimal")
         if not number.is_finite():
             raise _fail(value, "decimal", "not a finite number")
+        # Only the exponent can make the text longer than the value read: 1E+999999, 1E-999999.
+        adjusted = number.adjusted()
+        if adjusted >= MAX_DIGITS or (quantum is None and adjusted <= -MAX_DIGITS):
+            raise _fail(value, "decimal", f"more than {MAX_DIGITS} digits")
         if quantum is not None:
-            number = number.quantize(quantum, rounding=ROUND_HALF_EVEN)
+            digits = adjusted + needed
+            try:
+                if digits <= 28:  # the default context's precision
+                    number = number.quantize(quantum, rounding=ROUND_HALF_EVEN)
+                else:  # it would refuse NUMERIC(38) values: give quantize the digits it needs
+                    number = number.quantize(quantum, rounding=ROUND_HALF_EVEN, context=Context(prec=digits))
+            except DecimalException as exc:
+                raise _fail(value, "decimal", f"cannot round to scale {scale} ({type(exc).__name__})") from None
         return _format_decimal(number)
 
     return coerce
@@ -194,16 +216,54 @@ def datetime(zone: ZoneInfo) -> Coercer:
 
 
 def json_value(value: Any) -> Any:
-    if isinstance(value, (dict, list, bool, int, float)) or value is None:
-        return value
-    if isinstance(value, (str, bytes)):
+    if isinstance(value, (str, bytes, bytearray)):
         try:
-            return orjson.loads(value)
-        except orjson.JSONDecodeError as exc:
+            # Exact numbers: orjson reads 123456789012345678901234567890 as a float and loses digits.
+            return _exact_json(json.loads(value, parse_float=Decimal, parse_constant=_no_constant))
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError and ours
             raise _fail(value, "json", str(exc)) from None
+        except RecursionError:
+            raise _fail(value, "json", "nested too deeply") from None
     if isinstance(value, Decimal):
         return _format_decimal(value)
-    raise _fail(value, "json")
+    try:
+        return _exact_json(value)
+    except ValueError as exc:
+        raise _fail(value, "json", str(exc)) from None
+    except RecursionError:
+        raise _fail(value, "json", "nested too deeply") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _exact_json(value: Any) -> Any:
+    """The value if JSON carries it exactly; numbers read as Decimal become floats only when exact.
+
+    NaN and ±Infinity would be published as null, a set or a non-text key as some
+    string of Python's: a dead letter is better than a wrong value.
+    """
+    if value is None or isinstance(value, (str, bool, int)):
+        if isinstance(value, str):
+            value.encode("utf-8")  # a lone surrogate cannot go on the wire
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r} has no JSON form")
+        return value
+    if isinstance(value, Decimal):
+        number = float(value)
+        if not math.isfinite(number) or Decimal(repr(number)) != value:
+            raise ValueError(f"the number {_format_decimal(value)[:40]} does not fit a JSON double exactly")
+        return number
+    if isinstance(value, list):
+        return [_exact_json(v) for v in value]
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise ValueError("an object key is not text")
+        return {_exact_json(k): _exact_json(v) for k, v in value.items()}
+    raise ValueError(f"a {type(value).__name__} is not JSON")
 
 
 def binary(encoding: str) -> Coercer:

@@ -144,6 +144,9 @@ class DbSourceSpec(Strict):
     batch_size: int = Field(default=1000, ge=1, le=100_000)
     poll_interval: Seconds = 5.0
     max_rows_per_poll: int | None = Field(default=None, ge=1)
+    batch_bytes: int = Field(
+        default=64 * 2**20, ge=2**20, description="a batch also closes at about this many bytes of row values"
+    )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

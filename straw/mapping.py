@@ -7,6 +7,7 @@ Rows that fail go to dead letters with the reason; the batch goes on.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -19,7 +20,7 @@ from typing import Any
 import orjson
 
 from outbox.keyed import SEEN, Change
-from straw.coerce import Coercer, coercer
+from straw.coerce import Coercer, Unreadable, coercer
 from straw.config import EntitySpec
 from straw.records import DELETED, UPSERTED, Envelope, observed_now, subject, subject_part
 from straw.source import RawBatch
@@ -66,8 +67,8 @@ def _dumps(data: dict[str, Any], sort: bool = False) -> bytes:
 def _raw_bytes(values: tuple[Any, ...]) -> bytes:
     try:
         return orjson.dumps(values, default=_raw_default)
-    except TypeError:  # integers beyond 64 bits
-        return json.dumps(values, default=_raw_default, separators=(",", ":")).encode()
+    except TypeError:  # integers beyond 64 bits, lone surrogates
+        return _json_text(list(map(_raw_safe, values))).encode()
 
 
 def _subset(batch: RawBatch, indexes: Sequence[int]) -> RawBatch:
@@ -168,16 +169,24 @@ class Mapper:
         fast = self._columns(batch) if batch.ops is None else None
         if fast is not None:
             keys, rows = fast
-            out.events = [
-                (position, upserted(key, position, dict(zip(names, values, strict=True))))
-                for position, key, values in zip(batch.positions, keys, rows, strict=True)
-            ]
-            return out
-        for _index, position, op, key, values in self._decode(batch, out.dead):
-            if op == DELETED:
-                events.append((position, deleted(key, position, dict(zip(key_names, values, strict=True)))))
-            else:
-                events.append((position, upserted(key, position, dict(zip(names, values, strict=True)))))
+            try:
+                out.events = [
+                    (position, upserted(key, position, dict(zip(names, values, strict=True))))
+                    for position, key, values in zip(batch.positions, keys, rows, strict=True)
+                ]
+                return out
+            except Exception:  # a value that cannot be encoded: row by row below finds it
+                pass
+        for index, position, op, key, values in self._decode(batch, out.dead):
+            try:
+                if op == DELETED:
+                    events.append((position, deleted(key, position, dict(zip(key_names, values, strict=True)))))
+                else:
+                    events.append((position, upserted(key, position, dict(zip(names, values, strict=True)))))
+            except Exception as exc:
+                row = batch.rows[index]
+                out.dead.append(DeadLetter(position, f"cannot encode the event: {_why(exc)}",
+                                           raw_json(batch.columns, row)))
         return out
 
     def map_keyed(self, batch: RawBatch, stored: Stored | None = None) -> KeyedBatch:
@@ -192,13 +201,18 @@ class Mapper:
         out = KeyedBatch()
         plan = self._plan(batch.columns)
         keys, digests = self._scan(plan, batch)
+        twice: dict[str, list[tuple[str, Sequence[Any], bytes]]] = {}
+        if len(set(keys)) < len(keys):  # a key listed more than once (or several unreadable ones)
+            batch, keys, digests, twice = self._split_duplicates(batch, keys, digests)
+        if twice:
+            self._duplicates(out, plan, batch.columns, twice, stored)
         if stored is not None:
             known = stored([k for k in keys if k is not None])
             before = [known.get(k, _NOT_KNOWN) if k is not None else _NOT_KNOWN for k in keys]
             changed = [i for i, (b, d) in enumerate(zip(before, digests, strict=True)) if b[1] != d]
             if len(changed) < len(batch.rows):
                 skip = set(changed)
-                out.unchanged = [(k, before[i][0]) for i, k in enumerate(keys) if k is not None and i not in skip]
+                out.unchanged += [(k, before[i][0]) for i, k in enumerate(keys) if k is not None and i not in skip]
                 batch = _subset(batch, changed)
                 digests = [digests[i] for i in changed]
         names, key_names = plan.names, self._key_names
@@ -207,9 +221,13 @@ class Mapper:
             for index, (position, key, row) in enumerate(zip(batch.positions, *fast, strict=True)):
                 data = dict(zip(names, row, strict=True))
                 key_data = {k: data[k] for k in key_names}
-                out.changes.append(
-                    Change(key, _dumps(key_data).decode(), digests[index], content_hash(data), UPSERTED, position, data)
-                )
+                try:
+                    change = Change(key, _dumps(key_data).decode(), digests[index],
+                                    self._checked_hash(key, position, data), UPSERTED, position, data)
+                except Exception as exc:
+                    self._unencodable(out, batch, index, exc, key, key_data, digests[index])
+                    continue
+                out.changes.append(change)
             return out
         for index, position, op, key, values in self._decode(batch, out.dead, keyed=True):
             if op != UPSERTED:
@@ -218,9 +236,83 @@ class Mapper:
             else:
                 data = dict(zip(names, values, strict=True))
                 key_data = {k: data[k] for k in key_names}
-            data_digest = content_hash(data) if op == UPSERTED else b""
-            out.changes.append(Change(key, _dumps(key_data).decode(), digests[index], data_digest, op, position, data))
+            try:
+                data_digest = self._checked_hash(key, position, data) if op == UPSERTED else b""
+                change = Change(key, _dumps(key_data).decode(), digests[index], data_digest, op, position, data)
+            except Exception as exc:
+                self._unencodable(out, batch, index, exc, key, key_data if op == UPSERTED else None, digests[index])
+                continue
+            out.changes.append(change)
         return out
+
+    def _split_duplicates(
+        self, batch: RawBatch, keys: list[str | None], digests: list[bytes]
+    ) -> tuple[RawBatch, list[str | None], list[bytes], dict[str, list[tuple[str, Sequence[Any], bytes]]]]:
+        """The batch without the rows of keys it lists more than once, and those (position, row, digest) by key."""
+        where: dict[str, list[int]] = {}
+        for index, key in enumerate(keys):
+            if key is not None:
+                where.setdefault(key, []).append(index)
+        twice = {key: found for key, found in where.items() if len(found) > 1}
+        if not twice:
+            return batch, keys, digests, {}
+        keep = [i for i, key in enumerate(keys) if key not in twice]
+        rows = {key: [(batch.positions[i], batch.rows[i], digests[i]) for i in found] for key, found in twice.items()}
+        return _subset(batch, keep), [keys[i] for i in keep], [digests[i] for i in keep], rows
+
+    def _duplicates(
+        self, out: KeyedBatch, plan: _Plan, columns: tuple[str, ...],
+        rows: dict[str, list[tuple[str, Sequence[Any], bytes]]], stored: Stored | None,
+    ) -> None:
+        """A key listed twice in one listing: which row is the entity? Neither is sent.
+
+        One dead letter names the key, and the key is kept alive (op SEEN) with a digest of
+        all its rows, so an unchanged pair is not a dead letter again at the next listing.
+        """
+        known = stored(list(rows)) if stored is not None else {}
+        key_slots = plan.key
+        for key in rows:
+            found = rows[key]
+            digest = blake2b(b"".join(d for _p, _r, d in found), digest_size=16).digest()
+            before = known.get(key)
+            if before is not None and before[1] == digest:
+                out.unchanged.append((key, before[0]))
+                continue
+            position, row = found[0][0], found[0][1]
+            out.dead.append(DeadLetter(
+                position,
+                f"key {key!r} is listed {len(found)} times in one listing (no unique key?): none of its rows is sent "
+                "until it is listed once",
+                orjson.dumps([orjson.loads(raw_json(columns, r)) for _p, r, _d in found]).decode(),
+            ))
+            picked = plan.pick(row)
+            try:
+                key_data = {self._key_names[n]: plan.coercers[i](picked[i]) for n, i in enumerate(key_slots)}
+                out.changes.append(Change(key, _dumps(key_data).decode(), digest, b"", SEEN, position, {}))
+            except Exception:  # the key read once already: this cannot fail, but a key is not worth a crash
+                continue
+
+    def _checked_hash(self, key: str, position: str, data: dict[str, Any]) -> bytes:
+        """The content hash of data that the outbox will be able to encode as an event."""
+        try:
+            return blake2b(orjson.dumps(data, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
+        except TypeError:
+            # Encoded later, inside the outbox's transaction, where a failure would stop the batch: try it here.
+            self.encode(UPSERTED, key, position, data, "")
+            return content_hash(data)
+
+    def _unencodable(
+        self, out: KeyedBatch, batch: RawBatch, index: int, exc: Exception, key: str,
+        key_data: dict[str, Any] | None, digest: bytes,
+    ) -> None:
+        """A keyed row whose values coerce but cannot go on the wire: a dead letter, its key kept alive."""
+        position = batch.positions[index]
+        out.dead.append(DeadLetter(position, f"cannot encode the event: {_why(exc)}",
+                                   raw_json(batch.columns, batch.rows[index])))
+        if key_data is None:
+            return
+        with contextlib.suppress(Exception):  # a key that cannot be encoded cannot be kept either
+            out.changes.append(Change(key, _dumps(key_data).decode(), digest, b"", SEEN, position, {}))
 
     def _scan(self, plan: _Plan, batch: RawBatch) -> tuple[list[str | None], list[bytes]]:
         """Each row's key as text (None when its key fields cannot be read) and raw digest, in one pass.
@@ -239,10 +331,9 @@ class Mapper:
                 digest.update(_raw_bytes(values))
                 digests.append(digest.digest())
                 try:
-                    value = convert(values[slot])
-                except (ValueError, TypeError):
-                    value = None
-                keys.append(None if value is None else subject_part(value))
+                    keys.append(None if (value := convert(values[slot])) is None else subject_part(value))
+                except Exception:  # any failure of any value is the row's dead letter, found when it is mapped
+                    keys.append(None)
             return keys, digests
         key_coercers = [(plan.coercers[i], i) for i in plan.key]
         for index, row in enumerate(batch.rows):
@@ -252,10 +343,9 @@ class Mapper:
             digests.append(digest.digest())
             try:
                 key_values = tuple(c(values[i]) for c, i in key_coercers)
-            except (ValueError, TypeError):
+                keys.append(None if None in key_values else subject(key_values))
+            except Exception:
                 keys.append(None)
-                continue
-            keys.append(None if None in key_values else subject(key_values))
         return keys, digests
 
     def encode(self, op: str, key: str, position: str, data: dict[str, Any], time: str | None = None) -> bytes:
@@ -288,11 +378,11 @@ class Mapper:
                     columns.append([None if v is None else convert(v) for v in column])
                 else:
                     columns.append(list(map(convert, column)))
-        except (ValueError, TypeError):
+            if any(None in columns[i] for i in plan.required):
+                return None
+            return list(map(subject_part, columns[plan.key[0]])), list(zip(*columns, strict=True))
+        except Exception:  # any failure, of any kind: row by row finds the row and says why
             return None
-        if any(None in columns[i] for i in plan.required):
-            return None
-        return list(map(subject_part, columns[plan.key[0]])), list(zip(*columns, strict=True))
 
     def _decode(
         self, batch: RawBatch, dead: list[DeadLetter], keyed: bool = False
@@ -321,7 +411,8 @@ class Mapper:
                     values = [None if v is None else c(v) for c, v in zip(coercers, picked, strict=False)]
                     failed = any(values[i] is None for i in required)
                     key_values = [values[i] for i in key_slots]
-            except ValueError:
+                key = "" if failed else subject(tuple(key_values))
+            except Exception:  # any exception of any coercer: the row's dead letter, never the batch's end
                 failed = True
             if failed:
                 dead.append(DeadLetter(position, self._reason(plan, row, op), raw_json(batch.columns, row)))
@@ -329,12 +420,15 @@ class Mapper:
                     # The row is still there, only unreadable: its key must not look deleted to the listing.
                     try:
                         key_values = [c(picked[i]) for c, i in zip(key_coercers, key_slots, strict=True)]
-                    except (ValueError, TypeError, IndexError):
+                        if all(v is not None for v in key_values):
+                            key = subject(tuple(key_values))
+                        else:
+                            continue
+                    except Exception:
                         continue
-                    if all(v is not None for v in key_values):
-                        yield index, position, SEEN, subject(tuple(key_values)), key_values
+                    yield index, position, SEEN, key, key_values
                 continue
-            yield index, position, op, subject(tuple(key_values)), values
+            yield index, position, op, key, values
 
     def _reason(self, plan: _Plan, row: Sequence[Any], op: str = UPSERTED) -> str:
         """Why this row cannot be mapped: the first field that fails, named with its column."""
@@ -348,19 +442,74 @@ class Mapper:
                 continue
             try:
                 coerced = coerce(value)
-            except ValueError as exc:
-                return f"field {name!r} (column {column!r}): {exc}"
+            except Exception as exc:
+                return f"field {name!r} (column {column!r}): {_why(exc)}"
             if coerced is None and i in plan.required:
                 return f"field {name!r} (column {column!r}) is JSON null"
         return "row cannot be mapped"
 
 
 def raw_json(columns: tuple[str, ...], row: Any) -> str:
-    """The raw row kept for the dead-letter table: every column, nothing lost to JSON."""
-    return orjson.dumps(dict(zip(columns, row, strict=False)), default=_raw_default).decode()
+    """The raw row kept for the dead-letter table: every column, nothing lost to JSON.
+
+    NaN and ±Infinity as the strings "NaN", "Infinity", "-Infinity" (JSON has no such
+    numbers; orjson would write null); any value at all: this must never fail.
+    """
+    values = dict(zip(columns, map(_raw_safe, row), strict=False))
+    try:
+        return orjson.dumps(values, default=_raw_default).decode()
+    except TypeError:  # integers beyond 64 bits, lone surrogates
+        return _json_text(values)
+
+
+def _json_text(value: Any) -> str:
+    # ensure_ascii escapes lone surrogates; _raw_safe has made every number printable
+    return json.dumps(value, default=_raw_default, separators=(",", ":"), allow_nan=False)
+
+
+def _raw_safe(value: Any) -> Any:
+    if type(value) is float:
+        if value != value:
+            return "NaN"
+        if value in (_INF, -_INF):
+            return "Infinity" if value > 0 else "-Infinity"
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        try:
+            return int(str(value))  # printable in decimal: kept as a number
+        except ValueError:  # beyond Python's digit limit for decimal text
+            return {"$int_hex": hex(value)}
+    if isinstance(value, Decimal) and not value.is_finite():
+        return str(value)
+    if isinstance(value, str) and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: no JSON reader takes them; show them escaped
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_raw_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _raw_safe(v) for k, v in value.items()}
+    return value
+
+
+_INF = float("inf")
+
+
+def _why(exc: Exception) -> str:
+    """An exception as one readable line: ValueErrors are ours and say it all; others are named."""
+    if isinstance(exc, ValueError) and not isinstance(exc, UnicodeError):
+        return str(exc)
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 
 
 def _raw_default(value: Any) -> Any:
+    if isinstance(value, Unreadable):
+        return {"$unreadable": _raw_safe(value.text)}
     if isinstance(value, (bytes, bytearray, memoryview)):
         return {"$bytes_hex": bytes(value).hex()}
     if isinstance(value, Decimal):

@@ -146,3 +146,35 @@ def test_cli_shows_dead_letters(
     assert source[header.index("dead letters")] == "1"
     assert source[header.index("read")] == "3" and source[header.index("published")] == "2"
     engine.dispose()
+
+
+def test_a_key_listed_twice_in_a_snapshot_is_one_dead_letter_never_re_emitted(
+    tmp_path: Path, db_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str
+) -> None:
+    """A table without a primary key holding (2,'b1') and (2,'b2'): both upserts were re-sent at every listing."""
+    from fixtures.legacy_orders import create_orders
+
+    engine = create_engine(db_url)
+    create_orders(engine, 7)
+    q = engine.dialect.identifier_preparer.quote
+    dups, orders, number, name = q("DUPS"), q("ORDERS"), q("ORDER_NO"), q("CUST_NAME")
+    with engine.begin() as conn:
+        conn.execute(sql(f"CREATE TABLE {dups} AS SELECT * FROM {orders}"))
+        conn.execute(sql(f"INSERT INTO {dups} SELECT * FROM {orders} WHERE {number} IN (2, 4)"))
+        conn.execute(sql(f"UPDATE {dups} SET {name} = 'b1' WHERE {number} IN (2, 4)"))
+        conn.execute(sql(f"INSERT INTO {dups} SELECT * FROM {orders} WHERE {number} = 4"))  # three of 4
+    engine.dispose()
+    # batch_size 2: the rows of one key straddle a batch boundary unless the poller keeps them together
+    path = orders_config(tmp_path, db_url=db_url, redis_url=redis_url, stream=stream_name, mode="snapshot",
+                         table="DUPS", batch_size=2, timestamp_column=None, key_column=None)
+    for _ in range(3):
+        assert not run_once(path).errors
+    subjects = [e["event"]["subject"] for e in read_stream(redis_client, stream_name)]
+    assert subjects == ["1", "3", "5", "6", "7"]  # each once, and never 2 or 4
+    dead = dead_letters(tmp_path)
+    assert [(d["position"].split(",")[1], d["reason"].split(" (")[0]) for d in dead] == [
+        ("2]", "key '2' is listed 2 times in one listing"),
+        ("4]", "key '4' is listed 3 times in one listing"),
+    ]
+    names = sorted(r["CUST_NAME"] for r in orjson.loads(dead[0]["raw"]))  # every row of the key, as read
+    assert len(names) == 2 and "b1" in names

@@ -14,6 +14,9 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
+from functools import partial
+from itertools import chain
+from sys import getsizeof
 from typing import Any, overload
 
 from sqlalchemy import (
@@ -25,6 +28,7 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    cast,
     column,
     func,
     or_,
@@ -34,12 +38,12 @@ from sqlalchemy import (
     type_coerce,
 )
 from sqlalchemy.engine import Connection, Dialect, Engine
-from sqlalchemy.exc import DBAPIError, NoSuchTableError
-from sqlalchemy.types import NullType, TypeDecorator, TypeEngine
+from sqlalchemy.exc import DataError, DBAPIError, NoSuchTableError
+from sqlalchemy.types import LargeBinary, NullType, Text, TypeDecorator, TypeEngine
 
 from adapters.db import position, settle
 from adapters.db.budget import DATABASES, Database
-from straw.coerce import boolean
+from straw.coerce import Unreadable, boolean
 from straw.config import ChangeMode, DatabaseSpec, DbSourceSpec, SoftDeleteSpec
 from straw.records import DELETED, UPSERTED
 from straw.source import RawBatch
@@ -96,6 +100,8 @@ class DbSource:
         self._types: tuple[type | None, ...] = ()  # python types of the change columns (None: as stored)
         self._aware: bool | None = False  # the timestamp column keeps a time zone (None: not known yet)
         self._last_value: Any = None  # the watermark of the read under way (a settle probe binds it too)
+        self._bound = settle.OPEN  # the settle bound of the last read (narrowing a failed read keeps to it)
+        self._width = 0  # bytes per row, as last measured (0: not yet): sizes the first page of a read
         self._is_deleted = _soft_delete_rule(spec.soft_delete, spec.encoding) if spec.soft_delete else None
         self.settle: settle.Technique = settle.choose(
             self.engine.dialect.name, settle=spec.settle, delay=spec.settle_delay,
@@ -301,6 +307,28 @@ class DbSource:
             raise
 
     def _read(self, after: str | None, limit: int | None) -> Iterator[RawBatch]:
+        """Stream from `after`; a batch the driver cannot decode is narrowed to its row, and the read goes on."""
+        failed: list[BaseException] = []
+        while True:
+            failed.clear()
+            for batch in self._stream(after, limit, failed):
+                after = batch.next_position
+                limit = None if limit is None else limit - len(batch.rows)
+                yield batch
+            if not failed:
+                return
+            moved = False
+            for batch in self._narrow(after, limit, failed[0]):
+                after, moved = batch.next_position, True
+                limit = None if limit is None else limit - len(batch.rows)
+                yield batch
+            if not moved:
+                raise failed[0]  # nothing to narrow to: not a value of a row after all
+            if limit is not None and limit <= 0:
+                return
+
+    def _stream(self, after: str | None, limit: int | None, failed: list[BaseException]) -> Iterator[RawBatch]:
+        """Batches read after `after`; a fetch the driver cannot decode ends them early, the error in `failed`."""
         with self.connect() as conn:
             self.relation(conn)  # the change columns' types decode the position
             last_value = None
@@ -311,20 +339,25 @@ class DbSource:
             slots = [columns.index(c) for c in self._resolved(self._change_columns())]
             ops = self._ops(columns)
             if self.spec.mode is ChangeMode.SNAPSHOT:
-                # One listing, one cursor: the whole relation as of one moment, streamed in partitions.
+                # One listing, one cursor: the whole relation as of one moment, streamed in chunks.
                 stmt, params, _values = self._statement(after, limit, None)
                 params.update(self._query_params(None))
-                result = conn.execution_options(stream_results=True, yield_per=self.spec.batch_size).execute(
-                    stmt, params
-                )
-                yield from self._listing(result.partitions(), columns, slots, ops, after, limit)
+                try:
+                    result = conn.execution_options(stream_results=True).execute(stmt, params)
+                except Exception as exc:
+                    if not _undecodable(exc):
+                        raise
+                    failed.append(exc)
+                    return
+                chunks = _guarded(self._chunks(result.fetchmany), failed)
+                yield from self._listing(chunks, columns, slots, ops, after, limit, failed)
                 return
             # Before the rows are read: on MariaDB the settle check ends the connection's transaction,
             # so the read below gets a view of its own, taken after the open writers were seen.
-            bound = self.settle.bound(conn, self)
+            bound = self._bound = self.settle.bound(conn, self)
             if bound.hold:
                 return
-            yield from self._pages(conn, after, limit, bound, columns, slots, ops)
+            yield from self._pages(conn, after, limit, bound, columns, slots, ops, failed)
 
     def _pages(
         self,
@@ -335,6 +368,7 @@ class DbSource:
         columns: tuple[str, ...],
         slots: list[int],
         ops: Callable[[Sequence[Any]], list[str]] | None,
+        failed: list[BaseException],
     ) -> Iterator[RawBatch]:
         """Rows after the watermark: a first page by a plain query, the rest (if any) from one cursor.
 
@@ -342,15 +376,25 @@ class DbSource:
         driver prepares once it has seen it a few times), not a server-side cursor
         declared, fetched from and closed. A backlog beyond the first page streams from
         one cursor resuming after it: one sort, not one per page on an unindexed column.
+        The first page holds what the byte budget allows at the rows' last measured width
+        (a few rows while it is not known yet), since a plain query's rows arrive all at once.
         """
         cutoff, gaps = bound.cap, bound.gaps
         page = self.spec.batch_size if limit is None else min(self.spec.batch_size, limit)
+        page = min(page, max(1, self.spec.batch_bytes // self._width) if self._width else _FIRST_PAGE)
         stmt, params, values = self._statement(after, page, cutoff)
         params.update(self._query_params(values[0] if values else None))
-        rows: Sequence[Any] = conn.execute(stmt, params).fetchall()  # Rows index like tuples: not copied
+        try:
+            rows: Sequence[Any] = conn.execute(stmt, params).fetchall()  # Rows index like tuples: not copied
+        except Exception as exc:
+            if not _undecodable(exc):
+                raise
+            failed.append(exc)
+            return
         if not rows:
             return
         fetched = len(rows)
+        self._width = _width(rows)
         expected = values[0] + 1 if values and isinstance(values[0], int) else None
         stop = False
         if gaps is not None:
@@ -363,8 +407,14 @@ class DbSource:
             return
         stmt, params, values = self._statement(first.positions[-1], None if limit is None else limit - page, cutoff)
         params.update(self._query_params(values[0] if values else None))
-        result = conn.execution_options(stream_results=True, yield_per=self.spec.batch_size).execute(stmt, params)
-        for rows in result.partitions():
+        try:
+            result = conn.execution_options(stream_results=True).execute(stmt, params)
+        except Exception as exc:
+            if not _undecodable(exc):
+                raise
+            failed.append(exc)
+            return
+        for rows in _guarded(self._chunks(result.fetchmany), failed):
             if gaps is not None:
                 rows, expected, stop = _admitted(gaps, expected, rows, slots[0])
             if rows:
@@ -372,6 +422,12 @@ class DbSource:
             if stop:
                 result.close()
                 return
+
+    def _chunks(self, fetch: Callable[[int], Sequence[Any]]) -> Iterator[list[Any]]:
+        """Rows in batches of `batch_size`, or fewer when they would hold more than `batch_bytes`."""
+        for rows in _chunks(fetch, self.spec.batch_size, self.spec.batch_bytes):
+            self._width = _width(rows)
+            yield rows
 
     @staticmethod
     def _batch(
@@ -389,6 +445,103 @@ class DbSource:
             positions = [encode((r[a], r[b])) for r in rows]
         return RawBatch(columns, rows, positions, ops(rows) if ops else None)
 
+    def _params_after(self, after: str | None) -> dict[str, Any]:
+        last_value = None
+        if after is not None and self.spec.mode is not ChangeMode.SNAPSHOT:
+            last_value = position.decode(after, self._types)[0]
+        return self._query_params(last_value)
+
+    def _narrow(
+        self, after: str | None, limit: int | None, error: BaseException
+    ) -> Iterator[RawBatch]:
+        """Re-read after `after` in halving pieces down to the one row the driver cannot decode.
+
+        The good rows before it are delivered; that row is read again column by column
+        (each failing column raw, as text or bytes, wrapped in `Unreadable`), so the mapping
+        makes it a dead letter and the position moves past it. Bounded: about
+        2·log2(batch_size) small reads. An error that is not the data's (the row cannot
+        be found, its raw form cannot be read either) is raised as it came.
+        """
+        columns = tuple(self._names)
+        slots = [columns.index(c) for c in self._resolved(self._change_columns())]
+        ops = self._ops(columns)
+        make: Callable[[Sequence[Any]], RawBatch]
+        if self.spec.mode is ChangeMode.SNAPSHOT:
+            number, _resume = position.decode_snapshot(after, len(slots))
+            make = partial(self._snapshot_batch, columns, slots=slots, number=number, ops=ops, complete=False)
+        else:
+            make = partial(self._batch, columns=columns, slots=slots, ops=ops)
+        # The settle bound of the read that failed: narrowing takes no more than it would have.
+        cutoff, gaps = self._bound.cap, self._bound.gaps
+        size = max(1, min(self.spec.batch_size, limit or self.spec.batch_size) // 2)
+        while limit is None or limit > 0:
+            piece = size if limit is None else min(size, limit)
+            try:
+                with self.connect() as conn:
+                    rows = conn.execute(self.statement(after, piece, cutoff), self._params_after(after)).all()
+            except Exception as exc:
+                if not _undecodable(exc):
+                    raise
+                if size > 1:
+                    size //= 2
+                    continue
+                row = self._unreadable_row(after, cutoff, exc)
+                if row is None:
+                    raise error from None
+                yield make([row])
+                return
+            if not rows:
+                return  # the row is gone since: nothing to narrow
+            fetched = len(rows)
+            if gaps is not None and self.spec.mode is not ChangeMode.SNAPSHOT:
+                expected = _integral_after(after, self._types)
+                rows, _next, stop = _admitted(gaps, expected, rows, slots[0])
+                if not rows:
+                    return
+                if stop:
+                    yield make(rows)
+                    return
+            batch = make(rows)
+            yield batch
+            after = batch.next_position
+            limit = None if limit is None else limit - len(rows)
+            if fetched < piece:
+                return
+
+    def _unreadable_row(
+        self, after: str | None, cutoff: Any, error: Exception
+    ) -> tuple[Any, ...] | None:
+        """The next row, each column read alone: those the driver cannot decode read raw, as `Unreadable`."""
+        stmt = self.statement(after, 1, cutoff)
+        params = self._params_after(after)
+        relation = self.relation()
+        keep = set(self._resolved(self._change_columns()))
+        values: list[Any] = []
+        why = _error_text(error)
+        with self.connect() as conn:
+            for name in self._names:
+                try:
+                    found = conn.execute(stmt.with_only_columns(relation.c[name]), params).first()
+                except Exception as exc:
+                    if not _undecodable(exc) or name in keep:
+                        return None  # a change column must be read as it is: it is the position
+                    conn.rollback()
+                    try:
+                        raw = conn.execute(stmt.with_only_columns(_raw_column(relation.c[name], conn.dialect.name)),
+                                           params).first()
+                    except Exception:
+                        return None
+                    if raw is None:
+                        return None
+                    shown = raw[0] if isinstance(raw[0], str) else repr(raw[0])
+                    values.append(Unreadable(shown, f"the database driver cannot read {raw[0]!r}: "
+                                                    f"{_error_text(exc) or why}"))
+                    continue
+                if found is None:
+                    return None
+                values.append(found[0])
+        return tuple(values)
+
     def _listing(
         self,
         partitions: Iterator[Sequence[Any]],
@@ -397,22 +550,38 @@ class DbSource:
         ops: Callable[[Sequence[Any]], list[str]] | None,
         after: str | None,
         limit: int | None,
+        failed: list[BaseException] | None = None,
     ) -> Iterator[RawBatch]:
-        """Snapshot batches; the last one of a listing that reached the end says `complete`."""
+        """Snapshot batches; the last one of a listing that reached the end says `complete`.
+
+        A read that ended on a row the driver cannot decode (`failed`) has not reached the end.
+        """
         number, _resume = position.decode_snapshot(after, len(slots))
         encode = position.encode
         held: Sequence[Any] | None = None
         count = 0
         for rows in partitions:
             if held is not None:
-                yield self._snapshot_batch(columns, held, slots, number, ops, complete=False)
+                # Rows of one key (a table without a unique key) stay in one batch, where the mapping sees them.
+                cut = _key_group_start(held, slots) if _same_key(held[-1], rows[0], slots) else len(held)
+                if cut:
+                    yield self._snapshot_batch(columns, held[:cut], slots, number, ops, complete=False)
+                rows = [*held[cut:], *rows] if cut < len(held) else rows
             held, count = rows, count + len(rows)
         # A read cut short by `limit` has not seen the end of the relation: the next poll resumes it.
-        complete = limit is None or count < limit
+        complete = (limit is None or count < limit) and not failed
         if held is None:
             if complete:
                 yield RawBatch(columns, [], [], keyed=True, complete=True, end=encode((number,)))
             return
+        if not complete:
+            # It resumes after the last key: that key's rows must all be in the next read, none in this one.
+            cut = _key_group_start(held, slots)
+            if cut == 0:
+                if failed:
+                    return  # the narrowing re-reads them
+                cut = len(held)  # a whole read of one key: move on all the same
+            held = held[:cut]
         yield self._snapshot_batch(columns, held, slots, number, ops, complete=complete)
 
     def _snapshot_batch(
@@ -467,6 +636,17 @@ class DbSource:
             DATABASES.close(self.database)
         else:
             self.engine.dispose()
+
+
+_FIRST_PAGE = 16  # rows of a first page while their width is not known: wide rows must not all arrive at once
+
+
+def _integral_after(after: str | None, types: tuple[type | None, ...]) -> int | None:
+    """The id right after an incrementing watermark (None: no watermark, or not an integer)."""
+    if after is None:
+        return None
+    value = position.decode(after, types)[0]
+    return value + 1 if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _admitted(
@@ -571,3 +751,82 @@ def _python_type(sql_type: Any) -> type | None:
     except NotImplementedError:
         return None
     return kind if isinstance(kind, type) else None
+
+
+def _undecodable(exc: BaseException) -> bool:
+    """Is this the driver failing on a value (not the database, the network or the statement)?"""
+    if isinstance(exc, DataError):  # psycopg: timestamp too large (after year 10K), date out of range
+        return True
+    if isinstance(exc, DBAPIError):
+        return "could not decode" in str(exc.orig).lower()  # sqlite3: TEXT that is not UTF-8
+    return isinstance(exc, (ValueError, ArithmeticError))  # a driver's or SQLAlchemy's converter
+
+
+def _error_text(exc: BaseException) -> str:
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    text = str(orig).strip().splitlines()[0] if str(orig).strip() else ""
+    return f"{type(orig).__name__}: {text}" if text else type(orig).__name__
+
+
+def _raw_column(col: Any, dialect: str) -> ColumnElement[Any]:
+    """The column as its raw bytes or text, past the driver's converters."""
+    if dialect == "sqlite":
+        raw: ColumnElement[Any] = cast(col, LargeBinary)
+    else:
+        raw = cast(col, Text)
+    return type_coerce(raw, NullType()).label(col.name)
+
+
+def _guarded(chunks: Iterator[list[Any]], failed: list[BaseException]) -> Iterator[list[Any]]:
+    """The chunks until one cannot be fetched because of a value: then the error goes in `failed`."""
+    while True:
+        try:
+            rows = next(chunks)
+        except StopIteration:
+            return
+        except Exception as exc:
+            if not _undecodable(exc):
+                raise
+            failed.append(exc)
+            return
+        yield rows
+
+
+def _chunks(fetch: Callable[[int], Sequence[Any]], batch_size: int, budget: int) -> Iterator[list[Any]]:
+    """Rows in batches of `batch_size`, or fewer when they would hold more than about `budget` bytes.
+
+    Each batch is sized by the width of the rows before it (the first by a probe of a few
+    rows), and measured as it comes: peak memory follows the budget, not the row count.
+    """
+    width = 0  # bytes per row, as last measured
+    probe = min(batch_size, 4)
+    while True:
+        want = batch_size if not width else max(1, min(batch_size, budget // width))
+        rows = list(fetch(probe if not width else want))
+        if not rows:
+            return
+        if not width and len(rows) == probe and probe < want:
+            width = _width(rows)
+            more = max(0, min(want, budget // width) - len(rows))
+            if more:
+                rows.extend(fetch(more))
+        width = _width(rows)
+        yield rows
+
+
+def _width(rows: Sequence[Any]) -> int:
+    """Bytes per row, from up to 32 rows spread over the batch: measuring every value would cost a tenth of a read."""
+    sample = rows[:: max(1, len(rows) // 32)]
+    return max(1, sum(map(getsizeof, chain.from_iterable(sample))) // len(sample) + 64)
+
+
+def _same_key(a: Sequence[Any], b: Sequence[Any], slots: list[int]) -> bool:
+    return all(a[s] == b[s] for s in slots)
+
+
+def _key_group_start(rows: Sequence[Any], slots: list[int]) -> int:
+    """Where the trailing run of rows sharing the last row's key starts."""
+    cut = len(rows) - 1
+    while cut > 0 and _same_key(rows[cut - 1], rows[-1], slots):
+        cut -= 1
+    return cut
