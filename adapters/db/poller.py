@@ -376,36 +376,38 @@ class DbSource:
         driver prepares once it has seen it a few times), not a server-side cursor
         declared, fetched from and closed. A backlog beyond the first page streams from
         one cursor resuming after it: one sort, not one per page on an unindexed column.
-        The first page holds what the byte budget allows at the rows' last measured width
-        (a few rows while it is not known yet), since a plain query's rows arrive all at once.
+        The first page holds what the byte budget allows at the rows' last measured width, since
+        a plain query's rows arrive all at once; until a read has measured it, the cursor reads all.
         """
         cutoff, gaps = bound.cap, bound.gaps
-        page = self.spec.batch_size if limit is None else min(self.spec.batch_size, limit)
-        page = min(page, max(1, self.spec.batch_bytes // self._width) if self._width else _FIRST_PAGE)
-        stmt, params, values = self._statement(after, page, cutoff)
-        params.update(self._query_params(values[0] if values else None))
-        try:
-            rows: Sequence[Any] = conn.execute(stmt, params).fetchall()  # Rows index like tuples: not copied
-        except Exception as exc:
-            if not _undecodable(exc):
-                raise
-            failed.append(exc)
-            return
-        if not rows:
-            return
-        fetched = len(rows)
-        self._width = _width(rows)
-        expected = values[0] + 1 if values and isinstance(values[0], int) else None
+        expected = _integral_after(after, self._types)
         stop = False
-        if gaps is not None:
-            rows, expected, stop = _admitted(gaps, expected, rows, slots[0])
-        if not rows:
-            return
-        first = self._batch(rows, columns, slots, ops)
-        yield first
-        if stop or fetched < page or limit == page:
-            return
-        stmt, params, values = self._statement(first.positions[-1], None if limit is None else limit - page, cutoff)
+        if self._width:  # the rows' width is known: a first page within the byte budget, by a plain query
+            page = self.spec.batch_size if limit is None else min(self.spec.batch_size, limit)
+            page = min(page, max(1, self.spec.batch_bytes // self._width))
+            stmt, params, values = self._statement(after, page, cutoff)
+            params.update(self._query_params(values[0] if values else None))
+            try:
+                rows: Sequence[Any] = conn.execute(stmt, params).fetchall()  # Rows index like tuples: not copied
+            except Exception as exc:
+                if not _undecodable(exc):
+                    raise
+                failed.append(exc)
+                return
+            if not rows:
+                return
+            fetched = len(rows)
+            self._width = _width(rows)
+            if gaps is not None:
+                rows, expected, stop = _admitted(gaps, expected, rows, slots[0])
+            if not rows:
+                return
+            first = self._batch(rows, columns, slots, ops)
+            yield first
+            if stop or fetched < page or limit == page:
+                return
+            after, limit = first.positions[-1], None if limit is None else limit - page
+        stmt, params, values = self._statement(after, limit, cutoff)
         params.update(self._query_params(values[0] if values else None))
         try:
             result = conn.execution_options(stream_results=True).execute(stmt, params)
@@ -636,9 +638,6 @@ class DbSource:
             DATABASES.close(self.database)
         else:
             self.engine.dispose()
-
-
-_FIRST_PAGE = 16  # rows of a first page while their width is not known: wide rows must not all arrive at once
 
 
 def _integral_after(after: str | None, types: tuple[type | None, ...]) -> int | None:
