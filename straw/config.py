@@ -22,6 +22,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from straw import sql_guard
 from straw.config_scrape import ScrapeSourceSpec
 from straw.config_types import Encoding, Name, Seconds, StreamName, Strict, TimeZone
 
@@ -182,6 +183,14 @@ class DbSourceSpec(Strict):
                 "(unique tie-breaker, so rows sharing a timestamp are never skipped)",
                 {"at": ("mode",)},
             )
+        return self
+
+    @model_validator(mode="after")
+    def _read_only_query(self) -> DbSourceSpec:
+        # Refused here, at load, so no text that could escape the read-only session ever reaches a database.
+        reason = None if self.query is None else sql_guard.refusal(self.query, sql_guard.dialect_for(self.url))
+        if reason:
+            raise PydanticCustomError("query", "the query {reason}", {"reason": reason, "at": ("query",)})
         return self
 
     @property

@@ -39,6 +39,7 @@ from sqlalchemy.types import NullType, TypeDecorator, TypeEngine
 from adapters.db import position
 from adapters.db.engine import make_engine
 from straw.coerce import boolean
+from straw import sql_guard
 from straw.config import ChangeMode, DbSourceSpec, SoftDeleteSpec
 from straw.records import DELETED, UPSERTED
 from straw.source import RawBatch
@@ -46,6 +47,10 @@ from straw.source import RawBatch
 
 class SchemaDrift(Exception):
     """The legacy table no longer has what the configuration names."""
+
+
+class UnsafeQuery(ValueError):
+    """The configured query is not one read-only SELECT: it is never sent."""
 
 
 # The database's own clock, in UTC: a settle delay must not depend on this host's clock.
@@ -115,16 +120,28 @@ class DbSource:
         return table
 
     def _probe(self) -> FromClause:
-        """Ask the database which columns the query returns (no rows are read)."""
-        query = str(self.spec.query).strip().rstrip(";")
+        """Ask the database which columns the query returns (no rows are read).
+
+        The query is checked again here (the configuration is checked at load, but a spec can be built in
+        code), and every statement around it carries a bound parameter: drivers that would run a string of
+        several statements (psycopg without parameters) then use server-side binding, which refuses them.
+        """
+        dialect = sql_guard.dialect_for(self.spec.url)
+        reason = sql_guard.refusal(str(self.spec.query), dialect)
+        if reason:
+            raise UnsafeQuery(f"source {self.name!r}: the query {reason}")
+        # New lines around it: a trailing `-- comment` in the query must not swallow the closing parenthesis.
+        guarded = f"SELECT * FROM (\n{sql_guard.sendable(str(self.spec.query), dialect)}\n) q0 WHERE 1 = :straw_one"
+        relation = text(guarded).bindparams(straw_one=1)
         with self.engine.connect() as conn:
-            result = conn.execute(text(f"SELECT * FROM ({query}) q WHERE 1 = 0"), self._query_params(None))
+            probe = select(text("*")).select_from(relation.columns().subquery("q")).where(text("1 = 0"))
+            result = conn.execute(probe, self._query_params(None))
             returned = list(result.keys())
             result.close()
         self._names = self._resolve(returned, "`query`")
         self._types = tuple(None for _ in self._change_columns())
         self._aware = None  # a query's column types show only in the values it returns
-        return text(query).columns(*(column(c) for c in returned)).subquery("q")
+        return relation.columns(*(column(c) for c in returned)).subquery("q")
 
     def _resolve(self, available: list[str], what: str) -> list[str]:
         by_lower = {c.lower(): c for c in available}
