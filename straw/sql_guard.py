@@ -17,9 +17,8 @@ import logging
 import re
 
 import sqlglot
-from sqlglot import exp
+from sqlglot import TokenType, exp
 from sqlglot.errors import SqlglotError
-from sqlglot.tokens import TokenType
 
 # SQLAlchemy backend name -> sqlglot dialect (None: sqlglot's generic SQL).
 _DIALECTS = {
@@ -70,7 +69,9 @@ def refusal(query: str, dialect: str | None) -> str | None:
     if _EXECUTABLE_COMMENT.search(query):
         return "holds a `/*! … */` comment, which MySQL and MariaDB execute as code; remove it"
     try:
-        statements = [s for s in sqlglot.parse(query, read=dialect) if s is not None]
+        parsed = sqlglot.parse(query, read=dialect)
+        # A comment after the final `;` parses as an empty Semicolon statement.
+        statements = [s for s in parsed if s is not None and not isinstance(s, exp.Semicolon)]
     except SqlglotError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return f"cannot be read as one SELECT ({first}); write a single SELECT, without `;` between statements"
@@ -100,7 +101,7 @@ def sendable(query: str, dialect: str | None) -> str:
     return query[: tokens[end - 1].end + 1] if end < len(tokens) else query
 
 
-def _refused_node(node: exp.Expression) -> str | None:
+def _refused_node(node: exp.Expr) -> str | None:
     if isinstance(node, exp.Lock):
         return "has a locking clause (FOR UPDATE / FOR SHARE / LOCK IN SHARE MODE); straw only reads: remove it"
     if isinstance(node, exp.Into):

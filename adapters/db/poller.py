@@ -38,8 +38,8 @@ from sqlalchemy.types import NullType, TypeDecorator, TypeEngine
 
 from adapters.db import position
 from adapters.db.engine import make_engine
-from straw.coerce import boolean
 from straw import sql_guard
+from straw.coerce import boolean
 from straw.config import ChangeMode, DbSourceSpec, SoftDeleteSpec
 from straw.records import DELETED, UPSERTED
 from straw.source import RawBatch
