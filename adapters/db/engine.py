@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 
 from adapters.db import odbc
 
@@ -33,8 +35,13 @@ def make_engine(
     """
     parsed = make_url(odbc.url_for(url) if url.startswith(odbc.PREFIX) else url)
     backend = parsed.get_backend_name()
+    sqlite_file = _sqlite_file(parsed) if backend == "sqlite" and read_only else None
+    if sqlite_file is not None:
+        parsed = _sqlite_read_only(parsed, sqlite_file)
     options: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 2} if backend != "sqlite" else {}
     engine = create_engine(parsed, **options)
+    if sqlite_file is not None:
+        _sqlite_must_exist(engine, sqlite_file)
     if backend == "postgresql" and parsed.get_driver_name() == "psycopg":
         _sql_ascii_text(engine, encoding)
     statements = [_READ_ONLY[backend]] if read_only and backend in _READ_ONLY else []
@@ -69,6 +76,32 @@ def make_engine(
                 dbapi_connection.timeout = max(1, round(statement_timeout))
 
     return engine
+
+
+def _sqlite_file(url: URL) -> str | None:
+    """The file a SQLite URL opens (a `file:` URI's path part), or None for an in-memory database."""
+    database = url.database or ""
+    if database in ("", ":memory:") or "mode=memory" in database:
+        return None
+    if database.startswith("file:"):
+        return unquote(database[5:].split("?", 1)[0]) or None
+    return database
+
+
+def _sqlite_read_only(url: URL, path: str) -> URL:
+    """Open the legacy file with `mode=ro`: SQLite then never creates it (a typo makes no empty `typo.db`)
+    and refuses every write at the file level, below `PRAGMA query_only`."""
+    database = url.database or ""
+    uri = database if database.startswith("file:") else "file:" + quote(path)
+    return url.set(database=uri, query={**url.query, "mode": "ro", "uri": "true"})
+
+
+def _sqlite_must_exist(engine: Engine, path: str) -> None:
+    @event.listens_for(engine, "do_connect")
+    def _exists(_dialect: Any, _record: Any, _cargs: Any, _cparams: Any) -> None:
+        # SQLite's own "unable to open database file" does not say which file.
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"SQLite database {path} not found; fix the path in `url`")
 
 
 def _sql_ascii_text(engine: Engine, encoding: str) -> None:
