@@ -17,8 +17,8 @@ from urllib.parse import quote
 
 import yaml
 from pydantic import BaseModel, ValidationError
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from straw.config import AnySourceSpec, Config
 from straw.config_scrape import ScrapeSourceSpec
@@ -77,10 +77,15 @@ def load_config(path: str | Path | None = None) -> Config:
 
 def parse_config(text: str, file: Path) -> Config:
     name = str(file)
-    loader = yaml.SafeLoader(text)
+    loader = _UniqueKeyLoader(text)
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
+    except _DuplicateKey as dup:
+        raise ConfigError(
+            [Problem(name, dup.line, dup.key, f"duplicate key (first at line {dup.first}); YAML would silently keep "
+                     "only the last one: remove or rename one")]
+        ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
@@ -106,6 +111,27 @@ def parse_config(text: str, file: Path) -> Config:
     except ValidationError as exc:
         raise ConfigError([_problem(err, name, lines, data) for err in exc.errors()]) from None
     return _anchor_paths(config, base, name, lines)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, line: int, first: int) -> None:
+        super().__init__(key)
+        self.key, self.line, self.first = key, line, first
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys; a config with an entity's `key:` twice is a mistake to name."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[str, int] = {}
+        for key_node, _value in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` merges are meant to be overridden
+            line = key_node.start_mark.line + 1
+            if key_node.value in seen:
+                raise _DuplicateKey(str(key_node.value), line, seen[key_node.value])
+            seen[key_node.value] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _line_map(node: yaml.Node | None) -> dict[Path_, int]:
@@ -308,6 +334,10 @@ def _anchor_paths(config: Config, base: Path, file: str, lines: dict[Path_, int]
             continue
         if url.password:
             register_secret(str(url.password))
+        unusable = _driver_problem(url)
+        if unusable:
+            problems.append(Problem(file, lines.get(("sources", index, "url")), f"sources[{index}].url", unusable))
+            continue
         if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
             database = Path(url.database).expanduser()
             if not url.database.startswith("file:"):  # a `file:` URI (uri=true) is passed on as written
@@ -321,6 +351,22 @@ def _anchor_paths(config: Config, base: Path, file: str, lines: dict[Path_, int]
     return config.model_copy(
         update={"outbox": config.outbox.model_copy(update={"path": outbox_path}), "sources": sources}
     )
+
+
+def _driver_problem(url: URL) -> str | None:
+    """Why SQLAlchemy cannot open this kind of URL (unknown dialect, driver not installed), or None."""
+    try:
+        url.get_dialect().import_dbapi()
+    except NoSuchModuleError:
+        if url.drivername.startswith("postgres"):
+            return f"unknown database kind '{url.drivername}'; did you mean 'postgresql+psycopg'?"
+        return (f"unknown database kind '{url.drivername}'; write e.g. postgresql+psycopg://, mysql+pymysql://, "
+                "sqlite:///, mssql+pyodbc:// or odbc:<connection string>, or install the driver package that "
+                "provides this dialect")
+    except ImportError as exc:
+        return (f"the driver for '{url.drivername}' is not installed (no module {exc.name or exc}); install it "
+                "(pip install …) or pick another driver")
+    return None
 
 
 def _anchor_scrape(source: ScrapeSourceSpec, base: Path) -> ScrapeSourceSpec:
