@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -165,56 +165,79 @@ def _substitute(
     if not isinstance(value, str) or "${" not in value:
         return value
 
-    def expand(match: re.Match[str]) -> str:
+    def expand(match: re.Match[str]) -> tuple[str, bool]:
+        """The value of one `${…}`, and whether where it came from makes it a secret."""
         expr = match.group(1)
         if expr == "CONFIG_DIR":
-            return str(base)
+            return str(base), False
         if expr.startswith("file:"):
             target = Path(expr[5:]).expanduser()
             target = target if target.is_absolute() else base / target
             try:
-                secret = target.read_text(encoding="utf-8").rstrip("\r\n")
+                return target.read_text(encoding="utf-8").rstrip("\r\n"), True
             except (OSError, UnicodeDecodeError) as exc:
                 reason = getattr(exc, "strerror", None) or exc
                 problems.append(
                     Problem(file, lines.get(path), _dotted(path),
                             f"cannot read secret file {target}: {reason}; create it or fix the path")
                 )
-                return ""
-            register_secret(secret)
-            return secret
+                return "", False
         var, has_default, default = expr.partition(":-")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var):
             problems.append(
                 Problem(file, lines.get(path), _dotted(path),
                         f"bad substitution ${{{expr}}}: use ${{VAR}}, ${{VAR:-default}} or ${{file:/path}}")
             )
-            return ""
+            return "", False
         found = os.environ.get(var)
         if found is None or (found == "" and has_default):
             if has_default:
-                return default
+                return default, False
             problems.append(
                 Problem(file, lines.get(path), _dotted(path),
                         f"environment variable {var} is not set; export it or write ${{{var}:-default}}")
             )
-            return ""
-        register_secret(found)
-        return found
+            return "", False
+        return found, _SECRET_NAME.search(var) is not None
 
     userinfo = _userinfo_span(value)
+    secret_key = _is_secret_key(path)
 
     def substitute(match: re.Match[str]) -> str:
-        found = expand(match)
+        found, secret = expand(match)
+        # Masked: what the file, the variable's name, the key, or the place in the value says is a secret;
+        # hosts, ports, database and user names, modes stay readable in errors.
+        secret = secret or secret_key or _SECRET_ASSIGNMENT.search(value[: match.start()]) is not None
         if userinfo and userinfo[0] <= match.start() < userinfo[1]:
             # Inside `user:password@` a '@', '/', ':' or '#' must be percent-encoded, or the URL parses
             # wrongly and part of the password can surface in an error message as a host name.
             quoted = quote(found, safe="")
-            register_secret(quoted)
+            if secret or ":" in value[userinfo[0]: match.start()]:  # the password, not the user name
+                register_secret(found)
+                register_secret(quoted)
             return quoted
+        if secret:
+            register_secret(found)
         return found
 
     return _VAR.sub(substitute, value)
+
+
+# Names that say "this is a secret": of an environment variable, of a configuration key, or of a
+# `name=` inside a value (an ODBC `PWD=`, a `?token=` in a URL).
+_SECRET_WORDS = r"pass|pwd|secret|token|credential|api[-_]?key|private[-_]?key|auth|cookie|session[-_]?id"
+_SECRET_NAME = re.compile(_SECRET_WORDS, re.I)
+_SECRET_ASSIGNMENT = re.compile(rf"(?:{_SECRET_WORDS})[\w.-]*\s*=\s*$", re.I)
+
+
+_ODBC_PASSWORD = re.compile(r"(?:^|[;:])\s*(?:pwd|password)\s*=\s*([^;]+)", re.I)
+
+
+def _is_secret_key(path: Path_) -> bool:
+    """A value under a key such as `password`, `basic_auth.password`, a login field `j_password`, a
+    header `Authorization`: the last named key decides (`basic_auth.username` is not a secret)."""
+    names = [p for p in path if isinstance(p, str)]
+    return bool(names) and _SECRET_NAME.search(names[-1]) is not None
 
 
 def _userinfo_span(template: str) -> tuple[int, int] | None:
@@ -314,6 +337,10 @@ def _anchor_paths(config: Config, base: Path, file: str, lines: dict[Path_, int]
     """Relative paths in the file are relative to the file's folder, not to the shell's."""
     # resolve(): the paths straw shows and opens read cleanly, without `..`.
     outbox_path = (base / config.outbox.path.expanduser()).resolve()
+    redis_password = urlsplit(config.redis.url).password
+    if redis_password:  # written inline or substituted: either way it is the password
+        register_secret(redis_password)
+        register_secret(unquote(redis_password))
     sources: list[AnySourceSpec] = []
     problems: list[Problem] = []
     for index, source in enumerate(config.sources):
@@ -321,6 +348,8 @@ def _anchor_paths(config: Config, base: Path, file: str, lines: dict[Path_, int]
             sources.append(_anchor_scrape(source, base))
             continue
         if source.url.startswith("odbc:"):  # an ODBC connection string or DSN, not a URL (adapters/db/odbc.py)
+            for written in _ODBC_PASSWORD.findall(source.url):
+                register_secret(written)
             sources.append(source)
             continue
         try:

@@ -1,7 +1,9 @@
 """Keep secrets out of logs, errors and the stream.
 
-Every value that came from `${ENV_VAR}`, `${file:…}` or a URL password is
-registered here; `redact` replaces each registered value in any text.
+Secrets only are registered here (see config_load: URL passwords, `${file:…}`
+values, values under secret keys or from secret-named variables); `redact`
+replaces each registered value in any text and masks the password part of URLs.
+Hosts, ports, database and user names stay readable, so errors stay useful.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Any
 _MASK = "***"
 _MIN_SECRET_LEN = 4  # shorter values ("1", "on") would mask ordinary words
 _secrets: set[str] = set()
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]+)@", re.I)
+# userinfo ends the authority at the first '/', '?' or '#': an '@' in a query (`?columns=a@b`) is not a password.
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/?#@\s]*):(?P<pw>[^/?#@\s]+)@", re.I)
 
 
 def register_secret(value: str) -> None:
