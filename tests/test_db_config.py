@@ -101,3 +101,21 @@ def test_a_mistyped_sqlite_path_is_an_error_naming_it_and_creates_nothing(tmp_pa
     assert ran.returncode == 1 and f"SQLite database {missing} not found" in ran.stderr
     assert "Traceback" not in ran.stderr
     assert not missing.exists()
+
+
+def test_change_columns_spelled_in_another_case_count_once(
+    tmp_path: Path, db_url: str, redis_url: str, stream_name: str
+) -> None:
+    """Before: `table ORDERS: 11 columns` for the 9 columns mapped, and each selected twice."""
+    from tests.helpers import orders_config, run_once
+    from tests.test_cli import invoke
+
+    engine = create_engine(db_url)
+    create_orders(engine, 4)
+    engine.dispose()
+    path = orders_config(tmp_path, db_url=db_url, redis_url=redis_url, stream=stream_name, mode="timestamp",
+                         timestamp_column="changed_at", key_column="order_no")
+    check = invoke("check", "--config", str(path))
+    assert "table ORDERS: 9 columns, mode timestamp" in check.stdout, check.output
+    result = run_once(path)
+    assert result.errors == [] and result.rows_read == 4

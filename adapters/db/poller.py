@@ -84,7 +84,8 @@ class DbSource:
         soft = [spec.soft_delete.column] if spec.soft_delete else []
         self._wanted = list(dict.fromkeys([*columns, *self._change_columns(), *soft]))
         self._from: FromClause | None = None
-        self._names: list[str] = []  # the wanted columns as the relation spells them
+        self._names: list[str] = []  # the wanted columns as the relation spells them, each once
+        self._spelled: dict[str, str] = {}  # wanted name -> the relation's spelling
         self._types: tuple[type | None, ...] = ()  # python types of the change columns (None: as stored)
         self._aware: bool | None = False  # the timestamp column keeps a time zone (None: not known yet)
         self._is_deleted = _soft_delete_rule(spec.soft_delete, spec.encoding) if spec.soft_delete else None
@@ -152,10 +153,12 @@ class DbSource:
                 f"(it has: {', '.join(available)}); fix `mapping`, the change or soft-delete columns in the "
                 "configuration, or the legacy schema"
             )
-        return [c if c in available else by_lower[c.lower()] for c in self._wanted]
+        # Each wanted name as the relation spells it; `order_no` and `ORDER_NO` are one column, selected once.
+        self._spelled = {c: c if c in available else by_lower[c.lower()] for c in self._wanted}
+        return list(dict.fromkeys(self._spelled.values()))
 
     def _resolved(self, wanted: list[str]) -> list[str]:
-        return [self._names[self._wanted.index(c)] for c in wanted]
+        return [self._spelled[c] for c in wanted]
 
     def _query_params(self, last_value: Any) -> dict[str, Any]:
         params: dict[str, Any] = dict(self.spec.params)
@@ -331,7 +334,7 @@ class DbSource:
         # An ODBC connection string may carry PWD=…: name only the kind of connection.
         url = "odbc" if self.spec.url.startswith("odbc:") else self.engine.url.render_as_string(hide_password=True)
         what = f"table {self.spec.table}" if self.spec.table is not None else "query"
-        return f"{url} {what}: {len(self._wanted)} columns, mode {self.spec.mode.value}"
+        return f"{url} {what}: {len(self._names)} columns, mode {self.spec.mode.value}"
 
     def close(self) -> None:
         self.engine.dispose()
