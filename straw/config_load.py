@@ -39,7 +39,9 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
-        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+        text = f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+        # One line, whatever a key or value holds: control characters shown escaped.
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class ConfigError(Exception):
@@ -77,7 +79,10 @@ def load_config(path: str | Path | None = None) -> Config:
 
 def parse_config(text: str, file: Path) -> Config:
     name = str(file)
-    loader = _UniqueKeyLoader(text)
+    try:
+        loader = _UniqueKeyLoader(text)
+    except yaml.reader.ReaderError as exc:  # checked before parsing starts: a control character
+        raise ConfigError([_unprintable(name, text, exc)]) from None
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
@@ -94,8 +99,10 @@ def parse_config(text: str, file: Path) -> Config:
             [Problem(name, line, "", f"not valid YAML{column}: {exc.problem or exc}; check the indentation "
                      "(spaces, not tabs; keys of one mapping start in the same column) and quoting")]
         ) from None
-    except yaml.YAMLError as exc:  # e.g. a control character: no line to point at
-        raise ConfigError([Problem(name, None, "", f"not valid YAML: {exc}")]) from None
+    except yaml.reader.ReaderError as exc:
+        raise ConfigError([_unprintable(name, text, exc)]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([Problem(name, None, "", "not valid YAML: " + " ".join(str(exc).split()))]) from None
     finally:
         loader.dispose()
     if not isinstance(data, dict):
@@ -111,6 +118,13 @@ def parse_config(text: str, file: Path) -> Config:
     except ValidationError as exc:
         raise ConfigError([_problem(err, name, lines, data) for err in exc.errors()]) from None
     return _anchor_paths(config, base, name, lines)
+
+
+def _unprintable(name: str, text: str, exc: yaml.reader.ReaderError) -> Problem:
+    line = text.count("\n", 0, exc.position) + 1
+    character = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or "?")
+    return Problem(name, line, "", f"not valid YAML: character U+{character:04X} is not allowed here (a control "
+                   "character); remove it, or save the file as plain UTF-8 text")
 
 
 class _DuplicateKey(Exception):
@@ -275,6 +289,8 @@ def _problem(err: Any, file: str, lines: dict[Path_, int], data: Any) -> Problem
     parent = path[:-1]
     while line is None and parent:
         line, parent = lines.get(parent), parent[:-1]
+    if line is None:  # a key missing at the top: the document's first line
+        line = lines.get(())
     # redact: a value pydantic echoes back may have come from ${ENV_VAR} or ${file:…}.
     return Problem(file, line, _dotted(path), redact(_message(err, path)))
 

@@ -11,6 +11,7 @@ import codecs
 import difflib
 import functools
 import ipaddress
+import math
 import re
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -39,17 +40,33 @@ def parse_duration(value: Any) -> Any:
             {"value": "yes" if value else "no"},
         )
     if isinstance(value, (int, float)):
-        return float(value)
+        return _bounded_seconds(value)
     if isinstance(value, str):
         match = _DURATION.match(value)
         if match:
-            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+            return _bounded_seconds(float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
         raise PydanticCustomError(
             "duration",
             "not a duration: '{value}'; write seconds (5), or a number with ms, s, m or h ('500ms', '2m')",
             {"value": value},
         )
     return value
+
+
+MAX_SECONDS = 30 * 86400.0  # longer is a typo; and infinity would break sleeps and statement timeouts
+
+
+def _bounded_seconds(value: float) -> float:
+    # Compared before float(): an int beyond float range would overflow.
+    if value < 0:
+        raise PydanticCustomError(
+            "duration", "a duration cannot be negative; got '{value}'", {"value": str(value)[:40]}
+        )
+    if (isinstance(value, float) and not math.isfinite(value)) or value > MAX_SECONDS:
+        raise PydanticCustomError(
+            "duration", "a duration of at most 30 days ('720h'); got '{value}'", {"value": str(value)[:40]}
+        )
+    return float(value)
 
 
 def _plain_name(value: str) -> str:
