@@ -398,6 +398,9 @@ def _anchor_paths(config: Config, base: Path, file: str, lines: dict[Path_, int]
     )
 
 
+_MULTI_STATEMENTS = 1 << 16  # MySQL's CLIENT_MULTI_STATEMENTS
+
+
 def _driver_problem(url: URL) -> str | None:
     """Why SQLAlchemy cannot open this kind of URL (unknown dialect, driver not installed), or None."""
     try:
@@ -411,6 +414,9 @@ def _driver_problem(url: URL) -> str | None:
     except ImportError as exc:
         return (f"the driver for '{url.drivername}' is not installed (no module {exc.name or exc}); install it "
                 "(pip install …) or pick another driver")
+    flag = str(url.query.get("client_flag", "0"))
+    if url.get_backend_name() in ("mysql", "mariadb") and flag.isdigit() and int(flag) & _MULTI_STATEMENTS:
+        return "`client_flag` allows several statements in one string (MULTI_STATEMENTS); remove that flag"
     return None
 
 

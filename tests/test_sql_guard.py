@@ -207,3 +207,9 @@ def test_every_statement_around_a_query_is_sent_with_bound_parameters(tmp_path: 
     reader.dispose()
     assert victim_rows(engine) == VICTIM_ROWS
     engine.dispose()
+
+
+def test_a_mysql_url_may_not_allow_several_statements_per_string() -> None:
+    written = config_text("mysql+pymysql://u@h/d?client_flag=65536", "SELECT id, v FROM victim")
+    with pytest.raises(ConfigError, match="MULTI_STATEMENTS"):
+        parse_config(written, Path("straw.yaml"))
