@@ -13,12 +13,13 @@ text; those run inside the read-only session, which refuses their writes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
+from typing import TYPE_CHECKING, Any
 
-import sqlglot
-from sqlglot import TokenType, exp
-from sqlglot.errors import SqlglotError
+if TYPE_CHECKING:
+    from sqlglot import exp
 
 # SQLAlchemy backend name -> sqlglot dialect (None: sqlglot's generic SQL).
 _DIALECTS = {
@@ -33,8 +34,6 @@ _DIALECTS = {
 _ODBC_DRIVERS = (("postgres", "postgres"), ("maria", "mysql"), ("mysql", "mysql"), ("sqlite", "sqlite"),
                  ("sql server", "tsql"), ("oracle", "oracle"))
 
-_WRITES = (exp.DML, exp.DDL, exp.Command, exp.Into, exp.Lock, exp.Set, exp.Transaction, exp.Commit,
-           exp.Rollback, exp.Pragma, exp.Copy, exp.Execute, exp.Use)
 
 # Functions that write, change server state, or execute SQL handed to them as text.
 _WRITING_FUNCTIONS = frozenset({
@@ -50,9 +49,18 @@ _WRITING_PREFIXES = ("lo_", "dblink", "pg_advisory_", "pg_try_advisory_", "pg_cr
 # MySQL/MariaDB run `/*! … */` as code; every parser reads it as a comment.
 _EXECUTABLE_COMMENT = re.compile(r"/\*!")
 
-# sqlglot logs "falling back to parsing as a Command" for statements it does not model; straw refuses
-# those and says so itself.
-logging.getLogger("sqlglot").setLevel(logging.ERROR)
+
+
+@functools.cache
+def _writes() -> tuple[type[Any], ...]:
+    # sqlglot is imported on first use: it costs half a second, and most configurations have no `query`.
+    from sqlglot import exp
+
+    # sqlglot logs "falling back to parsing as a Command" for statements it does not model; straw refuses
+    # those and says so itself.
+    logging.getLogger("sqlglot").setLevel(logging.ERROR)
+    return (exp.DML, exp.DDL, exp.Command, exp.Into, exp.Lock, exp.Set, exp.Transaction, exp.Commit,
+            exp.Rollback, exp.Pragma, exp.Copy, exp.Execute, exp.Use)
 
 
 def dialect_for(url: str) -> str | None:
@@ -66,6 +74,11 @@ def dialect_for(url: str) -> str | None:
 
 def refusal(query: str, dialect: str | None) -> str | None:
     """Why `query` may not be sent (one line), or None when it is one read-only query."""
+    import sqlglot
+    from sqlglot import exp
+    from sqlglot.errors import SqlglotError
+
+    writes = _writes()
     if _EXECUTABLE_COMMENT.search(query):
         return "holds a `/*! … */` comment, which MySQL and MariaDB execute as code; remove it"
     try:
@@ -83,7 +96,7 @@ def refusal(query: str, dialect: str | None) -> str | None:
         kind = str(root.this).split()[0] if isinstance(root, exp.Command) and root.this else root.key
         return f"is not a SELECT but {kind.upper()}; straw only reads: write one SELECT"
     for node in root.walk():
-        reason = _refused_node(node)
+        reason = _refused_node(node, writes)
         if reason:
             return reason
     return None
@@ -94,6 +107,9 @@ def sendable(query: str, dialect: str | None) -> str:
 
     A trailing `-- comment` stays harmless because straw closes the parenthesis on a new line.
     """
+    import sqlglot
+    from sqlglot import TokenType
+
     tokens = sqlglot.Dialect.get_or_raise(dialect).tokenize(query)
     end = len(tokens)
     while end and tokens[end - 1].token_type is TokenType.SEMICOLON:
@@ -101,12 +117,14 @@ def sendable(query: str, dialect: str | None) -> str:
     return query[: tokens[end - 1].end + 1] if end < len(tokens) else query
 
 
-def _refused_node(node: exp.Expr) -> str | None:
+def _refused_node(node: exp.Expr, writes: tuple[type[Any], ...]) -> str | None:
+    from sqlglot import exp
+
     if isinstance(node, exp.Lock):
         return "has a locking clause (FOR UPDATE / FOR SHARE / LOCK IN SHARE MODE); straw only reads: remove it"
     if isinstance(node, exp.Into):
         return "has SELECT … INTO, which writes a table or file; remove the INTO clause"
-    if isinstance(node, _WRITES):
+    if isinstance(node, writes):
         return f"contains a {node.key.upper()} statement; straw only reads: write one SELECT without it"
     if isinstance(node, exp.Func):
         name = (node.name if isinstance(node, exp.Anonymous) else node.sql_name()).lower()
