@@ -213,3 +213,18 @@ def test_a_mysql_url_may_not_allow_several_statements_per_string() -> None:
     written = config_text("mysql+pymysql://u@h/d?client_flag=65536", "SELECT id, v FROM victim")
     with pytest.raises(ConfigError, match="MULTI_STATEMENTS"):
         parse_config(written, Path("straw.yaml"))
+
+
+def test_a_postgresql_session_over_odbc_is_read_only(pg_url: str) -> None:
+    """psqlODBC runs a string of several statements even with parameters: the read-only session must hold there."""
+    engine = victim(pg_url)
+    reader = make_engine(odbc_url(pg_url))
+    try:
+        with reader.connect() as conn:
+            assert conn.execute(text("SHOW transaction_read_only")).scalar() == "on"
+            with pytest.raises(Exception, match="read-only transaction"):
+                conn.execute(text("SELECT 1 WHERE 1 = :one; DELETE FROM victim WHERE id = 3"), {"one": 1})
+        assert victim_rows(engine) == VICTIM_ROWS
+    finally:
+        reader.dispose()
+        engine.dispose()

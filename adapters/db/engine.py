@@ -44,7 +44,10 @@ def make_engine(
         _sqlite_must_exist(engine, sqlite_file)
     if backend == "postgresql" and parsed.get_driver_name() == "psycopg":
         _sql_ascii_text(engine, encoding)
-    statements = [_READ_ONLY[backend]] if read_only and backend in _READ_ONLY else []
+    # Over straw's generic `odbc:` dialect the DBMS shows only in the driver's name; psqlODBC runs several
+    # statements from one string, so there the read-only session matters most.
+    session = "postgresql" if url.startswith(odbc.PREFIX) and "postgres" in url.lower() else backend
+    statements = [_READ_ONLY[session]] if read_only and session in _READ_ONLY else []
     if statement_timeout:
         statements += _timeout_statements(backend, statement_timeout)
     if statements:
@@ -57,7 +60,7 @@ def make_engine(
                     _execute_first(cursor, statement)
             finally:
                 cursor.close()
-            if backend == "postgresql":
+            if session == "postgresql":
                 # SET outside a transaction block must be committed under psycopg's implicit transactions.
                 dbapi_connection.commit()
 
