@@ -273,3 +273,15 @@ def test_url_passwords_with_special_characters_are_encoded(tmp_path: Path, monke
     text = BASE.replace("sqlite:///legacy.db", "postgresql+psycopg://erp:${STRAW_TEST_DB_PW}@erp-db:5433/erp")
     url = make_url(load_config(write(tmp_path, text)).sources[0].url)
     assert (url.username, url.password, url.host, url.port) == ("erp", "p@ss/w:rd#1", "erp-db", 5433)
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:6379", "redis://127.0.0.1:99999/0", "''", "redis://127.0.0.1:6379/seven"])
+@pytest.mark.parametrize("command", [("check",), ("status",), ("run", "--once"), ("preview", "orders")])
+def test_a_bad_redis_url_is_one_line_from_every_command(tmp_path: Path, url: str, command: tuple[str, ...]) -> None:
+    """Before: `check` passed its config line, then `check`, `run` and `status` ended in a ValueError traceback."""
+    path = write(tmp_path, BASE.replace("redis://127.0.0.1:6379/0", url))
+    result = invoke(*command, "--config", str(path))
+    assert result.exit_code == 2, result.output
+    assert lines(result.stderr) == ["configuration error", lines(result.stderr)[1]]
+    assert lines(result.stderr)[1].startswith(f"  {path}:3: redis.url: ")
+    assert "Traceback" not in result.output
