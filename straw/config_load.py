@@ -196,23 +196,26 @@ def _substitute(
                             f"cannot read secret file {target}: {reason}; create it or fix the path")
                 )
                 return "", False
-        var, has_default, default = expr.partition(":-")
+        # `${secret:VAR}`: a variable marked secret where neither its name nor the key says so.
+        marked = expr.startswith("secret:")
+        var, has_default, default = expr.removeprefix("secret:").partition(":-")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var):
             problems.append(
                 Problem(file, lines.get(path), _dotted(path),
-                        f"bad substitution ${{{expr}}}: use ${{VAR}}, ${{VAR:-default}} or ${{file:/path}}")
+                        f"bad substitution ${{{expr}}}: use ${{VAR}}, ${{VAR:-default}}, ${{secret:VAR}} or "
+                        "${file:/path}")
             )
             return "", False
         found = os.environ.get(var)
         if found is None or (found == "" and has_default):
             if has_default:
-                return default, False
+                return default, marked
             problems.append(
                 Problem(file, lines.get(path), _dotted(path),
                         f"environment variable {var} is not set; export it or write ${{{var}:-default}}")
             )
             return "", False
-        return found, _SECRET_NAME.search(var) is not None
+        return found, marked or _SECRET_NAME.search(var) is not None
 
     userinfo = _userinfo_span(value)
     secret_key = _is_secret_key(path)

@@ -208,18 +208,22 @@ def test_a_plain_value_from_the_environment_is_not_masked(tmp_path: Path, monkey
         ("secret-named variable", "postgresql+psycopg://erp@erp-db/${ERP_PASSWORD}"),
         ("url password", "postgresql+psycopg://erp:${ERP_VALUE}@erp-db/erp"),
         ("odbc PWD=", "odbc:Driver={PostgreSQL Unicode};Server=erp-db;Uid=erp;PWD=${ERP_VALUE};"),
-        ("odbc inline", f"odbc:DSN=erp;UID=erp;Pwd={SECRET};"),
+        ("odbc inline", "odbc:DSN=erp;UID=erp;Pwd=<secret>;"),
+        ("marked secret", "postgresql+psycopg://erp@erp-db/erp?application_name=${secret:ERP_VALUE}"),
     ],
 )
 def test_secrets_stay_masked_wherever_they_are_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, written: str
 ) -> None:
-    (tmp_path / "pw").write_text(SECRET + "\n")
-    monkeypatch.setenv("ERP_PASSWORD", SECRET)
-    monkeypatch.setenv("ERP_VALUE", SECRET)
+    secret = unique("Zx9")  # a value of its own: the registry is per process, and other cases mask theirs
+    (tmp_path / "pw").write_text(secret + "\n")
+    monkeypatch.setenv("ERP_PASSWORD", secret)
+    monkeypatch.setenv("ERP_VALUE", secret)
+    written = written.replace("<secret>", secret)
     path = orders_config(tmp_path, db_url=written, redis_url="redis://127.0.0.1:6379/0", stream="erp.orders")
+    assert redact(f"connecting with {secret} failed") == f"connecting with {secret} failed"
     load_config(path)
-    assert redact(f"connecting with {SECRET} failed") == "connecting with *** failed", where
+    assert redact(f"connecting with {secret} failed") == "connecting with *** failed", where
 
 
 def test_secret_keys_of_a_scrape_source_are_masked_and_the_rest_is_not(
