@@ -172,9 +172,8 @@ def _redis_url(value: str) -> str:
         raise PydanticCustomError("redis_url", "no host; " + example)
     database = parts.path.strip("/")
     if database and not database.isdigit():
-        raise PydanticCustomError(
-            "redis_url", "the database '{db}' after the host is not a number; write /0, /1 …", {"db": database}
-        )
+        # Not echoed: in a URL misread around an unencoded '/' in the password, this part holds some of it.
+        raise PydanticCustomError("redis_url", "the database after the host is not a number; write /0, /1 …")
     return value
 
 

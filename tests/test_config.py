@@ -107,7 +107,7 @@ CASES = [
     case("redis-empty-default", "redis://127.0.0.1:6379/0", "${STRAW_TEST_NOPE:-}",
          3, "redis.url", "${STRAW_TEST_NOPE:-}", "empty; write the Redis URL"),
     case("redis-db-word", "redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/seven",
-         3, "redis.url", "/seven", "the database 'seven' after the host is not a number; write /0, /1"),
+         3, "redis.url", "/seven", "the database after the host is not a number; write /0, /1"),
     case("redis-other-scheme", "redis://127.0.0.1:6379/0", "http://127.0.0.1:6379/0",
          3, "redis.url", "http://", "'http://' is not a Redis URL scheme; write redis://, rediss:// or unix://"),
     case("db-url-no-scheme", "sqlite:///legacy.db", "127.0.0.1:5432/erp",
