@@ -229,7 +229,7 @@ def _substitute(
             # Inside `user:password@` a '@', '/', ':' or '#' must be percent-encoded, or the URL parses
             # wrongly and part of the password can surface in an error message as a host name.
             quoted = quote(found, safe="")
-            if secret or ":" in value[userinfo[0]: match.start()]:  # the password, not the user name
+            if secret or ":" in _opaque(value)[userinfo[0]: match.start()]:  # the password, not the user name
                 register_secret(found)
                 register_secret(quoted)
             return quoted
@@ -257,10 +257,14 @@ def _is_secret_key(path: Path_) -> bool:
     return bool(names) and _SECRET_NAME.search(names[-1]) is not None
 
 
+def _opaque(template: str) -> str:
+    """The template with each `${…}` as a run of x's of its length: its ':' and '/' are not the URL's."""
+    return _VAR.sub(lambda m: "x" * len(m.group(0)), template)
+
+
 def _userinfo_span(template: str) -> tuple[int, int] | None:
     """Where `user:password` sits in a URL template, each `${…}` counted as opaque."""
-    masked = _VAR.sub(lambda m: "x" * len(m.group(0)), template)
-    found = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://([^/?#@]*)@", masked)
+    found = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://([^/?#@]*)@", _opaque(template))
     return found.span(1) if found else None
 
 
