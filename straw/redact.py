@@ -15,8 +15,9 @@ from typing import Any
 _MASK = "***"
 _MIN_SECRET_LEN = 4  # shorter values ("1", "on") would mask ordinary words
 _secrets: set[str] = set()
-# userinfo ends the authority at the first '/', '?' or '#': an '@' in a query (`?columns=a@b`) is not a password.
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/?#@\s]*):(?P<pw>[^/?#@\s]+)@", re.I)
+# A password in a URL ends at the first `@` and holds no `?` or `#`: an `@` in a query string
+# (`?owner=alice@example.com`) ends no password. A `/` may be in one written unescaped: still masked.
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/?#@\s]*):(?P<pw>[^@?#\s]+)@", re.I)
 
 
 def register_secret(value: str) -> None:
