@@ -23,8 +23,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from straw import sql_guard
 from straw.config_scrape import ScrapeSourceSpec
-from straw.config_types import Encoding, Name, Seconds, StreamName, Strict, TimeZone
+from straw.config_types import Encoding, ListenHost, Name, RedisUrl, Seconds, StreamName, Strict, TimeZone
 
 
 class FieldType(StrEnum):
@@ -46,6 +47,16 @@ class FieldSpec(Strict):
     scale: int | None = Field(
         default=None, ge=0, le=38, description="decimal only: digits after the point, rounded half-even"
     )
+
+
+    @model_validator(mode="after")
+    def _scale_for_decimals(self) -> FieldSpec:
+        if self.scale is not None and self.type is not FieldType.DECIMAL:
+            raise PydanticCustomError(
+                "scale", "`scale` applies to type 'decimal' only (this field is '{type}'); remove it",
+                {"type": self.type.value, "at": ("scale",)},
+            )
+        return self
 
 
 def _field_shorthand(value: Any) -> Any:
@@ -96,6 +107,16 @@ class SoftDeleteSpec(Strict):
 
 
 _LAST_VALUE = re.compile(r"(?<![:\w]):last_value\b")
+
+
+# Each change mode's own columns; another mode's column is a mistake, not something to ignore.
+_MODE_COLUMNS = ("incrementing_column", "timestamp_column", "key_column")
+_MODE_COLUMNS_OF = {
+    ChangeMode.INCREMENTING: ("incrementing_column",),
+    ChangeMode.TIMESTAMP: ("timestamp_column", "key_column"),
+    ChangeMode.SNAPSHOT: (),
+}
+MIN_POLL_INTERVAL = 0.05  # seconds
 
 
 class DbSourceSpec(Strict):
@@ -199,12 +220,38 @@ class DbSourceSpec(Strict):
                 "mode 'incrementing' needs `incrementing_column`: a column whose value only grows (an id)",
                 {"at": ("mode",)},
             )
+        foreign = [k for k in _MODE_COLUMNS if k not in _MODE_COLUMNS_OF[self.mode] and getattr(self, k) is not None]
+        if foreign:
+            owner = next(m for m, keys in _MODE_COLUMNS_OF.items() if foreign[0] in keys)
+            raise PydanticCustomError(
+                "mode_column",
+                "`{key}` applies to mode '{owner}' only, and this source's mode is '{mode}'; remove it",
+                {"key": foreign[0], "owner": owner.value, "mode": self.mode.value, "at": (foreign[0],)},
+            )
         if self.mode is ChangeMode.TIMESTAMP and not (self.timestamp_column and self.key_column):
             raise PydanticCustomError(
                 "mode_column",
                 "mode 'timestamp' needs `timestamp_column` (last change time) and `key_column` "
                 "(unique tie-breaker, so rows sharing a timestamp are never skipped)",
                 {"at": ("mode",)},
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _read_only_query(self) -> DbSourceSpec:
+        # Refused here, at load, so no text that could escape the read-only session ever reaches a database.
+        reason = None if self.query is None else sql_guard.refusal(self.query, sql_guard.dialect_for(self.url))
+        if reason:
+            raise PydanticCustomError("query", "the query {reason}", {"reason": reason, "at": ("query",)})
+        return self
+
+    @model_validator(mode="after")
+    def _poll_interval_floor(self) -> DbSourceSpec:
+        if self.poll_interval < MIN_POLL_INTERVAL:
+            raise PydanticCustomError(
+                "poll_interval",
+                "at least {floor} ms: a shorter interval polls the legacy database in a busy loop; write e.g. 1s",
+                {"floor": round(MIN_POLL_INTERVAL * 1000), "at": ("poll_interval",)},
             )
         return self
 
@@ -232,7 +279,7 @@ AnySourceSpec = DbSourceSpec | ScrapeSourceSpec
 
 
 class RedisSpec(Strict):
-    url: str = "redis://127.0.0.1:6379/0"
+    url: RedisUrl = "redis://127.0.0.1:6379/0"
     socket_timeout: Seconds = 10.0
 
 
@@ -254,7 +301,7 @@ class MetricsSpec(Strict):
 
     port: int = Field(ge=1, le=65535)
     # Loopback by default: an on-premises host's metrics are for its own scraper unless opened on purpose.
-    host: str = Field(default="127.0.0.1", min_length=1, description="address to listen on; 0.0.0.0 for all")
+    host: ListenHost = Field(default="127.0.0.1", min_length=1, description="address to listen on; 0.0.0.0 for all")
 
 
 class DatabaseSpec(Strict):

@@ -13,12 +13,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 import yaml
 from pydantic import BaseModel, ValidationError
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from straw.config import AnySourceSpec, Config
 from straw.config_scrape import ScrapeSourceSpec
@@ -39,7 +39,9 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
-        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+        text = f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+        # One line, whatever a key or value holds: control characters shown escaped.
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class ConfigError(Exception):
@@ -77,10 +79,18 @@ def load_config(path: str | Path | None = None) -> Config:
 
 def parse_config(text: str, file: Path) -> Config:
     name = str(file)
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = _UniqueKeyLoader(text)
+    except yaml.reader.ReaderError as exc:  # checked before parsing starts: a control character
+        raise ConfigError([_unprintable(name, text, exc)]) from None
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
+    except _DuplicateKey as dup:
+        raise ConfigError(
+            [Problem(name, dup.line, dup.key, f"duplicate key (first at line {dup.first}); YAML would silently keep "
+                     "only the last one: remove or rename one")]
+        ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
@@ -89,8 +99,10 @@ def parse_config(text: str, file: Path) -> Config:
             [Problem(name, line, "", f"not valid YAML{column}: {exc.problem or exc}; check the indentation "
                      "(spaces, not tabs; keys of one mapping start in the same column) and quoting")]
         ) from None
-    except yaml.YAMLError as exc:  # e.g. a control character: no line to point at
-        raise ConfigError([Problem(name, None, "", f"not valid YAML: {exc}")]) from None
+    except yaml.reader.ReaderError as exc:
+        raise ConfigError([_unprintable(name, text, exc)]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([Problem(name, None, "", "not valid YAML: " + " ".join(str(exc).split()))]) from None
     finally:
         loader.dispose()
     if not isinstance(data, dict):
@@ -106,6 +118,34 @@ def parse_config(text: str, file: Path) -> Config:
     except ValidationError as exc:
         raise ConfigError([_problem(err, name, lines, data) for err in exc.errors()]) from None
     return _anchor_paths(config, base, name, lines)
+
+
+def _unprintable(name: str, text: str, exc: yaml.reader.ReaderError) -> Problem:
+    line = text.count("\n", 0, exc.position) + 1
+    character = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or "?")
+    return Problem(name, line, "", f"not valid YAML: character U+{character:04X} is not allowed here (a control "
+                   "character); remove it, or save the file as plain UTF-8 text")
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, line: int, first: int) -> None:
+        super().__init__(key)
+        self.key, self.line, self.first = key, line, first
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys; a config with an entity's `key:` twice is a mistake to name."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[str, int] = {}
+        for key_node, _value in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` merges are meant to be overridden
+            line = key_node.start_mark.line + 1
+            if key_node.value in seen:
+                raise _DuplicateKey(str(key_node.value), line, seen[key_node.value])
+            seen[key_node.value] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _line_map(node: yaml.Node | None) -> dict[Path_, int]:
@@ -139,62 +179,92 @@ def _substitute(
     if not isinstance(value, str) or "${" not in value:
         return value
 
-    def expand(match: re.Match[str]) -> str:
+    def expand(match: re.Match[str]) -> tuple[str, bool]:
+        """The value of one `${…}`, and whether where it came from makes it a secret."""
         expr = match.group(1)
         if expr == "CONFIG_DIR":
-            return str(base)
+            return str(base), False
         if expr.startswith("file:"):
             target = Path(expr[5:]).expanduser()
             target = target if target.is_absolute() else base / target
             try:
-                secret = target.read_text(encoding="utf-8").rstrip("\r\n")
+                return target.read_text(encoding="utf-8").rstrip("\r\n"), True
             except (OSError, UnicodeDecodeError) as exc:
                 reason = getattr(exc, "strerror", None) or exc
                 problems.append(
                     Problem(file, lines.get(path), _dotted(path),
                             f"cannot read secret file {target}: {reason}; create it or fix the path")
                 )
-                return ""
-            register_secret(secret)
-            return secret
-        var, has_default, default = expr.partition(":-")
+                return "", False
+        # `${secret:VAR}`: a variable marked secret where neither its name nor the key says so.
+        marked = expr.startswith("secret:")
+        var, has_default, default = expr.removeprefix("secret:").partition(":-")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var):
             problems.append(
                 Problem(file, lines.get(path), _dotted(path),
-                        f"bad substitution ${{{expr}}}: use ${{VAR}}, ${{VAR:-default}} or ${{file:/path}}")
+                        f"bad substitution ${{{expr}}}: use ${{VAR}}, ${{VAR:-default}}, ${{secret:VAR}} or "
+                        "${file:/path}")
             )
-            return ""
+            return "", False
         found = os.environ.get(var)
         if found is None or (found == "" and has_default):
             if has_default:
-                return default
+                return default, marked
             problems.append(
                 Problem(file, lines.get(path), _dotted(path),
                         f"environment variable {var} is not set; export it or write ${{{var}:-default}}")
             )
-            return ""
-        register_secret(found)
-        return found
+            return "", False
+        return found, marked or _SECRET_NAME.search(var) is not None
 
     userinfo = _userinfo_span(value)
+    secret_key = _is_secret_key(path)
 
     def substitute(match: re.Match[str]) -> str:
-        found = expand(match)
+        found, secret = expand(match)
+        # Masked: what the file, the variable's name, the key, or the place in the value says is a secret;
+        # hosts, ports, database and user names, modes stay readable in errors.
+        secret = secret or secret_key or _SECRET_ASSIGNMENT.search(value[: match.start()]) is not None
         if userinfo and userinfo[0] <= match.start() < userinfo[1]:
             # Inside `user:password@` a '@', '/', ':' or '#' must be percent-encoded, or the URL parses
             # wrongly and part of the password can surface in an error message as a host name.
             quoted = quote(found, safe="")
-            register_secret(quoted)
+            if secret or ":" in _opaque(value)[userinfo[0]: match.start()]:  # the password, not the user name
+                register_secret(found)
+                register_secret(quoted)
             return quoted
+        if secret:
+            register_secret(found)
         return found
 
     return _VAR.sub(substitute, value)
 
 
+# Names that say "this is a secret": of an environment variable, of a configuration key, or of a
+# `name=` inside a value (an ODBC `PWD=`, a `?token=` in a URL).
+_SECRET_WORDS = r"pass|pwd|secret|token|credential|api[-_]?key|private[-_]?key|auth|cookie|session[-_]?id"
+_SECRET_NAME = re.compile(_SECRET_WORDS, re.I)
+_SECRET_ASSIGNMENT = re.compile(rf"(?:{_SECRET_WORDS})[\w.-]*\s*=\s*$", re.I)
+
+
+_ODBC_PASSWORD = re.compile(r"(?:^|[;:])\s*(?:pwd|password)\s*=\s*([^;]+)", re.I)
+
+
+def _is_secret_key(path: Path_) -> bool:
+    """A value under a key such as `password`, `basic_auth.password`, a login field `j_password`, a
+    header `Authorization`: the last named key decides (`basic_auth.username` is not a secret)."""
+    names = [p for p in path if isinstance(p, str)]
+    return bool(names) and _SECRET_NAME.search(names[-1]) is not None
+
+
+def _opaque(template: str) -> str:
+    """The template with each `${…}` as a run of x's of its length: its ':' and '/' are not the URL's."""
+    return _VAR.sub(lambda m: "x" * len(m.group(0)), template)
+
+
 def _userinfo_span(template: str) -> tuple[int, int] | None:
     """Where `user:password` sits in a URL template, each `${…}` counted as opaque."""
-    masked = _VAR.sub(lambda m: "x" * len(m.group(0)), template)
-    found = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://([^/?#@]*)@", masked)
+    found = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://([^/?#@]*)@", _opaque(template))
     return found.span(1) if found else None
 
 
@@ -226,6 +296,8 @@ def _problem(err: Any, file: str, lines: dict[Path_, int], data: Any) -> Problem
     parent = path[:-1]
     while line is None and parent:
         line, parent = lines.get(parent), parent[:-1]
+    if line is None:  # a key missing at the top: the document's first line
+        line = lines.get(())
     # redact: a value pydantic echoes back may have come from ${ENV_VAR} or ${file:…}.
     return Problem(file, line, _dotted(path), redact(_message(err, path)))
 
@@ -288,6 +360,10 @@ def _anchor_paths(config: Config, base: Path, file: str, lines: dict[Path_, int]
     """Relative paths in the file are relative to the file's folder, not to the shell's."""
     # resolve(): the paths straw shows and opens read cleanly, without `..`.
     outbox_path = (base / config.outbox.path.expanduser()).resolve()
+    redis_password = urlsplit(config.redis.url).password
+    if redis_password:  # written inline or substituted: either way it is the password
+        register_secret(redis_password)
+        register_secret(unquote(redis_password))
     sources: list[AnySourceSpec] = []
     problems: list[Problem] = []
     for index, source in enumerate(config.sources):
@@ -295,6 +371,8 @@ def _anchor_paths(config: Config, base: Path, file: str, lines: dict[Path_, int]
             sources.append(_anchor_scrape(source, base))
             continue
         if source.url.startswith("odbc:"):  # an ODBC connection string or DSN, not a URL (adapters/db/odbc.py)
+            for written in _ODBC_PASSWORD.findall(source.url):
+                register_secret(written)
             sources.append(source)
             continue
         try:
@@ -308,6 +386,10 @@ def _anchor_paths(config: Config, base: Path, file: str, lines: dict[Path_, int]
             continue
         if url.password:
             register_secret(str(url.password))
+        unusable = _driver_problem(url)
+        if unusable:
+            problems.append(Problem(file, lines.get(("sources", index, "url")), f"sources[{index}].url", unusable))
+            continue
         if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
             database = Path(url.database).expanduser()
             if not url.database.startswith("file:"):  # a `file:` URI (uri=true) is passed on as written
@@ -321,6 +403,28 @@ def _anchor_paths(config: Config, base: Path, file: str, lines: dict[Path_, int]
     return config.model_copy(
         update={"outbox": config.outbox.model_copy(update={"path": outbox_path}), "sources": sources}
     )
+
+
+_MULTI_STATEMENTS = 1 << 16  # MySQL's CLIENT_MULTI_STATEMENTS
+
+
+def _driver_problem(url: URL) -> str | None:
+    """Why SQLAlchemy cannot open this kind of URL (unknown dialect, driver not installed), or None."""
+    try:
+        url.get_dialect().import_dbapi()
+    except NoSuchModuleError:
+        if url.drivername.startswith("postgres"):
+            return f"unknown database kind '{url.drivername}'; did you mean 'postgresql+psycopg'?"
+        return (f"unknown database kind '{url.drivername}'; write e.g. postgresql+psycopg://, mysql+pymysql://, "
+                "sqlite:///, mssql+pyodbc:// or odbc:<connection string>, or install the driver package that "
+                "provides this dialect")
+    except ImportError as exc:
+        return (f"the driver for '{url.drivername}' is not installed (no module {exc.name or exc}); install it "
+                "(pip install …) or pick another driver")
+    flag = str(url.query.get("client_flag", "0"))
+    if url.get_backend_name() in ("mysql", "mariadb") and flag.isdigit() and int(flag) & _MULTI_STATEMENTS:
+        return "`client_flag` allows several statements in one string (MULTI_STATEMENTS); remove that flag"
+    return None
 
 
 def _anchor_scrape(source: ScrapeSourceSpec, base: Path) -> ScrapeSourceSpec:

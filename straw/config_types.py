@@ -8,9 +8,14 @@ check and the same message as every other model.
 from __future__ import annotations
 
 import codecs
+import difflib
+import functools
+import ipaddress
+import math
 import re
 from typing import Annotated, Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
@@ -29,18 +34,39 @@ class Strict(BaseModel):
 
 def parse_duration(value: Any) -> Any:
     """Accept `5`, `2.5`, `"500ms"`, `"5s"`, `"2m"`, `"1h"`; return seconds."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if isinstance(value, bool):  # YAML reads yes/no/on/off as booleans: not a duration
+        raise PydanticCustomError(
+            "duration", "not a duration: '{value}'; write seconds (5), or a number with ms, s, m or h ('500ms')",
+            {"value": "yes" if value else "no"},
+        )
+    if isinstance(value, (int, float)):
+        return _bounded_seconds(value)
     if isinstance(value, str):
         match = _DURATION.match(value)
         if match:
-            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+            return _bounded_seconds(float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
         raise PydanticCustomError(
             "duration",
             "not a duration: '{value}'; write seconds (5), or a number with ms, s, m or h ('500ms', '2m')",
             {"value": value},
         )
     return value
+
+
+MAX_SECONDS = 30 * 86400.0  # longer is a typo; and infinity would break sleeps and statement timeouts
+
+
+def _bounded_seconds(value: float) -> float:
+    # Compared before float(): an int beyond float range would overflow.
+    if value < 0:
+        raise PydanticCustomError(
+            "duration", "a duration cannot be negative; got '{value}'", {"value": str(value)[:40]}
+        )
+    if (isinstance(value, float) and not math.isfinite(value)) or value > MAX_SECONDS:
+        raise PydanticCustomError(
+            "duration", "a duration of at most 30 days ('720h'); got '{value}'", {"value": str(value)[:40]}
+        )
+    return float(value)
 
 
 def _plain_name(value: str) -> str:
@@ -77,10 +103,27 @@ def _known_zone(value: str) -> str:
     try:
         ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError):
+        close = _close_zone(value)
+        hint = f"did you mean '{close}'?" if close else "use an IANA name such as 'Europe/Amsterdam'"
         raise PydanticCustomError(
-            "timezone", "unknown time zone '{value}'; use an IANA name such as 'Europe/Amsterdam'", {"value": value}
+            "timezone", "unknown time zone '{value}'; {hint}", {"value": value, "hint": hint}
         ) from None
     return value
+
+
+@functools.cache
+def _zones() -> dict[str, str]:
+    return {zone.lower(): zone for zone in available_timezones()}
+
+
+def _close_zone(value: str) -> str | None:
+    """Zone names are case-sensitive on Linux ('utc' fails): the right spelling, or the nearest name."""
+    zones = _zones()
+    exact = zones.get(value.strip().lower())
+    if exact:
+        return exact
+    close = difflib.get_close_matches(value.strip().lower(), list(zones), n=1, cutoff=0.8)
+    return zones[close[0]] if close else None
 
 
 def _known_encoding(value: str) -> str:
@@ -99,3 +142,61 @@ Name = Annotated[str, AfterValidator(_plain_name)]  # source and instance names
 StreamName = Annotated[str, AfterValidator(_stream_name)]  # a Name, or one with a Redis Cluster hash tag
 TimeZone = Annotated[str, AfterValidator(_known_zone)]  # an IANA zone name
 Encoding = Annotated[str, AfterValidator(_known_encoding)]  # a Python codec name
+
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _redis_url(value: str) -> str:
+    """A URL redis-py reads as written: it silently takes db 0 for `/seven` and localhost for a missing host."""
+    example = "e.g. redis://127.0.0.1:6379/0 (rediss:// for TLS, unix:///path/redis.sock)"
+    if not value.strip():
+        raise PydanticCustomError("redis_url", "empty; write the Redis URL, " + example)
+    parts = urlsplit(value)
+    if "://" not in value:
+        raise PydanticCustomError("redis_url", "no scheme; start it with redis://, " + example)
+    if parts.scheme.lower() not in _REDIS_SCHEMES:
+        raise PydanticCustomError(
+            "redis_url", "'{scheme}://' is not a Redis URL scheme; write redis://, rediss:// or unix://, " + example,
+            {"scheme": parts.scheme},
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        raise PydanticCustomError("redis_url", "the port is not a number from 1 to 65535; " + example) from None
+    if port == 0:
+        raise PydanticCustomError("redis_url", "the port is not a number from 1 to 65535; " + example)
+    if parts.scheme.lower() == "unix":
+        return value
+    if not parts.hostname:
+        raise PydanticCustomError("redis_url", "no host; " + example)
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        # Not echoed: in a URL misread around an unencoded '/' in the password, this part holds some of it.
+        raise PydanticCustomError("redis_url", "the database after the host is not a number; write /0, /1 …")
+    return value
+
+
+RedisUrl = Annotated[str, AfterValidator(_redis_url)]  # redis://, rediss:// or unix://, checked part by part
+
+
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def _listen_host(value: str) -> str:
+    """An IP address or a host name (RFC 1123 labels): checked at load, not when the port is opened."""
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    labels = value.rstrip(".").split(".")
+    if len(value) > 253 or all(label.isdigit() for label in labels) or not all(map(_HOST_LABEL.match, labels)):
+        raise PydanticCustomError(
+            "host", "'{value}' is not an IP address or host name; write e.g. 127.0.0.1, 0.0.0.0 (all) or ::1",
+            {"value": value},
+        )
+    return value
+
+
+ListenHost = Annotated[str, AfterValidator(_listen_host)]  # where a server listens: an address or a host name

@@ -1,7 +1,9 @@
 """Keep secrets out of logs, errors and the stream.
 
-Every value that came from `${ENV_VAR}`, `${file:…}` or a URL password is
-registered here; `redact` replaces each registered value in any text.
+Secrets only are registered here (see config_load: URL passwords, `${file:…}`
+values, values under secret keys or from secret-named variables); `redact`
+replaces each registered value in any text and masks the password part of URLs.
+Hosts, ports, database and user names stay readable, so errors stay useful.
 """
 
 from __future__ import annotations

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import DisconnectionError
 
 from adapters.db import odbc
@@ -40,11 +42,16 @@ def make_engine(
     """
     parsed = make_url(odbc.url_for(url) if url.startswith(odbc.PREFIX) else url)
     backend = parsed.get_backend_name()
+    sqlite_file = _sqlite_file(parsed) if backend == "sqlite" and read_only else None
+    if sqlite_file is not None:
+        parsed = _sqlite_read_only(parsed, sqlite_file)
     options: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 2} if backend != "sqlite" else {}
     if connections is not None and backend != "sqlite":
         # A shared pool is busy: pinging at every checkout would double an idle poll's round trips.
         options.update(pool_size=1, max_overflow=connections - 1, pool_pre_ping=False)
     engine = create_engine(parsed, **options)
+    if sqlite_file is not None:
+        _sqlite_must_exist(engine, sqlite_file)
     if connections is not None and backend != "sqlite":
         _ping_after_rest(engine)
     if connections is not None and parsed.get_driver_name() == "psycopg":
@@ -52,7 +59,10 @@ def make_engine(
     _remember_session(engine, statement_timeout, encoding)
     if backend == "postgresql" and parsed.get_driver_name() == "psycopg":
         _sql_ascii_text(engine, encoding)
-    statements = [_READ_ONLY[backend]] if read_only and backend in _READ_ONLY else []
+    # Over straw's generic `odbc:` dialect the DBMS shows only in the driver's name; psqlODBC runs several
+    # statements from one string, so there the read-only session matters most.
+    session = "postgresql" if url.startswith(odbc.PREFIX) and "postgres" in url.lower() else backend
+    statements = [_READ_ONLY[session]] if read_only and session in _READ_ONLY else []
     if statement_timeout:
         statements += _timeout_statements(backend, statement_timeout)
     if statements:
@@ -65,7 +75,7 @@ def make_engine(
                     _execute_first(cursor, statement)
             finally:
                 cursor.close()
-            if backend == "postgresql":
+            if session == "postgresql":
                 # SET outside a transaction block must be committed under psycopg's implicit transactions.
                 dbapi_connection.commit()
 
@@ -84,6 +94,32 @@ def make_engine(
                 dbapi_connection.timeout = max(1, round(statement_timeout))
 
     return engine
+
+
+def _sqlite_file(url: URL) -> str | None:
+    """The file a SQLite URL opens (a `file:` URI's path part), or None for an in-memory database."""
+    database = url.database or ""
+    if database in ("", ":memory:") or "mode=memory" in database:
+        return None
+    if database.startswith("file:"):
+        return unquote(database[5:].split("?", 1)[0]) or None
+    return database
+
+
+def _sqlite_read_only(url: URL, path: str) -> URL:
+    """Open the legacy file with `mode=ro`: SQLite then never creates it (a typo makes no empty `typo.db`)
+    and refuses every write at the file level, below `PRAGMA query_only`."""
+    database = url.database or ""
+    uri = database if database.startswith("file:") else "file:" + quote(path)
+    return url.set(database=uri, query={**url.query, "mode": "ro", "uri": "true"})
+
+
+def _sqlite_must_exist(engine: Engine, path: str) -> None:
+    @event.listens_for(engine, "do_connect")
+    def _exists(_dialect: Any, _record: Any, _cargs: Any, _cparams: Any) -> None:
+        # SQLite's own "unable to open database file" does not say which file.
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"SQLite database {path} not found; fix the path in `url`")
 
 
 def _sql_ascii_text(engine: Engine, encoding: str) -> None:

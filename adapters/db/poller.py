@@ -43,6 +43,7 @@ from sqlalchemy.types import LargeBinary, NullType, Text, TypeDecorator, TypeEng
 
 from adapters.db import position, settle
 from adapters.db.budget import DATABASES, Database
+from straw import sql_guard
 from straw.coerce import Unreadable, boolean
 from straw.config import ChangeMode, DatabaseSpec, DbSourceSpec, SoftDeleteSpec
 from straw.records import DELETED, UPSERTED
@@ -51,6 +52,10 @@ from straw.source import RawBatch
 
 class SchemaDrift(Exception):
     """The legacy table no longer has what the configuration names."""
+
+
+class UnsafeQuery(ValueError):
+    """The configured query is not one read-only SELECT: it is never sent."""
 
 
 # The database's own clock, in UTC: a settle delay must not depend on this host's clock.
@@ -96,7 +101,8 @@ class DbSource:
         self._from: FromClause | None = None
         self._statements: dict[tuple[Any, ...], Select[Any]] = {}  # by shape, for `_from` (see `_statement`)
         self._statements_of: FromClause | None = None
-        self._names: list[str] = []  # the wanted columns as the relation spells them
+        self._names: list[str] = []  # the wanted columns as the relation spells them, each once
+        self._spelled: dict[str, str] = {}  # wanted name -> the relation's spelling
         self._types: tuple[type | None, ...] = ()  # python types of the change columns (None: as stored)
         self._aware: bool | None = False  # the timestamp column keeps a time zone (None: not known yet)
         self._last_value: Any = None  # the watermark of the read under way (a settle probe binds it too)
@@ -147,15 +153,27 @@ class DbSource:
         return table
 
     def _probe(self, conn: Connection) -> FromClause:
-        """Ask the database which columns the query returns (no rows are read)."""
-        query = str(self.spec.query).strip().rstrip(";")
-        result = conn.execute(text(f"SELECT * FROM ({query}) q WHERE 1 = 0"), self._query_params(None))
+        """Ask the database which columns the query returns (no rows are read).
+
+        The query is checked again here (the configuration is checked at load, but a spec can be built in
+        code), and every statement around it carries a bound parameter: drivers that would run a string of
+        several statements (psycopg without parameters) then use server-side binding, which refuses them.
+        """
+        dialect = sql_guard.dialect_for(self.spec.url)
+        reason = sql_guard.refusal(str(self.spec.query), dialect)
+        if reason:
+            raise UnsafeQuery(f"source {self.name!r}: the query {reason}")
+        # New lines around it: a trailing `-- comment` in the query must not swallow the closing parenthesis.
+        guarded = f"SELECT * FROM (\n{sql_guard.sendable(str(self.spec.query), dialect)}\n) q0 WHERE 1 = :straw_one"
+        relation = text(guarded).bindparams(straw_one=1)
+        probe = select(text("*")).select_from(relation.columns().subquery("q")).where(text("1 = 0"))
+        result = conn.execute(probe, self._query_params(None))
         returned = list(result.keys())
         result.close()
         self._names = self._resolve(returned, "`query`")
         self._types = tuple(None for _ in self._change_columns())
         self._aware = None  # a query's column types show only in the values it returns
-        return text(query).columns(*(column(c) for c in returned)).subquery("q")
+        return relation.columns(*(column(c) for c in returned)).subquery("q")
 
     def _resolve(self, available: list[str], what: str) -> list[str]:
         by_lower = {c.lower(): c for c in available}
@@ -166,10 +184,12 @@ class DbSource:
                 f"(it has: {', '.join(available)}); fix `mapping`, the change or soft-delete columns in the "
                 "configuration, or the legacy schema"
             )
-        return [c if c in available else by_lower[c.lower()] for c in self._wanted]
+        # Each wanted name as the relation spells it; `order_no` and `ORDER_NO` are one column, selected once.
+        self._spelled = {c: c if c in available else by_lower[c.lower()] for c in self._wanted}
+        return list(dict.fromkeys(self._spelled.values()))
 
     def _resolved(self, wanted: list[str]) -> list[str]:
-        return [self._names[self._wanted.index(c)] for c in wanted]
+        return [self._spelled[c] for c in wanted]
 
     def _query_params(self, last_value: Any) -> dict[str, Any]:
         params: dict[str, Any] = dict(self.spec.params)
@@ -631,7 +651,7 @@ class DbSource:
                 self._last_value = None
                 self.settle.bound(conn, self)
             settled = f"; settle: {self.settle.name} ({self.settle.why})"
-        return f"{url} {what}: {len(self._wanted)} columns, mode {self.spec.mode.value}{settled}"
+        return f"{url} {what}: {len(self._names)} columns, mode {self.spec.mode.value}{settled}"
 
     def close(self) -> None:
         if self._shared:
