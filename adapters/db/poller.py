@@ -106,6 +106,7 @@ class DbSource:
         self._types: tuple[type | None, ...] = ()  # python types of the change columns (None: as stored)
         self._aware: bool | None = False  # the timestamp column keeps a time zone (None: not known yet)
         self._last_value: Any = None  # the watermark of the read under way (a settle probe binds it too)
+        self._after: str | None = None  # the position the read under way starts after
         self._bound = settle.OPEN  # the settle bound of the last read (narrowing a failed read keeps to it)
         self._width = 0  # bytes per row, as last measured (0: not yet): sizes the first page of a read
         self._is_deleted = _soft_delete_rule(spec.soft_delete, spec.encoding) if spec.soft_delete else None
@@ -298,6 +299,23 @@ class DbSource:
         relation = self.relation()
         return select(func.max(relation.c[self._resolved(self._change_columns())[0]]))
 
+    def beyond(self, conn: Connection, top: Any) -> bool:
+        """Is any row visible after the watermark of the read under way? (`top`: the column's highest value)"""
+        last = self._last_value
+        if top is None or last is None:
+            return top is not None
+        try:
+            if top != last:
+                return bool(top > last)
+        except TypeError:  # a query's values of another type than the stored watermark's: look, to be sure
+            return True
+        if self.spec.mode is ChangeMode.INCREMENTING:
+            return False
+        # Timestamp mode: rows sharing the watermark's timestamp with a higher key.
+        stmt, params, values = self._statement(self._after, 1, None)
+        params.update(self._query_params(values[0] if values else None))
+        return conn.execute(stmt, params).first() is not None
+
     def params(self) -> dict[str, Any]:
         return self._query_params(self._last_value)
 
@@ -354,7 +372,7 @@ class DbSource:
             last_value = None
             if after is not None and self.spec.mode is not ChangeMode.SNAPSHOT:
                 last_value = position.decode(after, self._types)[0]
-            self._last_value = last_value
+            self._last_value, self._after = last_value, after
             columns = tuple(self._names)
             slots = [columns.index(c) for c in self._resolved(self._change_columns())]
             ops = self._ops(columns)
