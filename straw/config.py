@@ -245,6 +245,10 @@ class DbSourceSpec(Strict):
                 "(unique tie-breaker, so rows sharing a timestamp are never skipped)",
                 {"at": ("mode",)},
             )
+        if self.deletes is not None and self.mode is ChangeMode.SNAPSHOT:
+            raise PydanticCustomError(
+                "deletes", "mode 'snapshot' sees deleted rows by itself; remove `deletes`", {"at": ("deletes",)}
+            )
         return self
 
     @model_validator(mode="after")
