@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import random
+import sqlite3
 import subprocess
+from collections import defaultdict
+from contextlib import closing, suppress
+from decimal import Decimal
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +23,7 @@ from outbox import sweep
 from outbox.store import Outbox
 from straw.config_load import load_config
 from straw.records import encode_event, event_id, source_uri
-from tests.crashes import straw_command
+from tests.crashes import PACED, assert_exactly_once, assert_kills_landed_mid_work, crash_loop, finish, straw_command
 from tests.helpers import orders_config, read_stream, run_once
 
 SOURCE = source_uri("test", "orders")
@@ -209,4 +215,78 @@ def test_sweep_listing_resumes_after_the_last_committed_batch(
     with engine.connect() as conn:
         assert len(conn.execute(select(table.c.ORDER_NO)).all()) == 23
     source.close()
+    engine.dispose()
+
+
+# --- kill -9 through the real CLI ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_kill_9_during_key_sweeps_loses_and_repeats_no_delete(
+    tmp_path: Path, sqlite_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str
+) -> None:
+    engine = create_engine(sqlite_url)
+    table = create_orders(engine, 3_000)
+    # Interval 0: a sweep before every poll, six batches of 500 keys each: most kills land in one.
+    swept = {"mode": "timestamp", "deletes": {"sweep_interval": 0}}
+    config = orders_config(tmp_path, db_url=sqlite_url, redis_url=redis_url, stream=stream_name, **PACED, **swept)
+    next_key, clock = 3_001, dt.datetime(2027, 1, 1)
+    gone: list[int] = []
+    mid_sweep = [0]
+
+    def change_the_table(rng: random.Random) -> None:
+        nonlocal next_key, clock
+        if (tmp_path / "outbox.db").exists():
+            with closing(sqlite3.connect(tmp_path / "outbox.db")) as db, suppress(sqlite3.OperationalError):
+                mid_sweep[0] += sum(r[0] for r in db.execute("SELECT running FROM sweep_sources"))
+        with engine.begin() as conn:
+            keys = list(conn.execute(select(table.c.ORDER_NO)).scalars())
+            for key in rng.sample(keys, 20):
+                clock += dt.timedelta(seconds=1)
+                amount = Decimal(rng.randint(1, 10**6)) / 100
+                conn.execute(update(table).values(AMOUNT=amount, CHANGED_AT=clock).where(table.c.ORDER_NO.in_([key])))
+            dropped = rng.sample(keys, 10)
+            conn.execute(delete(table).where(table.c.ORDER_NO.in_(dropped)))
+            back = [k for k in gone[:3] if k not in keys]  # deleted earlier, now inserted again
+            rows = order_rows(5, first=next_key) + [order_rows(1, first=k)[0] for k in back]
+            for row in rows:
+                clock += dt.timedelta(seconds=1)
+                row["CHANGED_AT"] = clock
+            conn.execute(insert(table), rows)
+            del gone[: len(back)]
+            gone.extend(dropped)
+            next_key += 5
+
+    lengths = crash_loop(config, redis_client, stream_name, kills=10, between=change_the_table)
+    orders_config(tmp_path, db_url=sqlite_url, redis_url=redis_url, stream=stream_name,
+                  **{**PACED, "max_rows_per_poll": None}, **swept)
+    with (tmp_path / "straw.log").open("ab") as log:
+        finish(config, log)  # ends the sweep a kill interrupted, delivers the rest
+        finish(config, log)  # a whole sweep after every delivery
+    entries = read_stream(redis_client, stream_name)
+    assert_kills_landed_mid_work(lengths, len(entries))
+    print(f"{mid_sweep[0]} kills landed in a sweep")
+    assert mid_sweep[0] >= 2, "too few kills landed in a sweep to prove anything"
+    assert_exactly_once(entries, {e["event"]["id"] for e in entries})  # no id twice, seq strictly increasing
+    by_key: dict[str, list[tuple[str, Any]]] = defaultdict(list)
+    for entry in entries:
+        event = entry["event"]
+        by_key[event["subject"]].append((event["type"], event["data"]))
+    for key, events in by_key.items():
+        repeats = [a for a, b in pairwise(events) if a == b]
+        assert not repeats, f"key {key}: the same event twice in a row: {repeats[0]}"
+    with engine.connect() as conn:
+        final = {str(r.ORDER_NO): f"{r.AMOUNT:.2f}" for r in conn.execute(select(table.c.ORDER_NO, table.c.AMOUNT))}
+    last = {key: events[-1] for key, events in by_key.items()}
+    assert {k for k, (kind, _) in last.items() if kind == "order.upserted"} == set(final)
+    assert all(last[k][1]["amount"] == amount for k, amount in final.items())
+    deleted = {k for k, (kind, _) in last.items() if kind == "order.deleted"}
+    assert len(deleted) == len(by_key) - len(final) and deleted.isdisjoint(final)
+    assert any(len([e for e in events if e[0] == "order.deleted"]) for events in by_key.values())
+    outbox = Outbox(tmp_path / "outbox.db")
+    try:  # what the outbox keeps is exactly the table's keys
+        kept = {k for (k,) in outbox.db.execute("SELECT key FROM sweep_keys WHERE source = 'orders'")}
+    finally:
+        outbox.close()
+    assert kept == set(final)
     engine.dispose()
