@@ -60,11 +60,11 @@ def _prime(config_path: Path, rows: int) -> None:
         db.execute("BEGIN")
         db.execute(
             "WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < ?) "
-            "INSERT INTO sweep_keys (source, key, key_data, epoch) "
-            "SELECT ?, n, '{\"order_no\":' || n || '}', 1 FROM g",
+            "INSERT INTO sweep_keys (source, key, key_data, epoch, id) "
+            "SELECT ?, n, '{\"order_no\":' || n || '}', 1, n FROM g",
             (rows, SOURCE),
         )
-        db.execute("INSERT INTO sweep_sources (source) VALUES (?)", (SOURCE,))
+        db.execute("INSERT INTO sweep_sources (source, next_id) VALUES (?, ?)", (SOURCE, rows + 1))
         watermark = f'["2026-12-01T00:00:00",{rows}]'
         db.execute("INSERT INTO positions (source, position) VALUES (?, ?)", (SOURCE, watermark))
         db.execute("COMMIT")

@@ -18,7 +18,7 @@ the keys straw delivered; each delivered key the listing no longer has becomes a
 - The listing is marked as keyed.py marks a snapshot listing: each batch commits the
   ids of the delivered keys it saw as one packed row of `sweep_seen`, with the listing's
   resume position (`after`), so a sweep cut short resumes after its last committed batch.
-  `finish` then holds one byte per key id, streams the keys, and yields a `deleted` event
+  `finish` then holds one byte per key id ever given, streams the keys, and yields a `deleted` event
   for each compared key not seen; the caller commits those events, the forgetting and
   the end of the sweep in one transaction. A kill at any moment loses and repeats nothing.
 - A sweep's deleted events are identified by the sweep's number (`position`): the same
@@ -43,17 +43,19 @@ from typing import Any, NamedTuple
 import orjson
 
 SCHEMA = (
+    # One b-tree per key, found by its text (`record`, `mark`); `id` numbers it for the marks.
     """CREATE TABLE IF NOT EXISTS sweep_keys (
-    id INTEGER PRIMARY KEY,
     source TEXT NOT NULL,
     key TEXT NOT NULL,
     key_data TEXT NOT NULL,
     epoch INTEGER NOT NULL,
-    UNIQUE (source, key)
-)""",
+    id INTEGER NOT NULL,
+    PRIMARY KEY (source, key)
+) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS sweep_sources (
     source TEXT PRIMARY KEY,
     epoch INTEGER NOT NULL DEFAULT 1,
+    next_id INTEGER NOT NULL DEFAULT 1,
     number INTEGER NOT NULL DEFAULT 0,
     running INTEGER NOT NULL DEFAULT 0,
     cutoff INTEGER NOT NULL DEFAULT 0,
@@ -89,7 +91,7 @@ def create(db: sqlite3.Connection) -> None:
 
 def record(db: sqlite3.Connection, source: str, key_fields: Sequence[str], events: Iterable[bytes]) -> None:
     """Note the keys of these events as delivered now (inside the caller's transaction)."""
-    epoch = _state(db, source)[0]
+    epoch, next_id = _state(db, source)[:2]
     last: dict[str, str | None] = {}  # key -> key data, None: deleted (the last event of a key wins)
     for event in events:
         parsed = _loads(event)
@@ -99,14 +101,23 @@ def record(db: sqlite3.Connection, source: str, key_fields: Sequence[str], event
         else:
             data = parsed["data"]
             last[key] = orjson.dumps({k: data[k] for k in key_fields}).decode()
+    kept = [key for key, data in last.items() if data is not None]
+    known = _known(db, source, kept)
     db.executemany(
         "DELETE FROM sweep_keys WHERE source = ? AND key = ?", [(source, k) for k, d in last.items() if d is None]
     )
+    # Rewrite only what changed: a key delivered again within one epoch (a timestamp source's updates) costs a read.
     db.executemany(
-        "INSERT INTO sweep_keys (source, key, key_data, epoch) VALUES (?, ?, ?, ?) "
-        "ON CONFLICT (source, key) DO UPDATE SET key_data = excluded.key_data, epoch = excluded.epoch",
-        [(source, k, d, epoch) for k, d in last.items() if d is not None],
+        "UPDATE sweep_keys SET key_data = ?, epoch = ? WHERE source = ? AND key = ?",
+        [(last[k], epoch, source, k) for k in kept if k in known and known[k] != (last[k], epoch)],
     )
+    new = [k for k in kept if k not in known]
+    db.executemany(
+        "INSERT INTO sweep_keys (source, key, key_data, epoch, id) VALUES (?, ?, ?, ?, ?)",
+        [(source, k, last[k], epoch, next_id + i) for i, k in enumerate(new)],
+    )
+    if new:
+        db.execute("UPDATE sweep_sources SET next_id = ? WHERE source = ?", (next_id + len(new), source))
 
 
 def begin(db: sqlite3.Connection, source: str, interval: float, now: float) -> Sweep | None:
@@ -114,7 +125,7 @@ def begin(db: sqlite3.Connection, source: str, interval: float, now: float) -> S
 
     Inside the caller's transaction, which must commit before the listing starts.
     """
-    _epoch, number, running, after, started = _state(db, source)
+    _epoch, _next_id, number, running, after, started = _state(db, source)
     if running:
         return Sweep(number, after)
     # A clock set back does not postpone the sweep by as much.
@@ -133,7 +144,7 @@ def begin(db: sqlite3.Connection, source: str, interval: float, now: float) -> S
 
 def mark(db: sqlite3.Connection, source: str, keys: Sequence[str | None], after: str) -> None:
     """These keys are in the listing, which stands at `after` (inside the caller's transaction)."""
-    number = _state(db, source)[1]
+    number = _state(db, source)[2]
     unique = list(dict.fromkeys(k for k in keys if k is not None))
     ids = array(_IDS)
     for start in range(0, len(unique), _CHUNK):
@@ -154,43 +165,53 @@ def finish(db: sqlite3.Connection, source: str, encode: Encode) -> Iterator[byte
     """The listing is complete: a `deleted` event per compared key it did not see, then forget them.
 
     A generator over a cursor; the caller must exhaust it inside its transaction (the
-    sweep ends when it is exhausted). Memory: one byte per key id and 8 per deleted key.
+    sweep ends when it is exhausted). Memory: one byte per key id, and the deleted keys.
     """
-    row = db.execute("SELECT number, cutoff FROM sweep_sources WHERE source = ?", (source,)).fetchone()
+    row = db.execute("SELECT number, cutoff, next_id FROM sweep_sources WHERE source = ?", (source,)).fetchone()
     number, cutoff = int(row[0]), int(row[1])
     position = Sweep(number, None).position
-    top = db.execute("SELECT max(id) FROM sweep_keys WHERE source = ?", (source,)).fetchone()[0] or 0
-    seen = bytearray(top + 1)
+    seen = bytearray(int(row[2]))
     ids = array(_IDS)
     for (packed,) in db.execute("SELECT ids FROM sweep_seen WHERE source = ? AND number = ?", (source, number)):
         ids.frombytes(packed)
         deque(map(seen.__setitem__, ids, repeat(1)), maxlen=0)  # in C: a listing has a million of them
         del ids[:]
-    gone = array(_IDS)  # forgotten once the scan is over: no writes to a table under an open cursor
-    keys = db.execute(
-        "SELECT id, key, key_data FROM sweep_keys WHERE source = ? AND epoch <= ? ORDER BY id", (source, cutoff)
-    )
+    # The deleted keys are held (not yielded under the open cursor, whose table they leave) and sent in
+    # the order they were first delivered.
+    gone: list[tuple[int, str, str]] = []
+    keys = db.execute("SELECT id, key, key_data FROM sweep_keys WHERE source = ? AND epoch <= ?", (source, cutoff))
     while rows := keys.fetchmany(10_000):
-        for id_, key, key_data in rows:
-            if not seen[id_]:
-                gone.append(id_)
-                yield encode(DELETED, key, position, orjson.loads(key_data))
-    for start in range(0, len(gone), _CHUNK):
-        part = gone[start : start + _CHUNK]
-        db.execute(f"DELETE FROM sweep_keys WHERE id IN ({','.join('?' * len(part))})", tuple(part))
+        gone.extend(row for row in rows if not seen[row[0]])
+    gone.sort()
+    for _id, key, key_data in gone:
+        yield encode(DELETED, key, position, orjson.loads(key_data))
+    db.executemany("DELETE FROM sweep_keys WHERE source = ? AND key = ?", [(source, key) for _id, key, _data in gone])
     db.execute("DELETE FROM sweep_seen WHERE source = ?", (source,))
     db.execute("UPDATE sweep_sources SET running = 0, after = NULL WHERE source = ?", (source,))
 
 
-def _state(db: sqlite3.Connection, source: str) -> tuple[int, int, int, str | None, float | None]:
-    """(epoch, number, running, after, started) of the source, its row made if new."""
+def _state(db: sqlite3.Connection, source: str) -> tuple[int, int, int, int, str | None, float | None]:
+    """(epoch, next_id, number, running, after, started) of the source, its row made if new."""
     row = db.execute(
-        "SELECT epoch, number, running, after, started FROM sweep_sources WHERE source = ?", (source,)
+        "SELECT epoch, next_id, number, running, after, started FROM sweep_sources WHERE source = ?", (source,)
     ).fetchone()
     if row is None:
         db.execute("INSERT INTO sweep_sources (source) VALUES (?)", (source,))
-        return 1, 0, 0, None, None
-    return int(row[0]), int(row[1]), int(row[2]), row[3], row[4]
+        return 1, 1, 0, 0, None, None
+    return int(row[0]), int(row[1]), int(row[2]), int(row[3]), row[4], row[5]
+
+
+def _known(db: sqlite3.Connection, source: str, keys: Sequence[str]) -> dict[str, tuple[str, int]]:
+    """key -> (key data, epoch) of those of `keys` already recorded."""
+    found: dict[str, tuple[str, int]] = {}
+    for start in range(0, len(keys), _CHUNK):
+        chunk = keys[start : start + _CHUNK]
+        for key, key_data, epoch in db.execute(
+            f"SELECT key, key_data, epoch FROM sweep_keys WHERE source = ? AND key IN ({','.join('?' * len(chunk))})",
+            (source, *chunk),
+        ):
+            found[key] = (key_data, epoch)
+    return found
 
 
 def _loads(event: bytes) -> dict[str, Any]:
