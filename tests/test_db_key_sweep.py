@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import pytest
 import redis
+import yaml
 from sqlalchemy import create_engine, delete, insert, select, update
 
 from fixtures.legacy_orders import create_orders, order_rows
@@ -289,4 +290,58 @@ def test_kill_9_during_key_sweeps_loses_and_repeats_no_delete(
     finally:
         outbox.close()
     assert kept == set(final)
+    engine.dispose()
+
+
+def test_sweep_of_a_composite_key_lists_resumes_and_deletes_by_both_fields(
+    tmp_path: Path, db_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str
+) -> None:
+    from sqlalchemy import Column, Integer, MetaData, String, Table
+
+    from adapters.db.keys import list_keys
+    from straw.runner import build_pipeline
+
+    engine = create_engine(db_url)
+    metadata = MetaData()
+    lines = Table("LINES", metadata, Column("ORDER_NO", Integer, primary_key=True, autoincrement=False),
+                  Column("LINE_NO", Integer, primary_key=True, autoincrement=False),
+                  Column("LINE_ID", Integer, nullable=False, unique=True), Column("ITEM", String(20)))
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(lines), [{"ORDER_NO": o, "LINE_NO": n, "LINE_ID": o * 10 + n, "ITEM": f"item {o}/{n}"}
+                                     for o in range(1, 6) for n in range(1, 6)])
+    config = {
+        "instance": "test", "redis": {"url": redis_url}, "outbox": {"path": str(tmp_path / "outbox.db")},
+        "relay": {"idle_interval": 0.02},
+        "entities": {"line": {"key": ["order_no", "line_no"],
+                              "fields": {"order_no": "integer", "line_no": "integer", "item": "string"}}},
+        "sources": [{"name": "lines", "url": db_url, "table": "LINES", "mode": "incrementing",
+                     "incrementing_column": "LINE_ID", "entity": "line", "stream": stream_name, "batch_size": 1,
+                     "mapping": {"order_no": "ORDER_NO", "line_no": "LINE_NO", "item": "ITEM"},
+                     "deletes": {"sweep_interval": 0}}],
+    }
+    path = tmp_path / "straw.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert run_once(path).errors == []
+    assert len(read_stream(redis_client, stream_name)) == 25
+
+    loaded = load_config(path)
+    pipeline = build_pipeline(loaded, loaded.sources[0])
+    columns = ["ORDER_NO", "LINE_NO"]
+    first = list(list_keys(pipeline.source, columns, None, batch=7))  # type: ignore[arg-type]
+    assert [tuple(r) for r in first[0][0]] == [(1, 1), (1, 2), (1, 3), (1, 4), (1, 5), (2, 1), (2, 2)]
+    rest = list(list_keys(pipeline.source, columns, first[0][1], batch=7))  # type: ignore[arg-type]
+    assert [tuple(r) for rows, _ in rest for r in rows][:2] == [(2, 3), (2, 4)]
+    assert sum(len(rows) for rows, _ in rest) == 18
+    pipeline.source.close()
+
+    with engine.begin() as conn:
+        conn.execute(delete(lines).where(lines.c.ORDER_NO.in_([2, 4]), lines.c.LINE_NO.in_([3])))
+        conn.execute(delete(lines).where(lines.c.ORDER_NO.in_([5])))
+    assert run_once(path).errors == []
+    entries = read_stream(redis_client, stream_name)[25:]
+    assert [(e["event"]["type"], e["event"]["subject"]) for e in entries] == [
+        ("line.deleted", s) for s in ["2/3", "4/3", "5/1", "5/2", "5/3", "5/4", "5/5"]
+    ]
+    assert entries[0]["event"]["data"] == {"order_no": 2, "line_no": 3}
     engine.dispose()
