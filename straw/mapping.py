@@ -320,6 +320,13 @@ class Mapper:
         None where a value cannot be read: such a row was never delivered either.
         """
         convert = [self._coercers[k] for k in self._key_names]
+        if len(convert) == 1:  # the common case, over the whole column in C: a sweep lists a million keys
+            try:
+                column = list(map(convert[0], map(itemgetter(0), rows)))
+            except (ValueError, TypeError):
+                column = [None]  # a value that cannot be read: row by row below finds which
+            if None not in column:
+                return list(map(subject_part, column))
         out: list[str | None] = []
         for row in rows:
             try:
