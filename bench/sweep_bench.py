@@ -26,8 +26,8 @@ import orjson
 import yaml
 from sqlalchemy import create_engine, text
 
-from bench.db_bench import MODES, fill_orders
-from bench.services import Bench, log, postgres_database
+from bench.db_bench import MODES, rate_and_rss
+from bench.services import Bench, log
 from bench.slice_bench import ORDER_ENTITY, ORDER_MAPPING
 from outbox.store import Outbox
 from straw.config_load import load_config
@@ -127,18 +127,7 @@ def _vacuum(url: str, table: str) -> None:
 
 
 def key_sweep(bench: Bench, big: int, small: int) -> list[dict[str, Any]]:
-    with postgres_database() as url:
-        fill_orders(url, small, "ORDERS_SMALL")
-        fill_orders(url, big, "ORDERS_BIG")
-        small_rate, small_rss = _sweep(bench, url, "ORDERS_SMALL", small)
-        rate, rss = _sweep(bench, url, "ORDERS_BIG", big)
-    label = f"{small // 1000}k"
-    return [
-        {"measure": "key_sweep_rows_per_s", "value": rate, "unit": "rows/s",
-         "baseline": f"key_sweep_rows_per_s_{label}", "baseline_value": small_rate},
-        {"measure": "key_sweep_peak_rss_mb", "value": rss, "unit": "MB",
-         "baseline": f"key_sweep_peak_rss_mb_{label}", "baseline_value": small_rss},
-    ]
+    return rate_and_rss("key_sweep", lambda url, table, rows: _sweep(bench, url, table, rows), big, small)
 
 
 if __name__ == "__main__":
