@@ -67,10 +67,11 @@ def fill_orders(url: str, rows: int, name: str = "ORDERS") -> None:
 
 
 def write_config(directory: Path, *, db_url: str, redis_url: str, stream: str, mode: str,
-                 table: str = "ORDERS") -> Path:
+                 table: str = "ORDERS", **extra: Any) -> Path:
+    """`extra`: more keys of the source (e.g. `deletes`)."""
     source: dict[str, Any] = {
         "name": "erp-orders", "kind": "db", "url": db_url, "table": table, "mode": mode, **MODES[mode],
-        "timezone": "Europe/Amsterdam", "entity": "order", "stream": stream, "mapping": ORDER_MAPPING,
+        "timezone": "Europe/Amsterdam", "entity": "order", "stream": stream, "mapping": ORDER_MAPPING, **extra,
     }
     config = {
         "instance": "bench", "redis": {"url": redis_url}, "outbox": {"path": str(directory / "outbox.db")},

@@ -23,33 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import yaml
 from sqlalchemy import create_engine, text
 
-from bench.db_bench import MODES, rate_and_rss
+from bench.db_bench import rate_and_rss, write_config
 from bench.services import Bench, log
-from bench.slice_bench import ORDER_ENTITY, ORDER_MAPPING
 from outbox.store import Outbox
 from straw.config_load import load_config
 from straw.runner import build_pipeline, freeze_startup_objects, sweep_deletes
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = "erp-orders"
-
-
-def _config(directory: Path, db_url: str, redis_url: str, table: str) -> Path:
-    source: dict[str, Any] = {
-        "name": SOURCE, "kind": "db", "url": db_url, "table": table, "mode": "timestamp", **MODES["timestamp"],
-        "timezone": "Europe/Amsterdam", "entity": "order", "stream": "unused", "mapping": ORDER_MAPPING,
-        "deletes": {"sweep_interval": "1h"},
-    }
-    config = {
-        "instance": "bench", "redis": {"url": redis_url}, "outbox": {"path": str(directory / "outbox.db")},
-        "entities": {"order": ORDER_ENTITY}, "sources": [source],
-    }
-    path = directory / "straw.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 def _prime(config_path: Path, rows: int) -> None:
@@ -92,7 +75,8 @@ def _step(config_path: Path) -> dict[str, Any]:
 def _sweep(bench: Bench, url: str, table: str, rows: int) -> tuple[float, float]:
     work = bench.workdir("sweep")
     try:
-        config = _config(work, url, bench.redis_url, table)
+        config = write_config(work, db_url=url, redis_url=bench.redis_url, stream="unused", mode="timestamp",
+                              table=table, deletes={"sweep_interval": "1h"})
         _prime(config, rows)
         engine = create_engine(url)
         with engine.begin() as conn:
