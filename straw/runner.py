@@ -204,7 +204,8 @@ def sweep_deletes(pipeline: Pipeline, outbox: Outbox, stop: threading.Event | No
             listed += len(rows)
             if stop is not None and stop.is_set():
                 return 0
-        deleted = outbox.sweep_finish(spec.name, spec.stream, partial(_encode_counted, pipeline.mapper, observed_now(), [0]))
+        encode = partial(_encode_counted, pipeline.mapper, observed_now(), [0])
+        deleted = outbox.sweep_finish(spec.name, spec.stream, encode)
     except (OutboxError, *POLL_ERRORS) as exc:
         message = str(exc) if isinstance(exc, OutboxError) else describe(exc)
         log.error("key sweep failed; it resumes at the next poll", source=spec.name, error=message)
