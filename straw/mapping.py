@@ -323,7 +323,7 @@ class Mapper:
         if len(convert) == 1:  # the common case, over the whole column in C: a sweep lists a million keys
             try:
                 column = list(map(convert[0], map(itemgetter(0), rows)))
-            except (ValueError, TypeError):
+            except Exception:  # a coercer may raise more than ValueError (a dead letter's reason)
                 column = [None]  # a value that cannot be read: row by row below finds which
             if None not in column:
                 return list(map(subject_part, column))
@@ -331,7 +331,7 @@ class Mapper:
         for row in rows:
             try:
                 values = tuple(c(v) for c, v in zip(convert, row, strict=True))
-            except (ValueError, TypeError):
+            except Exception:  # a coercer may raise more than ValueError (a dead letter's reason)
                 out.append(None)
                 continue
             out.append(None if None in values else subject(values))
