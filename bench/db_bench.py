@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +67,11 @@ def fill_orders(url: str, rows: int, name: str = "ORDERS") -> None:
 
 
 def write_config(directory: Path, *, db_url: str, redis_url: str, stream: str, mode: str,
-                 table: str = "ORDERS") -> Path:
+                 table: str = "ORDERS", **extra: Any) -> Path:
+    """`extra`: more keys of the source (e.g. `deletes`)."""
     source: dict[str, Any] = {
         "name": "erp-orders", "kind": "db", "url": db_url, "table": table, "mode": mode, **MODES[mode],
-        "timezone": "Europe/Amsterdam", "entity": "order", "stream": stream, "mapping": ORDER_MAPPING,
+        "timezone": "Europe/Amsterdam", "entity": "order", "stream": stream, "mapping": ORDER_MAPPING, **extra,
     }
     config = {
         "instance": "bench", "redis": {"url": redis_url}, "outbox": {"path": str(directory / "outbox.db")},
@@ -165,17 +167,25 @@ def _snapshot_diff(bench: Bench, url: str, table: str, rows: int) -> tuple[float
 
 
 def snapshot_diff(bench: Bench, big: int, small: int) -> list[dict[str, Any]]:
+    return rate_and_rss("snapshot_diff", lambda url, table, rows: _snapshot_diff(bench, url, table, rows), big, small)
+
+
+def rate_and_rss(
+    name: str, run: Callable[[str, str, int], tuple[float, float]], big: int, small: int
+) -> list[dict[str, Any]]:
+    """`<name>_rows_per_s` and `<name>_peak_rss_mb` of `run(url, table, rows)` -> (rows/s, MB) on a big
+    PostgreSQL table, each with the small table's figure as its baseline."""
     with postgres_database() as url:
         fill_orders(url, small, "ORDERS_SMALL")
         fill_orders(url, big, "ORDERS_BIG")
-        small_rate, small_rss = _snapshot_diff(bench, url, "ORDERS_SMALL", small)
-        rate, rss = _snapshot_diff(bench, url, "ORDERS_BIG", big)
+        small_rate, small_rss = run(url, "ORDERS_SMALL", small)
+        rate, rss = run(url, "ORDERS_BIG", big)
     label = f"{small // 1000}k"
     return [
-        {"measure": "snapshot_diff_rows_per_s", "value": rate, "unit": "rows/s",
-         "baseline": f"snapshot_diff_rows_per_s_{label}", "baseline_value": small_rate},
-        {"measure": "snapshot_diff_peak_rss_mb", "value": rss, "unit": "MB",
-         "baseline": f"snapshot_diff_peak_rss_mb_{label}", "baseline_value": small_rss},
+        {"measure": f"{name}_rows_per_s", "value": rate, "unit": "rows/s",
+         "baseline": f"{name}_rows_per_s_{label}", "baseline_value": small_rate},
+        {"measure": f"{name}_peak_rss_mb", "value": rss, "unit": "MB",
+         "baseline": f"{name}_peak_rss_mb_{label}", "baseline_value": small_rss},
     ]
 
 

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 # `python bench/run.py` puts bench/ first on sys.path; the packages live one level up.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import budget_bench, db_bench, latency_bench, scrape_bench
+from bench import budget_bench, db_bench, latency_bench, scrape_bench, sweep_bench
 from bench.ceiling import prepare, sample_entries, xadd_pipelined
 from bench.legacy import legacy_database
 from bench.services import Bench, Watchdog, log
@@ -128,6 +128,10 @@ def _latency(bench: Bench, scale: Scale) -> list[dict[str, Any]]:
     return latency_bench.change_latency(bench, quick=scale is QUICK)
 
 
+def _sweeps(bench: Bench, scale: Scale) -> list[dict[str, Any]]:
+    return sweep_bench.key_sweep(bench, *_db_big(scale))
+
+
 def _modes(bench: Bench, scale: Scale) -> list[dict[str, Any]]:
     return db_bench.modes_postgres(bench, scale.rows, scale.repeat)
 
@@ -139,6 +143,8 @@ MEASURES: dict[str, Callable[[Bench, Scale], Result]] = {
     "idle_poll_ms": lambda bench, scale: Result(**db_bench.idle_poll(bench, _db_big(scale)[0])),
     "snapshot_diff_rows_per_s": _one_of(_snapshots, "snapshot_diff_rows_per_s"),
     "snapshot_diff_peak_rss_mb": _one_of(_snapshots, "snapshot_diff_peak_rss_mb"),
+    "key_sweep_rows_per_s": _one_of(_sweeps, "key_sweep_rows_per_s"),
+    "key_sweep_peak_rss_mb": _one_of(_sweeps, "key_sweep_peak_rss_mb"),
     **{
         f"mode_{mode}_postgres_rows_per_s": _one_of(_modes, f"mode_{mode}_postgres_rows_per_s")
         for mode in ("incrementing", "timestamp", "snapshot")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from outbox import keyed
+from outbox import keyed, sweep
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -153,6 +153,7 @@ class Outbox:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise explain(path, exc) from exc
+        self._tracked: dict[str, tuple[str, ...]] = {}  # source -> key fields, for its key sweep
         with guarded(path):
             self.db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
             try:
@@ -161,6 +162,7 @@ class Outbox:
                 self.db.execute(f"PRAGMA synchronous={synchronous}")
                 self.db.executescript(SCHEMA)
                 keyed.create(self.db)
+                sweep.create(self.db)
                 self.identity = self._identity()
             except BaseException:
                 self.db.close()
@@ -207,6 +209,9 @@ class Outbox:
         """Commit records, dead letters (position, reason, raw) and the new position together."""
         with self._transaction():
             self._write(source, stream, events, dead, position, rows_read)
+            key_fields = self._tracked.get(source)
+            if key_fields is not None:
+                sweep.record(self.db, source, key_fields, [event for _pos, event in events])
 
     def append_keyed(
         self,
@@ -243,6 +248,41 @@ class Outbox:
                 db.executemany(_INSERT_RECORD, deleted())
                 written += swept[0]
         return written
+
+    # --- key sweeps (hard deletes of incremental sources, see `sweep.py`) ---
+
+    def track_keys(self, source: str, key_fields: Sequence[str]) -> None:
+        """From now on, `append` records the keys it delivers for `source` (its events' data has `key_fields`)."""
+        self._tracked[source] = tuple(key_fields)
+
+    def sweep_begin(self, source: str, interval: float, now: float) -> sweep.Sweep | None:
+        """The key sweep under way, or a new one if due (committed before the caller lists keys)."""
+        with self._transaction():
+            return sweep.begin(self.db, source, interval, now)
+
+    def sweep_mark(self, source: str, keys: Sequence[str | None], after: str) -> None:
+        """A batch of the sweep's listing: its keys (as event subjects) and where the listing stands."""
+        with self._transaction():
+            sweep.mark(self.db, source, keys, after)
+
+    def sweep_finish(self, source: str, stream: str, encode: sweep.Encode) -> int:
+        """The listing is complete: commit a `deleted` record per vanished key and end the sweep.
+
+        The records carry the source's stored position: the checkpoint takes it from
+        them, and it must stay the watermark. Returns the number of records written.
+        """
+        db = self.db
+        with self._transaction():
+            position = self.position(source) or ""
+            written = [0]
+
+            def deleted() -> Iterator[tuple[str, str, str, bytes]]:
+                for event in sweep.finish(db, source, encode):
+                    written[0] += 1
+                    yield source, stream, position, event
+
+            db.executemany(_INSERT_RECORD, deleted())
+        return written[0]
 
     def digests(self, source: str, keys: Sequence[str]) -> dict[str, tuple[int, bytes]]:
         """A keyed source's stored id and digest for each of these keys it knows (see `keyed.py`)."""

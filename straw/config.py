@@ -106,6 +106,15 @@ class SoftDeleteSpec(Strict):
         return self
 
 
+class DeletesSpec(Strict):
+    """Hard deletes in `timestamp`/`incrementing` mode: list the keys now and then, delete the vanished."""
+
+    sweep_interval: Seconds = Field(
+        description="at most one key sweep per interval (e.g. 1h); keys straw delivered that the table no "
+        "longer has become `deleted` events"
+    )
+
+
 _LAST_VALUE = re.compile(r"(?<![:\w]):last_value\b")
 
 
@@ -168,6 +177,7 @@ class DbSourceSpec(Strict):
     batch_bytes: int = Field(
         default=64 * 2**20, ge=2**20, description="a batch also closes at about this many bytes of row values"
     )
+    deletes: DeletesSpec | None = Field(default=None, description="a key sweep for hard deletes (not snapshot)")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -234,6 +244,10 @@ class DbSourceSpec(Strict):
                 "mode 'timestamp' needs `timestamp_column` (last change time) and `key_column` "
                 "(unique tie-breaker, so rows sharing a timestamp are never skipped)",
                 {"at": ("mode",)},
+            )
+        if self.deletes is not None and self.mode is ChangeMode.SNAPSHOT:
+            raise PydanticCustomError(
+                "deletes", "mode 'snapshot' sees deleted rows by itself; remove `deletes`", {"at": ("deletes",)}
             )
         return self
 

@@ -314,6 +314,29 @@ class Mapper:
         with contextlib.suppress(Exception):  # a key that cannot be encoded cannot be kept either
             out.changes.append(Change(key, _dumps(key_data).decode(), digest, b"", SEEN, position, {}))
 
+    def key_subjects(self, rows: Sequence[Sequence[Any]]) -> list[str | None]:
+        """Rows of raw key values (in key order) as the subjects this source's events carry them under.
+
+        None where a value cannot be read: such a row was never delivered either.
+        """
+        convert = [self._coercers[k] for k in self._key_names]
+        if len(convert) == 1:  # the common case, over the whole column in C: a sweep lists a million keys
+            try:
+                column = list(map(convert[0], map(itemgetter(0), rows)))
+            except Exception:  # a coercer may raise more than ValueError (a dead letter's reason)
+                column = [None]  # a value that cannot be read: row by row below finds which
+            if None not in column:
+                return list(map(subject_part, column))
+        out: list[str | None] = []
+        for row in rows:
+            try:
+                values = tuple(c(v) for c, v in zip(convert, row, strict=True))
+            except Exception:  # a coercer may raise more than ValueError (a dead letter's reason)
+                out.append(None)
+                continue
+            out.append(None if None in values else subject(values))
+        return out
+
     def _scan(self, plan: _Plan, batch: RawBatch) -> tuple[list[str | None], list[bytes]]:
         """Each row's key as text (None when its key fields cannot be read) and raw digest, in one pass.
 

@@ -23,12 +23,14 @@ import structlog
 from sqlalchemy.exc import SQLAlchemyError
 
 from adapters.db.budget import DATABASES
+from adapters.db.keys import BATCH as KEY_BATCH
+from adapters.db.keys import list_keys
 from adapters.db.poller import DbSource, SchemaDrift
 from adapters.scrape.errors import ScrapeError
 from outbox.lock import OutboxLock
 from outbox.relay import REDIS_DOWN, REDIS_REFUSED, adopt_streams, connect, refused
 from outbox.store import Outbox, OutboxError
-from straw.config import AnySourceSpec, Config
+from straw.config import AnySourceSpec, Config, DbSourceSpec
 from straw.config_scrape import ScrapeSourceSpec
 from straw.mapping import DeadLetter, KeyedBatch, MappedBatch, Mapper, MappingError
 from straw.records import DELETED, observed_now, source_uri
@@ -176,6 +178,42 @@ def _poll_batches(
         if stop is not None and stop():
             break  # a stop takes effect here, at a batch boundary: this batch is committed
     return rows
+
+
+def sweep_deletes(pipeline: Pipeline, outbox: Outbox, stop: threading.Event | None = None) -> int:
+    """A source with `deletes`: keep its delivered keys, and run its key sweep when due; return deletes written.
+
+    Called before each poll (it also turns on the recording of delivered keys). A failing
+    sweep is logged and noted on the source, and retried at the next poll; it never
+    keeps the poll from running. `stop` set: the listing stops after its current batch
+    and resumes there next time.
+    """
+    spec, source = pipeline.spec, pipeline.source
+    if not isinstance(spec, DbSourceSpec) or spec.deletes is None or not isinstance(source, DbSource):
+        return 0
+    key_columns = pipeline.mapper.key_columns()
+    outbox.track_keys(spec.name, pipeline.mapper.entity.key)
+    started = time.monotonic()
+    try:
+        sweep = outbox.sweep_begin(spec.name, spec.deletes.sweep_interval, time.time())
+        if sweep is None:
+            return 0
+        listed = 0
+        for rows, after in list_keys(source, key_columns, sweep.after, min(KEY_BATCH, 10 * spec.batch_size)):
+            outbox.sweep_mark(spec.name, pipeline.mapper.key_subjects(rows), after)
+            listed += len(rows)
+            if stop is not None and stop.is_set():
+                return 0
+        encode = partial(_encode_counted, pipeline.mapper, observed_now(), [0])
+        deleted = outbox.sweep_finish(spec.name, spec.stream, encode)
+    except (OutboxError, *POLL_ERRORS) as exc:
+        message = str(exc) if isinstance(exc, OutboxError) else describe(exc)
+        log.error("key sweep failed; it resumes at the next poll", source=spec.name, error=message)
+        with contextlib.suppress(OutboxError):  # the outbox itself failing: the poll reports it
+            outbox.polled(spec.name, error=f"key sweep: {message}")
+        return 0
+    log.info("key sweep", source=spec.name, keys=listed, deleted=deleted, seconds=round(time.monotonic() - started, 3))
+    return deleted
 
 
 def _encode_counted(
@@ -357,6 +395,7 @@ class Runner:
 
     def _poll_logged(self, pipeline: Pipeline, outbox: Outbox, result: RunResult) -> int:
         spec = pipeline.spec
+        sweep_deletes(pipeline, outbox, self.stop)
         started = time.monotonic()
         tally = Tally()
         try:

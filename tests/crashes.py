@@ -16,7 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from contextlib import closing
 from itertools import pairwise
@@ -139,6 +139,25 @@ def assert_exactly_once(entries: list[dict[str, Any]], expected_ids: set[str]) -
     assert len(ids) == len(expected_ids)
     seqs = [e["seq"] for e in entries]
     assert all(a < b for a, b in pairwise(seqs)), "outbox seq does not strictly increase along the stream"
+
+
+def assert_ends_in(entries: list[dict[str, Any]], final: dict[str, str]) -> None:
+    """Each event once, per key never the same event twice in a row (a repeat means state lost in a
+    crash), and each key's last event says what the table holds: `final` (key -> amount) upserted,
+    every other key deleted."""
+    assert_exactly_once(entries, {e["event"]["id"] for e in entries})  # no id twice, seq strictly increasing
+    by_key: dict[str, list[tuple[str, Any]]] = defaultdict(list)
+    for entry in entries:
+        event = entry["event"]
+        by_key[event["subject"]].append((event["type"], event["data"]))
+    for key, events in by_key.items():
+        repeats = [a for a, b in pairwise(events) if a == b]
+        assert not repeats, f"key {key}: the same event twice in a row: {repeats[0]}"
+    last = {key: events[-1] for key, events in by_key.items()}
+    assert {k for k, (kind, _) in last.items() if kind == "order.upserted"} == set(final)
+    assert all(last[k][1]["amount"] == amount for k, amount in final.items())
+    gone = {k for k, (kind, _) in last.items() if kind == "order.deleted"}
+    assert len(gone) == len(by_key) - len(final) and gone.isdisjoint(final)
 
 
 def crash_loop(

@@ -41,7 +41,7 @@ from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import DataError, DBAPIError, NoSuchTableError
 from sqlalchemy.types import LargeBinary, NullType, Text, TypeDecorator, TypeEngine
 
-from adapters.db import position, settle
+from adapters.db import keys, position, settle
 from adapters.db.budget import DATABASES, Database
 from straw import sql_guard
 from straw.coerce import Unreadable, boolean
@@ -669,7 +669,8 @@ class DbSource:
                 self._last_value = None
                 self.settle.bound(conn, self)
             settled = f"; settle: {self.settle.name} ({self.settle.why})"
-        return f"{url} {what}: {len(self._names)} columns, mode {self.spec.mode.value}{settled}"
+        sweep = keys.describe(self, self._keys) if self._keys else ""
+        return f"{url} {what}: {len(self._names)} columns, mode {self.spec.mode.value}{settled}{sweep}"
 
     def close(self) -> None:
         if self._shared:
