@@ -102,16 +102,18 @@ def test_sqlite_text_that_is_not_utf8_is_a_dead_letter_even_with_cp1252(
 
 
 _READ_ALL = """
-import resource, sys
+import resource, sys, tracemalloc
 from straw.config_load import load_config
 from straw.runner import build_pipeline
 config = load_config(sys.argv[1])
 source = build_pipeline(config, config.sources[0]).source
 rows = batches = widest = 0
+tracemalloc.start()
 for batch in source.read(None):
     rows, batches, widest = rows + len(batch.rows), batches + 1, max(widest, len(batch.rows))
 source.close()
-print(rows, batches, widest, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+peak = tracemalloc.get_traced_memory()[1] // 2**20
+print(rows, batches, widest, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, peak)
 """
 
 
@@ -135,9 +137,11 @@ def test_a_batch_closes_at_the_byte_budget_so_memory_follows_it_not_the_row_coun
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
     done = subprocess.run([sys.executable, "-c", _READ_ALL, str(path)], capture_output=True, text=True, check=True,
                           env=env)
-    rows, batches, widest, rss_mb = map(int, done.stdout.split())
+    rows, batches, widest, rss_mb, python_mb = map(int, done.stdout.split())
     assert rows == 120 and widest <= 10 and batches >= 12, done.stdout
-    assert rss_mb < 160, f"peak RSS {rss_mb} MB for a 16 MB budget"
+    # What the read itself holds, counted by Python (RSS also counts what the allocator keeps and the kernel's
+    # page handling, and swung from 104 to 267 MB with the rest of the suite running): about two batches.
+    assert python_mb < 48, f"the read held {python_mb} MB at its peak for a 16 MB budget (RSS {rss_mb} MB)"
 
 
 def test_mariadb_zero_dates_are_dead_letters(

@@ -93,8 +93,8 @@ def test_preview_names_a_regex_that_did_not_match_and_a_failed_parse(
     result = invoke("preview", "web-orders", "--config", str(path))
     assert result.exit_code == 1, result.output
     text = " ".join(result.output.split())
-    assert "regex /^(\\d+)$/ did not match 'Café Müller'" in text
-    assert "cannot read '01-01-2026' as date with format '%Y/%m/%d'" in text
+    assert "'Café Müller' does not match regex /^(\\d+)$/" in text
+    assert "cannot read '01-01-2026' as a date (format '%Y/%m/%d', locale 'en')" in text
 
 
 def test_status_in_a_pipe_or_as_json_shows_the_whole_error(
