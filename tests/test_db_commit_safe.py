@@ -71,6 +71,60 @@ def test_a_transaction_committing_after_a_later_one_is_delivered_by_default(
     engine.dispose()
 
 
+def test_rows_arrive_while_some_transaction_is_always_open(
+    tmp_path: Path, server_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str
+) -> None:
+    """A busy ERP always has a transaction open somewhere: each one ends, but another has begun.
+
+    A poll's looks pass what the ended ones held; a later look of the same poll that holds the newest
+    rows again must not take that back (it did: nothing arrived until the writers stopped).
+    """
+    engine = create_engine(server_url)
+    table = create_orders(engine, 0)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE side_work (id INTEGER PRIMARY KEY)"))
+    path = orders_config(tmp_path, db_url=server_url, redis_url=redis_url, stream=stream_name)
+    stop = threading.Event()
+    committed: list[tuple[float, str]] = []
+
+    def hold() -> None:  # back-to-back half-second transactions: never a moment with none open
+        with engine.connect() as conn:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                with conn.begin():
+                    conn.execute(text(f"INSERT INTO side_work VALUES ({n})"))
+                    stop.wait(0.5)
+
+    def write() -> None:  # a row every 30 ms, each in a transaction of its own
+        with engine.connect() as conn:
+            for row in order_rows(2000):
+                if stop.is_set():
+                    return
+                with conn.begin():
+                    conn.execute(insert(table), [row])
+                committed.append((time.monotonic(), str(row["ORDER_NO"])))
+                time.sleep(0.03)
+
+    threads = [threading.Thread(target=hold, daemon=True), threading.Thread(target=write, daemon=True)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.0)
+        for _ in range(5):
+            assert run_once(path).errors == []
+        settled_since = time.monotonic() - 4.0
+        delivered = set(subjects(redis_client, stream_name))
+        older = {key for at, key in committed if at < settled_since}
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+        engine.dispose()
+    assert older, "the writer committed nothing early enough"
+    assert older <= delivered, f"{len(older - delivered)} of {len(older)} rows committed over 4 s ago not delivered"
+
+
 # --- stress: overlapping writers, random lengths, rollbacks ------------------------------------------------
 
 

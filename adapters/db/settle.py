@@ -136,6 +136,14 @@ class GapWatch:
         return len(values), expected
 
 
+def _above(a: Any, b: Any) -> bool:
+    """Is cap `a` above cap `b`? Caps of one source are of one type; if not, the newer one (`a`) wins."""
+    try:
+        return bool(a > b)
+    except TypeError:
+        return True
+
+
 def _integral(value: Any) -> int | None:
     """An id as an int: NUMBER/DECIMAL ids (Oracle, SQL Server over ODBC) arrive as Decimal."""
     if isinstance(value, bool):
@@ -169,11 +177,17 @@ class Ledger:
         # Most writes commit within milliseconds: re-look briefly before deferring what is held to the next poll.
         deadline = time.monotonic() + SHORT_WAIT
         self.looks = 0
+        best: Bound | None = None
         while True:
             bound, held = self._bound(conn, probe)
             self.looks += 1
+            if bound.cap is not None:
+                best = bound if best is None or _above(bound.cap, best.cap) else best
             if not held or time.monotonic() >= deadline:
-                return bound
+                # A cap one look passed stays passed: the ledger has let go of what it covered, so a later
+                # look that holds everything again must not drop it (behind a writer that always has a
+                # transaction open, every last look holds, and nothing would ever be delivered).
+                return best if best is not None else bound
             time.sleep(0.05)
 
     def _bound(self, conn: Connection, probe: Probe) -> tuple[Bound, bool]:
