@@ -12,8 +12,8 @@ cursor in `batch_size` partitions, so memory stays flat whatever the backlog.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import AbstractContextManager, closing
 from functools import partial
 from itertools import chain
 from sys import getsizeof
@@ -380,15 +380,8 @@ class DbSource:
                 # One listing, one cursor: the whole relation as of one moment, streamed in chunks.
                 stmt, params, _values = self._statement(after, limit, None)
                 params.update(self._query_params(None))
-                try:
-                    result = conn.execution_options(stream_results=True).execute(stmt, params)
-                except Exception as exc:
-                    if not _undecodable(exc):
-                        raise
-                    failed.append(exc)
-                    return
-                chunks = _guarded(self._chunks(result.fetchmany), failed)
-                yield from self._listing(chunks, columns, slots, ops, after, limit, failed)
+                with closing(self._streamed(conn, stmt, params, failed)) as chunks:
+                    yield from self._listing(chunks, columns, slots, ops, after, limit, failed)
                 return
             # Before the rows are read: on MariaDB the settle check ends the connection's transaction,
             # so the read below gets a view of its own, taken after the open writers were seen.
@@ -447,6 +440,20 @@ class DbSource:
             after, limit = first.positions[-1], None if limit is None else limit - page
         stmt, params, values = self._statement(after, limit, cutoff)
         params.update(self._query_params(values[0] if values else None))
+        with closing(self._streamed(conn, stmt, params, failed)) as chunks:
+            for rows in chunks:
+                if gaps is not None:
+                    rows, expected, stop = _admitted(gaps, expected, rows, slots[0])
+                if rows:
+                    yield self._batch(rows, columns, slots, ops)
+                if stop:
+                    return
+
+    def _streamed(
+        self, conn: Connection, stmt: Select[Any], params: dict[str, Any], failed: list[BaseException]
+    ) -> Generator[list[Any], None, None]:
+        """The rows of `stmt` from one server-side cursor, in chunks within the byte budget; a value the
+        driver cannot decode ends them, its error in `failed` (the caller narrows the read to that row)."""
         try:
             result = conn.execution_options(stream_results=True).execute(stmt, params)
         except Exception as exc:
@@ -454,14 +461,10 @@ class DbSource:
                 raise
             failed.append(exc)
             return
-        for rows in _guarded(self._chunks(result.fetchmany), failed):
-            if gaps is not None:
-                rows, expected, stop = _admitted(gaps, expected, rows, slots[0])
-            if rows:
-                yield self._batch(rows, columns, slots, ops)
-            if stop:
-                result.close()
-                return
+        try:
+            yield from _guarded(self._chunks(result.fetchmany), failed)
+        finally:
+            result.close()
 
     def _chunks(self, fetch: Callable[[int], Sequence[Any]]) -> Iterator[list[Any]]:
         """Rows in batches of `batch_size`, or fewer when they would hold more than `batch_bytes`."""
