@@ -258,8 +258,10 @@ def test_idle_connections_zero_and_idle_timeout_close_what_is_kept(pg_url: str) 
 def test_each_source_keeps_its_own_statement_timeout_on_a_shared_connection(pg_url: str) -> None:
     _fill(pg_url, 1)
     slow = "SELECT id, name, changed_at FROM t000 WHERE pg_sleep(0.5) IS NOT NULL"
-    strict = DbSource(_spec(pg_url, "strict", table=None, query=slow, statement_timeout="100ms"), ["id"])
-    patient = DbSource(_spec(pg_url, "patient", table=None, query=slow), ["id"])
+    # settle off: a transaction of another test's database must not hold the one read this test makes.
+    strict = DbSource(_spec(pg_url, "strict", table=None, query=slow, statement_timeout="100ms", settle="off"),
+                      ["id"])
+    patient = DbSource(_spec(pg_url, "patient", table=None, query=slow, settle="off"), ["id"])
     try:
         assert strict.engine is patient.engine
         assert _rows(patient) == ROWS
