@@ -49,7 +49,7 @@ from __future__ import annotations
 import sqlite3
 from array import array
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import repeat
 from typing import Any, NamedTuple
 
@@ -74,12 +74,12 @@ SCHEMA = (
     # Keys in id order, which is the order they were first listed in: see `digests`.
     "CREATE INDEX IF NOT EXISTS keyed_state_ids ON keyed_state (source, id, key, hash)",
 )
-_IDS = "q"  # array type code of packed ids
+IDS = "q"  # array type code of packed ids
 
 UPSERTED = "upserted"
 DELETED = "deleted"
 SEEN = "seen"  # the row is there but could not be mapped (a dead letter): keep its key, send nothing
-_CHUNK = 900  # host parameters per IN (...): below SQLite's oldest limit of 999
+CHUNK = 900  # host parameters per IN (...): below SQLite's oldest limit of 999
 
 
 # The statements whose plans matter at a million keys (tests/test_keyed_outbox.py asserts them with EXPLAIN):
@@ -181,7 +181,7 @@ def apply(
         "data_hash = excluded.data_hash",
         marks.values(),
     )
-    seen = array(_IDS, unchanged)
+    seen = array(IDS, unchanged)
     seen.extend(mark[-1] for mark in marks.values())
     if seen:
         db.execute("INSERT INTO keyed_seen (source, gen, ids) VALUES (?, ?, ?)", (source, gen, seen.tobytes()))
@@ -196,18 +196,13 @@ def sweep(db: sqlite3.Connection, source: str, position: str, encode: Encode) ->
     inside its transaction (the generation moves on when it is exhausted).
     """
     gen, next_id = _generation(db, source)
-    seen = bytearray(next_id)  # one byte per id: 1 where this listing saw it
-    ids = array(_IDS)
-    for (packed,) in db.execute("SELECT ids FROM keyed_seen WHERE source = ? AND gen = ?", (source, gen)):
-        ids.frombytes(packed)
-        deque(map(seen.__setitem__, ids, repeat(1)), maxlen=0)  # in C: a listing has a million of them
-        del ids[:]
+    seen = seen_marks(db.execute("SELECT ids FROM keyed_seen WHERE source = ? AND gen = ?", (source, gen)), next_id)
     keys = db.execute(SWEEP_SCAN, (source,))  # listing order
     gone: list[str] = []  # forgotten once the scan is over: no writes to a table under an open cursor
     while rows := keys.fetchmany(10_000):
         stale = [key for id_, key in rows if not seen[id_]]
-        for start in range(0, len(stale), _CHUNK):
-            part = stale[start : start + _CHUNK]
+        for start in range(0, len(stale), CHUNK):
+            part = stale[start : start + CHUNK]
             # No ORDER BY here: with one, SQLite walks the id index instead of the key index (10x slower on
             # 1M keys); `part` is already in listing order, so a dict puts the rows back in it.
             found = dict(db.execute(sweep_lookup(len(part)), (source, *part)).fetchall())
@@ -216,12 +211,23 @@ def sweep(db: sqlite3.Connection, source: str, position: str, encode: Encode) ->
                 if key_data is not None:
                     yield position, encode(DELETED, key, position, orjson.loads(key_data))
         gone.extend(stale)
-    for start in range(0, len(gone), _CHUNK):
-        part = gone[start : start + _CHUNK]
+    for start in range(0, len(gone), CHUNK):
+        part = gone[start : start + CHUNK]
         marks = ",".join("?" * len(part))
         db.execute(f"DELETE FROM keyed_state WHERE source = ? AND key IN ({marks})", (source, *part))
     db.execute("DELETE FROM keyed_seen WHERE source = ?", (source,))
     db.execute("UPDATE keyed_sources SET gen = gen + 1 WHERE source = ?", (source,))
+
+
+def seen_marks(packed_rows: Iterable[tuple[bytes]], size: int) -> bytearray:
+    """One byte per key id below `size`: 1 where one of the listing's packed `ids` rows holds it."""
+    seen = bytearray(size)
+    ids = array(IDS)
+    for (packed,) in packed_rows:
+        ids.frombytes(packed)
+        deque(map(seen.__setitem__, ids, repeat(1)), maxlen=0)  # in C: a listing has a million of them
+        del ids[:]
+    return seen
 
 
 def _generation(db: sqlite3.Connection, source: str) -> tuple[int, int]:
@@ -271,8 +277,8 @@ _RUN = 64  # from this many keys a batch's run of ids is worth a range scan
 def _known(db: sqlite3.Connection, source: str, keys: Sequence[str]) -> dict[str, tuple[int, bytes, bytes] | None]:
     found: dict[str, tuple[int, bytes, bytes] | None] = {}
     unique = list(dict.fromkeys(keys))
-    for start in range(0, len(unique), _CHUNK):
-        chunk = unique[start : start + _CHUNK]
+    for start in range(0, len(unique), CHUNK):
+        chunk = unique[start : start + CHUNK]
         marks = ",".join("?" * len(chunk))
         for key, id_, digest, data_digest in db.execute(
             KNOWN_LOOKUP.format(marks=marks),

@@ -35,12 +35,12 @@ from __future__ import annotations
 import json
 import sqlite3
 from array import array
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from itertools import repeat
 from typing import Any, NamedTuple
 
 import orjson
+
+from outbox.keyed import CHUNK, IDS, seen_marks
 
 SCHEMA = (
     # One b-tree per key, found by its text (`record`, `mark`); `id` numbers it for the marks.
@@ -64,8 +64,6 @@ SCHEMA = (
 )""",
     "CREATE TABLE IF NOT EXISTS sweep_seen (source TEXT NOT NULL, number INTEGER NOT NULL, ids BLOB NOT NULL)",
 )
-_IDS = "q"  # array type code of packed ids
-_CHUNK = 900  # host parameters per IN (...): below SQLite's oldest limit of 999
 DELETED = "deleted"
 
 # (op, key, position, data) -> the encoded event, as in keyed.py
@@ -146,9 +144,9 @@ def mark(db: sqlite3.Connection, source: str, keys: Sequence[str | None], after:
     """These keys are in the listing, which stands at `after` (inside the caller's transaction)."""
     number = _state(db, source)[2]
     unique = list(dict.fromkeys(k for k in keys if k is not None))
-    ids = array(_IDS)
-    for start in range(0, len(unique), _CHUNK):
-        chunk = unique[start : start + _CHUNK]
+    ids = array(IDS)
+    for start in range(0, len(unique), CHUNK):
+        chunk = unique[start : start + CHUNK]
         ids.extend(
             row[0]
             for row in db.execute(
@@ -170,12 +168,8 @@ def finish(db: sqlite3.Connection, source: str, encode: Encode) -> Iterator[byte
     row = db.execute("SELECT number, cutoff, next_id FROM sweep_sources WHERE source = ?", (source,)).fetchone()
     number, cutoff = int(row[0]), int(row[1])
     position = Sweep(number, None).position
-    seen = bytearray(int(row[2]))
-    ids = array(_IDS)
-    for (packed,) in db.execute("SELECT ids FROM sweep_seen WHERE source = ? AND number = ?", (source, number)):
-        ids.frombytes(packed)
-        deque(map(seen.__setitem__, ids, repeat(1)), maxlen=0)  # in C: a listing has a million of them
-        del ids[:]
+    seen = seen_marks(db.execute("SELECT ids FROM sweep_seen WHERE source = ? AND number = ?", (source, number)),
+                      int(row[2]))
     # The deleted keys are held (not yielded under the open cursor, whose table they leave) and sent in
     # the order they were first delivered.
     gone: list[tuple[int, str, str]] = []
@@ -204,8 +198,8 @@ def _state(db: sqlite3.Connection, source: str) -> tuple[int, int, int, int, str
 def _known(db: sqlite3.Connection, source: str, keys: Sequence[str]) -> dict[str, tuple[str, int]]:
     """key -> (key data, epoch) of those of `keys` already recorded."""
     found: dict[str, tuple[str, int]] = {}
-    for start in range(0, len(keys), _CHUNK):
-        chunk = keys[start : start + _CHUNK]
+    for start in range(0, len(keys), CHUNK):
+        chunk = keys[start : start + CHUNK]
         for key, key_data, epoch in db.execute(
             f"SELECT key, key_data, epoch FROM sweep_keys WHERE source = ? AND key IN ({','.join('?' * len(chunk))})",
             (source, *chunk),

@@ -271,11 +271,6 @@ class DbSource:
             stmt = stmt.limit(limit)
         return stmt
 
-    def settle_cutoff(self, conn: Connection) -> dt.datetime:
-        """The database's now minus `settle_delay`, in the source's time zone (naive for naive columns)."""
-        # Subtract in UTC: wall-clock arithmetic in the local zone is an hour off across a DST change.
-        return self.column_time(conn, self.db_now(conn) - dt.timedelta(seconds=self.spec.settle_delay))
-
     def db_now(self, conn: Connection) -> dt.datetime:
         """The database's clock, as an aware UTC time: a settle window must not depend on this host's clock."""
         dialect = conn.dialect.name
