@@ -224,11 +224,12 @@ def test_kill_9_during_key_sweeps_loses_and_repeats_no_delete(
     tmp_path: Path, sqlite_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str
 ) -> None:
     engine = create_engine(sqlite_url)
-    table = create_orders(engine, 3_000)
-    # Interval 0: a sweep before every poll, six batches of 500 keys each: most kills land in one.
+    table = create_orders(engine, 8_000)
+    # Interval 0: a sweep before every poll, sixteen batches of 500 keys each: most kills land in one (with
+    # fewer keys a quiet machine swept so fast that no kill of ten landed in a sweep).
     swept = {"mode": "timestamp", "deletes": {"sweep_interval": 0}}
     config = orders_config(tmp_path, db_url=sqlite_url, redis_url=redis_url, stream=stream_name, **PACED, **swept)
-    next_key, clock = 3_001, dt.datetime(2027, 1, 1)
+    next_key, clock = 8_001, dt.datetime(2027, 1, 1)
     gone: list[int] = []
     mid_sweep = [0]
 
@@ -255,7 +256,7 @@ def test_kill_9_during_key_sweeps_loses_and_repeats_no_delete(
             gone.extend(dropped)
             next_key += 5
 
-    lengths = crash_loop(config, redis_client, stream_name, kills=10, between=change_the_table)
+    lengths = crash_loop(config, redis_client, stream_name, kills=14, between=change_the_table)
     orders_config(tmp_path, db_url=sqlite_url, redis_url=redis_url, stream=stream_name,
                   **{**PACED, "max_rows_per_poll": None}, **swept)
     with (tmp_path / "straw.log").open("ab") as log:
