@@ -30,9 +30,10 @@ from straw.records import source_uri
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE = source_uri("test", "orders")  # orders_config's instance and source name
-# Small batches make many transactions; the per-poll cap paces the poller (at most
-# 100 rows per 50 ms on any machine), so the work spans many kills instead of
-# finishing before the second one.
+# Small batches make many transactions, so kills land between and inside them. Pacing
+# by time is not enough on its own (a poll that hits its cap continues at once, so a
+# fast machine publishes everything before the third kill): `crash_loop(final=...)`
+# also kills at random points of the stream's progress.
 PACED = {"batch_size": 50, "relay_batch_size": 100, "poll_interval": 0.05, "max_rows_per_poll": 100}
 
 
@@ -83,12 +84,24 @@ def kill_hard(proc: subprocess.Popen[bytes], whole_group: bool) -> None:
         raise AssertionError(f"straw processes {left} outlived a kill -9 of their parent {proc.pid}")
 
 
-def run_and_kill(config: Path, client: redis.Redis, stream: str, rng: random.Random, log: IO[bytes]) -> str:
-    """Start `straw run`, SIGKILL it at a random moment; say where the moment fell."""
+def run_and_kill(
+    config: Path, client: redis.Redis, stream: str, rng: random.Random, log: IO[bytes], final: int | None = None
+) -> str:
+    """Start `straw run`, SIGKILL it at a random moment; say where the moment fell.
+
+    With `final` (the stream's length once all is published), while work is left,
+    the kills after start-up wait for a random point in the next eighth of it
+    rather than a random time, so they land mid-work however fast the machine is."""
     before = int(client.xlen(stream))
     proc = spawn_straw(config, log)
-    if rng.random() < 0.3:
+    choice = rng.random()
+    if choice < 0.3:
         time.sleep(rng.uniform(0.0, 1.0))  # start-up: imports, config, outbox, relay process, adopt
+    elif final is not None and final > before:
+        target = before + rng.randint(1, max(1, (final - before) // 8))
+        deadline = time.monotonic() + 10.0
+        while client.xlen(stream) < target and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
     else:
         # Mid-work: a little after this run's first relay round, however slow the start was
         # (or, once everything is published, after a while: an idle straw is killed too).
@@ -161,9 +174,17 @@ def assert_ends_in(entries: list[dict[str, Any]], final: dict[str, str]) -> None
 
 
 def crash_loop(
-    config: Path, client: redis.Redis, stream: str, kills: int, between: Callable[[random.Random], None] | None = None
+    config: Path,
+    client: redis.Redis,
+    stream: str,
+    kills: int,
+    between: Callable[[random.Random], None] | None = None,
+    final: Callable[[], int] | None = None,
 ) -> list[int]:
-    """Kill `straw run` `kills` times; `between(rng)` runs while it is down. Returns the stream's length after each."""
+    """Kill `straw run` `kills` times; `between(rng)` runs while it is down. Returns the stream's length after each.
+
+    `final()` says how long the stream will be once all the current work is published
+    (see `run_and_kill`)."""
     seed = int(os.environ.get("STRAW_CRASH_SEED") or random.randrange(2**32))
     print(f"crash seed {seed} (STRAW_CRASH_SEED={seed} replays it)")
     rng = random.Random(seed)
@@ -171,7 +192,8 @@ def crash_loop(
     lengths = []
     with (config.parent / "straw.log").open("ab") as log:
         for _ in range(kills):
-            phases[run_and_kill(config, client, stream, rng, log)] += 1
+            goal = final() if final is not None else None
+            phases[run_and_kill(config, client, stream, rng, log, goal)] += 1
             lengths.append(int(client.xlen(stream)))
             if between is not None:
                 between(rng)

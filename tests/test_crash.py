@@ -46,7 +46,7 @@ def test_kill_9_at_random_moments_loses_and_repeats_nothing(
     engine.dispose()
     config = orders_config(tmp_path, db_url=sqlite_url, redis_url=redis_url, stream=stream_name, **PACED)
 
-    lengths = crash_loop(config, redis_client, stream_name, kills=24)
+    lengths = crash_loop(config, redis_client, stream_name, kills=24, final=lambda: rows)
 
     uncapped = {**PACED, "max_rows_per_poll": None}
     orders_config(tmp_path, db_url=sqlite_url, redis_url=redis_url, stream=stream_name, **uncapped)
@@ -113,7 +113,10 @@ def test_kill_9_while_the_table_keeps_changing_delivers_each_change_once_in_orde
                 )
                 versions[key].append((clock, key))
 
-    lengths = crash_loop(config, redis_client, stream_name, kills=20, between=change_rows)
+    lengths = crash_loop(
+        config, redis_client, stream_name, kills=20, between=change_rows,
+        final=lambda: sum(len(chain) for chain in versions.values()),
+    )
     orders_config(
         tmp_path, db_url=sqlite_url, redis_url=redis_url, stream=stream_name, mode="timestamp",
         **{**paced, "max_rows_per_poll": None},
