@@ -25,7 +25,7 @@ import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from outbox.checkpoint import checkpoint_key
+from bus.redis import checkpoint_key
 from straw.local_redis import start_private_redis
 
 PG_ADMIN_URL = os.environ.get("STRAW_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")

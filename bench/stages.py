@@ -26,6 +26,7 @@ from bench.ceiling import xadd_pipelined
 from bench.legacy import legacy_database
 from bench.services import Bench, log
 from bench.slice_bench import run_straw, write_config
+from bus.redis import RedisBus
 from outbox.relay import Relay, adopt_streams
 from outbox.store import Outbox
 from straw import logs, records
@@ -109,8 +110,8 @@ def _relay_stages(table: Table, bench: Bench, outbox_path: Path, stream: str) ->
             after = batch[-1].seq
     entries = [{b"seq": str(p.seq).encode(), b"pos": p.position.encode(), b"event": p.event} for p in pending]
     table.add("relay: XADD pipelines of 1000, no transaction (ceiling)", xadd_pipelined(bench, entries))
-    adopt_streams(bench.redis, outbox, [stream])
-    relay = Relay(bench.redis, outbox, batch_size=1000)
+    adopt_streams(RedisBus(bench.redis), outbox, [stream])
+    relay = Relay(RedisBus(bench.redis), outbox, batch_size=1000)
     with table.time("relay: alone on a full outbox (Relay.publish until empty)"):
         while relay.publish(stream).more:
             pass

@@ -1,17 +1,15 @@
-"""Publish outbox records to Redis streams exactly once.
+"""Publish outbox records to the bus exactly once.
 
-One round per batch: a Lua script that, atomically in Redis, checks that the
-stream's checkpoint is what this relay last saw, XADDs the batch in `seq` order
-and moves the checkpoint (HSET `seq`, `outbox`, `pos:<source>`). It is the
-WATCH/MULTI/EXEC of the design in one round trip and one reply. A checkpoint
-that moved (another relay, or our own write whose reply was lost) is re-read:
-records at or below its `seq` are already in the stream, so they are marked
-published (the crash reconciliation), never sent again.
+One round per batch: the bus appends the batch and moves the stream's checkpoint
+only if the checkpoint is still what this relay last saw (for Redis, one Lua
+script call; see bus/). A checkpoint that moved (another relay, or our own write
+whose reply was lost) is re-read: records at or below its `seq` are already on
+the bus, so they are marked published (the crash reconciliation), never sent
+again.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import random
 import threading
 import time
@@ -19,35 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-import redis
 import structlog
 
-from outbox.checkpoint import POS_PREFIX, Checkpoint, checkpoint_key
+from bus.seam import Bus, BusDown, BusRefused, Checkpoint
 from outbox.store import Outbox
 from straw.redact import redact
 
 log = structlog.get_logger("straw.relay")
-
-# Refused credentials or permissions are final: waiting does not fix a password. They are caught before
-# REDIS_DOWN (redis-py's AuthenticationError is a ConnectionError).
-REDIS_REFUSED = (redis.AuthenticationError, redis.exceptions.AuthenticationWrongNumberOfArgsError,
-                 redis.exceptions.NoPermissionError)
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
-
-
-class RedisRefused(Exception):
-    """Redis refused our credentials (AUTH) or the ACL user's permissions (NOPERM)."""
-
-
-def refused(exc: BaseException) -> RedisRefused:
-    """The one line for refused credentials: authentication failed, or the ACL user lacks a permission."""
-    detail = " ".join(str(exc).split())
-    if isinstance(exc, redis.exceptions.NoPermissionError):
-        return RedisRefused(
-            f"Redis authorization failed ({detail}): the ACL user of redis.url needs +@read +@write +@stream "
-            "+@scripting +@connection on the streams and their checkpoint keys"
-        )
-    return RedisRefused(f"Redis authentication failed ({detail}): check the user and password in redis.url")
 
 
 class StopFlag(Protocol):
@@ -68,73 +44,30 @@ class Round:
     more: bool  # a full batch was sent: there may be more right away
 
 
-def connect(url: str, socket_timeout: float = 10.0) -> redis.Redis:
-    return redis.Redis.from_url(
-        url, socket_timeout=socket_timeout, socket_connect_timeout=min(socket_timeout, 5.0), health_check_interval=30
-    )
-
-
-def read_checkpoint(client: redis.Redis, stream: str) -> Checkpoint:
-    return Checkpoint.parse(client.hgetall(checkpoint_key(stream)))
-
-
-def adopt_streams(client: redis.Redis, outbox: Outbox, streams: list[str]) -> None:
+def adopt_streams(bus: Bus, outbox: Outbox, streams: list[str]) -> None:
     """Before this outbox first polls for a stream, continue from the stream's checkpoint."""
     for stream in streams:
         if outbox.stream_known(stream):
             continue
-        ckpt = read_checkpoint(client, stream)
+        ckpt = bus.checkpoint(stream)
         outbox.adopt(stream, ckpt.seq, ckpt.positions)
         if ckpt.seq:
             log.info("adopted checkpoint", stream=stream, seq=ckpt.seq, previous_outbox=ckpt.outbox)
 
 
-# One atomic step in Redis: publish only if the checkpoint is what this relay last saw.
-# KEYS: stream, checkpoint. ARGV: expected seq, expected outbox, our outbox, time, maxlen ('' = none),
-# n position fields, then n (field, value) pairs, then (seq, pos, event) per record.
-_PUBLISH = """
-local state = redis.call('HMGET', KEYS[2], 'seq', 'outbox')
-local seq, owner = state[1] or '0', state[2] or ''
-if seq ~= ARGV[1] or owner ~= ARGV[2] then
-  return {0, seq, owner}
-end
-local maxlen = ARGV[5]
-local first = 7 + 2 * tonumber(ARGV[6])
-local last = seq
-for i = first, #ARGV, 3 do
-  if maxlen == '' then
-    redis.call('XADD', KEYS[1], '*', 'seq', ARGV[i], 'pos', ARGV[i + 1], 'event', ARGV[i + 2])
-  else
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'seq', ARGV[i], 'pos', ARGV[i + 1], 'event', ARGV[i + 2])
-  end
-  last = ARGV[i]
-end
-local fields = {'seq', last, 'outbox', ARGV[3], 'at', ARGV[4]}
-for i = 7, first - 1 do
-  fields[#fields + 1] = ARGV[i]
-end
-redis.call('HSET', KEYS[2], unpack(fields))
-return {1, last, ARGV[3]}
-"""
-
-
 class Relay:
-    """Publishes one stream's outbox records, a batch per round, each batch in one atomic script call.
+    """Publishes one stream's outbox records, a batch per round, each batch in one compare-and-set on the bus.
 
-    The script is a compare-and-set: it appends the batch and moves the checkpoint
-    only if the checkpoint still holds what this relay last saw. Anything else (a
-    crash after the script ran, a lost reply, another outbox) is settled by
-    re-reading the checkpoint and reconciling, never by resending blindly.
+    The bus appends the batch and moves the checkpoint only if the checkpoint
+    still holds what this relay last saw. Anything else (a crash after the
+    publish, a lost reply, another outbox) is settled by re-reading the
+    checkpoint and reconciling, never by resending blindly.
     """
 
-    def __init__(
-        self, client: redis.Redis, outbox: Outbox, *, batch_size: int = 1000, maxlen: int | None = None
-    ) -> None:
-        self.client = client
+    def __init__(self, bus: Bus, outbox: Outbox, *, batch_size: int = 1000) -> None:
+        self.bus = bus
         self.outbox = outbox
         self.batch_size = batch_size
-        self.maxlen = maxlen
-        self._script = client.register_script(_PUBLISH)
         self._seen: dict[str, Checkpoint] = {}  # per stream: the checkpoint as of our last round
 
     def _checkpoint(self, stream: str) -> tuple[Checkpoint, int]:
@@ -142,7 +75,7 @@ class Relay:
         seen = self._seen.get(stream)
         if seen is not None:
             return seen, 0
-        seen = read_checkpoint(self.client, stream)
+        seen = self.bus.checkpoint(stream)
         reconciled = 0
         if seen.outbox == self.outbox.identity:
             reconciled = self.outbox.mark_published(stream, seen.seq)
@@ -164,32 +97,16 @@ class Relay:
                 f"yet this outbox ({outbox.identity}) still holds seq {batch[0].seq}; "
                 "two straw instances publish to this stream. Stop one of them."
             )
-        positions: dict[str, str] = {}
-        records: list[bytes | str | int] = []
         counts: dict[str, int] = {}
-        for seq, source, position, event in batch:
-            records += (seq, position, event)
-            positions[POS_PREFIX + source] = position
-            counts[source] = counts.get(source, 0) + 1
-        args: list[bytes | str | int] = [
-            ckpt.seq,
-            ckpt.outbox or "",
-            outbox.identity,
-            dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-            self.maxlen or "",
-            len(positions),
-        ]
-        for field, value in positions.items():
-            args += (field, value)
-        args += records
-        self._seen.pop(stream, None)  # unknown until Redis answers
-        done, seq, _owner = self._script(keys=[stream, checkpoint_key(stream)], args=args)
-        if not done:
-            log.warning("checkpoint moved under us; re-reading", stream=stream, seq=int(seq))
+        for record in batch:
+            counts[record.source] = counts.get(record.source, 0) + 1
+        self._seen.pop(stream, None)  # unknown until the bus answers
+        moved = self.bus.publish(stream, ckpt, batch, outbox.identity)
+        if moved is None:
+            log.warning("checkpoint moved under us; re-reading", stream=stream)
             return Round(stream, reconciled, True)
-        last = batch[-1][0]
-        self._seen[stream] = Checkpoint(last, outbox.identity)
-        published = outbox.mark_published(stream, last, counts)
+        self._seen[stream] = moved
+        published = outbox.mark_published(stream, moved.seq, counts)
         return Round(stream, reconciled + published, len(batch) == self.batch_size)
 
 
@@ -197,7 +114,7 @@ class Relay:
 class Health:
     """What the relay thread shares with whoever supervises it."""
 
-    down_since: float | None = None  # monotonic time Redis became unreachable
+    down_since: float | None = None  # monotonic time the bus became unreachable
 
 
 @dataclass
@@ -215,13 +132,12 @@ class Backoff:
 
 
 def run_relay(
-    make_client: Callable[[], redis.Redis],
+    make_bus: Callable[[], Bus],
     outbox: Outbox,
     streams: list[str],
     *,
     stop: StopFlag,
     batch_size: int = 1000,
-    maxlen: int | None = None,
     idle_interval: float = 0.2,
     backoff_max: float = 30.0,
     drained: Callable[[], bool] | None = None,
@@ -230,25 +146,25 @@ def run_relay(
 ) -> None:
     """Publish until `stop` is set, or, with `drained`, until it says no more will come and all is sent.
 
-    Redis down: records wait in the outbox; we retry with backoff, and say so in
+    Bus down: records wait in the outbox; we retry with backoff, and say so in
     the log and in the outbox's stream state (shown by `straw status`).
     """
     backoff = Backoff(maximum=backoff_max)
     health = health or Health()
-    client: redis.Redis | None = None
+    bus: Bus | None = None
     relay: Relay | None = None
     while not stop.is_set():
         try:
             if relay is None:
-                client = make_client()
-                adopt_streams(client, outbox, streams)
-                relay = Relay(client, outbox, batch_size=batch_size, maxlen=maxlen)
+                bus = make_bus()
+                adopt_streams(bus, outbox, streams)
+                relay = Relay(bus, outbox, batch_size=batch_size)
             more = False
             for stream in streams:
                 more = relay.publish(stream).more or more
             health.down_since = None
             if backoff.current:
-                log.info("redis reachable again; publishing", streams=streams)
+                log.info("bus reachable again; publishing", streams=streams)
                 for stream in streams:
                     outbox.stream_error(stream, None)
                 backoff.reset()
@@ -261,35 +177,32 @@ def run_relay(
             else:  # woken early when there is news (polling done, stop), so a short run ends promptly
                 wake.wait(idle_interval)
                 wake.clear()
-        except REDIS_REFUSED as exc:
-            failure = refused(exc)
+        except BusRefused as failure:
             log.error("relay stopped", error=str(failure))
             for stream in streams:
                 if outbox.stream_known(stream):
                     outbox.stream_error(stream, redact(str(failure)))
-            if client is not None:
-                client.close()
-            raise failure from None
-        except REDIS_DOWN as exc:
+            if bus is not None:
+                bus.close()
+            raise
+        except BusDown as exc:
             if health.down_since is None:
                 health.down_since = time.monotonic()
             delay = backoff.next()
             # Redacted before it is stored: `straw status` and the metrics show this text to anyone.
-            message = redact(
-                f"redis unreachable ({type(exc).__name__}: {exc}); {outbox.backlog()} records wait in the outbox"
-            )
-            log.warning("relay waiting for redis", error=message, retry_in=round(delay, 2))
+            message = redact(f"{exc}; {outbox.backlog()} records wait in the outbox")
+            log.warning("relay waiting for the bus", error=message, retry_in=round(delay, 2))
             for stream in streams:
                 if outbox.stream_known(stream):
                     outbox.stream_error(stream, message)
-            if client is not None:
-                client.close()
-            client, relay = None, None
+            if bus is not None:
+                bus.close()
+            bus, relay = None, None
             stop.wait(delay)
         except SplitBrain as exc:
             log.error("relay stopped", error=str(exc))
             for stream in streams:
                 outbox.stream_error(stream, redact(str(exc)))
             raise
-    if client is not None:
-        client.close()
+    if bus is not None:
+        bus.close()

@@ -16,8 +16,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
+from bus.seam import Outgoing
 from outbox import keyed, sweep
 
 SCHEMA = """
@@ -116,11 +117,7 @@ def guarded(path: Path) -> Iterator[None]:
         raise explain(path, exc) from exc
 
 
-class Pending(NamedTuple):
-    seq: int
-    source: str
-    position: str
-    event: bytes
+Pending = Outgoing  # a record waiting in the outbox is what the relay hands the bus
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import orjson
-import redis
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -18,9 +17,10 @@ from rich.text import Text
 from sqlalchemy.engine import make_url
 
 from adapters.db.budget import check_budget
-from outbox.checkpoint import checkpoint_key
+from bus.connect import open_bus
+from bus.redis import checkpoint_key
+from bus.seam import Bus, BusDown, BusRefused, Published
 from outbox.lock import OutboxBusy
-from outbox.relay import REDIS_DOWN, REDIS_REFUSED, connect, refused
 from outbox.store import Outbox, OutboxError, SourceState
 from straw import logs
 from straw.config import Config, DatabaseSpec, DbSourceSpec
@@ -86,17 +86,17 @@ def _seconds(value: str) -> float:
         raise typer.BadParameter(f"not a duration: {value!r}; write seconds (60) or e.g. '60s', '2m'") from None
 
 
-def _redis_or_none(config: Config, action: Callable[[redis.Redis], T]) -> T | str:
-    """Run `action` against Redis, or return why it could not be reached (one line, redacted)."""
-    client = connect(config.redis.url, socket_timeout=3.0)
+def _bus_or_none(config: Config, action: Callable[[Bus], T]) -> T | str:
+    """Run `action` against the bus, or return why it could not be reached (one line, redacted)."""
+    bus = open_bus(config.redis.url, socket_timeout=3.0)
     try:
-        return action(client)
-    except REDIS_REFUSED as exc:
-        return redact(str(refused(exc)))
-    except REDIS_DOWN as exc:
-        return f"unreachable ({describe(exc)})"
+        return action(bus)
+    except BusRefused as exc:
+        return redact(str(exc))
+    except BusDown as exc:
+        return f"unreachable ({describe(exc.__cause__ or exc)})"
     finally:
-        client.close()
+        bus.close()
 
 
 @app.command()
@@ -173,13 +173,11 @@ def check(config_path: ConfigOption = None) -> None:
     ok, detail = check_outbox(config.outbox.path)  # writes nothing, creates nothing
     line(ok, "outbox", detail)
     # The streams' lengths too: an ACL user that may connect but not touch the streams fails here, not at run.
-    info = _redis_or_none(config, lambda c: (c.info("server"), [c.xlen(s) for s in config.streams])[0])
+    info = _bus_or_none(config, lambda bus: (bus.describe(), [bus.length(s) for s in config.streams])[0])
     if isinstance(info, str):
         line(False, "redis", info)
     else:
-        version = str(info.get("redis_version", "?"))
-        ok = int(version.split(".")[0]) >= 5 if version[0].isdigit() else False
-        line(ok, "redis", f"version {version}" + ("" if ok else " (streams need Redis 5 or newer)"))
+        line(info[0], "redis", info[1])
     if failed:
         raise typer.Exit(1)
 
@@ -357,7 +355,7 @@ def status(
             "dead_letters": dead.get(spec.name, 0),
             "error": redact(state.error) if state and state.error else None,
         })
-    lengths = _redis_or_none(config, lambda c: {s: int(c.xlen(s)) for s in config.streams})
+    lengths = _bus_or_none(config, lambda bus: {s: bus.length(s) for s in config.streams})
     redis_error = lengths if isinstance(lengths, str) else None
     stream_rows: list[dict[str, Any]] = []
     for stream_name in config.streams:
@@ -415,10 +413,10 @@ def stream(
     config = _load(config_path)
     names = [name] if name else config.streams
 
-    def read(client: redis.Redis) -> dict[str, tuple[int, list[Any]]]:
-        return {s: (int(client.xlen(s)), list(client.xrevrange(s, count=count) or [])) for s in names}
+    def read(bus: Bus) -> dict[str, tuple[int, list[Published]]]:
+        return {s: (bus.length(s), bus.newest(s, count)) for s in names}
 
-    found = _redis_or_none(config, read)
+    found = _bus_or_none(config, read)
     if isinstance(found, str):
         err.print(f"redis {found}", markup=False, highlight=False)
         raise typer.Exit(1)
@@ -426,10 +424,10 @@ def stream(
         table = Table(title=f"{stream_name}: {length} entries (newest {len(entries)})")
         for column in ("entry id", "seq", "type", "subject", "data"):
             table.add_column(column, overflow="fold")
-        for entry_id, fields in reversed(entries):
-            event = orjson.loads(fields[b"event"])
+        for entry in entries:
+            event = orjson.loads(entry.event)
             data = orjson.dumps(event["data"]).decode()
-            table.add_row(entry_id.decode(), fields[b"seq"].decode(), event["type"], Text(event["subject"]), Text(data))
+            table.add_row(entry.entry_id, str(entry.seq), event["type"], Text(event["subject"]), Text(data))
         out.print(table)
 
 

@@ -23,7 +23,9 @@ from typing import IO, Any
 
 import orjson
 
-from outbox.relay import Health, RedisRefused, connect, run_relay
+from bus.connect import open_bus
+from bus.seam import BusRefused
+from outbox.relay import Health, run_relay
 from outbox.store import Outbox, OutboxError
 from straw import logs
 from straw.config import Config
@@ -90,19 +92,18 @@ def child_main() -> int:
         # the Redis checkpoint says what was published and the next round reconciles.
         outbox = Outbox(config.outbox.path, synchronous="NORMAL")
         run_relay(
-            lambda: connect(config.redis.url, config.redis.socket_timeout),
+            lambda: open_bus(config.redis.url, socket_timeout=config.redis.socket_timeout, maxlen=config.relay.maxlen),
             outbox,
             config.streams,
             stop=stop,
             batch_size=config.relay.batch_size,
-            maxlen=config.relay.maxlen,
             idle_interval=config.relay.idle_interval,
             backoff_max=config.relay.backoff_max,
             drained=drained.is_set,
             wake=wake,
             health=ReportingHealth(stdout),
         )
-    except (RedisRefused, OutboxError) as exc:  # already the operator's one line
+    except (BusRefused, OutboxError) as exc:  # already the operator's one line
         _send(stdout, {"error": redact(str(exc))})
         return 1
     except Exception as exc:

@@ -27,8 +27,10 @@ from adapters.db.keys import BATCH as KEY_BATCH
 from adapters.db.keys import list_keys
 from adapters.db.poller import DbSource, SchemaDrift
 from adapters.scrape.errors import ScrapeError
+from bus.connect import open_bus
+from bus.seam import BusDown, BusRefused
 from outbox.lock import OutboxLock
-from outbox.relay import REDIS_DOWN, REDIS_REFUSED, adopt_streams, connect, refused
+from outbox.relay import adopt_streams
 from outbox.store import Outbox, OutboxError
 from straw.config import AnySourceSpec, Config, DbSourceSpec
 from straw.config_scrape import ScrapeSourceSpec
@@ -375,15 +377,15 @@ class Runner:
         credentials are final: no use waiting for them.
         """
         if not outbox.stream_known(stream):
-            client = connect(self.config.redis.url, socket_timeout=min(self.config.redis.socket_timeout, 5.0))
+            bus = open_bus(self.config.redis.url, socket_timeout=min(self.config.redis.socket_timeout, 5.0))
             try:
-                adopt_streams(client, outbox, [stream])
-            except REDIS_REFUSED as exc:
-                return describe(refused(exc))
-            except REDIS_DOWN:
+                adopt_streams(bus, outbox, [stream])
+            except BusRefused as exc:
+                return describe(exc)
+            except BusDown:
                 pass
             finally:
-                client.close()
+                bus.close()
         while not outbox.stream_known(stream):
             if self.stop.is_set() or time.monotonic() > deadline or not relay.is_alive():
                 if relay.error() is not None:

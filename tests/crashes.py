@@ -25,7 +25,7 @@ from typing import IO, Any
 
 import redis
 
-from outbox.relay import read_checkpoint
+from bus.redis import read_checkpoint
 from straw.records import source_uri
 
 REPO = Path(__file__).resolve().parent.parent

@@ -27,8 +27,8 @@ import redis
 from sqlalchemy import create_engine, select, update
 
 from adapters.db import position
+from bus.redis import read_checkpoint
 from fixtures.legacy_orders import STATUSES, create_orders
-from outbox.relay import read_checkpoint
 from outbox.store import Outbox
 from straw.records import event_id
 from tests.crashes import PACED, SOURCE, assert_exactly_once, assert_kills_landed_mid_work, crash_loop, finish

@@ -15,6 +15,7 @@ from sqlalchemy.engine import Engine
 
 from adapters.db import position
 from adapters.db.poller import DbSource
+from bus.redis import RedisBus
 from fixtures.legacy_orders import START, create_orders, order_rows
 from outbox.relay import adopt_streams
 from outbox.store import Outbox
@@ -112,7 +113,7 @@ def test_timestamp_mode_keeps_rows_sharing_a_timestamp_across_batch_and_poll_bou
     pipeline = build_pipeline(config, config.sources[0])
     outbox = Outbox(config.outbox.path)
     try:
-        adopt_streams(redis_client, outbox, [stream_name])
+        adopt_streams(RedisBus(redis_client), outbox, [stream_name])
         reads = [poll(pipeline, outbox) for _ in range(4)]
     finally:
         outbox.close()

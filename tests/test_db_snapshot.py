@@ -9,6 +9,7 @@ import orjson
 import redis
 from sqlalchemy import create_engine, delete, insert, update
 
+from bus.redis import RedisBus
 from fixtures.legacy_orders import create_orders, order_rows
 from outbox import keyed
 from outbox.relay import adopt_streams
@@ -95,7 +96,7 @@ def test_interrupted_listing_resumes_or_restarts_without_loss_or_repeat(
     pipeline = build_pipeline(config, config.sources[0])
     outbox = Outbox(config.outbox.path)
     try:
-        adopt_streams(redis_client, outbox, [stream_name])
+        adopt_streams(RedisBus(redis_client), outbox, [stream_name])
         assert [poll(pipeline, outbox) for _ in range(3)] == [4, 4, 2]
         first = listing(outbox)
         assert first[1:] == []  # listing `first` is complete

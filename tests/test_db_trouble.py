@@ -12,6 +12,7 @@ from sqlalchemy import create_engine, insert, text
 from sqlalchemy.engine import make_url
 
 from adapters.db.poller import SchemaDrift
+from bus.redis import RedisBus
 from fixtures.legacy_orders import create_orders, order_rows
 from outbox.relay import adopt_streams
 from outbox.store import Outbox
@@ -64,7 +65,7 @@ def test_connection_killed_mid_read_keeps_the_batch_out_and_retries(
     outbox = Outbox(config.outbox.path)
     runner = Runner(config)
     try:
-        adopt_streams(redis_client, outbox, [stream_name])
+        adopt_streams(RedisBus(redis_client), outbox, [stream_name])
         result = RunResult()
         assert runner._poll_logged(pipeline, outbox, result) == 0
         assert len(result.errors) == 1 and "terminat" in result.errors[0]
@@ -97,7 +98,7 @@ def test_schema_drift_names_source_column_and_fix_and_advances_nothing(
     outbox = Outbox(config.outbox.path)
     q = engine.dialect.identifier_preparer.quote
     try:
-        adopt_streams(redis_client, outbox, [stream_name])
+        adopt_streams(RedisBus(redis_client), outbox, [stream_name])
         assert poll(pipeline, outbox) == 5
         with engine.begin() as conn:
             conn.execute(insert(table), order_rows(3, first=6))

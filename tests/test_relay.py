@@ -22,9 +22,9 @@ import redis
 from sqlalchemy import create_engine, insert
 
 from adapters.db import position
+from bus.redis import RedisBus, checkpoint_key, hash_tag, read_checkpoint
 from fixtures.legacy_orders import create_orders, order_rows
-from outbox.checkpoint import checkpoint_key, hash_tag
-from outbox.relay import Relay, SplitBrain, adopt_streams, read_checkpoint, run_relay
+from outbox.relay import Relay, SplitBrain, adopt_streams, run_relay
 from outbox.store import Outbox
 from straw.local_redis import free_port, redis_server_binary
 from straw.records import UPSERTED, encode_event, event_id, observed_now, source_uri
@@ -93,17 +93,17 @@ def test_a_crash_after_the_redis_write_before_the_local_mark_is_reconciled_not_r
     redis_client: redis.Redis, stream_name: str, open_outbox: OpenOutbox
 ) -> None:
     outbox = open_outbox("live")
-    adopt_streams(redis_client, outbox, [stream_name])
+    adopt_streams(RedisBus(redis_client), outbox, [stream_name])
     add_records(outbox, stream_name, range(1, 251))
     before_publish = twin(outbox, open_outbox, "before-publish")
 
-    assert Relay(redis_client, outbox, batch_size=100).publish(stream_name).published == 100
+    assert Relay(RedisBus(redis_client), outbox, batch_size=100).publish(stream_name).published == 100
     assert stream_seqs(redis_client, stream_name) == list(range(1, 101))
 
     # Restart from the file as it was before mark_published: Redis has 1..100, the outbox does not know.
     restarted = before_publish
     assert (restarted.published_seq(stream_name), restarted.backlog()) == (0, 250)
-    relay = Relay(redis_client, restarted, batch_size=100)
+    relay = Relay(RedisBus(redis_client), restarted, batch_size=100)
     first = relay.publish(stream_name)
     assert first.published == 200, "100 reconciled with the checkpoint plus 100 newly sent"
     assert drain(relay, stream_name) == 50
@@ -117,24 +117,24 @@ def test_a_replacement_outbox_continues_the_stream_from_its_checkpoint(
     redis_client: redis.Redis, stream_name: str, open_outbox: OpenOutbox
 ) -> None:
     old = open_outbox("old-host")
-    adopt_streams(redis_client, old, [stream_name])
+    adopt_streams(RedisBus(redis_client), old, [stream_name])
     add_records(old, stream_name, range(1, 31))
-    drain(Relay(redis_client, old, batch_size=20), stream_name)
+    drain(Relay(RedisBus(redis_client), old, batch_size=20), stream_name)
     ckpt = read_checkpoint(redis_client, stream_name)
     assert (ckpt.seq, ckpt.outbox, ckpt.positions) == (30, old.identity, {SOURCE: pos(30)})
 
     new = open_outbox("new-host")
-    adopt_streams(redis_client, new, [stream_name])
+    adopt_streams(RedisBus(redis_client), new, [stream_name])
     assert new.published_seq(stream_name) == 30
     assert new.position(SOURCE) == pos(30), "the new host must poll on from where the stream stands"
     add_records(new, stream_name, range(31, 41))
     assert [r.seq for r in new.pending(stream_name, 0, 100)] == list(range(31, 41))
-    drain(Relay(redis_client, new), stream_name)
+    drain(Relay(RedisBus(redis_client), new), stream_name)
 
     assert stream_seqs(redis_client, stream_name) == list(range(1, 41))
     assert stream_orders(redis_client, stream_name) == list(range(1, 41))
     assert read_checkpoint(redis_client, stream_name).outbox == new.identity
-    adopt_streams(redis_client, new, [stream_name])  # a second adopt changes nothing
+    adopt_streams(RedisBus(redis_client), new, [stream_name])  # a second adopt changes nothing
     assert new.published_seq(stream_name) == 40
 
 
@@ -164,21 +164,21 @@ def test_a_stale_outbox_with_records_below_the_checkpoint_raises_split_brain(
     redis_url: str, redis_client: redis.Redis, stream_name: str, open_outbox: OpenOutbox
 ) -> None:
     active, stale = open_outbox("active"), open_outbox("stale")
-    adopt_streams(redis_client, active, [stream_name])
-    adopt_streams(redis_client, stale, [stream_name])  # both saw an empty checkpoint: both start at seq 1
+    adopt_streams(RedisBus(redis_client), active, [stream_name])
+    adopt_streams(RedisBus(redis_client), stale, [stream_name])  # both saw an empty checkpoint: both start at seq 1
     add_records(active, stream_name, range(1, 6))
-    drain(Relay(redis_client, active), stream_name)
+    drain(Relay(RedisBus(redis_client), active), stream_name)
     add_records(stale, stream_name, range(1, 4))
 
     with pytest.raises(SplitBrain, match="two straw instances"):
-        Relay(redis_client, stale).publish(stream_name)
+        Relay(RedisBus(redis_client), stale).publish(stream_name)
     assert stream_seqs(redis_client, stream_name) == [1, 2, 3, 4, 5]
     assert read_checkpoint(redis_client, stream_name).outbox == active.identity
     assert stale.backlog() == 3, "the stale outbox keeps its records for the operator"
 
     # The relay loop stops on it too, and says why in the outbox (`straw status` shows it).
     with pytest.raises(SplitBrain):
-        run_relay(lambda: redis.Redis.from_url(redis_url), stale, [stream_name], stop=threading.Event())
+        run_relay(lambda: RedisBus(redis.Redis.from_url(redis_url)), stale, [stream_name], stop=threading.Event())
     (state,) = stale.streams()
     assert state.error is not None and "two straw instances" in state.error
     assert len(read_stream(redis_client, stream_name)) == 5
@@ -188,15 +188,15 @@ def test_a_checkpoint_moved_by_another_writer_is_re_read_never_overwritten(
     redis_url: str, redis_client: redis.Redis, stream_name: str, open_outbox: OpenOutbox
 ) -> None:
     outbox = open_outbox("a")
-    adopt_streams(redis_client, outbox, [stream_name])
+    adopt_streams(RedisBus(redis_client), outbox, [stream_name])
     add_records(outbox, stream_name, range(1, 301))
-    relay = Relay(redis_client, outbox, batch_size=100)
+    relay = Relay(RedisBus(redis_client), outbox, batch_size=100)
     relay.publish(stream_name)
     copy = twin(outbox, open_outbox, "copy")
     other = redis.Redis.from_url(redis_url)
     try:
         # Another writer (a twin with the same identity, on its own connection) publishes 101..200.
-        assert Relay(other, copy, batch_size=100).publish(stream_name).published == 100
+        assert Relay(RedisBus(other), copy, batch_size=100).publish(stream_name).published == 100
     finally:
         other.close()
 
@@ -209,7 +209,7 @@ def test_a_checkpoint_moved_by_another_writer_is_re_read_never_overwritten(
     assert stream_orders(redis_client, stream_name) == list(range(1, 301))
     (state,) = outbox.sources()
     assert (state.rows_published, outbox.backlog()) == (300, 0)
-    assert drain(Relay(redis_client, copy), stream_name) == 100  # the twin only reconciles
+    assert drain(Relay(RedisBus(redis_client), copy), stream_name) == 100  # the twin only reconciles
     assert len(read_stream(redis_client, stream_name)) == 300
 
 
@@ -217,7 +217,7 @@ def test_two_relays_racing_on_twin_outboxes_publish_each_record_once(
     redis_url: str, redis_client: redis.Redis, stream_name: str, open_outbox: OpenOutbox
 ) -> None:
     first = open_outbox("first")
-    adopt_streams(redis_client, first, [stream_name])
+    adopt_streams(RedisBus(redis_client), first, [stream_name])
     for start in range(1, 2001, 100):
         add_records(first, stream_name, range(start, start + 100))
     second = twin(first, open_outbox, "second")
@@ -226,7 +226,7 @@ def test_two_relays_racing_on_twin_outboxes_publish_each_record_once(
 
     def race(name: str, outbox: Outbox) -> None:
         client = redis.Redis.from_url(redis_url)
-        relay = Relay(client, outbox, batch_size=50)
+        relay = Relay(RedisBus(client), outbox, batch_size=50)
         try:
             while outbox.backlog():
                 result = relay.publish(stream_name)
@@ -332,9 +332,9 @@ def test_a_cluster_node_accepts_the_relay_transaction(
             pipe.execute()
 
     outbox = open_outbox("cluster")
-    adopt_streams(cluster_node, outbox, [stream])
+    adopt_streams(RedisBus(cluster_node), outbox, [stream])
     add_records(outbox, stream, range(1, 11))
-    assert drain(Relay(cluster_node, outbox, batch_size=4), stream) == 10
+    assert drain(Relay(RedisBus(cluster_node), outbox, batch_size=4), stream) == 10
     assert stream_seqs(cluster_node, stream) == list(range(1, 11))
     cluster_node.delete(stream, checkpoint_key(stream))
 
