@@ -88,7 +88,7 @@ def _seconds(value: str) -> float:
 
 def _bus_or_none(config: Config, action: Callable[[Bus], T]) -> T | str:
     """Run `action` against the bus, or return why it could not be reached (one line, redacted)."""
-    bus = open_bus(config.redis.url, socket_timeout=3.0)
+    bus = open_bus(config.bus_spec.url, socket_timeout=3.0)
     try:
         return action(bus)
     except BusRefused as exc:

@@ -25,7 +25,7 @@ from pydantic_core import PydanticCustomError
 
 from straw import sql_guard
 from straw.config_scrape import ScrapeSourceSpec
-from straw.config_types import Encoding, ListenHost, Name, RedisUrl, Seconds, StreamName, Strict, TimeZone
+from straw.config_types import BusUrl, Encoding, ListenHost, Name, RedisUrl, Seconds, StreamName, Strict, TimeZone
 
 
 class FieldType(StrEnum):
@@ -297,6 +297,14 @@ class RedisSpec(Strict):
     socket_timeout: Seconds = 10.0
 
 
+class BusSpec(Strict):
+    """The bus the relay publishes to; `redis:` is the older spelling of a Redis bus."""
+
+    url: BusUrl = Field(description="redis://, rediss://, unix:// (Redis Streams); nats://, tls:// (NATS "
+                        "JetStream); rabbitmq-stream://, rabbitmq-stream+tls:// (RabbitMQ Streams)")
+    socket_timeout: Seconds = 10.0
+
+
 class OutboxSpec(Strict):
     path: Path = Path("var/outbox.db")
 
@@ -330,6 +338,7 @@ class DatabaseSpec(Strict):
 class Config(Strict):
     instance: Name = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "straw")
     redis: RedisSpec = RedisSpec()
+    bus: BusSpec | None = Field(default=None, description="the bus; default: Redis at redis.url")
     outbox: OutboxSpec = OutboxSpec()
     relay: RelaySpec = RelaySpec()
     metrics: MetricsSpec | None = Field(default=None, description="off unless given")
@@ -340,8 +349,18 @@ class Config(Strict):
     )
 
 
+    @property
+    def bus_spec(self) -> BusSpec:
+        """Where the relay publishes: `bus:` if given, else the Redis of `redis:`."""
+        return self.bus or BusSpec(url=self.redis.url, socket_timeout=self.redis.socket_timeout)
+
     @model_validator(mode="after")
     def _cross_references(self) -> Config:
+        if self.bus is not None and "redis" in self.model_fields_set:
+            raise PydanticCustomError(
+                "bus", "both `bus` and `redis` are given; keep one (`bus.url` takes any bus, `redis.url` only Redis)",
+                {"at": ("bus",)},
+            )
         seen: set[str] = set()
         for index, source in enumerate(self.sources):
             if source.name in seen:

@@ -360,7 +360,7 @@ def _anchor_paths(config: Config, base: Path, file: str, lines: dict[Path_, int]
     """Relative paths in the file are relative to the file's folder, not to the shell's."""
     # resolve(): the paths straw shows and opens read cleanly, without `..`.
     outbox_path = (base / config.outbox.path.expanduser()).resolve()
-    redis_password = urlsplit(config.redis.url).password
+    redis_password = urlsplit(config.bus_spec.url).password
     if redis_password:  # written inline or substituted: either way it is the password
         register_secret(redis_password)
         register_secret(unquote(redis_password))

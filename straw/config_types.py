@@ -179,6 +179,34 @@ def _redis_url(value: str) -> str:
 
 RedisUrl = Annotated[str, AfterValidator(_redis_url)]  # redis://, rediss:// or unix://, checked part by part
 
+# The other buses' schemes; each bus module checks the rest of its URL when it connects.
+_OTHER_BUS_SCHEMES = ("nats", "tls", "rabbitmq-stream", "rabbitmq-stream+tls")
+
+
+def _bus_url(value: str) -> str:
+    """`bus.url`: the scheme picks the bus; a Redis URL is checked as `redis.url` is."""
+    scheme = urlsplit(value).scheme.lower() if "://" in value else ""
+    if scheme in _REDIS_SCHEMES or not scheme:
+        return _redis_url(value)
+    if scheme not in _OTHER_BUS_SCHEMES:
+        raise PydanticCustomError(
+            "bus_url", "'{scheme}://' names no bus straw speaks; write redis:// (or rediss://, unix://), "
+            "nats:// (or tls://) for NATS JetStream, rabbitmq-stream:// (or rabbitmq-stream+tls://) for RabbitMQ",
+            {"scheme": scheme},
+        )
+    try:
+        port = urlsplit(value).port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise PydanticCustomError("bus_url", "the port is not a number from 1 to 65535")
+    if not urlsplit(value).hostname:
+        raise PydanticCustomError("bus_url", "no host; e.g. nats://127.0.0.1:4222 or rabbitmq-stream://127.0.0.1:5552")
+    return value
+
+
+BusUrl = Annotated[str, AfterValidator(_bus_url)]  # the scheme picks the bus
+
 
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 

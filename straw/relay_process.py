@@ -91,8 +91,9 @@ def child_main() -> int:
         # NORMAL: the relay's commits only mark records published; if power loss undoes one,
         # the Redis checkpoint says what was published and the next round reconciles.
         outbox = Outbox(config.outbox.path, synchronous="NORMAL")
+        bus = config.bus_spec
         run_relay(
-            lambda: open_bus(config.redis.url, socket_timeout=config.redis.socket_timeout, maxlen=config.relay.maxlen),
+            lambda: open_bus(bus.url, socket_timeout=bus.socket_timeout, maxlen=config.relay.maxlen),
             outbox,
             config.streams,
             stop=stop,

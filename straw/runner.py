@@ -377,7 +377,7 @@ class Runner:
         credentials are final: no use waiting for them.
         """
         if not outbox.stream_known(stream):
-            bus = open_bus(self.config.redis.url, socket_timeout=min(self.config.redis.socket_timeout, 5.0))
+            bus = open_bus(self.config.bus_spec.url, socket_timeout=min(self.config.bus_spec.socket_timeout, 5.0))
             try:
                 adopt_streams(bus, outbox, [stream])
             except BusRefused as exc:
