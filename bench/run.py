@@ -23,7 +23,7 @@ from typing import Any, TextIO
 # `python bench/run.py` puts bench/ first on sys.path; the packages live one level up.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import budget_bench, db_bench, latency_bench, scrape_bench, sweep_bench
+from bench import budget_bench, db_bench, guard, latency_bench, scrape_bench, sweep_bench
 from bench.ceiling import prepare, sample_entries, xadd_pipelined
 from bench.legacy import legacy_database
 from bench.services import Bench, Watchdog, log
@@ -196,11 +196,36 @@ def _exit_on_sigterm(_signum: int, _frame: Any) -> None:
     raise SystemExit(143)  # unwinds through every cleanup: streams, scratch database, temp dir
 
 
+def _guard(only: list[str], parser: argparse.ArgumentParser) -> int:
+    unknown = [c for c in only if c not in guard.CHECKS]
+    if unknown:
+        parser.error(f"unknown check {', '.join(unknown)}; choose from {', '.join(guard.CHECKS)}")
+    out = _json_output()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    logs.setup("WARNING")
+    try:
+        with ExitStack() as stack:
+            checks = guard.run(Bench(stack), only)
+            for check in checks:
+                print(json.dumps(check.as_json()), file=out, flush=True)
+    finally:
+        out.close()
+    failed = [c for c in checks if not c.passed]
+    for check in failed:
+        log(f"bench guard: {check.line()}; see bench/README.md, Guard")
+    log(f"bench guard: {len(checks) - len(failed)} of {len(checks)} checks passed")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="10,000 rows and fewer repetitions (< 1 minute)")
+    parser.add_argument("--guard", action="store_true",
+                        help=f"only the cost-growth checks CI runs (bench/guard.py): {', '.join(guard.CHECKS)}")
     parser.add_argument("measures", nargs="*", metavar="MEASURE", help=f"any of: {', '.join(MEASURES)} (default: all)")
     args = parser.parse_args(argv)
+    if args.guard:
+        return _guard(args.measures, parser)
     unknown = [m for m in args.measures if m not in MEASURES]
     if unknown:
         parser.error(f"unknown measure {', '.join(unknown)}; choose from {', '.join(MEASURES)}")
