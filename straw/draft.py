@@ -7,7 +7,6 @@ goes through `_scalar`, which quotes whatever YAML would otherwise read differen
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 
@@ -25,8 +24,10 @@ _PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 
 
 def _scalar(value: str) -> str:
-    plain = _PLAIN.fullmatch(value) is not None and yaml.safe_load(value) == value  # not `yes`, `null`, `1e3`
-    return value if plain else json.dumps(value, ensure_ascii=False)
+    if _PLAIN.fullmatch(value) is not None and yaml.safe_load(value) == value:  # not `yes`, `null`, `1e3`
+        return value
+    # Double-quoted, on one line, with YAML's own escapes for what it refuses raw (NEL, BOM, non-printables).
+    return yaml.safe_dump(value, default_style='"', allow_unicode=True, width=2**31).rstrip("\n")
 
 
 def name_for(table: str) -> str:
@@ -35,10 +36,15 @@ def name_for(table: str) -> str:
 
 
 def field_names(table: TableInfo) -> dict[str, str]:
-    """column -> entity field: snake_case of the column name; the raw name where two would collide."""
-    names = {c.name: re.sub(r"\W+", "_", c.name.lower()).strip("_") or "column" for c in table.columns}
-    taken = list(names.values())
-    return {col: (name if taken.count(name) == 1 else col) for col, name in names.items()}
+    """column -> entity field: snake_case of the column name, numbered where two would collide."""
+    out: dict[str, str] = {}
+    for column in table.columns:
+        base = re.sub(r"\W+", "_", column.name.lower()).strip("_") or "column"
+        name, n = base, 2
+        while name in out.values():
+            name, n = f"{base}_{n}", n + 1
+        out[column.name] = name
+    return out
 
 
 def snapshot_interval(rows: int | None) -> str:
@@ -167,7 +173,10 @@ def _source(discovery: Discovery, table: TableInfo, proposal: Proposal, name: st
                      "e.g. Europe/Amsterdam")
     lines.append(f"    entity: {_scalar(name)}")
     lines.append(f"    stream: {_scalar(prefix + name)}")
-    renamed = {f: c for c, f in fields.items() if f.lower() != c.lower() and drafts[c].type is not None}
+    lowered = [c.lower() for c in fields]
+    # Mapped where the name differs, and where two columns differ only in case (the lookup ignores case).
+    renamed = {f: c for c, f in fields.items()
+               if (f.lower() != c.lower() or lowered.count(c.lower()) > 1) and drafts[c].type is not None}
     if renamed:
         lines.append("    mapping:")
         lines += [f"      {_scalar(f)}: {_scalar(c)}" for f, c in renamed.items()]

@@ -10,10 +10,10 @@ a field that turned every row into a dead letter would make a poor first run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import types as sqltypes
 from sqlalchemy.types import TypeEngine
-from typing import Any
 
 from straw.config import FieldType
 
