@@ -495,6 +495,14 @@ def discover(
     err.print(f"wrote {write}; next: straw check -c {write}", highlight=False, markup=False)
 
 
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the configuration file, for editors (yaml-language-server) and CI."""
+    from straw.schema import config_schema
+
+    sys.stdout.write(orjson.dumps(config_schema(), option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
 def main() -> None:
     try:
         app()

@@ -65,7 +65,7 @@ def _field_shorthand(value: Any) -> Any:
 
 class EntitySpec(Strict):
     key: list[str] = Field(min_length=1)
-    fields: dict[str, Annotated[FieldSpec, BeforeValidator(_field_shorthand)]] = Field(min_length=1)
+    fields: dict[str, Annotated[FieldSpec, BeforeValidator(_field_shorthand, json_schema_input_type=FieldType | FieldSpec)]] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _key_fields_declared(self) -> EntitySpec:
@@ -184,7 +184,7 @@ class DbSourceSpec(Strict):
 
 
 
-    @field_validator("settle", mode="before")
+    @field_validator("settle", mode="before", json_schema_input_type=Literal["auto", "off", False])
     @classmethod
     def _settle_off(cls, value: Any) -> Any:
         return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false

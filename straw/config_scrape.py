@@ -117,7 +117,7 @@ def _css_shorthand(value: Any) -> Any:
     return {"css": value} if isinstance(value, str) else value
 
 
-LocatorSpec = Annotated[Locator, BeforeValidator(_css_shorthand)]
+LocatorSpec = Annotated[Locator, BeforeValidator(_css_shorthand, json_schema_input_type=str | Locator)]
 
 
 class FieldRule(Strict):
@@ -128,7 +128,7 @@ class FieldRule(Strict):
     column: str | None = Field(default=None, description="the cell under this table header (row must be a <tr>)")
     attr: str | None = Field(default=None, description="read this attribute instead of the text")
     regex: str | None = Field(default=None, description="keep the first group (or the whole match)")
-    parse: Annotated[ParseSpec, BeforeValidator(_parse_shorthand)] | None = None
+    parse: Annotated[ParseSpec, BeforeValidator(_parse_shorthand, json_schema_input_type=ParseType | ParseSpec)] | None = None
     required: bool = Field(
         default=False, description="matching nothing, empty text, no regex match or a parse failure is layout drift"
     )
@@ -160,7 +160,8 @@ class FieldRule(Strict):
         return where + (f" @{self.attr}" if self.attr else "") + (f" /{self.regex}/" if self.regex else "")
 
 
-Fields = dict[str, Annotated[FieldRule, BeforeValidator(_css_shorthand)]]
+FieldRuleSpec = Annotated[FieldRule, BeforeValidator(_css_shorthand, json_schema_input_type=str | FieldRule)]
+Fields = dict[str, FieldRuleSpec]
 
 
 class Pagination(Strict):
@@ -189,7 +190,7 @@ class ListSpec(Strict):
 
 
 class DetailSpec(Strict):
-    link: Annotated[FieldRule, BeforeValidator(_css_shorthand)] = Field(
+    link: FieldRuleSpec = Field(
         description="in the row: the link to the detail page (its href unless `attr` says otherwise)"
     )
     fields: Fields = Field(min_length=1)
