@@ -63,9 +63,13 @@ def _field_shorthand(value: Any) -> Any:
     return {"type": value} if isinstance(value, str) else value
 
 
+# `order_no: integer` is short for `{type: integer}`; the JSON Schema accepts both spellings.
+FieldSpecOrType = Annotated[FieldSpec, BeforeValidator(_field_shorthand, json_schema_input_type=FieldType | FieldSpec)]
+
+
 class EntitySpec(Strict):
     key: list[str] = Field(min_length=1)
-    fields: dict[str, Annotated[FieldSpec, BeforeValidator(_field_shorthand, json_schema_input_type=FieldType | FieldSpec)]] = Field(min_length=1)
+    fields: dict[str, FieldSpecOrType] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _key_fields_declared(self) -> EntitySpec:

@@ -117,6 +117,7 @@ def _css_shorthand(value: Any) -> Any:
     return {"css": value} if isinstance(value, str) else value
 
 
+ParseSpecOrType = Annotated[ParseSpec, BeforeValidator(_parse_shorthand, json_schema_input_type=ParseType | ParseSpec)]
 LocatorSpec = Annotated[Locator, BeforeValidator(_css_shorthand, json_schema_input_type=str | Locator)]
 
 
@@ -128,7 +129,7 @@ class FieldRule(Strict):
     column: str | None = Field(default=None, description="the cell under this table header (row must be a <tr>)")
     attr: str | None = Field(default=None, description="read this attribute instead of the text")
     regex: str | None = Field(default=None, description="keep the first group (or the whole match)")
-    parse: Annotated[ParseSpec, BeforeValidator(_parse_shorthand, json_schema_input_type=ParseType | ParseSpec)] | None = None
+    parse: ParseSpecOrType | None = None
     required: bool = Field(
         default=False, description="matching nothing, empty text, no regex match or a parse failure is layout drift"
     )

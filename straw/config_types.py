@@ -139,7 +139,10 @@ def _known_encoding(value: str) -> str:
 
 # In the JSON Schema a duration is what the file may hold (a number or "5s"), not the float it becomes.
 _DURATION_SCHEMA = {
-    "anyOf": [{"type": "number", "minimum": 0, "maximum": MAX_SECONDS}, {"type": "string", "pattern": _DURATION.pattern}],
+    "anyOf": [
+        {"type": "number", "minimum": 0, "maximum": MAX_SECONDS},
+        {"type": "string", "pattern": _DURATION.pattern},
+    ],
     "examples": ["5s", "500ms", "2m", "1h", 30],
 }
 Seconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0), WithJsonSchema(_DURATION_SCHEMA)]
