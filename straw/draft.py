@@ -8,6 +8,7 @@ goes through `_scalar`, which quotes whatever YAML would otherwise read differen
 from __future__ import annotations
 
 import re
+import textwrap
 from collections.abc import Sequence
 
 import yaml
@@ -28,6 +29,11 @@ def _scalar(value: str) -> str:
         return value
     # Double-quoted, on one line, with YAML's own escapes for what it refuses raw (NEL, BOM, non-printables).
     return yaml.safe_dump(value, default_style='"', allow_unicode=True, width=2**31).rstrip("\n")
+
+
+def _said(text: str) -> str:
+    """Text for a comment: a line break in a legacy name must not end the comment and start YAML."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def name_for(table: str) -> str:
@@ -64,7 +70,8 @@ def render(discovery: Discovery, stream_prefix: str) -> str:
     if discovery.literal_password:
         lines.append(f"# The password is not written here: export {PASSWORD_VAR} (or use ${{file:…}}).")
     lines += [
-        "# yaml-language-server: $schema=straw.schema.json   (`straw schema > straw.schema.json`)",
+        "# For completion and checks in an editor: straw schema > straw.schema.json",
+        "# yaml-language-server: $schema=straw.schema.json",
         "",
         "redis:",
         f"  url: {_scalar(REDIS_URL)}",
@@ -83,7 +90,7 @@ def render(discovery: Discovery, stream_prefix: str) -> str:
     skipped = [f.table for f in discovery.found if f.proposal is None]
     if skipped:
         lines += ["", "# Not drafted (add them with --tables NAME,…):"]
-        lines += [f"#   {'view' if t.view else 'table'} {t.name}{_size(t)}" for t in skipped]
+        lines += [f"#   {'view' if t.view else 'table'} {_said(t.name)}{_size(t)}" for t in skipped]
     return "\n".join(lines) + "\n"
 
 
@@ -107,7 +114,7 @@ def _entity(table: TableInfo, proposal: Proposal, name: str) -> list[str]:
     fields = field_names(table)
     kind = "view" if table.view else "table"
     keys = ", ".join(_scalar(fields[k]) for k in proposal.key)
-    lines = [f"  {_scalar(name)}:                    # {kind} {table.name}{_size(table)}", f"    key: [{keys}]",
+    lines = [f"  {_scalar(name)}:                    # {kind} {_said(table.name)}{_size(table)}", f"    key: [{keys}]",
              "    fields:"]
     unique = {tuple(u) for u in table.unique}
     for column in table.columns:
@@ -118,10 +125,10 @@ def _entity(table: TableInfo, proposal: Proposal, name: str) -> list[str]:
         elif (column.name,) in unique:
             notes.append("unique")
         if draft.type is None:
-            lines.append(f"      # {_scalar(fields[column.name])}: left out, {column.sql} is not a type straw maps "
-                         "(cast it in a `query` to text or a number)")
+            lines.append(f"      # {_scalar(fields[column.name])}: left out, {_said(column.sql)} is not a type "
+                         "straw maps (cast it in a `query` to text or a number)")
             continue
-        lines.append(f"      {_scalar(fields[column.name])}: {_type(draft)}    # {', '.join(notes)}"
+        lines.append(f"      {_scalar(fields[column.name])}: {_type(draft)}    # {_said(', '.join(notes))}"
                      + _type_note(draft))
     return lines
 
@@ -148,7 +155,8 @@ def _source(discovery: Discovery, table: TableInfo, proposal: Proposal, name: st
     if discovery.schema:
         lines.append(f"    schema: {_scalar(discovery.schema)}")
     lines.append(f"    table: {_scalar(table.name)}")
-    lines += [f"    # {reason}" for reason in proposal.reasons]
+    lines += [f"    # {line}" for reason in proposal.reasons
+              for line in textwrap.wrap(_said(reason), 110, subsequent_indent="  ", break_on_hyphens=False)]
     lines.append(f"    mode: {proposal.mode}")
     if proposal.incrementing_column:
         lines.append(f"    incrementing_column: {_scalar(proposal.incrementing_column)}")
@@ -165,7 +173,7 @@ def _source(discovery: Discovery, table: TableInfo, proposal: Proposal, name: st
         lines.append("    poll_interval: 5s")
     chars = [c for c, d in drafts.items() if d.char]
     if chars:
-        lines.append(f"    trim_char: true                  # CHAR padding of {', '.join(chars)}")
+        lines.append(f"    trim_char: true                  # CHAR padding of {_said(', '.join(chars))}")
     if any(d.binary for d in drafts.values()):
         lines.append("    encoding: utf-8                  # codec of text kept in byte columns (cp1252, latin-1…)")
     if any(d.type is FieldType.DATETIME for d in drafts.values()):

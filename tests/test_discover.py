@@ -179,8 +179,9 @@ def test_hostile_table_and_column_names_still_draft_a_running_config(
     engine = create_engine(sqlite_url)
     with engine.begin() as conn:
         conn.exec_driver_sql('CREATE TABLE "yes" ("no" INTEGER PRIMARY KEY, "null" TEXT, "# x: y" TEXT, '
-                             '"Größe €" NUMERIC(8,2), "- a" TEXT, "NULL " TEXT)')
-        conn.exec_driver_sql("""INSERT INTO "yes" VALUES (1, 'a', 'b', 1.5, 'c', 'd'), (2, NULL, NULL, 2, NULL, 'e')""")
+                             '"Größe €" NUMERIC(8,2), "- a" TEXT, "NULL " TEXT, "x\ny: 1" CHAR(2))')
+        conn.exec_driver_sql("""INSERT INTO "yes" VALUES (1, 'a', 'b', 1.5, 'c', 'd', 'f'), """
+                             """(2, NULL, NULL, 2, NULL, 'e', 'g')""")
     engine.dispose()
     draft = _draft(tmp_path, sqlite_url, stream_name, redis_url)
     assert draft["sources"][0]["table"] == "yes" and draft["sources"][0]["name"] == "yes"
@@ -188,7 +189,8 @@ def test_hostile_table_and_column_names_still_draft_a_running_config(
     assert run_once(tmp_path / "straw.yaml").errors == []
     events = [e["event"] for e in read_stream(redis_client, f"{stream_name}.yes")]
     assert [e["subject"] for e in events] == ["1", "2"]
-    assert events[0]["data"] == {"no": 1, "null": "a", "x_y": "b", "größe": "1.50", "a": "c", "null_2": "d"}
+    assert events[0]["data"] == {"no": 1, "null": "a", "x_y": "b", "größe": "1.50", "a": "c", "null_2": "d",
+                                "x_y_1": "f"}
 
 
 @given(st.text())
