@@ -211,3 +211,44 @@ def test_id_gaps_where_settle_must_wait_for_them_are_noted(tmp_path: Path, sqlit
     through_odbc = invoke("discover", odbc_url("sqlite", sqlite_url))
     assert through_odbc.exit_code == 0 and "mode: incrementing" in through_odbc.output
     assert "6 ids are missing between 1 and 9" in through_odbc.output
+
+
+def test_postgresql_schema_estimates_and_a_type_straw_does_not_map(
+    tmp_path: Path, pg_url: str, redis_url: str, stream_name: str
+) -> None:
+    engine = create_engine(pg_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE SCHEMA sales")
+        conn.exec_driver_sql("CREATE TABLE sales.big (id bigint PRIMARY KEY, ref uuid NOT NULL DEFAULT "
+                             "gen_random_uuid(), price numeric(9,4), changed_at timestamptz NOT NULL DEFAULT now())")
+        conn.exec_driver_sql("CREATE INDEX ON sales.big (changed_at)")
+        conn.exec_driver_sql("INSERT INTO sales.big (id, price) SELECT g, g / 7.0 FROM generate_series(1, 120000) g")
+        conn.exec_driver_sql("ANALYZE sales.big")
+        conn.exec_driver_sql("CREATE TABLE public.other (id int PRIMARY KEY)")
+    engine.dispose()
+    draft = _draft(tmp_path, pg_url, stream_name, redis_url, "--schema", "sales")
+    assert [s["table"] for s in draft["sources"]] == ["big"]  # public.other is another schema
+    source = draft["sources"][0]
+    assert source["schema"] == "sales" and source["mode"] == "timestamp" and source["key_column"] == "id"
+    assert draft["entities"]["big"]["fields"] == {"id": "integer", "price": {"type": "decimal", "scale": 4},
+                                                  "changed_at": "datetime"}
+    text = (tmp_path / "straw.yaml").read_text().replace("\n    #   ", " ")  # long reasons wrap
+    assert "# ref: left out, UUID is not a type straw maps" in text
+    assert "about 120,000 rows" in text or "about 119," in text or "about 120," in text  # pg_class.reltuples
+    assert "changed_at is a TIMESTAMP WITH TIME ZONE named like a change time, indexed" in text
+    assert invoke("check", "-c", str(tmp_path / "straw.yaml"), env={"REDIS_URL": redis_url}).exit_code == 0
+
+
+def test_mariadb_row_counts_come_from_information_schema(tmp_path: Path, mariadb_url: str) -> None:
+    engine = create_engine(mariadb_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE big (id int PRIMARY KEY, v varchar(10))")
+        conn.exec_driver_sql("INSERT INTO big SELECT seq, 'x' FROM seq_1_to_120000")
+        conn.exec_driver_sql("ANALYZE TABLE big")
+        estimate = conn.exec_driver_sql("SELECT TABLE_ROWS FROM information_schema.TABLES WHERE TABLE_NAME = 'big' "
+                                        "AND TABLE_SCHEMA = DATABASE()").scalar_one()
+    engine.dispose()
+    result = invoke("discover", mariadb_url)
+    assert result.exit_code == 0
+    assert f"~{estimate:,}" in result.output  # the kept estimate, marked as one
+    assert f"about {estimate:,} rows" in result.stdout

@@ -29,14 +29,7 @@ class ColumnInfo:
     type: TypeEngine[Any]
     nullable: bool
     autoincrement: bool = False
-
-    @property
-    def sql(self) -> str:
-        """The column's SQL type as the database names it (`NUMERIC(12, 2)`), for the draft's comments."""
-        try:
-            return str(self.type)
-        except Exception:  # a type without a generic compilation (NullType of an unknown ODBC type)
-            return type(self.type).__name__
+    sql: str = ""  # the type as the database names it (`NUMERIC(12, 2)`, `TIMESTAMP WITH TIME ZONE`)
 
 
 @dataclass(frozen=True)
@@ -72,7 +65,8 @@ def list_relations(conn: Connection, schema: str | None) -> list[tuple[str, bool
 def describe_relation(conn: Connection, name: str, view: bool, schema: str | None) -> TableInfo:
     inspector = inspect(conn)
     columns = [
-        ColumnInfo(c["name"], c["type"], bool(c.get("nullable", True)), c.get("autoincrement") is True)
+        ColumnInfo(c["name"], c["type"], bool(c.get("nullable", True)), c.get("autoincrement") is True,
+                   _type_name(c["type"], conn))
         for c in inspector.get_columns(name, schema=schema)
     ]
     problems: list[str] = []
@@ -101,6 +95,15 @@ def describe_relation(conn: Connection, name: str, view: bool, schema: str | Non
                                                  frozenset(indexed), None))
     return TableInfo(schema, name, view, columns, primary_key, distinct, frozenset(indexed), rows, estimated,
                      tuple(problems))
+
+
+def _type_name(sql: TypeEngine[Any], conn: Connection) -> str:
+    for dialect in (conn.dialect, None):  # the database's own spelling, else the generic one
+        try:
+            return str(sql.compile(dialect=dialect))
+        except Exception:  # a type this dialect cannot render (NullType of an unknown ODBC type)
+            continue
+    return type(sql).__name__
 
 
 def _row_count(conn: Connection, table: TableInfo) -> tuple[int | None, bool]:
