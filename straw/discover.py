@@ -71,9 +71,12 @@ def discover(template: str, schema: str | None = None, tables: Sequence[str] = (
                                            f"it has: {known}")])
             out = []
             for name, view in relations:
-                chosen = name.lower() in wanted if wanted else not view
+                if not (name.lower() in wanted if wanted else not view):
+                    # Named only: counting a view (or hundreds of tables not asked for) may cost a lot.
+                    out.append(Found(TableInfo(schema, name, view, (), (), (), frozenset(), None), None))
+                    continue
                 info = describe_relation(conn, name, view, schema)
-                out.append(Found(info, propose(conn, info) if chosen else None))
+                out.append(Found(info, propose(conn, info)))
                 conn.rollback()  # each table's probes in a transaction of their own: no snapshot held long
     finally:
         engine.dispose()
