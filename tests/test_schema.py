@@ -95,6 +95,20 @@ def test_every_fixture_config_validates(tmp_path: Path) -> None:
                             mode="timestamp", soft_delete={"column": "STATUS", "value": "CANCELLED"},
                             deletes={"sweep_interval": "1h"})
     assert _errors(FULL, yaml.safe_load(written.read_text())) == []
+    settle_off = written.read_text().replace("mode: timestamp", "mode: timestamp\n  settle: off")  # YAML 1.1: false
+    assert _errors(FULL, yaml.safe_load(settle_off)) == []
+
+
+def test_a_discover_draft_validates(tmp_path: Path) -> None:
+    from sqlalchemy import create_engine
+
+    from fixtures.legacy_shapes import create_shapes
+
+    url = f"sqlite:///{tmp_path / 'legacy.db'}"
+    create_shapes(create_engine(url))
+    drafted = invoke("discover", url, "--tables", "INVOICES,CUSTOMERS,AUDIT_LOG,V_OPEN_INVOICES")
+    assert drafted.exit_code == 0
+    assert _errors(FULL, yaml.safe_load(drafted.stdout)) == []
 
 
 def _demo() -> dict[str, Any]:
