@@ -243,3 +243,14 @@ def test_mariadb_row_counts_come_from_information_schema(tmp_path: Path, mariadb
     assert result.exit_code == 0
     assert f"~{estimate:,}" in result.output  # the kept estimate, marked as one
     assert f"about {estimate:,} rows" in result.stdout
+
+
+def test_a_refused_login_is_one_line_without_the_password(mariadb_url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(mariadb_url).set(username="no_such_straw_user", password="Pw-secret-123")
+    result = invoke("discover", url.render_as_string(hide_password=False))
+    assert result.exit_code == 1
+    assert "cannot read the database" in result.output and "Access denied" in result.output
+    assert "Pw-secret-123" not in result.output and "Traceback" not in result.output
+    assert len([line for line in result.output.splitlines() if line.strip()]) == 1
