@@ -450,6 +450,57 @@ def dead_letters(
     out.print(table)
 
 
+@app.command()
+def discover(
+    url: Annotated[str, typer.Argument(help="SQLAlchemy URL or odbc:…; quote it to keep ${VAR} out of the draft.")],
+    write: Annotated[Path | None, typer.Option("--write", "-w", help="Write the draft here (never over a file).")]
+    = None,
+    tables: Annotated[str | None, typer.Option(help="Only these tables or views, comma-separated.")] = None,
+    schema: Annotated[str | None, typer.Option(help="The schema to read (default: the connection's).")] = None,
+    stream_prefix: Annotated[str, typer.Option(help="Put before each stream name, e.g. 'erp.'.")] = "",
+) -> None:
+    """List the tables of a legacy database and draft a configuration for them (read-only)."""
+    from straw.discover import discover as run_discover
+    from straw.discover import write_draft
+    from straw.draft import render, summary
+
+    logs.setup("WARNING")
+    wanted = [t.strip() for t in (tables or "").split(",") if t.strip()]
+    try:
+        found = run_discover(url, schema, wanted)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            err.print(redact(str(problem)), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except Exception as exc:  # unreachable, refused, no such schema: one line, no traceback
+        _fail(f"cannot read the database: {describe(exc)}")
+    table = Table(title="discovered (rows: ~ an estimate the database keeps)")
+    for column in ("relation", "rows", "primary key", "unique indexes", "proposed mode"):
+        table.add_column(column)
+    for row in summary(found.found):
+        table.add_row(*(Text(cell) for cell in row))
+    err.print(table)
+    text = render(found, stream_prefix)
+    if write is None:
+        sys.stdout.write(text)
+        return
+    try:
+        write_draft(write, text)
+    except FileExistsError:
+        _fail(f"{write} exists; the draft is never written over a file: pick another name or remove it")
+    except OSError as exc:
+        _fail(f"cannot write {write}: {exc.strerror or exc}")
+    err.print(f"wrote {write}; next: straw check -c {write}", highlight=False, markup=False)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the configuration file, for editors (yaml-language-server) and CI."""
+    from straw.schema import config_schema
+
+    sys.stdout.write(orjson.dumps(config_schema(), option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
 def main() -> None:
     try:
         app()

@@ -40,7 +40,10 @@ class FieldType(StrEnum):
 
 
 class FieldSpec(Strict):
-    type: FieldType
+    type: FieldType = Field(
+        description="`string`, `integer`, `decimal`, `boolean`, `date`, `datetime`, `json` or `bytes` (base64); "
+        "a field may be just its type: `paid: boolean`"
+    )
     required: bool = Field(
         default=False, description="null is a mapping error (key fields are always required)"
     )
@@ -63,9 +66,19 @@ def _field_shorthand(value: Any) -> Any:
     return {"type": value} if isinstance(value, str) else value
 
 
+# `order_no: integer` is short for `{type: integer}`; the JSON Schema accepts both spellings.
+FieldSpecOrType = Annotated[FieldSpec, BeforeValidator(_field_shorthand, json_schema_input_type=FieldType | FieldSpec)]
+
+
 class EntitySpec(Strict):
-    key: list[str] = Field(min_length=1)
-    fields: dict[str, Annotated[FieldSpec, BeforeValidator(_field_shorthand)]] = Field(min_length=1)
+    key: list[str] = Field(
+        min_length=1, description="key fields, in order (composite keys join as `a/b` in `subject`); never null",
+        examples=[["order_no"]],
+    )
+    fields: dict[str, FieldSpecOrType] = Field(
+        min_length=1, description="field name: a type name, or `{type, required, scale}`",
+        examples=[{"order_no": "integer", "amount": {"type": "decimal", "scale": 2}}],
+    )
 
     @model_validator(mode="after")
     def _key_fields_declared(self) -> EntitySpec:
@@ -91,8 +104,10 @@ class ChangeMode(StrEnum):
 class SoftDeleteSpec(Strict):
     """A row whose `column` holds `value` (or, with `not_null`, any value) is a `deleted` event."""
 
-    column: str
-    value: str | int | bool | None = None
+    column: str = Field(description="the column that marks a row deleted")
+    value: str | int | bool | None = Field(
+        default=None, description="deleted when the column holds this (text compared trimmed; true/false as a flag)"
+    )
     not_null: bool = Field(default=False, description="deleted when the column is not null (a DELETED_AT)")
 
     @model_validator(mode="after")
@@ -129,62 +144,102 @@ MIN_POLL_INTERVAL = 0.05  # seconds
 
 
 class DbSourceSpec(Strict):
-    name: Name
-    kind: Literal["db"] = "db"
-    url: str = Field(description="SQLAlchemy URL; put secrets in ${ENV_VAR} or ${file:/path}")
-    table: str | None = None
-    db_schema: str | None = Field(default=None, alias="schema")
+    name: Name = Field(description="unique source name; names the position, the metrics, the CloudEvents source")
+    kind: Literal["db"] = Field(
+        default="db", description="`db`, or `scrape` for a web UI (see [Web UI source](#web-ui-source-kind-scrape))"
+    )
+    url: str = Field(
+        description="SQLAlchemy URL, or `odbc:<connection string or DSN=…>` (see Drivers); checked at load: a "
+        "scheme, a known dialect, its driver installed. A SQLite file is opened read-only (`mode=ro`) and must "
+        "exist. Secrets go in `${ENV_VAR}` or `${file:/path}`",
+        examples=["postgresql+psycopg://straw:${ERP_DB_PASSWORD}@erp-db.local/erp", "sqlite:///legacy/erp.db"],
+    )
+    table: str | None = Field(default=None, description="the table (or view) to poll; one of `table` or `query`")
+    db_schema: str | None = Field(default=None, alias="schema", description="the table's schema, if not the default")
     query: str | None = Field(
-        default=None, description="instead of `table`: a SELECT (joins, views); may use :last_value and `params`"
+        default=None,
+        description="instead of `table`: exactly one read-only SELECT (joins, views), checked at load (see "
+        "[Custom `query`](#custom-query-the-rule)); may use `:last_value` and `:param`s",
     )
     params: dict[str, str | int | float | bool | None] = Field(
         default_factory=dict, description="named parameters bound into `query` (:name)"
     )
     start_value: str | int | None = Field(
-        default=None, description="bound as :last_value before the first row has been read"
+        default=None, description="`:last_value` before the first row; required when `query` uses it"
     )
-    mode: ChangeMode
-    incrementing_column: str | None = None
-    timestamp_column: str | None = None
+    mode: ChangeMode = Field(description="`incrementing`, `timestamp` or `snapshot` (see Change detection modes)")
+    incrementing_column: str | None = Field(
+        default=None, description="incrementing mode: a column whose value only grows (an id)"
+    )
+    timestamp_column: str | None = Field(default=None, description="timestamp mode: when the row last changed")
     key_column: str | None = Field(
-        default=None, description="timestamp mode: unique, increasing tie-breaker for equal timestamps"
+        default=None, description="timestamp mode: unique tie-breaker for rows sharing a timestamp"
     )
-    entity: str
-    stream: StreamName
+    entity: str = Field(description="which entity (under `entities`) the rows become")
+    stream: StreamName = Field(
+        description="the stream they go to; may hold one Redis Cluster hash tag, `erp.{orders}` (quote it if it "
+        "starts with `{`), to share a slot with your own `{orders}` keys (its checkpoint joins that slot)",
+        examples=["erp.orders"],
+    )
     mapping: dict[str, str] = Field(
-        default_factory=dict, description="entity field -> source column; unmapped fields use their own name"
+        default_factory=dict,
+        description="`field: column`; unmapped fields read the column of the same name (case-insensitive)",
     )
-    timezone: TimeZone = "UTC"
+    timezone: TimeZone = Field(
+        default="UTC",
+        description="zone of naive timestamps; an IANA name, case-sensitive (`utc` gets \"did you mean 'UTC'\")",
+        examples=["Europe/Amsterdam"],
+    )
     settle_delay: Seconds = Field(
         default=0.0,
-        description="a fixed settle window on the database's clock instead of `settle: auto` (0: auto decides)",
+        description="a fixed settle window on the database's clock instead of `auto`: timestamp mode takes rows "
+        "older than now minus this; incrementing mode never passes an id gap younger than this",
     )
     settle: Literal["auto", "off"] = Field(
         default="auto",
-        description="commit-safe watermark: auto picks the database's technique; off for single-writer tables",
+        description="commit-safe watermark (timestamp and incrementing mode): `auto` uses the database's technique "
+        "(below, \"Late commits\"); `off` takes rows as soon as they are visible, for tables with one writer",
     )
     settle_fallback: Seconds = Field(
         default=30.0, gt=0,
-        description="settle: auto, where the database offers no transaction horizon (ODBC, no PROCESS privilege)",
+        description="with `settle: auto`, the window used where the database offers no transaction horizon (ODBC, "
+        "SQL Server, Oracle; MariaDB/MySQL without the PROCESS privilege)",
     )
-    soft_delete: SoftDeleteSpec | None = None
-    encoding: Encoding = Field(default="utf-8", description="how text kept in byte columns is encoded (cp1252…)")
-    trim_char: bool = Field(default=False, description="strip the trailing spaces that CHAR(n) columns pad with")
-    statement_timeout: Seconds | None = Field(default=None, description="cancel a read running longer")
-    batch_size: int = Field(default=1000, ge=1, le=100_000)
-    poll_interval: Seconds = 5.0
-    max_rows_per_poll: int | None = Field(default=None, ge=1)
+    soft_delete: SoftDeleteSpec | None = Field(
+        default=None, description="`{column, value}` or `{column, not_null: true}`: such rows are `deleted` events"
+    )
+    encoding: Encoding = Field(
+        default="utf-8",
+        description="codec for text kept in byte columns (`cp1252`, `latin-1`, …), and for all text of a "
+        "PostgreSQL database created `SQL_ASCII`",
+    )
+    trim_char: bool = Field(default=False, description="strip trailing spaces (CHAR(n) padding) from text fields")
+    statement_timeout: Seconds | None = Field(
+        default=None, description="cancel a statement running longer (`30s`)"
+    )
+    batch_size: int = Field(default=1000, ge=1, le=100_000, description="rows per fetch and per outbox transaction")
+    poll_interval: Seconds = Field(
+        default=5.0,
+        description="time between polls; at least `50ms` (shorter polls the legacy database in a busy loop)",
+    )
+    max_rows_per_poll: int | None = Field(default=None, ge=1, description="cap per poll")
     batch_bytes: int = Field(
-        default=64 * 2**20, ge=2**20, description="a batch also closes at about this many bytes of row values"
+        default=64 * 2**20, ge=2**20,
+        description="a batch also closes at about this many bytes of row values (at least 1 MB; default 64 MB): "
+        "peak memory follows it, not `batch_size`, when rows are wide (2 MB rows: 32 a batch)",
     )
-    deletes: DeletesSpec | None = Field(default=None, description="a key sweep for hard deletes (not snapshot)")
+    deletes: DeletesSpec | None = Field(
+        default=None,
+        description="`{sweep_interval: 1h}`, timestamp and incrementing mode: a key sweep turns rows deleted from "
+        "the table (hard deletes) into `deleted` events (see Hard deletes below)",
+    )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 
 
-    @field_validator("settle", mode="before")
+    @field_validator("settle", mode="before", json_schema_input_type=Literal["auto", "off", False])
     @classmethod
     def _settle_off(cls, value: Any) -> Any:
         return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
@@ -293,8 +348,13 @@ AnySourceSpec = DbSourceSpec | ScrapeSourceSpec
 
 
 class RedisSpec(Strict):
-    url: RedisUrl = "redis://127.0.0.1:6379/0"
-    socket_timeout: Seconds = 10.0
+    url: RedisUrl = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="redis-py URL (`redis://`, `rediss://`, `unix://`); checked at load: a scheme, a host, a port "
+        "1 to 65535 and a numeric database (`/seven` is refused, where redis-py would silently use db 0)",
+        examples=["${REDIS_URL:-redis://127.0.0.1:6379/0}"],
+    )
+    socket_timeout: Seconds = Field(default=10.0, description="per-command timeout")
 
 
 class BusSpec(Strict):
@@ -302,48 +362,77 @@ class BusSpec(Strict):
 
     url: BusUrl = Field(description="redis://, rediss://, unix:// (Redis Streams); nats://, tls:// (NATS "
                         "JetStream); rabbitmq-stream://, rabbitmq-stream+tls:// (RabbitMQ Streams)")
-    socket_timeout: Seconds = 10.0
+    socket_timeout: Seconds = Field(default=10.0, description="per-call timeout")
 
 
 class OutboxSpec(Strict):
-    path: Path = Path("var/outbox.db")
+    path: Path = Field(
+        default=Path("var/outbox.db"),
+        description="the outbox SQLite file (with `-wal` and `-shm` beside it); relative to the config file's folder",
+    )
 
 
 class RelaySpec(Strict):
-    batch_size: int = Field(default=1000, ge=1, le=50_000)
-    idle_interval: Seconds = 0.2
-    backoff_max: Seconds = 30.0
+    batch_size: int = Field(default=1000, ge=1, le=50_000, description="records per atomic publish (one round trip)")
+    idle_interval: Seconds = Field(default=0.2, description="how often an idle relay looks for new records")
+    backoff_max: Seconds = Field(default=30.0, description="retry ceiling while Redis is unreachable")
     maxlen: int | None = Field(
-        default=None, ge=1, description="approximate MAXLEN per stream; none keeps every entry"
+        default=None, ge=1, description="approximate `MAXLEN ~` trim per stream; none keeps every entry"
     )
 
 
 class MetricsSpec(Strict):
     """A Prometheus endpoint (`/metrics`) served while `straw run` runs."""
 
-    port: int = Field(ge=1, le=65535)
+    port: int = Field(
+        ge=1, le=65535,
+        description="serve Prometheus metrics at `http://<host>:<port>/metrics` while `straw run` runs "
+        "(see [Metrics](#metrics))",
+    )
     # Loopback by default: an on-premises host's metrics are for its own scraper unless opened on purpose.
-    host: ListenHost = Field(default="127.0.0.1", min_length=1, description="address to listen on; 0.0.0.0 for all")
+    host: ListenHost = Field(
+        default="127.0.0.1", min_length=1,
+        description="address the metrics endpoint listens on; `0.0.0.0` to let another host scrape it; an IP "
+        "address or host name, checked at load",
+    )
 
 
 class DatabaseSpec(Strict):
     """The connection budget of one legacy database, shared by every source whose `url` is this one."""
 
-    url: str = Field(description="exactly as the sources spell it (after ${VAR} substitution)")
-    connections: int = Field(default=2, ge=1, le=1000, description="most connections straw ever holds on it")
-    idle_connections: int = Field(default=1, ge=0, le=1, description="kept open between polls: 1 or 0")
-    idle_timeout: Seconds = Field(default=60.0, description="close the kept connection after this long unused")
+    url: str = Field(
+        description="a database's connection budget (see [Many sources on one database]"
+        "(#many-sources-on-one-database)): the `url` exactly as its sources spell it; an entry no source uses is "
+        "an error"
+    )
+    connections: int = Field(
+        default=2, ge=1, le=1000, description="the most connections straw ever holds on that database, all its "
+        "sources together"
+    )
+    idle_connections: int = Field(
+        default=1, ge=0, le=1, description="connections kept open between polls: `1`, or `0` to close each after "
+        "its poll"
+    )
+    idle_timeout: Seconds = Field(default=60.0, description="the kept connection is closed after this long unused")
 
 
 class Config(Strict):
-    instance: Name = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "straw")
+    instance: Name = Field(
+        default_factory=lambda: socket.gethostname().split(".")[0] or "straw",
+        description="part of every event's `source`: `straw/<instance>/<source>`",
+        json_schema_extra={"x-default": "host name"},
+    )
     redis: RedisSpec = RedisSpec()
-    bus: BusSpec | None = Field(default=None, description="the bus; default: Redis at redis.url")
+    bus: BusSpec | None = Field(
+        default=None, description="the bus; default: Redis at `redis.url`. Give `bus` or `redis`, not both"
+    )
     outbox: OutboxSpec = OutboxSpec()
     relay: RelaySpec = RelaySpec()
-    metrics: MetricsSpec | None = Field(default=None, description="off unless given")
-    entities: dict[str, EntitySpec] = Field(min_length=1)
-    sources: list[SourceSpec] = Field(min_length=1)
+    metrics: MetricsSpec | None = Field(default=None, description="a Prometheus endpoint; off unless given")
+    entities: dict[str, EntitySpec] = Field(
+        min_length=1, description="the canonical records: each entity's key and typed fields"
+    )
+    sources: list[SourceSpec] = Field(min_length=1, description="what to poll: database (`kind: db`) or web UI sources")
     databases: list[DatabaseSpec] = Field(
         default_factory=list, description="connection budgets; a database not listed gets the defaults"
     )

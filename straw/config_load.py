@@ -120,6 +120,16 @@ def parse_config(text: str, file: Path) -> Config:
     return _anchor_paths(config, base, name, lines)
 
 
+def expand_value(value: str, key: str, base: Path | None = None) -> str:
+    """One value given outside a file (a command-line URL), its `${VAR}` substituted and secrets registered
+    for masking exactly as in a configuration file."""
+    problems: list[Problem] = []
+    expanded = _substitute(value, (key,), base or Path.cwd(), {}, "command line", problems)
+    if problems:
+        raise ConfigError(problems)
+    return str(expanded)
+
+
 def _unprintable(name: str, text: str, exc: yaml.reader.ReaderError) -> Problem:
     line = text.count("\n", 0, exc.position) + 1
     character = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or "?")

@@ -30,18 +30,23 @@ class ParseType(StrEnum):
 
 
 class ParseSpec(Strict):
-    type: ParseType
+    type: ParseType = Field(
+        description="`integer`, `decimal`, `currency`, `date`, `datetime`, `boolean` or `text`; a parse may be just "
+        "its type: `parse: integer`"
+    )
     locale: str = Field(default="en", description="number separators and month names, e.g. 'nl', 'da', 'en_US'")
     decimal: Literal[".", ","] | None = Field(
         default=None, description="decimal separator; overrides the locale's"
     )
     format: str | list[str] | None = Field(
         default=None,
-        description="date/datetime: strptime format, e.g. '%d-%m-%Y' or '%d. %b %Y'; a list: tried in order",
+        description="date/datetime: a strptime format (`%d-%m-%Y`, `%d. %b %Y`), or a list of them tried in order",
+        json_schema_extra={"x-default": "ISO 8601"},
     )
     relative: bool = Field(
         default=False,
-        description="date/datetime: also read '5 minutes ago', 'yesterday', '3 days ago' against the fetch time",
+        description="date/datetime: also read `5 minutes ago`, `yesterday`, `3 days ago`, `vor 3 Tagen`, counted "
+        "back from the fetch time (see **Relative dates**)",
     )
     true: list[str] = Field(default_factory=list, description="boolean: words meaning true (besides the usual)")
     false: list[str] = Field(default_factory=list, description="boolean: words meaning false (besides the usual)")
@@ -117,25 +122,33 @@ def _css_shorthand(value: Any) -> Any:
     return {"css": value} if isinstance(value, str) else value
 
 
-LocatorSpec = Annotated[Locator, BeforeValidator(_css_shorthand)]
+ParseSpecOrType = Annotated[ParseSpec, BeforeValidator(_parse_shorthand, json_schema_input_type=ParseType | ParseSpec)]
+LocatorSpec = Annotated[Locator, BeforeValidator(_css_shorthand, json_schema_input_type=str | Locator)]
 
 
 class FieldRule(Strict):
     """One item field: where it is, which part of it, how to read it."""
 
-    css: str | None = None
-    xpath: str | None = None
-    column: str | None = Field(default=None, description="the cell under this table header (row must be a <tr>)")
+    css: str | None = Field(default=None, description="CSS selector, relative to the row (the page, for detail fields)")
+    xpath: str | None = Field(default=None, description="XPath, relative to the row (the page, for detail fields)")
+    column: str | None = Field(
+        default=None,
+        description="the cell under this table header (survives reordered columns; the row must be a `<tr>`)",
+    )
     attr: str | None = Field(default=None, description="read this attribute instead of the text")
     regex: str | None = Field(default=None, description="keep the first group (or the whole match)")
-    parse: Annotated[ParseSpec, BeforeValidator(_parse_shorthand)] | None = None
+    parse: ParseSpecOrType | None = None
     required: bool = Field(
         default=False, description="matching nothing, empty text, no regex match or a parse failure is layout drift"
     )
-    multiline: bool = Field(default=False, description="keep line breaks (<br>, blocks, newlines); trim each line")
+    multiline: bool = Field(
+        default=False, description="keep line breaks (`<br>`, blocks, newlines; see **Field rules**); trim each line"
+    )
     null_if: list[str] | None = Field(
-        default=None, description="texts meaning 'no value' (case-insensitive), e.g. ['--', 'n/a']; "
-        "replaces the source's `null_if`"
+        default=None,
+        description="texts that mean \"no value\" (`['- no selection -', 'n/a']`), compared whitespace-collapsed and "
+        "case-insensitively, before and after `regex`; the field's list replaces the source's (`[]`: none)",
+        json_schema_extra={"x-default": "the source's `null_if`"},
     )
 
     @model_validator(mode="after")
@@ -160,15 +173,16 @@ class FieldRule(Strict):
         return where + (f" @{self.attr}" if self.attr else "") + (f" /{self.regex}/" if self.regex else "")
 
 
-Fields = dict[str, Annotated[FieldRule, BeforeValidator(_css_shorthand)]]
+FieldRuleSpec = Annotated[FieldRule, BeforeValidator(_css_shorthand, json_schema_input_type=str | FieldRule)]
+Fields = dict[str, FieldRuleSpec]
 
 
 class Pagination(Strict):
     next: LocatorSpec | None = Field(
-        default=None, description="the 'next page' link: followed (href), posted back (__doPostBack) or clicked"
+        default=None, description="the 'next page' link: followed (href), posted back (`__doPostBack`) or clicked"
     )
-    pages: LocatorSpec | None = Field(default=None, description="page-number links; each page is read once")
-    max_pages: int = Field(default=1000, ge=1)
+    pages: LocatorSpec | None = Field(default=None, description="page-number links, each page read once")
+    max_pages: int = Field(default=1000, ge=1, description="stop after this many pages")
 
     @model_validator(mode="after")
     def _some(self) -> Pagination:
@@ -178,26 +192,33 @@ class Pagination(Strict):
 
 
 class ListSpec(Strict):
-    url: str
-    rows: LocatorSpec
-    fields: Fields = Field(min_length=1)
-    min_rows: int = Field(
-        default=1, ge=0, description="fewer rows on the first page is layout drift; 0 allows an empty list"
+    url: str = Field(description="the first list page, relative to `base_url`")
+    rows: LocatorSpec = Field(description="one row per match (CSS string or `{xpath: …}`)")
+    fields: Fields = Field(
+        min_length=1,
+        description="a CSS string, or `{css | xpath | column, attr, regex, parse, required, multiline, null_if}`",
     )
-    pagination: Pagination | None = None
-    wait: Seconds = Field(default=5.0, description="browser mode: how long rows may take to appear after load")
+    min_rows: int = Field(
+        default=1, ge=0, description="fewer rows on the first page is layout drift; `0` allows an empty listing"
+    )
+    pagination: Pagination | None = Field(
+        default=None, description="`next` (a next-page link) or `pages` (page-number links), and `max_pages`"
+    )
+    wait: Seconds = Field(
+        default=5.0, description="browser mode: how long rows may take to appear after the page loaded"
+    )
 
 
 class DetailSpec(Strict):
-    link: Annotated[FieldRule, BeforeValidator(_css_shorthand)] = Field(
+    link: FieldRuleSpec = Field(
         description="in the row: the link to the detail page (its href unless `attr` says otherwise)"
     )
-    fields: Fields = Field(min_length=1)
+    fields: Fields = Field(min_length=1, description="fields read on the detail page")
 
 
 class LoginSuccess(Strict):
-    selector: LocatorSpec | None = None
-    url_contains: str | None = None
+    selector: LocatorSpec | None = Field(default=None, description="must be on the page after login")
+    url_contains: str | None = Field(default=None, description="the URL after login must contain this")
 
     @model_validator(mode="after")
     def _some(self) -> LoginSuccess:
@@ -212,17 +233,31 @@ class LoginWhen(StrEnum):
 
 
 class LoginSpec(Strict):
-    url: str = Field(description="the page with the login form, relative to base_url ('.' is base_url itself)")
+    url: str = Field(
+        description="the page showing the login form, relative to `base_url`; `\".\"` is `base_url` itself"
+    )
     form: str | None = Field(
         default=None,
-        description="CSS of the login form; default: the form holding every input of `fields` and a password box",
+        description="CSS of the login form; it must hold every input named in `fields`",
+        json_schema_extra={"x-default": "the form with every `fields` input and a password box"},
     )
-    fields: dict[str, str] = Field(min_length=1, description="input name -> value; put secrets in ${ENV_VAR}")
-    submit: str | None = Field(default=None, description="browser mode: CSS of the button to click")
-    success: LoginSuccess
-    when: LoginWhen = LoginWhen.CHALLENGED
+    fields: dict[str, str] = Field(
+        min_length=1,
+        description="input name → value; other inputs of the form (hidden fields, CSRF tokens) are sent as found. "
+        "Secrets in `${ENV_VAR}`",
+    )
+    submit: str | None = Field(
+        default=None, description="browser mode: CSS of the button to click",
+        json_schema_extra={"x-default": "the form's submit button"},
+    )
+    success: LoginSuccess = Field(description="`selector` that must be on the page after login, and/or `url_contains`")
+    when: LoginWhen = Field(
+        default=LoginWhen.CHALLENGED,
+        description="`challenged`: log in when a page answers 401/403, redirects to `login.url` or shows the login "
+        "form; `always`: also at the start of every run",
+    )
     session_file: Path | None = Field(
-        default=None, description="keep cookies here between runs (written owner-only)"
+        default=None, description="keep the session between runs (see [Logging in](#logging-in)), mode 0600"
     )
 
     @property
@@ -231,22 +266,34 @@ class LoginSpec(Strict):
 
 
 class BasicAuth(Strict):
-    username: str
-    password: str
+    username: str = Field(description="HTTP basic auth user")
+    password: str = Field(description="HTTP basic auth password; put it in ${ENV_VAR}")
 
 
 class HttpSpec(Strict):
-    timeout: Seconds = 20.0
-    verify: bool | Path = Field(default=True, description="false, or a CA bundle file for intranet certificates")
-    basic_auth: BasicAuth | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
-    retries: int = Field(default=3, ge=0, le=20, description="on timeouts, connection errors and 5xx")
-    backoff: Seconds = 0.5
-    concurrency: int = Field(
-        default=4, ge=1, le=64, description="detail pages fetched (static) or rendered in tabs (browser) at once"
+    timeout: Seconds = Field(default=20.0, description="per request")
+    verify: bool | Path = Field(
+        default=True, description="`false`, or a CA bundle file (relative to this file) for intranet certificates"
     )
-    rate_limit: float | None = Field(default=None, gt=0, description="requests per second at most")
-    encoding: str | None = Field(default=None, description="force a page encoding, e.g. windows-1252")
+    basic_auth: BasicAuth | None = Field(default=None, description="`{username, password}`")
+    headers: dict[str, str] = Field(default_factory=dict, description="extra request headers")
+    retries: int = Field(default=3, ge=0, le=20, description="tries again on timeouts, connection errors and 5xx, "
+                         "with exponential backoff")
+    backoff: Seconds = Field(default=0.5, description="first wait before a retry; doubles each time (at most 30 s)")
+    concurrency: int = Field(
+        default=4, ge=1, le=64,
+        description="detail pages fetched at once (static: threads; browser: tabs of one browser context, see "
+        "**Fetching**). Static sources on one server share one connection pool and rate: the smallest of their values",
+    )
+    rate_limit: float | None = Field(
+        default=None, gt=0, description="requests per second, at most (shared like `concurrency`)"
+    )
+    encoding: str | None = Field(
+        default=None,
+        description="force a page encoding; otherwise beautifulsoup4's `UnicodeDammit` tries, each strictly: a byte "
+        "order mark, the header's charset, the page's `<meta>` or XML declaration, then UTF-8, then windows-1252 (a "
+        "declared latin-1 is read as windows-1252, as browsers do), then detection; see **Encodings**",
+    )
 
 
 class ScrapeMode(StrEnum):
@@ -257,27 +304,40 @@ class ScrapeMode(StrEnum):
 class ScrapeSourceSpec(Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    name: Name
-    kind: Literal["scrape"]
-    mode: ScrapeMode = ScrapeMode.STATIC
-    base_url: str = Field(description="page URLs below are relative to this")
-    entity: str
-    stream: StreamName
+    name: Name = Field(description="unique source name")
+    kind: Literal["scrape"] = Field(description="`scrape`: a web UI source")
+    mode: ScrapeMode = Field(
+        default=ScrapeMode.STATIC,
+        description="`static`: httpx + lxml; `browser`: Playwright driving `browser_executable`",
+    )
+    base_url: str = Field(description="base of every relative URL")
+    entity: str = Field(description="which entity (under `entities`) the items become")
+    stream: StreamName = Field(description="the stream they go to")
     mapping: dict[str, str] = Field(
-        default_factory=dict, description="entity field -> item field; unmapped fields use their own name"
+        default_factory=dict, description="`entity field: item field` where the names differ"
     )
     http: HttpSpec = HttpSpec()
-    login: LoginSpec | None = None
-    listing: ListSpec = Field(alias="list")  # `list` in the file; as an attribute it would shadow the type
-    detail: DetailSpec | None = None
-    timezone: TimeZone = "UTC"
-    null_if: list[str] = Field(
-        default_factory=list, description="texts meaning 'no value' in every field without its own `null_if`"
+    login: LoginSpec | None = Field(default=None, description="how to log in when the UI asks (see Logging in)")
+    # `list` in the file; as an attribute it would shadow the type
+    listing: ListSpec = Field(alias="list", description="the listing: its first page, rows, fields and pagination")
+    detail: DetailSpec | None = Field(
+        default=None, description="a field rule for the row's detail link (its `href`), and fields read there"
     )
-    poll_interval: Seconds = 300.0
-    batch_size: int = Field(default=500, ge=1, le=100_000)
-    browser_executable: Path = Path("/usr/bin/chromium")
-    debug_dir: Path = Field(default=Path("var/debug"), description="pages that broke a run are saved here")
+    timezone: TimeZone = Field(
+        default="UTC", description="the zone naive dates and times of the pages are in; relative dates count back in it"
+    )
+    null_if: list[str] = Field(
+        default_factory=list, description="the default `null_if` of every field"
+    )
+    poll_interval: Seconds = Field(default=300.0, description="time between runs")
+    batch_size: int = Field(default=500, ge=1, le=100_000, description="rows per outbox transaction")
+    browser_executable: Path = Field(
+        default=Path("/usr/bin/chromium"),
+        description="Debian: `apt-get install chromium`; `pip install 'straw[browser]'` for Playwright",
+    )
+    debug_dir: Path = Field(
+        default=Path("var/debug"), description="where a page that broke a run is saved (folder 0700, files 0600)"
+    )
 
     @property
     def encoding(self) -> str:

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -137,7 +137,15 @@ def _known_encoding(value: str) -> str:
     return value
 
 
-Seconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+# In the JSON Schema a duration is what the file may hold (a number or "5s"), not the float it becomes.
+_DURATION_SCHEMA = {
+    "anyOf": [
+        {"type": "number", "minimum": 0, "maximum": MAX_SECONDS},
+        {"type": "string", "pattern": _DURATION.pattern},
+    ],
+    "examples": ["5s", "500ms", "2m", "1h", 30],
+}
+Seconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0), WithJsonSchema(_DURATION_SCHEMA)]
 Name = Annotated[str, AfterValidator(_plain_name)]  # source and instance names
 StreamName = Annotated[str, AfterValidator(_stream_name)]  # a Name, or one with a Redis Cluster hash tag
 TimeZone = Annotated[str, AfterValidator(_known_zone)]  # an IANA zone name

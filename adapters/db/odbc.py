@@ -14,6 +14,7 @@ Where SQLAlchemy has a real dialect with a pyodbc driver (`mssql+pyodbc`,
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import quote_plus
 
@@ -27,7 +28,10 @@ PREFIX = "odbc:"
 _LIMIT_DBMS = ("postgresql", "sqlite", "mysql", "mariadb", "db2", "h2", "hsql")
 
 # ODBC SQL data type codes (sql.h / sqlext.h) -> SQLAlchemy types
-_TEXT = {1, 12, -1, -8, -9, -10}
+_CHAR = {1, -8}  # SQL_CHAR, SQL_WCHAR
+_TEXT = {12, -1, -9, -10}
+_CHAR_NAME = re.compile(r"\s*(?:N?CHAR|CHARACTER|BPCHAR)\b", re.I)
+_NUMERIC_NAME = re.compile(r"\s*(?:NUMERIC|DECIMAL)\s*\(\s*(\d+)\s*(?:,\s*(\d+)\s*)?\)", re.I)
 _INTEGER = {4: sqltypes.Integer, 5: sqltypes.SmallInteger, -6: sqltypes.SmallInteger, -5: sqltypes.BigInteger}
 _BINARY = {-2, -3, -4}
 
@@ -121,7 +125,7 @@ class GenericOdbcDialect(PyODBCConnector, default.DefaultDialect):
         return [
             {
                 "name": row.column_name,
-                "type": _sql_type(int(row.data_type), row.column_size, row.decimal_digits),
+                "type": _sql_type(int(row.data_type), row.column_size, row.decimal_digits, row.type_name),
                 "nullable": row.nullable != 0,
                 "default": None,
             }
@@ -159,7 +163,13 @@ class GenericOdbcDialect(PyODBCConnector, default.DefaultDialect):
         return {"text": None}
 
 
-def _sql_type(code: int, size: Any, digits: Any) -> Any:
+def _sql_type(code: int, size: Any, digits: Any, name: Any = "") -> Any:
+    # Some drivers (SQLite's) report CHAR(n) and DECIMAL(p,s) as SQL_VARCHAR: their names say what they are.
+    named = _NUMERIC_NAME.match(str(name or "")) if code in _TEXT else None
+    if named:
+        return sqltypes.Numeric(int(named[1]), int(named[2] or 0), asdecimal=True)
+    if code in _CHAR or (code in _TEXT and _CHAR_NAME.match(str(name or ""))):  # blank-padded (trim_char)
+        return sqltypes.CHAR(size if isinstance(size, int) and 0 < size < 1_000_000 else None)
     if code in _TEXT:
         return sqltypes.String(size if isinstance(size, int) and 0 < size < 1_000_000 else None)
     if code in _INTEGER:
