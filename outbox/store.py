@@ -56,6 +56,11 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 """
 
 
+# The event's own `time` says when the change was observed: the age of a record waiting to be published.
+OLDEST_PENDING = (
+    "SELECT json_extract(CAST(event AS TEXT), '$.time') FROM records WHERE stream = ? AND seq > ? ORDER BY seq LIMIT 1"
+)
+
 _INSERT_RECORD = "INSERT INTO records (source, stream, position, event) VALUES (?, ?, ?, ?)"
 
 
@@ -426,6 +431,11 @@ class Outbox:
 
     def backlog(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM records").fetchone()[0])
+
+    def oldest_pending_time(self, stream: str, after: int) -> str | None:
+        """The `time` (when observed) of the stream's oldest record not yet published, or None."""
+        row = self.db.execute(OLDEST_PENDING, (stream, after)).fetchone()
+        return None if row is None else row[0]
 
     def dead_letters(self, source: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
         query = "SELECT id, source, position, reason, raw, created_at FROM dead_letters"

@@ -318,6 +318,22 @@ class MetricsSpec(Strict):
     host: ListenHost = Field(default="127.0.0.1", min_length=1, description="address to listen on; 0.0.0.0 for all")
 
 
+class RetentionSpec(Strict):
+    """Age-based trimming of the streams (XTRIM MINID ~), beside `relay.maxlen`'s count-based one."""
+
+    max_age: Seconds | None = Field(default=None, gt=0, description="every stream: drop entries older than this")
+    streams: dict[str, Seconds] = Field(default_factory=dict, description="per stream max_age, over `max_age`")
+    interval: Seconds = Field(default=60.0, ge=1.0, description="how often the relay trims")
+
+
+class LogSpec(Strict):
+    """How `straw run` logs; STRAW_LOG_FORMAT, when set, wins over `format`."""
+
+    format: Literal["console", "json", "keyvalue"] = "console"
+    # `changes`: a line for a poll that found something; `all`: one line for every poll, with counts and duration.
+    polls: Literal["changes", "all"] = "changes"
+
+
 class DatabaseSpec(Strict):
     """The connection budget of one legacy database, shared by every source whose `url` is this one."""
 
@@ -338,6 +354,8 @@ class Config(Strict):
     databases: list[DatabaseSpec] = Field(
         default_factory=list, description="connection budgets; a database not listed gets the defaults"
     )
+    retention: RetentionSpec = RetentionSpec()
+    log: LogSpec = LogSpec()
 
 
     @model_validator(mode="after")
@@ -393,6 +411,22 @@ class Config(Strict):
                     {"at": ("databases", index, "url")},
                 )
         return self
+
+    @model_validator(mode="after")
+    def _retention_streams(self) -> Config:
+        for stream in self.retention.streams:
+            if stream not in self.streams:
+                raise PydanticCustomError(
+                    "retention", "no source publishes to stream '{stream}'; use one of: {streams}",
+                    {"stream": stream, "streams": ", ".join(self.streams), "at": ("retention", "streams", stream)},
+                )
+        return self
+
+    def stream_max_ages(self) -> dict[str, float]:
+        """Each stream's retention age, where it has one."""
+        ages = {s: self.retention.max_age for s in self.streams if self.retention.max_age}
+        ages.update(self.retention.streams)
+        return {stream: age for stream, age in ages.items() if age is not None}
 
     def database(self, url: str) -> DatabaseSpec:
         """The budget of the database at `url`: its `databases` entry, or the defaults."""

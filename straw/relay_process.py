@@ -19,11 +19,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import IO, Any
 
 import orjson
 
 from outbox.relay import Health, RedisRefused, connect, run_relay
+from outbox.retention import Trimmer
 from outbox.store import Outbox, OutboxError
 from straw import logs
 from straw.config import Config
@@ -49,6 +51,9 @@ class ReportingHealth(Health):
             _send(self._out, {"redis": "up" if moment is None else "down"})
         self._down = moment
 
+    def published(self, stream: str, records: int, seconds: float) -> None:
+        _send(self._out, {"published": stream, "records": records, "seconds": seconds})
+
 
 def _send(out: IO[bytes], message: dict[str, Any]) -> None:
     out.write(orjson.dumps(message) + b"\n")
@@ -64,8 +69,8 @@ def child_main() -> int:
         return 1  # the parent is gone already
     for secret in setup["secrets"]:
         register_secret(secret)
-    logs.setup(setup["log_level"])
     config = Config.model_validate(setup["config"])
+    logs.setup(setup["log_level"], config.log.format)
     stop, drained = threading.Event(), threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which tells us
     wake = threading.Event()
@@ -101,6 +106,7 @@ def child_main() -> int:
             drained=drained.is_set,
             wake=wake,
             health=ReportingHealth(stdout),
+            after_round=Trimmer(config.stream_max_ages(), config.retention.interval),
         )
     except (RedisRefused, OutboxError) as exc:  # already the operator's one line
         _send(stdout, {"error": redact(str(exc))})
@@ -123,6 +129,8 @@ class RelayProcess:
         self.down_since: float | None = None  # monotonic time the child said Redis went down
         self._error: str | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        # Told of each round that published (stream, records, seconds): the metrics' publish figures.
+        self.on_published: Callable[[str, int, float], None] | None = None
 
     def start(self) -> None:
         self._process = subprocess.Popen(
@@ -148,6 +156,8 @@ class RelayProcess:
             message = orjson.loads(line)
             if "redis" in message:
                 self.down_since = time.monotonic() if message["redis"] == "down" else None
+            if "published" in message and self.on_published is not None:
+                self.on_published(message["published"], message["records"], message["seconds"])
             if "error" in message:
                 self._error = str(message["error"])
 
