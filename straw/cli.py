@@ -159,15 +159,26 @@ def check(config_path: ConfigOption = None) -> None:
     ok, detail = check_outbox(config.outbox.path)  # writes nothing, creates nothing
     line(ok, "outbox", detail)
     # The streams' lengths too: an ACL user that may connect but not touch the streams fails here, not at run.
-    info = _redis_or_none(config, lambda c: (c.info("server"), [c.xlen(s) for s in config.streams])[0])
+    info = _redis_or_none(config, lambda c: (_redis_version(c), [c.xlen(s) for s in config.streams]))
     if isinstance(info, str):
         line(False, "redis", info)
     else:
-        version = str(info.get("redis_version", "?"))
+        version = info[0]
         ok = int(version.split(".")[0]) >= 5 if version[0].isdigit() else False
         line(ok, "redis", f"version {version}" + ("" if ok else " (streams need Redis 5 or newer)"))
     if failed:
         raise typer.Exit(1)
+
+
+def _redis_version(client: redis.Redis) -> str:
+    """The server's version: INFO needs @dangerous, which straw's ACL user lacks; HELLO (@connection) says it too."""
+    try:
+        return str(client.info("server").get("redis_version", "?"))
+    except redis.exceptions.NoPermissionError:
+        hello = client.execute_command("HELLO")
+        pairs = hello if isinstance(hello, dict) else dict(zip(hello[::2], hello[1::2], strict=True))
+        version = pairs.get(b"version", pairs.get("version", b"?"))
+        return version.decode() if isinstance(version, bytes) else str(version)
 
 
 def _databases(config: Config) -> list[DatabaseSpec]:
