@@ -175,7 +175,7 @@ def _redis_version(client: redis.Redis) -> str:
     try:
         return str(client.info("server").get("redis_version", "?"))
     except redis.exceptions.NoPermissionError:
-        hello = client.execute_command("HELLO")
+        hello: Any = client.execute_command("HELLO")  # type: ignore[no-untyped-call]  # redis-py types no HELLO
         pairs = hello if isinstance(hello, dict) else dict(zip(hello[::2], hello[1::2], strict=True))
         version = pairs.get(b"version", pairs.get("version", b"?"))
         return version.decode() if isinstance(version, bytes) else str(version)
