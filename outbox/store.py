@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import os
 import sqlite3
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -155,7 +156,11 @@ class Outbox:
     def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
         self.path = path
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            # Owner-only: the outbox holds business data (and dead letters hold raw legacy rows). SQLite
+            # creates the -wal and -shm files with the mode of the database file, so they follow.
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not path.exists():
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         except OSError as exc:
             raise explain(path, exc) from exc
         self._tracked: dict[str, tuple[str, ...]] = {}  # source -> key fields, for its key sweep
