@@ -34,6 +34,7 @@ from straw.status_report import age_seconds
 
 if TYPE_CHECKING:
     from straw.config import Config
+    from straw.web import LeaseView
 
 log = structlog.get_logger("straw.metrics")
 
@@ -187,11 +188,11 @@ class Metrics:
         self.publish_seconds.labels(stream).observe(seconds)
         self.history.add(stream, records)
 
-    def serve(self, host: str, port: int, config: Config) -> MetricsServer:
+    def serve(self, host: str, port: int, config: Config, lease: LeaseView | None = None) -> MetricsServer:
         """Serve /metrics, the health checks and the status page from a daemon thread; OSError when the
-        address cannot be bound."""
+        address cannot be bound. `lease`: who holds each source's lease (none configured when not given)."""
         from straw.web import make_app, serve  # the page and its server: only when metrics are on
 
-        server, thread = serve(host, port, make_app(config, self))
+        server, thread = serve(host, port, make_app(config, self, lease))
         return MetricsServer(server, thread)
 
