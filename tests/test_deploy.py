@@ -7,6 +7,7 @@ import configparser
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import dockerfile
@@ -72,7 +73,7 @@ def test_the_dockerfile_parses_and_runs_as_a_non_root_user_with_pinned_dependenc
     froms = [c.value[0] for c in commands if c.cmd == "FROM"]
     assert all(f.endswith("-slim-bookworm") or f in stages for f in froms)
     for final in ("straw", "browser"):
-        assert [c.value[0] for c in stages[final] if c.cmd == "USER"][-1] == "straw"
+        assert [c.value[0] for c in stages[final] if c.cmd == "USER"][-1] == "10001:10001"  # useradd --uid 10001
     installs = [c.original for c in commands if c.cmd == "RUN" and "pip install" in c.original]
     assert installs and all("-c constraints.txt" in line for line in installs)
     chromium = [name for name, body in stages.items() if any("chromium" in c.original for c in body if c.cmd == "RUN")]
@@ -83,6 +84,13 @@ def test_the_dockerfile_parses_and_runs_as_a_non_root_user_with_pinned_dependenc
             assert (REPO / source).exists(), source
     ignored = (REPO / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
+
+
+def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
+    result = subprocess.run([hadolint, "--no-color", str(DEPLOY / "Dockerfile")], capture_output=True, text=True,
+                            check=False)
+    assert (result.returncode, result.stdout) == (0, ""), result.stdout + result.stderr
 
 
 def test_compose_runs_straw_beside_a_persistent_redis_with_the_unit_stop_bound(
