@@ -35,10 +35,12 @@ _PR_SET_PDEATHSIG = 1
 
 
 class ReportingHealth(Health):
-    """The child's health: each change of Redis reachability is one line to the parent."""
+    """The child's health: each change of Redis reachability is one line to the parent; with `rounds`
+    (metrics on), each round that published too."""
 
-    def __init__(self, out: IO[bytes]) -> None:
+    def __init__(self, out: IO[bytes], *, rounds: bool = False) -> None:
         self._out = out
+        self._rounds = rounds
         self._down: float | None = None
 
     @property
@@ -52,7 +54,8 @@ class ReportingHealth(Health):
         self._down = moment
 
     def published(self, stream: str, records: int, seconds: float) -> None:
-        _send(self._out, {"published": stream, "records": records, "seconds": seconds})
+        if self._rounds:  # nobody listens without metrics: no line to write and parse per batch
+            _send(self._out, {"published": stream, "records": records, "seconds": seconds})
 
 
 def _send(out: IO[bytes], message: dict[str, Any]) -> None:
@@ -105,7 +108,7 @@ def child_main() -> int:
             backoff_max=config.relay.backoff_max,
             drained=drained.is_set,
             wake=wake,
-            health=ReportingHealth(stdout),
+            health=ReportingHealth(stdout, rounds=config.metrics is not None),
             after_round=Trimmer(config.stream_max_ages(), config.retention.interval),
         )
     except (RedisRefused, OutboxError) as exc:  # already the operator's one line
