@@ -5,7 +5,8 @@ letters, errors), written by the poller and by the relay process alike, so a
 scrape reads it there rather than have both processes keep counters: one
 short-lived read-only connection per scrape, which WAL lets run beside the
 writers without blocking them. Only what the outbox does not keep (how long a
-poll takes, how often one fails) is counted in this process.
+poll takes, how often one fails; what the relay published and how long each
+round took, which the relay child reports per round) is counted in this process.
 
 Labels are source and stream names only: both are plain names checked by the
 configuration, never a URL, so no secret can reach a label.
