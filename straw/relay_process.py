@@ -190,12 +190,17 @@ class RelayProcess:
             return None
         return self._error or f"relay process exited with code {self._process.returncode}"
 
-    def shutdown(self, timeout: float = 10.0) -> None:
+    def shutdown(self, timeout: float = 10.0, *, by_stdin: bool = os.name == "nt") -> None:
+        """Stop the child: SIGTERM; or, `by_stdin` (Windows, where send_signal(SIGTERM) is TerminateProcess and
+        the child would exit with code 1), by closing its stdin, which it takes as the same request."""
         process = self._process
         if process is None:
             return
         if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+            if by_stdin and process.stdin is not None:
+                process.stdin.close()
+            else:
+                process.send_signal(signal.SIGTERM)
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
