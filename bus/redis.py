@@ -95,6 +95,17 @@ def read_checkpoint(client: redis.Redis, stream: str) -> Checkpoint:
     return parse_checkpoint(client.hgetall(checkpoint_key(stream)))
 
 
+def _server_version(client: redis.Redis) -> str:
+    """The server's version: INFO needs @dangerous, which straw's ACL user lacks; HELLO (@connection) says it too."""
+    try:
+        return str(client.info("server").get("redis_version", "?"))
+    except redis.exceptions.NoPermissionError:
+        hello: Any = client.execute_command("HELLO")  # type: ignore[no-untyped-call]  # redis-py types no HELLO
+        pairs = hello if isinstance(hello, dict) else dict(zip(hello[::2], hello[1::2], strict=True))
+        version = pairs.get(b"version", pairs.get("version", b"?"))
+        return version.decode() if isinstance(version, bytes) else str(version)
+
+
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -164,8 +175,7 @@ class RedisBus:
 
     def describe(self) -> tuple[bool, str]:
         with translated():
-            info = self.client.info("server")
-        version = str(info.get("redis_version", "?"))
+            version = _server_version(self.client)
         ok = int(version.split(".")[0]) >= 5 if version[0].isdigit() else False
         return ok, f"version {version}" + ("" if ok else " (streams need Redis 5 or newer)")
 

@@ -116,6 +116,9 @@ class Health:
 
     down_since: float | None = None  # monotonic time the bus became unreachable
 
+    def published(self, stream: str, records: int, seconds: float) -> None:
+        """A round put `records` new records in `stream` in `seconds` (the metrics' publish latency)."""
+
 
 @dataclass
 class Backoff:
@@ -143,11 +146,13 @@ def run_relay(
     drained: Callable[[], bool] | None = None,
     wake: threading.Event | None = None,
     health: Health | None = None,
+    after_round: Callable[[Bus], None] | None = None,
 ) -> None:
     """Publish until `stop` is set, or, with `drained`, until it says no more will come and all is sent.
 
     Bus down: records wait in the outbox; we retry with backoff, and say so in
     the log and in the outbox's stream state (shown by `straw status`).
+    `after_round`: called with the bus after each round (the retention trim).
     """
     backoff = Backoff(maximum=backoff_max)
     health = health or Health()
@@ -161,7 +166,13 @@ def run_relay(
                 relay = Relay(bus, outbox, batch_size=batch_size)
             more = False
             for stream in streams:
-                more = relay.publish(stream).more or more
+                started = time.monotonic()
+                done = relay.publish(stream)
+                if done.published:
+                    health.published(stream, done.published, time.monotonic() - started)
+                more = done.more or more
+            if after_round is not None and bus is not None:
+                after_round(bus)
             health.down_since = None
             if backoff.current:
                 log.info("bus reachable again; publishing", streams=streams)

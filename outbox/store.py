@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import os
 import sqlite3
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -56,6 +57,11 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 );
 """
 
+
+# The event's own `time` says when the change was observed: the age of a record waiting to be published.
+OLDEST_PENDING = (
+    "SELECT json_extract(CAST(event AS TEXT), '$.time') FROM records WHERE stream = ? AND seq > ? ORDER BY seq LIMIT 1"
+)
 
 _INSERT_RECORD = "INSERT INTO records (source, stream, position, event) VALUES (?, ?, ?, ?)"
 
@@ -147,7 +153,11 @@ class Outbox:
     def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
         self.path = path
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            # Owner-only: the outbox holds business data (and dead letters hold raw legacy rows). SQLite
+            # creates the -wal and -shm files with the mode of the database file, so they follow.
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not path.exists():
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         except OSError as exc:
             raise explain(path, exc) from exc
         self._tracked: dict[str, tuple[str, ...]] = {}  # source -> key fields, for its key sweep
@@ -423,6 +433,11 @@ class Outbox:
 
     def backlog(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM records").fetchone()[0])
+
+    def oldest_pending_time(self, stream: str, after: int) -> str | None:
+        """The `time` (when observed) of the stream's oldest record not yet published, or None."""
+        row = self.db.execute(OLDEST_PENDING, (stream, after)).fetchone()
+        return None if row is None else row[0]
 
     def dead_letters(self, source: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
         query = "SELECT id, source, position, reason, raw, created_at FROM dead_letters"

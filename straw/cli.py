@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, NoReturn
 
 import orjson
 import typer
@@ -17,11 +16,9 @@ from rich.text import Text
 from sqlalchemy.engine import make_url
 
 from adapters.db.budget import check_budget
-from bus.connect import open_bus
-from bus.redis import checkpoint_key
-from bus.seam import Bus, BusDown, BusRefused, Published
+from bus.seam import Bus, Published
 from outbox.lock import OutboxBusy
-from outbox.store import Outbox, OutboxError, SourceState
+from outbox.store import Outbox, OutboxError
 from straw import logs
 from straw.config import Config, DatabaseSpec, DbSourceSpec
 from straw.config_load import CONFIG_ENV, ConfigError, load_config
@@ -29,6 +26,8 @@ from straw.config_types import parse_duration
 from straw.outbox_check import check_outbox
 from straw.redact import describe, redact
 from straw.runner import Runner, build_pipeline
+from straw.status_report import SourceFilter, SourceOrder, status_document
+from straw.status_report import with_bus as _bus_or_none
 
 app = typer.Typer(
     help="straw: poll legacy systems, deliver canonical records to a Redis stream exactly once.",
@@ -43,7 +42,6 @@ ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", envvar=CONFIG_ENV, help="The straw YAML file.", show_default=False),
 ]
-T = TypeVar("T")
 
 
 def _load(path: Path | None) -> Config:
@@ -86,19 +84,6 @@ def _seconds(value: str) -> float:
         raise typer.BadParameter(f"not a duration: {value!r}; write seconds (60) or e.g. '60s', '2m'") from None
 
 
-def _bus_or_none(config: Config, action: Callable[[Bus], T]) -> T | str:
-    """Run `action` against the bus, or return why it could not be reached (one line, redacted)."""
-    bus = open_bus(config.bus_spec.url, socket_timeout=3.0)
-    try:
-        return action(bus)
-    except BusRefused as exc:
-        return redact(str(exc))
-    except BusDown as exc:
-        return f"unreachable ({describe(exc.__cause__ or exc)})"
-    finally:
-        bus.close()
-
-
 @app.command()
 def run(
     config_path: ConfigOption = None,
@@ -117,6 +102,7 @@ def run(
     """
     logs.setup(log_level)
     config = _load(config_path)
+    logs.setup(log_level, config.log.format)
     try:
         result = Runner(config, log_level).run(once=once, wait=wait, wait_lock=_seconds(wait_lock))
     except (OutboxBusy, OutboxError) as exc:
@@ -272,11 +258,6 @@ def _print_probes(probes: Iterable[Any]) -> None:
     out.print(table, crop=False)
 
 
-def _when(stamp: str | None) -> str:
-    """Outbox times are UTC ISO; show them to the second."""
-    return stamp[:19].replace("T", " ") + "Z" if stamp else "never"
-
-
 def _read_cell(spec: Any, rows: int) -> str:
     """A snapshot source lists every row at every poll: say so, so that "read" is not taken for changes
     (its changes are the events it published)."""
@@ -286,37 +267,6 @@ def _read_cell(spec: Any, rows: int) -> str:
 def _cell(value: Any) -> Text:
     """Legacy text as it is: `[urgent]` is data, not console markup."""
     return Text("∅" if value is None else str(value))
-
-
-class SourceFilter(StrEnum):
-    ERROR = "error"
-    OK = "ok"
-    NEW = "new"
-
-
-class SourceOrder(StrEnum):
-    STATE = "state"
-    NAME = "name"
-    LAST_POLL = "last-poll"
-
-
-def _source_state(state: SourceState | None) -> SourceFilter:
-    if state is None or state.polled_at is None:
-        return SourceFilter.NEW
-    return SourceFilter.ERROR if state.error else SourceFilter.OK
-
-
-def _ordered_sources(
-    names: list[str], states: dict[str, SourceState], only: SourceFilter | None, order: SourceOrder
-) -> list[str]:
-    """The sources to list: errors first (then new, then ok) by default, each group by name."""
-    rank = {SourceFilter.ERROR: 0, SourceFilter.NEW: 1, SourceFilter.OK: 2}
-    kept = [n for n in names if only is None or _source_state(states.get(n)) is only]
-    if order is SourceOrder.NAME:
-        return sorted(kept)
-    if order is SourceOrder.LAST_POLL:  # the longest unpolled first: a stuck source stands out
-        return sorted(kept, key=lambda n: ((states[n].polled_at or "") if n in states else "", n))
-    return sorted(kept, key=lambda n: (rank[_source_state(states.get(n))], n))
 
 
 @app.command()
@@ -333,53 +283,18 @@ def status(
     """Per source: position, last poll, rows read and published, errors; outbox backlog; streams."""
     config = _load(config_path)
     with _outbox(config) as outbox:
-        states = {s.source: s for s in outbox.sources()}
-        dead = outbox.dead_letter_counts()
-        streams = {s.stream: s for s in outbox.streams()}
-        backlog = outbox.backlog()
-    specs = {s.name: s for s in config.sources}
-    names = list(specs)
-    listed = _ordered_sources(names, states, state_filter, sort)
-    counts = {k: sum(1 for n in names if _source_state(states.get(n)) is k) for k in SourceFilter}
-    sources: list[dict[str, Any]] = []
-    for name in listed:
-        spec = specs[name]
-        state = states.get(spec.name)
-        sources.append({
-            "source": spec.name,
-            "state": _source_state(state).value,
-            "position": state.position if state and state.position else None,
-            "last_poll": _when(state.polled_at if state else None),
-            "read": state.rows_read if state else 0,
-            "published": state.rows_published if state else 0,
-            "dead_letters": dead.get(spec.name, 0),
-            "error": redact(state.error) if state and state.error else None,
-        })
-    lengths = _bus_or_none(config, lambda bus: {s: bus.length(s) for s in config.streams})
-    redis_error = lengths if isinstance(lengths, str) else None
-    stream_rows: list[dict[str, Any]] = []
-    for stream_name in config.streams:
-        known = streams.get(stream_name)
-        stream_rows.append({
-            "stream": stream_name,
-            "length": lengths.get(stream_name, 0) if isinstance(lengths, dict) else None,
-            "checkpoint": checkpoint_key(stream_name),
-            "published_seq": known.published_seq if known else 0,
-            "backlog": known.backlog if known else 0,
-            "last_publish": _when(known.published_at if known else None),
-            "error": redact(known.error) if known and known.error
-            else (f"redis {redis_error}" if redis_error else None),
-        })
+        document = status_document(config, outbox, only=state_filter, order=sort)
     if as_json:
-        document = {"sources": sources, "streams": stream_rows,
-                    "outbox": {"path": str(config.outbox.path), "backlog": backlog}}
         sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
         return
+    specs = {s.name: s for s in config.sources}
+    sources, stream_rows, counts = document["sources"], document["streams"], document["counts"]
+    names, listed, backlog = list(specs), sources, document["outbox"]["backlog"]
     # In a log or a pipe nothing is cut: the error column is what an operator greps for.
     shown = out if out.is_terminal else Console(file=out.file, width=100_000)
     table = Table(
-        title=f"sources ({len(names)}: {counts[SourceFilter.ERROR]} error, {counts[SourceFilter.NEW]} new, "
-        f"{counts[SourceFilter.OK]} ok" + (f"; showing {len(listed)} {state_filter.value}" if state_filter else "")
+        title=f"sources ({len(names)}: {counts['error']} error, {counts['new']} new, "
+        f"{counts['ok']} ok" + (f"; showing {len(listed)} {state_filter.value}" if state_filter else "")
         + ")"
     )
     for column in ("source", "position", "last poll", "read", "published", "dead letters", "error"):

@@ -351,7 +351,9 @@ class RedisSpec(Strict):
     url: RedisUrl = Field(
         default="redis://127.0.0.1:6379/0",
         description="redis-py URL (`redis://`, `rediss://`, `unix://`); checked at load: a scheme, a host, a port "
-        "1 to 65535 and a numeric database (`/seven` is refused, where redis-py would silently use db 0)",
+        "1 to 65535 and a numeric database (`/seven` is refused, where redis-py would silently use db 0), and its "
+        "query options: TLS files (`ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile`, absolute and existing), "
+        "`ssl_cert_reqs`, … (see [Redis over TLS](#redis-over-tls-and-acl-users)); an unknown option is an error",
         examples=["${REDIS_URL:-redis://127.0.0.1:6379/0}"],
     )
     socket_timeout: Seconds = Field(default=10.0, description="per-command timeout")
@@ -386,8 +388,9 @@ class MetricsSpec(Strict):
 
     port: int = Field(
         ge=1, le=65535,
-        description="serve Prometheus metrics at `http://<host>:<port>/metrics` while `straw run` runs "
-        "(see [Metrics](#metrics))",
+        description="serve Prometheus metrics at `http://<host>:<port>/metrics`, `/healthz`, `/readyz`, "
+        "`/status.json` and the status page `/` while `straw run` runs "
+        "(see [Metrics](#metrics-health-and-the-status-page))",
     )
     # Loopback by default: an on-premises host's metrics are for its own scraper unless opened on purpose.
     host: ListenHost = Field(
@@ -395,6 +398,28 @@ class MetricsSpec(Strict):
         description="address the metrics endpoint listens on; `0.0.0.0` to let another host scrape it; an IP "
         "address or host name, checked at load",
     )
+
+
+class RetentionSpec(Strict):
+    """Age-based trimming of the streams (XTRIM MINID ~), beside `relay.maxlen`'s count-based one."""
+
+    max_age: Seconds | None = Field(default=None, gt=0, description="every stream: entries older than this are trimmed "
+                                          "(`XTRIM MINID ~`), at most 30 days (`720h`)")
+    streams: dict[str, Seconds] = Field(
+        default_factory=dict,
+        description="that stream's own `max_age`, over `max_age`; a stream no source publishes to is an error")
+    interval: Seconds = Field(default=60.0, ge=1.0, description="how often the relay trims (at least `1s`)")
+
+
+class LogSpec(Strict):
+    """How `straw run` logs; STRAW_LOG_FORMAT, when set, wins over `format`."""
+
+    format: Literal["console", "json", "keyvalue"] = Field(
+        default="console", description="`console`, `json` (one JSON object a line) or `keyvalue` (`key='value'` "
+        "pairs); `STRAW_LOG_FORMAT`, when set, wins")
+    polls: Literal["changes", "all"] = Field(
+        default="changes", description="`changes`: a `polled` line for a poll that found something; `all`: one "
+        "line for every poll, with its counts and duration")
 
 
 class DatabaseSpec(Strict):
@@ -436,6 +461,8 @@ class Config(Strict):
     databases: list[DatabaseSpec] = Field(
         default_factory=list, description="connection budgets; a database not listed gets the defaults"
     )
+    retention: RetentionSpec = RetentionSpec()
+    log: LogSpec = LogSpec()
 
 
     @property
@@ -501,6 +528,22 @@ class Config(Strict):
                     {"at": ("databases", index, "url")},
                 )
         return self
+
+    @model_validator(mode="after")
+    def _retention_streams(self) -> Config:
+        for stream in self.retention.streams:
+            if stream not in self.streams:
+                raise PydanticCustomError(
+                    "retention", "no source publishes to stream '{stream}'; use one of: {streams}",
+                    {"stream": stream, "streams": ", ".join(self.streams), "at": ("retention", "streams", stream)},
+                )
+        return self
+
+    def stream_max_ages(self) -> dict[str, float]:
+        """Each stream's retention age, where it has one."""
+        ages = {s: self.retention.max_age for s in self.streams if self.retention.max_age}
+        ages.update(self.retention.streams)
+        return {stream: age for stream, age in ages.items() if age is not None}
 
     def database(self, url: str) -> DatabaseSpec:
         """The budget of the database at `url`: its `databases` entry, or the defaults."""

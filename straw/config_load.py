@@ -10,11 +10,14 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
+import structlog
 import yaml
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.engine import URL, make_url
@@ -108,6 +111,7 @@ def parse_config(text: str, file: Path) -> Config:
     if not isinstance(data, dict):
         raise ConfigError([Problem(name, 1, "", "expected a mapping with `entities:` and `sources:` at the top")])
     lines = _line_map(node)
+    _warn_if_exposed(file, name, data, lines)
     base = file.resolve().parent
     problems: list[Problem] = []
     data = _substitute(data, (), base, lines, name, problems)
@@ -265,6 +269,43 @@ def _is_secret_key(path: Path_) -> bool:
     header `Authorization`: the last named key decides (`basic_auth.username` is not a secret)."""
     names = [p for p in path if isinstance(p, str)]
     return bool(names) and _SECRET_NAME.search(names[-1]) is not None
+
+
+def _inline_secrets(value: Any, path: Path_ = ()) -> Iterator[Path_]:
+    """Where the file holds a secret as written text rather than a `${…}`: a value under a secret key, the
+    password of a URL, an ODBC PWD=."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _inline_secrets(item, (*path, str(key)))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _inline_secrets(item, (*path, index))
+    elif isinstance(value, str) and value.strip():
+        span = _userinfo_span(value)
+        password = value[span[0]:span[1]].partition(":")[2] if span else ""
+        odbc = _ODBC_PASSWORD.findall(value)
+        if (_is_secret_key(path) and "${" not in value) or (password and "${" not in password) or \
+                any("${" not in written for written in odbc):
+            yield path
+
+
+def _warn_if_exposed(file: Path, name: str, data: Any, lines: dict[Path_, int]) -> None:
+    """A configuration every user of the host may read must not hold a secret itself: say where (never what)."""
+    if os.name == "nt":  # Windows: NTFS ACLs, not mode bits, decide who reads it
+        return
+    try:
+        readable = file.stat().st_mode & stat.S_IROTH
+    except OSError:
+        return
+    if not readable:
+        return
+    log = structlog.get_logger("straw.config")  # not cached at import: a test's CLI runs each set their own stderr
+    for path in _inline_secrets(data):
+        log.warning(str(Problem(
+            name, lines.get(path), _dotted(path),
+            "a secret written inline in a file every user of this host can read; chmod 600 the file "
+            "(owned by straw's user), or write the secret as ${ENV_VAR} or ${file:/run/secrets/…}",
+        )))
 
 
 def _opaque(template: str) -> str:

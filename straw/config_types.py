@@ -13,8 +13,9 @@ import functools
 import ipaddress
 import math
 import re
+from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
@@ -182,7 +183,41 @@ def _redis_url(value: str) -> str:
     if database and not database.isdigit():
         # Not echoed: in a URL misread around an unencoded '/' in the password, this part holds some of it.
         raise PydanticCustomError("redis_url", "the database after the host is not a number; write /0, /1 …")
+    _redis_options(parts.query)
     return value
+
+
+# The query options of a Redis URL that redis-py understands (it passes any other name on to the
+# connection, which fails only at connect time); the TLS files are for `rediss://` with a private CA.
+_REDIS_OPTIONS = {
+    "db", "socket_timeout", "socket_connect_timeout", "socket_keepalive", "health_check_interval",
+    "client_name", "protocol", "ssl_cert_reqs", "ssl_check_hostname", "ssl_min_version",
+}
+_REDIS_FILE_OPTIONS = {"ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile"}
+
+
+def _redis_options(query: str) -> None:
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name in _REDIS_FILE_OPTIONS:
+            path = Path(value)
+            if not path.is_absolute():
+                raise PydanticCustomError(
+                    "redis_url", "{name}={value}: write an absolute path, or {config_dir}/{value} for one "
+                    "beside this file", {"name": name, "value": value, "config_dir": "${CONFIG_DIR}"},
+                )
+            if not path.exists():
+                raise PydanticCustomError(
+                    "redis_url", "{name}: {value} does not exist; fix the path", {"name": name, "value": value}
+                )
+        elif name not in _REDIS_OPTIONS:
+            known = sorted(_REDIS_OPTIONS | _REDIS_FILE_OPTIONS)
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "known: " + ", ".join(known)
+            if "password" in name:
+                hint = "a key file's password cannot go in the URL: use a key file without one, owner-only (0600)"
+            raise PydanticCustomError(
+                "redis_url", "unknown option '{name}' in the URL's query; {hint}", {"name": name[:40], "hint": hint}
+            )
 
 
 RedisUrl = Annotated[str, AfterValidator(_redis_url)]  # redis://, rediss:// or unix://, checked part by part

@@ -1,4 +1,4 @@
-"""Structured logs to stderr, secrets redacted; JSON when STRAW_LOG_FORMAT=json."""
+"""Structured logs to stderr, secrets redacted; console, JSON or key=value lines."""
 
 from __future__ import annotations
 
@@ -11,14 +11,18 @@ import structlog
 from straw.redact import redact_event
 
 
-def setup(level: str | None = None) -> None:
+def setup(level: str | None = None, format: str = "console") -> None:
+    """`format`: console, json or keyvalue (`key=value` pairs, for log shippers that split on them);
+    STRAW_LOG_FORMAT, when set, wins."""
     chosen = (level or os.environ.get("STRAW_LOG_LEVEL") or "INFO").upper()
-    as_json = os.environ.get("STRAW_LOG_FORMAT", "console") == "json"
-    renderer = (
-        structlog.processors.JSONRenderer()
-        if as_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-    )
+    chosen_format = os.environ.get("STRAW_LOG_FORMAT") or format
+    renderer: structlog.typing.Processor
+    if chosen_format == "json":
+        renderer = structlog.processors.JSONRenderer()
+    elif chosen_format == "keyvalue":
+        renderer = structlog.processors.KeyValueRenderer(key_order=["timestamp", "level", "event"], drop_missing=True)
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -5,7 +5,8 @@ letters, errors), written by the poller and by the relay process alike, so a
 scrape reads it there rather than have both processes keep counters: one
 short-lived read-only connection per scrape, which WAL lets run beside the
 writers without blocking them. Only what the outbox does not keep (how long a
-poll takes, how often one fails) is counted in this process.
+poll takes, how often one fails; what the relay published and how long each
+round took, which the relay child reports per round) is counted in this process.
 
 Labels are source and stream names only: both are plain names checked by the
 configuration, never a URL, so no secret can reach a label.
@@ -20,17 +21,28 @@ from collections.abc import Iterable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from outbox.store import OLDEST_PENDING
+from straw.publish_history import PublishHistory
+from straw.status_report import age_seconds
+
+if TYPE_CHECKING:
+    from straw.config import Config
+    from straw.web import LeaseView
 
 log = structlog.get_logger("straw.metrics")
 
 # A poll of a large snapshot or a slow web UI takes minutes, not the library's default 10 s ceiling.
 POLL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# A publish round is one script call of up to `relay.batch_size` records: milliseconds, seconds when Redis is far.
+PUBLISH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class OutboxCollector(Collector):
@@ -78,6 +90,8 @@ class OutboxCollector(Collector):
                 families.published_seq.add_metric([stream], seq)
                 families.backlog.add_metric([stream], backlog)
                 families.stream_error.add_metric([stream], 0 if error is None else 1)
+                oldest = db.execute(OLDEST_PENDING, (stream, seq)).fetchone() if backlog else None
+                families.oldest_age.add_metric([stream], age_seconds(oldest[0] if oldest else None) or 0.0)
             db.execute("COMMIT")
 
 
@@ -109,9 +123,15 @@ class _Families:
             labels=["stream"],
         )
 
+        self.oldest_age = GaugeMetricFamily(
+            "straw_stream_oldest_unpublished_age_seconds",
+            "Age of the oldest record waiting to be published to the stream (since observed); 0 when none waits.",
+            labels=["stream"],
+        )
+
     def all(self) -> list[Metric]:
         return [self.rows_read, self.polled_at, self.error, self.dead_letters,
-                self.backlog, self.published_seq, self.stream_error]
+                self.backlog, self.published_seq, self.stream_error, self.oldest_age]
 
 
 @dataclass
@@ -132,7 +152,7 @@ class Metrics:
     process (the tests) never register the same name twice.
     """
 
-    def __init__(self, outbox_path: Path, sources: Sequence[str]) -> None:
+    def __init__(self, outbox_path: Path, sources: Sequence[str], streams: Sequence[str] = ()) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(OutboxCollector(outbox_path))
         self.poll_seconds = Histogram(
@@ -142,17 +162,38 @@ class Metrics:
         self.poll_errors = Counter(
             "straw_poll_errors", "Polls that failed (the position did not move).", ["source"], registry=self.registry
         )
+        self.published_records = Counter(
+            "straw_stream_published_records", "Records this run published to the stream.", ["stream"],
+            registry=self.registry,
+        )
+        self.publish_seconds = Histogram(
+            "straw_relay_publish_seconds", "Time a publish round (one batch, one script call) took.", ["stream"],
+            buckets=PUBLISH_BUCKETS, registry=self.registry,
+        )
+        self.history = PublishHistory()
         for name in sources:  # a source that has not polled yet shows zeros rather than no series
             self.poll_seconds.labels(name)
             self.poll_errors.labels(name)
+        for stream in streams:
+            self.published_records.labels(stream)
+            self.publish_seconds.labels(stream)
 
     def observe(self, source: str, seconds: float, *, failed: bool) -> None:
         self.poll_seconds.labels(source).observe(seconds)
         if failed:
             self.poll_errors.labels(source).inc()
 
-    def serve(self, host: str, port: int) -> MetricsServer:
-        """Serve /metrics from a daemon thread; OSError when the address cannot be bound."""
-        server, thread = start_http_server(port, host, registry=self.registry)
+    def published(self, stream: str, records: int, seconds: float) -> None:
+        """The relay's report of a round: `records` new in `stream`, in `seconds`."""
+        self.published_records.labels(stream).inc(records)
+        self.publish_seconds.labels(stream).observe(seconds)
+        self.history.add(stream, records)
+
+    def serve(self, host: str, port: int, config: Config, lease: LeaseView | None = None) -> MetricsServer:
+        """Serve /metrics, the health checks and the status page from a daemon thread; OSError when the
+        address cannot be bound. `lease`: who holds each source's lease (none configured when not given)."""
+        from straw.web import make_app, serve  # the page and its server: only when metrics are on
+
+        server, thread = serve(host, port, make_app(config, self, lease))
         return MetricsServer(server, thread)
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import IO, Any
 
 import orjson
@@ -26,6 +27,7 @@ import orjson
 from bus.connect import open_bus
 from bus.seam import BusRefused
 from outbox.relay import Health, run_relay
+from outbox.retention import Trimmer
 from outbox.store import Outbox, OutboxError
 from straw import logs
 from straw.config import Config
@@ -35,10 +37,12 @@ _PR_SET_PDEATHSIG = 1
 
 
 class ReportingHealth(Health):
-    """The child's health: each change of Redis reachability is one line to the parent."""
+    """The child's health: each change of Redis reachability is one line to the parent; with `rounds`
+    (metrics on), each round that published too."""
 
-    def __init__(self, out: IO[bytes]) -> None:
+    def __init__(self, out: IO[bytes], *, rounds: bool = False) -> None:
         self._out = out
+        self._rounds = rounds
         self._down: float | None = None
 
     @property
@@ -50,6 +54,10 @@ class ReportingHealth(Health):
         if (moment is None) != (self._down is None):
             _send(self._out, {"redis": "up" if moment is None else "down"})
         self._down = moment
+
+    def published(self, stream: str, records: int, seconds: float) -> None:
+        if self._rounds:  # nobody listens without metrics: no line to write and parse per batch
+            _send(self._out, {"published": stream, "records": records, "seconds": seconds})
 
 
 def _send(out: IO[bytes], message: dict[str, Any]) -> None:
@@ -66,8 +74,8 @@ def child_main() -> int:
         return 1  # the parent is gone already
     for secret in setup["secrets"]:
         register_secret(secret)
-    logs.setup(setup["log_level"])
     config = Config.model_validate(setup["config"])
+    logs.setup(setup["log_level"], config.log.format)
     stop, drained = threading.Event(), threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which tells us
     wake = threading.Event()
@@ -102,7 +110,8 @@ def child_main() -> int:
             backoff_max=config.relay.backoff_max,
             drained=drained.is_set,
             wake=wake,
-            health=ReportingHealth(stdout),
+            health=ReportingHealth(stdout, rounds=config.metrics is not None),
+            after_round=Trimmer(config.stream_max_ages(), config.retention.interval),
         )
     except (BusRefused, OutboxError) as exc:  # already the operator's one line
         _send(stdout, {"error": redact(str(exc))})
@@ -125,6 +134,8 @@ class RelayProcess:
         self.down_since: float | None = None  # monotonic time the child said Redis went down
         self._error: str | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        # Told of each round that published (stream, records, seconds): the metrics' publish figures.
+        self.on_published: Callable[[str, int, float], None] | None = None
 
     def start(self) -> None:
         self._process = subprocess.Popen(
@@ -150,6 +161,8 @@ class RelayProcess:
             message = orjson.loads(line)
             if "redis" in message:
                 self.down_since = time.monotonic() if message["redis"] == "down" else None
+            if "published" in message and self.on_published is not None:
+                self.on_published(message["published"], message["records"], message["seconds"])
             if "error" in message:
                 self._error = str(message["error"])
 
@@ -179,12 +192,17 @@ class RelayProcess:
             return None
         return self._error or f"relay process exited with code {self._process.returncode}"
 
-    def shutdown(self, timeout: float = 10.0) -> None:
+    def shutdown(self, timeout: float = 10.0, *, by_stdin: bool = os.name == "nt") -> None:
+        """Stop the child: SIGTERM; or, `by_stdin` (Windows, where send_signal(SIGTERM) is TerminateProcess and
+        the child would exit with code 1), by closing its stdin, which it takes as the same request."""
         process = self._process
         if process is None:
             return
         if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+            if by_stdin and process.stdin is not None:
+                process.stdin.close()
+            else:
+                process.send_signal(signal.SIGTERM)
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:

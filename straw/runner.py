@@ -285,9 +285,9 @@ class Runner:
         # Imported only when asked for: prometheus_client adds 40 ms to every start.
         from straw.metrics import Metrics
 
-        self.metrics = Metrics(self.config.outbox.path, [s.name for s in self.config.sources])
+        self.metrics = Metrics(self.config.outbox.path, [s.name for s in self.config.sources], self.config.streams)
         try:
-            server = self.metrics.serve(spec.host, spec.port)
+            server = self.metrics.serve(spec.host, spec.port, self.config)
         except OSError as exc:
             return RunResult(errors=[f"metrics: cannot listen on {spec.host}:{spec.port}: {exc.strerror or exc}"])
         log.info("serving metrics", url=f"http://{spec.host}:{spec.port}/metrics")
@@ -303,6 +303,7 @@ class Runner:
         pipelines = [build_pipeline(config, spec) for spec in config.sources]
         freeze_startup_objects()
         relay = RelayProcess(config, self.log_level)
+        relay.on_published = self.metrics.published if self.metrics is not None else None
         relay.start()
         try:
             with _stop_on_signals(self):
@@ -421,7 +422,7 @@ class Runner:
         # A poll cut at its cap has more waiting: the next one is due at once, not a poll_interval later.
         pipeline.next_due = time.monotonic() + (0.0 if limit and rows >= limit else spec.poll_interval)
         result.tallies.setdefault(spec.name, Tally()).add(tally)
-        if tally.upserted or tally.deleted or tally.dead:
+        if tally.upserted or tally.deleted or tally.dead or self.config.log.polls == "all":
             log.info("polled", source=spec.name, rows=rows, upserted=tally.upserted, deleted=tally.deleted,
                      dead_letters=tally.dead, seconds=round(time.monotonic() - started, 3))
         elif rows:
