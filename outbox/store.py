@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -144,6 +145,10 @@ class StreamState:
     error_at: str | None
 
 
+# How often polls that found nothing are written to the outbox (`Outbox.polled`).
+IDLE_NOTES_EVERY = 1.0
+
+
 class Outbox:
     """Not shared across threads: open one per thread or process (SQLite handles the rest)."""
 
@@ -154,6 +159,9 @@ class Outbox:
         except OSError as exc:
             raise explain(path, exc) from exc
         self._tracked: dict[str, tuple[str, ...]] = {}  # source -> key fields, for its key sweep
+        # Polls that found nothing, noted in memory and written together (see `polled`).
+        self._idle: dict[str, str] = {}
+        self._idle_written = time.monotonic()
         with guarded(path):
             self.db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
             try:
@@ -176,7 +184,10 @@ class Outbox:
         return str(self.db.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()[0])
 
     def close(self) -> None:
-        self.db.close()
+        try:
+            self.flush_polled()
+        finally:
+            self.db.close()
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -299,6 +310,7 @@ class Outbox:
     ) -> None:
         now = _now()
         db = self.db
+        self._idle.pop(source, None)  # this write notes a newer poll
         db.executemany(_INSERT_RECORD, [(source, stream, pos, event) for pos, event in events])
         db.executemany(
             "INSERT INTO dead_letters (source, position, reason, raw, created_at) VALUES (?, ?, ?, ?, ?)",
@@ -316,10 +328,31 @@ class Outbox:
         return row[0] if row else None
 
     def polled(self, source: str, error: str | None = None) -> None:
-        """Note a poll that changed no position: its time, or the error that stopped it."""
-        now = _now()
+        """Note a poll that changed no position: its time, or the error that stopped it.
+
+        A poll that found nothing is only a time for `straw status`: it is kept in memory
+        and written with the others at most once every IDLE_NOTES_EVERY seconds (one
+        durable commit a second instead of one per idle poll: 300 idle sources made
+        that fsync most of straw's idle CPU). Positions never wait: they commit with
+        their records. An error is written at once.
+        """
+        if error is None:
+            self._idle[source] = _now()
+            self.flush_polled(at_most_every=IDLE_NOTES_EVERY)
+            return
+        self._idle.pop(source, None)
         with guarded(self.path):
-            self._polled(source, now, error)
+            self._polled(source, _now(), error)
+
+    def flush_polled(self, *, at_most_every: float = 0.0) -> None:
+        """Write the idle polls noted in memory (unless the last write is younger than `at_most_every` s)."""
+        now = time.monotonic()
+        if not self._idle or now - self._idle_written < at_most_every:
+            return
+        notes, self._idle, self._idle_written = self._idle, {}, now
+        with self._transaction():
+            for source, polled_at in notes.items():
+                self._polled(source, polled_at, None)
 
     def _polled(self, source: str, now: str, error: str | None) -> None:
         self.db.execute(

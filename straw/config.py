@@ -26,6 +26,7 @@ from pydantic_core import PydanticCustomError
 from straw import sql_guard
 from straw.config_scrape import ScrapeSourceSpec
 from straw.config_types import Encoding, ListenHost, Name, RedisUrl, Seconds, StreamName, Strict, TimeZone
+from straw.schedule import Scheduled
 
 
 class FieldType(StrEnum):
@@ -128,7 +129,7 @@ _MODE_COLUMNS_OF = {
 MIN_POLL_INTERVAL = 0.05  # seconds
 
 
-class DbSourceSpec(Strict):
+class DbSourceSpec(Scheduled):
     name: Name
     kind: Literal["db"] = "db"
     url: str = Field(description="SQLAlchemy URL; put secrets in ${ENV_VAR} or ${file:/path}")

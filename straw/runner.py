@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import heapq
+import math
 import signal
 import threading
 import time
@@ -29,13 +30,14 @@ from adapters.db.poller import DbSource, SchemaDrift
 from adapters.scrape.errors import ScrapeError
 from outbox.lock import OutboxLock
 from outbox.relay import REDIS_DOWN, REDIS_REFUSED, adopt_streams, connect, refused
-from outbox.store import Outbox, OutboxError
+from outbox.store import IDLE_NOTES_EVERY, Outbox, OutboxError
 from straw.config import AnySourceSpec, Config, DbSourceSpec
 from straw.config_scrape import ScrapeSourceSpec
 from straw.mapping import DeadLetter, KeyedBatch, MappedBatch, Mapper, MappingError
 from straw.records import DELETED, observed_now, source_uri
 from straw.redact import describe
 from straw.relay_process import RelayProcess
+from straw.schedule import Schedule, schedule_of
 from straw.source import RawBatch, Source
 
 if TYPE_CHECKING:
@@ -51,8 +53,13 @@ class Pipeline:
     spec: AnySourceSpec
     source: Source
     mapper: Mapper
+    schedule: Schedule
     next_due: float = 0.0
     failures: int = 0
+
+    def due_in(self, wall: float | None, now: float) -> float:
+        """A wall-clock due time (None: never) as a monotonic one, `now` being monotonic."""
+        return math.inf if wall is None else now + max(0.0, wall - time.time())
 
 
 def build_pipeline(config: Config, spec: AnySourceSpec) -> Pipeline:
@@ -70,11 +77,11 @@ def build_pipeline(config: Config, spec: AnySourceSpec) -> Pipeline:
         # Imported here: httpx, lxml and Playwright cost a DB-only installation 150 ms at every start.
         from adapters.scrape.source import ScrapeSource
 
-        return Pipeline(spec, ScrapeSource(spec), mapper)
+        return Pipeline(spec, ScrapeSource(spec), mapper, schedule_of(spec))
     source = DbSource(
         spec, mapper.required_columns(), key_columns=mapper.key_columns(), database=config.database(spec.url)
     )
-    return Pipeline(spec, source, mapper)
+    return Pipeline(spec, source, mapper, schedule_of(spec))
 
 
 def freeze_startup_objects() -> None:
@@ -416,8 +423,10 @@ class Runner:
             self.metrics.observe(spec.name, time.monotonic() - started, failed=False)
         pipeline.failures = 0
         limit = spec.max_rows_per_poll
-        # A poll cut at its cap has more waiting: the next one is due at once, not a poll_interval later.
-        pipeline.next_due = time.monotonic() + (0.0 if limit and rows >= limit else spec.poll_interval)
+        # A poll cut at its cap has more waiting: the next one is due at once (inside its window), not a
+        # poll_interval or cron time later.
+        capped = bool(limit and rows >= limit)
+        pipeline.next_due = pipeline.due_in(pipeline.schedule.next_due(time.time(), capped=capped), time.monotonic())
         result.tallies.setdefault(spec.name, Tally()).add(tally)
         if tally.upserted or tally.deleted or tally.dead:
             log.info("polled", source=spec.name, rows=rows, upserted=tally.upserted, deleted=tally.deleted,
@@ -432,7 +441,9 @@ class Runner:
             self.metrics.observe(spec.name, time.monotonic() - started, failed=True)
         pipeline.failures += 1
         delay = min(spec.poll_interval * 2**pipeline.failures, 300.0)
-        pipeline.next_due = time.monotonic() + delay
+        # The retry waits for the source's window too: a failing source must not be polled out of hours.
+        retry = pipeline.schedule.open_from(time.time() + delay)
+        pipeline.next_due = pipeline.due_in(retry, time.monotonic())
         log.error("poll failed; position not advanced", source=spec.name, error=message, retry_in=round(delay, 1))
         result.errors.append(f"{spec.name}: {message}")
 
@@ -443,6 +454,8 @@ class Runner:
         before it and no longer. Between polls there is one wait, to the soonest due time
         (at most a second: the relay's health and idle connections are looked at that often).
         """
+        for pipeline in pipelines:
+            pipeline.next_due = pipeline.due_in(pipeline.schedule.first_due(time.time()), time.monotonic())
         due = [(p.next_due, index) for index, p in enumerate(pipelines)]
         heapq.heapify(due)
         adopted: set[str] = set()
@@ -463,6 +476,8 @@ class Runner:
                     pipeline.next_due = now + 0.2
                 heapq.heappush(due, (pipeline.next_due, index))
             DATABASES.trim(time.monotonic())
+            with contextlib.suppress(OutboxError):  # a failing outbox is reported by the next poll
+                outbox.flush_polled(at_most_every=IDLE_NOTES_EVERY)
             self.stop.wait(max(0.01, min(due[0][0] - time.monotonic(), 1.0)))
 
 
