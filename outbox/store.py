@@ -390,6 +390,42 @@ class Outbox:
                 )
             db.execute("INSERT INTO streams (stream, published_seq) VALUES (?, ?)", (stream, seq))
 
+    def take_over(self, stream: str, seq: int, positions: dict[str, str], sources: Iterable[str]) -> int:
+        """This outbox took `stream` over from another (its lease, see straw/lease.py); the checkpoint is at `seq`.
+
+        Our unpublished records of it are from an earlier lease of ours and were fenced by
+        the other holder's claim: dropped (the checkpoint's positions re-read their changes).
+        Our `seq` continues above `seq`, and `sources` continue from the checkpoint's positions
+        (from the start where it has none). Returns the number of records dropped.
+        """
+        db = self.db
+        with self._transaction():
+            dropped = db.execute("DELETE FROM records WHERE stream = ?", (stream,)).rowcount
+            current = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
+            if current is None:
+                db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('records', ?)", (seq,))
+            elif current[0] < seq:
+                db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'records'", (seq,))
+            db.execute(
+                "INSERT INTO streams (stream, published_seq) VALUES (?, ?) "
+                "ON CONFLICT (stream) DO UPDATE SET published_seq = excluded.published_seq",
+                (stream, seq),
+            )
+            for source in sources:
+                db.execute(
+                    "INSERT INTO positions (source, position) VALUES (?, ?) "
+                    "ON CONFLICT (source) DO UPDATE SET position = excluded.position",
+                    (source, positions.get(source)),
+                )
+        return dropped
+
+    def drop_unpublished(self, stream: str, upto: int) -> int:
+        """Drop records of `stream` at or below `upto` that were never published (fenced; see `take_over`)."""
+        with self._transaction():
+            return self.db.execute(
+                "DELETE FROM records WHERE stream = ? AND seq <= ?", (stream, upto)
+            ).rowcount
+
     def published_seq(self, stream: str) -> int:
         row = self.db.execute("SELECT published_seq FROM streams WHERE stream = ?", (stream,)).fetchone()
         return int(row[0]) if row else 0

@@ -7,6 +7,7 @@ without pulling in YAML.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 from enum import StrEnum
@@ -328,12 +329,27 @@ class DatabaseSpec(Strict):
     idle_timeout: Seconds = Field(default=60.0, description="close the kept connection after this long unused")
 
 
+def default_node() -> str:
+    return f"{socket.gethostname().split('.')[0] or 'straw'}-{os.getpid()}"
+
+
+class LeaseSpec(Strict):
+    """`lease:` in the file: this instance is one of an active/standby pair (or more) sharing Redis."""
+
+    ttl: Seconds = Field(default=10.0, ge=0.5, description="a lapsed holder is replaced within this time")
+    node: str = Field(
+        default_factory=default_node, min_length=1, max_length=200,
+        description="this instance's node id, shown as the lease holder; default <host>-<pid>",
+    )
+
+
 class Config(Strict):
     instance: Name = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "straw")
     redis: RedisSpec = RedisSpec()
     outbox: OutboxSpec = OutboxSpec()
     relay: RelaySpec = RelaySpec()
     metrics: MetricsSpec | None = Field(default=None, description="off unless given")
+    lease: LeaseSpec | None = Field(default=None, description="one active instance per stream; off unless given")
     entities: dict[str, EntitySpec] = Field(min_length=1)
     sources: list[SourceSpec] = Field(min_length=1)
     databases: list[DatabaseSpec] = Field(

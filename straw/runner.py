@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import redis
 import structlog
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -33,6 +34,7 @@ from outbox.relay import REDIS_DOWN, REDIS_REFUSED, adopt_streams, connect, refu
 from outbox.store import IDLE_NOTES_EVERY, Outbox, OutboxError
 from straw.config import AnySourceSpec, Config, DbSourceSpec
 from straw.config_scrape import ScrapeSourceSpec
+from straw.lease import Leases, drop_fenced, holders
 from straw.mapping import DeadLetter, KeyedBatch, MappedBatch, Mapper, MappingError
 from straw.records import DELETED, observed_now, source_uri
 from straw.redact import describe
@@ -271,6 +273,7 @@ class Runner:
         self.stopped: str | None = None
         self.log_level = log_level
         self.metrics: Metrics | None = None
+        self.leases: Leases | None = None  # with `lease:` configured: which streams this instance may poll
 
     def run(self, *, once: bool = False, wait: float = 30.0, wait_lock: float = 0.0) -> RunResult:
         """`once`: poll every source until caught up, publish everything, return.
@@ -307,6 +310,7 @@ class Runner:
         outbox = Outbox(config.outbox.path)
         pipelines = [build_pipeline(config, spec) for spec in config.sources]
         freeze_startup_objects()
+        lease_client = self._lease_setup(outbox)
         relay = RelayProcess(config, self.log_level)
         relay.start()
         try:
@@ -317,6 +321,8 @@ class Runner:
                         if self.stop.is_set():
                             break
                         stream_error = self._await_stream(outbox, pipeline.spec.stream, deadline, relay)
+                        if stream_error is None and self.leases is not None:
+                            stream_error = self._once_lease(outbox, pipelines, pipeline.spec.stream)
                         if stream_error is not None:
                             result.errors.append(f"{pipeline.spec.name}: {stream_error}")
                             continue
@@ -330,6 +336,10 @@ class Runner:
         finally:
             self.stop.set()
             relay.shutdown()
+            if self.leases is not None:  # after the relay: a standby's claim would fence what it still sent
+                self.leases.release()
+            if lease_client is not None:
+                lease_client.close()
             for pipeline in pipelines:
                 pipeline.source.close()
             try:
@@ -406,7 +416,7 @@ class Runner:
         started = time.monotonic()
         tally = Tally()
         try:
-            rows = poll(pipeline, outbox, stop=self.stop.is_set, tally=tally)
+            rows = poll(pipeline, outbox, stop=self._stop_for(spec.stream), tally=tally)
         except OutboxError as exc:
             # The outbox itself failed (full disk, read-only, damaged): nothing to note in it either.
             self._failed(pipeline, result, started, str(exc))
@@ -464,10 +474,17 @@ class Runner:
                 log.error("relay stopped; stopping", error=relay.error())
                 return
             now = time.monotonic()
+            if self.leases is not None:
+                self._lease_tick(outbox, pipelines, due, now)
             while due and due[0][0] <= now and not self.stop.is_set():
-                index = heapq.heappop(due)[1]
+                when, index = heapq.heappop(due)
                 pipeline = pipelines[index]
+                if when != pipeline.next_due:
+                    continue  # superseded: the source was rescheduled (a lease taken)
                 stream = pipeline.spec.stream
+                if self.leases is not None and not self.leases.holds(stream, now):
+                    pipeline.next_due = math.inf  # standing by: a taken lease schedules it again
+                    continue
                 if stream in adopted or outbox.stream_known(stream):
                     adopted.add(stream)
                     result.rows_read += self._poll_logged(pipeline, outbox, result)
@@ -478,7 +495,64 @@ class Runner:
             DATABASES.trim(time.monotonic())
             with contextlib.suppress(OutboxError):  # a failing outbox is reported by the next poll
                 outbox.flush_polled(at_most_every=IDLE_NOTES_EVERY)
-            self.stop.wait(max(0.01, min(due[0][0] - time.monotonic(), 1.0)))
+            wake = min(due[0][0] if due else math.inf, self.leases.next_try() if self.leases else math.inf)
+            self.stop.wait(max(0.01, min(wake - time.monotonic(), 1.0)))
+
+    # --- leases (straw/lease.py): one active instance per stream ---------------
+
+    def _lease_setup(self, outbox: Outbox) -> redis.Redis | None:
+        """With `lease:`: connect, and drop records a newer holder fenced, before the relay would trip on them."""
+        spec = self.config.lease
+        if spec is None:
+            return None
+        client = connect(self.config.redis.url, socket_timeout=min(self.config.redis.socket_timeout, 5.0))
+        self.leases = Leases(client, spec, self.config.streams)
+        try:
+            drop_fenced(client, outbox, self.config.streams)
+        except REDIS_DOWN as exc:
+            log.warning("lease: redis unreachable at start; fenced records are dropped once it is back",
+                        error=type(exc).__name__)
+        return client
+
+    def _lease_tick(self, outbox: Outbox, pipelines: list[Pipeline], due: list[tuple[float, int]], now: float) -> None:
+        assert self.leases is not None
+        taken, lost = self.leases.tick(now)
+        for stream in taken:
+            try:
+                if not self.leases.claim(outbox, stream, [p.spec.name for p in pipelines if p.spec.stream == stream]):
+                    continue
+            except (*REDIS_DOWN, redis.RedisError, OutboxError) as exc:
+                log.error("lease: claiming the stream failed; trying again", stream=stream, error=describe(exc))
+                self.leases.drop(stream)
+                continue
+            for index, pipeline in enumerate(pipelines):
+                if pipeline.spec.stream == stream:
+                    pipeline.next_due = pipeline.due_in(pipeline.schedule.first_due(time.time()), now)
+                    heapq.heappush(due, (pipeline.next_due, index))
+        if lost:
+            with contextlib.suppress(*REDIS_DOWN, redis.RedisError, OutboxError):
+                drop_fenced(self.leases.client, outbox, lost)
+
+    def _once_lease(self, outbox: Outbox, pipelines: list[Pipeline], stream: str) -> str | None:
+        """`run --once` with `lease:`: poll a stream only if its lease is free (or ours); None when it is."""
+        assert self.leases is not None
+        if not self.leases.holds(stream):
+            taken, _lost = self.leases.tick(time.monotonic())
+            if stream in taken and not self.leases.claim(
+                outbox, stream, [p.spec.name for p in pipelines if p.spec.stream == stream]
+            ):
+                taken.remove(stream)
+            if not self.leases.holds(stream):
+                holder = holders(self.leases.client, [stream]).get(stream)
+                return f"stream {stream!r} is leased by node {holder}; not polled"
+        return None
+
+    def _stop_for(self, stream: str) -> Callable[[], bool]:
+        """What ends a poll at its next batch boundary: a stop, or (with leases) the stream's lease lapsing."""
+        leases = self.leases
+        if leases is None:
+            return self.stop.is_set
+        return lambda: self.stop.is_set() or not leases.holds(stream)
 
 
 @contextmanager
