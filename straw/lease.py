@@ -76,6 +76,7 @@ return {1, seq}
 class _State:
     held_until: float = 0.0  # monotonic; the lease counts as ours before this
     next_try: float = 0.0  # monotonic; when to renew (held) or try to take it (not held)
+    standing_by: bool = False  # said so in the log
 
 
 class Leases:
@@ -118,12 +119,16 @@ class Leases:
                 state.held_until = sent + self.ttl * 0.8
                 state.next_try = sent + self.ttl / 3
                 if not held:
+                    state.standing_by = False
                     taken.append(stream)
                     log.info("lease taken", stream=stream, node=self.node)
             else:
                 if held:
                     lost.append(stream)
                     log.warning("lease lost to another node", stream=stream, node=self.node)
+                if not state.standing_by:
+                    state.standing_by = True
+                    log.info("standing by: another node holds the lease", stream=stream, node=self.node)
                 state.held_until = 0.0
                 state.next_try = now + self.ttl / 5  # a lapsed lease is taken within TTL + this
         return taken, lost
