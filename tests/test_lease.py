@@ -187,17 +187,17 @@ def test_failover_pair_kill_nine_ten_times_and_a_stop_past_the_lease(
             killed, ready = pair.procs[active].pid, pair.standing_by(active)
             stop = round_ == 5
             pair.signal(active, signal.SIGSTOP if stop else signal.SIGKILL)
-            took = wait_for(lambda: holder() == standby, 15, pair, f"{standby} taking over from {active}")
+            took = wait_for(lambda s=standby: holder() == s, 15, pair, f"{standby} taking over from {active}")
             takeovers.append(took)
             if stop:
                 time.sleep(TTL)  # the stale holder stays frozen a while after its lease is gone
                 pair.signal(active, signal.SIGCONT)
             else:  # `revive` restarts it
-                wait_for(lambda: pair.procs[active].pid != killed, 15, pair, f"{active} restarted")
+                wait_for(lambda a=active, k=killed: pair.procs[a].pid != k, 15, pair, f"{active} restarted")
             # The next takeover is measured from a standby that is up, not from one still starting.
-            wait_for(lambda: pair.standing_by(active) > ready, 30, pair, f"{active} standing by")
+            wait_for(lambda a=active, r=ready: pair.standing_by(a) > r, 30, pair, f"{active} standing by")
             before = redis_client.xlen(stream_name)
-            wait_for(lambda: redis_client.xlen(stream_name) > before, 15, pair, "the new holder publishing")
+            wait_for(lambda b=before: redis_client.xlen(stream_name) > b, 15, pair, "the new holder publishing")
     finally:
         writer.halt.set()
         writer.join(timeout=10)
