@@ -26,6 +26,7 @@ from straw import logs
 from straw.config import Config, DatabaseSpec, DbSourceSpec
 from straw.config_load import CONFIG_ENV, ConfigError, load_config
 from straw.config_types import parse_duration
+from straw.lease import holders
 from straw.outbox_check import check_outbox
 from straw.redact import describe, redact
 from straw.runner import Runner, build_pipeline
@@ -343,6 +344,8 @@ def status(
     names = list(specs)
     listed = _ordered_sources(names, states, state_filter, sort)
     counts = {k: sum(1 for n in names if _source_state(states.get(n)) is k) for k in SourceFilter}
+    # Active/standby pairs (`lease:`): which node polls each source now (its stream's lease holder).
+    leased = _redis_or_none(config, lambda c: holders(c, config.streams)) if config.lease else None
     sources: list[dict[str, Any]] = []
     for name in listed:
         spec = specs[name]
@@ -357,6 +360,8 @@ def status(
             "dead_letters": dead.get(spec.name, 0),
             "error": redact(state.error) if state and state.error else None,
         })
+        if config.lease:
+            sources[-1]["lease_holder"] = leased.get(spec.stream) if isinstance(leased, dict) else None
     lengths = _redis_or_none(config, lambda c: {s: int(c.xlen(s)) for s in config.streams})
     redis_error = lengths if isinstance(lengths, str) else None
     stream_rows: list[dict[str, Any]] = []
@@ -386,11 +391,14 @@ def status(
     )
     for column in ("source", "position", "last poll", "read", "published", "dead letters", "error"):
         table.add_column(column)
+    if config.lease:
+        table.add_column("lease holder")
     for row in sources:
         spec = specs[row["source"]]
         table.add_row(
             row["source"], Text(row["position"] or "(start)"), row["last_poll"], _read_cell(spec, row["read"]),
             str(row["published"]), str(row["dead_letters"]), Text(row["error"] or "", style="red"),
+            *([row["lease_holder"] or "(none)"] if config.lease else []),
         )
     shown.print(table)
     table = Table(title="streams")

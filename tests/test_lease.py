@@ -27,9 +27,11 @@ import yaml
 
 from outbox.checkpoint import checkpoint_key
 from outbox.store import Outbox
+from straw.config import LeaseSpec
 from straw.config_load import load_config
 from straw.lease import FENCE_GAP, Leases, holders, lease_key
 from tests.crashes import spawn_straw, tail
+from tests.test_cli import run_straw
 
 TTL = 1.0
 POLL = 0.1
@@ -236,20 +238,24 @@ def test_a_stale_holder_cannot_publish_over_the_new_one(
 
     outboxes = {name: Outbox(config.outbox.path) for name, config in configs.items()}
     try:
-        leases = {name: Leases(redis_client, config.lease, [stream_name])  # type: ignore[arg-type]
-                  for name, config in configs.items()}
+        # A long TTL: the lapse is made by hand below, not by a slow machine.
+        leases = {name: Leases(redis_client, LeaseSpec(ttl=60, node=name), [stream_name]) for name in configs}
         for outbox in outboxes.values():
             adopt_streams(redis_client, outbox, [stream_name])
         now = time.monotonic()
         assert leases["a"].tick(now)[0] == [stream_name] and leases["a"].claim(outboxes["a"], stream_name, ["items"])
         assert leases["b"].tick(now)[0] == []  # a holds it
         assert holders(redis_client, [stream_name]) == {stream_name: "a"}
+        shown = run_straw("status", "--json", "--config", str(tmp_path / "straw-b.yaml"))
+        assert shown.returncode == 0, shown.stderr
+        # b's status names the active node.
+        assert json.loads(shown.stdout)["sources"][0]["lease_holder"] == "a", shown.stdout
         event = [("p1", b'{"n": 1}')]
         outboxes["a"].append("items", stream_name, event, [], "p1", 1)
         Relay(redis_client, outboxes["a"]).publish(stream_name)
         outboxes["a"].append("items", stream_name, [("p2", b'{"n": 2}')], [], "p2", 1)  # frozen before publishing
         redis_client.delete(lease_key(stream_name))  # a's lease lapsed
-        assert leases["b"].tick(now + TTL)[0] == [stream_name]
+        assert leases["b"].tick(now + 60)[0] == [stream_name]
         assert leases["b"].claim(outboxes["b"], stream_name, ["items"])
         ckpt = redis_client.hgetall(checkpoint_key(stream_name))
         assert int(ckpt[b"seq"]) == 1 + 2 * FENCE_GAP and ckpt[b"outbox"].decode() == outboxes["b"].identity
