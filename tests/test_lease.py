@@ -28,10 +28,11 @@ import yaml
 from outbox.checkpoint import checkpoint_key
 from outbox.store import Outbox
 from straw.config import LeaseSpec
-from straw.config_load import load_config
+from straw.config_load import ConfigError, load_config, parse_config
 from straw.lease import FENCE_GAP, Leases, holders, lease_key
 from tests.crashes import spawn_straw, tail
 from tests.test_cli import run_straw
+from tests.test_config_fuzz import BASE_DATA, FILE
 
 TTL = 1.0
 POLL = 0.1
@@ -280,3 +281,18 @@ def test_a_stale_holder_cannot_publish_over_the_new_one(
         for outbox in outboxes.values():
             outbox.close()
         redis_client.delete(lease_key(stream_name), checkpoint_key(stream_name))
+
+
+@pytest.mark.parametrize(("lease", "expected"), [
+    ({"ttl": "100ms"}, "lease.ttl: Input should be greater than or equal to 0.5"),
+    ({"ttl": True}, "lease.ttl: not a duration: 'yes'"),
+    ({"tll": "5s"}, "lease.tll: unknown key `tll`; did you mean `ttl`?"),
+    ({"node": ""}, "lease.node: String should have at least 1 character"),
+])
+def test_lease_mistakes_are_one_line(lease: dict[str, Any], expected: str) -> None:
+    data = yaml.safe_load(yaml.safe_dump(BASE_DATA))
+    data["lease"] = lease
+    with pytest.raises(ConfigError) as caught:
+        parse_config(yaml.safe_dump(data), FILE)
+    (problem,) = caught.value.problems
+    assert expected in str(problem) and problem.line is not None, str(problem)
