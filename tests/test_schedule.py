@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
-import threading
 import time
 from contextlib import closing
 from pathlib import Path
@@ -19,10 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from outbox.store import Outbox
-from straw.config_load import ConfigError, load_config, parse_config
-from straw.runner import Runner
+from straw.config_load import ConfigError, parse_config
 from straw.schedule import Schedule, parse_window
-from tests.bigtable import assert_each_row_once, big_table, items_config
+from tests.bigtable import assert_each_row_once, big_table, items_config, run_until_published
 from tests.test_config_fuzz import BASE_DATA, FILE, assert_clear
 
 AMS = ZoneInfo("Europe/Amsterdam")
@@ -165,18 +163,8 @@ def test_run_polls_only_the_source_inside_its_window_and_the_relay_publishes(
     closed = {**data["sources"][0], "name": "closed", "url": closed_db, "windows": [_now_window(False)]}
     data["sources"].append(closed)
     path.write_text(yaml.safe_dump(data))
-    runner = Runner(load_config(path))
-    thread = threading.Thread(target=runner.run)
-    thread.start()
-    try:
-        # Three capped polls of 100 rows: each goes on at once inside the window, not an hour later.
-        deadline = time.monotonic() + 60
-        while int(redis_client.xlen(stream_name)) < 300 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)
-    finally:
-        runner.stop.set()
-        thread.join(timeout=30)
+    # Three capped polls of 100 rows: each goes on at once inside the window, not an hour later.
+    run_until_published(path, redis_client, stream_name, 300, linger=0.5)
     assert_each_row_once(redis_client, stream_name, 300)
     outbox = Outbox(tmp_path / "outbox.db")
     try:
