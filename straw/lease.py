@@ -2,9 +2,10 @@
 
 Two or more straw instances (each with its own outbox) share one Redis. Each stream
 has a lease key, `SET NX PX` by the instance that polls its sources, renewed every
-third of the TTL and deleted on a clean stop; the others stand by and take it when it
-lapses. The lease is per stream, not per source, because a stream has one checkpoint:
-the relay's compare-and-publish lets one outbox at a time continue its `seq`.
+third of the TTL by a thread of its own (so a long poll keeps it) and deleted on a clean
+stop; the others stand by and take it when it lapses. The lease is per stream, not per
+source, because a stream has one checkpoint: the relay's compare-and-publish lets one
+outbox at a time continue its `seq`.
 
 Taking over, the new holder *claims* the stream's checkpoint in one script: it moves
 `seq` up by FENCE_GAP and writes its own outbox identity. A stale holder (SIGSTOPped,
@@ -17,6 +18,7 @@ dropped, since the new holder re-read their changes from the checkpoint's positi
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -75,8 +77,9 @@ return {1, seq}
 @dataclass
 class _State:
     held_until: float = 0.0  # monotonic; the lease counts as ours before this
-    next_try: float = 0.0  # monotonic; when to renew (held) or try to take it (not held)
+    next_try: float = 0.0  # monotonic; when to try to take it (not held)
     standing_by: bool = False  # said so in the log
+    unreachable: bool = False  # said so in the log (once per outage, not at every attempt)
 
 
 class Leases:
@@ -90,52 +93,78 @@ class Leases:
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._claim = client.register_script(_CLAIM)
+        self._lock = threading.Lock()  # the renewing thread reports lost leases to the loop
+        self._lost: list[str] = []
 
     def holds(self, stream: str, now: float | None = None) -> bool:
         state = self._states.get(stream)
         return state is not None and (time.monotonic() if now is None else now) < state.held_until
 
     def tick(self, now: float) -> tuple[list[str], list[str]]:
-        """Renew the leases due, try for those not held; return the streams just taken (to be claimed) and lost."""
+        """Try for the leases not held (when due); return the streams just taken (to be claimed), and those
+        the renewer found lost since the last tick."""
         taken: list[str] = []
-        lost: list[str] = []
         for stream, state in self._states.items():
-            if now < state.next_try:
+            if now < state.next_try or now < state.held_until:
                 continue
-            held = now < state.held_until
             sent = time.monotonic()
             try:
-                if held:
-                    ok = bool(self._renew(keys=[lease_key(stream)], args=[self.node, round(self.ttl * 1000)]))
-                else:
-                    ok = bool(self.client.set(lease_key(stream), self.node, nx=True, px=round(self.ttl * 1000)))
+                ok = bool(self.client.set(lease_key(stream), self.node, nx=True, px=round(self.ttl * 1000)))
             except redis.RedisError as exc:
-                # A held lease stays ours locally until `held_until`: it lapses in Redis no earlier.
-                log.warning("lease: redis unreachable", stream=stream, error=type(exc).__name__)
+                self._unreachable(state, stream, exc)
                 state.next_try = now + self.ttl / 10
                 continue
+            state.unreachable = False
             if ok:
                 # Counted from before the command was sent, less a margin: Redis starts the TTL later than that.
                 state.held_until = sent + self.ttl * 0.8
-                state.next_try = sent + self.ttl / 3
-                if not held:
-                    state.standing_by = False
-                    taken.append(stream)
-                    log.info("lease taken", stream=stream, node=self.node)
+                state.standing_by = False
+                taken.append(stream)
+                log.info("lease taken", stream=stream, node=self.node)
             else:
-                if held:
-                    lost.append(stream)
-                    log.warning("lease lost to another node", stream=stream, node=self.node)
                 if not state.standing_by:
                     state.standing_by = True
                     log.info("standing by: another node holds the lease", stream=stream, node=self.node)
-                state.held_until = 0.0
                 state.next_try = now + self.ttl / 5  # a lapsed lease is taken within TTL + this
+        with self._lock:
+            lost, self._lost = self._lost, []
         return taken, lost
 
+    def renew(self) -> None:
+        """Renew every lease held (a thread does, every third of the TTL, so a long poll keeps its lease)."""
+        for stream, state in self._states.items():
+            sent = time.monotonic()
+            if sent >= state.held_until:
+                continue
+            try:
+                ok = bool(self._renew(keys=[lease_key(stream)], args=[self.node, round(self.ttl * 1000)]))
+            except redis.RedisError as exc:
+                # Still ours locally until `held_until`: it lapses in Redis no earlier.
+                self._unreachable(state, stream, exc)
+                continue
+            state.unreachable = False
+            if ok:
+                state.held_until = sent + self.ttl * 0.8
+            else:
+                state.held_until = 0.0
+                state.next_try = 0.0
+                with self._lock:
+                    self._lost.append(stream)
+                log.warning("lease lost to another node", stream=stream, node=self.node)
+
+    def renew_until(self, stop: threading.Event) -> None:
+        while not stop.wait(self.ttl / 3):
+            self.renew()
+
+    @staticmethod
+    def _unreachable(state: _State, stream: str, exc: Exception) -> None:
+        if not state.unreachable:  # said once per outage, not at every attempt
+            state.unreachable = True
+            log.warning("lease: redis unreachable; trying again", stream=stream, error=type(exc).__name__)
+
     def next_try(self) -> float:
-        """The monotonic time of the next renewal or attempt."""
-        return min((s.next_try for s in self._states.values()), default=float("inf"))
+        """The monotonic time of the next attempt at a lease not held."""
+        return min((s.next_try for s in self._states.values() if not s.held_until), default=float("inf"))
 
     def claim(self, outbox: Outbox, stream: str, sources: list[str]) -> bool:
         """Fence the previous holder and continue from the checkpoint; False if the lease is gone meanwhile."""

@@ -507,6 +507,7 @@ class Runner:
             return None
         client = connect(self.config.redis.url, socket_timeout=min(self.config.redis.socket_timeout, 5.0))
         self.leases = Leases(client, spec, self.config.streams)
+        threading.Thread(target=self.leases.renew_until, args=(self.stop,), name="lease-renewal", daemon=True).start()
         try:
             drop_fenced(client, outbox, self.config.streams)
         except REDIS_DOWN as exc:
@@ -538,10 +539,9 @@ class Runner:
         assert self.leases is not None
         if not self.leases.holds(stream):
             taken, _lost = self.leases.tick(time.monotonic())
-            if stream in taken and not self.leases.claim(
-                outbox, stream, [p.spec.name for p in pipelines if p.spec.stream == stream]
-            ):
-                taken.remove(stream)
+            for other in taken:  # every stream taken is claimed before any of its sources polls
+                if not self.leases.claim(outbox, other, [p.spec.name for p in pipelines if p.spec.stream == other]):
+                    self.leases.drop(other)
             if not self.leases.holds(stream):
                 holder = holders(self.leases.client, [stream]).get(stream)
                 return f"stream {stream!r} is leased by node {holder}; not polled"

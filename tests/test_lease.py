@@ -256,6 +256,8 @@ def test_a_stale_holder_cannot_publish_over_the_new_one(
         Relay(redis_client, outboxes["a"]).publish(stream_name)
         outboxes["a"].append("items", stream_name, [("p2", b'{"n": 2}')], [], "p2", 1)  # frozen before publishing
         redis_client.delete(lease_key(stream_name))  # a's lease lapsed
+        leases["a"].renew()  # a's renewing thread finds it gone: a stops counting it as its own
+        assert not leases["a"].holds(stream_name)
         assert leases["b"].tick(now + 60)[0] == [stream_name]
         assert leases["b"].claim(outboxes["b"], stream_name, ["items"])
         ckpt = redis_client.hgetall(checkpoint_key(stream_name))
