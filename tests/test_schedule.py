@@ -178,7 +178,6 @@ def test_run_polls_only_the_source_inside_its_window_and_the_relay_publishes(
 def test_idle_polls_are_noted_within_a_second_and_on_close(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     outbox = Outbox(path)
-    reader = Outbox(path)
     try:
         outbox.polled("a")
         outbox.polled("b")
@@ -197,4 +196,4 @@ def test_idle_polls_are_noted_within_a_second_and_on_close(tmp_path: Path) -> No
             rows = dict(db.execute("SELECT source, error FROM positions").fetchall())
         assert rows["c"] == "boom" and "d" in rows
     finally:
-        reader.close()
+        outbox.close()  # a second close is harmless
