@@ -233,6 +233,8 @@ class Schedule:
         if cron is None:
             return None
         times = croniter(cron, dt.datetime.fromtimestamp(when, self.zone))
+        if not self.windows:
+            return float(times.get_next(float))  # a rare date (29 Feb) is still a date: no year limit
         limit = when + 366 * 86400
         for _ in range(10_000):
             at: float = times.get_next(float)

@@ -68,6 +68,8 @@ def test_cron_skips_times_outside_the_windows_and_never_piles_up() -> None:
     # A poll that ran past two cron times: the next is the first cron time after it ended, no catching up.
     assert local(s.next_due(at(2026, 12, 5, 0, 40))) == dt.datetime(2026, 12, 5, 0, 45, tzinfo=AMS)
     assert local(s.first_due(at(2026, 12, 5, 13, 1))) == dt.datetime(2026, 12, 5, 13, 15, tzinfo=AMS)
+    leap = Schedule(interval=5, cron="0 0 29 2 *", zone=AMS)  # more than a year ahead, yet due
+    assert local(leap.next_due(at(2026, 12, 5, 0, 0))) == dt.datetime(2028, 2, 29, 0, 0, tzinfo=AMS)
 
 
 def test_a_capped_poll_goes_on_at_once_inside_its_window_and_waits_outside() -> None:
