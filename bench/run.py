@@ -165,6 +165,8 @@ MEASURES: dict[str, Callable[[Bench, Scale], Result]] = {
         **scrape_bench.browser_real(bench.tmp, quick=scale is QUICK)["scrape_browser_real_rss_growth_mb"]),
     "idle_cpu_pct_300_sources": lambda bench, scale: Result(**budget_bench.idle_cpu(bench, scale.idle_seconds)),
     "poll_fanout_sources_per_s": lambda bench, scale: Result(**budget_bench.poll_fanout(bench, scale.repeat)),
+    "idle_cpu_pct_10_sources_1s": lambda bench, scale: Result(**budget_bench.idle_cpu(
+        bench, scale.idle_seconds, sources=10, interval=1.0, measure="idle_cpu_pct_10_sources_1s")),
 }
 
 

@@ -12,6 +12,7 @@ import datetime as dt
 import errno
 import os
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -147,6 +148,10 @@ class StreamState:
     error_at: str | None
 
 
+# How often polls that found nothing are written to the outbox (`Outbox.polled`).
+IDLE_NOTES_EVERY = 1.0
+
+
 class Outbox:
     """Not shared across threads: open one per thread or process (SQLite handles the rest)."""
 
@@ -161,6 +166,9 @@ class Outbox:
         except OSError as exc:
             raise explain(path, exc) from exc
         self._tracked: dict[str, tuple[str, ...]] = {}  # source -> key fields, for its key sweep
+        # Polls that found nothing, noted in memory and written together (see `polled`).
+        self._idle: dict[str, str] = {}
+        self._idle_written = time.monotonic()
         with guarded(path):
             self.db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
             try:
@@ -183,7 +191,10 @@ class Outbox:
         return str(self.db.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()[0])
 
     def close(self) -> None:
-        self.db.close()
+        try:
+            self.flush_polled()
+        finally:
+            self.db.close()
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -306,6 +317,7 @@ class Outbox:
     ) -> None:
         now = _now()
         db = self.db
+        self._idle.pop(source, None)  # this write notes a newer poll
         db.executemany(_INSERT_RECORD, [(source, stream, pos, event) for pos, event in events])
         db.executemany(
             "INSERT INTO dead_letters (source, position, reason, raw, created_at) VALUES (?, ?, ?, ?, ?)",
@@ -323,10 +335,31 @@ class Outbox:
         return row[0] if row else None
 
     def polled(self, source: str, error: str | None = None) -> None:
-        """Note a poll that changed no position: its time, or the error that stopped it."""
-        now = _now()
+        """Note a poll that changed no position: its time, or the error that stopped it.
+
+        A poll that found nothing is only a time for `straw status`: it is kept in memory
+        and written with the others at most once every IDLE_NOTES_EVERY seconds (one
+        durable commit a second instead of one per idle poll: 300 idle sources made
+        that fsync most of straw's idle CPU). Positions never wait: they commit with
+        their records. An error is written at once.
+        """
+        if error is None:
+            self._idle[source] = _now()
+            self.flush_polled(at_most_every=IDLE_NOTES_EVERY)
+            return
+        self._idle.pop(source, None)
         with guarded(self.path):
-            self._polled(source, now, error)
+            self._polled(source, _now(), error)
+
+    def flush_polled(self, *, at_most_every: float = 0.0) -> None:
+        """Write the idle polls noted in memory (unless the last write is younger than `at_most_every` s)."""
+        now = time.monotonic()
+        if not self._idle or now - self._idle_written < at_most_every:
+            return
+        notes, self._idle, self._idle_written = self._idle, {}, now
+        with self._transaction():
+            for source, polled_at in notes.items():
+                self._polled(source, polled_at, None)
 
     def _polled(self, source: str, now: str, error: str | None) -> None:
         self.db.execute(
@@ -363,6 +396,42 @@ class Outbox:
                     (source, pos),
                 )
             db.execute("INSERT INTO streams (stream, published_seq) VALUES (?, ?)", (stream, seq))
+
+    def take_over(self, stream: str, seq: int, positions: dict[str, str], sources: Iterable[str]) -> int:
+        """This outbox took `stream` over from another (its lease, see straw/lease.py); the checkpoint is at `seq`.
+
+        Our unpublished records of it are from an earlier lease of ours and were fenced by
+        the other holder's claim: dropped (the checkpoint's positions re-read their changes).
+        Our `seq` continues above `seq`, and `sources` continue from the checkpoint's positions
+        (from the start where it has none). Returns the number of records dropped.
+        """
+        db = self.db
+        with self._transaction():
+            dropped = db.execute("DELETE FROM records WHERE stream = ?", (stream,)).rowcount
+            current = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
+            if current is None:
+                db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('records', ?)", (seq,))
+            elif current[0] < seq:
+                db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'records'", (seq,))
+            db.execute(
+                "INSERT INTO streams (stream, published_seq) VALUES (?, ?) "
+                "ON CONFLICT (stream) DO UPDATE SET published_seq = excluded.published_seq",
+                (stream, seq),
+            )
+            for source in sources:
+                db.execute(
+                    "INSERT INTO positions (source, position) VALUES (?, ?) "
+                    "ON CONFLICT (source) DO UPDATE SET position = excluded.position",
+                    (source, positions.get(source)),
+                )
+        return dropped
+
+    def drop_unpublished(self, stream: str, upto: int) -> int:
+        """Drop records of `stream` at or below `upto` that were never published (fenced; see `take_over`)."""
+        with self._transaction():
+            return self.db.execute(
+                "DELETE FROM records WHERE stream = ? AND seq <= ?", (stream, upto)
+            ).rowcount
 
     def published_seq(self, stream: str) -> int:
         row = self.db.execute("SELECT published_seq FROM streams WHERE stream = ?", (stream,)).fetchone()

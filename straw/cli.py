@@ -299,11 +299,14 @@ def status(
     )
     for column in ("source", "position", "last poll", "read", "published", "dead letters", "error"):
         table.add_column(column)
+    if config.lease:
+        table.add_column("lease holder")
     for row in sources:
         spec = specs[row["source"]]
         table.add_row(
             row["source"], Text(row["position"] or "(start)"), row["last_poll"], _read_cell(spec, row["read"]),
             str(row["published"]), str(row["dead_letters"]), Text(row["error"] or "", style="red"),
+            *([row["lease_holder"] or "(none)"] if config.lease else []),
         )
     shown.print(table)
     table = Table(title="streams")

@@ -7,11 +7,13 @@ without pulling in YAML.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from pydantic import (
@@ -26,6 +28,7 @@ from pydantic_core import PydanticCustomError
 from straw import sql_guard
 from straw.config_scrape import ScrapeSourceSpec
 from straw.config_types import BusUrl, Encoding, ListenHost, Name, RedisUrl, Seconds, StreamName, Strict, TimeZone
+from straw.schedule import Scheduled
 
 
 class FieldType(StrEnum):
@@ -143,7 +146,7 @@ _MODE_COLUMNS_OF = {
 MIN_POLL_INTERVAL = 0.05  # seconds
 
 
-class DbSourceSpec(Strict):
+class DbSourceSpec(Scheduled):
     name: Name = Field(description="unique source name; names the position, the metrics, the CloudEvents source")
     kind: Literal["db"] = Field(
         default="db", description="`db`, or `scrape` for a web UI (see [Web UI source](#web-ui-source-kind-scrape))"
@@ -222,7 +225,8 @@ class DbSourceSpec(Strict):
         default=5.0,
         description="time between polls; at least `50ms` (shorter polls the legacy database in a busy loop)",
     )
-    max_rows_per_poll: int | None = Field(default=None, ge=1, description="cap per poll")
+    max_rows_per_poll: int | None = Field(
+        default=None, ge=1, description="cap per poll; a poll cut at the cap polls again at once (inside its window)")
     batch_bytes: int = Field(
         default=64 * 2**20, ge=2**20,
         description="a batch also closes at about this many bytes of row values (at least 1 MB; default 64 MB): "
@@ -441,6 +445,23 @@ class DatabaseSpec(Strict):
     idle_timeout: Seconds = Field(default=60.0, description="the kept connection is closed after this long unused")
 
 
+def default_node() -> str:
+    return f"{socket.gethostname().split('.')[0] or 'straw'}-{os.getpid()}"
+
+
+class LeaseSpec(Strict):
+    """`lease:` in the file: this instance is one of an active/standby pair (or more) sharing Redis."""
+
+    ttl: Seconds = Field(
+        default=10.0, ge=0.5,
+        description="one active instance per stream among those sharing this Redis; a dead or frozen holder is "
+        "replaced within this time (see [Active/standby pair](#activestandby-pair)); at least `500ms`")
+    node: str = Field(
+        default_factory=default_node, min_length=1, max_length=200, json_schema_extra={"x-default": "`<host>-<pid>`"},
+        description="this instance's node id, shown as the lease holder by `straw status`",
+    )
+
+
 class Config(Strict):
     instance: Name = Field(
         default_factory=lambda: socket.gethostname().split(".")[0] or "straw",
@@ -454,6 +475,7 @@ class Config(Strict):
     outbox: OutboxSpec = OutboxSpec()
     relay: RelaySpec = RelaySpec()
     metrics: MetricsSpec | None = Field(default=None, description="a Prometheus endpoint; off unless given")
+    lease: LeaseSpec | None = Field(default=None, description="one active instance per stream; off unless given")
     entities: dict[str, EntitySpec] = Field(
         min_length=1, description="the canonical records: each entity's key and typed fields"
     )
@@ -476,6 +498,11 @@ class Config(Strict):
             raise PydanticCustomError(
                 "bus", "both `bus` and `redis` are given; keep one (`bus.url` takes any bus, `redis.url` only Redis)",
                 {"at": ("bus",)},
+            )
+        if self.lease is not None and urlsplit(self.bus_spec.url).scheme.lower() not in ("redis", "rediss", "unix"):
+            raise PydanticCustomError(
+                "lease", "`lease` needs a Redis bus (the leases live in Redis); remove it, or publish to Redis",
+                {"at": ("lease",)},
             )
         seen: set[str] = set()
         for index, source in enumerate(self.sources):

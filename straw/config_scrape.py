@@ -17,6 +17,7 @@ from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_
 from pydantic_core import PydanticCustomError
 
 from straw.config_types import Name, Seconds, StreamName, Strict, TimeZone
+from straw.schedule import Scheduled
 
 
 class ParseType(StrEnum):
@@ -301,7 +302,7 @@ class ScrapeMode(StrEnum):
     BROWSER = "browser"
 
 
-class ScrapeSourceSpec(Strict):
+class ScrapeSourceSpec(Scheduled):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     name: Name = Field(description="unique source name")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import heapq
+import math
 import signal
 import threading
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import redis
 import structlog
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -28,16 +30,19 @@ from adapters.db.keys import list_keys
 from adapters.db.poller import DbSource, SchemaDrift
 from adapters.scrape.errors import ScrapeError
 from bus.connect import open_bus
+from bus.redis import REDIS_DOWN, connect
 from bus.seam import BusDown, BusRefused
 from outbox.lock import OutboxLock
 from outbox.relay import adopt_streams
-from outbox.store import Outbox, OutboxError
+from outbox.store import IDLE_NOTES_EVERY, Outbox, OutboxError
 from straw.config import AnySourceSpec, Config, DbSourceSpec
 from straw.config_scrape import ScrapeSourceSpec
+from straw.lease import Leases, drop_fenced, holders
 from straw.mapping import DeadLetter, KeyedBatch, MappedBatch, Mapper, MappingError
 from straw.records import DELETED, observed_now, source_uri
 from straw.redact import describe
 from straw.relay_process import RelayProcess
+from straw.schedule import Schedule, schedule_of
 from straw.source import RawBatch, Source
 
 if TYPE_CHECKING:
@@ -53,8 +58,13 @@ class Pipeline:
     spec: AnySourceSpec
     source: Source
     mapper: Mapper
+    schedule: Schedule
     next_due: float = 0.0
     failures: int = 0
+
+    def due_in(self, wall: float | None, now: float) -> float:
+        """A wall-clock due time (None: never) as a monotonic one, `now` being monotonic."""
+        return math.inf if wall is None else now + max(0.0, wall - time.time())
 
 
 def build_pipeline(config: Config, spec: AnySourceSpec) -> Pipeline:
@@ -72,11 +82,11 @@ def build_pipeline(config: Config, spec: AnySourceSpec) -> Pipeline:
         # Imported here: httpx, lxml and Playwright cost a DB-only installation 150 ms at every start.
         from adapters.scrape.source import ScrapeSource
 
-        return Pipeline(spec, ScrapeSource(spec), mapper)
+        return Pipeline(spec, ScrapeSource(spec), mapper, schedule_of(spec))
     source = DbSource(
         spec, mapper.required_columns(), key_columns=mapper.key_columns(), database=config.database(spec.url)
     )
-    return Pipeline(spec, source, mapper)
+    return Pipeline(spec, source, mapper, schedule_of(spec))
 
 
 def freeze_startup_objects() -> None:
@@ -266,6 +276,7 @@ class Runner:
         self.stopped: str | None = None
         self.log_level = log_level
         self.metrics: Metrics | None = None
+        self.leases: Leases | None = None  # with `lease:` configured: which streams this instance may poll
 
     def run(self, *, once: bool = False, wait: float = 30.0, wait_lock: float = 0.0) -> RunResult:
         """`once`: poll every source until caught up, publish everything, return.
@@ -302,6 +313,7 @@ class Runner:
         outbox = Outbox(config.outbox.path)
         pipelines = [build_pipeline(config, spec) for spec in config.sources]
         freeze_startup_objects()
+        lease_client = self._lease_setup(outbox)
         relay = RelayProcess(config, self.log_level)
         relay.on_published = self.metrics.published if self.metrics is not None else None
         relay.start()
@@ -313,6 +325,8 @@ class Runner:
                         if self.stop.is_set():
                             break
                         stream_error = self._await_stream(outbox, pipeline.spec.stream, deadline, relay)
+                        if stream_error is None and self.leases is not None:
+                            stream_error = self._once_lease(outbox, pipelines, pipeline.spec.stream)
                         if stream_error is not None:
                             result.errors.append(f"{pipeline.spec.name}: {stream_error}")
                             continue
@@ -326,6 +340,10 @@ class Runner:
         finally:
             self.stop.set()
             relay.shutdown()
+            if self.leases is not None:  # after the relay: a standby's claim would fence what it still sent
+                self.leases.release()
+            if lease_client is not None:
+                lease_client.close()
             for pipeline in pipelines:
                 pipeline.source.close()
             try:
@@ -402,7 +420,7 @@ class Runner:
         started = time.monotonic()
         tally = Tally()
         try:
-            rows = poll(pipeline, outbox, stop=self.stop.is_set, tally=tally)
+            rows = poll(pipeline, outbox, stop=self._stop_for(spec.stream), tally=tally)
         except OutboxError as exc:
             # The outbox itself failed (full disk, read-only, damaged): nothing to note in it either.
             self._failed(pipeline, result, started, str(exc))
@@ -419,8 +437,10 @@ class Runner:
             self.metrics.observe(spec.name, time.monotonic() - started, failed=False)
         pipeline.failures = 0
         limit = spec.max_rows_per_poll
-        # A poll cut at its cap has more waiting: the next one is due at once, not a poll_interval later.
-        pipeline.next_due = time.monotonic() + (0.0 if limit and rows >= limit else spec.poll_interval)
+        # A poll cut at its cap has more waiting: the next one is due at once (inside its window), not a
+        # poll_interval or cron time later.
+        capped = bool(limit and rows >= limit)
+        pipeline.next_due = pipeline.due_in(pipeline.schedule.next_due(time.time(), capped=capped), time.monotonic())
         result.tallies.setdefault(spec.name, Tally()).add(tally)
         if tally.upserted or tally.deleted or tally.dead or self.config.log.polls == "all":
             log.info("polled", source=spec.name, rows=rows, upserted=tally.upserted, deleted=tally.deleted,
@@ -435,7 +455,9 @@ class Runner:
             self.metrics.observe(spec.name, time.monotonic() - started, failed=True)
         pipeline.failures += 1
         delay = min(spec.poll_interval * 2**pipeline.failures, 300.0)
-        pipeline.next_due = time.monotonic() + delay
+        # The retry waits for the source's window too: a failing source must not be polled out of hours.
+        retry = pipeline.schedule.open_from(time.time() + delay)
+        pipeline.next_due = pipeline.due_in(retry, time.monotonic())
         log.error("poll failed; position not advanced", source=spec.name, error=message, retry_in=round(delay, 1))
         result.errors.append(f"{spec.name}: {message}")
 
@@ -446,6 +468,8 @@ class Runner:
         before it and no longer. Between polls there is one wait, to the soonest due time
         (at most a second: the relay's health and idle connections are looked at that often).
         """
+        for pipeline in pipelines:
+            pipeline.next_due = pipeline.due_in(pipeline.schedule.first_due(time.time()), time.monotonic())
         due = [(p.next_due, index) for index, p in enumerate(pipelines)]
         heapq.heapify(due)
         adopted: set[str] = set()
@@ -454,10 +478,17 @@ class Runner:
                 log.error("relay stopped; stopping", error=relay.error())
                 return
             now = time.monotonic()
+            if self.leases is not None:
+                self._lease_tick(outbox, pipelines, due, now)
             while due and due[0][0] <= now and not self.stop.is_set():
-                index = heapq.heappop(due)[1]
+                when, index = heapq.heappop(due)
                 pipeline = pipelines[index]
+                if when != pipeline.next_due:
+                    continue  # superseded: the source was rescheduled (a lease taken)
                 stream = pipeline.spec.stream
+                if self.leases is not None and not self.leases.holds(stream, now):
+                    pipeline.next_due = math.inf  # standing by: a taken lease schedules it again
+                    continue
                 if stream in adopted or outbox.stream_known(stream):
                     adopted.add(stream)
                     result.rows_read += self._poll_logged(pipeline, outbox, result)
@@ -466,7 +497,66 @@ class Runner:
                     pipeline.next_due = now + 0.2
                 heapq.heappush(due, (pipeline.next_due, index))
             DATABASES.trim(time.monotonic())
-            self.stop.wait(max(0.01, min(due[0][0] - time.monotonic(), 1.0)))
+            with contextlib.suppress(OutboxError):  # a failing outbox is reported by the next poll
+                outbox.flush_polled(at_most_every=IDLE_NOTES_EVERY)
+            wake = min(due[0][0] if due else math.inf, self.leases.next_try() if self.leases else math.inf)
+            self.stop.wait(max(0.01, min(wake - time.monotonic(), 1.0)))
+
+    # --- leases (straw/lease.py): one active instance per stream ---------------
+
+    def _lease_setup(self, outbox: Outbox) -> redis.Redis | None:
+        """With `lease:`: connect, and drop records a newer holder fenced, before the relay would trip on them."""
+        spec = self.config.lease
+        if spec is None:
+            return None
+        client = connect(self.config.bus_spec.url, socket_timeout=min(self.config.bus_spec.socket_timeout, 5.0))
+        self.leases = Leases(client, spec, self.config.streams)
+        threading.Thread(target=self.leases.renew_until, args=(self.stop,), name="lease-renewal", daemon=True).start()
+        try:
+            drop_fenced(client, outbox, self.config.streams)
+        except REDIS_DOWN as exc:
+            log.warning("lease: redis unreachable at start; fenced records are dropped once it is back",
+                        error=type(exc).__name__)
+        return client
+
+    def _lease_tick(self, outbox: Outbox, pipelines: list[Pipeline], due: list[tuple[float, int]], now: float) -> None:
+        assert self.leases is not None
+        taken, lost = self.leases.tick(now)
+        for stream in taken:
+            try:
+                if not self.leases.claim(outbox, stream, [p.spec.name for p in pipelines if p.spec.stream == stream]):
+                    continue
+            except (*REDIS_DOWN, redis.RedisError, OutboxError) as exc:
+                log.error("lease: claiming the stream failed; trying again", stream=stream, error=describe(exc))
+                self.leases.drop(stream)
+                continue
+            for index, pipeline in enumerate(pipelines):
+                if pipeline.spec.stream == stream:
+                    pipeline.next_due = pipeline.due_in(pipeline.schedule.first_due(time.time()), now)
+                    heapq.heappush(due, (pipeline.next_due, index))
+        if lost:
+            with contextlib.suppress(*REDIS_DOWN, redis.RedisError, OutboxError):
+                drop_fenced(self.leases.client, outbox, lost)
+
+    def _once_lease(self, outbox: Outbox, pipelines: list[Pipeline], stream: str) -> str | None:
+        """`run --once` with `lease:`: poll a stream only if its lease is free (or ours); None when it is."""
+        assert self.leases is not None
+        if not self.leases.holds(stream):
+            taken, _lost = self.leases.tick(time.monotonic())
+            for other in taken:  # every stream taken is claimed before any of its sources polls
+                if not self.leases.claim(outbox, other, [p.spec.name for p in pipelines if p.spec.stream == other]):
+                    self.leases.drop(other)
+            if not self.leases.holds(stream):
+                holder = holders(self.leases.client, [stream]).get(stream)
+                return f"stream {stream!r} is leased by node {holder}; not polled"
+        return None
+
+    def _stop_for(self, stream: str) -> Callable[[], bool]:
+        """What ends a poll at its next batch boundary: a stop, or (with leases) the stream's lease lapsing."""
+        leases = self.leases
+        if leases is None:
+            return self.stop.is_set
+        return lambda: self.stop.is_set() or not leases.holds(stream)
 
 
 @contextmanager

@@ -10,13 +10,14 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from bus.connect import open_bus
-from bus.redis import checkpoint_key
+from bus.redis import RedisBus, checkpoint_key
 from bus.seam import Bus, BusDown, BusRefused
 from outbox.store import Outbox, SourceState
 from straw.config import Config
+from straw.lease import holders
 from straw.redact import describe, redact
 
 T = TypeVar("T")
@@ -108,6 +109,11 @@ def status_document(
             "dead_letters": dead.get(name, 0),
             "error": redact(state.error) if state and state.error else None,
         })
+    if config.lease is not None:  # active/standby pairs: which node polls each source now (its stream's lease)
+        leased = with_bus(config, lambda bus: holders(cast(RedisBus, bus).client, config.streams))
+        stream_of = {s.name: s.stream for s in config.sources}
+        for row in sources:
+            row["lease_holder"] = leased.get(stream_of[row["source"]]) if isinstance(leased, dict) else None
     if lengths is None:
         lengths = with_bus(config, lambda bus: {s: bus.length(s) for s in config.streams})
     redis_error = lengths if isinstance(lengths, str) else None

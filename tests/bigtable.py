@@ -4,6 +4,8 @@ with a two-field entity for it, so that a million events stay small in Redis."""
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
 from collections import Counter
 from contextlib import closing
 from pathlib import Path
@@ -11,6 +13,9 @@ from typing import Any
 
 import redis
 import yaml
+
+from straw.config_load import load_config
+from straw.runner import Runner
 
 
 def big_table(path: Path, rows: int, first: int = 1) -> str:
@@ -63,3 +68,18 @@ def assert_each_row_once(client: redis.Redis, stream: str, rows: int) -> None:
     twice = sum(1 for n in seen.values() if n > 1)
     assert twice == 0, f"{twice} rows are in the stream more than once"
     assert len(seen) == rows, f"{rows - len(seen)} rows never reached the stream"
+
+
+def run_until_published(path: Path, client: redis.Redis, stream: str, count: int, linger: float = 0.0) -> None:
+    """`straw run` (in a thread) until `stream` holds `count` entries (a minute at most), `linger` s more, stop."""
+    runner = Runner(load_config(path))
+    thread = threading.Thread(target=runner.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while int(client.xlen(stream)) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(linger)
+    finally:
+        runner.stop.set()
+        thread.join(timeout=30)

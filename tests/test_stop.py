@@ -6,16 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import redis
 
-from straw.config_load import load_config
-from straw.runner import Runner
-from tests.bigtable import assert_each_row_once, big_table, items_config
+from tests.bigtable import assert_each_row_once, big_table, items_config, run_until_published
 from tests.crashes import spawn_straw, straw_command, tail
 
 MILLION = 1_000_000
@@ -61,14 +58,5 @@ def test_a_poll_cut_at_its_cap_polls_again_at_once(
     # poll_interval 1h: without the fix, the second of the five polls would come an hour later.
     path = items_config(tmp_path, db_url=big_table(tmp_path / "legacy.db", 5000), redis_url=redis_url,
                         stream=stream_name, batch_size=500, max_rows_per_poll=1000, poll_interval="1h")
-    runner = Runner(load_config(path))
-    thread = threading.Thread(target=runner.run)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60
-        while int(redis_client.xlen(stream_name)) < 5000 and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        runner.stop.set()
-        thread.join(timeout=30)
+    run_until_published(path, redis_client, stream_name, 5000)
     assert_each_row_once(redis_client, stream_name, 5000)
