@@ -11,13 +11,13 @@ import difflib
 import os
 import re
 import stat
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-import structlog
 import yaml
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.engine import URL, make_url
@@ -299,13 +299,15 @@ def _warn_if_exposed(file: Path, name: str, data: Any, lines: dict[Path_, int]) 
         return
     if not readable:
         return
-    log = structlog.get_logger("straw.config")  # not cached at import: a test's CLI runs each set their own stderr
     for path in _inline_secrets(data):
-        log.warning(str(Problem(
+        problem = Problem(
             name, lines.get(path), _dotted(path),
             "a secret written inline in a file every user of this host can read; chmod 600 the file "
             "(owned by straw's user), or write the secret as ${ENV_VAR} or ${file:/run/secrets/…}",
-        )))
+        )
+        # Like a configuration error, a plain line on stderr: never into a command's stdout (`status --json`),
+        # whether or not the command set up logging.
+        print(f"warning: {problem}", file=sys.stderr, flush=True)
 
 
 def _opaque(template: str) -> str:

@@ -106,7 +106,7 @@ def test_compose_runs_straw_beside_a_persistent_redis_with_the_unit_stop_bound(
     assert straw["environment"]["REDIS_URL"] == "redis://redis:6379/0"
 
     monkeypatch.setenv("REDIS_URL", straw["environment"]["REDIS_URL"])
-    monkeypatch.setenv("ERP_DB_PASSWORD", "example")
+    monkeypatch.setenv("ERP_DB_PASSWORD", "deploy-example-pw-5190")  # registered as a secret: unique
     config = load_config(DEPLOY / "straw.example.yaml")
     assert str(config.outbox.path) == "/var/lib/straw/outbox.db"
     assert config.metrics is not None and config.metrics.port == 9108

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from structlog.testing import capture_logs
 
 from outbox.store import Outbox
 from straw.config_load import load_config
@@ -48,29 +47,33 @@ def secret_config(tmp_path: Path, url: str, file_mode: int) -> Path:
     return path
 
 
-def warnings(path: Path) -> list[str]:
-    with capture_logs() as logs:
-        load_config(path)
-    return [str(entry["event"]) for entry in logs if entry["log_level"] == "warning"]
+def warnings(path: Path, capsys: pytest.CaptureFixture[str]) -> list[str]:
+    capsys.readouterr()
+    load_config(path)
+    out, err = capsys.readouterr()
+    assert out == ""  # never into a command's stdout (`status --json` is a JSON document)
+    return [line.removeprefix("warning: ") for line in err.splitlines()]
 
 
 def test_a_world_readable_config_with_an_inline_password_is_flagged_by_line_without_the_password(
-    tmp_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = secret_config(tmp_path, "redis://straw:inline-pw-4711@127.0.0.1:6379/0", 0o644)
-    [warning] = warnings(path)
+    [warning] = warnings(path, capsys)
     assert warning.startswith(f"{path}:3: redis.url: a secret written inline")
     assert "chmod 600" in warning and "${ENV_VAR}" in warning
     assert "inline-pw-4711" not in warning
 
 
-def test_inline_secrets_under_secret_keys_and_in_odbc_strings_are_flagged(tmp_path: Path) -> None:
+def test_inline_secrets_under_secret_keys_and_in_odbc_strings_are_flagged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = secret_config(tmp_path, "redis://127.0.0.1:6379/0", 0o644)
     config = yaml.safe_load(path.read_text())
     config["sources"].append({**config["sources"][0], "name": "odbc", "url": "odbc:DSN=erp;UID=u;PWD=odbc-pw-1"})
     config["sources"][0]["params"] = {"api_token": "tok-123456"}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    found = warnings(path)
+    found = warnings(path, capsys)
     assert [w.split(": a secret")[0].split(": ", 1)[1] for w in found] == ["sources[0].params.api_token",
                                                                         "sources[1].url"]
     assert not any("odbc-pw-1" in w or "tok-123456" in w for w in found)
@@ -86,6 +89,6 @@ def test_inline_secrets_under_secret_keys_and_in_odbc_strings_are_flagged(tmp_pa
     ],
 )
 def test_no_warning_when_the_file_is_private_or_holds_no_inline_secret(
-    tmp_path: Path, url: str, file_mode: int
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str, file_mode: int
 ) -> None:
-    assert warnings(secret_config(tmp_path, url, file_mode)) == []
+    assert warnings(secret_config(tmp_path, url, file_mode), capsys) == []
