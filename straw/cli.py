@@ -207,8 +207,12 @@ def preview(
     source: Annotated[str, typer.Argument(help="Source name from the configuration.")],
     config_path: ConfigOption = None,
     limit: Annotated[int, typer.Option(help="How many rows to read.")] = 10,
+    screenshot: Annotated[
+        Path | None,
+        typer.Option(help="Scrape sources: write a PNG of the page read, each field's matches outlined and labelled."),
+    ] = None,
 ) -> None:
-    """Show the first canonical records of SOURCE; nothing is written anywhere."""
+    """Show the first canonical records of SOURCE; nothing is written anywhere (but the --screenshot PNG)."""
     logs.setup("WARNING")
     config = _load(config_path)
     try:
@@ -217,6 +221,9 @@ def preview(
         err.print(f"no source named {source!r}; sources: {', '.join(s.name for s in config.sources)}")
         raise typer.Exit(2) from None
     pipeline = build_pipeline(config, spec)
+    if screenshot is not None and not hasattr(pipeline.source, "screenshot"):
+        err.print(f"--screenshot: source {source!r} is not a scrape source; it has no page to show")
+        raise typer.Exit(2)
     events: list[dict[str, Any]] = []
     dead: list[tuple[str, str]] = []
     try:
@@ -230,6 +237,8 @@ def preview(
         probes = diagnose(exc) if diagnose is not None else None
         if probes:
             _print_probes(probes)
+        if screenshot is not None:
+            _screenshot(pipeline.source, screenshot, exc)
         raise typer.Exit(1) from None
     finally:
         pipeline.source.close()
@@ -247,6 +256,21 @@ def preview(
     selectors = getattr(pipeline.source, "selectors", None)  # scrape sources say which selector found what
     if selectors is not None:
         _print_selectors(selectors(), len(events) + len(dead))
+    if screenshot is not None:
+        _screenshot(pipeline.source, screenshot, None)
+
+
+def _screenshot(source: Any, path: Path, exc: BaseException | None) -> None:
+    """Write the preview's page with its fields outlined; a failure to do so is one line and exit 1."""
+    try:
+        marked = source.screenshot(path, exc)
+    except Exception as problem:
+        err.print(describe(problem), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    found = ", ".join(f"{name} {count}" for name, count in marked.found.items()) or "none"
+    out.print(f"screenshot: {path} (outlined: {found})", markup=False, highlight=False, soft_wrap=True)
+    for line in marked.banner():
+        out.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _print_selectors(selectors: Iterable[tuple[str, str, bool, int]], rows: int) -> None:

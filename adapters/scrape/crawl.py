@@ -79,6 +79,7 @@ class Crawler:
         self._login_lock = threading.Lock()
         self._logins = 0  # logins so far: a challenged request logs in only if no one did meanwhile
         self._writes = True  # False in a preview or check: no session file, no debug page
+        self.first_page: Page | None = None  # the listing's first page in the last run (preview's screenshot)
 
     def url(self, path: str) -> str:
         return urljoin(self.spec.base_url, path)
@@ -200,9 +201,10 @@ class Crawler:
 
     def _crawl(self, limit: int | None) -> Crawl:
         self._unmatched = {}
+        self.first_page = None
         items: list[dict[str, Any]] = []
         wait = self.spec.listing.rows
-        page = self._open(self.url(self.spec.listing.url), wait)
+        page = self.first_page = self._open(self.url(self.spec.listing.url), wait)
         seen_pages: set[str] = set()
         visited_links: set[str] = set()
         pages = 0

@@ -33,14 +33,22 @@ class Probe:
     problem: str  # "" when every row gave a value
 
 
-def probe(spec: ScrapeSourceSpec, drift: LayoutDrift) -> list[Probe]:
-    page = Page(drift.url, drift.html)
-    rows = [r for r in locator_query(spec.listing.rows)(page.tree) if isinstance(r, etree._Element)]
+def on_detail_page(spec: ScrapeSourceSpec, drift: LayoutDrift, rows: list[etree._Element]) -> bool:
+    """Whether the page drift was found on is a detail page (a detail field failed there)."""
     named = _FIELD.search(drift.what)
-    on_detail = spec.detail is not None and (
+    return spec.detail is not None and (
         (named is not None and named["name"] in spec.detail.fields) or (not rows and drift.what != "list rows")
     )
-    if on_detail:
+
+
+def list_rows(spec: ScrapeSourceSpec, page: Page) -> list[etree._Element]:
+    return [r for r in locator_query(spec.listing.rows)(page.tree) if isinstance(r, etree._Element)]
+
+
+def probe(spec: ScrapeSourceSpec, drift: LayoutDrift) -> list[Probe]:
+    page = Page(drift.url, drift.html)
+    rows = list_rows(spec, page)
+    if on_detail_page(spec, drift, rows):
         assert spec.detail is not None
         tables = Tables()
         return [_probe(rule, [Row(page.tree, tables)]) for rule in rules(spec.detail.fields)]
