@@ -234,9 +234,10 @@ def preview(
     except Exception as exc:
         err.print(describe(exc), markup=False, highlight=False, soft_wrap=True)
         diagnose = getattr(pipeline.source, "diagnose", None)  # scrape: what each selector finds there
-        probes = diagnose(exc) if diagnose is not None else None
+        probes = diagnose(exc, _previous_values(config, spec)) if diagnose is not None else None
         if probes:
             _print_probes(probes)
+            _print_hints({p.field: p.hints for p in probes})
         if screenshot is not None:
             _screenshot(pipeline.source, screenshot, exc)
         raise typer.Exit(1) from None
@@ -255,7 +256,11 @@ def preview(
         out.print(reason, markup=False, highlight=False)
     selectors = getattr(pipeline.source, "selectors", None)  # scrape sources say which selector found what
     if selectors is not None:
-        _print_selectors(selectors(), len(events) + len(dead))
+        shown = selectors()
+        _print_selectors(shown, len(events) + len(dead))
+        hints = getattr(pipeline.source, "hints", None)
+        if hints is not None and any(missing for *_, missing in shown):
+            _print_hints(hints(_previous_values(config, spec)))
     if screenshot is not None:
         _screenshot(pipeline.source, screenshot, None)
 
@@ -282,6 +287,41 @@ def _print_selectors(selectors: Iterable[tuple[str, str, bool, int]], rows: int)
         matched = Text(f"{rows - missing}/{rows}", style="bold red" if missing else "green")
         table.add_row(Text(name + (" *" if required else "")), Text(where), matched)
     out.print(table)
+
+
+def _previous_values(config: Config, spec: Any) -> dict[str, list[str]]:
+    """What each field of a scrape source published lately (its newest events in the stream), as text:
+    the hints of a field that matched nothing look for elements resembling them. Redis down: none."""
+    fields = {column: field for field, column in getattr(spec, "mapping", {}).items()}
+
+    def read(client: redis.Redis) -> list[Any]:
+        return list(client.xrevrange(spec.stream, count=200) or [])
+
+    found = _redis_or_none(config, read)
+    values: dict[str, list[str]] = {}
+    for _, entry in found if not isinstance(found, str) else []:
+        try:
+            event = orjson.loads(entry[b"event"])
+        except (KeyError, orjson.JSONDecodeError):
+            continue
+        if not str(event.get("source", "")).endswith(f"/{spec.name}") or not isinstance(event.get("data"), dict):
+            continue
+        for name in getattr(spec, "item_fields", lambda: [])():
+            value = event["data"].get(fields.get(name, name))
+            if value is not None and len(values.setdefault(name, [])) < 20:
+                values[name].append(str(value))
+    return values
+
+
+def _print_hints(hints: dict[str, Any]) -> None:
+    """For each field that matched nothing somewhere: the elements there that look most like it."""
+    for name, found in hints.items():
+        if not found:
+            continue
+        out.print(f"hint for {name}: nearest candidates", markup=False, highlight=False)
+        for hint in found:
+            out.print(redact(f"  {hint.selector}  {hint.text[:60]!r}  ({hint.why})"), markup=False,
+                      highlight=False, soft_wrap=True)
 
 
 def _print_probes(probes: Iterable[Any]) -> None:
