@@ -162,3 +162,16 @@ def test_screenshot_of_a_database_source_is_refused(tmp_path: Path, redis_url: s
     assert result.exit_code == 2
     assert "not a scrape source" in result.output
     assert not (tmp_path / "x.png").exists()
+
+
+def test_an_unwritable_screenshot_path_is_one_line_and_exit_1(
+    tmp_path: Path, webui: WebUI, redis_url: str, stream_name: str
+) -> None:
+    path = scrape_config(tmp_path, webui, redis_url=redis_url, stream=stream_name, listing=orders_list())
+    (tmp_path / "file").write_text("not a folder")
+    result = invoke("preview", "web-orders", "--config", str(path), "--limit", "1",
+                    "--screenshot", str(tmp_path / "file" / "x.png"))
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert any("file" in line and ("Not a directory" in line or "exists" in line) for line in lines(result.output)), \
+        result.output
