@@ -19,7 +19,7 @@ from lxml import etree
 
 from adapters.scrape.errors import ScrapeError
 from adapters.scrape.extract import Row, Tables, locator_query, rules
-from adapters.scrape.fetch_browser import LAUNCH_ARGS, _driver_acquire, _driver_release
+from adapters.scrape.fetch_browser import LAUNCH_ARGS, driver_acquire, driver_release
 from adapters.scrape.page import Node, Page
 from straw.config_scrape import FieldRule, ScrapeSourceSpec
 
@@ -32,7 +32,7 @@ BORDER_PX = 3
 _MARK = "data-straw-field"
 
 # Runs in the page (JavaScript off for the page's own scripts; Playwright's evaluate still runs).
-_OVERLAY = """({colours, banner, border}) => {
+_OVERLAY = """({colours, banner, bannerColour, border}) => {
   const layer = document.createElement('div');
   layer.setAttribute('style', 'position:absolute;left:0;top:0;width:0;height:0;overflow:visible;'
     + 'z-index:2147483647;pointer-events:none');
@@ -58,12 +58,12 @@ _OVERLAY = """({colours, banner, border}) => {
   }
   if (banner.length) {
     const bar = box(`position:absolute;left:0;top:0;width:${document.documentElement.scrollWidth}px;`
-      + `box-sizing:border-box;background:${'BANNER'};color:#fff;font:bold 13px/18px sans-serif;padding:6px 10px`);
+      + `box-sizing:border-box;background:${bannerColour};color:#fff;font:bold 13px/18px sans-serif;padding:6px 10px`);
     banner.forEach((line) => { const p = document.createElement('div'); p.textContent = line; bar.appendChild(p); });
     layer.appendChild(bar);
   }
   document.documentElement.appendChild(layer);
-}""".replace("'BANNER'", f"'{BANNER}'")
+}"""
 
 
 @dataclass
@@ -149,7 +149,7 @@ def render(spec: ScrapeSourceSpec, page: Page, marked: Marked, out: Path) -> Non
     if not spec.browser_executable.exists():
         raise ScrapeError(f"--screenshot needs a browser: none at {spec.browser_executable}; install Chromium "
                           "(Debian: apt-get install chromium) or set `browser_executable`")
-    playwright = _driver_acquire(sync_playwright)
+    playwright = driver_acquire(sync_playwright)
     try:
         browser = playwright.chromium.launch(executable_path=str(spec.browser_executable), args=LAUNCH_ARGS,
                                              headless=True)
@@ -158,7 +158,8 @@ def render(spec: ScrapeSourceSpec, page: Page, marked: Marked, out: Path) -> Non
             context.set_default_timeout(spec.http.timeout * 1000)
             shown = context.new_page()
             shown.set_content(_with_base(marked.tree, page.url), wait_until="load")
-            shown.evaluate(_OVERLAY, {"colours": colours(spec), "banner": marked.banner(), "border": BORDER_PX})
+            shown.evaluate(_OVERLAY, {"colours": colours(spec), "banner": marked.banner(), "bannerColour": BANNER,
+                                     "border": BORDER_PX})
             out.parent.mkdir(parents=True, exist_ok=True)
             shown.screenshot(path=str(out), full_page=True)
         except PlaywrightError as exc:
@@ -166,7 +167,7 @@ def render(spec: ScrapeSourceSpec, page: Page, marked: Marked, out: Path) -> Non
         finally:
             browser.close()
     finally:
-        _driver_release()
+        driver_release()
     os.chmod(out, 0o600)
 
 
