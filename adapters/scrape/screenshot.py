@@ -149,6 +149,10 @@ def render(spec: ScrapeSourceSpec, page: Page, marked: Marked, out: Path) -> Non
     if not spec.browser_executable.exists():
         raise ScrapeError(f"--screenshot needs a browser: none at {spec.browser_executable}; install Chromium "
                           "(Debian: apt-get install chromium) or set `browser_executable`")
+    try:  # before starting a browser: a path that cannot be written fails at once
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ScrapeError(f"--screenshot: cannot write {out}: {exc.strerror or exc}") from None
     playwright = driver_acquire(sync_playwright)
     try:
         browser = playwright.chromium.launch(executable_path=str(spec.browser_executable), args=LAUNCH_ARGS,
@@ -160,7 +164,6 @@ def render(spec: ScrapeSourceSpec, page: Page, marked: Marked, out: Path) -> Non
             shown.set_content(_with_base(marked.tree, page.url), wait_until="load")
             shown.evaluate(_OVERLAY, {"colours": colours(spec), "banner": marked.banner(), "bannerColour": BANNER,
                                      "border": BORDER_PX})
-            out.parent.mkdir(parents=True, exist_ok=True)
             shown.screenshot(path=str(out), full_page=True)
         except PlaywrightError as exc:
             raise ScrapeError(f"--screenshot: could not render {page.url}: {exc.message.splitlines()[0]}") from None
