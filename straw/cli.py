@@ -191,8 +191,12 @@ def preview(
     source: Annotated[str, typer.Argument(help="Source name from the configuration.")],
     config_path: ConfigOption = None,
     limit: Annotated[int, typer.Option(help="How many rows to read.")] = 10,
+    screenshot: Annotated[
+        Path | None,
+        typer.Option(help="Scrape sources: write a PNG of the page read, each field's matches outlined and labelled."),
+    ] = None,
 ) -> None:
-    """Show the first canonical records of SOURCE; nothing is written anywhere."""
+    """Show the first canonical records of SOURCE; nothing is written anywhere (but the --screenshot PNG)."""
     logs.setup("WARNING")
     config = _load(config_path)
     try:
@@ -201,6 +205,9 @@ def preview(
         err.print(f"no source named {source!r}; sources: {', '.join(s.name for s in config.sources)}")
         raise typer.Exit(2) from None
     pipeline = build_pipeline(config, spec)
+    if screenshot is not None and not hasattr(pipeline.source, "screenshot"):
+        err.print(f"--screenshot: source {source!r} is not a scrape source; it has no page to show")
+        raise typer.Exit(2)
     events: list[dict[str, Any]] = []
     dead: list[tuple[str, str]] = []
     try:
@@ -211,9 +218,12 @@ def preview(
     except Exception as exc:
         err.print(describe(exc), markup=False, highlight=False, soft_wrap=True)
         diagnose = getattr(pipeline.source, "diagnose", None)  # scrape: what each selector finds there
-        probes = diagnose(exc) if diagnose is not None else None
+        probes = diagnose(exc, _previous_values(config, spec)) if diagnose is not None else None
         if probes:
             _print_probes(probes)
+            _print_hints({p.field: p.hints for p in probes})
+        if screenshot is not None:
+            _screenshot(pipeline.source, screenshot, exc)
         raise typer.Exit(1) from None
     finally:
         pipeline.source.close()
@@ -230,7 +240,26 @@ def preview(
         out.print(reason, markup=False, highlight=False)
     selectors = getattr(pipeline.source, "selectors", None)  # scrape sources say which selector found what
     if selectors is not None:
-        _print_selectors(selectors(), len(events) + len(dead))
+        shown = selectors()
+        _print_selectors(shown, len(events) + len(dead))
+        hints = getattr(pipeline.source, "hints", None)
+        if hints is not None and any(missing for *_, missing in shown):
+            _print_hints(hints(_previous_values(config, spec)))
+    if screenshot is not None:
+        _screenshot(pipeline.source, screenshot, None)
+
+
+def _screenshot(source: Any, path: Path, exc: BaseException | None) -> None:
+    """Write the preview's page with its fields outlined; a failure to do so is one line and exit 1."""
+    try:
+        marked = source.screenshot(path, exc)
+    except Exception as problem:
+        err.print(describe(problem), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    found = ", ".join(f"{name} {count}" for name, count in marked.found.items()) or "none"
+    out.print(f"screenshot: {path} (outlined: {found})", markup=False, highlight=False, soft_wrap=True)
+    for line in marked.banner():
+        out.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _print_selectors(selectors: Iterable[tuple[str, str, bool, int]], rows: int) -> None:
@@ -242,6 +271,38 @@ def _print_selectors(selectors: Iterable[tuple[str, str, bool, int]], rows: int)
         matched = Text(f"{rows - missing}/{rows}", style="bold red" if missing else "green")
         table.add_row(Text(name + (" *" if required else "")), Text(where), matched)
     out.print(table)
+
+
+def _previous_values(config: Config, spec: Any) -> dict[str, list[str]]:
+    """What each field of a scrape source published lately (its newest events in the stream), as text:
+    the hints of a field that matched nothing look for elements resembling them. Bus down: none."""
+    fields = {column: field for field, column in getattr(spec, "mapping", {}).items()}
+
+    found = _bus_or_none(config, lambda bus: bus.newest(spec.stream, 200))
+    values: dict[str, list[str]] = {}
+    for entry in found if not isinstance(found, str) else []:
+        try:
+            event = orjson.loads(entry.event)
+        except orjson.JSONDecodeError:
+            continue
+        if not str(event.get("source", "")).endswith(f"/{spec.name}") or not isinstance(event.get("data"), dict):
+            continue
+        for name in getattr(spec, "item_fields", lambda: [])():
+            value = event["data"].get(fields.get(name, name))
+            if value is not None and len(values.setdefault(name, [])) < 20:
+                values[name].append(str(value))
+    return values
+
+
+def _print_hints(hints: dict[str, Any]) -> None:
+    """For each field that matched nothing somewhere: the elements there that look most like it."""
+    for name, found in hints.items():
+        if not found:
+            continue
+        out.print(f"hint for {name}: nearest candidates", markup=False, highlight=False)
+        for hint in found:
+            out.print(redact(f"  {hint.selector}  {hint.text[:60]!r}  ({hint.why})"), markup=False,
+                      highlight=False, soft_wrap=True)
 
 
 def _print_probes(probes: Iterable[Any]) -> None:

@@ -18,9 +18,21 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lxml import etree
 
-from adapters.scrape.extract import MISSING, PLACEHOLDER, Row, Rule, Tables, Unusable, lines_of
+from adapters.scrape.extract import (
+    MISSING,
+    PLACEHOLDER,
+    Row,
+    Rule,
+    Tables,
+    Unusable,
+    compile_query,
+    first_query,
+    lines_of,
+)
 from fixtures.webui import WebUI, start_webui
 from fixtures.webui.configs import tickets_config, tickets_list
 from fixtures.webui.pages import ticket_created, ticket_description, ticket_due, ticket_relative
@@ -258,3 +270,34 @@ def test_date_options_on_other_types_are_config_errors_naming_the_key(
     text = str(caught.value)
     assert text.startswith(f"{path}:") and f"sources[0].list.fields.due.{message}" in text
     assert "\n" not in text
+
+
+# -- a bare `#id` field selector is looked up in the ID table: same answer as the tree walk ---------------
+
+_IDS = st.sampled_from(["a", "b", "x-1", "_c"])
+
+
+@st.composite
+def _id_pages(draw: st.DrawFn) -> tuple[str, str]:
+    """A page of nested divs with repeated, missing and case-varied ids; a context element's id."""
+    def block(depth: int) -> str:
+        children = "".join(block(depth + 1) for _ in range(draw(st.integers(0, 3 if depth < 3 else 0))))
+        ident = draw(st.one_of(st.none(), _IDS, _IDS.map(str.upper), _IDS.map(lambda i: f" {i}")))
+        attr = f' id="{ident}"' if ident is not None else ""
+        return f"<div{attr}>{draw(st.sampled_from(['t', 'u', '']))}{children}</div>"
+
+    return "<html><body>" + "".join(block(0) for _ in range(draw(st.integers(1, 4)))) + "</body></html>", \
+        draw(_IDS)
+
+
+@given(_id_pages(), _IDS)
+@settings(max_examples=100, deadline=None)
+def test_id_selector_fast_path_finds_what_the_tree_walk_finds_first(page: tuple[str, str], wanted: str) -> None:
+    html, _ = page
+    root = etree.HTML(html)
+    fast = first_query(f"#{wanted}", None)
+    walk = compile_query(f"#{wanted}", None)
+    # Every element as the context: rows are subtrees, and a duplicate id may sit outside the row.
+    for node in root.iter():
+        expected = walk(node)[:1]
+        assert fast(node) == expected, (html, wanted, node)

@@ -34,6 +34,7 @@ from adapters.scrape.extract import (
     text_of,
 )
 from adapters.scrape.fetch import Fetcher, postback_args, private_folder, write_private
+from adapters.scrape.hints import describe, nearest
 from adapters.scrape.login import same_page
 from adapters.scrape.page import Node, Page, css, elements, strings
 from straw.config_scrape import Locator, LoginWhen, ScrapeSourceSpec
@@ -79,6 +80,7 @@ class Crawler:
         self._login_lock = threading.Lock()
         self._logins = 0  # logins so far: a challenged request logs in only if no one did meanwhile
         self._writes = True  # False in a preview or check: no session file, no debug page
+        self.first_page: Page | None = None  # the listing's first page in the last run (preview's screenshot)
 
     def url(self, path: str) -> str:
         return urljoin(self.spec.base_url, path)
@@ -200,9 +202,10 @@ class Crawler:
 
     def _crawl(self, limit: int | None) -> Crawl:
         self._unmatched = {}
+        self.first_page = None
         items: list[dict[str, Any]] = []
         wait = self.spec.listing.rows
-        page = self._open(self.url(self.spec.listing.url), wait)
+        page = self.first_page = self._open(self.url(self.spec.listing.url), wait)
         seen_pages: set[str] = set()
         visited_links: set[str] = set()
         pages = 0
@@ -266,7 +269,7 @@ class Crawler:
             raise self._drift(page, f"field {rule.name!r}", rule.selector, str(problem)) from None
         if value is MISSING:
             if rule.required:
-                raise self._drift(page, f"field {rule.name!r}", rule.selector)
+                raise self._drift(page, f"field {rule.name!r}", rule.selector, hint=_hint(rule, row))
             with self._lock:
                 self._unmatched[rule.name] = self._unmatched.get(rule.name, 0) + 1
             return None
@@ -320,8 +323,10 @@ class Crawler:
 
     # -- layout drift ----------------------------------------------------------------------
 
-    def _drift(self, page: Page, what: str, selector: str, problem: str = "matched nothing") -> LayoutDrift:
-        return LayoutDrift(self.spec.name, page.url, what, selector, page.html, problem)
+    def _drift(
+        self, page: Page, what: str, selector: str, problem: str = "matched nothing", hint: str = ""
+    ) -> LayoutDrift:
+        return LayoutDrift(self.spec.name, page.url, what, selector, page.html, problem, hint)
 
     def _save_debug(self, drift: LayoutDrift) -> None:
         # A logged-in page holds session tokens and private data: owner-only, like the session file.
@@ -357,3 +362,12 @@ def _fingerprint(rows: list[Node]) -> str:
     for row in rows:
         digest.update(etree.tostring(row))
     return digest.hexdigest()
+
+
+def _hint(rule: Rule, row: Row) -> str:
+    """The drift message's hint: elements of the row whose classes resemble the selector's (cheap: one
+    walk of one row, only when the run fails anyway). Never in the way of the drift itself."""
+    try:
+        return describe(nearest(rule, row.node))
+    except Exception:
+        return ""

@@ -8,13 +8,16 @@ it failed where it did: matched nothing, empty text, a regex without a match, a 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import field as default
 from typing import Any
 
 from lxml import etree
 
 from adapters.scrape.errors import LayoutDrift
 from adapters.scrape.extract import MISSING, Row, Rule, Tables, locator_query, rules, text_of
+from adapters.scrape.hints import Hint, nearest, unmatched_scope
 from adapters.scrape.page import Page
 from straw.coerce import Unreadable
 from straw.config_scrape import ScrapeSourceSpec
@@ -31,34 +34,59 @@ class Probe:
     of: int
     first: str | None  # the first value found, as text
     problem: str  # "" when every row gave a value
+    hints: list[Hint] = default(default_factory=list)  # where it matched nothing: elements most like it
 
 
-def probe(spec: ScrapeSourceSpec, drift: LayoutDrift) -> list[Probe]:
-    page = Page(drift.url, drift.html)
-    rows = [r for r in locator_query(spec.listing.rows)(page.tree) if isinstance(r, etree._Element)]
+def on_detail_page(spec: ScrapeSourceSpec, drift: LayoutDrift, rows: list[etree._Element]) -> bool:
+    """Whether the page drift was found on is a detail page (a detail field failed there)."""
     named = _FIELD.search(drift.what)
-    on_detail = spec.detail is not None and (
+    return spec.detail is not None and (
         (named is not None and named["name"] in spec.detail.fields) or (not rows and drift.what != "list rows")
     )
-    if on_detail:
+
+
+def list_rows(spec: ScrapeSourceSpec, page: Page) -> list[etree._Element]:
+    return [r for r in locator_query(spec.listing.rows)(page.tree) if isinstance(r, etree._Element)]
+
+
+Previous = Mapping[str, Sequence[str]]  # field -> values it read before (published), as text
+
+
+def probe(spec: ScrapeSourceSpec, drift: LayoutDrift, previous: Previous | None = None) -> list[Probe]:
+    page = Page(drift.url, drift.html)
+    before = previous or {}
+    rows = list_rows(spec, page)
+    if on_detail_page(spec, drift, rows):
         assert spec.detail is not None
         tables = Tables()
-        return [_probe(rule, [Row(page.tree, tables)]) for rule in rules(spec.detail.fields)]
+        return [_probe(rule, [Row(page.tree, tables)], before) for rule in rules(spec.detail.fields)]
     tables = Tables()
     found = [Row(node, tables) for node in rows]
     probes = [Probe("(rows)", str(spec.listing.rows), True, len(rows), len(rows), None,
                     "" if rows else "matched nothing")]
-    return probes + [_probe(rule, found) for rule in rules(spec.listing.fields)]
+    return probes + [_probe(rule, found, before) for rule in rules(spec.listing.fields)]
 
 
-def _probe(rule: Rule, rows: list[Row]) -> Probe:
+def hints_for(rule: Rule, rows: Sequence[Row], read: Sequence[str], previous: Previous) -> list[Hint]:
+    """Where `rule` matched nothing in some row: the elements there most like the values it read on
+    the other rows, or published before, or whose classes resemble its selector's."""
+    scope = unmatched_scope(rule, rows)
+    if scope is None:
+        return []
+    return nearest(rule, scope, [*read, *previous.get(rule.name, ())])
+
+
+def _probe(rule: Rule, rows: list[Row], previous: Previous) -> Probe:
     matched, first, problems = 0, None, []
+    read: list[str] = []
     for number, row in enumerate(rows, 1):
         value, problem = _read(rule, row)
         if problem:
             problems.append((number, problem))
             continue
         matched += 1
+        if value is not None:
+            read.append(text_of(rule.node(row)))
         if first is None and value is not None:
             first = str(value)
     if not rows:
@@ -68,7 +96,8 @@ def _probe(rule: Rule, rows: list[Row]) -> Probe:
         text = why if len(rows) == 1 else f"{why} (row {number}; {len(problems)} of {len(rows)} rows)"
     else:
         text = ""
-    return Probe(rule.name, rule.selector, rule.required, matched, len(rows), first, text)
+    return Probe(rule.name, rule.selector, rule.required, matched, len(rows), first, text,
+                 hints_for(rule, rows, read[:20], previous))
 
 
 def _read(rule: Rule, row: Row) -> tuple[Any, str]:

@@ -27,15 +27,19 @@ class LayoutDrift(ScrapeError):
     """The page no longer looks like the configuration expects."""
 
     def __init__(
-        self, source: str, url: str, what: str, selector: str, html: str, problem: str = "matched nothing"
+        self, source: str, url: str, what: str, selector: str, html: str, problem: str = "matched nothing",
+        hint: str = "",
     ) -> None:
         self.source, self.url, self.what, self.selector, self.html = source, url, what, selector, html
         self.problem = problem  # "matched nothing", "is empty", the regex or parse failure
+        self.hint = hint  # the elements most like what the field should find (adapters/scrape/hints.py)
         self.saved: list[str] = []
         super().__init__(self._text())
 
     def _text(self) -> str:
         text = f"source {self.source!r}: layout drift on {self.url}: {self.what} ({self.selector}) {self.problem}"
+        if self.hint:
+            text += f"; nearest: {self.hint}"
         if self.saved:
             text += f"; saved {', '.join(self.saved)}"
         return text + "; update the selector in the configuration (`straw preview` helps)"

@@ -112,13 +112,13 @@ class BrowserFetcher:
                     f"source {self.source!r}: no browser at {self.executable}; install Chromium "
                     "(Debian: apt-get install chromium) or set `browser_executable`"
                 )
-            self._playwright = _driver_acquire(sync_playwright)
+            self._playwright = driver_acquire(sync_playwright)
             try:
                 self._browser = self._playwright.chromium.launch(
                     executable_path=str(self.executable), args=LAUNCH_ARGS, headless=True
                 )
             except Exception as exc:
-                _driver_release()
+                driver_release()
                 self._playwright = None
                 raise ScrapeError(f"source {self.source!r}: cannot start {self.executable}: {exc}") from None
         return self._browser
@@ -449,7 +449,7 @@ class BrowserFetcher:
             self._browser.close()
             self._browser = None
         if self._playwright is not None:
-            _driver_release()
+            driver_release()
             self._playwright = None
         if self.host is not None:
             hosts.release(self.host)
@@ -461,7 +461,7 @@ class BrowserFetcher:
 _drivers = threading.local()
 
 
-def _driver_acquire(start: Callable[[], Any]) -> Any:
+def driver_acquire(start: Callable[[], Any]) -> Any:
     if getattr(_drivers, "users", 0) == 0:
         _drivers.playwright = start().start()
         _drivers.users = 0
@@ -469,7 +469,7 @@ def _driver_acquire(start: Callable[[], Any]) -> Any:
     return _drivers.playwright
 
 
-def _driver_release() -> None:
+def driver_release() -> None:
     _drivers.users -= 1
     if _drivers.users == 0:
         _drivers.playwright.stop()

@@ -11,16 +11,21 @@ items that vanished from it into `deleted` events.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
 
+from adapters.scrape import screenshot as shots
 from adapters.scrape.crawl import Crawl, Crawler
-from adapters.scrape.diagnose import Probe, probe
+from adapters.scrape.diagnose import Previous, Probe, hints_for, list_rows, on_detail_page, probe
 from adapters.scrape.errors import LayoutDrift, ScrapeError
+from adapters.scrape.extract import Row, Tables, rules, text_of
 from adapters.scrape.fetch import Fetcher, describe_error
 from adapters.scrape.fetch_browser import BrowserFetcher
 from adapters.scrape.fetch_static import StaticFetcher
+from adapters.scrape.hints import Hint
+from adapters.scrape.page import Page
 from straw.config_scrape import ScrapeMode, ScrapeSourceSpec
 from straw.records import observed_now
 from straw.source import RawBatch
@@ -90,9 +95,38 @@ class ScrapeSource:
         rules = [*self.spec.listing.fields.items(), *(self.spec.detail.fields.items() if self.spec.detail else [])]
         return [(name, rule.describe(), rule.required, unmatched.get(name, 0)) for name, rule in rules]
 
-    def diagnose(self, exc: BaseException) -> list[Probe] | None:
-        """After layout drift: what every selector finds on the page it was found on (`straw preview`)."""
-        return probe(self.spec, exc) if isinstance(exc, LayoutDrift) else None
+    def diagnose(self, exc: BaseException, previous: Previous | None = None) -> list[Probe] | None:
+        """After layout drift: what every selector finds on the page it was found on (`straw preview`);
+        `previous`: values each field published before, which its hints look for."""
+        return probe(self.spec, exc, previous) if isinstance(exc, LayoutDrift) else None
+
+    def hints(self, previous: Previous | None = None) -> dict[str, list[Hint]]:
+        """After a preview: for each list field that matched nothing in a row of the first page, the
+        elements of that row most like it."""
+        page = self.crawler.first_page
+        if page is None:
+            return {}
+        tables = Tables()
+        rows = [Row(node, tables) for node in list_rows(self.spec, page)]
+        found: dict[str, list[Hint]] = {}
+        for rule in rules(self.spec.listing.fields):
+            read = [text_of(n) for n in (rule.node(r) for r in rows[:20]) if n is not None]
+            hints = hints_for(rule, rows, read, previous or {})
+            if hints:
+                found[rule.name] = hints
+        return found
+
+    def screenshot(self, out: Path, exc: BaseException | None = None) -> shots.Marked:
+        """`straw preview --screenshot`: the page the preview read (after layout drift: the page it was
+        found on) with each field's matches outlined; what matched nothing is listed in a banner."""
+        if isinstance(exc, LayoutDrift):
+            page = Page(exc.url, exc.html)
+            on_detail = on_detail_page(self.spec, exc, list_rows(self.spec, page))
+        elif self.crawler.first_page is not None:
+            page, on_detail = self.crawler.first_page, False
+        else:
+            raise ScrapeError(f"source {self.name!r}: no list page was read: nothing to show in a screenshot")
+        return shots.take(self.spec, page, on_detail, out)
 
     def close(self) -> None:
         self.fetcher.close()
