@@ -7,6 +7,9 @@ from urllib.parse import urlsplit
 from bus.redis import RedisBus, connect
 from bus.seam import Bus
 
+# RabbitMQ Streams (rstream); imported when named, so a Redis site never loads it.
+RABBITMQ_SCHEMES = ("rabbitmq-stream", "rabbitmq-stream+tls")
+
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
@@ -15,4 +18,8 @@ def open_bus(url: str, *, socket_timeout: float = 10.0, maxlen: int | None = Non
     scheme = urlsplit(url).scheme
     if scheme in REDIS_SCHEMES:
         return RedisBus(connect(url, socket_timeout), maxlen=maxlen)
+    if scheme in RABBITMQ_SCHEMES:
+        from bus.rabbitmq import RabbitStreamBus
+
+        return RabbitStreamBus(url, socket_timeout=socket_timeout)
     raise ValueError(f"no bus speaks {scheme or 'a scheme-less'} URL; use redis://, rediss:// or unix://")

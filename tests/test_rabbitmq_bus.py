@@ -1,0 +1,245 @@
+"""The relay's protocol on RabbitMQ Streams, against the machine's RabbitMQ (its stream plugin, port 5552).
+
+The same edges as tests/test_relay.py: a crash between the publish and the local mark, a twin outbox (a
+copied file) resending, a replacement outbox on another host continuing from the stream's tail, the stale
+one it replaced refused, a publish against a checkpoint that moved. Then what a consumer sees (the official
+CloudEvents SDK parses every body) and what an operator sees (one line for a wrong password, a closed port,
+a name RabbitMQ cannot take).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from cloudevents.core.formats.json import JSONFormat
+
+from adapters.db import position
+from bus.rabbitmq import RabbitStreamBus, body_of, checkpoint_of, producer_name, properties_of
+from bus.seam import BusDown, BusRefused, Checkpoint, Outgoing
+from outbox.relay import Relay, SplitBrain, adopt_streams
+from outbox.store import Outbox
+from straw.local_redis import free_port
+from straw.records import UPSERTED, encode_event, observed_now, source_uri
+
+SOURCE = "orders"
+SOURCE_URI = source_uri("test", SOURCE)
+
+OpenOutbox = Callable[[str], Outbox]
+
+
+@pytest.fixture
+def open_outbox(tmp_path: Path) -> Iterator[OpenOutbox]:
+    opened: list[Outbox] = []
+
+    def open_(name: str) -> Outbox:
+        opened.append(Outbox(tmp_path / f"{name}.db"))
+        return opened[-1]
+
+    yield open_
+    for outbox in opened:
+        outbox.close()
+
+
+def pos(n: int) -> str:
+    return position.encode((n,))
+
+
+def add_records(outbox: Outbox, stream: str, numbers: range) -> None:
+    events = [
+        (pos(n), encode_event(source=SOURCE_URI, entity="order", op=UPSERTED, key=str(n), position=pos(n),
+                              time=observed_now(), data={"order_no": n}))
+        for n in numbers
+    ]
+    outbox.append(SOURCE, stream, events, [], pos(numbers[-1]), len(numbers))
+
+
+def twin(outbox: Outbox, open_outbox: OpenOutbox, name: str) -> Outbox:
+    """A consistent copy of `outbox` (same identity, records and marks): a copied file or a restored backup."""
+    target = sqlite3.connect(outbox.path.with_name(f"{name}.db"))
+    outbox.db.backup(target)
+    target.close()
+    return open_outbox(name)
+
+
+def drain(relay: Relay, stream: str) -> int:
+    published = 0
+    while True:
+        result = relay.publish(stream)
+        published += result.published
+        if not result.more:
+            return published
+
+
+def seqs(bus: RabbitStreamBus, stream: str) -> list[int]:
+    return [int(properties_of(m)["seq"]) for m in bus.read_all(stream)]
+
+
+def orders(bus: RabbitStreamBus, stream: str) -> list[int]:
+    return [int(JSONFormat().read(None, body_of(m)).get_subject() or 0) for m in bus.read_all(stream)]
+
+
+def test_a_crash_after_the_publish_before_the_local_mark_is_reconciled_not_resent(
+    rabbitmq_bus: RabbitStreamBus, rabbitmq_stream: str, open_outbox: OpenOutbox
+) -> None:
+    stream, bus = rabbitmq_stream, rabbitmq_bus
+    outbox = open_outbox("live")
+    adopt_streams(bus, outbox, [stream])
+    add_records(outbox, stream, range(1, 251))
+    before_publish = twin(outbox, open_outbox, "before-publish")
+
+    assert Relay(bus, outbox, batch_size=100).publish(stream).published == 100
+    assert seqs(bus, stream) == list(range(1, 101))
+
+    restarted = before_publish  # the file as it was before mark_published: the stream has 1..100
+    assert (restarted.published_seq(stream), restarted.backlog()) == (0, 250)
+    relay = Relay(RabbitStreamBus(bus.url), restarted, batch_size=100)
+    assert relay.publish(stream).published == 200, "100 reconciled with the stream's tail plus 100 newly sent"
+    assert drain(relay, stream) == 50
+    assert seqs(bus, stream) == list(range(1, 251))
+    assert orders(bus, stream) == list(range(1, 251))
+    assert (restarted.sources()[0].rows_published, restarted.backlog()) == (250, 0)
+    relay.bus.close()
+
+
+def test_a_twin_outbox_resending_what_is_on_the_stream_is_dropped_by_the_broker(
+    rabbitmq_bus: RabbitStreamBus, rabbitmq_stream: str, open_outbox: OpenOutbox
+) -> None:
+    """The copy has the same identity, so the same producer name: the broker's deduplication drops every
+    record whose seq is not above the producer's last, even when the relay's own check is bypassed."""
+    stream, bus = rabbitmq_stream, rabbitmq_bus
+    outbox = open_outbox("live")
+    adopt_streams(bus, outbox, [stream])
+    add_records(outbox, stream, range(1, 61))
+    copy = twin(outbox, open_outbox, "copy")
+    drain(Relay(bus, outbox, batch_size=25), stream)
+    tail = bus.checkpoint(stream)
+    assert (tail.seq, tail.outbox, tail.positions) == (60, outbox.identity, {SOURCE: pos(60)})
+
+    # The copy publishes its (identical) records 1..60 against the checkpoint it finds, as a racing twin would.
+    batch = [Outgoing(r.seq, r.source, r.position, r.event) for r in copy.pending(stream, 0, 100)]
+    assert bus.publish(stream, tail, batch, copy.identity) == Checkpoint(60, copy.identity, {SOURCE: pos(60)})
+    assert seqs(bus, stream) == list(range(1, 61)), "the broker kept each publishing id once"
+    assert bus.length(stream) == 60
+
+
+def test_a_replacement_outbox_continues_from_the_tail_and_the_stale_one_is_refused(
+    rabbitmq_bus: RabbitStreamBus, rabbitmq_stream: str, open_outbox: OpenOutbox
+) -> None:
+    stream, bus = rabbitmq_stream, rabbitmq_bus
+    old = open_outbox("old-host")
+    adopt_streams(bus, old, [stream])
+    add_records(old, stream, range(1, 31))
+    drain(Relay(bus, old, batch_size=20), stream)
+    add_records(old, stream, range(31, 36))  # polled, never published: the host died
+
+    new = open_outbox("new-host")  # another host: another identity, so another producer name
+    other = RabbitStreamBus(bus.url)
+    adopt_streams(other, new, [stream])
+    assert new.published_seq(stream) == 30
+    assert new.position(SOURCE) == pos(30), "the new host polls on from where the stream stands"
+    add_records(new, stream, range(31, 41))
+    drain(Relay(other, new), stream)
+    assert seqs(bus, stream) == list(range(1, 41))
+    assert orders(bus, stream) == list(range(1, 41))
+    assert bus.checkpoint(stream).outbox == new.identity
+
+    # The old host comes back with its five unpublished records: refused, nothing sent.
+    with pytest.raises(SplitBrain, match="two straw instances publish to this stream"):
+        Relay(bus, old).publish(stream)
+    assert seqs(bus, stream) == list(range(1, 41))
+    other.close()
+
+
+def test_a_publish_against_a_checkpoint_that_moved_sends_nothing(
+    rabbitmq_bus: RabbitStreamBus, rabbitmq_stream: str, open_outbox: OpenOutbox
+) -> None:
+    stream, bus = rabbitmq_stream, rabbitmq_bus
+    first = open_outbox("first")
+    adopt_streams(bus, first, [stream])
+    add_records(first, stream, range(1, 11))
+    drain(Relay(bus, first), stream)
+    record = Outgoing(11, SOURCE, pos(11), b"{}")
+    for stale in (Checkpoint(), Checkpoint(5, first.identity), Checkpoint(10, "someone-else")):
+        assert bus.publish(stream, stale, [record], "a-second-outbox") is None
+    assert seqs(bus, stream) == list(range(1, 11))
+
+
+def test_every_message_is_a_cloudevent_the_official_sdk_parses_with_seq_and_pos_as_properties(
+    rabbitmq_bus: RabbitStreamBus, rabbitmq_stream: str, open_outbox: OpenOutbox
+) -> None:
+    stream, bus = rabbitmq_stream, rabbitmq_bus
+    outbox = open_outbox("live")
+    adopt_streams(bus, outbox, [stream])
+    add_records(outbox, stream, range(1, 21))
+    drain(Relay(bus, outbox, batch_size=7), stream)
+    messages = bus.read_all(stream)
+    assert len(messages) == 20
+    for n, message in enumerate(messages, 1):
+        event = JSONFormat().read(None, body_of(message))  # structured mode: the body is the whole event
+        assert (event.get_type(), event.get_source(), event.get_subject()) == ("order.upserted", SOURCE_URI, str(n))
+        assert event.get_data() == {"order_no": n}
+        props = properties_of(message)
+        assert (props["seq"], props["pos"], props["source"], props["outbox"]) == (n, pos(n), SOURCE, outbox.identity)
+        assert message.properties.content_type in (b"application/cloudevents+json", "application/cloudevents+json")
+        assert checkpoint_of(message) == Checkpoint(n, outbox.identity, {SOURCE: pos(n)})
+    newest = bus.newest(stream, 3)
+    assert [(p.seq, JSONFormat().read(None, p.event).get_subject()) for p in newest] == [
+        (18, "18"), (19, "19"), (20, "20")]
+
+
+def test_the_producer_name_is_the_outbox_identity_and_the_broker_knows_its_last_id(
+    rabbitmq_bus: RabbitStreamBus, rabbitmq_stream: str, open_outbox: OpenOutbox
+) -> None:
+    stream, bus = rabbitmq_stream, rabbitmq_bus
+    outbox = open_outbox("live")
+    adopt_streams(bus, outbox, [stream])
+    add_records(outbox, stream, range(1, 8))
+    drain(Relay(bus, outbox), stream)
+    assert producer_name(outbox.identity) == f"straw.{outbox.identity}"
+    assert bus.last_publishing_id(stream, outbox.identity) == 7
+    assert bus.last_publishing_id(stream, "never-published") == 0
+
+
+def test_a_wrong_password_is_final_and_one_line_without_the_password(rabbitmq_url: str) -> None:
+    bus = RabbitStreamBus(rabbitmq_url.replace("guest:guest@", "guest:not-the-S3cret@"))
+    try:
+        with pytest.raises(BusRefused) as caught:
+            bus.checkpoint("test.whatever")
+    finally:
+        bus.close()
+    message = str(caught.value)
+    assert "authentication failed" in message and "\n" not in message
+    assert "not-the-S3cret" not in message
+
+
+def test_a_closed_stream_port_is_bus_down_and_says_to_enable_the_plugin() -> None:
+    bus = RabbitStreamBus(f"rabbitmq-stream://guest:guest@127.0.0.1:{free_port()}/", socket_timeout=3.0)
+    try:
+        with pytest.raises(BusDown, match="rabbitmq_stream"):
+            bus.checkpoint("test.whatever")
+    finally:
+        bus.close()
+
+
+@pytest.mark.parametrize(("stream", "says"), [("amq.orders", "amq."), ("x" * 256, "255 bytes")])
+def test_a_stream_name_rabbitmq_cannot_take_is_one_config_line(
+    tmp_path: Path, stream: str, says: str
+) -> None:
+    from straw.config_load import ConfigError, load_config
+
+    config = tmp_path / "straw.yaml"
+    config.write_text(yaml.safe_dump({
+        "bus": {"url": "rabbitmq-stream://guest:guest@127.0.0.1:5552/"},
+        "entities": {"order": {"key": ["order_no"], "fields": {"order_no": "integer"}}},
+        "sources": [{"name": "orders", "url": "sqlite:///x.db", "table": "T", "mode": "incrementing",
+                     "incrementing_column": "ID", "entity": "order", "stream": stream}],
+    }))
+    (tmp_path / "x.db").touch()
+    with pytest.raises(ConfigError) as caught:
+        load_config(config)
+    lines = str(caught.value).strip().splitlines()
+    assert any("sources[0].stream" in line and says in line and "RabbitMQ" in line for line in lines), lines
