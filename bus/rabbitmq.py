@@ -247,8 +247,10 @@ class RabbitStreamBus:
                     return True
                 await client.credit(sub, 1)
         finally:
-            await client.unsubscribe(sub)
             client.remove_handler(Deliver, str(sub))
+            if client.is_connection_alive():  # a dead broker must not hold the call past its timeout here
+                with contextlib.suppress(*FAILURES):
+                    await asyncio.wait_for(client.unsubscribe(sub), 2.0)
             await client.stop_queue_listener_task(sub)
 
     async def _tail(self, stream: str, identity: str | None) -> tuple[int, AMQPMessage] | None:
