@@ -48,6 +48,8 @@ MAX_NAME_BYTES = 255
 # chunk just delivers nothing. Only a stream this outbox's producer never wrote to can be empty, and only
 # there is silence for this long taken as "empty" (see `_tail`).
 EMPTY_WAIT = 3.0
+# Subscriptions per reading connection before it is replaced (see `_reader`).
+READER_SUBSCRIPTIONS = 50
 # Frame space a Publish frame and each message take besides the message bytes (the stream protocol's layout).
 FRAME_OVERHEAD, MESSAGE_OVERHEAD = 13, 12
 
@@ -125,6 +127,14 @@ class _Loop:
         return asyncio.run_coroutine_threadsafe(asyncio.wait_for(coro, timeout), self.loop).result()
 
     def stop(self) -> None:
+        async def cancel_the_rest() -> None:  # rstream's listeners and heartbeats, so nothing is left pending
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            self.run(cancel_the_rest(), 5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)
         if not self.thread.is_alive():
@@ -167,6 +177,8 @@ class RabbitStreamBus:
         self._writers: dict[str, _Writer] = {}
         self._created: set[str] = set()  # streams this bus created, so known empty until it writes
         self._ids = 0  # subscription and publisher ids (one byte each, per connection)
+        self._readers: dict[Addr, tuple[Client, int]] = {}  # per node: a reading connection and its subscriptions
+        self._closing: set[asyncio.Future[None]] = set()
 
     # --- plumbing -------------------------------------------------------------------------------------------
 
@@ -187,13 +199,23 @@ class RabbitStreamBus:
 
     def _forget(self) -> None:
         """After a failure the connections may be half dead: the next call starts afresh."""
+        if self._loop is not None:
+            with contextlib.suppress(Exception):  # closing a dead connection may fail in any way
+                self._loop.run(self._close_connections(), 10)
+
+    async def _close_connections(self) -> None:
         self._writers.clear()
         self._created.clear()
         self._locator = None
+        clients = [client for client, _ in self._readers.values()]
+        self._readers.clear()
         pool, self._pool = self._pool, None
-        if pool is not None and self._loop is not None:
+        for client in clients:
             with contextlib.suppress(Exception):
-                self._loop.run(pool.close(), 5)
+                await asyncio.wait_for(client.close(), 3)
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pool.close(), 5)
 
     def _next_id(self) -> int:
         self._ids = (self._ids + 1) % 256
@@ -201,6 +223,7 @@ class RabbitStreamBus:
 
     async def _client(self) -> Client:
         if self._locator is None or not self._locator.is_connection_alive():
+            await self._close_connections()
             t = self.target
             context = ssl.create_default_context() if t.tls else None
             self._pool = ClientPool(t.host, t.port, ssl_context=context, vhost=t.vhost, username=t.username,
@@ -219,6 +242,29 @@ class RabbitStreamBus:
         assert self._pool is not None
         return await self._pool.get(connection_name="straw", addr=Addr(leader.host, leader.port), stream=stream)
 
+    async def _reader(self, stream: str) -> Client:
+        """A connection to read `stream` on, replaced every READER_SUBSCRIPTIONS subscriptions: RabbitMQ 3.10
+        keeps a file open per subscription until its connection closes (measured: one descriptor each, out of
+        the broker's 1024 by default), so a reader that re-reads the tail before each batch must not live long."""
+        client = await self._client()
+        leader, _ = await client.query_leader_and_replicas(stream)
+        addr = Addr(leader.host, leader.port)
+        props = client.server_properties or {}
+        if (props.get("advertised_host"), props.get("advertised_port")) == (leader.host, str(leader.port)):
+            addr = Addr(self.target.host, self.target.port)  # the node we reached: keep the URL's address
+        reader = self._readers.get(addr)
+        if reader is not None and (reader[1] >= READER_SUBSCRIPTIONS or not reader[0].is_connection_alive()):
+            del self._readers[addr]
+            closing = asyncio.ensure_future(reader[0].close())  # closing waits 0.2 s; nothing waits for it
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+            reader = None
+        if reader is None:
+            assert self._pool is not None
+            reader = (await self._pool.new(connection_name="straw-reader", addr=addr), 0)
+        self._readers[addr] = (reader[0], reader[1] + 1)
+        return reader[0]
+
     async def _exists(self, stream: str) -> bool:
         return await (await self._client()).stream_exists(stream)
 
@@ -226,7 +272,7 @@ class RabbitStreamBus:
                           wait: float | None) -> bool:
         """Subscribe to `stream` at `spec`, hand each chunk (first offset, messages) to `until` until it says
         stop; False if nothing came within `wait` seconds (None: the call's own timeout)."""
-        client = await self._leader(stream)
+        client = await self._reader(stream)
         sub = self._next_id()
         chunks: asyncio.Queue[Deliver] = asyncio.Queue()
 
