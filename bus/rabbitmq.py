@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from rstream import AMQPMessage, OffsetType, Properties, amqp_decoder, exceptions
+from rstream import AMQPMessage, OffsetType, OnClosedErrorInfo, Properties, amqp_decoder, exceptions
 from rstream.client import Addr, Client, ClientPool
 from rstream.schema import Deliver, Message, OffsetSpec, Publish, PublishConfirm, PublishError
 
@@ -157,6 +157,8 @@ def translate(exc: BaseException, target: Target) -> BusDown | BusRefused:
         return BusRefused(f"RabbitMQ at {where} does not offer PLAIN login on its stream port")
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return BusDown(f"rabbitmq at {where} timed out")
+    if isinstance(exc, exceptions.ServerError):  # e.g. StreamNotAvailable while a restarted node recovers
+        return BusDown(f"rabbitmq at {where} answered {type(exc).__name__} {' '.join(str(exc).split())}".rstrip())
     detail = " ".join(str(exc).split()) or type(exc).__name__
     if isinstance(exc, ConnectionRefusedError):
         return BusDown(f"rabbitmq unreachable at {where} (connection refused; is the stream plugin enabled? "
@@ -229,7 +231,7 @@ class RabbitStreamBus:
             self._pool = ClientPool(t.host, t.port, ssl_context=context, vhost=t.vhost, username=t.username,
                                     password=t.password, frame_max=1024 * 1024, heartbeat=60,
                                     load_balancer_mode=t.load_balancer, max_retries=20)
-            self._locator = await self._pool.get(connection_name="straw")
+            self._locator = await self._pool.get(connection_name="straw", connection_closed_handler=_closed)
         return self._locator
 
     async def _leader(self, stream: str) -> Client:
@@ -240,7 +242,8 @@ class RabbitStreamBus:
         if (props.get("advertised_host"), props.get("advertised_port")) == (leader.host, str(leader.port)):
             return client
         assert self._pool is not None
-        return await self._pool.get(connection_name="straw", addr=Addr(leader.host, leader.port), stream=stream)
+        return await self._pool.get(connection_name="straw", addr=Addr(leader.host, leader.port), stream=stream,
+                                    connection_closed_handler=_closed)
 
     async def _reader(self, stream: str) -> Client:
         """A connection to read `stream` on, replaced every READER_SUBSCRIPTIONS subscriptions: RabbitMQ 3.10
@@ -261,7 +264,8 @@ class RabbitStreamBus:
             reader = None
         if reader is None:
             assert self._pool is not None
-            reader = (await self._pool.new(connection_name="straw-reader", addr=addr), 0)
+            opened = await self._pool.new(connection_name="straw-reader", addr=addr, connection_closed_handler=_closed)
+            reader = (opened, 0)
         self._readers[addr] = (reader[0], reader[1] + 1)
         return reader[0]
 
@@ -507,6 +511,10 @@ class RabbitStreamBus:
 
         await self._deliveries(stream, OffsetSpec(OffsetType.FIRST), take, None)
         return found
+
+
+async def _closed(_info: OnClosedErrorInfo) -> None:
+    """A lost connection shows as the next call's BusDown; without a handler rstream logs a traceback."""
 
 
 def properties_of(message: AMQPMessage) -> dict[str, Any]:

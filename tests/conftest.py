@@ -20,6 +20,8 @@ from sqlalchemy.engine import make_url
 
 from bus.rabbitmq import RabbitStreamBus
 from bus.seam import BusDown, BusRefused
+from fixtures.private_rabbitmq import PrivateRabbit, start_private_rabbitmq
+from fixtures.private_rabbitmq import available as private_rabbitmq_missing
 from straw.local_redis import RedisServer, start_private_redis
 
 PG_ADMIN_URL = os.environ.get("STRAW_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -171,3 +173,16 @@ def rabbitmq_stream(rabbitmq_url: str) -> Iterator[str]:
         bus.delete_stream(name)
     finally:
         bus.close()
+
+
+@pytest.fixture
+def private_rabbitmq(tmp_path: Path) -> Iterator[PrivateRabbit]:
+    """A RabbitMQ node of this test alone (stream plugin on), which it may stop, kill and restart."""
+    reason = private_rabbitmq_missing()
+    if reason is not None:
+        pytest.skip(f"no private RabbitMQ node: {reason}")
+    server = start_private_rabbitmq(tmp_path / "rabbitmq")
+    try:
+        yield server
+    finally:
+        server.kill()
