@@ -243,3 +243,43 @@ def test_a_stream_name_rabbitmq_cannot_take_is_one_config_line(
         load_config(config)
     lines = str(caught.value).strip().splitlines()
     assert any("sources[0].stream" in line and says in line and "RabbitMQ" in line for line in lines), lines
+
+
+def test_run_check_status_and_stream_speak_rabbitmq_through_the_cli(
+    tmp_path: Path, sqlite_url: str, rabbitmq_url: str, rabbitmq_bus: RabbitStreamBus, rabbitmq_stream: str
+) -> None:
+    from sqlalchemy import create_engine
+
+    from fixtures.legacy_orders import create_orders
+    from tests.rabbit_helpers import rabbit_config, read_rabbit_stream
+    from tests.test_cli import invoke
+
+    engine = create_engine(sqlite_url)
+    create_orders(engine, 30)
+    engine.dispose()
+    config = str(rabbit_config(tmp_path, db_url=sqlite_url, bus_url=rabbitmq_url, stream=rabbitmq_stream))
+    ran = invoke("run", "--once", "--config", config)
+    assert ran.exit_code == 0, ran.output
+    assert [int(e["event"]["subject"]) for e in read_rabbit_stream(rabbitmq_bus, rabbitmq_stream)] == list(
+        range(1, 31))
+
+    checked = invoke("check", "--config", config)
+    assert checked.exit_code == 0, checked.output
+    assert "ok   rabbitmq: RabbitMQ 3." in checked.output and "redis" not in checked.output
+    status = invoke("status", "--json", "--config", config)
+    assert status.exit_code == 0, status.output
+    (row,) = yaml.safe_load(status.output)["streams"]
+    assert (row["length"], row["published_seq"], row["backlog"]) == (30, 30, 0)
+    assert row["checkpoint"] == f"tail of {rabbitmq_stream}"
+    shown = invoke("stream", "--count", "2", "--config", config)
+    assert shown.exit_code == 0, shown.output
+    rows = [line.split("│")[1:4] for line in shown.output.splitlines() if "order.upserted" in line]
+    assert [[cell.strip() for cell in row] for row in rows] == [["28", "29", "order.upserted"],
+                                                                 ["29", "30", "order.upserted"]], shown.output
+
+    wrong = rabbit_config(tmp_path, db_url=sqlite_url, bus_url=rabbitmq_url.replace(":guest@", ":wrong-pw@"),
+                          stream=rabbitmq_stream)
+    refused = invoke("check", "--config", str(wrong))
+    assert refused.exit_code == 1
+    assert "rabbitmq" in refused.output and "authentication failed" in refused.output
+    assert "wrong-pw" not in refused.output
