@@ -23,7 +23,7 @@ from typing import Any, TextIO
 # `python bench/run.py` puts bench/ first on sys.path; the packages live one level up.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import budget_bench, db_bench, latency_bench, scrape_bench, sweep_bench
+from bench import budget_bench, db_bench, latency_bench, rabbitmq_bench, scrape_bench, sweep_bench
 from bench.ceiling import prepare, sample_entries, xadd_pipelined
 from bench.legacy import legacy_database
 from bench.services import Bench, Watchdog, log
@@ -132,6 +132,10 @@ def _sweeps(bench: Bench, scale: Scale) -> list[dict[str, Any]]:
     return sweep_bench.key_sweep(bench, *_db_big(scale))
 
 
+def _rabbitmq(bench: Bench, scale: Scale) -> list[dict[str, Any]]:
+    return rabbitmq_bench.bus_rabbitmq(bench, scale.rows, scale.repeat)
+
+
 def _modes(bench: Bench, scale: Scale) -> list[dict[str, Any]]:
     return db_bench.modes_postgres(bench, scale.rows, scale.repeat)
 
@@ -165,6 +169,8 @@ MEASURES: dict[str, Callable[[Bench, Scale], Result]] = {
         **scrape_bench.browser_real(bench.tmp, quick=scale is QUICK)["scrape_browser_real_rss_growth_mb"]),
     "idle_cpu_pct_300_sources": lambda bench, scale: Result(**budget_bench.idle_cpu(bench, scale.idle_seconds)),
     "poll_fanout_sources_per_s": lambda bench, scale: Result(**budget_bench.poll_fanout(bench, scale.repeat)),
+    "bus_rabbitmq_rows_per_s": _one_of(_rabbitmq, "bus_rabbitmq_rows_per_s"),
+    "rabbitmq_publish_ceiling_per_s": _one_of(_rabbitmq, "rabbitmq_publish_ceiling_per_s"),
 }
 
 
