@@ -526,6 +526,8 @@ def properties_of(message: AMQPMessage) -> dict[str, Any]:
 def body_of(message: AMQPMessage) -> bytes:
     """The message's data section: one CloudEvent, structured JSON."""
     body = message.body
+    if body is None:  # an empty data section decodes as no body
+        return b""
     if isinstance(body, list):  # the decoder gives the data sections as a list
         return b"".join(bytes(part) for part in body)
     return bytes(body)

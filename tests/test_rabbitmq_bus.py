@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from cloudevents.core.formats.json import JSONFormat
 
 from adapters.db import position
@@ -283,3 +285,22 @@ def test_run_check_status_and_stream_speak_rabbitmq_through_the_cli(
     assert refused.exit_code == 1
     assert "rabbitmq" in refused.output and "authentication failed" in refused.output
     assert "wrong-pw" not in refused.output
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(records=st.lists(st.tuples(st.sampled_from(["orders", "ORDERS-2", "ünïcode.src", "a" * 200]),
+                                  st.text(max_size=300), st.binary(max_size=2000)), min_size=1, max_size=20))
+def test_hostile_positions_sources_and_bodies_come_back_as_they_went(
+    rabbitmq_bus: RabbitStreamBus, rabbitmq_stream: str, records: list[tuple[str, str, bytes]]
+) -> None:
+    """Whatever text a position holds (quotes, NULs, surrogates-free unicode, JSON look-alikes) and whatever
+    bytes an event is, the bus returns them unchanged, and the checkpoint holds each source's last position."""
+    stream, bus = rabbitmq_stream, rabbitmq_bus
+    seen = bus.checkpoint(stream)
+    batch = [Outgoing(seen.seq + i, source, pos_, body) for i, (source, pos_, body) in enumerate(records, 1)]
+    moved = bus.publish(stream, seen, batch, "hostile-outbox")
+    expected = {**seen.positions, **{source: pos_ for _, source, pos_, _ in batch}}
+    assert moved == Checkpoint(batch[-1].seq, "hostile-outbox", expected)
+    assert bus.checkpoint(stream) == moved
+    back = bus.newest(stream, len(batch))
+    assert [(p.seq, p.event) for p in back] == [(r.seq, r.event) for r in batch]
