@@ -15,17 +15,22 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cloudevents.core.formats.json import JSONFormat
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from cloudevents.core.formats.json import JSONFormat
+from sqlalchemy import create_engine
 
 from adapters.db import position
 from bus.rabbitmq import RabbitStreamBus, body_of, checkpoint_of, producer_name, properties_of
 from bus.seam import BusDown, BusRefused, Checkpoint, Outgoing
+from fixtures.legacy_orders import create_orders
 from outbox.relay import Relay, SplitBrain, adopt_streams
 from outbox.store import Outbox
+from straw.config_load import ConfigError, load_config
 from straw.local_redis import free_port
 from straw.records import UPSERTED, encode_event, observed_now, source_uri
+from tests.rabbit_helpers import rabbit_config, read_rabbit_stream
+from tests.test_cli import invoke
 
 SOURCE = "orders"
 SOURCE_URI = source_uri("test", SOURCE)
@@ -231,8 +236,6 @@ def test_a_closed_stream_port_is_bus_down_and_says_to_enable_the_plugin() -> Non
 def test_a_stream_name_rabbitmq_cannot_take_is_one_config_line(
     tmp_path: Path, stream: str, says: str
 ) -> None:
-    from straw.config_load import ConfigError, load_config
-
     config = tmp_path / "straw.yaml"
     config.write_text(yaml.safe_dump({
         "bus": {"url": "rabbitmq-stream://guest:guest@127.0.0.1:5552/"},
@@ -250,12 +253,6 @@ def test_a_stream_name_rabbitmq_cannot_take_is_one_config_line(
 def test_run_check_status_and_stream_speak_rabbitmq_through_the_cli(
     tmp_path: Path, sqlite_url: str, rabbitmq_url: str, rabbitmq_bus: RabbitStreamBus, rabbitmq_stream: str
 ) -> None:
-    from sqlalchemy import create_engine
-
-    from fixtures.legacy_orders import create_orders
-    from tests.rabbit_helpers import rabbit_config, read_rabbit_stream
-    from tests.test_cli import invoke
-
     engine = create_engine(sqlite_url)
     create_orders(engine, 30)
     engine.dispose()
