@@ -10,6 +10,8 @@ a name RabbitMQ cannot take).
 from __future__ import annotations
 
 import sqlite3
+import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -301,3 +303,39 @@ def test_hostile_positions_sources_and_bodies_come_back_as_they_went(
     assert bus.checkpoint(stream) == moved
     back = bus.newest(stream, len(batch))
     assert [(p.seq, p.event) for p in back] == [(r.seq, r.event) for r in batch]
+
+
+def test_two_relays_racing_on_twin_outboxes_publish_each_record_once(
+    rabbitmq_url: str, rabbitmq_bus: RabbitStreamBus, rabbitmq_stream: str, open_outbox: OpenOutbox
+) -> None:
+    """Twins share the producer name: whatever slips between one's tail read and its write, the broker's
+    deduplication drops. Each relay on its own connection, as two hosts would be."""
+    stream = rabbitmq_stream
+    first = open_outbox("first")
+    adopt_streams(rabbitmq_bus, first, [stream])
+    for start in range(1, 1001, 100):
+        add_records(first, stream, range(start, start + 100))
+    second = twin(first, open_outbox, "second")
+    refused: Counter[str] = Counter()
+    failures: list[BaseException] = []
+
+    def race(name: str, outbox: Outbox) -> None:
+        bus = RabbitStreamBus(rabbitmq_url)
+        relay = Relay(bus, outbox, batch_size=50)
+        try:
+            while outbox.backlog():
+                refused[name] += relay.publish(stream).published == 0  # the other one moved the tail first
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            bus.close()
+
+    threads = [threading.Thread(target=race, args=(n, o)) for n, o in (("first", first), ("second", second))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    print("rounds that lost the race:", dict(refused))
+    assert failures == []
+    assert seqs(rabbitmq_bus, stream) == list(range(1, 1001))
+    assert orders(rabbitmq_bus, stream) == list(range(1, 1001))
