@@ -9,10 +9,9 @@ a name RabbitMQ cannot take).
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import create_engine
 
-from adapters.db import position
 from bus.rabbitmq import RabbitStreamBus, body_of, checkpoint_of, producer_name, properties_of
 from bus.seam import BusDown, BusRefused, Checkpoint, Outgoing
 from fixtures.legacy_orders import create_orders
@@ -30,18 +28,16 @@ from outbox.relay import Relay, SplitBrain, adopt_streams
 from outbox.store import Outbox
 from straw.config_load import ConfigError, load_config
 from straw.local_redis import free_port
-from straw.records import UPSERTED, encode_event, observed_now, source_uri
 from tests.rabbit_helpers import rabbit_config, read_rabbit_stream
 from tests.test_cli import invoke
 
-SOURCE = "orders"
-SOURCE_URI = source_uri("test", SOURCE)
-
-OpenOutbox = Callable[[str], Outbox]
+# The relay tests' own records, twins and drains: both buses are held to one standard.
+from tests.test_relay import SOURCE, SOURCE_URI, OpenOutbox, add_records, drain, pos, twin
 
 
 @pytest.fixture
 def open_outbox(tmp_path: Path) -> Iterator[OpenOutbox]:
+    """Outbox files of this test by name; all closed afterwards."""
     opened: list[Outbox] = []
 
     def open_(name: str) -> Outbox:
@@ -53,34 +49,11 @@ def open_outbox(tmp_path: Path) -> Iterator[OpenOutbox]:
         outbox.close()
 
 
-def pos(n: int) -> str:
-    return position.encode((n,))
-
-
-def add_records(outbox: Outbox, stream: str, numbers: range) -> None:
-    events = [
-        (pos(n), encode_event(source=SOURCE_URI, entity="order", op=UPSERTED, key=str(n), position=pos(n),
-                              time=observed_now(), data={"order_no": n}))
-        for n in numbers
-    ]
-    outbox.append(SOURCE, stream, events, [], pos(numbers[-1]), len(numbers))
-
-
-def twin(outbox: Outbox, open_outbox: OpenOutbox, name: str) -> Outbox:
-    """A consistent copy of `outbox` (same identity, records and marks): a copied file or a restored backup."""
-    target = sqlite3.connect(outbox.path.with_name(f"{name}.db"))
-    outbox.db.backup(target)
-    target.close()
-    return open_outbox(name)
-
-
-def drain(relay: Relay, stream: str) -> int:
-    published = 0
-    while True:
-        result = relay.publish(stream)
-        published += result.published
-        if not result.more:
-            return published
+def published(bus: RabbitStreamBus, stream: str, outbox: Outbox, numbers: range, batch_size: int = 1000) -> None:
+    """Adopt `stream`, add the records of orders `numbers`, publish them all."""
+    adopt_streams(bus, outbox, [stream])
+    add_records(outbox, stream, numbers)
+    drain(Relay(bus, outbox, batch_size=batch_size), stream)
 
 
 def seqs(bus: RabbitStreamBus, stream: str) -> list[int]:
@@ -140,9 +113,7 @@ def test_a_replacement_outbox_continues_from_the_tail_and_the_stale_one_is_refus
 ) -> None:
     stream, bus = rabbitmq_stream, rabbitmq_bus
     old = open_outbox("old-host")
-    adopt_streams(bus, old, [stream])
-    add_records(old, stream, range(1, 31))
-    drain(Relay(bus, old, batch_size=20), stream)
+    published(bus, stream, old, range(1, 31), batch_size=20)
     add_records(old, stream, range(31, 36))  # polled, never published: the host died
 
     new = open_outbox("new-host")  # another host: another identity, so another producer name
@@ -168,9 +139,7 @@ def test_a_publish_against_a_checkpoint_that_moved_sends_nothing(
 ) -> None:
     stream, bus = rabbitmq_stream, rabbitmq_bus
     first = open_outbox("first")
-    adopt_streams(bus, first, [stream])
-    add_records(first, stream, range(1, 11))
-    drain(Relay(bus, first), stream)
+    published(bus, stream, first, range(1, 11))
     record = Outgoing(11, SOURCE, pos(11), b"{}")
     for stale in (Checkpoint(), Checkpoint(5, first.identity), Checkpoint(10, "someone-else")):
         assert bus.publish(stream, stale, [record], "a-second-outbox") is None
@@ -182,9 +151,7 @@ def test_every_message_is_a_cloudevent_the_official_sdk_parses_with_seq_and_pos_
 ) -> None:
     stream, bus = rabbitmq_stream, rabbitmq_bus
     outbox = open_outbox("live")
-    adopt_streams(bus, outbox, [stream])
-    add_records(outbox, stream, range(1, 21))
-    drain(Relay(bus, outbox, batch_size=7), stream)
+    published(bus, stream, outbox, range(1, 21), batch_size=7)
     messages = bus.read_all(stream)
     assert len(messages) == 20
     for n, message in enumerate(messages, 1):
@@ -205,9 +172,7 @@ def test_the_producer_name_is_the_outbox_identity_and_the_broker_knows_its_last_
 ) -> None:
     stream, bus = rabbitmq_stream, rabbitmq_bus
     outbox = open_outbox("live")
-    adopt_streams(bus, outbox, [stream])
-    add_records(outbox, stream, range(1, 8))
-    drain(Relay(bus, outbox), stream)
+    published(bus, stream, outbox, range(1, 8))
     assert producer_name(outbox.identity) == f"straw.{outbox.identity}"
     assert bus.last_publishing_id(stream, outbox.identity) == 7
     assert bus.last_publishing_id(stream, "never-published") == 0
