@@ -48,6 +48,9 @@ MAX_NAME_BYTES = 255
 # chunk just delivers nothing. Only a stream this outbox's producer never wrote to can be empty, and only
 # there is silence for this long taken as "empty" (see `_tail`).
 EMPTY_WAIT = 3.0
+# What we offer in the handshake; the broker's `stream.frame_max` (1 MiB by default) is the lower, and so the
+# limit of one message (a larger record is refused with that advice, see `_publish`).
+CLIENT_FRAME_MAX = 64 * 1024 * 1024
 # Subscriptions per reading connection before it is replaced (see `_reader`).
 READER_SUBSCRIPTIONS = 50
 # Frame space a Publish frame and each message take besides the message bytes (the stream protocol's layout).
@@ -229,7 +232,7 @@ class RabbitStreamBus:
             t = self.target
             context = ssl.create_default_context() if t.tls else None
             self._pool = ClientPool(t.host, t.port, ssl_context=context, vhost=t.vhost, username=t.username,
-                                    password=t.password, frame_max=1024 * 1024, heartbeat=60,
+                                    password=t.password, frame_max=CLIENT_FRAME_MAX, heartbeat=60,
                                     load_balancer_mode=t.load_balancer, max_retries=20)
             self._locator = await self._pool.get(connection_name="straw", connection_closed_handler=_closed)
         return self._locator
@@ -393,7 +396,15 @@ class RabbitStreamBus:
         # frame as the negotiated frame size takes.
         frame: list[Message] = []
         size = FRAME_OVERHEAD
+        limit = writer.client.frame_max
         for message in messages:
+            if FRAME_OVERHEAD + MESSAGE_OVERHEAD + len(message.data) > limit:
+                # The broker would close the connection on every try: waiting cannot help, the operator can.
+                raise BusRefused(
+                    f"record seq {message.publishing_id} is {len(message.data):,} bytes as a message, more than "
+                    f"RabbitMQ's stream frame size ({limit:,} bytes): raise stream.frame_max on the broker "
+                    "(and nothing else changes), or make the source's rows smaller"
+                )
             if frame and size + MESSAGE_OVERHEAD + len(message.data) > writer.client.frame_max:
                 await writer.client.send_publish_frame(Publish(publisher_id=writer.publisher_id, messages=frame))
                 frame, size = [], FRAME_OVERHEAD

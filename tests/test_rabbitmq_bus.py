@@ -304,3 +304,12 @@ def test_two_relays_racing_on_twin_outboxes_publish_each_record_once(
     assert failures == []
     assert seqs(rabbitmq_bus, stream) == list(range(1, 1001))
     assert orders(rabbitmq_bus, stream) == list(range(1, 1001))
+
+
+def test_an_event_larger_than_the_brokers_frame_is_refused_with_the_fix_not_retried_forever(
+    rabbitmq_bus: RabbitStreamBus, rabbitmq_stream: str
+) -> None:
+    huge = Outgoing(1, SOURCE, pos(1), b'{"data":"' + b"x" * 1_100_000 + b'"}')
+    with pytest.raises(BusRefused, match=r"stream\.frame_max"):
+        rabbitmq_bus.publish(rabbitmq_stream, Checkpoint(), [huge], "big-rows")
+    assert rabbitmq_bus.length(rabbitmq_stream) == 0
