@@ -30,7 +30,7 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from rstream import AMQPMessage, OffsetType, OnClosedErrorInfo, Properties, amqp_decoder, exceptions
 from rstream.client import Addr, Client, ClientPool
@@ -84,8 +84,8 @@ class Target:
     port: int
     vhost: str
     username: str
-    password: str
-    tls: bool
+    password: str = field(repr=False)  # never in a log line or a traceback's locals
+    tls: bool = False
     load_balancer: bool = False
 
     @classmethod
@@ -94,7 +94,7 @@ class Target:
         if parts.scheme not in SCHEMES:
             raise ValueError(f"not a RabbitMQ stream URL: {parts.scheme}://")
         path = parts.path[1:] if parts.path.startswith("/") else parts.path
-        query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+        query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
         return cls(
             host=parts.hostname or "127.0.0.1",
             port=parts.port or DEFAULT_PORTS[parts.scheme],

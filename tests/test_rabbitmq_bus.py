@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import create_engine
 
-from bus.rabbitmq import RabbitStreamBus, body_of, checkpoint_of, producer_name, properties_of
+from bus.rabbitmq import RabbitStreamBus, Target, body_of, checkpoint_of, producer_name, properties_of
 from bus.seam import BusDown, BusRefused, Checkpoint, Outgoing
 from fixtures.legacy_orders import create_orders
 from outbox.relay import Relay, SplitBrain, adopt_streams
@@ -313,3 +313,18 @@ def test_an_event_larger_than_the_brokers_frame_is_refused_with_the_fix_not_retr
     with pytest.raises(BusRefused, match=r"stream\.frame_max"):
         rabbitmq_bus.publish(rabbitmq_stream, Checkpoint(), [huge], "big-rows")
     assert rabbitmq_bus.length(rabbitmq_stream) == 0
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("rabbitmq-stream://h/", ("h", 5552, "/", "guest", False, False)),
+    ("rabbitmq-stream://straw:p%40ss%2Fword@rabbit.local:5553/%2F", ("rabbit.local", 5553, "/", "straw", False, False)),
+    ("rabbitmq-stream+tls://straw:pw@h/erp?load_balancer=true", ("h", 5551, "erp", "straw", True, True)),
+])
+def test_the_url_names_host_port_vhost_user_and_tls_and_the_password_stays_out_of_reprs(
+    url: str, expected: tuple[object, ...]
+) -> None:
+    target = Target.parse(url)
+    assert (target.host, target.port, target.vhost, target.username, target.tls, target.load_balancer) == expected
+    assert "p@ss/word" not in repr(target) and "pw" not in repr(target).replace("port", "")
+    if "p%40ss" in url:
+        assert target.password == "p@ss/word"
