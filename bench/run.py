@@ -23,7 +23,7 @@ from typing import Any, TextIO
 # `python bench/run.py` puts bench/ first on sys.path; the packages live one level up.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import budget_bench, db_bench, latency_bench, rabbitmq_bench, scrape_bench, sweep_bench
+from bench import budget_bench, db_bench, latency_bench, scrape_bench, sweep_bench
 from bench.ceiling import prepare, sample_entries, xadd_pipelined
 from bench.legacy import legacy_database
 from bench.services import Bench, Watchdog, log
@@ -133,6 +133,8 @@ def _sweeps(bench: Bench, scale: Scale) -> list[dict[str, Any]]:
 
 
 def _rabbitmq(bench: Bench, scale: Scale) -> list[dict[str, Any]]:
+    from bench import rabbitmq_bench  # only a RabbitMQ measure needs rstream and a broker
+
     return rabbitmq_bench.bus_rabbitmq(bench, scale.rows, scale.repeat)
 
 
