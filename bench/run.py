@@ -132,6 +132,12 @@ def _sweeps(bench: Bench, scale: Scale) -> list[dict[str, Any]]:
     return sweep_bench.key_sweep(bench, *_db_big(scale))
 
 
+def _rabbitmq(bench: Bench, scale: Scale) -> list[dict[str, Any]]:
+    from bench import rabbitmq_bench  # only a RabbitMQ measure needs rstream and a broker
+
+    return rabbitmq_bench.bus_rabbitmq(bench, scale.rows, scale.repeat)
+
+
 def _modes(bench: Bench, scale: Scale) -> list[dict[str, Any]]:
     return db_bench.modes_postgres(bench, scale.rows, scale.repeat)
 
@@ -167,6 +173,8 @@ MEASURES: dict[str, Callable[[Bench, Scale], Result]] = {
     "poll_fanout_sources_per_s": lambda bench, scale: Result(**budget_bench.poll_fanout(bench, scale.repeat)),
     "idle_cpu_pct_10_sources_1s": lambda bench, scale: Result(**budget_bench.idle_cpu(
         bench, scale.idle_seconds, sources=10, interval=1.0, measure="idle_cpu_pct_10_sources_1s")),
+    "bus_rabbitmq_rows_per_s": _one_of(_rabbitmq, "bus_rabbitmq_rows_per_s"),
+    "rabbitmq_publish_ceiling_per_s": _one_of(_rabbitmq, "rabbitmq_publish_ceiling_per_s"),
 }
 
 

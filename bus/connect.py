@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from bus.redis import RedisBus, connect
+from bus.redis import RedisBus, checkpoint_key, connect
 from bus.seam import Bus
+
+# RabbitMQ Streams (rstream); imported when named, so a Redis site never loads it.
+RABBITMQ_SCHEMES = ("rabbitmq-stream", "rabbitmq-stream+tls")
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
@@ -15,4 +18,20 @@ def open_bus(url: str, *, socket_timeout: float = 10.0, maxlen: int | None = Non
     scheme = urlsplit(url).scheme
     if scheme in REDIS_SCHEMES:
         return RedisBus(connect(url, socket_timeout), maxlen=maxlen)
+    if scheme in RABBITMQ_SCHEMES:
+        from bus.rabbitmq import RabbitStreamBus
+
+        return RabbitStreamBus(url, socket_timeout=socket_timeout)
     raise ValueError(f"no bus speaks {scheme or 'a scheme-less'} URL; use redis://, rediss:// or unix://")
+
+
+def bus_name(url: str) -> str:
+    """The bus's name for operators' lines (`straw check`, `status`, `stream`)."""
+    return "rabbitmq" if urlsplit(url).scheme in RABBITMQ_SCHEMES else "redis"
+
+
+def checkpoint_label(url: str, stream: str) -> str:
+    """Where a stream's checkpoint lives on this bus (the `checkpoint` column of `straw status`)."""
+    if urlsplit(url).scheme in RABBITMQ_SCHEMES:
+        return f"tail of {stream}"  # bus/rabbitmq.py: the last message carries it
+    return checkpoint_key(stream)

@@ -31,6 +31,22 @@ if [ ! -x /usr/bin/chromium ]; then
     echo "no /usr/bin/chromium and not root: browser-mode scrape tests will be skipped (apt-get install chromium)" >&2
   fi
 fi
+# RabbitMQ Streams tests need the broker's stream plugin (port 5552). Enabling a plugin does not restart the
+# broker; as root we enable it when a broker runs without it, otherwise those tests are skipped with the reason.
+STRAW_RABBITMQ_STREAM_PORT="${STRAW_RABBITMQ_STREAM_PORT:-5552}"
+stream_port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$STRAW_RABBITMQ_STREAM_PORT") 2>/dev/null; }
+if ! stream_port_open && command -v rabbitmq-plugins >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "enabling the RabbitMQ stream plugin (rabbitmq-plugins enable rabbitmq_stream)" >&2
+    if rabbitmq-plugins enable rabbitmq_stream >&2; then
+      for _ in $(seq 60); do stream_port_open && break; sleep 1; done
+    fi
+    stream_port_open || echo "RabbitMQ stream port $STRAW_RABBITMQ_STREAM_PORT still closed; its tests will be skipped" >&2
+  else
+    echo "RabbitMQ runs without its stream plugin and we are not root: RabbitMQ Streams tests will be skipped" \
+      "(rabbitmq-plugins enable rabbitmq_stream)" >&2
+  fi
+fi
 .venv/bin/python -m tests.services >&2
 echo "ruff:" >&2
 .venv/bin/python -m ruff check --quiet . >&2

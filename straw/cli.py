@@ -16,6 +16,7 @@ from rich.text import Text
 from sqlalchemy.engine import make_url
 
 from adapters.db.budget import check_budget
+from bus.connect import bus_name
 from bus.seam import Bus, Published
 from outbox.lock import OutboxBusy
 from outbox.store import Outbox, OutboxError
@@ -161,9 +162,9 @@ def check(config_path: ConfigOption = None) -> None:
     # The streams' lengths too: an ACL user that may connect but not touch the streams fails here, not at run.
     info = _bus_or_none(config, lambda bus: (bus.describe(), [bus.length(s) for s in config.streams])[0])
     if isinstance(info, str):
-        line(False, "redis", info)
+        line(False, bus_name(config.bus_spec.url), info)
     else:
-        line(info[0], "redis", info[1])
+        line(info[0], bus_name(config.bus_spec.url), info[1])
     if failed:
         raise typer.Exit(1)
 
@@ -397,7 +398,7 @@ def stream(
 
     found = _bus_or_none(config, read)
     if isinstance(found, str):
-        err.print(f"redis {found}", markup=False, highlight=False)
+        err.print(f"{bus_name(config.bus_spec.url)} {found}", markup=False, highlight=False)
         raise typer.Exit(1)
     for stream_name, (length, entries) in found.items():
         table = Table(title=f"{stream_name}: {length} entries (newest {len(entries)})")

@@ -572,6 +572,22 @@ class Config(Strict):
         ages.update(self.retention.streams)
         return {stream: age for stream, age in ages.items() if age is not None}
 
+    @model_validator(mode="after")
+    def _rabbitmq_stream_names(self) -> Config:
+        """A stream name RabbitMQ cannot take is refused at load, not at the first publish."""
+        if not self.bus_spec.url.startswith("rabbitmq-stream"):
+            return self
+        from bus.rabbitmq import name_problem
+
+        for index, source in enumerate(self.sources):
+            problem = name_problem(source.stream)
+            if problem is not None:
+                raise PydanticCustomError(
+                    "stream", "RabbitMQ cannot take this stream name: it {problem}; choose another `stream`",
+                    {"problem": problem, "at": ("sources", index, "stream")},
+                )
+        return self
+
     def database(self, url: str) -> DatabaseSpec:
         """The budget of the database at `url`: its `databases` entry, or the defaults."""
         for database in self.databases:

@@ -149,7 +149,10 @@ class RelayProcess:
             "parent": os.getpid(),
             "secrets": registered_secrets(),
             "log_level": self.log_level,
-            "config": self.config.model_dump(mode="json", by_alias=True),
+            # `redis` only if the file gave it: its default beside a `bus:` would fail the child's validation.
+            "config": self.config.model_dump(
+                mode="json", by_alias=True, exclude=None if "redis" in self.config.model_fields_set else {"redis"}
+            ),
         }
         self._process.stdin.write(orjson.dumps(setup) + b"\n")
         self._process.stdin.flush()

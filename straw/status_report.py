@@ -12,8 +12,8 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Any, TypeVar, cast
 
-from bus.connect import open_bus
-from bus.redis import RedisBus, checkpoint_key
+from bus.connect import bus_name, checkpoint_label, open_bus
+from bus.redis import RedisBus
 from bus.seam import Bus, BusDown, BusRefused
 from outbox.store import Outbox, SourceState
 from straw.config import Config
@@ -124,13 +124,13 @@ def status_document(
         stream_rows.append({
             "stream": name,
             "length": lengths.get(name, 0) if isinstance(lengths, dict) else None,
-            "checkpoint": checkpoint_key(name),
+            "checkpoint": checkpoint_label(config.bus_spec.url, name),
             "published_seq": known.published_seq if known else 0,
             "backlog": known.backlog if known else 0,
             "oldest_unpublished_age": age_seconds(oldest),
             "last_publish": when(known.published_at if known else None),
             "error": redact(known.error) if known and known.error
-            else (f"redis {redis_error}" if redis_error else None),
+            else (f"{bus_name(config.bus_spec.url)} {redis_error}" if redis_error else None),
         })
     return {"sources": sources, "counts": counts, "streams": stream_rows,
             "outbox": {"path": str(config.outbox.path), "backlog": backlog}}

@@ -18,6 +18,10 @@ import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from bus.rabbitmq import RabbitStreamBus
+from bus.seam import BusDown, BusRefused
+from fixtures.private_rabbitmq import PrivateRabbit, start_private_rabbitmq
+from fixtures.private_rabbitmq import available as private_rabbitmq_missing
 from straw.local_redis import RedisServer, start_private_redis
 
 PG_ADMIN_URL = os.environ.get("STRAW_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -130,3 +134,55 @@ def db_url(request: pytest.FixtureRequest) -> str:
     """The same test on each legacy database straw supports out of the box."""
     fixture = {"sqlite": "sqlite_url", "postgresql": "pg_url", "mariadb": "mariadb_url"}[request.param]
     return str(request.getfixturevalue(fixture))
+
+
+# --- RabbitMQ Streams (bus/rabbitmq.py) -------------------------------------------------------------------------
+
+RABBITMQ_STREAM_URL = os.environ.get("STRAW_TEST_RABBITMQ_URL", "rabbitmq-stream://guest:guest@127.0.0.1:5552/")
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> str:
+    """The machine's RabbitMQ stream port; the tests that need it are skipped, saying why, when it is closed."""
+    bus = RabbitStreamBus(RABBITMQ_STREAM_URL, socket_timeout=5.0)
+    try:
+        bus.describe()
+    except (BusDown, BusRefused) as exc:
+        pytest.skip(f"RabbitMQ Streams not reachable at {RABBITMQ_STREAM_URL} ({exc}); enable the plugin "
+                    "(rabbitmq-plugins enable rabbitmq_stream, as scripts/test.sh does as root) or set "
+                    "STRAW_TEST_RABBITMQ_URL")
+    finally:
+        bus.close()
+    return RABBITMQ_STREAM_URL
+
+
+@pytest.fixture
+def rabbitmq_bus(rabbitmq_url: str) -> Iterator[RabbitStreamBus]:
+    bus = RabbitStreamBus(rabbitmq_url)
+    yield bus
+    bus.close()
+
+
+@pytest.fixture
+def rabbitmq_stream(rabbitmq_url: str) -> Iterator[str]:
+    """A stream name of this test alone; the RabbitMQ stream is deleted afterwards."""
+    name = f"test.{uuid.uuid4().hex[:12]}.orders"
+    yield name
+    bus = RabbitStreamBus(rabbitmq_url)
+    try:
+        bus.delete_stream(name)
+    finally:
+        bus.close()
+
+
+@pytest.fixture
+def private_rabbitmq(tmp_path: Path) -> Iterator[PrivateRabbit]:
+    """A RabbitMQ node of this test alone (stream plugin on), which it may stop, kill and restart."""
+    reason = private_rabbitmq_missing()
+    if reason is not None:
+        pytest.skip(f"no private RabbitMQ node: {reason}")
+    server = start_private_rabbitmq(tmp_path / "rabbitmq")
+    try:
+        yield server
+    finally:
+        server.kill()

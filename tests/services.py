@@ -8,8 +8,10 @@ import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from bus.rabbitmq import RabbitStreamBus
+from bus.seam import BusDown, BusRefused
 from straw.local_redis import redis_server_binary
-from tests.conftest import MARIADB_ADMIN_URL, PG_ADMIN_URL
+from tests.conftest import MARIADB_ADMIN_URL, PG_ADMIN_URL, RABBITMQ_STREAM_URL
 
 
 def _sql(url: str) -> str | None:
@@ -41,6 +43,17 @@ def main() -> None:
         found = _sql(admin)
         shown = make_url(admin).render_as_string(hide_password=True)
         print(f"{name}: {shown} {found}" + (f" -> {hint}" if found and found.startswith("MISSING") else ""))
+    print(_rabbitmq())
+
+
+def _rabbitmq() -> str:
+    bus = RabbitStreamBus(RABBITMQ_STREAM_URL, socket_timeout=3.0)
+    try:
+        return f"rabbitmq streams: {RABBITMQ_STREAM_URL} ({bus.describe()[1]})"
+    except (BusDown, BusRefused) as exc:
+        return f"rabbitmq streams: MISSING ({exc}) -> its tests are skipped"
+    finally:
+        bus.close()
 
 
 if __name__ == "__main__":
