@@ -4,15 +4,23 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from bus.nats import JetStreamOptions, NatsBus
 from bus.redis import RedisBus, connect
 from bus.seam import Bus
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
+NATS_SCHEMES = ("nats", "tls")
 
 
-def open_bus(url: str, *, socket_timeout: float = 10.0, maxlen: int | None = None) -> Bus:
+def open_bus(
+    url: str, *, socket_timeout: float = 10.0, maxlen: int | None = None, jetstream: JetStreamOptions | None = None
+) -> Bus:
     """A client for the bus at `url`; connects lazily (errors come from the first call, as the seam's)."""
     scheme = urlsplit(url).scheme
     if scheme in REDIS_SCHEMES:
         return RedisBus(connect(url, socket_timeout), maxlen=maxlen)
-    raise ValueError(f"no bus speaks {scheme or 'a scheme-less'} URL; use redis://, rediss:// or unix://")
+    if scheme in NATS_SCHEMES:
+        return NatsBus(url, socket_timeout=socket_timeout, maxlen=maxlen, options=jetstream)
+    raise ValueError(
+        f"no bus speaks {scheme or 'a scheme-less'} URL; use redis://, rediss://, unix://, nats:// or tls://"
+    )
