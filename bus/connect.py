@@ -12,6 +12,11 @@ REDIS_SCHEMES = ("redis", "rediss", "unix")
 NATS_SCHEMES = ("nats", "tls")
 
 
+def bus_name(url: str) -> str:
+    """What `straw check/status/stream` call the bus at `url`."""
+    return "nats" if urlsplit(url).scheme in NATS_SCHEMES else "redis"
+
+
 def open_bus(
     url: str, *, socket_timeout: float = 10.0, maxlen: int | None = None, jetstream: JetStreamOptions | None = None
 ) -> Bus:

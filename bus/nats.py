@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -38,8 +38,9 @@ import nats.errors
 import nats.js.errors
 import orjson
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import Header, PubAck, RawStreamMsg, StorageType, StreamConfig
+from nats.js.api import Header, RawStreamMsg, StorageType, StreamConfig
 
 from bus.seam import BusDown, BusRefused, Checkpoint, Outgoing, Published
 
@@ -129,6 +130,31 @@ def tail_of(msg: RawStreamMsg) -> Tail:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """JetStream's answer to one publish."""
+
+    seq: int = 0
+    duplicate: bool = False
+    err_code: int | None = None
+    error: str | None = None
+
+    @property
+    def stored(self) -> bool:
+        return self.error is None and not self.duplicate
+
+
+def ack_of(msg: Msg) -> Ack:
+    """Parsed here rather than by nats-py's publish_async, whose error path (2.16) never settles the future."""
+    if msg.headers and msg.headers.get("Status") == "503":
+        return Ack(error="no JetStream stream answered (503)")
+    reply = json.loads(msg.data)
+    error = reply.get("error")
+    if error:
+        return Ack(err_code=error.get("err_code"), error=f"{error.get('err_code')}: {error.get('description')}")
+    return Ack(int(reply.get("seq", 0)), bool(reply.get("duplicate")))
+
+
 def _down(exc: BaseException) -> BusDown:
     detail = " ".join(str(exc).split()) or type(exc).__name__
     return BusDown(f"nats unreachable ({type(exc).__name__}: {detail})")
@@ -149,6 +175,9 @@ class NatsBus:
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._server_error: str | None = None  # the last -ERR the server sent (permissions arrive this way)
+        self._replies: dict[str, asyncio.Future[Msg]] = {}  # publish acks awaited, by reply subject
+        self._reply_prefix = ""
+        self._sent = 0
         self._tails: dict[str, Tail] = {}
         self._covered: set[str] = set()  # subjects known to be taken by the JetStream stream
 
@@ -173,7 +202,21 @@ class NatsBus:
             name="straw",
         )
         self._js = self._nc.jetstream(timeout=self.timeout)
+        self._reply_prefix = self._nc.new_inbox()
+        await self._nc.subscribe(self._reply_prefix + ".*", cb=self._on_reply)
         return self._js
+
+    async def _on_reply(self, msg: Msg) -> None:
+        future = self._replies.pop(msg.subject, None)
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+    def _reply_to(self) -> tuple[str, asyncio.Future[Msg]]:
+        self._sent += 1  # never reused: a late reply to an abandoned batch settles nothing
+        subject = f"{self._reply_prefix}.{self._sent}"
+        future: asyncio.Future[Msg] = self._loop.create_future()
+        self._replies[subject] = future
+        return subject, future
 
     def _run(self, work: Coroutine[Any, Any, T]) -> T:
         """Run one call on the private loop, its errors as the seam's."""
@@ -181,19 +224,26 @@ class NatsBus:
             return self._loop.run_until_complete(asyncio.wait_for(work, self.timeout + 1.0))
         except (BusDown, BusRefused):
             raise
-        except nats.errors.AuthorizationError as exc:
-            raise BusRefused(
-                f"NATS authentication failed ({' '.join(str(exc).split())}): check the user and password "
-                "(or token) in bus.url"
-            ) from None
-        except (TimeoutError, nats.errors.Error, OSError) as exc:
-            error = self._server_error or ""
-            if "permissions violation" in error.lower():
+        except nats.errors.Error as exc:
+            # nats-py (2.16) raises a plain Error for the server's "Authorization Violation" at connect.
+            if isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in str(exc).lower():
                 raise BusRefused(
-                    f"NATS authorization failed ({error}): the user of bus.url needs publish on the stream's "
-                    f"subjects and on $JS.API.> (stream {self.options.stream!r})"
+                    f"NATS authentication failed ({' '.join(str(exc).split())}): check the user and password "
+                    "(or token) in bus.url"
                 ) from None
-            raise _down(exc) from exc
+            raise self._down_or_refused(exc) from exc
+        except (TimeoutError, OSError) as exc:
+            raise self._down_or_refused(exc) from exc
+
+    def _down_or_refused(self, exc: BaseException) -> BusDown | BusRefused:
+        """A timeout after the server said "permissions violation" is final; anything else is retried."""
+        error = self._server_error or ""
+        if "permissions violation" in error.lower():
+            return BusRefused(
+                f"NATS authorization failed ({error}): the user of bus.url needs publish on the stream's "
+                f"subjects and on $JS.API.> (stream {self.options.stream!r})"
+            )
+        return _down(exc)
 
     async def _ensure(self, js: JetStreamContext, subject: str) -> None:
         """The JetStream stream exists and takes `subject`: created if missing, else bound to as it is."""
@@ -286,38 +336,85 @@ class NatsBus:
                 return None
         del self._tails[stream]  # unknown until every ack is in
         positions = dict(tail.checkpoint.positions)
-        acks: list[Awaitable[PubAck]] = []
-        previous: str | None = None
+        messages: list[tuple[bytes, dict[str, str]]] = []
         for seq, source, position, event in batch:
             positions[source] = position
-            msg_id = event_id(event)
-            headers = {
-                Header.MSG_ID.value: msg_id,
+            messages.append((event, {
+                Header.MSG_ID.value: event_id(event),
                 "Content-Type": CONTENT_TYPE,
                 SEQ: str(seq),
                 OUTBOX: identity,
-                POSITIONS: orjson.dumps(positions).decode(),
-            }
+                POSITIONS: json.dumps(positions, separators=(",", ":")),  # ASCII: \uXXXX, never a raw CR/LF
+            }))
+        acks = await self._pipelined(stream, messages, tail.subject_seq)
+        await self._same_subject(stream, acks)
+        stored = next((i for i, ack in enumerate(acks) if not ack.stored), len(acks))
+        rest = acks[stored:]
+        if any(ack.error is not None and ack.err_code not in (WRONG_LAST_SEQUENCE, WRONG_LAST_MSG_ID) for ack in rest):
+            failed = next(ack.error for ack in rest if ack.error is not None)
+            raise BusDown(f"JetStream did not store a message of {stream!r} ({failed})")
+        if rest and (stored == 0 or any(ack.stored or ack.duplicate for ack in rest)):
+            return None  # refused (a stale publisher), or a duplicate: the caller re-reads the subject's tail
+        last = acks[-1].seq if not rest else await self._one_by_one(stream, messages[stored:], acks[stored - 1].seq)
+        if last is None:
+            return None
+        moved = Checkpoint(batch[-1].seq, identity, positions)
+        self._tails[stream] = Tail(moved, last)
+        return moved
+
+    async def _pipelined(self, stream: str, messages: list[tuple[bytes, dict[str, str]]], after: int) -> list[Ack]:
+        """All sent, then all acks awaited: the first fenced on the subject's last sequence, each later one on
+        the id of the one before (a stream-wide check: another subject's message in between cuts the chain)."""
+        nc = self._nc
+        assert nc is not None
+        replies: list[asyncio.Future[Msg]] = []
+        previous: str | None = None
+        for event, base in messages:
+            headers = dict(base)
             if previous is None:
-                headers[Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value] = str(tail.subject_seq)
+                headers[Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value] = str(after)
             else:
                 headers[Header.EXPECTED_LAST_MSG_ID.value] = previous
-            acks.append(await js.publish_async(stream, event, headers=headers))
-            previous = msg_id
-        results = await asyncio.gather(*acks, return_exceptions=True)
-        last = results[-1]
-        if all(isinstance(r, PubAck) and not r.duplicate for r in results) and isinstance(last, PubAck):
-            moved = Checkpoint(batch[-1].seq, identity, positions)
-            self._tails[stream] = Tail(moved, last.seq)
-            return moved
-        for result in results:
-            if isinstance(result, nats.js.errors.APIError) and result.err_code in (
-                WRONG_LAST_SEQUENCE, WRONG_LAST_MSG_ID
-            ):
-                continue
-            if isinstance(result, BaseException):
-                raise result
-        return None  # refused or cut short: the caller re-reads the subject's last message
+            reply, future = self._reply_to()
+            replies.append(future)
+            await nc.publish(stream, event, reply=reply, headers=headers)
+            previous = base[Header.MSG_ID.value]
+        return [ack_of(msg) for msg in await asyncio.gather(*replies)]
+
+    async def _same_subject(self, stream: str, acks: list[Ack]) -> None:
+        """A duplicate is only harmless if its first copy is on this subject: dedup is JetStream-stream-wide,
+        so the same event id from another subject means two straw instances share an instance name."""
+        for ack in acks:
+            if ack.duplicate:
+                first = await self._nc_js().get_msg(self.options.stream, ack.seq)
+                if first.subject != stream:
+                    raise BusRefused(
+                        f"JetStream stream {self.options.stream!r} already holds an event of {stream!r} on subject "
+                        f"{first.subject!r} (same Nats-Msg-Id): two straw instances with the same `instance` name "
+                        "publish one source to two subjects; give each instance its own name"
+                    )
+
+    def _nc_js(self) -> JetStreamContext:
+        assert self._js is not None
+        return self._js
+
+    async def _one_by_one(self, stream: str, messages: list[tuple[bytes, dict[str, str]]], after: int) -> int | None:
+        """The rest of a batch another publisher's message cut (same JetStream stream, other subject): one at a
+        time, each fenced on the subject's last sequence as the previous ack gave it. None if refused."""
+        nc = self._nc
+        assert nc is not None
+        for event, base in messages:
+            reply, future = self._reply_to()
+            await nc.publish(stream, event, reply=reply,
+                             headers={**base, Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(after)})
+            ack = ack_of(await future)
+            await self._same_subject(stream, [ack])
+            if not ack.stored:
+                if ack.error is not None and ack.err_code != WRONG_LAST_SEQUENCE:
+                    raise BusDown(f"JetStream did not store a message of {stream!r} ({ack.error})")
+                return None
+            after = ack.seq
+        return after
 
     def describe(self) -> tuple[bool, str]:
         async def work() -> tuple[bool, str]:

@@ -17,7 +17,7 @@ from rich.text import Text
 from sqlalchemy.engine import make_url
 
 from adapters.db.budget import check_budget
-from bus.connect import open_bus
+from bus.connect import bus_name, open_bus
 from bus.redis import checkpoint_key
 from bus.seam import Bus, BusDown, BusRefused, Published
 from outbox.lock import OutboxBusy
@@ -88,7 +88,7 @@ def _seconds(value: str) -> float:
 
 def _bus_or_none(config: Config, action: Callable[[Bus], T]) -> T | str:
     """Run `action` against the bus, or return why it could not be reached (one line, redacted)."""
-    bus = open_bus(config.bus_spec.url, socket_timeout=3.0)
+    bus = open_bus(config.bus_spec.url, socket_timeout=3.0, jetstream=config.bus_spec.jetstream_options())
     try:
         return action(bus)
     except BusRefused as exc:
@@ -175,11 +175,19 @@ def check(config_path: ConfigOption = None) -> None:
     # The streams' lengths too: an ACL user that may connect but not touch the streams fails here, not at run.
     info = _bus_or_none(config, lambda bus: (bus.describe(), [bus.length(s) for s in config.streams])[0])
     if isinstance(info, str):
-        line(False, "redis", info)
+        line(False, bus_name(config.bus_spec.url), info)
     else:
-        line(info[0], "redis", info[1])
+        line(info[0], bus_name(config.bus_spec.url), info[1])
     if failed:
         raise typer.Exit(1)
+
+
+def _checkpoint_where(config: Config, stream: str) -> str:
+    """Where the bus keeps the stream's checkpoint: a Redis hash, or the NATS subject's last message's headers."""
+    options = config.bus_spec.jetstream_options()
+    if options is None:
+        return checkpoint_key(stream)
+    return f"last message of {stream} in JetStream stream {options.stream}"
 
 
 def _databases(config: Config) -> list[DatabaseSpec]:
@@ -363,12 +371,12 @@ def status(
         stream_rows.append({
             "stream": stream_name,
             "length": lengths.get(stream_name, 0) if isinstance(lengths, dict) else None,
-            "checkpoint": checkpoint_key(stream_name),
+            "checkpoint": _checkpoint_where(config, stream_name),
             "published_seq": known.published_seq if known else 0,
             "backlog": known.backlog if known else 0,
             "last_publish": _when(known.published_at if known else None),
             "error": redact(known.error) if known and known.error
-            else (f"redis {redis_error}" if redis_error else None),
+            else (f"{bus_name(config.bus_spec.url)} {redis_error}" if redis_error else None),
         })
     if as_json:
         document = {"sources": sources, "streams": stream_rows,
@@ -418,7 +426,7 @@ def stream(
 
     found = _bus_or_none(config, read)
     if isinstance(found, str):
-        err.print(f"redis {found}", markup=False, highlight=False)
+        err.print(f"{bus_name(config.bus_spec.url)} {found}", markup=False, highlight=False)
         raise typer.Exit(1)
     for stream_name, (length, entries) in found.items():
         table = Table(title=f"{stream_name}: {length} entries (newest {len(entries)})")

@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from bus.nats import JetStreamOptions, stream_name_problem, subject_problem
 from straw import sql_guard
 from straw.config_scrape import ScrapeSourceSpec
 from straw.config_types import BusUrl, Encoding, ListenHost, Name, RedisUrl, Seconds, StreamName, Strict, TimeZone
@@ -297,12 +298,50 @@ class RedisSpec(Strict):
     socket_timeout: Seconds = 10.0
 
 
+class JetStreamSpec(Strict):
+    """NATS: the JetStream stream whose subjects are straw's streams; created if missing, else bound to."""
+
+    stream: str = Field(default="straw", min_length=1, description="JetStream stream name")
+    max_age: Seconds | None = Field(default=None, description="when straw creates it: drop messages older")
+    max_bytes: int | None = Field(default=None, ge=1, description="when straw creates it: drop the oldest beyond")
+    duplicate_window: Seconds = Field(default=120.0, gt=0, description="when straw creates it: Nats-Msg-Id dedup")
+    replicas: int = Field(default=1, ge=1, le=5, description="when straw creates it: copies in a cluster")
+
+    @model_validator(mode="after")
+    def _nats_name(self) -> JetStreamSpec:
+        problem = stream_name_problem(self.stream)
+        if problem:
+            raise PydanticCustomError("name", problem + "; e.g. 'straw' or 'ERP_ORDERS'", {"at": ("stream",)})
+        return self
+
+    def options(self) -> JetStreamOptions:
+        return JetStreamOptions(self.stream, self.max_age, self.max_bytes, self.duplicate_window, self.replicas)
+
+
 class BusSpec(Strict):
     """The bus the relay publishes to; `redis:` is the older spelling of a Redis bus."""
 
     url: BusUrl = Field(description="redis://, rediss://, unix:// (Redis Streams); nats://, tls:// (NATS "
                         "JetStream); rabbitmq-stream://, rabbitmq-stream+tls:// (RabbitMQ Streams)")
     socket_timeout: Seconds = 10.0
+    jetstream: JetStreamSpec | None = Field(default=None, description="NATS only: the JetStream stream")
+
+    @property
+    def is_nats(self) -> bool:
+        return self.url.split("://", 1)[0].lower() in ("nats", "tls")
+
+    def jetstream_options(self) -> JetStreamOptions | None:
+        spec = self.jetstream or (JetStreamSpec() if self.is_nats else None)
+        return spec.options() if spec else None
+
+    @model_validator(mode="after")
+    def _jetstream_for_nats(self) -> BusSpec:
+        if self.jetstream is not None and not self.is_nats:
+            raise PydanticCustomError(
+                "bus", "`jetstream` configures a NATS bus; remove it, or make bus.url nats:// (or tls://)",
+                {"at": ("jetstream",)},
+            )
+        return self
 
 
 class OutboxSpec(Strict):
@@ -410,6 +449,19 @@ class Config(Strict):
                 raise PydanticCustomError(
                     "database", "no database source has this `url`; spell it exactly as the sources do",
                     {"at": ("databases", index, "url")},
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _stream_names_fit_the_bus(self) -> Config:
+        if not self.bus_spec.is_nats:
+            return self
+        for index, source in enumerate(self.sources):
+            problem = subject_problem(source.stream)
+            if problem:
+                raise PydanticCustomError(
+                    "name", problem + "; the stream name is the subject on NATS, e.g. 'erp.orders'",
+                    {"at": ("sources", index, "stream")},
                 )
         return self
 

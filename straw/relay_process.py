@@ -93,7 +93,10 @@ def child_main() -> int:
         outbox = Outbox(config.outbox.path, synchronous="NORMAL")
         bus = config.bus_spec
         run_relay(
-            lambda: open_bus(bus.url, socket_timeout=bus.socket_timeout, maxlen=config.relay.maxlen),
+            lambda: open_bus(
+                bus.url, socket_timeout=bus.socket_timeout, maxlen=config.relay.maxlen,
+                jetstream=bus.jetstream_options(),
+            ),
             outbox,
             config.streams,
             stop=stop,
