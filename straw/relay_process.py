@@ -137,11 +137,14 @@ class RelayProcess:
             env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
         )
         assert self._process.stdin is not None
+        config = self.config.model_dump(mode="json", by_alias=True)
+        if self.config.bus is not None:
+            config.pop("redis")  # its defaults would read as given beside `bus`, which the config refuses
         setup = {
             "parent": os.getpid(),
             "secrets": registered_secrets(),
             "log_level": self.log_level,
-            "config": self.config.model_dump(mode="json", by_alias=True),
+            "config": config,
         }
         self._process.stdin.write(orjson.dumps(setup) + b"\n")
         self._process.stdin.flush()
