@@ -23,7 +23,7 @@ from typing import Any, TextIO
 # `python bench/run.py` puts bench/ first on sys.path; the packages live one level up.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import budget_bench, db_bench, latency_bench, scrape_bench, sweep_bench
+from bench import budget_bench, db_bench, latency_bench, nats_bench, scrape_bench, sweep_bench
 from bench.ceiling import prepare, sample_entries, xadd_pipelined
 from bench.legacy import legacy_database
 from bench.services import Bench, Watchdog, log
@@ -101,6 +101,21 @@ def xadd_ceiling(bench: Bench, scale: Scale) -> Result:
     return Result("xadd_ceiling_per_s", _rates("xadd_ceiling_per_s", scale.rows, seconds, "entries/s"), "entries/s")
 
 
+def bus_nats(bench: Bench, scale: Scale) -> list[dict[str, Any]]:
+    """The slice into NATS JetStream, and nats-py's own pipelined publish of the same messages (bench/nats_bench.py)."""
+    if not nats_bench.available():
+        raise RuntimeError(f"no NATS at {nats_bench.NATS_URL}; set STRAW_BENCH_NATS_URL (nats-server -js)")
+    with legacy_database(bench, "sqlite", scale.rows) as url:
+        straw_s, ceiling_s = nats_bench.measure(bench, url, scale.rows, scale.repeat)
+    ceiling = _rates("nats_publish_ceiling_per_s", scale.rows, ceiling_s, "messages/s")
+    value = _rates("bus_nats_rows_per_s straw", scale.rows, straw_s)
+    return [
+        {"measure": "bus_nats_rows_per_s", "value": value, "unit": "rows/s",
+         "baseline": "nats_publish_ceiling_per_s", "baseline_value": ceiling},
+        {"measure": "nats_publish_ceiling_per_s", "value": ceiling, "unit": "messages/s"},
+    ]
+
+
 _MADE: dict[tuple[Callable[..., Any], int], list[dict[str, Any]]] = {}
 
 
@@ -165,6 +180,8 @@ MEASURES: dict[str, Callable[[Bench, Scale], Result]] = {
         **scrape_bench.browser_real(bench.tmp, quick=scale is QUICK)["scrape_browser_real_rss_growth_mb"]),
     "idle_cpu_pct_300_sources": lambda bench, scale: Result(**budget_bench.idle_cpu(bench, scale.idle_seconds)),
     "poll_fanout_sources_per_s": lambda bench, scale: Result(**budget_bench.poll_fanout(bench, scale.repeat)),
+    "bus_nats_rows_per_s": _one_of(bus_nats, "bus_nats_rows_per_s"),
+    "nats_publish_ceiling_per_s": _one_of(bus_nats, "nats_publish_ceiling_per_s"),
 }
 
 

@@ -101,6 +101,12 @@ def covers(pattern: str, subject: str) -> bool:
     return len(want) == len(have)
 
 
+def positions_header(positions: dict[str, str]) -> str:
+    """JSON in ASCII (\\uXXXX escapes): a header value must survive any legacy key text, CR/LF included."""
+    fast = orjson.dumps(positions).decode()  # escapes control characters; leaves non-ASCII as is
+    return fast if fast.isascii() else json.dumps(positions, separators=(",", ":"))
+
+
 def event_id(event: bytes) -> str:
     """The CloudEvent id: sliced from straw's own encoding, parsed for any other."""
     if event.startswith(_EVENT_HEAD):
@@ -148,7 +154,7 @@ def ack_of(msg: Msg) -> Ack:
     """Parsed here rather than by nats-py's publish_async, whose error path (2.16) never settles the future."""
     if msg.headers and msg.headers.get("Status") == "503":
         return Ack(error="no JetStream stream answered (503)")
-    reply = json.loads(msg.data)
+    reply = orjson.loads(msg.data)
     error = reply.get("error")
     if error:
         return Ack(err_code=error.get("err_code"), error=f"{error.get('err_code')}: {error.get('description')}")
@@ -344,7 +350,7 @@ class NatsBus:
                 "Content-Type": CONTENT_TYPE,
                 SEQ: str(seq),
                 OUTBOX: identity,
-                POSITIONS: json.dumps(positions, separators=(",", ":")),  # ASCII: \uXXXX, never a raw CR/LF
+                POSITIONS: positions_header(positions),
             }))
         acks = await self._pipelined(stream, messages, tail.subject_seq)
         await self._same_subject(stream, acks)
