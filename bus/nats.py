@@ -195,6 +195,13 @@ class NatsBus:
     async def _noop(self) -> None:
         return None
 
+    async def _on_disconnected(self) -> None:
+        """Acks still awaited will never come on this connection: fail them now, not after the timeout."""
+        for future in self._replies.values():
+            if not future.done():
+                future.set_exception(nats.errors.ConnectionClosedError())
+        self._replies.clear()
+
     async def _connect(self) -> JetStreamContext:
         if self._js is not None and self._nc is not None and self._nc.is_connected:
             return self._js
@@ -204,8 +211,8 @@ class NatsBus:
         # and nats-py's reconnect buffer would otherwise hold publishes whose fate we could not know.
         self._nc = await nats.connect(
             self.url, connect_timeout=min(self.timeout, 5.0), allow_reconnect=False, max_reconnect_attempts=0,
-            error_cb=self._on_error, disconnected_cb=self._noop, closed_cb=self._noop, reconnected_cb=self._noop,
-            name="straw",
+            error_cb=self._on_error, disconnected_cb=self._on_disconnected, closed_cb=self._noop,
+            reconnected_cb=self._noop, name="straw",
         )
         self._js = self._nc.jetstream(timeout=self.timeout)
         self._reply_prefix = self._nc.new_inbox()

@@ -254,7 +254,8 @@ async def stream_info(url: str, name: str) -> dict[str, object]:
     nc = await nats.connect(url)
     try:
         info = await nc.jetstream().stream_info(name)
-        return {"subjects": info.config.subjects, "storage": str(getattr(info.config.storage, "value", info.config.storage)),
+        storage = str(getattr(info.config.storage, "value", info.config.storage))
+        return {"subjects": info.config.subjects, "storage": storage,
                 "max_msgs_per_subject": info.config.max_msgs_per_subject,
                 "duplicate_window": info.config.duplicate_window * 1e9 if info.config.duplicate_window else None}
     finally:
@@ -311,6 +312,26 @@ def test_wrong_credentials_are_refused_in_one_line_without_the_password(buses: O
         good = buses(server.url, JetStreamOptions(stream="s"), socket_timeout=3)
         assert good.checkpoint("erp.orders") == Checkpoint()
         good.close()
+    finally:
+        server.kill()
+
+
+def test_a_user_without_publish_permission_is_refused_in_one_line(buses: OpenBus, tmp_path: Path) -> None:
+    """The server answers a forbidden publish with an asynchronous -ERR and no ack: the wait that follows
+    ends in the operator's line, not in endless retries."""
+    from fixtures.private_nats import nats_server_binary, start_private_nats
+
+    if nats_server_binary() is None:
+        pytest.skip("no nats-server binary (apt-get install nats-server)")
+    rules = ('authorization { users = [ {user: straw, password: pw-1234, permissions: '
+             '{publish: {allow: ["$JS.API.>", "_INBOX.>"]}, subscribe: {allow: ["_INBOX.>"]}}} ] }\n')
+    server = start_private_nats(tmp_path / "nats", config=rules)
+    try:
+        url = f"nats://straw:pw-1234@127.0.0.1:{server.port}"
+        bus = buses(url, JetStreamOptions(stream="s"), socket_timeout=1)
+        assert bus.checkpoint("erp.orders") == Checkpoint()  # the JetStream API is allowed
+        with pytest.raises(BusRefused, match=r"NATS authorization failed \(.*permissions violation.*erp\.orders"):
+            bus.publish("erp.orders", Checkpoint(), [Outgoing(1, SOURCE, pos(1), event(1))], "o")
     finally:
         server.kill()
 
