@@ -12,8 +12,10 @@ sent, then all acks awaited), fenced per message:
   it in the batch. Message ids are unique, so once one message is refused no later
   one can match: what the server stored is always a gap-free prefix of the batch.
 
-A batch that was not stored whole (refused, cut by another publisher on the same
-JetStream stream, or partly deduplicated) returns None: the relay re-reads the
+When another subject's message lands in the middle of a batch (other publishers
+in the same JetStream stream) the chain is cut: the rest of the batch then goes
+one message at a time, each fenced on the subject sequence of the previous ack.
+A batch refused, or met with a duplicate, returns None: the relay re-reads the
 checkpoint, i.e. the last message actually stored, and reconciles by its seq.
 `Nats-Msg-Id` is the CloudEvent id (server dedup within the duplicate window), a
 second line of defence only: correctness does not rest on the window.
