@@ -22,6 +22,7 @@ import yaml
 
 from bench.services import Bench, log
 from bench.slice_bench import write_config
+from fixtures.private_nats import delete_jetstream
 from straw.config_load import load_config
 from straw.runner import Runner
 
@@ -31,16 +32,6 @@ Message = tuple[bytes, dict[str, str]]
 
 def _name() -> str:
     return f"straw_bench_{uuid.uuid4().hex[:10]}"
-
-
-async def _drop(name: str) -> None:
-    nc = await nats.connect(NATS_URL)
-    try:
-        await nc.jetstream().delete_stream(name)
-    except nats.js.errors.NotFoundError:
-        pass
-    finally:
-        await nc.close()
 
 
 async def _read(name: str, subject: str, count: int) -> list[Message]:
@@ -77,7 +68,7 @@ def run_straw_nats(bench: Bench, db_url: str, rows: int, *, keep: bool = False) 
         stored = asyncio.run(_read(name, subject, rows)) if keep else []
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        asyncio.run(_drop(name))
+        delete_jetstream(NATS_URL, name)
     return elapsed, stored
 
 

@@ -211,3 +211,15 @@ def crash_loop(
 def assert_kills_landed_mid_work(lengths: list[int], final: int) -> None:
     # The pacing guarantees this; without it the test would prove nothing.
     assert sum(n < final for n in lengths) >= 3, f"too few kills landed while there was work: {lengths}"
+
+
+def assert_outbox_done(path: Path, rows: int) -> None:
+    """The outbox read every row, published every row, holds nothing back."""
+    from outbox.store import Outbox
+
+    outbox = Outbox(path)
+    try:
+        (state,) = outbox.sources()
+        assert (state.rows_read, state.rows_published, outbox.backlog()) == (rows, rows, 0)
+    finally:
+        outbox.close()

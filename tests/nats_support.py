@@ -20,7 +20,7 @@ import yaml
 from nats.js.api import RawStreamMsg
 
 from bus.nats import POSITIONS, SEQ, JetStreamOptions, NatsBus
-from fixtures.private_nats import NatsServer, nats_server_binary, start_private_nats
+from fixtures.private_nats import NatsServer, delete_jetstream, nats_server_binary, start_private_nats
 
 NATS_URL = os.environ.get("STRAW_TEST_NATS_URL", "nats://127.0.0.1:4222")
 
@@ -54,22 +54,12 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
 
 
-async def delete_stream(url: str, name: str) -> None:
-    nc = await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0)
-    try:
-        await nc.jetstream().delete_stream(name)
-    except nats.js.errors.NotFoundError:
-        pass
-    finally:
-        await nc.close()
-
-
 @pytest.fixture
 def jetstream(nats_url: str) -> Iterator[JetStreamOptions]:
     """A JetStream stream name of this test alone (straw creates it); deleted afterwards."""
     options = JetStreamOptions(stream=f"straw_test_{uuid.uuid4().hex[:12]}")
     yield options
-    asyncio.run(delete_stream(nats_url, options.stream))
+    delete_jetstream(nats_url, options.stream)
 
 
 OpenBus = Callable[..., NatsBus]

@@ -21,10 +21,11 @@ from hypothesis import strategies as st
 
 from bus.nats import CONTENT_TYPE, JetStreamOptions, covers, subject_problem
 from bus.seam import BusDown, BusRefused, Checkpoint, Outgoing
+from fixtures.private_nats import delete_jetstream
 from outbox.relay import Relay, SplitBrain, adopt_streams, run_relay
 from outbox.store import Outbox
 from straw.records import UPSERTED, encode_event, observed_now, source_uri
-from tests.nats_support import OpenBus, buses, delete_stream, jetstream, nats_url, read_messages, read_subject, subject
+from tests.nats_support import OpenBus, buses, jetstream, nats_url, read_messages, read_subject, subject
 from tests.test_relay import SOURCE, OpenOutbox, add_records, drain, open_outbox, pos, twin
 
 __all__ = ["buses", "jetstream", "nats_url", "open_outbox", "subject"]  # fixtures, imported for pytest
@@ -247,7 +248,7 @@ def test_the_jetstream_stream_is_created_extended_or_bound_to(
             clash.checkpoint(f"{shop}.orders")
         clash.close()
     finally:
-        asyncio.run(delete_stream(nats_url, operators.stream))
+        delete_jetstream(nats_url, operators.stream)
 
 
 async def stream_info(url: str, name: str) -> dict[str, object]:

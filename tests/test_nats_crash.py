@@ -18,9 +18,16 @@ from sqlalchemy import create_engine
 from adapters.db import position
 from bus.nats import JetStreamOptions, NatsBus
 from fixtures.legacy_orders import create_orders
-from outbox.store import Outbox
 from straw.records import event_id
-from tests.crashes import PACED, SOURCE, assert_exactly_once, assert_kills_landed_mid_work, crash_loop, finish
+from tests.crashes import (
+    PACED,
+    SOURCE,
+    assert_exactly_once,
+    assert_kills_landed_mid_work,
+    assert_outbox_done,
+    crash_loop,
+    finish,
+)
 from tests.helpers import orders_config
 from tests.nats_support import jetstream, nats_url, read_subject, subject, use_nats
 
@@ -62,9 +69,4 @@ def test_kill_9_at_random_moments_loses_and_repeats_nothing_on_nats(
     assert all(e["headers"]["Nats-Msg-Id"] == e["event"]["id"] for e in entries)
     ckpt = watcher.checkpoint(subject)
     assert (ckpt.seq, ckpt.positions) == (entries[-1]["seq"], {"orders": entries[-1]["pos"]})
-    outbox = Outbox(tmp_path / "outbox.db")
-    try:
-        (state,) = outbox.sources()
-        assert (state.rows_read, state.rows_published, outbox.backlog()) == (rows, rows, 0)
-    finally:
-        outbox.close()
+    assert_outbox_done(tmp_path / "outbox.db", rows)
