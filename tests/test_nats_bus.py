@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bus.nats import CONTENT_TYPE, JetStreamOptions, covers, subject_problem
+from bus.nats import CONTENT_TYPE, JetStreamOptions, covers, event_id, subject_problem
 from bus.seam import BusDown, BusRefused, Checkpoint, Outgoing
 from fixtures.private_nats import delete_jetstream
 from outbox.relay import Relay, SplitBrain, adopt_streams, run_relay
@@ -378,3 +378,8 @@ def test_which_stream_names_nats_can_take_as_subjects(name: str, fits: bool) -> 
 )
 def test_a_stream_subject_filter_takes_what_nats_would(pattern: str, subject: str, taken: bool) -> None:
     assert covers(pattern, subject) is taken
+
+
+def test_the_dedup_id_is_the_cloudevent_id_however_the_event_is_spelled() -> None:
+    assert event_id(event(7)) == f"{7:032d}"  # straw's own encoding: sliced
+    assert event_id(b'{"type":"t","id":"a\\"b","specversion":"1.0"}') == 'a"b'  # any other JSON: parsed
