@@ -23,7 +23,7 @@ from typing import Any, TextIO
 # `python bench/run.py` puts bench/ first on sys.path; the packages live one level up.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import budget_bench, db_bench, guard, latency_bench, scrape_bench, sweep_bench
+from bench import budget_bench, db_bench, guard, latency_bench, nats_bench, scrape_bench, sweep_bench
 from bench.ceiling import prepare, sample_entries, xadd_pipelined
 from bench.legacy import legacy_database
 from bench.services import Bench, Watchdog, log
@@ -101,6 +101,21 @@ def xadd_ceiling(bench: Bench, scale: Scale) -> Result:
     return Result("xadd_ceiling_per_s", _rates("xadd_ceiling_per_s", scale.rows, seconds, "entries/s"), "entries/s")
 
 
+def bus_nats(bench: Bench, scale: Scale) -> list[dict[str, Any]]:
+    """The slice into NATS JetStream, and nats-py's own pipelined publish of the same messages (bench/nats_bench.py)."""
+    if not nats_bench.available():
+        raise RuntimeError(f"no NATS at {nats_bench.NATS_URL}; set STRAW_BENCH_NATS_URL (nats-server -js)")
+    with legacy_database(bench, "sqlite", scale.rows) as url:
+        straw_s, ceiling_s = nats_bench.measure(bench, url, scale.rows, scale.repeat)
+    ceiling = _rates("nats_publish_ceiling_per_s", scale.rows, ceiling_s, "messages/s")
+    value = _rates("bus_nats_rows_per_s straw", scale.rows, straw_s)
+    return [
+        {"measure": "bus_nats_rows_per_s", "value": value, "unit": "rows/s",
+         "baseline": "nats_publish_ceiling_per_s", "baseline_value": ceiling},
+        {"measure": "nats_publish_ceiling_per_s", "value": ceiling, "unit": "messages/s"},
+    ]
+
+
 _MADE: dict[tuple[Callable[..., Any], int], list[dict[str, Any]]] = {}
 
 
@@ -175,6 +190,8 @@ MEASURES: dict[str, Callable[[Bench, Scale], Result]] = {
         bench, scale.idle_seconds, sources=10, interval=1.0, measure="idle_cpu_pct_10_sources_1s")),
     "bus_rabbitmq_rows_per_s": _one_of(_rabbitmq, "bus_rabbitmq_rows_per_s"),
     "rabbitmq_publish_ceiling_per_s": _one_of(_rabbitmq, "rabbitmq_publish_ceiling_per_s"),
+    "bus_nats_rows_per_s": _one_of(bus_nats, "bus_nats_rows_per_s"),
+    "nats_publish_ceiling_per_s": _one_of(bus_nats, "nats_publish_ceiling_per_s"),
 }
 
 

@@ -4,34 +4,48 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from bus.nats import JetStreamOptions, NatsBus
 from bus.redis import RedisBus, checkpoint_key, connect
 from bus.seam import Bus
 
 # RabbitMQ Streams (rstream); imported when named, so a Redis site never loads it.
 RABBITMQ_SCHEMES = ("rabbitmq-stream", "rabbitmq-stream+tls")
-
 REDIS_SCHEMES = ("redis", "rediss", "unix")
+NATS_SCHEMES = ("nats", "tls")
 
 
-def open_bus(url: str, *, socket_timeout: float = 10.0, maxlen: int | None = None) -> Bus:
+def open_bus(
+    url: str, *, socket_timeout: float = 10.0, maxlen: int | None = None, jetstream: JetStreamOptions | None = None
+) -> Bus:
     """A client for the bus at `url`; connects lazily (errors come from the first call, as the seam's)."""
     scheme = urlsplit(url).scheme
     if scheme in REDIS_SCHEMES:
         return RedisBus(connect(url, socket_timeout), maxlen=maxlen)
+    if scheme in NATS_SCHEMES:
+        return NatsBus(url, socket_timeout=socket_timeout, maxlen=maxlen, options=jetstream)
     if scheme in RABBITMQ_SCHEMES:
         from bus.rabbitmq import RabbitStreamBus
 
         return RabbitStreamBus(url, socket_timeout=socket_timeout)
-    raise ValueError(f"no bus speaks {scheme or 'a scheme-less'} URL; use redis://, rediss:// or unix://")
+    raise ValueError(
+        f"no bus speaks {scheme or 'a scheme-less'} URL; use redis://, rediss://, unix://, nats://, tls://, "
+        "rabbitmq-stream:// or rabbitmq-stream+tls://"
+    )
 
 
 def bus_name(url: str) -> str:
     """The bus's name for operators' lines (`straw check`, `status`, `stream`)."""
-    return "rabbitmq" if urlsplit(url).scheme in RABBITMQ_SCHEMES else "redis"
+    scheme = urlsplit(url).scheme
+    if scheme in RABBITMQ_SCHEMES:
+        return "rabbitmq"
+    return "nats" if scheme in NATS_SCHEMES else "redis"
 
 
-def checkpoint_label(url: str, stream: str) -> str:
+def checkpoint_label(url: str, stream: str, jetstream: JetStreamOptions | None = None) -> str:
     """Where a stream's checkpoint lives on this bus (the `checkpoint` column of `straw status`)."""
-    if urlsplit(url).scheme in RABBITMQ_SCHEMES:
+    scheme = urlsplit(url).scheme
+    if scheme in RABBITMQ_SCHEMES:
         return f"tail of {stream}"  # bus/rabbitmq.py: the last message carries it
+    if scheme in NATS_SCHEMES:  # bus/nats.py: the headers of the subject's last message carry it
+        return f"last message of {stream} in JetStream stream {jetstream.stream if jetstream else 'straw'}"
     return checkpoint_key(stream)

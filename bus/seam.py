@@ -60,7 +60,8 @@ class Bus(Protocol):
 
     def publish(self, stream: str, seen: Checkpoint, batch: Sequence[Outgoing], identity: str) -> Checkpoint | None:
         """Append `batch` (in `seq` order) and move the checkpoint to its last record, atomically, only if the
-        stream's checkpoint is still `seen`. Returns the new checkpoint, or None if it had moved (nothing sent)."""
+        stream's checkpoint is still `seen`. Returns the new checkpoint, or None if it had moved (nothing sent; on
+        a bus without atomic batches, possibly a gap-free prefix of the batch): the caller re-reads the checkpoint."""
         ...
 
     def describe(self) -> tuple[bool, str]:

@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from bus.nats import JetStreamOptions, stream_name_problem, subject_problem
 from straw import sql_guard
 from straw.config_scrape import ScrapeSourceSpec
 from straw.config_types import BusUrl, Encoding, ListenHost, Name, RedisUrl, Seconds, StreamName, Strict, TimeZone
@@ -363,12 +364,60 @@ class RedisSpec(Strict):
     socket_timeout: Seconds = Field(default=10.0, description="per-command timeout")
 
 
+class JetStreamSpec(Strict):
+    """NATS: the JetStream stream whose subjects are straw's streams; created if missing, else bound to."""
+
+    stream: str = Field(
+        default="straw", min_length=1,
+        description="NATS only: the JetStream stream whose subjects are straw's streams; created if missing, else "
+        "bound to (see [On NATS JetStream](#on-nats-jetstream)). No `.`, `*`, `>`, blanks or slashes")
+    max_age: Seconds | None = Field(
+        default=None, description="NATS, when straw creates the stream: drop messages older than this (e.g. `168h`)")
+    max_bytes: int | None = Field(
+        default=None, ge=1,
+        description="NATS, when straw creates the stream: drop the oldest messages beyond this size")
+    duplicate_window: Seconds = Field(
+        default=120.0, gt=0,
+        description="NATS, when straw creates the stream: how long the server remembers a `Nats-Msg-Id`")
+    replicas: int = Field(
+        default=1, ge=1, le=5,
+        description="NATS, when straw creates the stream: copies in a JetStream cluster (1 to 5)")
+
+    @model_validator(mode="after")
+    def _nats_name(self) -> JetStreamSpec:
+        problem = stream_name_problem(self.stream)
+        if problem:
+            raise PydanticCustomError("name", problem + "; e.g. 'straw' or 'ERP_ORDERS'", {"at": ("stream",)})
+        return self
+
+    def options(self) -> JetStreamOptions:
+        return JetStreamOptions(self.stream, self.max_age, self.max_bytes, self.duplicate_window, self.replicas)
+
+
 class BusSpec(Strict):
     """The bus the relay publishes to; `redis:` is the older spelling of a Redis bus."""
 
     url: BusUrl = Field(description="redis://, rediss://, unix:// (Redis Streams); nats://, tls:// (NATS "
                         "JetStream); rabbitmq-stream://, rabbitmq-stream+tls:// (RabbitMQ Streams)")
     socket_timeout: Seconds = Field(default=10.0, description="per-call timeout")
+    jetstream: JetStreamSpec | None = Field(default=None, description="NATS only: the JetStream stream")
+
+    @property
+    def is_nats(self) -> bool:
+        return self.url.split("://", 1)[0].lower() in ("nats", "tls")
+
+    def jetstream_options(self) -> JetStreamOptions | None:
+        spec = self.jetstream or (JetStreamSpec() if self.is_nats else None)
+        return spec.options() if spec else None
+
+    @model_validator(mode="after")
+    def _jetstream_for_nats(self) -> BusSpec:
+        if self.jetstream is not None and not self.is_nats:
+            raise PydanticCustomError(
+                "bus", "`jetstream` configures a NATS bus; remove it, or make bus.url nats:// (or tls://)",
+                {"at": ("jetstream",)},
+            )
+        return self
 
 
 class OutboxSpec(Strict):
@@ -383,7 +432,8 @@ class RelaySpec(Strict):
     idle_interval: Seconds = Field(default=0.2, description="how often an idle relay looks for new records")
     backoff_max: Seconds = Field(default=30.0, description="retry ceiling while Redis is unreachable")
     maxlen: int | None = Field(
-        default=None, ge=1, description="approximate `MAXLEN ~` trim per stream; none keeps every entry"
+        default=None, ge=1, description="approximate `MAXLEN ~` trim per stream; none keeps every entry (NATS: "
+        "the `max_msgs_per_subject` of a JetStream stream straw creates)"
     )
 
 
@@ -585,6 +635,19 @@ class Config(Strict):
                 raise PydanticCustomError(
                     "stream", "RabbitMQ cannot take this stream name: it {problem}; choose another `stream`",
                     {"problem": problem, "at": ("sources", index, "stream")},
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _stream_names_fit_the_bus(self) -> Config:
+        if not self.bus_spec.is_nats:
+            return self
+        for index, source in enumerate(self.sources):
+            problem = subject_problem(source.stream)
+            if problem:
+                raise PydanticCustomError(
+                    "name", problem + "; the stream name is the subject on NATS, e.g. 'erp.orders'",
+                    {"at": ("sources", index, "stream")},
                 )
         return self
 

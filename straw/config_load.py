@@ -414,6 +414,8 @@ def _anchor_paths(config: Config, base: Path, file: str, lines: dict[Path_, int]
     # resolve(): the paths straw shows and opens read cleanly, without `..`.
     outbox_path = (base / config.outbox.path.expanduser()).resolve()
     redis_password = urlsplit(config.bus_spec.url).password
+    if redis_password is None and config.bus_spec.is_nats:
+        redis_password = urlsplit(config.bus_spec.url).username  # nats://TOKEN@host: the user part is the token
     if redis_password:  # written inline or substituted: either way it is the password
         register_secret(redis_password)
         register_secret(unquote(redis_password))

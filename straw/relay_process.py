@@ -101,7 +101,10 @@ def child_main() -> int:
         outbox = Outbox(config.outbox.path, synchronous="NORMAL")
         bus = config.bus_spec
         run_relay(
-            lambda: open_bus(bus.url, socket_timeout=bus.socket_timeout, maxlen=config.relay.maxlen),
+            lambda: open_bus(
+                bus.url, socket_timeout=bus.socket_timeout, maxlen=config.relay.maxlen,
+                jetstream=bus.jetstream_options(),
+            ),
             outbox,
             config.streams,
             stop=stop,
@@ -145,14 +148,14 @@ class RelayProcess:
             env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
         )
         assert self._process.stdin is not None
+        config = self.config.model_dump(mode="json", by_alias=True)
+        if self.config.bus is not None:
+            config.pop("redis")  # its defaults would read as given beside `bus`, which the config refuses
         setup = {
             "parent": os.getpid(),
             "secrets": registered_secrets(),
             "log_level": self.log_level,
-            # `redis` only if the file gave it: its default beside a `bus:` would fail the child's validation.
-            "config": self.config.model_dump(
-                mode="json", by_alias=True, exclude=None if "redis" in self.config.model_fields_set else {"redis"}
-            ),
+            "config": config,
         }
         self._process.stdin.write(orjson.dumps(setup) + b"\n")
         self._process.stdin.flush()

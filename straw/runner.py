@@ -396,7 +396,8 @@ class Runner:
         credentials are final: no use waiting for them.
         """
         if not outbox.stream_known(stream):
-            bus = open_bus(self.config.bus_spec.url, socket_timeout=min(self.config.bus_spec.socket_timeout, 5.0))
+            spec = self.config.bus_spec
+            bus = open_bus(spec.url, socket_timeout=min(spec.socket_timeout, 5.0), jetstream=spec.jetstream_options())
             try:
                 adopt_streams(bus, outbox, [stream])
             except BusRefused as exc:

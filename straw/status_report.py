@@ -25,7 +25,7 @@ T = TypeVar("T")
 
 def with_bus(config: Config, action: Callable[[Bus], T], timeout: float = 3.0) -> T | str:
     """Run `action` against the bus, or return why it could not be reached (one line, redacted)."""
-    bus = open_bus(config.bus_spec.url, socket_timeout=timeout)
+    bus = open_bus(config.bus_spec.url, socket_timeout=timeout, jetstream=config.bus_spec.jetstream_options())
     try:
         return action(bus)
     except BusRefused as exc:
@@ -124,7 +124,7 @@ def status_document(
         stream_rows.append({
             "stream": name,
             "length": lengths.get(name, 0) if isinstance(lengths, dict) else None,
-            "checkpoint": checkpoint_label(config.bus_spec.url, name),
+            "checkpoint": checkpoint_label(config.bus_spec.url, name, config.bus_spec.jetstream_options()),
             "published_seq": known.published_seq if known else 0,
             "backlog": known.backlog if known else 0,
             "oldest_unpublished_age": age_seconds(oldest),

@@ -25,7 +25,7 @@ from typing import IO, Any
 
 import redis
 
-from bus.redis import read_checkpoint
+from bus.redis import RedisBus
 from bus.seam import Bus
 from straw.records import source_uri
 
@@ -38,16 +38,9 @@ SOURCE = source_uri("test", "orders")  # orders_config's instance and source nam
 PACED = {"batch_size": 50, "relay_batch_size": 100, "poll_interval": 0.05, "max_rows_per_poll": 100}
 
 
-# A Redis client, or another bus (its stream length and checkpoint through the seam).
-Probe = redis.Redis | Bus
-
-
-def stream_length(client: Probe, stream: str) -> int:
-    return int(client.xlen(stream)) if isinstance(client, redis.Redis) else client.length(stream)
-
-
-def checkpoint_seq(client: Probe, stream: str) -> int:
-    return read_checkpoint(client, stream).seq if isinstance(client, redis.Redis) else client.checkpoint(stream).seq
+def as_bus(client: redis.Redis | Bus) -> Bus:
+    """The crash loop watches any bus through the seam; a Redis client is the Redis bus."""
+    return RedisBus(client) if isinstance(client, redis.Redis) else client
 
 
 def straw_command(config: Path, *args: str) -> list[str]:
@@ -98,14 +91,14 @@ def kill_hard(proc: subprocess.Popen[bytes], whole_group: bool) -> None:
 
 
 def run_and_kill(
-    config: Path, client: Probe, stream: str, rng: random.Random, log: IO[bytes], final: int | None = None
+    config: Path, client: redis.Redis | Bus, stream: str, rng: random.Random, log: IO[bytes], final: int | None = None
 ) -> str:
     """Start `straw run`, SIGKILL it at a random moment; say where the moment fell.
 
     With `final` (the stream's length once all is published), while work is left,
     the kills after start-up wait for a random point in the next eighth of it
     rather than a random time, so they land mid-work however fast the machine is."""
-    before = stream_length(client, stream)
+    before = as_bus(client).length(stream)
     proc = spawn_straw(config, log)
     choice = rng.random()
     if choice < 0.3:
@@ -113,13 +106,13 @@ def run_and_kill(
     elif final is not None and final > before:
         target = before + rng.randint(1, max(1, (final - before) // 8))
         deadline = time.monotonic() + 10.0
-        while stream_length(client, stream) < target and proc.poll() is None and time.monotonic() < deadline:
+        while as_bus(client).length(stream) < target and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.001)
     else:
         # Mid-work: a little after this run's first relay round, however slow the start was
         # (or, once everything is published, after a while: an idle straw is killed too).
         deadline = time.monotonic() + 2.0
-        while stream_length(client, stream) == before and proc.poll() is None and time.monotonic() < deadline:
+        while as_bus(client).length(stream) == before and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
         time.sleep(rng.uniform(0.0, 0.5))
     assert proc.poll() is None, f"straw exited by itself (code {proc.returncode}):\n{tail(Path(log.name))}"
@@ -127,7 +120,7 @@ def run_and_kill(
     return where_it_died(config.parent / "outbox.db", client, stream)
 
 
-def where_it_died(outbox_path: Path, client: Probe, stream: str) -> str:
+def where_it_died(outbox_path: Path, client: redis.Redis | Bus, stream: str) -> str:
     """Read the state a kill left behind (for the printed summary; the child is dead)."""
     if not outbox_path.exists():
         return "start-up: no outbox yet"
@@ -139,8 +132,8 @@ def where_it_died(outbox_path: Path, client: Probe, stream: str) -> str:
             return "start-up: outbox not set up"
     if row is None:
         return "start-up: stream not adopted"
-    if checkpoint_seq(client, stream) > row[0]:
-        return "between the write to Redis and the local mark"
+    if as_bus(client).checkpoint(stream).seq > row[0]:
+        return "between the write to the bus and the local mark"
     return "records waiting in the outbox" if waiting else "outbox empty"
 
 
@@ -188,7 +181,7 @@ def assert_ends_in(entries: list[dict[str, Any]], final: dict[str, str]) -> None
 
 def crash_loop(
     config: Path,
-    client: Probe,
+    client: redis.Redis | Bus,
     stream: str,
     kills: int,
     between: Callable[[random.Random], None] | None = None,
@@ -207,7 +200,7 @@ def crash_loop(
         for _ in range(kills):
             goal = final() if final is not None else None
             phases[run_and_kill(config, client, stream, rng, log, goal)] += 1
-            lengths.append(stream_length(client, stream))
+            lengths.append(as_bus(client).length(stream))
             if between is not None:
                 between(rng)
     print("where the kills landed:", dict(phases))
@@ -218,3 +211,15 @@ def crash_loop(
 def assert_kills_landed_mid_work(lengths: list[int], final: int) -> None:
     # The pacing guarantees this; without it the test would prove nothing.
     assert sum(n < final for n in lengths) >= 3, f"too few kills landed while there was work: {lengths}"
+
+
+def assert_outbox_done(path: Path, rows: int) -> None:
+    """The outbox read every row, published every row, holds nothing back."""
+    from outbox.store import Outbox
+
+    outbox = Outbox(path)
+    try:
+        (state,) = outbox.sources()
+        assert (state.rows_read, state.rows_published, outbox.backlog()) == (rows, rows, 0)
+    finally:
+        outbox.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import redis
@@ -25,6 +26,17 @@ def _sql(url: str) -> str | None:
         engine.dispose()
 
 
+def _nats() -> str:
+    from fixtures.private_nats import nats_server_binary
+    from tests.nats_support import NATS_URL, _alive
+
+    if asyncio.run(_alive(NATS_URL)):
+        return f"nats: {NATS_URL} (JetStream)"
+    binary = nats_server_binary()
+    return (f"nats: {NATS_URL} not reachable; tests start a private server from {binary}" if binary else
+            f"nats: MISSING: no JetStream at {NATS_URL} and no nats-server binary; its tests are skipped")
+
+
 def main() -> None:
     url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
     try:
@@ -36,6 +48,7 @@ def main() -> None:
         line = f"redis: {url} not reachable; tests start a private server from {binary}" if binary else (
             "redis: MISSING: no server at {url} and no redis-server binary; install redis-server")
     print(line)
+    print(_nats())
     for name, admin, hint in (
         ("postgresql", PG_ADMIN_URL, "set STRAW_TEST_PG_URL or start PostgreSQL; its tests are skipped"),
         ("mariadb", MARIADB_ADMIN_URL, "set STRAW_TEST_MARIADB_URL or start MariaDB; its tests are skipped"),

@@ -16,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 import redis
@@ -70,25 +71,32 @@ def waiting(status: str) -> int:
     return int(found.group(1))
 
 
-@pytest.mark.parametrize("outage", ["kill", "stop"])
-def test_rows_wait_in_the_outbox_while_redis_is_down_and_land_once(
-    outage: str, tmp_path: Path, sqlite_url: str, private_redis: RedisServer
+class Server(Protocol):
+    """A private server a test may take down and bring back (same port, same data)."""
+
+    def kill(self) -> None: ...
+    def stop(self) -> None: ...
+    def start(self) -> object: ...
+
+
+def live_outage(
+    config: Path, engine: Engine, table: Table, server: Server, outage: str, length: Callable[[], int], bus: str,
+    down_for: float = 0.0,
 ) -> None:
-    engine = create_engine(sqlite_url)
-    table = create_orders(engine, 200)
-    config = orders_config(
-        tmp_path, db_url=sqlite_url, redis_url=private_redis.url, stream=STREAM, batch_size=50, relay_batch_size=100
-    )
-    url, logged = private_redis.url, tmp_path / "straw.log"
+    """`straw run` publishes 200 rows; more arrive; the bus goes down (`kill` or `stop`) for at least `down_for`
+    seconds while rows keep arriving; `straw status` shows them waiting and why ("<bus> unreachable"); the bus
+    comes back and all 1,450 rows land; SIGTERM ends straw cleanly. `length()` is the stream's, -1 while down."""
+    logged = config.parent / "straw.log"
     with logged.open("ab") as log:
         proc = spawn_straw(config, log)
         try:
-            wait_for(lambda: stream_length(url) == 200, "the first 200 rows", logged)
+            wait_for(lambda: length() == 200, "the first 200 rows", logged)
             add_orders(engine, table, 201, 100)
             time.sleep(0.2)  # rows keep arriving while straw polls
             add_orders(engine, table, 301, 1000)
             time.sleep(0.05)  # the outage lands while straw polls and publishes these
-            private_redis.kill() if outage == "kill" else private_redis.stop()
+            server.kill() if outage == "kill" else server.stop()
+            down_at = time.monotonic()
 
             for first in (1301, 1351):
                 add_orders(engine, table, first, 50)
@@ -98,15 +106,16 @@ def test_rows_wait_in_the_outbox_while_redis_is_down_and_land_once(
             def outbox_holds_them() -> bool:
                 nonlocal status
                 status = straw_status(config)
-                return waiting(status) >= 100 and "redis unreachable" in status
+                return waiting(status) >= 100 and f"{bus} unreachable" in status
 
             wait_for(outbox_holds_them, "`straw status` to show records waiting and why", logged, timeout=30)
             print(status)
-            assert stream_length(url) == -1, "Redis should still be down"
+            assert length() == -1, f"{bus} should still be down"
+            time.sleep(max(0.0, down_for - (time.monotonic() - down_at)))
 
-            private_redis.start()  # same port, same data directory
+            server.start()  # same port, same data directory
             add_orders(engine, table, 1401, 50)
-            wait_for(lambda: stream_length(url) == 1450, "all 1450 rows in the stream after the restart", logged)
+            wait_for(lambda: length() == 1450, "all 1450 rows in the stream after the restart", logged)
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=30)
         finally:
@@ -115,6 +124,19 @@ def test_rows_wait_in_the_outbox_while_redis_is_down_and_land_once(
                 proc.wait()
     engine.dispose()
     assert code == 0, f"straw exited with {code} after SIGTERM:\n{tail(logged)}"
+
+
+@pytest.mark.parametrize("outage", ["kill", "stop"])
+def test_rows_wait_in_the_outbox_while_redis_is_down_and_land_once(
+    outage: str, tmp_path: Path, sqlite_url: str, private_redis: RedisServer
+) -> None:
+    engine = create_engine(sqlite_url)
+    table = create_orders(engine, 200)
+    config = orders_config(
+        tmp_path, db_url=sqlite_url, redis_url=private_redis.url, stream=STREAM, batch_size=50, relay_batch_size=100
+    )
+    url = private_redis.url
+    live_outage(config, engine, table, private_redis, outage, lambda: stream_length(url), "redis")
 
     client = redis.Redis.from_url(url)
     try:
