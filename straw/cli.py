@@ -1,4 +1,4 @@
-"""The `straw` command: run, check, preview, status, stream, dead-letters."""
+"""The `straw` command: run, check, preview, status, stream, replay, dead-letters."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from adapters.db.budget import check_budget
 from bus.connect import open_bus
 from bus.redis import checkpoint_key
 from bus.seam import Bus, BusDown, BusRefused, Published
-from outbox.lock import OutboxBusy
+from outbox.lock import OutboxBusy, OutboxLock
 from outbox.store import Outbox, OutboxError, SourceState
 from straw import logs
 from straw.config import Config, DatabaseSpec, DbSourceSpec
@@ -337,6 +337,7 @@ def status(
         dead = outbox.dead_letter_counts()
         streams = {s.stream: s for s in outbox.streams()}
         backlog = outbox.backlog()
+        size = outbox.size()
     specs = {s.name: s for s in config.sources}
     names = list(specs)
     listed = _ordered_sources(names, states, state_filter, sort)
@@ -366,13 +367,16 @@ def status(
             "checkpoint": checkpoint_key(stream_name),
             "published_seq": known.published_seq if known else 0,
             "backlog": known.backlog if known else 0,
+            "retained": {"records": known.retained.records, "first_seq": known.retained.first,
+                         "last_seq": known.retained.last} if known else None,
+            "rollback": known.rollback.describe() if known and known.rollback else None,
             "last_publish": _when(known.published_at if known else None),
             "error": redact(known.error) if known and known.error
             else (f"redis {redis_error}" if redis_error else None),
         })
     if as_json:
         document = {"sources": sources, "streams": stream_rows,
-                    "outbox": {"path": str(config.outbox.path), "backlog": backlog}}
+                    "outbox": {"path": str(config.outbox.path), "backlog": backlog, "bytes": size}}
         sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
         return
     # In a log or a pipe nothing is cut: the error column is what an operator greps for.
@@ -392,15 +396,23 @@ def status(
         )
     shown.print(table)
     table = Table(title="streams")
-    for column in ("stream", "length", "checkpoint", "published seq", "backlog", "last publish", "error"):
+    for column in ("stream", "length", "checkpoint", "published seq", "backlog", "retained", "last publish",
+                   "rollback", "error"):
         table.add_column(column)
     for row in stream_rows:
         table.add_row(
             row["stream"], "?" if row["length"] is None else str(row["length"]), row["checkpoint"],
-            str(row["published_seq"]), str(row["backlog"]), row["last_publish"], Text(row["error"] or "", style="red"),
+            str(row["published_seq"]), str(row["backlog"]), _retained_cell(row["retained"]), row["last_publish"],
+            Text(row["rollback"] or "", style="red"), Text(row["error"] or "", style="red"),
         )
     shown.print(table)
-    out.print(f"outbox {config.outbox.path}: {backlog} records waiting", highlight=False)
+    out.print(f"outbox {config.outbox.path}: {backlog} records waiting, {size / 1e6:.1f} MB", highlight=False)
+
+
+def _retained_cell(retained: dict[str, Any] | None) -> str:
+    if not retained or not retained["records"]:
+        return "0"
+    return f"{retained['records']} (seq {retained['first_seq']}..{retained['last_seq']})"
 
 
 @app.command()
@@ -429,6 +441,44 @@ def stream(
             data = orjson.dumps(event["data"]).decode()
             table.add_row(entry.entry_id, str(entry.seq), event["type"], Text(event["subject"]), Text(data))
         out.print(table)
+
+
+@app.command()
+def replay(
+    stream_name: Annotated[str, typer.Argument(metavar="STREAM", help="The stream the bus lost records of.")],
+    config_path: ConfigOption = None,
+) -> None:
+    """After a bus rollback beyond the outbox's retention: read the lost records again from the sources.
+
+    Run it with straw stopped. The stream's records above the bus checkpoint are dropped from the
+    outbox; incremental sources go back to their positions on the checkpoint, snapshot sources list
+    everything again. The next `straw run` re-publishes them (with new seqs: the lost ones stay a gap).
+    """
+    config = _load(config_path)
+    if stream_name not in config.streams:
+        _fail(f"no source publishes to stream {stream_name!r}; the configured streams: {', '.join(config.streams)}")
+    ckpt = _bus_or_none(config, lambda bus: bus.checkpoint(stream_name))
+    if isinstance(ckpt, str):
+        _fail(f"bus {ckpt}: the replay starts from the stream's checkpoint on the bus; try again once it is up")
+    try:
+        with OutboxLock(config.outbox.path), _outbox(config) as outbox:
+            published = outbox.published_seq(stream_name)
+            if ckpt.outbox not in (None, outbox.identity):
+                _fail(f"stream {stream_name!r}: its checkpoint was written by another outbox ({ckpt.outbox}); "
+                      "replay from the straw instance that publishes it")
+            if ckpt.seq >= published:
+                out.print(f"stream {stream_name}: nothing to replay: the bus holds seq {ckpt.seq}, this outbox "
+                          f"published up to seq {published}", highlight=False)
+                return
+            sources = [s.name for s in config.sources if s.stream == stream_name]
+            dropped, listed = outbox.replay(stream_name, ckpt.seq, {n: ckpt.positions.get(n) for n in sources})
+    except OutboxBusy as exc:
+        _fail(f"{exc} (stop straw before a replay)")
+    out.print(f"stream {stream_name}: dropped {dropped} records above seq {ckpt.seq} (the bus checkpoint); "
+              "the next `straw run` reads them again:", highlight=False)
+    for name in sources:
+        again = "a full listing" if name in listed else f"from position {ckpt.positions.get(name) or '(start)'}"
+        out.print(f"  {name}: {again}", markup=False, highlight=False)
 
 
 @app.command("dead-letters")

@@ -297,16 +297,44 @@ class RedisSpec(Strict):
     socket_timeout: Seconds = 10.0
 
 
+class Durability(StrEnum):
+    ACK = "ack"  # the bus answered: on Redis, in the primary's memory
+    REPLICATED = "replicated"  # and `replicas` replicas have it (Redis WAIT)
+    FSYNC = "fsync"  # and it is on disk on the primary and `replicas` replicas (Redis WAITAOF, Redis 7.2+)
+
+
 class BusSpec(Strict):
     """The bus the relay publishes to; `redis:` is the older spelling of a Redis bus."""
 
     url: BusUrl = Field(description="redis://, rediss://, unix:// (Redis Streams); nats://, tls:// (NATS "
                         "JetStream); rabbitmq-stream://, rabbitmq-stream+tls:// (RabbitMQ Streams)")
     socket_timeout: Seconds = 10.0
+    durability: Durability = Field(
+        default=Durability.ACK, description="what a publish waits for before its records count as published"
+    )
+    replicas: int = Field(default=1, ge=0, le=100, description="replicas that must confirm (replicated, fsync)")
+    durability_timeout: Seconds = Field(
+        default=5.0, description="longest wait for the replicas; then the publish is retried as with a bus down"
+    )
+
+
+class RetainSpec(Strict):
+    """Published records kept in the outbox, to re-publish what a bus rollback loses: the newest are kept
+    while all three limits hold (each per stream)."""
+
+    age: Seconds = Field(default=86_400.0, description="how long after publishing ('24h'); 0 keeps none")
+    records: int = Field(default=1_000_000, ge=0, description="at most this many records per stream")
+    megabytes: int = Field(default=1024, ge=0, description="at most this many MB of events per stream")
+
+
+def _retain_shorthand(value: Any) -> Any:
+    # `retain: 24h` is the age alone.
+    return {"age": value} if isinstance(value, str | int | float) and not isinstance(value, bool) else value
 
 
 class OutboxSpec(Strict):
     path: Path = Path("var/outbox.db")
+    retain: Annotated[RetainSpec, BeforeValidator(_retain_shorthand)] = RetainSpec()
 
 
 class RelaySpec(Strict):

@@ -24,9 +24,9 @@ from typing import IO, Any
 import orjson
 
 from bus.connect import open_bus
-from bus.seam import BusRefused
-from outbox.relay import Health, run_relay
-from outbox.store import Outbox, OutboxError
+from bus.seam import BusRefused, Durability
+from outbox.relay import Gap, Health, run_relay
+from outbox.store import Keep, Outbox, OutboxError
 from straw import logs
 from straw.config import Config
 from straw.redact import redact, register_secret, registered_secrets
@@ -92,8 +92,12 @@ def child_main() -> int:
         # the Redis checkpoint says what was published and the next round reconciles.
         outbox = Outbox(config.outbox.path, synchronous="NORMAL")
         bus = config.bus_spec
+        durability = Durability(bus.durability.value, bus.replicas, bus.durability_timeout)
+        retain = config.outbox.retain
         run_relay(
-            lambda: open_bus(bus.url, socket_timeout=bus.socket_timeout, maxlen=config.relay.maxlen),
+            lambda: open_bus(
+                bus.url, socket_timeout=bus.socket_timeout, maxlen=config.relay.maxlen, durability=durability
+            ),
             outbox,
             config.streams,
             stop=stop,
@@ -103,8 +107,9 @@ def child_main() -> int:
             drained=drained.is_set,
             wake=wake,
             health=ReportingHealth(stdout),
+            keep=Keep(retain.age, retain.records, retain.megabytes << 20),
         )
-    except (BusRefused, OutboxError) as exc:  # already the operator's one line
+    except (BusRefused, OutboxError, Gap) as exc:  # already the operator's one line
         _send(stdout, {"error": redact(str(exc))})
         return 1
     except Exception as exc:
