@@ -87,7 +87,7 @@ INSERT OR IGNORE INTO retention (stream, pruned_seq) SELECT stream, published_se
 
 # Pending records over all streams, each stream one range of records_stream_seq (retained rows are never
 # read); the stream names come from that index too (a skip-scan), so a stream not adopted yet counts whole.
-_BACKLOG = """
+BACKLOG_QUERY = """
 WITH RECURSIVE names(stream) AS (
     SELECT min(stream) FROM records
     UNION ALL SELECT (SELECT min(stream) FROM records WHERE stream > names.stream) FROM names WHERE stream IS NOT NULL
@@ -638,7 +638,7 @@ class Outbox:
 
     def backlog(self) -> int:
         """Records not yet published, over all streams (retained ones are not counted)."""
-        return int(self.db.execute(_BACKLOG).fetchone()[0])
+        return int(self.db.execute(BACKLOG_QUERY).fetchone()[0])
 
     def size(self) -> int:
         """Bytes the outbox file takes (its WAL apart)."""
