@@ -143,7 +143,10 @@ class RelayProcess:
             "parent": os.getpid(),
             "secrets": registered_secrets(),
             "log_level": self.log_level,
-            "config": self.config.model_dump(mode="json", by_alias=True),
+            # `bus:` and `redis:` together are refused: a dump would set the default `redis:` too.
+            "config": self.config.model_dump(
+                mode="json", by_alias=True, exclude={"redis"} if self.config.bus is not None else None
+            ),
         }
         self._process.stdin.write(orjson.dumps(setup) + b"\n")
         self._process.stdin.flush()
