@@ -143,6 +143,7 @@ def test_failover_to_a_lagging_replica(durability: str, tmp_path: Path, sqlite_u
     primary = start_private_redis(tmp_path / "primary", persist=False)
     replica = start_replica(tmp_path / "replica", primary)
     to_primary, to_replica = redis.Redis.from_url(primary.url), redis.Redis.from_url(replica.url)
+    spare: RedisServer | None = None
     try:
         engine = create_engine(sqlite_url)
         table = create_orders(engine, 200)
@@ -172,6 +173,8 @@ def test_failover_to_a_lagging_replica(durability: str, tmp_path: Path, sqlite_u
         primary.kill()
         to_replica.replicaof("NO", "ONE")
         assert to_replica.xlen(STREAM) == 200
+        if durability == "replicated":  # the new primary gets a replica of its own to confirm publishes
+            spare = start_replica(tmp_path / "spare", replica)
 
         add_orders(engine, table, 301, 50)
         rewrite(config, bus={**bus, "url": replica.url})
@@ -190,8 +193,9 @@ def test_failover_to_a_lagging_replica(durability: str, tmp_path: Path, sqlite_u
     finally:
         to_primary.close()
         to_replica.close()
-        primary.kill()
-        replica.kill()
+        for server in (primary, replica, spare):
+            if server is not None:
+                server.kill()
 
 
 def test_a_rollback_beyond_the_retention_stops_the_stream_until_replayed(tmp_path: Path, sqlite_url: str) -> None:
