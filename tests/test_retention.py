@@ -206,7 +206,8 @@ def test_retain_and_durability_are_configured_and_checked(tmp_path: Path) -> Non
     assert (config.outbox.retain.age, config.outbox.retain.records) == (7200.0, 1_000_000)
     bad = [
         ("  path: var/outbox.db\n", "  path: x.db\n  retain: soon\n", "outbox.retain", "not a duration: 'soon'"),
-        ("  path: var/outbox.db\n", "  path: x.db\n  retain: {records: -1}\n", "outbox.retain.records", "greater than or equal to 0"),
+        ("  path: var/outbox.db\n", "  path: x.db\n  retain: {records: -1}\n", "outbox.retain.records",
+         "greater than or equal to 0"),
         ("redis:\n  url: redis://127.0.0.1:6379/0\n", "bus:\n  url: redis://127.0.0.1:6379/0\n  durability: always\n",
          "bus.durability", "'ack', 'replicated' or 'fsync'"),
     ]
