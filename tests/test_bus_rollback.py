@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,23 +80,40 @@ def run_ok(config: Path) -> str:
     return done.stderr
 
 
-def test_a_restart_from_an_older_snapshot_is_repaired_from_the_outbox(tmp_path: Path, sqlite_url: str) -> None:
-    """The issue's scenario: 500 published, snapshot, 500 more, restart from the snapshot, 100 new."""
-    server = start_private_redis(tmp_path / "redis", persist=False)  # RDB only: SAVE is the snapshot
+@contextmanager
+def orders_on_private_redis(
+    tmp_path: Path, sqlite_url: str, rows: int, relay_batch_size: int
+) -> Iterator[tuple[RedisServer, redis.Redis, Engine, Table, Path]]:
+    """A legacy ORDERS table of `rows`, a private Redis (RDB only: SAVE is the snapshot) and a config."""
+    server = start_private_redis(tmp_path / "redis", persist=False)
     client = redis.Redis.from_url(server.url)
     try:
         engine = create_engine(sqlite_url)
-        table = create_orders(engine, 500)
+        table = create_orders(engine, rows)
         config = orders_config(tmp_path, db_url=sqlite_url, redis_url=server.url, stream=STREAM,
-                               relay_batch_size=200)
-        run_ok(config)
-        client.save()
-        add_orders(engine, table, 501, 500)
-        run_ok(config)
-        assert client.xlen(STREAM) == 1000
+                               relay_batch_size=relay_batch_size)
+        yield server, client, engine, table, config
+    finally:
         client.close()
         server.kill()
-        server.start()  # loads the snapshot: the stream and its checkpoint are back at 500
+
+
+def restart_from_snapshot(server: RedisServer, client: redis.Redis, config: Path, more: Callable[[], None]) -> None:
+    """Publish what the source holds, snapshot (SAVE), add `more` and publish it, then restart Redis from the
+    snapshot: the stream and its checkpoint go back to the first run's, the outbox remembers the second."""
+    run_ok(config)
+    client.save()
+    more()
+    run_ok(config)
+    client.close()  # its pooled connection dies with the server; the next command opens a new one
+    server.kill()
+    server.start()
+
+
+def test_a_restart_from_an_older_snapshot_is_repaired_from_the_outbox(tmp_path: Path, sqlite_url: str) -> None:
+    """The issue's scenario: 500 published, snapshot, 500 more, restart from the snapshot, 100 new."""
+    with orders_on_private_redis(tmp_path, sqlite_url, 500, 200) as (server, client, engine, table, config):
+        restart_from_snapshot(server, client, config, lambda: add_orders(engine, table, 501, 500))
         assert client.xlen(STREAM) == 500
         add_orders(engine, table, 1001, 100)
 
@@ -111,9 +130,6 @@ def test_a_restart_from_an_older_snapshot_is_repaired_from_the_outbox(tmp_path: 
                                              "re-published seq 501..1000 at ")
         assert status["error"] is None and status["backlog"] == 0
         assert status["retained"]["records"] == 1100  # the default retention keeps all of it
-    finally:
-        client.close()
-        server.kill()
 
 
 def start_replica(directory: Path, primary: RedisServer) -> RedisServer:
@@ -130,7 +146,7 @@ def start_replica(directory: Path, primary: RedisServer) -> RedisServer:
 
 def caught_up(primary: redis.Redis) -> bool:
     info = primary.info("replication")
-    return info.get("slave0", {}).get("offset", -1) >= info["master_repl_offset"]
+    return bool(info.get("slave0", {}).get("offset", -1) >= info["master_repl_offset"])
 
 
 @pytest.mark.parametrize("durability", ["ack", "replicated"])
@@ -199,22 +215,10 @@ def test_failover_to_a_lagging_replica(durability: str, tmp_path: Path, sqlite_u
 
 
 def test_a_rollback_beyond_the_retention_stops_the_stream_until_replayed(tmp_path: Path, sqlite_url: str) -> None:
-    server = start_private_redis(tmp_path / "redis", persist=False)
-    client = redis.Redis.from_url(server.url)
-    try:
-        engine = create_engine(sqlite_url)
-        table = create_orders(engine, 300)
-        config = orders_config(tmp_path, db_url=sqlite_url, redis_url=server.url, stream=STREAM,
-                               relay_batch_size=100)
+    with orders_on_private_redis(tmp_path, sqlite_url, 300, 100) as (server, client, engine, table, config):
         document = yaml.safe_load(config.read_text())
         rewrite(config, outbox={**document["outbox"], "retain": {"records": 100}})  # the newest batch only
-        run_ok(config)
-        client.save()
-        add_orders(engine, table, 301, 300)
-        run_ok(config)
-        client.close()
-        server.kill()
-        server.start()
+        restart_from_snapshot(server, client, config, lambda: add_orders(engine, table, 301, 300))
         assert client.xlen(STREAM) == 300
         add_orders(engine, table, 601, 50)
 
@@ -241,6 +245,3 @@ def test_a_rollback_beyond_the_retention_stops_the_stream_until_replayed(tmp_pat
         assert_exactly_once(entries, expected(650))  # the same ids: replayed, not invented
         assert in_order(entries) == list(range(1, 651))
         assert stream_status(config)["error"] is None
-    finally:
-        client.close()
-        server.kill()

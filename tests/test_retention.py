@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import redis
@@ -111,24 +112,31 @@ def test_retained_records_do_not_count_as_backlog_and_pending_skips_them(tmp_pat
 
 def roll_back(client: redis.Redis, stream: str, to: int) -> None:
     """What a restart from an older snapshot leaves: the stream's first entries and a checkpoint at `to`."""
-    kept = [(fields) for _id, fields in client.xrange(stream)][:to]
+    entries = cast(list[tuple[bytes, dict[Any, Any]]], client.xrange(stream))
+    kept = [fields for _id, fields in entries][:to]
     client.delete(stream)
     for fields in kept:
         client.xadd(stream, fields)
     client.hset(checkpoint_key(stream), "seq", to)
 
 
+def published(directory: Path, redis_url: str, stream: str, count: int) -> Outbox:
+    """An outbox that has published `count` records to `stream`."""
+    outbox = Outbox(directory / "outbox.db")
+    outbox.adopt(stream, 0, {})
+    fill(outbox, stream, count)
+    relay = Relay(RedisBus(redis.Redis.from_url(redis_url)), outbox, batch_size=7)
+    while relay.publish(stream).more:
+        pass
+    assert outbox.published_seq(stream) == count
+    return outbox
+
+
 def test_the_relay_repairs_a_rollback_and_never_prunes_what_it_must_resend(
     tmp_path: Path, redis_client: redis.Redis, redis_url: str, stream_name: str
 ) -> None:
-    outbox = Outbox(tmp_path / "outbox.db")
+    outbox = published(tmp_path, redis_url, stream_name, 30)
     try:
-        outbox.adopt(stream_name, 0, {})
-        fill(outbox, stream_name, 30)
-        relay = Relay(RedisBus(redis.Redis.from_url(redis_url)), outbox, batch_size=7)
-        while relay.publish(stream_name).more:
-            pass
-        assert outbox.published_seq(stream_name) == 30
         roll_back(redis_client, stream_name, 10)
         fill(outbox, stream_name, 5)
 
@@ -150,12 +158,8 @@ def test_the_relay_repairs_a_rollback_and_never_prunes_what_it_must_resend(
 def test_a_rollback_under_another_outbox_is_split_brain(
     tmp_path: Path, redis_client: redis.Redis, redis_url: str, stream_name: str
 ) -> None:
-    outbox = Outbox(tmp_path / "outbox.db")
+    outbox = published(tmp_path, redis_url, stream_name, 5)
     try:
-        outbox.adopt(stream_name, 0, {})
-        fill(outbox, stream_name, 5)
-        relay = Relay(RedisBus(redis.Redis.from_url(redis_url)), outbox)
-        relay.publish(stream_name)
         redis_client.hset(checkpoint_key(stream_name), mapping={"seq": 2, "outbox": "someone-else"})
         with pytest.raises(SplitBrain, match="was written by outbox someone-else: the bus lost records"):
             Relay(RedisBus(redis.Redis.from_url(redis_url)), outbox).publish(stream_name)
