@@ -396,14 +396,14 @@ def status(
         )
     shown.print(table)
     table = Table(title="streams")
-    for column in ("stream", "length", "checkpoint", "published seq", "backlog", "retained", "last publish",
-                   "rollback", "error"):
+    for column in ("stream", "length", "checkpoint", "published seq", "backlog", "last publish", "error",
+                   "retained", "rollback"):
         table.add_column(column)
     for row in stream_rows:
         table.add_row(
             row["stream"], "?" if row["length"] is None else str(row["length"]), row["checkpoint"],
-            str(row["published_seq"]), str(row["backlog"]), _retained_cell(row["retained"]), row["last_publish"],
-            Text(row["rollback"] or "", style="red"), Text(row["error"] or "", style="red"),
+            str(row["published_seq"]), str(row["backlog"]), row["last_publish"], Text(row["error"] or "", style="red"),
+            _retained_cell(row["retained"]), Text(row["rollback"] or "", style="red"),
         )
     shown.print(table)
     out.print(f"outbox {config.outbox.path}: {backlog} records waiting, {size / 1e6:.1f} MB", highlight=False)
