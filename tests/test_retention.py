@@ -155,6 +155,26 @@ def test_the_relay_repairs_a_rollback_and_never_prunes_what_it_must_resend(
         outbox.close()
 
 
+def test_a_repair_cut_short_resumes_as_the_same_rollback(
+    tmp_path: Path, redis_client: redis.Redis, redis_url: str, stream_name: str
+) -> None:
+    """The repair's progress is the bus checkpoint itself: a relay that dies mid-repair leaves nothing to undo."""
+    outbox = published(tmp_path, redis_url, stream_name, 30)
+    try:
+        roll_back(redis_client, stream_name, 10)
+        Relay(RedisBus(redis.Redis.from_url(redis_url)), outbox, batch_size=7).publish(stream_name)  # then "dies"
+        assert redis_client.xlen(stream_name) == 17
+        second = Relay(RedisBus(redis.Redis.from_url(redis_url)), outbox, batch_size=7)
+        while second.publish(stream_name).more:
+            pass
+        assert [e["seq"] for e in read_stream(redis_client, stream_name)] == list(range(1, 31))
+        assert outbox.db.execute("SELECT count(*) FROM rollbacks").fetchone()[0] == 1
+        rollback = outbox.rollback(stream_name)
+        assert rollback is not None and rollback.repaired_at is not None and not second.repairing
+    finally:
+        outbox.close()
+
+
 def test_a_rollback_under_another_outbox_is_split_brain(
     tmp_path: Path, redis_client: redis.Redis, redis_url: str, stream_name: str
 ) -> None:
