@@ -9,6 +9,8 @@ end-to-end cases with real restarts and failovers are in test_bus_rollback.py.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -120,23 +122,32 @@ def roll_back(client: redis.Redis, stream: str, to: int) -> None:
     client.hset(checkpoint_key(stream), "seq", to)
 
 
-def published(directory: Path, redis_url: str, stream: str, count: int) -> Outbox:
-    """An outbox that has published `count` records to `stream`."""
-    outbox = Outbox(directory / "outbox.db")
-    outbox.adopt(stream, 0, {})
-    fill(outbox, stream, count)
+def relay_all(redis_url: str, outbox: Outbox, stream: str) -> Relay:
+    """A new relay (as after a restart) that publishes until nothing is left."""
     relay = Relay(RedisBus(redis.Redis.from_url(redis_url)), outbox, batch_size=7)
     while relay.publish(stream).more:
         pass
-    assert outbox.published_seq(stream) == count
-    return outbox
+    return relay
+
+
+@contextmanager
+def published(directory: Path, redis_url: str, stream: str, count: int) -> Iterator[Outbox]:
+    """An outbox that has published `count` records to `stream`."""
+    outbox = Outbox(directory / "outbox.db")
+    try:
+        outbox.adopt(stream, 0, {})
+        fill(outbox, stream, count)
+        relay_all(redis_url, outbox, stream)
+        assert outbox.published_seq(stream) == count
+        yield outbox
+    finally:
+        outbox.close()
 
 
 def test_the_relay_repairs_a_rollback_and_never_prunes_what_it_must_resend(
     tmp_path: Path, redis_client: redis.Redis, redis_url: str, stream_name: str
 ) -> None:
-    outbox = published(tmp_path, redis_url, stream_name, 30)
-    try:
+    with published(tmp_path, redis_url, stream_name, 30) as outbox:
         roll_back(redis_client, stream_name, 10)
         fill(outbox, stream_name, 5)
 
@@ -151,40 +162,30 @@ def test_the_relay_repairs_a_rollback_and_never_prunes_what_it_must_resend(
         assert rollback.describe().startswith("bus checkpoint seq 10 below published seq 30: re-published seq 11..30")
         assert outbox.pruned_seq(stream_name) == 35  # once the bus holds all again, all of it may go
         assert outbox.sources()[0].rows_published == 35  # the re-published records are not counted twice
-    finally:
-        outbox.close()
 
 
 def test_a_repair_cut_short_resumes_as_the_same_rollback(
     tmp_path: Path, redis_client: redis.Redis, redis_url: str, stream_name: str
 ) -> None:
     """The repair's progress is the bus checkpoint itself: a relay that dies mid-repair leaves nothing to undo."""
-    outbox = published(tmp_path, redis_url, stream_name, 30)
-    try:
+    with published(tmp_path, redis_url, stream_name, 30) as outbox:
         roll_back(redis_client, stream_name, 10)
         Relay(RedisBus(redis.Redis.from_url(redis_url)), outbox, batch_size=7).publish(stream_name)  # then "dies"
         assert redis_client.xlen(stream_name) == 17
-        second = Relay(RedisBus(redis.Redis.from_url(redis_url)), outbox, batch_size=7)
-        while second.publish(stream_name).more:
-            pass
+        second = relay_all(redis_url, outbox, stream_name)
         assert [e["seq"] for e in read_stream(redis_client, stream_name)] == list(range(1, 31))
         assert outbox.db.execute("SELECT count(*) FROM rollbacks").fetchone()[0] == 1
         rollback = outbox.rollback(stream_name)
         assert rollback is not None and rollback.repaired_at is not None and not second.repairing
-    finally:
-        outbox.close()
 
 
 def test_a_rollback_under_another_outbox_is_split_brain(
     tmp_path: Path, redis_client: redis.Redis, redis_url: str, stream_name: str
 ) -> None:
-    outbox = published(tmp_path, redis_url, stream_name, 5)
-    try:
+    with published(tmp_path, redis_url, stream_name, 5) as outbox:
         redis_client.hset(checkpoint_key(stream_name), mapping={"seq": 2, "outbox": "someone-else"})
         with pytest.raises(SplitBrain, match="was written by outbox someone-else: the bus lost records"):
             Relay(RedisBus(redis.Redis.from_url(redis_url)), outbox).publish(stream_name)
-    finally:
-        outbox.close()
 
 
 # --- durable acks --------------------------------------------------------------------------------------
