@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import budget_bench, db_bench, guard, latency_bench, nats_bench, scrape_bench, sweep_bench
 from bench.ceiling import prepare, sample_entries, xadd_pipelined
+from bench.durability_bench import replicated_slice
 from bench.legacy import legacy_database
 from bench.services import Bench, Watchdog, log
 from bench.slice_bench import run_naive, run_straw
@@ -160,6 +161,8 @@ def _modes(bench: Bench, scale: Scale) -> list[dict[str, Any]]:
 MEASURES: dict[str, Callable[[Bench, Scale], Result]] = {
     "slice_sqlite_rows_per_s": slice_measure("sqlite"),
     "slice_postgres_rows_per_s": slice_measure("postgresql"),
+    "slice_sqlite_replicated_rows_per_s": lambda bench, scale: Result(
+        **replicated_slice(bench, scale.rows, scale.repeat)),
     "xadd_ceiling_per_s": xadd_ceiling,
     "idle_poll_ms": lambda bench, scale: Result(**db_bench.idle_poll(bench, _db_big(scale)[0])),
     "snapshot_diff_rows_per_s": _one_of(_snapshots, "snapshot_diff_rows_per_s"),

@@ -121,7 +121,7 @@ def _relay_stages(table: Table, bench: Bench, outbox_path: Path, stream: str) ->
     outbox.close()
     refill = Outbox(outbox_path.with_name("append-NORMAL.db"))
     seqs = [row[0] for row in refill.db.execute("SELECT seq FROM records ORDER BY seq").fetchall()]
-    with table.time("relay: mark_published per 1000 (DELETE + COMMIT, FULL)"):
+    with table.time("relay: mark_published per 1000 (COMMIT, FULL; records stay, retained)"):
         for upto in seqs[999::1000] + seqs[-1:]:
             refill.mark_published(stream, upto)
     refill.close()

@@ -6,7 +6,7 @@ from urllib.parse import urlsplit
 
 from bus.nats import JetStreamOptions, NatsBus
 from bus.redis import RedisBus, checkpoint_key, connect
-from bus.seam import Bus
+from bus.seam import Bus, Durability
 
 # RabbitMQ Streams (rstream); imported when named, so a Redis site never loads it.
 RABBITMQ_SCHEMES = ("rabbitmq-stream", "rabbitmq-stream+tls")
@@ -15,12 +15,17 @@ NATS_SCHEMES = ("nats", "tls")
 
 
 def open_bus(
-    url: str, *, socket_timeout: float = 10.0, maxlen: int | None = None, jetstream: JetStreamOptions | None = None
+    url: str,
+    *,
+    socket_timeout: float = 10.0,
+    maxlen: int | None = None,
+    jetstream: JetStreamOptions | None = None,
+    durability: Durability | None = None,
 ) -> Bus:
     """A client for the bus at `url`; connects lazily (errors come from the first call, as the seam's)."""
     scheme = urlsplit(url).scheme
     if scheme in REDIS_SCHEMES:
-        return RedisBus(connect(url, socket_timeout), maxlen=maxlen)
+        return RedisBus(connect(url, socket_timeout), maxlen=maxlen, durability=durability or Durability())
     if scheme in NATS_SCHEMES:
         return NatsBus(url, socket_timeout=socket_timeout, maxlen=maxlen, options=jetstream)
     if scheme in RABBITMQ_SCHEMES:

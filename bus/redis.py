@@ -11,13 +11,14 @@ the checkpoint: WATCH/MULTI/EXEC in one round trip and one reply.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 
 import redis
 
-from bus.seam import BusDown, BusRefused, Checkpoint, Outgoing, Published
+from bus.seam import BusDown, BusRefused, Checkpoint, Durability, Outgoing, Published
 
 POS_PREFIX = "pos:"
 
@@ -139,16 +140,74 @@ return {1, last, ARGV[3]}
 
 
 class RedisBus:
-    """The `Bus` on Redis Streams (or a Redis Cluster: a stream and its checkpoint share a slot)."""
+    """The `Bus` on Redis Streams (or a Redis Cluster: a stream and its checkpoint share a slot).
 
-    def __init__(self, client: redis.Redis, *, maxlen: int | None = None) -> None:
+    `durability`: `ack` returns when the primary has the batch in memory; `replicated`
+    also waits (WAIT) until `replicas` replicas have it, `fsync` (WAITAOF, Redis 7.2+) until
+    the primary and `replicas` replicas have it in their append-only files. A wait that
+    times out is `BusDown`: the relay retries, and the records stay in the outbox.
+    """
+
+    def __init__(
+        self, client: redis.Redis, *, maxlen: int | None = None, durability: Durability | None = None
+    ) -> None:
         self.client = client
         self.maxlen = maxlen
+        self.durability = durability or Durability()
         self._script = client.register_script(_PUBLISH)
 
     def checkpoint(self, stream: str) -> Checkpoint:
         with translated():
-            return read_checkpoint(self.client, stream)
+            ckpt = read_checkpoint(self.client, stream)
+            if self.durability.level == "replicated":
+                # A checkpoint read after a reconnect settles a publish whose WAIT we never saw: it counts
+                # only once the replicas have all the primary holds now (WAIT knows only this connection's writes).
+                self._replicas_caught_up()
+            return ckpt
+
+    def _replicas_caught_up(self) -> None:
+        wanted, deadline = self.durability.replicas, time.monotonic() + self.durability.timeout
+        while True:
+            info = self.client.info("replication")
+            if info.get("role") != "master":
+                return  # a replica or a cluster node's view: nothing to compare here
+            target = int(info.get("master_repl_offset", 0))
+            acked = sum(
+                1 for key, value in info.items()
+                if key.startswith("slave") and isinstance(value, dict) and int(value.get("offset", -1)) >= target
+            )
+            if acked >= wanted:
+                return
+            if time.monotonic() > deadline:
+                raise BusDown(self._short(acked, "hold the stream's checkpoint"))
+            time.sleep(0.05)
+
+    def _short(self, confirmed: int, what: str) -> str:
+        return (f"bus.durability {self.durability.level}: {confirmed} of {self.durability.replicas} replicas "
+                f"{what} after {self.durability.timeout:g}s; retrying (the records stay in the outbox)")
+
+    def _wait_durable(self) -> None:
+        """Block until the batch just written is as durable as `bus.durability` asks.
+
+        WAIT and WAITAOF count this connection's writes: the relay is one thread, and redis-py's
+        pool hands it back the connection the script just used (the last one released).
+        """
+        level, wanted = self.durability.level, self.durability.replicas
+        timeout_ms = max(1, int(self.durability.timeout * 1000))
+        if level == "replicated":
+            confirmed = int(self.client.wait(wanted, timeout_ms))
+            if confirmed < wanted:
+                raise BusDown(self._short(confirmed, "confirmed the publish"))
+        elif level == "fsync":
+            try:
+                local, confirmed = self.client.waitaof(1, wanted, timeout_ms)
+            except redis.ResponseError as exc:
+                raise BusRefused(
+                    f"bus.durability fsync needs WAITAOF (Redis 7.2 or newer, with appendonly yes): the server "
+                    f"said: {exc}; use `durability: replicated`, or upgrade Redis and turn on its append-only file"
+                ) from None
+            if int(local) < 1 or int(confirmed) < wanted:
+                raise BusDown(self._short(int(confirmed), "wrote the publish to disk"))
 
     def publish(self, stream: str, seen: Checkpoint, batch: Sequence[Outgoing], identity: str) -> Checkpoint | None:
         positions: dict[str, str] = {}
@@ -169,6 +228,8 @@ class RedisBus:
         args += records
         with translated():
             done, _seq, _owner = self._script(keys=[stream, checkpoint_key(stream)], args=args)
+            if done:
+                self._wait_durable()
         if not done:
             return None
         return Checkpoint(batch[-1].seq, identity)

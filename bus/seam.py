@@ -25,6 +25,15 @@ class Checkpoint:
     positions: dict[str, str] = field(default_factory=dict)  # source -> position of its last record on the bus
 
 
+@dataclass(frozen=True, slots=True)
+class Durability:
+    """What a publish waits for before the relay marks its records published (`bus.durability`)."""
+
+    level: str = "ack"  # ack | replicated | fsync; each bus says what it does for each
+    replicas: int = 1
+    timeout: float = 5.0  # seconds; then the publish fails as `BusDown` (retried)
+
+
 class Outgoing(NamedTuple):
     """One outbox record on its way to the bus (`outbox.store.Pending` has this shape)."""
 

@@ -90,6 +90,17 @@ DIGEST_RUN = (  # one range of ids, on keyed_state_ids
 KNOWN_LOOKUP = "SELECT key, id, hash, data_hash FROM keyed_state WHERE source = ? AND key IN ({marks})"  # primary key
 
 
+def known(db: sqlite3.Connection, source: str) -> bool:
+    """Whether `source` is keyed: it has delivered a keyed batch."""
+    return db.execute("SELECT 1 FROM keyed_sources WHERE source = ?", (source,)).fetchone() is not None
+
+
+def forget(db: sqlite3.Connection, source: str) -> None:
+    """Forget all `source` delivered: its next complete listing sends every row again (a replay)."""
+    for table in ("keyed_state", "keyed_seen", "keyed_sources"):
+        db.execute(f"DELETE FROM {table} WHERE source = ?", (source,))
+
+
 def sweep_lookup(count: int) -> str:
     """The key data of `count` stale keys, by the primary key (source, key)."""
     return f"SELECT key, key_data FROM keyed_state WHERE source = ? AND key IN ({','.join('?' * count)})"

@@ -2,8 +2,10 @@
 
 A batch of records, its dead letters and the source's new position commit in
 one transaction, so a crash at any instant keeps all of them or none. The relay
-reads records in `seq` order and, once Redis holds them, marks them published
-(and deletes them) in another single transaction.
+reads records in `seq` order and, once the bus holds them, marks them published
+in another single transaction. Published records stay a while (`outbox.retain`):
+a bus that loses acknowledged writes (a failover, a restart from an older
+snapshot) rolls its checkpoint back, and the relay re-publishes them from here.
 """
 
 from __future__ import annotations
@@ -48,6 +50,26 @@ CREATE TABLE IF NOT EXISTS streams (
     error TEXT,
     error_at TEXT
 );
+-- One row per publish: what the retention walks (by age, count, bytes) without reading records.
+CREATE TABLE IF NOT EXISTS published_marks (
+    seq INTEGER PRIMARY KEY,
+    stream TEXT NOT NULL,
+    at REAL NOT NULL,
+    records INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+);
+-- Nothing of the stream at or below `pruned_seq` is in this outbox (pruned, or published by another outbox).
+CREATE TABLE IF NOT EXISTS retention (stream TEXT PRIMARY KEY, pruned_seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS rollbacks (
+    id INTEGER PRIMARY KEY,
+    stream TEXT NOT NULL,
+    bus_seq INTEGER NOT NULL,
+    outbox_seq INTEGER NOT NULL,
+    detected_at TEXT NOT NULL,
+    repaired_at TEXT,
+    missing_from INTEGER,
+    missing_to INTEGER
+);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY,
     source TEXT NOT NULL,
@@ -56,6 +78,11 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     raw TEXT NOT NULL,
     created_at TEXT NOT NULL
 );
+-- Pending and retained records of one stream are one range of this index: retained rows of other
+-- streams are never scanned by `pending` or the backlog counts.
+CREATE INDEX IF NOT EXISTS records_stream_seq ON records (stream, seq);
+-- An outbox from before retention deleted what it published: it holds nothing at or below that.
+INSERT OR IGNORE INTO retention (stream, pruned_seq) SELECT stream, published_seq FROM streams;
 """
 
 
@@ -63,6 +90,19 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 OLDEST_PENDING = (
     "SELECT json_extract(CAST(event AS TEXT), '$.time') FROM records WHERE stream = ? AND seq > ? ORDER BY seq LIMIT 1"
 )
+
+# Pending records over all streams, each stream one range of records_stream_seq (retained rows are never
+# read); the stream names come from that index too (a skip-scan), so a stream not adopted yet counts whole.
+BACKLOG_QUERY = """
+WITH RECURSIVE names(stream) AS (
+    SELECT min(stream) FROM records
+    UNION ALL SELECT (SELECT min(stream) FROM records WHERE stream > names.stream) FROM names WHERE stream IS NOT NULL
+)
+SELECT coalesce(sum((
+    SELECT count(*) FROM records r WHERE r.stream = n.stream
+    AND r.seq > coalesce((SELECT published_seq FROM streams s WHERE s.stream = n.stream), 0)
+)), 0) FROM names n WHERE n.stream IS NOT NULL
+"""
 
 _INSERT_RECORD = "INSERT INTO records (source, stream, position, event) VALUES (?, ?, ?, ?)"
 
@@ -139,6 +179,44 @@ class SourceState:
 
 
 @dataclass(frozen=True, slots=True)
+class Keep:
+    """What `prune` keeps of each stream's published records: the newest, while all three hold."""
+
+    age: float = 86_400.0  # seconds since published
+    records: int = 1_000_000
+    size: int = 1 << 30  # bytes of events
+
+
+@dataclass(frozen=True, slots=True)
+class Retained:
+    """Published records of a stream still in the outbox, to repair a rollback of the bus."""
+
+    records: int
+    first: int | None  # lowest retained seq
+    last: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Rollback:
+    """A rollback of the bus this outbox noticed: the checkpoint at `bus_seq`, below `outbox_seq`."""
+
+    stream: str
+    bus_seq: int
+    outbox_seq: int
+    detected_at: str
+    repaired_at: str | None
+    missing: tuple[int, int] | None  # seq range no longer retained: the stream stopped
+
+    def describe(self) -> str:
+        lost = f"bus checkpoint seq {self.bus_seq} below published seq {self.outbox_seq}"
+        if self.missing:
+            return f"{lost}: seq {self.missing[0]}..{self.missing[1]} not retained, stream stopped"
+        if self.repaired_at:
+            return f"{lost}: re-published seq {self.bus_seq + 1}..{self.outbox_seq} at {self.repaired_at}"
+        return f"{lost}: re-publishing seq {self.bus_seq + 1}..{self.outbox_seq}"
+
+
+@dataclass(frozen=True, slots=True)
 class StreamState:
     stream: str
     published_seq: int
@@ -146,6 +224,8 @@ class StreamState:
     backlog: int
     error: str | None
     error_at: str | None
+    retained: Retained = Retained(0, None, None)
+    rollback: Rollback | None = None  # the latest
 
 
 # How often polls that found nothing are written to the outbox (`Outbox.polled`).
@@ -396,6 +476,8 @@ class Outbox:
                     (source, pos),
                 )
             db.execute("INSERT INTO streams (stream, published_seq) VALUES (?, ?)", (stream, seq))
+            # What the checkpoint covers was published by another outbox (or none): not ours to re-publish.
+            db.execute("INSERT OR REPLACE INTO retention (stream, pruned_seq) VALUES (?, ?)", (stream, seq))
 
     def take_over(self, stream: str, seq: int, positions: dict[str, str], sources: Iterable[str]) -> int:
         """This outbox took `stream` over from another (its lease, see straw/lease.py); the checkpoint is at `seq`.
@@ -438,40 +520,170 @@ class Outbox:
         return int(row[0]) if row else 0
 
     def pending(self, stream: str, after: int, limit: int) -> list[Pending]:
-        """The next records to publish, in order."""
+        """The next records to publish, in order (from `after`: below the published seq when repairing)."""
         rows = self.db.execute(
             "SELECT seq, source, position, event FROM records WHERE seq > ? AND stream = ? ORDER BY seq LIMIT ?",
             (after, stream, limit),
         ).fetchall()
         return list(map(Pending._make, rows))
 
-    def mark_published(self, stream: str, upto: int, counts: dict[str, int] | None = None) -> int:
-        """Everything of `stream` up to `upto` is in Redis: count it per source and drop it.
+    def mark_published(
+        self, stream: str, upto: int, counts: dict[str, int] | None = None, size: int | None = None
+    ) -> int:
+        """Everything of `stream` up to `upto` is on the bus: count it per source; it stays, retained.
 
-        `counts` (records per source), when the caller knows them, saves counting here.
+        `counts` (records per source) and `size` (bytes of events), when the caller knows them,
+        save reading the records here.
         """
         db = self.db
         with self._transaction():
             after = self.published_seq(stream)
             if upto <= after:
                 return 0
-            if counts is None:
+            if counts is None or size is None:
                 counted = db.execute(
-                    "SELECT source, count(*) FROM records WHERE seq > ? AND seq <= ? AND stream = ? GROUP BY source",
-                    (after, upto, stream),
+                    "SELECT source, count(*), sum(length(event)) FROM records "
+                    "WHERE stream = ? AND seq > ? AND seq <= ? GROUP BY source",
+                    (stream, after, upto),
                 ).fetchall()
-                counts = dict(counted)
+                counts = {source: count for source, count, _bytes in counted}
+                size = sum(nbytes for _source, _count, nbytes in counted)
             for source, count in counts.items():
                 db.execute(
                     "UPDATE positions SET rows_published = rows_published + ? WHERE source = ?", (count, source)
                 )
-            db.execute("DELETE FROM records WHERE seq > ? AND seq <= ? AND stream = ?", (after, upto, stream))
+            db.execute(
+                "INSERT OR REPLACE INTO published_marks (seq, stream, at, records, bytes) VALUES (?, ?, ?, ?, ?)",
+                (upto, stream, time.time(), sum(counts.values()), size),
+            )
             db.execute(
                 "UPDATE streams SET published_seq = ?, published_at = ?, error = NULL, error_at = NULL "
                 "WHERE stream = ?",
                 (upto, _now(), stream),
             )
         return sum(counts.values())
+
+    # --- retention and rollbacks ---------------------------------------------
+
+    def prune(self, keep: Keep, holds: dict[str, int], *, now: float | None = None, limit: int = 20_000) -> int:
+        """Delete published records beyond what `keep` retains, at most about `limit` per stream per call.
+
+        `holds`: per stream, the seq its bus checkpoint holds now; nothing above it is pruned (a
+        rollback under way is repaired from those), and a stream not in `holds` is left alone.
+        Cheap when there is nothing to do: it reads only `published_marks` (one row per publish).
+        The cut is a whole publish: a batch is retained or pruned as one.
+        """
+        now = time.time() if now is None else now
+        deleted = 0
+        for stream, hold in holds.items():
+            cut = self.db.execute(
+                "SELECT max(seq) FROM (SELECT seq, at, sum(records) OVER newer AS n, sum(bytes) OVER newer AS b "
+                "FROM published_marks WHERE stream = ? WINDOW newer AS (ORDER BY seq DESC)) "
+                "WHERE at < ? OR n > ? OR b > ?",
+                (stream, now - keep.age, keep.records, keep.size),
+            ).fetchone()[0]
+            if cut is None:
+                continue
+            with self._transaction():
+                pruned = self.pruned_seq(stream)
+                upto = min(cut, hold, self.published_seq(stream))
+                first = self.db.execute(
+                    "SELECT seq FROM records WHERE stream = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT 1 OFFSET ?",
+                    (stream, pruned, upto, limit),
+                ).fetchone()
+                if first is not None:  # more than `limit` to go: this call takes the oldest `limit`
+                    upto = first[0] - 1
+                deleted += self.db.execute(
+                    "DELETE FROM records WHERE stream = ? AND seq > ? AND seq <= ?", (stream, pruned, upto)
+                ).rowcount
+                self.db.execute("DELETE FROM published_marks WHERE stream = ? AND seq <= ?", (stream, upto))
+                self.db.execute("UPDATE retention SET pruned_seq = max(pruned_seq, ?) WHERE stream = ?", (upto, stream))
+        return deleted
+
+    def pruned_seq(self, stream: str) -> int:
+        """Nothing of `stream` at or below this seq is held: a rollback below it cannot be repaired from here."""
+        row = self.db.execute("SELECT pruned_seq FROM retention WHERE stream = ?", (stream,)).fetchone()
+        return int(row[0]) if row else self.published_seq(stream)
+
+    def retained(self, stream: str) -> Retained:
+        count, first, last = self.db.execute(
+            "SELECT count(*), min(seq), max(seq) FROM records "
+            "WHERE stream = ? AND seq <= (SELECT published_seq FROM streams WHERE stream = ?)",
+            (stream, stream),
+        ).fetchone()
+        return Retained(int(count), first, last)
+
+    def rollback_seen(self, stream: str, bus_seq: int, outbox_seq: int, missing: tuple[int, int] | None) -> bool:
+        """Note a rollback of the bus (once per event: a repair resumed after a restart is the same one).
+
+        Returns whether it is new."""
+        with self._transaction():
+            row = self.db.execute(
+                "SELECT id, outbox_seq FROM rollbacks WHERE stream = ? AND repaired_at IS NULL "
+                "ORDER BY id DESC LIMIT 1",
+                (stream,),
+            ).fetchone()
+            if row is not None and row[1] == outbox_seq:
+                if missing is not None:
+                    self.db.execute(
+                        "UPDATE rollbacks SET missing_from = ?, missing_to = ? WHERE id = ?", (*missing, row[0])
+                    )
+                return False
+            self.db.execute(
+                "INSERT INTO rollbacks (stream, bus_seq, outbox_seq, detected_at, missing_from, missing_to) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (stream, bus_seq, outbox_seq, _now(), *(missing or (None, None))),
+            )
+            return True
+
+    def rollback_repaired(self, stream: str) -> Rollback | None:
+        """The stream's open rollback is repaired (the bus is back at the published seq): close it."""
+        with self._transaction():
+            self.db.execute(
+                "UPDATE rollbacks SET repaired_at = ? WHERE stream = ? AND repaired_at IS NULL", (_now(), stream)
+            )
+        return self.rollback(stream)
+
+    def rollback(self, stream: str) -> Rollback | None:
+        """The latest rollback noticed on `stream`, if any."""
+        row = self.db.execute(
+            "SELECT stream, bus_seq, outbox_seq, detected_at, repaired_at, missing_from, missing_to FROM rollbacks "
+            "WHERE stream = ? ORDER BY id DESC LIMIT 1",
+            (stream,),
+        ).fetchone()
+        if row is None:
+            return None
+        missing = (row[5], row[6]) if row[5] is not None else None
+        return Rollback(row[0], row[1], row[2], row[3], row[4], missing)
+
+    def replay(self, stream: str, seq: int, positions: dict[str, str | None]) -> tuple[int, list[str]]:
+        """Give up the records of `stream` above the bus's checkpoint `seq`, to read them again from the sources.
+
+        Each source in `positions` restarts at its position there (None: from the start), except keyed
+        sources (snapshots, listings): they forget what they delivered and start a listing, which then
+        sends every row again. Returns how many records were dropped, and the keyed sources.
+        """
+        db = self.db
+        with self._transaction():
+            dropped = db.execute("DELETE FROM records WHERE stream = ? AND seq > ?", (stream, seq)).rowcount
+            db.execute("DELETE FROM published_marks WHERE stream = ? AND seq > ?", (stream, seq))
+            db.execute(
+                "UPDATE streams SET published_seq = ?, error = NULL, error_at = NULL WHERE stream = ?", (seq, stream)
+            )
+            db.execute("INSERT OR REPLACE INTO retention (stream, pruned_seq) VALUES (?, ?)", (stream, seq))
+            db.execute(
+                "UPDATE rollbacks SET repaired_at = ? WHERE stream = ? AND repaired_at IS NULL", (_now(), stream)
+            )
+            listed = [source for source in positions if keyed.known(db, source)]
+            for source, position in positions.items():
+                db.execute(
+                    "INSERT INTO positions (source, position) VALUES (?, ?) "
+                    "ON CONFLICT (source) DO UPDATE SET position = excluded.position, error = NULL, error_at = NULL",
+                    (source, None if source in listed else position),
+                )
+            for source in listed:
+                keyed.forget(db, source)
+        return int(dropped), listed
 
     def stream_error(self, stream: str, error: str | None) -> None:
         with guarded(self.path):
@@ -495,13 +707,21 @@ class Outbox:
             "SELECT stream, published_seq, published_at, error, error_at FROM streams ORDER BY stream"
         ).fetchall():
             backlog = self.db.execute(
-                "SELECT count(*) FROM records WHERE seq > ? AND stream = ?", (seq, stream)
+                "SELECT count(*) FROM records WHERE stream = ? AND seq > ?", (stream, seq)
             ).fetchone()[0]
-            out.append(StreamState(stream, seq, at, backlog, error, error_at))
+            out.append(
+                StreamState(stream, seq, at, backlog, error, error_at, self.retained(stream), self.rollback(stream))
+            )
         return out
 
     def backlog(self) -> int:
-        return int(self.db.execute("SELECT count(*) FROM records").fetchone()[0])
+        """Records not yet published, over all streams (retained ones are not counted)."""
+        return int(self.db.execute(BACKLOG_QUERY).fetchone()[0])
+
+    def size(self) -> int:
+        """Bytes the outbox file takes (its WAL apart)."""
+        pages, page = (self.db.execute(f"PRAGMA {name}").fetchone()[0] for name in ("page_count", "page_size"))
+        return int(pages) * int(page)
 
     def oldest_pending_time(self, stream: str, after: int) -> str | None:
         """The `time` (when observed) of the stream's oldest record not yet published, or None."""

@@ -1,4 +1,4 @@
-"""The `straw` command: run, check, preview, status, stream, dead-letters."""
+"""The `straw` command: run, check, preview, status, stream, replay, dead-letters."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 from adapters.db.budget import check_budget
 from bus.connect import bus_name
 from bus.seam import Bus, Published
-from outbox.lock import OutboxBusy
+from outbox.lock import OutboxBusy, OutboxLock
 from outbox.store import Outbox, OutboxError
 from straw import logs
 from straw.config import Config, DatabaseSpec, DbSourceSpec
@@ -372,15 +372,24 @@ def status(
         )
     shown.print(table)
     table = Table(title="streams")
-    for column in ("stream", "length", "checkpoint", "published seq", "backlog", "last publish", "error"):
+    for column in ("stream", "length", "checkpoint", "published seq", "backlog", "last publish", "error",
+                   "retained", "rollback"):
         table.add_column(column)
     for row in stream_rows:
         table.add_row(
             row["stream"], "?" if row["length"] is None else str(row["length"]), row["checkpoint"],
             str(row["published_seq"]), str(row["backlog"]), row["last_publish"], Text(row["error"] or "", style="red"),
+            _retained_cell(row["retained"]), Text(row["rollback"] or "", style="red"),
         )
     shown.print(table)
-    out.print(f"outbox {config.outbox.path}: {backlog} records waiting", highlight=False)
+    size = document["outbox"]["bytes"]
+    out.print(f"outbox {config.outbox.path}: {backlog} records waiting, {size / 1e6:.1f} MB", highlight=False)
+
+
+def _retained_cell(retained: dict[str, Any] | None) -> str:
+    if not retained or not retained["records"]:
+        return "0"
+    return f"{retained['records']} (seq {retained['first_seq']}..{retained['last_seq']})"
 
 
 @app.command()
@@ -409,6 +418,44 @@ def stream(
             data = orjson.dumps(event["data"]).decode()
             table.add_row(entry.entry_id, str(entry.seq), event["type"], Text(event["subject"]), Text(data))
         out.print(table)
+
+
+@app.command()
+def replay(
+    stream_name: Annotated[str, typer.Argument(metavar="STREAM", help="The stream the bus lost records of.")],
+    config_path: ConfigOption = None,
+) -> None:
+    """After a bus rollback beyond the outbox's retention: read the lost records again from the sources.
+
+    Run it with straw stopped. The stream's records above the bus checkpoint are dropped from the
+    outbox; incremental sources go back to their positions on the checkpoint, snapshot sources list
+    everything again. The next `straw run` re-publishes them (with new seqs: the lost ones stay a gap).
+    """
+    config = _load(config_path)
+    if stream_name not in config.streams:
+        _fail(f"no source publishes to stream {stream_name!r}; the configured streams: {', '.join(config.streams)}")
+    ckpt = _bus_or_none(config, lambda bus: bus.checkpoint(stream_name))
+    if isinstance(ckpt, str):
+        _fail(f"bus {ckpt}: the replay starts from the stream's checkpoint on the bus; try again once it is up")
+    try:
+        with OutboxLock(config.outbox.path), _outbox(config) as outbox:
+            published = outbox.published_seq(stream_name)
+            if ckpt.outbox not in (None, outbox.identity):
+                _fail(f"stream {stream_name!r}: its checkpoint was written by another outbox ({ckpt.outbox}); "
+                      "replay from the straw instance that publishes it")
+            if ckpt.seq >= published:
+                out.print(f"stream {stream_name}: nothing to replay: the bus holds seq {ckpt.seq}, this outbox "
+                          f"published up to seq {published}", highlight=False)
+                return
+            sources = [s.name for s in config.sources if s.stream == stream_name]
+            dropped, listed = outbox.replay(stream_name, ckpt.seq, {n: ckpt.positions.get(n) for n in sources})
+    except OutboxBusy as exc:
+        _fail(f"{exc} (stop straw before a replay)")
+    out.print(f"stream {stream_name}: dropped {dropped} records above seq {ckpt.seq} (the bus checkpoint); "
+              "the next `straw run` reads them again:", highlight=False)
+    for name in sources:
+        again = "a full listing" if name in listed else f"from position {ckpt.positions.get(name) or '(start)'}"
+        out.print(f"  {name}: {again}", markup=False, highlight=False)
 
 
 @app.command("dead-letters")

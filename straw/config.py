@@ -394,6 +394,12 @@ class JetStreamSpec(Strict):
         return JetStreamOptions(self.stream, self.max_age, self.max_bytes, self.duplicate_window, self.replicas)
 
 
+class Durability(StrEnum):
+    ACK = "ack"  # the bus answered: on Redis, in the primary's memory
+    REPLICATED = "replicated"  # and `replicas` replicas have it (Redis WAIT)
+    FSYNC = "fsync"  # and it is on disk on the primary and `replicas` replicas (Redis WAITAOF, Redis 7.2+)
+
+
 class BusSpec(Strict):
     """The bus the relay publishes to; `redis:` is the older spelling of a Redis bus."""
 
@@ -401,6 +407,20 @@ class BusSpec(Strict):
                         "JetStream); rabbitmq-stream://, rabbitmq-stream+tls:// (RabbitMQ Streams)")
     socket_timeout: Seconds = Field(default=10.0, description="per-call timeout")
     jetstream: JetStreamSpec | None = Field(default=None, description="NATS only: the JetStream stream")
+    durability: Durability = Field(
+        default=Durability.ACK,
+        description="what a publish waits for before its records count as published: `ack` (the bus answered; "
+        "Redis: in the primary's memory), `replicated` (Redis: `WAIT` until `bus.replicas` replicas have it), "
+        "`fsync` (Redis 7.2 or newer: `WAITAOF` until the primary and `bus.replicas` replicas have it in their "
+        "append-only file; on older Redis the relay stops with one line saying so). See [When the bus loses what "
+        "it acknowledged](#when-the-bus-loses-what-it-acknowledged)"
+    )
+    replicas: int = Field(default=1, ge=0, le=100, description="replicas that must confirm (`replicated`, `fsync`)")
+    durability_timeout: Seconds = Field(
+        default=5.0, description="the longest wait for them; then the publish is retried as if the bus were down "
+        "(the records stay in the outbox)"
+    )
+
 
     @property
     def is_nats(self) -> bool:
@@ -420,11 +440,31 @@ class BusSpec(Strict):
         return self
 
 
+class RetainSpec(Strict):
+    """Published records kept in the outbox, to re-publish what a bus rollback loses: the newest are kept
+    while all three limits hold (each per stream)."""
+
+    age: Seconds = Field(default=86_400.0, description="published records stay in the outbox this "
+                       "long, to re-publish what a bus rollback loses; `0` keeps none")
+    records: int = Field(default=1_000_000, ge=0, description="and at most this many per stream (the newest)")
+    megabytes: int = Field(default=1024, ge=0, description="and at most this many MB of events per stream. The "
+                           "relay prunes in the background (every 10 s, whole publish batches, never above what the "
+                           "bus checkpoint holds at that moment)")
+
+
+def _retain_shorthand(value: Any) -> Any:
+    # `retain: 24h` is the age alone.
+    return {"age": value} if isinstance(value, str | int | float) and not isinstance(value, bool) else value
+
+
 class OutboxSpec(Strict):
     path: Path = Field(
         default=Path("var/outbox.db"),
         description="the outbox SQLite file (with `-wal` and `-shm` beside it); relative to the config file's folder",
     )
+    retain: Annotated[RetainSpec, BeforeValidator(_retain_shorthand)] = Field(
+        default=RetainSpec(), description="published records kept to repair a rollback of the bus; `24h` is the "
+        "age alone (see [When the bus loses what it acknowledged](#when-the-bus-loses-what-it-acknowledged))")
 
 
 class RelaySpec(Strict):

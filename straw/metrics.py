@@ -82,9 +82,10 @@ class OutboxCollector(Collector):
                 dead.setdefault(source, 0)
             for source, count in sorted(dead.items()):
                 families.dead_letters.add_metric([source], count)
-            for stream, seq, error, backlog in db.execute(
+            for stream, seq, error, backlog, retained in db.execute(
                 "SELECT stream, published_seq, error, "
-                "(SELECT count(*) FROM records r WHERE r.stream = s.stream AND r.seq > s.published_seq) "
+                "(SELECT count(*) FROM records r WHERE r.stream = s.stream AND r.seq > s.published_seq), "
+                "(SELECT count(*) FROM records r WHERE r.stream = s.stream AND r.seq <= s.published_seq) "
                 "FROM streams s ORDER BY stream"
             ):
                 families.published_seq.add_metric([stream], seq)
@@ -92,6 +93,15 @@ class OutboxCollector(Collector):
                 families.stream_error.add_metric([stream], 0 if error is None else 1)
                 oldest = db.execute(OLDEST_PENDING, (stream, seq)).fetchone() if backlog else None
                 families.oldest_age.add_metric([stream], age_seconds(oldest[0] if oldest else None) or 0.0)
+                families.retained.add_metric([stream], retained)
+            if _has_table(db, "rollbacks"):  # an outbox from before rollback detection has none yet
+                for stream, count, open_ in db.execute(
+                    "SELECT stream, count(*), sum(repaired_at IS NULL) FROM rollbacks GROUP BY stream ORDER BY stream"
+                ):
+                    families.rollbacks.add_metric([stream], count)
+                    families.rollback_open.add_metric([stream], open_)
+            pages, page = (db.execute(f"PRAGMA {name}").fetchone()[0] for name in ("page_count", "page_size"))
+            families.outbox_bytes.add_metric([], pages * page)
             db.execute("COMMIT")
 
 
@@ -129,9 +139,31 @@ class _Families:
             labels=["stream"],
         )
 
+        self.retained = GaugeMetricFamily(
+            "straw_stream_retained_records",
+            "Published records kept in the outbox to repair a rollback of the bus (outbox.retain).",
+            labels=["stream"],
+        )
+        self.rollbacks = CounterMetricFamily(
+            "straw_stream_rollbacks",
+            "Times the bus checkpoint was found below the seq this outbox published (the bus lost records).",
+            labels=["stream"],
+        )
+        self.rollback_open = GaugeMetricFamily(
+            "straw_stream_rollback_open",
+            "1 while a rollback is being repaired or its stream is stopped on a gap (see straw status), else 0.",
+            labels=["stream"],
+        )
+        self.outbox_bytes = GaugeMetricFamily("straw_outbox_bytes", "Size of the outbox file (its WAL apart).")
+
     def all(self) -> list[Metric]:
         return [self.rows_read, self.polled_at, self.error, self.dead_letters,
-                self.backlog, self.published_seq, self.stream_error, self.oldest_age]
+                self.backlog, self.published_seq, self.stream_error, self.oldest_age,
+                self.retained, self.rollbacks, self.rollback_open, self.outbox_bytes]
+
+
+def _has_table(db: sqlite3.Connection, name: str) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
 
 
 @dataclass

@@ -25,10 +25,10 @@ from typing import IO, Any
 import orjson
 
 from bus.connect import open_bus
-from bus.seam import BusRefused
-from outbox.relay import Health, run_relay
+from bus.seam import BusRefused, Durability
+from outbox.relay import Gap, Health, run_relay
 from outbox.retention import Trimmer
-from outbox.store import Outbox, OutboxError
+from outbox.store import Keep, Outbox, OutboxError
 from straw import logs
 from straw.config import Config
 from straw.redact import redact, register_secret, registered_secrets
@@ -100,10 +100,12 @@ def child_main() -> int:
         # the Redis checkpoint says what was published and the next round reconciles.
         outbox = Outbox(config.outbox.path, synchronous="NORMAL")
         bus = config.bus_spec
+        durability = Durability(bus.durability.value, bus.replicas, bus.durability_timeout)
+        retain = config.outbox.retain
         run_relay(
             lambda: open_bus(
                 bus.url, socket_timeout=bus.socket_timeout, maxlen=config.relay.maxlen,
-                jetstream=bus.jetstream_options(),
+                jetstream=bus.jetstream_options(), durability=durability,
             ),
             outbox,
             config.streams,
@@ -115,8 +117,9 @@ def child_main() -> int:
             wake=wake,
             health=ReportingHealth(stdout, rounds=config.metrics is not None),
             after_round=Trimmer(config.stream_max_ages(), config.retention.interval),
+            keep=Keep(retain.age, retain.records, retain.megabytes << 20),
         )
-    except (BusRefused, OutboxError) as exc:  # already the operator's one line
+    except (BusRefused, OutboxError, Gap) as exc:  # already the operator's one line
         _send(stdout, {"error": redact(str(exc))})
         return 1
     except Exception as exc:

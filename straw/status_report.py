@@ -128,9 +128,12 @@ def status_document(
             "published_seq": known.published_seq if known else 0,
             "backlog": known.backlog if known else 0,
             "oldest_unpublished_age": age_seconds(oldest),
+            "retained": {"records": known.retained.records, "first_seq": known.retained.first,
+                         "last_seq": known.retained.last} if known else None,
+            "rollback": known.rollback.describe() if known and known.rollback else None,
             "last_publish": when(known.published_at if known else None),
             "error": redact(known.error) if known and known.error
             else (f"{bus_name(config.bus_spec.url)} {redis_error}" if redis_error else None),
         })
     return {"sources": sources, "counts": counts, "streams": stream_rows,
-            "outbox": {"path": str(config.outbox.path), "backlog": backlog}}
+            "outbox": {"path": str(config.outbox.path), "backlog": backlog, "bytes": outbox.size()}}

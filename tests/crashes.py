@@ -37,6 +37,12 @@ SOURCE = source_uri("test", "orders")  # orders_config's instance and source nam
 # also kills at random points of the stream's progress.
 PACED = {"batch_size": 50, "relay_batch_size": 100, "poll_interval": 0.05, "max_rows_per_poll": 100}
 
+# Published records stay in the outbox (retained): only those above their stream's published seq wait.
+WAITING = (
+    "SELECT count(*) FROM records r WHERE r.seq > "
+    "coalesce((SELECT published_seq FROM streams s WHERE s.stream = r.stream), 0)"
+)
+
 
 def as_bus(client: redis.Redis | Bus) -> Bus:
     """The crash loop watches any bus through the seam; a Redis client is the Redis bus."""
@@ -127,7 +133,7 @@ def where_it_died(outbox_path: Path, client: redis.Redis | Bus, stream: str) -> 
     with closing(sqlite3.connect(outbox_path)) as db:
         try:
             row = db.execute("SELECT published_seq FROM streams WHERE stream = ?", (stream,)).fetchone()
-            waiting = int(db.execute("SELECT count(*) FROM records").fetchone()[0])
+            waiting = int(db.execute(WAITING).fetchone()[0])
         except sqlite3.OperationalError:
             return "start-up: outbox not set up"
     if row is None:

@@ -20,7 +20,7 @@ from straw.config_load import load_config
 from straw.local_redis import RedisServer, free_port
 from straw.runner import Runner
 from tests.bigtable import assert_each_row_once, big_table, items_config
-from tests.crashes import straw_command
+from tests.crashes import WAITING, straw_command
 from tests.test_cli import invoke, lines
 
 
@@ -58,7 +58,7 @@ def with_redis(path: Path, url: str) -> Path:
 def outbox_counts(outbox: Path) -> tuple[int, int]:
     """(records waiting, rows read as the positions table has them) straight from the file."""
     with closing(sqlite3.connect(outbox)) as db:
-        waiting = db.execute("SELECT count(*) FROM records").fetchone()[0]
+        waiting = db.execute(WAITING).fetchone()[0]
         read = db.execute("SELECT coalesce(sum(rows_read), 0) FROM positions").fetchone()[0]
     return int(waiting), int(read)
 
