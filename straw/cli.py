@@ -25,6 +25,7 @@ from outbox.store import Outbox, OutboxError, SourceState
 from straw import logs
 from straw.config import Config, DatabaseSpec, DbSourceSpec
 from straw.config_load import CONFIG_ENV, ConfigError, load_config
+from straw.config_loaders import AnyLoaderSpec
 from straw.config_types import parse_duration
 from straw.outbox_check import check_outbox
 from straw.redact import describe, redact
@@ -450,6 +451,53 @@ def dead_letters(
         # Text, not markup: legacy values such as "[/b]" must print as written, not crash the table.
         table.add_row(str(row["id"]), row["source"], *(Text(row[k]) for k in ("position", "reason", "raw")))
     out.print(table)
+
+
+def _loader_spec(config: Config, name: str) -> AnyLoaderSpec:
+    try:
+        return config.loader(name)
+    except KeyError:
+        known = ", ".join(loader.name for loader in config.loaders) or "none configured under `loaders:`"
+        err.print(f"no loader named {name!r}; loaders: {known}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def load(
+    name: Annotated[str, typer.Argument(help="Loader name from the configuration's `loaders:`.")],
+    config_path: ConfigOption = None,
+    once: Annotated[bool, typer.Option("--once", help="Apply what is in the streams now, then exit.")] = False,
+    consumer: Annotated[
+        str | None, typer.Option(help="This member's name in the group; default: <host>-<pid>.")
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ERROR.")] = None,
+) -> None:
+    """Apply the loader's streams to its target until SIGTERM/Ctrl-C (the batch in hand is finished and acked)."""
+    from loaders.consumer import BusDown
+    from loaders.sdk import TargetDown
+    from loaders.service import redis_consumer, run_loader, stop_on_signals
+    from loaders.sql_schema import SchemaError
+
+    logs.setup(log_level)
+    config = _load(config_path)
+    spec = _loader_spec(config, name)
+    try:
+        with stop_on_signals() as stop:
+            member = redis_consumer(config, spec, consumer)
+            tally = run_loader(config, spec, once=once, stop=stop, consumer=member)
+    except SchemaError as exc:
+        err.print(f"[red]error[/] {redact(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except REDIS_REFUSED as exc:
+        _fail(str(refused(exc)))
+    except REDIS_DOWN as exc:
+        _fail(f"redis unreachable ({describe(exc)})")
+    except BusDown as exc:
+        _fail(f"redis unreachable ({exc}); nothing was lost: run again when it is back")
+    except TargetDown as exc:
+        _fail(f"loader {name}: target unreachable ({exc}); the records wait in the stream")
+    out.print(f"{name}: {tally.applied} applied, {tally.dead_letters} dead letters, {len(tally.pending)} waiting "
+              f"for a retry" + (" (stopped by signal)" if tally.stopped else ""), highlight=False)
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from straw import sql_guard
+from straw.config_loaders import AnyLoaderSpec, LoaderSpec
 from straw.config_scrape import ScrapeSourceSpec
 from straw.config_types import Encoding, ListenHost, Name, RedisUrl, Seconds, StreamName, Strict, TimeZone
 
@@ -338,6 +339,7 @@ class Config(Strict):
     databases: list[DatabaseSpec] = Field(
         default_factory=list, description="connection budgets; a database not listed gets the defaults"
     )
+    loaders: list[LoaderSpec] = Field(default_factory=list, description="apply streams to targets (straw load)")
 
 
     @model_validator(mode="after")
@@ -393,6 +395,32 @@ class Config(Strict):
                     {"at": ("databases", index, "url")},
                 )
         return self
+
+    @model_validator(mode="after")
+    def _loader_references(self) -> Config:
+        seen: set[str] = set()
+        for index, loader in enumerate(self.loaders):
+            if loader.name in seen:
+                raise PydanticCustomError(
+                    "duplicate", "two loaders are named '{name}'; names must be unique",
+                    {"name": loader.name, "at": ("loaders", index, "name")},
+                )
+            seen.add(loader.name)
+            for entity in getattr(loader, "tables", {}):
+                if entity not in self.entities:
+                    raise PydanticCustomError(
+                        "entity", "`tables` names entity '{entity}', which is not declared under `entities`; "
+                        "use one of: {declared}",
+                        {"entity": entity, "declared": ", ".join(self.entities),
+                         "at": ("loaders", index, "tables", entity)},
+                    )
+        return self
+
+    def loader(self, name: str) -> AnyLoaderSpec:
+        for loader in self.loaders:
+            if loader.name == name:
+                return loader
+        raise KeyError(name)
 
     def database(self, url: str) -> DatabaseSpec:
         """The budget of the database at `url`: its `databases` entry, or the defaults."""

@@ -1,0 +1,205 @@
+"""The SQL loader: apply records to tables named for their entities, exactly once, in stream order per key.
+
+One transaction per batch holds the changes, each key's version (`straw_versions`) and the stream's last
+applied `seq` (`straw_applied`). A batch first takes its streams' rows in `straw_applied` for update, so two
+loaders of one group apply one after the other; each key's version then decides: a change at or below the
+version of its key is a redelivery or is superseded, and is skipped. Within a batch only the last change of a
+key is applied (upsert or delete, whichever came last): stream order per key, never "upserts, then deletes".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from hashlib import blake2b
+from typing import Any
+
+from sqlalchemy import MetaData, Table, and_, bindparam, case, create_engine, delete, select, update
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql.dml import Insert
+
+from loaders.records import Record
+from loaders.sdk import Failed, TargetDown
+from loaders.sql_schema import SchemaError, bookkeeping, ensure_table, entity_table
+from straw.config import EntitySpec
+from straw.config_loaders import SqlLoaderSpec
+from straw.records import DELETED
+from straw.redact import describe
+
+_LOOKUP_CHUNK = 1000
+_TRANSIENT_SQLSTATES = ("40001", "40P01", "57P01", "57P02", "57P03", "53300", "55P03")
+_TRANSIENT_MYSQL = (1040, 1053, 1205, 1213, 2003, 2006, 2013)
+
+
+def key_hash(subject: str) -> str:
+    return blake2b(subject.encode(), digest_size=16).hexdigest()
+
+
+def transient(exc: BaseException) -> bool:
+    """A lost connection, a deadlock or a lock timeout: the batch is fine, the moment was not."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    orig = getattr(exc, "orig", None)
+    state = getattr(orig, "sqlstate", None)
+    if isinstance(state, str) and (state.startswith("08") or state in _TRANSIENT_SQLSTATES):
+        return True
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int) and args[0] in _TRANSIENT_MYSQL:
+        return True
+    return "database is locked" in str(orig)
+
+
+def upsert_statement(dialect: str, table: Table, key: Sequence[str]) -> Insert:
+    others = [c.name for c in table.c if c.name not in key]
+    if dialect in ("postgresql", "sqlite"):
+        stmt = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+        if not others:
+            return stmt.on_conflict_do_nothing(index_elements=list(key))
+        return stmt.on_conflict_do_update(index_elements=list(key), set_={c: stmt.excluded[c] for c in others})
+    if dialect in ("mysql", "mariadb"):
+        mstmt = mysql.insert(table)
+        return mstmt.on_duplicate_key_update({c: mstmt.inserted[c] for c in (others or list(key)[:1])})
+    raise SchemaError(
+        f"the {dialect} dialect has no upsert in straw's SQL loader (PostgreSQL, MariaDB/MySQL and SQLite do); "
+        "for SQL Server see README 'SQL Server targets' (MERGE)")
+
+
+class SqlLoader:
+    def __init__(self, spec: SqlLoaderSpec, entities: Mapping[str, EntitySpec], engine: Engine | None = None) -> None:
+        self.spec = spec
+        self.entities = entities
+        self.engine = engine or create_engine(spec.url, pool_pre_ping=True)
+        self.dialect = self.engine.dialect.name
+        self.metadata = MetaData()
+        self.applied, self.versions = bookkeeping(self.metadata, spec.db_schema)
+        self._tables: dict[str, tuple[Table, Insert]] = {}
+        self._versions_upsert = upsert_statement(self.dialect, self.versions, ["stream", "entity", "key_hash"])
+        self._ready = False
+        self._known_streams: set[str] = set()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def apply(self, records: Sequence[Record]) -> list[Failed]:
+        """Apply the batch in one transaction; if it fails, each record alone, to find the ones that fail."""
+        try:
+            self._apply(records)
+            return []
+        except (TargetDown, SchemaError):
+            raise
+        except Exception as exc:
+            if transient(exc):
+                raise TargetDown(describe(exc)) from exc
+            if len(records) == 1:
+                return [Failed(records[0], describe(exc))]
+        failed = []
+        for record in records:
+            try:
+                self._apply([record])
+            except (TargetDown, SchemaError):
+                raise
+            except Exception as exc:
+                if transient(exc):
+                    raise TargetDown(describe(exc)) from exc
+                failed.append(Failed(record, describe(exc)))
+        return failed
+
+    def _connect(self) -> Connection:
+        try:
+            return self.engine.connect()
+        except Exception as exc:  # down, refusing, wrong password: none of it is the records' fault
+            raise TargetDown(describe(exc)) from exc
+
+    def _prepare(self, conn: Connection, entities: set[str]) -> None:
+        """DDL in its own transactions: MariaDB commits implicitly around DDL."""
+        if not self._ready:
+            with conn.begin():
+                self.metadata.create_all(conn, tables=[self.applied, self.versions])
+            self._ready = True
+        for name in sorted(entities - set(self._tables)):
+            entity = self.entities[name]
+            table = entity_table(MetaData(), self.spec.table_of(name), entity, self.spec.db_schema)
+            with conn.begin():
+                ensure_table(conn, table, entity, self.spec.create_tables, f"loader {self.spec.name}")
+            self._tables[name] = (table, upsert_statement(self.dialect, table, entity.key))
+
+    def _lock(self, conn: Connection, stream: str) -> None:
+        if stream not in self._known_streams:
+            exists = conn.execute(select(self.applied.c.seq).where(self.applied.c.stream == stream)).first()
+            if exists is None:
+                _insert_ignore(conn, self.dialect, self.applied, {"stream": stream, "seq": 0})
+            self._known_streams.add(stream)
+        # A write first: the row lock orders this batch after any other loader's batch on this stream.
+        conn.execute(update(self.applied).where(self.applied.c.stream == stream).values(seq=self.applied.c.seq))
+
+    def _apply(self, records: Sequence[Record]) -> None:
+        with self._connect() as conn:
+            self._prepare(conn, {r.entity for r in records})
+            with conn.begin():
+                streams = sorted({r.stream for r in records})
+                for stream in streams:
+                    self._lock(conn, stream)
+                latest: dict[tuple[str, str, str], Record] = {}
+                for record in sorted(records, key=lambda r: (r.stream, r.seq)):
+                    latest[(record.stream, record.entity, key_hash(record.subject))] = record
+                versions = self._versions_of(conn, list(latest))
+                fresh = [r for k, r in latest.items() if r.seq > versions.get(k, 0)]
+                self._write(conn, fresh)
+                if fresh:
+                    conn.execute(self._versions_upsert, [
+                        {"stream": k[0], "entity": k[1], "key_hash": k[2], "seq": r.seq, "deleted": r.op == DELETED}
+                        for k, r in latest.items() if r.seq > versions.get(k, 0)
+                    ])
+                for stream in streams:
+                    top = max(r.seq for r in records if r.stream == stream)
+                    seq = self.applied.c.seq
+                    conn.execute(update(self.applied).where(self.applied.c.stream == stream)
+                                 .values(seq=_greatest(seq, top)))
+
+    def _versions_of(self, conn: Connection, keys: list[tuple[str, str, str]]) -> dict[tuple[str, str, str], int]:
+        found: dict[tuple[str, str, str], int] = {}
+        groups: dict[tuple[str, str], list[str]] = {}
+        for stream, entity, hashed in keys:
+            groups.setdefault((stream, entity), []).append(hashed)
+        v = self.versions.c
+        for (stream, entity), hashes in groups.items():
+            for chunk in _chunks(hashes, _LOOKUP_CHUNK):
+                rows = conn.execute(select(v.key_hash, v.seq).where(
+                    v.stream == stream, v.entity == entity, v.key_hash.in_(chunk)))
+                found.update({(stream, entity, h): int(s) for h, s in rows})
+        return found
+
+    def _write(self, conn: Connection, fresh: list[Record]) -> None:
+        by_entity: dict[str, list[Record]] = {}
+        for record in fresh:
+            by_entity.setdefault(record.entity, []).append(record)
+        for name, records in by_entity.items():
+            entity = self.entities[name]
+            table, insert = self._tables[name]
+            rows = [{f: r.data.get(f) for f in entity.fields} for r in records if r.op != DELETED]
+            if rows:
+                conn.execute(insert, rows)
+            gone = [{f"k_{k}": r.data.get(k) for k in entity.key} for r in records if r.op == DELETED]
+            if gone:
+                where = and_(*(table.c[k] == bindparam(f"k_{k}") for k in entity.key))
+                conn.execute(delete(table).where(where), gone)
+
+
+def _greatest(column: Any, value: int) -> Any:
+    return case((column < value, value), else_=column)
+
+
+def _insert_ignore(conn: Connection, dialect: str, table: Table, row: dict[str, Any]) -> None:
+    if dialect in ("mysql", "mariadb"):
+        conn.execute(table.insert().prefix_with("IGNORE"), row)
+    elif dialect in ("postgresql", "sqlite"):
+        stmt = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+        conn.execute(stmt.on_conflict_do_nothing(), row)
+    else:
+        conn.execute(table.insert(), row)
+
+
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
