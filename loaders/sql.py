@@ -113,9 +113,10 @@ class SqlLoader:
 
     def _prepare(self, conn: Connection, entities: set[str]) -> None:
         """DDL in its own transactions: MariaDB commits implicitly around DDL."""
-        if not self._ready:
+        if not self._ready:  # the entities `tables` names are checked at start, before any record needs them
             with conn.begin():
                 self.metadata.create_all(conn, tables=[self.applied, self.versions])
+            entities = entities | {e for e in self.spec.tables if e in self.entities}
             self._ready = True
         for name in sorted(entities - set(self._tables)):
             entity = self.entities[name]
