@@ -101,7 +101,8 @@ class RedisConsumer:
 
     def _read(self, ids: dict[str, str], count: int, block: float | None) -> list[tuple[str, str, dict[str, str]]]:
         wait = None if not block or block <= 0 else max(1, int(block * 1000))
-        reply = self._client.xreadgroup(self._group, self._name, ids, count=count, block=wait)
+        streams: dict[Any, Any] = dict(ids)
+        reply: Any = self._client.xreadgroup(self._group, self._name, streams, count=count, block=wait)
         found = []
         for stream, entries in reply or []:
             for entry_id, fields in entries:

@@ -64,7 +64,7 @@ class Instant(TypeDecorator[dt.datetime]):
         return value.astimezone(dt.UTC).replace(tzinfo=None)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
-        if value is None:
+        if not isinstance(value, dt.datetime):
             return None
         return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
