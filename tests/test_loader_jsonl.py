@@ -45,8 +45,8 @@ def test_files_rotate_by_size_and_open_ones_have_a_hidden_temporary_name(
 
 
 def test_a_new_day_starts_a_new_file(tmp_path: Path, redis_client: redis.Redis, stream_name: str) -> None:
-    from tests.test_loader_sdk import ENTITIES, member
     from loaders.sdk import Settings, consume
+    from tests.test_loader_sdk import ENTITIES, member
 
     days = iter([dt.date(2026, 11, 29)] * 3 + [dt.date(2026, 11, 30)] * 10)
     loader = JsonlLoader(spec(tmp_path, stream_name), today=lambda: next(days))
@@ -62,8 +62,8 @@ def test_a_new_day_starts_a_new_file(tmp_path: Path, redis_client: redis.Redis, 
 def test_after_a_crash_a_torn_line_is_cut_and_nothing_is_written_twice(
     tmp_path: Path, redis_client: redis.Redis, stream_name: str
 ) -> None:
-    from tests.test_loader_sdk import ENTITIES, member
     from loaders.sdk import Settings, consume
+    from tests.test_loader_sdk import ENTITIES, member
 
     xadd_events(redis_client, stream_name, [("upserted", order_data(n)) for n in range(1, 6)])
     first = JsonlLoader(spec(tmp_path, stream_name))

@@ -67,13 +67,13 @@ def _mutate(engine: Engine, rng: random.Random, rounds: int, stop: threading.Eve
                     next_no += 1
                 elif choice < 0.8:
                     key = rng.choice(keys)
-                    conn.execute(update(table).where(table.c.ORDER_NO == key).values(
+                    conn.execute(update(table).where(key == table.c.ORDER_NO).values(
                         STATUS=rng.choice(STATUSES), AMOUNT=Decimal(rng.randint(1, 10**9)) / 100,
                         NOTE=rng.choice([None, "Señor Núñez ✓", "x" * rng.randint(0, 150)]),
                         CHANGED_AT=dt.datetime(2026, 11, 29, 12) + dt.timedelta(seconds=rng.randint(0, 10**6))))
                 else:
                     key = keys.pop(rng.randrange(len(keys)))
-                    conn.execute(delete(table).where(table.c.ORDER_NO == key))
+                    conn.execute(delete(table).where(key == table.c.ORDER_NO))
         time.sleep(rng.uniform(0.05, 0.25))
 
 

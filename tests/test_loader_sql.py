@@ -48,7 +48,8 @@ def applied_seq(url: str, stream: str) -> int:
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
-            return int(conn.execute(text("SELECT seq FROM straw_applied WHERE stream = :s"), {"s": stream}).scalar_one())
+            query = text("SELECT seq FROM straw_applied WHERE stream = :s")
+            return int(conn.execute(query, {"s": stream}).scalar_one())
     finally:
         engine.dispose()
 
