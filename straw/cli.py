@@ -500,6 +500,160 @@ def load(
               f"for a retry" + (" (stopped by signal)" if tally.stopped else ""), highlight=False)
 
 
+dlq_app = typer.Typer(help="Dead letters of both ends: rows that could not be mapped (outbox) and records a "
+                        "loader could not apply (dead-letter streams).", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+ItemArgument = Annotated[str, typer.Argument(help="outbox:<id> or <dead-letter stream>:<entry id>, as listed.")]
+
+
+@contextmanager
+def _dlq_sources(config: Config) -> Iterator[tuple[Outbox | None, redis.Redis | None]]:
+    """The outbox if this host has one, and Redis if loaders are configured; either may be absent."""
+    outbox = None
+    if config.outbox.path.exists():
+        try:
+            outbox = Outbox(config.outbox.path)
+        except OutboxError as exc:
+            _fail(str(exc))
+    client = connect(config.redis.url, socket_timeout=5.0) if config.loaders else None
+    try:
+        yield outbox, client
+    except OutboxError as exc:
+        _fail(str(exc))
+    except REDIS_REFUSED as exc:
+        _fail(str(refused(exc)))
+    except REDIS_DOWN as exc:
+        _fail(f"redis unreachable ({describe(exc)})")
+    finally:
+        if outbox is not None:
+            outbox.close()
+        if client is not None:
+            client.close()
+
+
+def _dlq_item(config: Config, item: str, outbox: Outbox | None, client: redis.Redis | None) -> Any:
+    from straw.dead_letter_items import NoSuchItem, find
+
+    try:
+        return find(item, outbox, client, config)
+    except NoSuchItem as exc:
+        err.print(str(exc), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@dlq_app.command("list")
+def dlq_list(
+    config_path: ConfigOption = None,
+    limit: Annotated[int, typer.Option(help="How many of each kind, newest first.")] = 20,
+) -> None:
+    """Every dead letter: kind, where, when, reason."""
+    from straw.dead_letter_items import outbox_items, stream_items
+
+    config = _load(config_path)
+    with _dlq_sources(config) as (outbox, client):
+        items = (outbox_items(outbox, limit) if outbox else []) + (
+            stream_items(client, config, limit) if client else [])
+    table = Table(title=f"dead letters ({len(items)})")
+    for column in ("item", "kind", "where", "when", "reason"):
+        table.add_column(column, overflow="fold")
+    for item in items:
+        table.add_row(Text(item.item), item.kind, Text(item.where), item.when, Text(redact(item.reason)))
+    out.print(table)
+
+
+@dlq_app.command("show")
+def dlq_show(item: ItemArgument, config_path: ConfigOption = None) -> None:
+    """The reason and the raw row or record of one dead letter."""
+    config = _load(config_path)
+    with _dlq_sources(config) as (outbox, client):
+        found = _dlq_item(config, item, outbox, client)
+    out.print(f"{found.item} ({found.kind} dead letter, {found.where}, {found.when})", markup=False, highlight=False)
+    out.print(f"reason: {redact(found.reason)}", markup=False, highlight=False, soft_wrap=True)
+    for key, value in found.details.items():
+        if key not in ("event", "error"):
+            out.print(f"{key}: {value}", markup=False, highlight=False, soft_wrap=True)
+    out.print(("raw row: " if found.kind == "mapping" else "record: ") + found.raw, markup=False, highlight=False,
+              soft_wrap=True)
+
+
+@dlq_app.command("retry")
+def dlq_retry(item: ItemArgument, config_path: ConfigOption = None) -> None:
+    """Send one dead letter through again: a row is re-mapped with today's configuration, a record goes back
+    to its stream for its loader's group."""
+    from straw.dead_letter_items import NoSuchItem, retry_loader, retry_mapping
+
+    config = _load(config_path)
+    with _dlq_sources(config) as (outbox, client):
+        found = _dlq_item(config, item, outbox, client)
+        try:
+            if found.kind == "mapping":
+                assert outbox is not None
+                said = retry_mapping(config, outbox, found)
+            else:
+                assert client is not None
+                said = retry_loader(client, found)
+        except NoSuchItem as exc:
+            _fail(str(exc))
+    out.print(f"{item}: {said}", markup=False, highlight=False, soft_wrap=True)
+    if said.startswith("still"):
+        raise typer.Exit(1)
+
+
+@dlq_app.command("drop")
+def dlq_drop(
+    item: ItemArgument,
+    config_path: ConfigOption = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete one dead letter for good (asks first)."""
+    from straw.dead_letter_items import drop
+
+    config = _load(config_path)
+    with _dlq_sources(config) as (outbox, client):
+        found = _dlq_item(config, item, outbox, client)
+        if not yes and not typer.confirm(f"delete {found.item} ({found.reason[:80]})?", default=False):
+            raise typer.Exit(1)
+        drop(found, outbox, client)
+    out.print(f"{item}: dropped", markup=False, highlight=False)
+
+
+@app.command()
+def replay(
+    name: Annotated[str, typer.Argument(help="Loader name.")],
+    config_path: ConfigOption = None,
+    from_seq: Annotated[int | None, typer.Option("--from-seq", help="Re-apply records from this seq on.")] = None,
+    from_time: Annotated[
+        str | None, typer.Option("--from-time", help="Re-apply records added at or after this ISO time (UTC if naive).")
+    ] = None,
+) -> None:
+    """Move the loader's group back and apply its streams again from a point (a target restored from a
+    backup); records the target has already are skipped, so nothing is applied twice."""
+    from loaders.replay import ReplayError, rewind
+    from loaders.service import run_loader
+
+    logs.setup("WARNING")
+    config = _load(config_path)
+    spec = _loader_spec(config, name)
+    if (from_seq is None) == (from_time is None):
+        err.print("give exactly one of --from-seq N or --from-time 2026-11-29T10:00:00")
+        raise typer.Exit(2)
+    client = connect(config.redis.url, socket_timeout=10.0)
+    try:
+        for stream in spec.streams:
+            said = rewind(client, stream, spec.group_name, from_seq=from_seq, from_time=from_time)
+            out.print(f"{stream}: {said}", markup=False, highlight=False)
+    except ReplayError as exc:
+        _fail(str(exc))
+    except REDIS_DOWN as exc:
+        _fail(f"redis unreachable ({describe(exc)})")
+    finally:
+        client.close()
+    import threading
+
+    tally = run_loader(config, spec, once=True, stop=threading.Event())
+    out.print(f"{name}: {tally.applied} records replayed ({tally.dead_letters} dead letters)", highlight=False)
+
+
 def main() -> None:
     try:
         app()
