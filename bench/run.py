@@ -23,7 +23,7 @@ from typing import Any, TextIO
 # `python bench/run.py` puts bench/ first on sys.path; the packages live one level up.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import budget_bench, db_bench, latency_bench, scrape_bench, sweep_bench
+from bench import budget_bench, db_bench, latency_bench, loader_bench, scrape_bench, sweep_bench
 from bench.ceiling import prepare, sample_entries, xadd_pipelined
 from bench.legacy import legacy_database
 from bench.services import Bench, Watchdog, log
@@ -165,6 +165,9 @@ MEASURES: dict[str, Callable[[Bench, Scale], Result]] = {
         **scrape_bench.browser_real(bench.tmp, quick=scale is QUICK)["scrape_browser_real_rss_growth_mb"]),
     "idle_cpu_pct_300_sources": lambda bench, scale: Result(**budget_bench.idle_cpu(bench, scale.idle_seconds)),
     "poll_fanout_sources_per_s": lambda bench, scale: Result(**budget_bench.poll_fanout(bench, scale.repeat)),
+    "loader_sql_postgres_records_per_s": lambda bench, scale: Result(
+        **loader_bench.sql_postgres(bench, scale.rows, min(scale.repeat, 3))),
+    "loader_jsonl_records_per_s": lambda bench, scale: Result(**loader_bench.jsonl(bench, scale.rows, scale.repeat)),
 }
 
 

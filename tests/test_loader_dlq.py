@@ -147,8 +147,8 @@ def test_two_loader_processes_in_one_group_share_the_work(
         deadline = time.monotonic() + 60
         while len(redis_client.xinfo_consumers(stream_name, "wh")) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)  # both members wait in XREADGROUP before the records come
-        last = xadd_events(redis_client, stream_name, [("upserted", order_data(n % 700 + 1, amount=f"{n}.00"))
-                                                       for n in range(2000)])
+        last = xadd_events(redis_client, stream_name, [("upserted", order_data(n % 200 + 1, amount=f"{n}.00"))
+                                                       for n in range(600)])
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and (redis_client.xpending(stream_name, "wh")["pending"]
                                                or _delivered(redis_client, stream_name) < last):
@@ -160,8 +160,8 @@ def test_two_loader_processes_in_one_group_share_the_work(
     counts = [int(re.search(r"wh: (\d+) applied", o).group(1)) for o in outputs]  # type: ignore[union-attr]
     assert all(c > 0 for c in counts) and sum(counts) == last, outputs  # each entry handed out, acked once
     got = rows(pg_url)
-    assert len(got) == 700
-    assert all(str(got[k]["amount"]) == f"{max(n for n in range(2000) if n % 700 + 1 == k)}.00" for k in got)
+    assert len(got) == 200
+    assert all(str(got[k]["amount"]) == f"{max(n for n in range(600) if n % 200 + 1 == k)}.00" for k in got)
     assert applied_seq(pg_url, stream_name) == last
 
 

@@ -156,3 +156,33 @@ def test_dead_letter_entry_keeps_the_raw_event(redis_client: redis.Redis, stream
     consume(member(redis_client, stream_name), each(lambda r: None), ENTITIES, Settings(max_deliveries=1), once=True)
     [(_, fields)] = redis_client.xrange(f"{stream_name}.dlq")
     assert fields[b"event"] == bad.encode() and fields[b"error"]
+
+
+def test_the_applied_helper_skips_what_the_target_has(
+    redis_client: redis.Redis, stream_name: str, tmp_path: pytest.TempPathFactory
+) -> None:
+    """A hand-written loader with `loaders.applied`: a redelivery after a crash before the ack is skipped."""
+    from sqlalchemy import create_engine, text
+
+    from loaders import applied
+
+    engine = create_engine(f"sqlite:///{tmp_path}/target.db")
+    with engine.begin() as conn:
+        applied.create(conn)
+        conn.execute(text("CREATE TABLE seen (seq INTEGER)"))
+
+    def apply(records: list[Record]) -> list[object]:
+        with engine.begin() as conn:
+            todo = applied.fresh(conn, records)
+            for record in todo:
+                conn.execute(text("INSERT INTO seen VALUES (:s)"), {"s": record.seq})
+            applied.mark(conn, records)
+        return []
+
+    xadd_events(redis_client, stream_name, [("upserted", order_data(n)) for n in range(1, 5)])
+    consume(member(redis_client, stream_name), apply, ENTITIES, Settings(), once=True)  # type: ignore[arg-type]
+    redis_client.xgroup_setid(stream_name, "g", "0")  # everything is delivered again
+    consume(member(redis_client, stream_name, "m2"), apply, ENTITIES, Settings(), once=True)  # type: ignore[arg-type]
+    with engine.connect() as conn:
+        assert [s for (s,) in conn.execute(text("SELECT seq FROM seen ORDER BY seq"))] == [1, 2, 3, 4]
+    engine.dispose()
