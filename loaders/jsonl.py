@@ -85,8 +85,7 @@ class JsonlLoader:
                 return int(orjson.loads(lines[-1]).get("strawseq", 0))
         return 0
 
-    def _file_for(self, stream: str, size: int) -> _Open:
-        day = self._today().isoformat()
+    def _file_for(self, stream: str, size: int, day: str) -> _Open:
         current = self._open.get(stream)
         if current is not None and (current.day != day or current.size + size > self.spec.max_bytes) \
                 and current.size > 0:
@@ -117,12 +116,13 @@ class JsonlLoader:
 
     def apply(self, records: Sequence[Record]) -> list[Failed]:
         touched: list[tuple[_Open, int]] = []  # each file this batch wrote to, and its size before
+        day = self._today().isoformat()  # one day per batch: a batch is never split over midnight
         try:
             for record in records:
                 if record.seq <= self._last.get(record.stream, 0) and not record.retry:
                     continue  # written before the last crash or stop: a redelivery
-                line = orjson.dumps({**record.event, "strawstream": record.stream, "strawseq": record.seq}) + b"\n"
-                target = self._file_for(record.stream, len(line))
+                line = _line(record)
+                target = self._file_for(record.stream, len(line), day)
                 if not any(t is target for t, _ in touched):
                     touched.append((target, target.size))
                 target.handle.write(line)
@@ -145,6 +145,15 @@ class JsonlLoader:
         for stream in list(self._open):
             self._close(stream)
         self._lock.release()
+
+
+def _line(record: Record) -> bytes:
+    """The event as it was on the stream with two extension attributes, not re-encoded (and exact)."""
+    raw = record.raw.rstrip()
+    if raw.endswith("}") and raw.startswith("{") and len(raw) > 2:
+        tail = f',"strawstream":{orjson.dumps(record.stream).decode()},"strawseq":{record.seq}}}\n'
+        return (raw[:-1] + tail).encode()
+    return orjson.dumps({**record.event, "strawstream": record.stream, "strawseq": record.seq}) + b"\n"
 
 
 def _fsync_dir(path: Path) -> None:

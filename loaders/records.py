@@ -29,7 +29,7 @@ class Delivery:
     deliveries: int  # how often the group has handed it out, this time included
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs a setattr call per field, per record
 class Record:
     """A parsed straw record: what a loader needs to apply it once, in order."""
 
@@ -42,7 +42,8 @@ class Record:
     op: str  # 'upserted' or 'deleted'
     subject: str  # the entity key as text
     data: dict[str, Any]  # typed: decimals as Decimal, datetimes aware, dates as date, bytes as bytes
-    event: dict[str, Any]  # the whole CloudEvent as it was on the wire
+    event: dict[str, Any]  # the whole CloudEvent, parsed (its `data` typed)
+    raw: str  # the event's JSON text as it was on the stream
     deliveries: int
     retry: bool = False  # sent again by `straw dlq retry`: applied unless a newer change of its key was
 
@@ -67,18 +68,31 @@ _DECODERS: dict[FieldType, Callable[[Any], Any]] = {
 }
 
 
-def typed_data(entity: EntitySpec, data: Mapping[str, Any]) -> dict[str, Any]:
-    """The wire data with each field in its Python type; unknown fields are kept as they are."""
-    out = dict(data)
-    for name, spec in entity.fields.items():
-        value = out.get(name)
-        decode = _DECODERS.get(spec.type)
-        if value is not None and decode is not None:
+_PLANS: dict[int, tuple[EntitySpec, list[tuple[str, FieldType, Callable[[Any], Any]]]]] = {}
+
+
+def _plan(entity: EntitySpec) -> list[tuple[str, FieldType, Callable[[Any], Any]]]:
+    """The fields that need decoding, worked out once per entity (this runs for every record)."""
+    known = _PLANS.get(id(entity))
+    if known is None or known[0] is not entity:
+        known = (entity, [(name, spec.type, _DECODERS[spec.type])
+                          for name, spec in entity.fields.items() if spec.type in _DECODERS])
+        _PLANS[id(entity)] = known
+    return known[1]
+
+
+def typed_data(entity: EntitySpec, data: dict[str, Any]) -> dict[str, Any]:
+    """The wire data with each field in its Python type (in place); unknown fields are kept as they are."""
+    for name, kind, decode in _plan(entity):
+        value = data.get(name)
+        if value is not None and type(value) is not int:
             try:
-                out[name] = decode(value)
+                data[name] = decode(value)
             except (ValueError, TypeError, ArithmeticError) as exc:
-                raise BadRecord(f"field {name!r} is not a {spec.type.value}: {exc}") from None
-    return out
+                raise BadRecord(f"field {name!r} is not a {kind.value}: {exc}") from None
+        elif kind is FieldType.DECIMAL and value is not None:
+            data[name] = Decimal(value)
+    return data
 
 
 def parse(delivery: Delivery, entities: Mapping[str, EntitySpec]) -> Record:
@@ -106,5 +120,6 @@ def parse(delivery: Delivery, entities: Mapping[str, EntitySpec]) -> Record:
     return Record(
         stream=delivery.stream, entry_id=delivery.entry_id, seq=seq, position=fields.get("pos", ""),
         id=str(event.get("id", "")), entity=entity_name, op=op, subject=str(event.get("subject", "")),
-        data=typed_data(entity, data), event=event, deliveries=delivery.deliveries, retry="retry" in fields,
+        data=typed_data(entity, data), event=event, raw=fields["event"], deliveries=delivery.deliveries,
+        retry="retry" in fields,
     )

@@ -9,11 +9,14 @@ key is applied (upsert or delete, whichever came last): stream order per key, ne
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator, Mapping, Sequence
+from decimal import Decimal
 from hashlib import blake2b
 from typing import Any
 
-from sqlalchemy import MetaData, Table, and_, bindparam, case, create_engine, delete, select, update
+import orjson
+from sqlalchemy import JSON, MetaData, Table, case, create_engine, delete, select, tuple_, update
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
@@ -28,6 +31,7 @@ from straw.records import DELETED
 from straw.redact import describe
 
 _LOOKUP_CHUNK = 1000
+_UPSERTS = ("postgresql", "sqlite", "mysql", "mariadb")
 _TRANSIENT_SQLSTATES = ("40001", "40P01", "57P01", "57P02", "57P03", "53300", "55P03")
 _TRANSIENT_MYSQL = (1040, 1053, 1205, 1213, 2003, 2006, 2013)
 
@@ -51,30 +55,80 @@ def transient(exc: BaseException) -> bool:
 
 
 def upsert_statement(dialect: str, table: Table, key: Sequence[str]) -> Insert:
+    """The dialect's native upsert of whole rows by key, for executemany."""
     others = [c.name for c in table.c if c.name not in key]
     if dialect in ("postgresql", "sqlite"):
         stmt = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
         if not others:
             return stmt.on_conflict_do_nothing(index_elements=list(key))
         return stmt.on_conflict_do_update(index_elements=list(key), set_={c: stmt.excluded[c] for c in others})
-    if dialect in ("mysql", "mariadb"):
-        mstmt = mysql.insert(table)
-        return mstmt.on_duplicate_key_update({c: mstmt.inserted[c] for c in (others or list(key)[:1])})
-    raise SchemaError(
-        f"the {dialect} dialect has no upsert in straw's SQL loader (PostgreSQL, MariaDB/MySQL and SQLite do); "
-        "for SQL Server see README 'SQL Server targets' (MERGE)")
+    mstmt = mysql.insert(table)
+    return mstmt.on_duplicate_key_update({c: mstmt.inserted[c] for c in (others or list(key)[:1])})
+
+
+def _pg_text(value: Any) -> str | None:
+    """A value as PostgreSQL reads it from text (the server casts it to the column's type, exactly)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    if isinstance(value, (dt.date, dt.datetime)):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return "\\x" + value.hex()
+    if isinstance(value, (dict, list)):
+        return orjson.dumps(value).decode()
+    return str(value)
+
+
+class _PgUnnest:
+    """PostgreSQL: one `INSERT … SELECT FROM unnest(text[], …) ON CONFLICT` per batch, a parameter per column.
+
+    A row-by-row executemany makes the server parse, bind and run each row; a multi-row VALUES costs
+    SQLAlchemy a bound parameter per value to compile. Arrays of text, cast by the server to each column's
+    type, cost neither.
+    """
+
+    def __init__(self, conn: Connection, table: Table, key: Sequence[str]) -> None:
+        quote = conn.dialect.identifier_preparer
+        names = [c.name for c in table.c]
+        casts = [f"u.c{i}::{c.type.compile(dialect=conn.dialect)}" if not isinstance(c.type, JSON)
+                 and c.type.compile(dialect=conn.dialect) != "JSONB" else f"u.c{i}::jsonb"
+                 for i, c in enumerate(table.c)]
+        others = [n for n in names if n not in key]
+        conflict = ", ".join(quote.quote(k) for k in key)
+        action = ("DO UPDATE SET " + ", ".join(f"{quote.quote(n)} = EXCLUDED.{quote.quote(n)}" for n in others)
+                  if others else "DO NOTHING")
+        self.columns = names
+        self.sql = (
+            f"INSERT INTO {quote.format_table(table)} ({', '.join(quote.quote(n) for n in names)}) "
+            f"SELECT {', '.join(casts)} FROM unnest({', '.join(f'%(c{i})s::text[]' for i in range(len(names)))}) "
+            f"AS u({', '.join(f'c{i}' for i in range(len(names)))}) ON CONFLICT ({conflict}) {action}"
+        )
+
+    def run(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        params = {f"c{i}": [_pg_text(r.get(n)) for r in rows] for i, n in enumerate(self.columns)}
+        conn.exec_driver_sql(self.sql, params)
 
 
 class SqlLoader:
     def __init__(self, spec: SqlLoaderSpec, entities: Mapping[str, EntitySpec], engine: Engine | None = None) -> None:
         self.spec = spec
         self.entities = entities
-        self.engine = engine or create_engine(spec.url, pool_pre_ping=True)
+        # No pre-ping: a dropped connection fails the batch as "target down" and the pool replaces it.
+        self.engine = engine or create_engine(spec.url)
         self.dialect = self.engine.dialect.name
         self.metadata = MetaData()
         self.applied, self.versions = bookkeeping(self.metadata, spec.db_schema)
-        self._tables: dict[str, tuple[Table, Insert]] = {}
-        self._versions_upsert = upsert_statement(self.dialect, self.versions, ["stream", "entity", "key_hash"])
+        self._tables: dict[str, Table] = {}
+        self._upserts: dict[str, Insert] = {}
+        self._unnests: dict[str, _PgUnnest] = {}
+        if self.dialect not in _UPSERTS:
+            raise SchemaError(
+                f"the {self.dialect} dialect has no upsert in straw's SQL loader (PostgreSQL, MariaDB/MySQL and "
+                "SQLite do); for SQL Server see README 'SQL loader' (MERGE)")
         self._ready = False
         self._known_streams: set[str] = set()
 
@@ -123,7 +177,19 @@ class SqlLoader:
             table = entity_table(MetaData(), self.spec.table_of(name), entity, self.spec.db_schema)
             with conn.begin():
                 ensure_table(conn, table, entity, self.spec.create_tables, f"loader {self.spec.name}")
-            self._tables[name] = (table, upsert_statement(self.dialect, table, entity.key))
+            self._tables[name] = table
+
+    def _upsert(self, conn: Connection, table: Table, key: Sequence[str], rows: list[dict[str, Any]]) -> None:
+        if self.dialect == "postgresql":
+            unnest = self._unnests.get(table.name)
+            if unnest is None:
+                unnest = self._unnests[table.name] = _PgUnnest(conn, table, key)
+            unnest.run(conn, rows)
+            return
+        statement = self._upserts.get(table.name)
+        if statement is None:
+            statement = self._upserts[table.name] = upsert_statement(self.dialect, table, key)
+        conn.execute(statement, rows)  # executemany: PyMySQL sends it as multi-row INSERTs; SQLite is in process
 
     def _lock(self, conn: Connection, stream: str) -> None:
         if stream not in self._known_streams:
@@ -148,7 +214,7 @@ class SqlLoader:
                 fresh = [r for k, r in latest.items() if r.seq > versions.get(k, 0)]
                 self._write(conn, fresh)
                 if fresh:
-                    conn.execute(self._versions_upsert, [
+                    self._upsert(conn, self.versions, ["stream", "entity", "key_hash"], [
                         {"stream": k[0], "entity": k[1], "key_hash": k[2], "seq": r.seq, "deleted": r.op == DELETED}
                         for k, r in latest.items() if r.seq > versions.get(k, 0)
                     ])
@@ -177,14 +243,16 @@ class SqlLoader:
             by_entity.setdefault(record.entity, []).append(record)
         for name, records in by_entity.items():
             entity = self.entities[name]
-            table, insert = self._tables[name]
+            table = self._tables[name]
             rows = [{f: r.data.get(f) for f in entity.fields} for r in records if r.op != DELETED]
             if rows:
-                conn.execute(insert, rows)
-            gone = [{f"k_{k}": r.data.get(k) for k in entity.key} for r in records if r.op == DELETED]
-            if gone:
-                where = and_(*(table.c[k] == bindparam(f"k_{k}") for k in entity.key))
-                conn.execute(delete(table).where(where), gone)
+                self._upsert(conn, table, entity.key, rows)
+            gone = [tuple(r.data.get(k) for k in entity.key) for r in records if r.op == DELETED]
+            columns = [table.c[k] for k in entity.key]
+            for start in range(0, len(gone), _LOOKUP_CHUNK):  # one statement per chunk, not one per key
+                chunk = gone[start:start + _LOOKUP_CHUNK]
+                where = columns[0].in_([g[0] for g in chunk]) if len(columns) == 1 else tuple_(*columns).in_(chunk)
+                conn.execute(delete(table).where(where))
 
 
 def _greatest(column: Any, value: int) -> Any:

@@ -48,7 +48,7 @@ def test_a_new_day_starts_a_new_file(tmp_path: Path, redis_client: redis.Redis, 
     from loaders.sdk import Settings, consume
     from tests.test_loader_sdk import ENTITIES, member
 
-    days = iter([dt.date(2026, 11, 29)] * 3 + [dt.date(2026, 11, 30)] * 10)
+    days = iter([dt.date(2026, 11, 29)] + [dt.date(2026, 11, 30)] * 10)  # asked once per batch
     loader = JsonlLoader(spec(tmp_path, stream_name), today=lambda: next(days))
     xadd_events(redis_client, stream_name, [("upserted", order_data(n)) for n in range(1, 7)])
     consume(member(redis_client, stream_name), loader.apply, ENTITIES, Settings(batch_size=2), once=True)
