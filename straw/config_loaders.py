@@ -31,9 +31,9 @@ class _LoaderBase(Strict):
         if "{stream}" not in self.dead_letter_stream and len(self.streams) > 1:
             raise PydanticCustomError(
                 "dead_letter_stream",
-                "with several streams, `dead_letter_stream` must contain {{stream}} (e.g. '{{stream}}.dlq'), "
+                "with several streams, `dead_letter_stream` must contain {placeholder} (e.g. '{placeholder}.dlq'), "
                 "or the dead letters of all streams mix in one",
-                {"at": ("dead_letter_stream",)},
+                {"placeholder": "{stream}", "at": ("dead_letter_stream",)},
             )
         if len(set(self.streams)) != len(self.streams):
             raise PydanticCustomError("streams", "a stream is listed twice; list each once", {"at": ("streams",)})

@@ -58,8 +58,8 @@ def test_a_retried_record_never_overwrites_a_newer_change_of_its_key(
 ) -> None:
     config = sql_loader(tmp_path, redis_url, stream_name, sqlite_url)
     xadd_events(redis_client, stream_name, [("upserted", order_data(1, status="OLD"))])
-    redis_client.xadd(f"{stream_name}.dlq", {**{k.decode(): v for k, v in redis_client.xrange(stream_name)[0][1].items()},
-                                             "stream": stream_name, "group": "wh", "error": "x", "entry": "1-0"})
+    original = {k.decode(): v for k, v in redis_client.xrange(stream_name)[0][1].items()}
+    redis_client.xadd(f"{stream_name}.dlq", {**original, "stream": stream_name, "group": "wh", "error": "x"})
     redis_client.xtrim(stream_name, maxlen=0)
     xadd_events(redis_client, stream_name, [("upserted", order_data(1, status="NEW"))], first_seq=2)
     load_once(config)

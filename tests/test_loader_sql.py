@@ -7,6 +7,7 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from typing import Any
 import pytest
 import redis
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import create_engine, text
 
 from loaders.service import run_loader
@@ -167,3 +170,38 @@ def _some_applied(client: redis.Redis, stream: str) -> bool:
     except redis.ResponseError:
         return False
     return bool(groups) and groups[0].get("last-delivered-id") not in (b"0-0", "0-0")
+
+
+_TEXT = st.text(st.characters(codec="utf-8"), max_size=40)  # NUL included: PostgreSQL refuses it in text
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=st.lists(st.tuples(
+    st.integers(1, 4), st.sampled_from(["upserted", "upserted", "deleted"]), _TEXT,
+    st.decimals(min_value=Decimal("-1e40"), max_value=Decimal("1e40"), places=2, allow_nan=False)),
+    min_size=1, max_size=12))
+def test_hostile_values_land_exactly_or_become_dead_letters(
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, redis_client: redis.Redis, pg_url: str,
+    changes: list[tuple[int, str, str, Decimal]],
+) -> None:
+    """Each key ends as its last change that is not a dead letter; nothing raises, nothing else is lost."""
+    stream = f"test.h{uuid.uuid4().hex[:10]}"
+    try:
+        entries = [(op, {"order_no": key} if op == "deleted" else order_data(key, amount=format(amount, "f"),
+                                                                              note=note))
+                   for key, op, note, amount in changes]
+        xadd_events(redis_client, stream, entries)
+        config = sql_loader(tmp_path_factory.mktemp("h"), redis_url, stream, pg_url, max_deliveries=1,
+                            tables={"order": f"h{uuid.uuid4().hex[:8]}"})
+        load_once(config)
+        dead = {int(f[b"seq"]) for _, f in redis_client.xrange(f"{stream}.dlq")}
+        expected: dict[int, tuple[str | None, Decimal] | None] = {}
+        for seq, (key, op, note, amount) in enumerate(changes, 1):
+            if seq not in dead:
+                expected[key] = None if op == "deleted" else (note, amount)
+        table = yaml.safe_load(config.read_text())["loaders"][0]["tables"]["order"]
+        got = {k: (r["note"], r["amount"]) for k, r in rows(pg_url, table).items()}
+        assert got == {k: v for k, v in expected.items() if v is not None}
+        assert redis_client.xpending(stream, "wh")["pending"] == 0
+    finally:
+        redis_client.delete(stream, f"{stream}.dlq")
