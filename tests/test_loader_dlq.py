@@ -11,14 +11,14 @@ from pathlib import Path
 
 import redis
 import yaml
-from sqlalchemy import MetaData, create_engine, insert, text
+from sqlalchemy import create_engine, text
 
 from fixtures.legacy_orders import order_rows
 from tests.crashes import REPO, straw_command
 from tests.helpers import orders_config, read_stream, run_once
 from tests.loader_helpers import order_data, xadd_events
 from tests.test_cli import invoke
-from tests.test_dead_letters import loose_orders
+from tests.test_dead_letters import fill_loose_orders
 from tests.test_loader_sql import applied_seq, load_once, rows, sql_loader
 
 
@@ -89,15 +89,9 @@ def test_dlq_drop_asks_first(tmp_path: Path, redis_url: str, redis_client: redis
 def test_a_mapping_dead_letter_is_re_mapped_with_todays_config(
     tmp_path: Path, sqlite_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str
 ) -> None:
-    engine = create_engine(sqlite_url)
-    metadata = MetaData()
-    table = loose_orders(metadata)
-    metadata.create_all(engine)
     found = order_rows(3)
     found[1]["PAID"] = "maybe"  # not a boolean word
-    with engine.begin() as conn:
-        conn.execute(insert(table), found)
-    engine.dispose()
+    fill_loose_orders(sqlite_url, found)
     path = orders_config(tmp_path, db_url=sqlite_url, redis_url=redis_url, stream=stream_name)
     run_once(path)
     listed = invoke("dlq", "list", "-c", str(path))
