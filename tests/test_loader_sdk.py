@@ -186,3 +186,25 @@ def test_the_applied_helper_skips_what_the_target_has(
     with engine.connect() as conn:
         assert [s for (s,) in conn.execute(text("SELECT seq FROM seen ORDER BY seq"))] == [1, 2, 3, 4]
     engine.dispose()
+
+
+def test_the_readme_sdk_example_runs(
+    tmp_path: pytest.TempPathFactory, redis_url: str, redis_client: redis.Redis, stream_name: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The README's SDK example, as written, against this test's stream and config."""
+    import re
+    from pathlib import Path
+
+    from tests.crashes import REPO
+    from tests.loader_helpers import loader_config
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### The SDK: a loader of your own"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
+    config = loader_config(Path(str(tmp_path)), redis_url, [], stream_name)
+    code = code.replace('"straw.yaml"', repr(str(config))).replace('"erp.orders"', repr(stream_name))
+    xadd_events(redis_client, stream_name, [("upserted", order_data(7, amount="1234.50"))])
+    exec(compile(code, "README.md", "exec"), {})
+    assert "1 upserted 7 {'order_no': 7, 'customer': 'Café Ørsted', 'amount': Decimal('1234.50')" in \
+        capsys.readouterr().out
