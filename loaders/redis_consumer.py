@@ -21,7 +21,8 @@ from straw.redact import describe
 RETRY_GROUP = "retry_group"  # field of an entry sent again by `straw dlq retry`: the group it is for
 IDLE_CONSUMER = 3600.0  # a member with nothing pending and idle this long is gone: removed from the group
 _CLAIM_MAX = 1000
-# Refused credentials are not "down" (the CLI reports them once); AuthenticationError is a ConnectionError.
+# Refused credentials are not "down": waiting does not fix a password (the CLI reports them in one line).
+REDIS_REFUSED = (redis.AuthenticationError, redis.exceptions.NoPermissionError)
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
 
 
@@ -87,6 +88,8 @@ class RedisConsumer:
     def read(self, count: int, block: float) -> list[Delivery]:
         try:
             return self._next(count, block)
+        except REDIS_REFUSED:
+            raise
         except REDIS_DOWN as exc:
             raise BusDown(describe(exc)) from exc
 
@@ -158,12 +161,16 @@ class RedisConsumer:
     def pending(self) -> int:
         try:
             return sum(int(self._client.xpending(s, self._group)["pending"]) for s in self._streams)
+        except REDIS_REFUSED:
+            raise
         except REDIS_DOWN as exc:
             raise BusDown(describe(exc)) from exc
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         try:
             self._ack(deliveries)
+        except REDIS_REFUSED:
+            raise
         except REDIS_DOWN as exc:  # not acked: the entries come back and the target skips them (idempotent)
             raise BusDown(describe(exc)) from exc
 

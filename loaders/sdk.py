@@ -91,6 +91,10 @@ def consume(
     while not stop.is_set():
         try:
             deliveries = consumer.read(settings.batch_size, 0.0 if once else settings.block)
+            # Drained when nothing is pending in the group either: entries that failed here or that a dead
+            # member holds come back after claim_idle, and a live member's are acked in a moment.
+            if once and not deliveries and not tally.pending and consumer.pending() == 0:
+                break
             down_since = None
         except BusDown as exc:
             down_since = down_since or time.monotonic()
@@ -100,10 +104,6 @@ def consume(
             stop.wait(1.0)
             continue
         if not deliveries:
-            # Drained when nothing is pending in the group either: entries that failed here or that a dead
-            # member holds come back after claim_idle, and a live member's are acked in a moment.
-            if once and not tally.pending and consumer.pending() == 0:
-                break
             if once:
                 stop.wait(min(0.02 + settings.claim_idle / 4, 1.0))
             continue

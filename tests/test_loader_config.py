@@ -66,3 +66,13 @@ def test_load_of_an_unknown_loader_names_the_known_ones(tmp_path: Path) -> None:
     path = loader_config(tmp_path, "redis://127.0.0.1:6379/0", [GOOD])
     result = invoke("load", "nope", "-c", str(path))
     assert result.exit_code == 2 and "no loader named 'nope'; loaders: wh" in result.output
+
+
+def test_load_with_redis_down_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    from straw.local_redis import free_port
+
+    path = loader_config(tmp_path, f"redis://:pw-not-shown@127.0.0.1:{free_port()}/0", [GOOD])
+    result = invoke("load", "wh", "--once", "-c", str(path))
+    assert result.exit_code == 1, result.output
+    assert "redis unreachable" in result.output and "Traceback" not in result.output
+    assert "pw-not-shown" not in result.output
