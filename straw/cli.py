@@ -474,6 +474,7 @@ def load(
 ) -> None:
     """Apply the loader's streams to its target until SIGTERM/Ctrl-C (the batch in hand is finished and acked)."""
     from loaders.consumer import BusDown
+    from loaders.jsonl import DirectoryBusy
     from loaders.sdk import TargetDown
     from loaders.service import redis_consumer, run_loader, stop_on_signals
     from loaders.sql_schema import SchemaError
@@ -488,6 +489,8 @@ def load(
     except SchemaError as exc:
         err.print(f"[red]error[/] {redact(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    except (DirectoryBusy, PermissionError, FileExistsError, NotADirectoryError) as exc:  # a JSON Lines directory
+        _fail(f"loader {name}: {exc}")
     except REDIS_REFUSED as exc:
         _fail(str(refused(exc)))
     except REDIS_DOWN as exc:
@@ -496,6 +499,7 @@ def load(
         _fail(f"redis unreachable ({exc}); nothing was lost: run again when it is back")
     except TargetDown as exc:
         _fail(f"loader {name}: target unreachable ({exc}); the records wait in the stream")
+
     out.print(f"{name}: {tally.applied} applied, {tally.dead_letters} dead letters, {len(tally.pending)} waiting "
               f"for a retry" + (" (stopped by signal)" if tally.stopped else ""), highlight=False)
 
