@@ -42,6 +42,11 @@ def test_files_rotate_by_size_and_open_ones_have_a_hidden_temporary_name(
     got = lines(out)
     assert [line["strawseq"] for line in got] == list(range(1, 41))
     assert got[0]["type"] == "order.upserted" and got[0]["data"]["amount"] == "10.00"  # type: ignore[index]
+    from cloudevents.v1.http import from_json
+
+    first_line = sorted(out.glob("*.jsonl"))[0].read_bytes().splitlines()[0]
+    event = from_json(first_line)  # each line is a structured-mode CloudEvent, its extensions included
+    assert event["strawseq"] == 1 and event["strawstream"] == stream_name and event["subject"] == "1"
 
 
 def test_a_new_day_starts_a_new_file(tmp_path: Path, redis_client: redis.Redis, stream_name: str) -> None:
