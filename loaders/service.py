@@ -31,11 +31,22 @@ def consumer_name() -> str:
     return f"{socket.gethostname().split('.')[0] or 'loader'}-{os.getpid()}"
 
 
+def redis_client(url: str, socket_timeout: float) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=min(socket_timeout, 5.0),
+                                health_check_interval=30)
+
+
+def refused_line(exc: BaseException) -> str:
+    """One line for refused credentials: waiting does not fix a password."""
+    detail = " ".join(str(exc).split())
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return (f"Redis authorization failed ({detail}): the ACL user of redis.url needs +@read +@write +@stream "
+                "on the loader's streams, their dead-letter streams and the consumer groups")
+    return f"Redis authentication failed ({detail}): check the user and password in redis.url"
+
+
 def redis_consumer(config: Config, spec: AnyLoaderSpec, name: str | None = None) -> RedisConsumer:
-    client = redis.Redis.from_url(
-        config.redis.url, socket_timeout=max(config.redis.socket_timeout, spec.block + 5.0),
-        socket_connect_timeout=5.0, health_check_interval=30,
-    )
+    client = redis_client(config.redis.url, max(config.redis.socket_timeout, spec.block + 5.0))
     return RedisConsumer(
         client, spec.streams, spec.group_name, name or consumer_name(), claim_idle=spec.claim_idle,
         dead_letters=spec.dead_letters_of, start=spec.start,

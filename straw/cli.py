@@ -473,10 +473,12 @@ def load(
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ERROR.")] = None,
 ) -> None:
     """Apply the loader's streams to its target until SIGTERM/Ctrl-C (the batch in hand is finished and acked)."""
-    from loaders.consumer import BusDown
+    from loaders.consumer import BusDown as LoaderBusDown
     from loaders.jsonl import DirectoryBusy
+    from loaders.redis_consumer import REDIS_DOWN as LOADER_REDIS_DOWN
+    from loaders.redis_consumer import REDIS_REFUSED as LOADER_REDIS_REFUSED
     from loaders.sdk import TargetDown
-    from loaders.service import redis_consumer, run_loader, stop_on_signals
+    from loaders.service import redis_consumer, refused_line, run_loader, stop_on_signals
     from loaders.sql_schema import SchemaError
 
     logs.setup(log_level)
@@ -491,11 +493,11 @@ def load(
         raise typer.Exit(2) from None
     except (DirectoryBusy, PermissionError, FileExistsError, NotADirectoryError) as exc:  # a JSON Lines directory
         _fail(f"loader {name}: {exc}")
-    except REDIS_REFUSED as exc:
-        _fail(str(refused(exc)))
-    except REDIS_DOWN as exc:
+    except LOADER_REDIS_REFUSED as exc:
+        _fail(refused_line(exc))
+    except LOADER_REDIS_DOWN as exc:
         _fail(f"redis unreachable ({describe(exc)})")
-    except BusDown as exc:
+    except LoaderBusDown as exc:
         _fail(f"redis unreachable ({exc}); nothing was lost: run again when it is back")
     except TargetDown as exc:
         _fail(f"loader {name}: target unreachable ({exc}); the records wait in the stream")
@@ -511,22 +513,26 @@ ItemArgument = Annotated[str, typer.Argument(help="outbox:<id> or <dead-letter s
 
 
 @contextmanager
-def _dlq_sources(config: Config) -> Iterator[tuple[Outbox | None, redis.Redis | None]]:
+def _dlq_sources(config: Config) -> Iterator[tuple[Outbox | None, Any]]:
     """The outbox if this host has one, and Redis if loaders are configured; either may be absent."""
+    from loaders.redis_consumer import REDIS_DOWN as LOADER_REDIS_DOWN
+    from loaders.redis_consumer import REDIS_REFUSED as LOADER_REDIS_REFUSED
+    from loaders.service import redis_client, refused_line
+
     outbox = None
     if config.outbox.path.exists():
         try:
             outbox = Outbox(config.outbox.path)
         except OutboxError as exc:
             _fail(str(exc))
-    client = connect(config.redis.url, socket_timeout=5.0) if config.loaders else None
+    client = redis_client(config.redis.url, 5.0) if config.loaders else None
     try:
         yield outbox, client
     except OutboxError as exc:
         _fail(str(exc))
-    except REDIS_REFUSED as exc:
-        _fail(str(refused(exc)))
-    except REDIS_DOWN as exc:
+    except LOADER_REDIS_REFUSED as exc:
+        _fail(refused_line(exc))
+    except LOADER_REDIS_DOWN as exc:
         _fail(f"redis unreachable ({describe(exc)})")
     finally:
         if outbox is not None:
@@ -535,7 +541,7 @@ def _dlq_sources(config: Config) -> Iterator[tuple[Outbox | None, redis.Redis | 
             client.close()
 
 
-def _dlq_item(config: Config, item: str, outbox: Outbox | None, client: redis.Redis | None) -> Any:
+def _dlq_item(config: Config, item: str, outbox: Outbox | None, client: Any) -> Any:
     from straw.dead_letter_items import NoSuchItem, find
 
     try:
@@ -632,8 +638,9 @@ def replay(
 ) -> None:
     """Move the loader's group back and apply its streams again from a point (a target restored from a
     backup); records the target has already are skipped, so nothing is applied twice."""
+    from loaders.redis_consumer import REDIS_DOWN as LOADER_REDIS_DOWN
     from loaders.replay import ReplayError, rewind
-    from loaders.service import run_loader
+    from loaders.service import redis_client, run_loader
 
     logs.setup("WARNING")
     config = _load(config_path)
@@ -641,14 +648,14 @@ def replay(
     if (from_seq is None) == (from_time is None):
         err.print("give exactly one of --from-seq N or --from-time 2026-11-29T10:00:00")
         raise typer.Exit(2)
-    client = connect(config.redis.url, socket_timeout=10.0)
+    client = redis_client(config.redis.url, 10.0)
     try:
         for stream in spec.streams:
             said = rewind(client, stream, spec.group_name, from_seq=from_seq, from_time=from_time)
             out.print(f"{stream}: {said}", markup=False, highlight=False)
     except ReplayError as exc:
         _fail(str(exc))
-    except REDIS_DOWN as exc:
+    except LOADER_REDIS_DOWN as exc:
         _fail(f"redis unreachable ({describe(exc)})")
     finally:
         client.close()
