@@ -92,8 +92,10 @@ def consume(
         try:
             deliveries = consumer.read(settings.batch_size, 0.0 if once else settings.block)
             # Drained when nothing is pending in the group either: entries that failed here or that a dead
-            # member holds come back after claim_idle, and a live member's are acked in a moment.
-            if once and not deliveries and not tally.pending and consumer.pending() == 0:
+            # member holds come back after claim_idle, and a live member's are acked in a moment. (Not our
+            # own failed set: another member may have claimed and settled those.)
+            if once and not deliveries and consumer.pending() == 0:
+                tally.pending.clear()
                 break
             down_since = None
         except BusDown as exc:
