@@ -16,7 +16,7 @@ from hashlib import blake2b
 from typing import Any
 
 import orjson
-from sqlalchemy import JSON, MetaData, Table, case, create_engine, delete, select, tuple_, update
+from sqlalchemy import MetaData, Table, case, create_engine, delete, select, tuple_, update
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
@@ -83,6 +83,11 @@ def _pg_text(value: Any) -> str | None:
     return str(value)
 
 
+def _json_text(value: Any) -> str | None:
+    """A json field's value as JSON text: a JSON string stays a string ("hello" -> '"hello"')."""
+    return None if value is None else orjson.dumps(value, default=str).decode()
+
+
 class _PgUnnest:
     """PostgreSQL: one `INSERT … SELECT FROM unnest(text[], …) ON CONFLICT` per batch, a parameter per column.
 
@@ -94,9 +99,9 @@ class _PgUnnest:
     def __init__(self, conn: Connection, table: Table, key: Sequence[str]) -> None:
         quote = conn.dialect.identifier_preparer
         names = [c.name for c in table.c]
-        casts = [f"u.c{i}::{c.type.compile(dialect=conn.dialect)}" if not isinstance(c.type, JSON)
-                 and c.type.compile(dialect=conn.dialect) != "JSONB" else f"u.c{i}::jsonb"
-                 for i, c in enumerate(table.c)]
+        types = [c.type.compile(dialect=conn.dialect) for c in table.c]
+        self.json = {c.name for c, kind in zip(table.c, types, strict=True) if kind in ("JSON", "JSONB")}
+        casts = [f"u.c{i}::{'jsonb' if kind in ('JSON', 'JSONB') else kind}" for i, kind in enumerate(types)]
         others = [n for n in names if n not in key]
         conflict = ", ".join(quote.quote(k) for k in key)
         action = ("DO UPDATE SET " + ", ".join(f"{quote.quote(n)} = EXCLUDED.{quote.quote(n)}" for n in others)
@@ -109,7 +114,10 @@ class _PgUnnest:
         )
 
     def run(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
-        params = {f"c{i}": [_pg_text(r.get(n)) for r in rows] for i, n in enumerate(self.columns)}
+        params = {
+            f"c{i}": [_json_text(r.get(n)) for r in rows] if n in self.json else [_pg_text(r.get(n)) for r in rows]
+            for i, n in enumerate(self.columns)
+        }
         conn.exec_driver_sql(self.sql, params)
 
 

@@ -205,3 +205,26 @@ def test_hostile_values_land_exactly_or_become_dead_letters(
         assert redis_client.xpending(stream, "wh")["pending"] == 0
     finally:
         redis_client.delete(stream, f"{stream}.dlq")
+
+
+def test_json_and_bytes_fields_round_trip(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis, stream_name: str, db_url: str
+) -> None:
+    import base64
+    import json
+
+    config = sql_loader(tmp_path, redis_url, stream_name, db_url)
+    document = yaml.safe_load(config.read_text())
+    document["entities"]["order"]["fields"].update({"attrs": "json", "blob": "bytes"})
+    config.write_text(yaml.safe_dump(document))
+    values = {1: "hello", 2: {"a": [1, 2.5, None], "ü": True}, 3: None}
+    xadd_events(redis_client, stream_name, [
+        ("upserted", {**order_data(n), "attrs": value, "blob": base64.b64encode(bytes([n, 0, 255])).decode()})
+        for n, value in values.items()])
+    assert load_once(config).dead_letters == 0
+    got = rows(db_url)
+    for n, value in values.items():
+        attrs = got[n]["attrs"]
+        parsed = attrs if db_url.startswith("postgresql") or attrs is None else json.loads(attrs)  # psycopg parses
+        assert parsed == value, (n, attrs)
+        assert bytes(got[n]["blob"]) == bytes([n, 0, 255])
