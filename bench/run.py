@@ -23,7 +23,7 @@ from typing import Any, TextIO
 # `python bench/run.py` puts bench/ first on sys.path; the packages live one level up.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import budget_bench, db_bench, guard, latency_bench, nats_bench, scrape_bench, sweep_bench
+from bench import budget_bench, db_bench, guard, latency_bench, loader_bench, nats_bench, scrape_bench, sweep_bench
 from bench.ceiling import prepare, sample_entries, xadd_pipelined
 from bench.durability_bench import replicated_slice
 from bench.legacy import legacy_database
@@ -195,6 +195,9 @@ MEASURES: dict[str, Callable[[Bench, Scale], Result]] = {
     "rabbitmq_publish_ceiling_per_s": _one_of(_rabbitmq, "rabbitmq_publish_ceiling_per_s"),
     "bus_nats_rows_per_s": _one_of(bus_nats, "bus_nats_rows_per_s"),
     "nats_publish_ceiling_per_s": _one_of(bus_nats, "nats_publish_ceiling_per_s"),
+    "loader_sql_postgres_records_per_s": lambda bench, scale: Result(
+        **loader_bench.sql_postgres(bench, scale.rows, min(scale.repeat, 3))),
+    "loader_jsonl_records_per_s": lambda bench, scale: Result(**loader_bench.jsonl(bench, scale.rows, scale.repeat)),
 }
 
 

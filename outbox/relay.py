@@ -53,7 +53,7 @@ def gap_message(stream: str, bus_seq: int, published: int, missing: tuple[int, i
         f"stream {stream!r}: the bus lost published records (its checkpoint is at seq {bus_seq}, this outbox "
         f"published up to seq {published}) and seq {missing[0]}..{missing[1]} is no longer retained "
         f"(outbox.retain), so it cannot be re-published; nothing more is published to this stream. "
-        f"Replay it from the sources: stop straw, run `straw replay {stream}` (incremental sources go back to "
+        f"Replay it from the sources: stop straw, run `straw reread {stream}` (incremental sources go back to "
         f"their positions on the bus checkpoint, snapshot sources send a full listing), then start straw"
     )
 

@@ -737,5 +737,24 @@ class Outbox:
         keys = ("id", "source", "position", "reason", "raw", "created_at")
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
+    def dead_letter(self, letter_id: int) -> dict[str, Any] | None:
+        row = self.db.execute(
+            "SELECT id, source, position, reason, raw, created_at FROM dead_letters WHERE id = ?", (letter_id,)
+        ).fetchone()
+        keys = ("id", "source", "position", "reason", "raw", "created_at")
+        return None if row is None else dict(zip(keys, row, strict=True))
+
+    def resolve_dead_letter(
+        self, letter_id: int, source: str, stream: str, event: tuple[str, bytes] | None
+    ) -> bool:
+        """Delete a dead letter and, with `event` (position, bytes: the row maps now), queue that record, in
+        one transaction; the source's position does not move. False if it was gone already."""
+        with self._transaction():
+            if self.db.execute("DELETE FROM dead_letters WHERE id = ?", (letter_id,)).rowcount == 0:
+                return False
+            if event is not None:
+                self.db.execute(_INSERT_RECORD, (source, stream, event[0], event[1]))
+        return True
+
     def dead_letter_counts(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT source, count(*) FROM dead_letters GROUP BY source").fetchall())

@@ -23,6 +23,7 @@ from outbox.store import Outbox, OutboxError
 from straw import logs
 from straw.config import Config, DatabaseSpec, DbSourceSpec
 from straw.config_load import CONFIG_ENV, ConfigError, load_config
+from straw.config_loaders import AnyLoaderSpec
 from straw.config_types import parse_duration
 from straw.outbox_check import check_outbox
 from straw.redact import describe, redact
@@ -421,7 +422,7 @@ def stream(
 
 
 @app.command()
-def replay(
+def reread(
     stream_name: Annotated[str, typer.Argument(metavar="STREAM", help="The stream the bus lost records of.")],
     config_path: ConfigOption = None,
 ) -> None:
@@ -436,21 +437,21 @@ def replay(
         _fail(f"no source publishes to stream {stream_name!r}; the configured streams: {', '.join(config.streams)}")
     ckpt = _bus_or_none(config, lambda bus: bus.checkpoint(stream_name))
     if isinstance(ckpt, str):
-        _fail(f"bus {ckpt}: the replay starts from the stream's checkpoint on the bus; try again once it is up")
+        _fail(f"bus {ckpt}: the reread starts from the stream's checkpoint on the bus; try again once it is up")
     try:
         with OutboxLock(config.outbox.path), _outbox(config) as outbox:
             published = outbox.published_seq(stream_name)
             if ckpt.outbox not in (None, outbox.identity):
                 _fail(f"stream {stream_name!r}: its checkpoint was written by another outbox ({ckpt.outbox}); "
-                      "replay from the straw instance that publishes it")
+                      "reread from the straw instance that publishes it")
             if ckpt.seq >= published:
-                out.print(f"stream {stream_name}: nothing to replay: the bus holds seq {ckpt.seq}, this outbox "
+                out.print(f"stream {stream_name}: nothing to read again: the bus holds seq {ckpt.seq}, this outbox "
                           f"published up to seq {published}", highlight=False)
                 return
             sources = [s.name for s in config.sources if s.stream == stream_name]
             dropped, listed = outbox.replay(stream_name, ckpt.seq, {n: ckpt.positions.get(n) for n in sources})
     except OutboxBusy as exc:
-        _fail(f"{exc} (stop straw before a replay)")
+        _fail(f"{exc} (stop straw before a reread)")
     out.print(f"stream {stream_name}: dropped {dropped} records above seq {ckpt.seq} (the bus checkpoint); "
               "the next `straw run` reads them again:", highlight=False)
     for name in sources:
@@ -526,6 +527,218 @@ def schema() -> None:
     from straw.schema import config_schema
 
     sys.stdout.write(orjson.dumps(config_schema(), option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _loader_spec(config: Config, name: str) -> AnyLoaderSpec:
+    try:
+        return config.loader(name)
+    except KeyError:
+        known = ", ".join(loader.name for loader in config.loaders) or "none configured under `loaders:`"
+        err.print(f"no loader named {name!r}; loaders: {known}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def load(
+    name: Annotated[str, typer.Argument(help="Loader name from the configuration's `loaders:`.")],
+    config_path: ConfigOption = None,
+    once: Annotated[bool, typer.Option("--once", help="Apply what is in the streams now, then exit.")] = False,
+    consumer: Annotated[
+        str | None, typer.Option(help="This member's name in the group; default: <host>-<pid>.")
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ERROR.")] = None,
+) -> None:
+    """Apply the loader's streams to its target until SIGTERM/Ctrl-C (the batch in hand is finished and acked)."""
+    from loaders.consumer import BusDown as LoaderBusDown
+    from loaders.jsonl import DirectoryBusy
+    from loaders.redis_consumer import REDIS_DOWN as LOADER_REDIS_DOWN
+    from loaders.redis_consumer import REDIS_REFUSED as LOADER_REDIS_REFUSED
+    from loaders.sdk import TargetDown
+    from loaders.service import redis_consumer, refused_line, run_loader, stop_on_signals
+    from loaders.sql_schema import SchemaError
+
+    logs.setup(log_level)
+    config = _load(config_path)
+    spec = _loader_spec(config, name)
+    try:
+        with stop_on_signals() as stop:
+            member = redis_consumer(config, spec, consumer)
+            tally = run_loader(config, spec, once=once, stop=stop, consumer=member)
+    except SchemaError as exc:
+        err.print(f"[red]error[/] {redact(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except (DirectoryBusy, PermissionError, FileExistsError, NotADirectoryError) as exc:  # a JSON Lines directory
+        _fail(f"loader {name}: {exc}")
+    except LOADER_REDIS_REFUSED as exc:
+        _fail(refused_line(exc))
+    except LOADER_REDIS_DOWN as exc:
+        _fail(f"redis unreachable ({describe(exc)})")
+    except LoaderBusDown as exc:
+        _fail(f"redis unreachable ({exc}); nothing was lost: run again when it is back")
+    except TargetDown as exc:
+        _fail(f"loader {name}: target unreachable ({exc}); the records wait in the stream")
+
+    out.print(f"{name}: {tally.applied} applied, {tally.dead_letters} dead letters, {len(tally.pending)} waiting "
+              f"for a retry" + (" (stopped by signal)" if tally.stopped else ""), highlight=False)
+
+
+dlq_app = typer.Typer(help="Dead letters of both ends: rows that could not be mapped (outbox) and records a "
+                        "loader could not apply (dead-letter streams).", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+ItemArgument = Annotated[str, typer.Argument(help="outbox:<id> or <dead-letter stream>:<entry id>, as listed.")]
+
+
+@contextmanager
+def _dlq_sources(config: Config) -> Iterator[tuple[Outbox | None, Any]]:
+    """The outbox if this host has one, and Redis if loaders are configured; either may be absent."""
+    from loaders.redis_consumer import REDIS_DOWN as LOADER_REDIS_DOWN
+    from loaders.redis_consumer import REDIS_REFUSED as LOADER_REDIS_REFUSED
+    from loaders.service import redis_client, refused_line
+
+    outbox = None
+    if config.outbox.path.exists():
+        try:
+            outbox = Outbox(config.outbox.path)
+        except OutboxError as exc:
+            _fail(str(exc))
+    client = redis_client(config.redis.url, 5.0) if config.loaders else None
+    try:
+        yield outbox, client
+    except OutboxError as exc:
+        _fail(str(exc))
+    except LOADER_REDIS_REFUSED as exc:
+        _fail(refused_line(exc))
+    except LOADER_REDIS_DOWN as exc:
+        _fail(f"redis unreachable ({describe(exc)})")
+    finally:
+        if outbox is not None:
+            outbox.close()
+        if client is not None:
+            client.close()
+
+
+def _dlq_item(config: Config, item: str, outbox: Outbox | None, client: Any) -> Any:
+    from straw.dead_letter_items import NoSuchItem, find
+
+    try:
+        return find(item, outbox, client, config)
+    except NoSuchItem as exc:
+        err.print(str(exc), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@dlq_app.command("list")
+def dlq_list(
+    config_path: ConfigOption = None,
+    limit: Annotated[int, typer.Option(help="How many of each kind, newest first.")] = 20,
+) -> None:
+    """Every dead letter: kind, where, when, reason."""
+    from straw.dead_letter_items import outbox_items, stream_items
+
+    config = _load(config_path)
+    with _dlq_sources(config) as (outbox, client):
+        items = (outbox_items(outbox, limit) if outbox else []) + (
+            stream_items(client, config, limit) if client else [])
+    table = Table(title=f"dead letters ({len(items)})")
+    for column in ("item", "kind", "where", "when", "reason"):
+        table.add_column(column, overflow="fold")
+    for item in items:
+        table.add_row(Text(item.item), item.kind, Text(item.where), item.when, Text(redact(item.reason)))
+    out.print(table)
+
+
+@dlq_app.command("show")
+def dlq_show(item: ItemArgument, config_path: ConfigOption = None) -> None:
+    """The reason and the raw row or record of one dead letter."""
+    config = _load(config_path)
+    with _dlq_sources(config) as (outbox, client):
+        found = _dlq_item(config, item, outbox, client)
+    out.print(f"{found.item} ({found.kind} dead letter, {found.where}, {found.when})", markup=False, highlight=False)
+    out.print(f"reason: {redact(found.reason)}", markup=False, highlight=False, soft_wrap=True)
+    for key, value in found.details.items():
+        if key not in ("event", "error"):
+            out.print(f"{key}: {value}", markup=False, highlight=False, soft_wrap=True)
+    out.print(("raw row: " if found.kind == "mapping" else "record: ") + found.raw, markup=False, highlight=False,
+              soft_wrap=True)
+
+
+@dlq_app.command("retry")
+def dlq_retry(item: ItemArgument, config_path: ConfigOption = None) -> None:
+    """Send one dead letter through again: a row is re-mapped with today's configuration, a record goes back
+    to its stream for its loader's group."""
+    from straw.dead_letter_items import NoSuchItem, retry_loader, retry_mapping
+
+    config = _load(config_path)
+    with _dlq_sources(config) as (outbox, client):
+        found = _dlq_item(config, item, outbox, client)
+        try:
+            if found.kind == "mapping":
+                assert outbox is not None
+                said = retry_mapping(config, outbox, found)
+            else:
+                assert client is not None
+                said = retry_loader(client, found)
+        except NoSuchItem as exc:
+            _fail(str(exc))
+    out.print(f"{item}: {said}", markup=False, highlight=False, soft_wrap=True)
+    if said.startswith("still"):
+        raise typer.Exit(1)
+
+
+@dlq_app.command("drop")
+def dlq_drop(
+    item: ItemArgument,
+    config_path: ConfigOption = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete one dead letter for good (asks first)."""
+    from straw.dead_letter_items import drop
+
+    config = _load(config_path)
+    with _dlq_sources(config) as (outbox, client):
+        found = _dlq_item(config, item, outbox, client)
+        if not yes and not typer.confirm(f"delete {found.item} ({found.reason[:80]})?", default=False):
+            raise typer.Exit(1)
+        drop(found, outbox, client)
+    out.print(f"{item}: dropped", markup=False, highlight=False)
+
+
+@app.command()
+def replay(
+    name: Annotated[str, typer.Argument(help="Loader name.")],
+    config_path: ConfigOption = None,
+    from_seq: Annotated[int | None, typer.Option("--from-seq", help="Re-apply records from this seq on.")] = None,
+    from_time: Annotated[
+        str | None, typer.Option("--from-time", help="Re-apply records added at or after this ISO time (UTC if naive).")
+    ] = None,
+) -> None:
+    """Move the loader's group back and apply its streams again from a point (a target restored from a
+    backup); records the target has already are skipped, so nothing is applied twice."""
+    from loaders.redis_consumer import REDIS_DOWN as LOADER_REDIS_DOWN
+    from loaders.replay import ReplayError, rewind
+    from loaders.service import redis_client, run_loader
+
+    logs.setup("WARNING")
+    config = _load(config_path)
+    spec = _loader_spec(config, name)
+    if (from_seq is None) == (from_time is None):
+        err.print("give exactly one of --from-seq N or --from-time 2026-11-29T10:00:00")
+        raise typer.Exit(2)
+    client = redis_client(config.redis.url, 10.0)
+    try:
+        for stream in spec.streams:
+            said = rewind(client, stream, spec.group_name, from_seq=from_seq, from_time=from_time)
+            out.print(f"{stream}: {said}", markup=False, highlight=False)
+    except ReplayError as exc:
+        _fail(str(exc))
+    except LOADER_REDIS_DOWN as exc:
+        _fail(f"redis unreachable ({describe(exc)})")
+    finally:
+        client.close()
+    import threading
+
+    tally = run_loader(config, spec, once=True, stop=threading.Event())
+    out.print(f"{name}: {tally.applied} records replayed ({tally.dead_letters} dead letters)", highlight=False)
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from pydantic_core import PydanticCustomError
 
 from bus.nats import JetStreamOptions, stream_name_problem, subject_problem
 from straw import sql_guard
+from straw.config_loaders import AnyLoaderSpec, LoaderSpec
 from straw.config_scrape import ScrapeSourceSpec
 from straw.config_types import BusUrl, Encoding, ListenHost, Name, RedisUrl, Seconds, StreamName, Strict, TimeZone
 from straw.schedule import Scheduled
@@ -575,6 +576,9 @@ class Config(Strict):
     )
     retention: RetentionSpec = RetentionSpec()
     log: LogSpec = LogSpec()
+    loaders: list[LoaderSpec] = Field(
+        default_factory=list,
+        description="loaders that apply streams to targets (`straw load NAME`): see [Loaders](#loaders) for their keys")
 
 
     @property
@@ -690,6 +694,32 @@ class Config(Strict):
                     {"at": ("sources", index, "stream")},
                 )
         return self
+
+    @model_validator(mode="after")
+    def _loader_references(self) -> Config:
+        seen: set[str] = set()
+        for index, loader in enumerate(self.loaders):
+            if loader.name in seen:
+                raise PydanticCustomError(
+                    "duplicate", "two loaders are named '{name}'; names must be unique",
+                    {"name": loader.name, "at": ("loaders", index, "name")},
+                )
+            seen.add(loader.name)
+            for entity in getattr(loader, "tables", {}):
+                if entity not in self.entities:
+                    raise PydanticCustomError(
+                        "entity", "`tables` names entity '{entity}', which is not declared under `entities`; "
+                        "use one of: {declared}",
+                        {"entity": entity, "declared": ", ".join(self.entities),
+                         "at": ("loaders", index, "tables", entity)},
+                    )
+        return self
+
+    def loader(self, name: str) -> AnyLoaderSpec:
+        for loader in self.loaders:
+            if loader.name == name:
+                return loader
+        raise KeyError(name)
 
     def database(self, url: str) -> DatabaseSpec:
         """The budget of the database at `url`: its `databases` entry, or the defaults."""

@@ -24,6 +24,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from straw.config import AnySourceSpec, Config
+from straw.config_loaders import AnyLoaderSpec, JsonlLoaderSpec
 from straw.config_scrape import ScrapeSourceSpec
 from straw.redact import redact, register_secret
 
@@ -453,11 +454,38 @@ def _anchor_paths(config: Config, base: Path, file: str, lines: dict[Path_, int]
                         hide_password=False)}
                 )
         sources.append(source)
+    loaders = [_anchor_loader(spec, index, base, file, lines, problems) for index, spec in enumerate(config.loaders)]
     if problems:
         raise ConfigError(problems)
     return config.model_copy(
-        update={"outbox": config.outbox.model_copy(update={"path": outbox_path}), "sources": sources}
+        update={"outbox": config.outbox.model_copy(update={"path": outbox_path}), "sources": sources,
+                "loaders": loaders}
     )
+
+
+def _anchor_loader(
+    loader: AnyLoaderSpec, index: int, base: Path, file: str, lines: dict[Path_, int], problems: list[Problem]
+) -> AnyLoaderSpec:
+    """A loader's target: its password is a secret, its driver must be there, its files are beside this file."""
+    if isinstance(loader, JsonlLoaderSpec):
+        return loader.model_copy(update={"directory": (base / loader.directory.expanduser()).resolve()})
+    where = lines.get(("loaders", index, "url"))
+    try:
+        url = make_url(loader.url)
+    except ArgumentError:
+        problems.append(Problem(file, where, f"loaders[{index}].url", "not a SQLAlchemy URL; write e.g. "
+                                "postgresql+psycopg://loader@dwh/erp or sqlite:///target.db"))
+        return loader
+    if url.password:
+        register_secret(str(url.password))
+    unusable = _driver_problem(url)
+    if unusable:
+        problems.append(Problem(file, where, f"loaders[{index}].url", unusable))
+    elif url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:" \
+            and not url.database.startswith("file:"):
+        database = (base / Path(url.database).expanduser()).resolve()
+        return loader.model_copy(update={"url": url.set(database=str(database)).render_as_string(hide_password=False)})
+    return loader
 
 
 _MULTI_STATEMENTS = 1 << 16  # MySQL's CLIENT_MULTI_STATEMENTS

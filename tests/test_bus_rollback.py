@@ -228,14 +228,14 @@ def test_a_rollback_beyond_the_retention_stops_the_stream_until_replayed(tmp_pat
             assert "Traceback" not in ran.stderr
             assert (f"stream '{STREAM}': the bus lost published records (its checkpoint is at seq 300, this outbox "
                     "published up to seq 600) and seq 301..500 is no longer retained") in ran.stderr
-            assert f"run `straw replay {STREAM}`" in ran.stderr
+            assert f"run `straw reread {STREAM}`" in ran.stderr
             assert client.xlen(STREAM) == 300, "published over the gap"
         status = stream_status(config)
         assert status["rollback"] == "bus checkpoint seq 300 below published seq 600: seq 301..500 not retained, " \
                                      "stream stopped"
         assert "seq 301..500 is no longer retained" in status["error"]
 
-        replayed = straw(config, "replay", STREAM)
+        replayed = straw(config, "reread", STREAM)
         assert replayed.returncode == 0, replayed.stderr
         assert "dropped 150 records above seq 300" in replayed.stdout
         assert f"orders: from position {position.encode((300,))}" in replayed.stdout

@@ -34,6 +34,17 @@ def loose_orders(metadata: MetaData) -> Table:
     )
 
 
+def fill_loose_orders(url: str, rows: list[dict[str, object]]) -> None:
+    """A loose ORDERS table in the database at `url`, holding `rows`."""
+    engine = create_engine(url)
+    metadata = MetaData()
+    table = loose_orders(metadata)
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(table), rows)
+    engine.dispose()
+
+
 def source_position(tmp_path: Path) -> str | None:
     outbox = Outbox(tmp_path / "outbox.db")
     try:
@@ -45,15 +56,10 @@ def source_position(tmp_path: Path) -> str | None:
 def test_bad_rows_go_to_dead_letters_and_the_rest_flows(
     tmp_path: Path, db_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str
 ) -> None:
-    engine = create_engine(db_url)
-    metadata = MetaData()
-    table = loose_orders(metadata)
-    metadata.create_all(engine)
     rows = order_rows(6)
     rows[1]["AMOUNT"] = None  # required field
     rows[5]["PAID"] = "maybe"  # not a boolean word; also the batch's last row
-    with engine.begin() as conn:
-        conn.execute(insert(table), rows)
+    fill_loose_orders(db_url, rows)
     path = orders_config(tmp_path, db_url=db_url, redis_url=redis_url, stream=stream_name)
 
     result = run_once(path)
@@ -75,7 +81,6 @@ def test_bad_rows_go_to_dead_letters_and_the_rest_flows(
     assert source_position(tmp_path) == "[6]"
     assert run_once(path).rows_read == 0
     assert len(dead_letters(tmp_path)) == 2
-    engine.dispose()
 
 
 def test_sqlite_text_in_a_decimal_column_is_a_dead_letter(

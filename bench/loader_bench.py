@@ -1,0 +1,139 @@
+"""Loader measures: the SQL loader into PostgreSQL against a hand-written per-row loop, and the JSON Lines loader.
+
+Both read the same stream, filled once as the relay fills it (fields seq, pos, event), each repetition through a
+fresh consumer group, so every run reads every record from Redis and applies it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import statistics
+import threading
+import time
+import uuid
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import create_engine, insert
+
+from bench.services import Bench, log, postgres_database
+from loaders.jsonl import JsonlLoader
+from loaders.redis_consumer import RedisConsumer
+from loaders.sdk import Settings, consume
+from loaders.sql import SqlLoader
+from loaders.sql_schema import entity_table
+from straw.config import EntitySpec
+from straw.config_loaders import JsonlLoaderSpec, SqlLoaderSpec
+from straw.records import Envelope, source_uri
+
+ENTITY: dict[str, Any] = {
+    "key": ["order_no"],
+    "fields": {"order_no": "integer", "customer": "string", "amount": {"type": "decimal", "scale": 2},
+               "status": "string", "paid": "boolean", "changed_at": "datetime"},
+}
+BATCH = 500
+
+
+def fill_stream(bench: Bench, records: int) -> str:
+    stream = bench.stream("loader")
+    envelope = Envelope(source=source_uri("bench", "orders"), entity="order", op="upserted",
+                        time="2026-11-29T10:00:00Z")
+    pipe = bench.redis.pipeline(transaction=False)
+    for seq in range(1, records + 1):
+        data = {"order_no": seq, "customer": f"Café Ørsted {seq % 97}", "amount": f"{seq % 100000}.{seq % 100:02d}",
+                "status": "SHIPPED", "paid": seq % 2 == 0,
+                "changed_at": (dt.datetime(2026, 11, 1, tzinfo=dt.UTC) + dt.timedelta(seconds=seq)).isoformat()}
+        pipe.xadd(stream, {"seq": seq, "pos": f"[{seq}]", "event": envelope.encode(str(seq), f"[{seq}]", data)})
+        if seq % 5000 == 0:
+            pipe.execute()
+    pipe.execute()
+    return stream
+
+
+def _group(bench: Bench, stream: str) -> tuple[RedisConsumer, str]:
+    group = f"bench-{uuid.uuid4().hex[:6]}"
+    return RedisConsumer(bench.redis, [stream], group, "c1", claim_idle=60.0,
+                         dead_letters=lambda s: f"{s}.dlq"), group
+
+
+def _sql_loader_run(bench: Bench, stream: str, url: str, entities: dict[str, EntitySpec], records: int) -> float:
+    spec = SqlLoaderSpec(name="bench", kind="sql", url=url, streams=[stream], create_tables=True,
+                         batch_size=BATCH)
+    target = SqlLoader(spec, entities)
+    consumer, _ = _group(bench, stream)
+    started = time.perf_counter()
+    tally = consume(consumer, target.apply, entities, Settings(batch_size=BATCH), once=True)
+    seconds = time.perf_counter() - started
+    target.close()
+    assert tally.applied == records, tally
+    return seconds
+
+
+def _per_row_run(bench: Bench, stream: str, url: str, entity: EntitySpec, records: int) -> float:
+    """What a team writes by hand: XREADGROUP, one INSERT (autocommit) and one XACK per record."""
+    import orjson
+    from sqlalchemy import MetaData
+
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    table = entity_table(MetaData(), f"per_row_{uuid.uuid4().hex[:6]}", entity, None)
+    table.create(engine)
+    group = f"bench-{uuid.uuid4().hex[:6]}"
+    bench.redis.xgroup_create(stream, group, id="0")
+    statement = insert(table)
+    done = 0
+    started = time.perf_counter()
+    with engine.connect() as conn:
+        while True:
+            reply: Any = bench.redis.xreadgroup(group, "c1", {stream: ">"}, count=BATCH)
+            if not reply:
+                break
+            for entry_id, fields in reply[0][1]:
+                data = orjson.loads(fields[b"event"])["data"]
+                data["amount"] = Decimal(data["amount"])
+                data["changed_at"] = dt.datetime.fromisoformat(data["changed_at"])
+                conn.execute(statement, data)
+                bench.redis.xack(stream, group, entry_id)
+                done += 1
+    seconds = time.perf_counter() - started
+    engine.dispose()
+    assert done == records
+    return seconds
+
+
+def sql_postgres(bench: Bench, records: int, repeat: int) -> dict[str, Any]:
+    entities = {"order": EntitySpec.model_validate(ENTITY)}
+    stream = fill_stream(bench, records)
+    loader_s: list[float] = []
+    naive_s: list[float] = []
+    for rep in range(repeat):
+        with postgres_database() as url:
+            if rep % 2:
+                naive_s.append(_per_row_run(bench, stream, url, entities["order"], records))
+                loader_s.append(_sql_loader_run(bench, stream, url, entities, records))
+            else:
+                loader_s.append(_sql_loader_run(bench, stream, url, entities, records))
+                naive_s.append(_per_row_run(bench, stream, url, entities["order"], records))
+        log(f"loader sql postgres rep {rep}: loader {records / loader_s[-1]:,.0f}/s, "
+            f"per-row {records / naive_s[-1]:,.0f}/s")
+    return {"measure": "loader_sql_postgres_records_per_s", "unit": "records/s",
+            "value": statistics.median(records / s for s in loader_s),
+            "baseline": "per_row_insert", "baseline_value": statistics.median(records / s for s in naive_s)}
+
+
+def jsonl(bench: Bench, records: int, repeat: int) -> dict[str, Any]:
+    entities = {"order": EntitySpec.model_validate(ENTITY)}
+    stream = fill_stream(bench, records)
+    rates = []
+    for rep in range(repeat):
+        directory = bench.workdir("jsonl")
+        loader = JsonlLoader(JsonlLoaderSpec(name="bench", kind="jsonl", streams=[stream], directory=directory))
+        consumer, _ = _group(bench, stream)
+        started = time.perf_counter()
+        tally = consume(consumer, loader.apply, entities, Settings(batch_size=BATCH), once=True,
+                        stop=threading.Event())
+        loader.close()
+        seconds = time.perf_counter() - started
+        assert tally.applied == records
+        rates.append(records / seconds)
+        log(f"loader jsonl rep {rep}: {rates[-1]:,.0f} records/s")
+    return {"measure": "loader_jsonl_records_per_s", "unit": "records/s", "value": statistics.median(rates)}

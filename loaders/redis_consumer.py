@@ -1,0 +1,202 @@
+"""The consumer seam on Redis Streams: XREADGROUP, XAUTOCLAIM, XACK and a dead-letter stream.
+
+Delivery counts are Redis's own (the PEL counter that XREADGROUP and XAUTOCLAIM raise), so they survive a
+crash of every consumer. Entries sent again by `straw dlq retry` carry the group they are meant for; other
+groups ack them unseen, as they applied the original already.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis
+
+from loaders.consumer import BusDown
+from loaders.records import Delivery
+from straw.redact import describe
+
+RETRY_GROUP = "retry_group"  # field of an entry sent again by `straw dlq retry`: the group it is for
+IDLE_CONSUMER = 3600.0  # a member with nothing pending and idle this long is gone: removed from the group
+_CLAIM_MAX = 1000
+# Refused credentials are not "down": waiting does not fix a password (the CLI reports them in one line).
+REDIS_REFUSED = (redis.AuthenticationError, redis.exceptions.NoPermissionError)
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def ensure_group(client: redis.Redis, stream: str, group: str, start: str) -> bool:
+    """Create the group (and the stream) if missing; True if it was created."""
+    try:
+        client.xgroup_create(stream, group, id="0" if start == "begin" else "$", mkstream=True)
+        return True
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+        return False
+
+
+class RedisConsumer:
+    def __init__(
+        self,
+        client: redis.Redis,
+        streams: Sequence[str],
+        group: str,
+        consumer: str,
+        *,
+        claim_idle: float,
+        dead_letters: Callable[[str], str],
+        start: str = "begin",
+    ) -> None:
+        # Decoding in the client (hiredis) is several times faster than per field here; a byte that is not
+        # UTF-8 becomes U+FFFD, and the record then fails to parse: a dead letter, never an exception.
+        pool = client.connection_pool
+        self._client: redis.Redis = redis.Redis(connection_pool=redis.ConnectionPool(
+            connection_class=pool.connection_class,
+            **{**pool.connection_kwargs, "decode_responses": True, "encoding_errors": "replace"}))
+        self._given = client
+        self._streams = list(streams)
+        self._group = group
+        self._name = consumer
+        self._claim_ms = max(1, int(claim_idle * 1000))
+        self._claim_every = max(0.05, claim_idle / 2)
+        self._dead_letters = dead_letters
+        self._own_backlog = True  # after a restart under the same name, our own unacked entries come first
+        self._next_claim = 0.0
+        self._claim_from = dict.fromkeys(self._streams, "0-0")
+        for stream in self._streams:
+            ensure_group(client, stream, group, start)
+        self._forget_idle_members()
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def _forget_idle_members(self) -> None:
+        """Crashed members with nothing pending would stay listed forever (XINFO CONSUMERS grows)."""
+        for stream in self._streams:
+            for member in self._client.xinfo_consumers(stream, self._group):
+                name = _text(member["name"])
+                if name != self._name and int(member["pending"]) == 0 and int(member["idle"]) > IDLE_CONSUMER * 1000:
+                    self._client.xgroup_delconsumer(stream, self._group, name)
+
+    def read(self, count: int, block: float) -> list[Delivery]:
+        try:
+            return self._next(count, block)
+        except REDIS_REFUSED:
+            raise
+        except REDIS_DOWN as exc:
+            raise BusDown(describe(exc)) from exc
+
+    def _next(self, count: int, block: float) -> list[Delivery]:
+        if self._own_backlog:
+            found = self._read({s: "0" for s in self._streams}, count, None)
+            if found:
+                return self._counted(found)
+            self._own_backlog = False
+        if time.monotonic() >= self._next_claim:
+            claimed = self._claim(count)
+            if claimed:
+                return claimed
+            self._next_claim = time.monotonic() + self._claim_every
+        return self._foreign_ones_acked(
+            [Delivery(s, i, f, 1) for s, i, f in self._read({s: ">" for s in self._streams}, count, block)]
+        )
+
+    def _read(self, ids: dict[str, str], count: int, block: float | None) -> list[tuple[str, str, dict[str, str]]]:
+        wait = None if not block or block <= 0 else max(1, int(block * 1000))
+        streams: dict[Any, Any] = dict(ids)
+        reply: Any = self._client.xreadgroup(self._group, self._name, streams, count=count, block=wait)
+        found = []
+        for stream, entries in reply or []:
+            for entry_id, fields in entries:
+                if fields:  # a pending entry trimmed from the stream comes back empty: nothing to apply
+                    found.append((stream, entry_id, fields))
+                else:
+                    self._client.xack(_text(stream), self._group, entry_id)
+        return found
+
+    def _claim(self, count: int) -> list[Delivery]:
+        """Entries that any member (a dead one, or this one after a failure) left pending past claim_idle."""
+        found: list[tuple[str, str, dict[str, str]]] = []
+        for stream in self._streams:
+            if len(found) >= count:
+                break
+            reply = self._client.xautoclaim(
+                stream, self._group, self._name, self._claim_ms, self._claim_from[stream],
+                count=min(_CLAIM_MAX, count - len(found)),
+            )
+            next_id, entries = _text(reply[0]), reply[1]
+            self._claim_from[stream] = next_id  # "0-0" once the scan went round the whole list
+            for entry_id, fields in entries:
+                if entry_id is not None and fields:
+                    found.append((stream, entry_id, fields))
+        return self._counted(found)
+
+    def _counted(self, found: list[tuple[str, str, dict[str, str]]]) -> list[Delivery]:
+        """Redelivered entries with their delivery counts from the group's pending list."""
+        pipe = self._client.pipeline(transaction=False)
+        for stream, entry_id, _ in found:
+            pipe.xpending_range(stream, self._group, min=entry_id, max=entry_id, count=1)
+        counts = pipe.execute()
+        deliveries = [
+            Delivery(stream, entry_id, fields, int(pending[0]["times_delivered"]) if pending else 1)
+            for (stream, entry_id, fields), pending in zip(found, counts, strict=True)
+        ]
+        return self._foreign_ones_acked(deliveries)
+
+    def _foreign_ones_acked(self, deliveries: list[Delivery]) -> list[Delivery]:
+        """A retried dead letter of another group is not ours: that group applied the rest, we applied this."""
+        foreign = [d for d in deliveries if d.fields.get(RETRY_GROUP, self._group) != self._group]
+        if foreign:
+            self.ack(foreign)
+            return [d for d in deliveries if d.fields.get(RETRY_GROUP, self._group) == self._group]
+        return deliveries
+
+    def pending(self) -> int:
+        try:
+            return sum(int(self._client.xpending(s, self._group)["pending"]) for s in self._streams)
+        except REDIS_REFUSED:
+            raise
+        except REDIS_DOWN as exc:
+            raise BusDown(describe(exc)) from exc
+
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        try:
+            self._ack(deliveries)
+        except REDIS_REFUSED:
+            raise
+        except REDIS_DOWN as exc:  # not acked: the entries come back and the target skips them (idempotent)
+            raise BusDown(describe(exc)) from exc
+
+    def _ack(self, deliveries: Sequence[Delivery]) -> None:
+        by_stream: dict[str, list[str]] = {}
+        for delivery in deliveries:
+            by_stream.setdefault(delivery.stream, []).append(delivery.entry_id)
+        pipe = self._client.pipeline(transaction=False)
+        for stream, ids in by_stream.items():
+            pipe.xack(stream, self._group, *ids)
+        pipe.execute()
+
+    def dead_letter(self, delivery: Delivery, error: str) -> None:
+        fields = {
+            **{k: v for k, v in delivery.fields.items() if k != RETRY_GROUP},
+            "stream": delivery.stream, "entry": delivery.entry_id, "group": self._group, "consumer": self._name,
+            "deliveries": str(delivery.deliveries), "error": error[:4000],
+            "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+        # One transaction: the entry is in the dead-letter stream and acked, or neither.
+        pipe = self._client.pipeline(transaction=True)
+        pipe.xadd(self._dead_letters(delivery.stream), fields)  # type: ignore[arg-type]
+        pipe.xack(delivery.stream, self._group, delivery.entry_id)
+        pipe.execute()
+
+    def close(self) -> None:
+        self._client.close()
+        self._client.connection_pool.disconnect()
+        self._given.close()

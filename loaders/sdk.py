@@ -1,0 +1,184 @@
+"""The consume loop: read a batch, hand typed records to the loader, ack what it applied.
+
+A record the loader cannot apply stays pending and comes back after `claim_idle`; at its `max_deliveries`-th
+failed delivery it goes to the dead-letter stream, so a poison record never blocks the records behind it.
+A target that is down (`TargetDown`) is not the records' fault: the same batch is retried with backoff and no
+delivery is counted.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import structlog
+
+from loaders.consumer import BusDown, Consumer
+from loaders.records import BadRecord, Delivery, Record, parse
+from straw.config import EntitySpec
+from straw.redact import redact
+
+log = structlog.get_logger("straw.loader")
+
+
+class Failed(NamedTuple):
+    record: Record
+    error: str
+
+
+class TargetDown(Exception):
+    """The target cannot be reached (or is busy): retry the same batch later, count no delivery."""
+
+
+# A loader applies a batch and names the records it could not apply (an empty list: all applied).
+Apply = Callable[[Sequence[Record]], Sequence[Failed]]
+
+
+def each(handle: Callable[[Record], None]) -> Apply:
+    """A per-record function as a batch loader: a record whose call raises is a failed one."""
+
+    def apply(records: Sequence[Record]) -> list[Failed]:
+        failed = []
+        for record in records:
+            try:
+                handle(record)
+            except TargetDown:
+                raise
+            except Exception as exc:
+                failed.append(Failed(record, f"{type(exc).__name__}: {exc}"))
+        return failed
+
+    return apply
+
+
+@dataclass
+class Tally:
+    applied: int = 0  # records handed to the loader and not failed (skipped duplicates included)
+    failed: int = 0  # failed deliveries (each retry counts)
+    dead_letters: int = 0
+    batches: int = 0
+    stopped: bool = False
+    pending: set[tuple[str, str]] = field(default_factory=set)  # failed, waiting for their next delivery
+
+
+@dataclass(frozen=True)
+class Settings:
+    batch_size: int = 500
+    block: float = 2.0
+    max_deliveries: int = 5
+    claim_idle: float = 60.0
+    backoff_max: float = 30.0
+    give_up_after: float = 30.0  # with `once`: how long the bus or the target may be down before the run fails
+
+
+def consume(
+    consumer: Consumer,
+    apply: Apply,
+    entities: Mapping[str, EntitySpec],
+    settings: Settings,
+    *,
+    stop: threading.Event | None = None,
+    once: bool = False,
+) -> Tally:
+    """Run until `stop` is set (the batch in hand is finished and acked first), or with `once` until the
+    streams are drained: every entry there now applied or dead-lettered."""
+    stop = stop or threading.Event()
+    tally = Tally()
+    down_since: float | None = None
+    while not stop.is_set():
+        try:
+            deliveries = consumer.read(settings.batch_size, 0.0 if once else settings.block)
+            # Drained when nothing is pending in the group either: entries that failed here or that a dead
+            # member holds come back after claim_idle, and a live member's are acked in a moment. (Not our
+            # own failed set: another member may have claimed and settled those.)
+            if once and not deliveries and consumer.pending() == 0:
+                tally.pending.clear()
+                break
+            down_since = None
+        except BusDown as exc:
+            down_since = down_since or time.monotonic()
+            if once and time.monotonic() - down_since > settings.give_up_after:
+                raise
+            log.warning("bus unreachable, retrying", error=redact(str(exc)))
+            stop.wait(1.0)
+            continue
+        if not deliveries:
+            if once:
+                stop.wait(min(0.02 + settings.claim_idle / 4, 1.0))
+            continue
+        _batch(consumer, apply, entities, settings, deliveries, tally, stop, once)
+    tally.stopped = stop.is_set()
+    return tally
+
+
+def _batch(
+    consumer: Consumer,
+    apply: Apply,
+    entities: Mapping[str, EntitySpec],
+    settings: Settings,
+    deliveries: list[Delivery],
+    tally: Tally,
+    stop: threading.Event,
+    once: bool,
+) -> None:
+    tally.batches += 1
+    records: list[Record] = []
+    failed: list[tuple[Delivery, str]] = []
+    by_id = {(d.stream, d.entry_id): d for d in deliveries}
+    for delivery in deliveries:
+        if delivery.deliveries > settings.max_deliveries:
+            # Delivered more often than allowed without a verdict: a consumer died applying it, each time.
+            failed.append((delivery, f"delivered {delivery.deliveries} times and never acked (did a consumer "
+                                     "die applying it?)"))
+            continue
+        try:
+            records.append(parse(delivery, entities))
+        except BadRecord as exc:
+            failed.append((delivery, str(exc)))
+    verdicts = _apply_until_reached(apply, records, settings, stop, once)
+    if verdicts is None:  # stopped while the target was down: leave the batch pending for the next run
+        return
+    failed.extend((by_id[(f.record.stream, f.record.entry_id)], f.error) for f in verdicts)
+    failed_ids = {(d.stream, d.entry_id) for d, _ in failed}
+    done = [d for d in deliveries if (d.stream, d.entry_id) not in failed_ids]
+    if done:
+        consumer.ack(done)
+    tally.applied += len(done)
+    for delivery in done:
+        tally.pending.discard((delivery.stream, delivery.entry_id))
+    for delivery, error in failed:
+        error = redact(error)
+        tally.failed += 1
+        key = (delivery.stream, delivery.entry_id)
+        if delivery.deliveries >= settings.max_deliveries:
+            consumer.dead_letter(delivery, error)
+            tally.dead_letters += 1
+            tally.pending.discard(key)
+            log.warning("dead letter", stream=delivery.stream, entry=delivery.entry_id,
+                        deliveries=delivery.deliveries, error=error)
+        else:
+            tally.pending.add(key)
+            log.info("not applied, will retry", stream=delivery.stream, entry=delivery.entry_id,
+                     deliveries=delivery.deliveries, error=error)
+
+
+def _apply_until_reached(
+    apply: Apply, records: list[Record], settings: Settings, stop: threading.Event, once: bool
+) -> Sequence[Failed] | None:
+    if not records:
+        return []
+    wait = 0.1
+    began = time.monotonic()
+    while True:
+        try:
+            return apply(records)
+        except TargetDown as exc:
+            if once and time.monotonic() - began > settings.give_up_after:
+                raise
+            log.warning("target unreachable, retrying", error=redact(str(exc)), retry_in=round(wait, 2))
+        if stop.wait(wait):
+            return None
+        wait = min(wait * 2, settings.backoff_max)

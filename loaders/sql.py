@@ -1,0 +1,282 @@
+"""The SQL loader: apply records to tables named for their entities, exactly once, in stream order per key.
+
+One transaction per batch holds the changes, each key's version (`straw_versions`) and the stream's last
+applied `seq` (`straw_applied`). A batch first takes its streams' rows in `straw_applied` for update, so two
+loaders of one group apply one after the other; each key's version then decides: a change at or below the
+version of its key is a redelivery or is superseded, and is skipped. Within a batch only the last change of a
+key is applied (upsert or delete, whichever came last): stream order per key, never "upserts, then deletes".
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator, Mapping, Sequence
+from decimal import Decimal
+from hashlib import blake2b
+from typing import Any
+
+import orjson
+from sqlalchemy import MetaData, Table, case, create_engine, delete, select, tuple_, update
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql.dml import Insert
+
+from loaders.records import Record
+from loaders.sdk import Failed, TargetDown
+from loaders.sql_schema import SchemaError, bookkeeping, ensure_table, entity_table
+from straw.config import EntitySpec
+from straw.config_loaders import SqlLoaderSpec
+from straw.records import DELETED
+from straw.redact import describe
+
+_LOOKUP_CHUNK = 1000
+_UPSERTS = ("postgresql", "sqlite", "mysql", "mariadb")
+_TRANSIENT_SQLSTATES = ("40001", "40P01", "57P01", "57P02", "57P03", "53300", "55P03")
+_TRANSIENT_MYSQL = (1040, 1053, 1205, 1213, 2003, 2006, 2013)
+
+
+def key_hash(subject: str) -> str:
+    return blake2b(subject.encode(), digest_size=16).hexdigest()
+
+
+def transient(exc: BaseException) -> bool:
+    """A lost connection, a deadlock or a lock timeout: the batch is fine, the moment was not."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    orig = getattr(exc, "orig", None)
+    state = getattr(orig, "sqlstate", None)
+    if isinstance(state, str) and (state.startswith("08") or state in _TRANSIENT_SQLSTATES):
+        return True
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int) and args[0] in _TRANSIENT_MYSQL:
+        return True
+    return "database is locked" in str(orig)
+
+
+def upsert_statement(dialect: str, table: Table, key: Sequence[str]) -> Insert:
+    """The dialect's native upsert of whole rows by key, for executemany."""
+    others = [c.name for c in table.c if c.name not in key]
+    if dialect in ("postgresql", "sqlite"):
+        stmt = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+        if not others:
+            return stmt.on_conflict_do_nothing(index_elements=list(key))
+        return stmt.on_conflict_do_update(index_elements=list(key), set_={c: stmt.excluded[c] for c in others})
+    mstmt = mysql.insert(table)
+    return mstmt.on_duplicate_key_update({c: mstmt.inserted[c] for c in (others or list(key)[:1])})
+
+
+def _pg_text(value: Any) -> str | None:
+    """A value as PostgreSQL reads it from text (the server casts it to the column's type, exactly)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    if isinstance(value, (dt.date, dt.datetime)):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return "\\x" + value.hex()
+    if isinstance(value, (dict, list)):
+        return orjson.dumps(value).decode()
+    return str(value)
+
+
+def _json_text(value: Any) -> str | None:
+    """A json field's value as JSON text: a JSON string stays a string ("hello" -> '"hello"')."""
+    return None if value is None else orjson.dumps(value, default=str).decode()
+
+
+class _PgUnnest:
+    """PostgreSQL: one `INSERT … SELECT FROM unnest(text[], …) ON CONFLICT` per batch, a parameter per column.
+
+    A row-by-row executemany makes the server parse, bind and run each row; a multi-row VALUES costs
+    SQLAlchemy a bound parameter per value to compile. Arrays of text, cast by the server to each column's
+    type, cost neither.
+    """
+
+    def __init__(self, conn: Connection, table: Table, key: Sequence[str]) -> None:
+        quote = conn.dialect.identifier_preparer
+        names = [c.name for c in table.c]
+        types = [c.type.compile(dialect=conn.dialect) for c in table.c]
+        self.json = {c.name for c, kind in zip(table.c, types, strict=True) if kind in ("JSON", "JSONB")}
+        casts = [f"u.c{i}::{'jsonb' if kind in ('JSON', 'JSONB') else kind}" for i, kind in enumerate(types)]
+        others = [n for n in names if n not in key]
+        conflict = ", ".join(quote.quote(k) for k in key)
+        action = ("DO UPDATE SET " + ", ".join(f"{quote.quote(n)} = EXCLUDED.{quote.quote(n)}" for n in others)
+                  if others else "DO NOTHING")
+        self.columns = names
+        self.sql = (
+            f"INSERT INTO {quote.format_table(table)} ({', '.join(quote.quote(n) for n in names)}) "
+            f"SELECT {', '.join(casts)} FROM unnest({', '.join(f'%(c{i})s::text[]' for i in range(len(names)))}) "
+            f"AS u({', '.join(f'c{i}' for i in range(len(names)))}) ON CONFLICT ({conflict}) {action}"
+        )
+
+    def run(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        params = {
+            f"c{i}": [_json_text(r.get(n)) for r in rows] if n in self.json else [_pg_text(r.get(n)) for r in rows]
+            for i, n in enumerate(self.columns)
+        }
+        conn.exec_driver_sql(self.sql, params)
+
+
+class SqlLoader:
+    def __init__(self, spec: SqlLoaderSpec, entities: Mapping[str, EntitySpec], engine: Engine | None = None) -> None:
+        self.spec = spec
+        self.entities = entities
+        # No pre-ping: a dropped connection fails the batch as "target down" and the pool replaces it.
+        self.engine = engine or create_engine(spec.url)
+        self.dialect = self.engine.dialect.name
+        self.metadata = MetaData()
+        self.applied, self.versions = bookkeeping(self.metadata, spec.db_schema)
+        self._tables: dict[str, Table] = {}
+        self._upserts: dict[str, Insert] = {}
+        self._unnests: dict[str, _PgUnnest] = {}
+        if self.dialect not in _UPSERTS:
+            raise SchemaError(
+                f"the {self.dialect} dialect has no upsert in straw's SQL loader (PostgreSQL, MariaDB/MySQL and "
+                "SQLite do); for SQL Server see README 'SQL loader' (MERGE)")
+        self._ready = False
+        self._known_streams: set[str] = set()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def apply(self, records: Sequence[Record]) -> list[Failed]:
+        """Apply the batch in one transaction; if it fails, each record alone, to find the ones that fail."""
+        try:
+            self._apply(records)
+            return []
+        except (TargetDown, SchemaError):
+            raise
+        except Exception as exc:
+            if transient(exc):
+                raise TargetDown(describe(exc)) from exc
+            if len(records) == 1:
+                return [Failed(records[0], describe(exc))]
+        failed = []
+        for record in records:
+            try:
+                self._apply([record])
+            except (TargetDown, SchemaError):
+                raise
+            except Exception as exc:
+                if transient(exc):
+                    raise TargetDown(describe(exc)) from exc
+                failed.append(Failed(record, describe(exc)))
+        return failed
+
+    def _connect(self) -> Connection:
+        try:
+            return self.engine.connect()
+        except Exception as exc:  # down, refusing, wrong password: none of it is the records' fault
+            raise TargetDown(describe(exc)) from exc
+
+    def _prepare(self, conn: Connection, entities: set[str]) -> None:
+        """DDL in its own transactions: MariaDB commits implicitly around DDL."""
+        if not self._ready:  # the entities `tables` names are checked at start, before any record needs them
+            with conn.begin():
+                self.metadata.create_all(conn, tables=[self.applied, self.versions])
+            entities = entities | {e for e in self.spec.tables if e in self.entities}
+            self._ready = True
+        for name in sorted(entities - set(self._tables)):
+            entity = self.entities[name]
+            table = entity_table(MetaData(), self.spec.table_of(name), entity, self.spec.db_schema)
+            with conn.begin():
+                ensure_table(conn, table, entity, self.spec.create_tables, f"loader {self.spec.name}")
+            self._tables[name] = table
+
+    def _upsert(self, conn: Connection, table: Table, key: Sequence[str], rows: list[dict[str, Any]]) -> None:
+        if self.dialect == "postgresql":
+            unnest = self._unnests.get(table.name)
+            if unnest is None:
+                unnest = self._unnests[table.name] = _PgUnnest(conn, table, key)
+            unnest.run(conn, rows)
+            return
+        statement = self._upserts.get(table.name)
+        if statement is None:
+            statement = self._upserts[table.name] = upsert_statement(self.dialect, table, key)
+        conn.execute(statement, rows)  # executemany: PyMySQL sends it as multi-row INSERTs; SQLite is in process
+
+    def _lock(self, conn: Connection, stream: str) -> None:
+        if stream not in self._known_streams:
+            exists = conn.execute(select(self.applied.c.seq).where(self.applied.c.stream == stream)).first()
+            if exists is None:
+                _insert_ignore(conn, self.dialect, self.applied, {"stream": stream, "seq": 0})
+            self._known_streams.add(stream)
+        # A write first: the row lock orders this batch after any other loader's batch on this stream.
+        conn.execute(update(self.applied).where(self.applied.c.stream == stream).values(seq=self.applied.c.seq))
+
+    def _apply(self, records: Sequence[Record]) -> None:
+        with self._connect() as conn:
+            self._prepare(conn, {r.entity for r in records})
+            with conn.begin():
+                streams = sorted({r.stream for r in records})
+                for stream in streams:
+                    self._lock(conn, stream)
+                latest: dict[tuple[str, str, str], Record] = {}
+                for record in sorted(records, key=lambda r: (r.stream, r.seq)):
+                    latest[(record.stream, record.entity, key_hash(record.subject))] = record
+                versions = self._versions_of(conn, list(latest))
+                fresh = [r for k, r in latest.items() if r.seq > versions.get(k, 0)]
+                self._write(conn, fresh)
+                if fresh:
+                    self._upsert(conn, self.versions, ["stream", "entity", "key_hash"], [
+                        {"stream": k[0], "entity": k[1], "key_hash": k[2], "seq": r.seq, "deleted": r.op == DELETED}
+                        for k, r in latest.items() if r.seq > versions.get(k, 0)
+                    ])
+                for stream in streams:
+                    top = max(r.seq for r in records if r.stream == stream)
+                    seq = self.applied.c.seq
+                    conn.execute(update(self.applied).where(self.applied.c.stream == stream)
+                                 .values(seq=_greatest(seq, top)))
+
+    def _versions_of(self, conn: Connection, keys: list[tuple[str, str, str]]) -> dict[tuple[str, str, str], int]:
+        found: dict[tuple[str, str, str], int] = {}
+        groups: dict[tuple[str, str], list[str]] = {}
+        for stream, entity, hashed in keys:
+            groups.setdefault((stream, entity), []).append(hashed)
+        v = self.versions.c
+        for (stream, entity), hashes in groups.items():
+            for chunk in _chunks(hashes, _LOOKUP_CHUNK):
+                rows = conn.execute(select(v.key_hash, v.seq).where(
+                    v.stream == stream, v.entity == entity, v.key_hash.in_(chunk)))
+                found.update({(stream, entity, h): int(s) for h, s in rows})
+        return found
+
+    def _write(self, conn: Connection, fresh: list[Record]) -> None:
+        by_entity: dict[str, list[Record]] = {}
+        for record in fresh:
+            by_entity.setdefault(record.entity, []).append(record)
+        for name, records in by_entity.items():
+            entity = self.entities[name]
+            table = self._tables[name]
+            rows = [{f: r.data.get(f) for f in entity.fields} for r in records if r.op != DELETED]
+            if rows:
+                self._upsert(conn, table, entity.key, rows)
+            gone = [tuple(r.data.get(k) for k in entity.key) for r in records if r.op == DELETED]
+            columns = [table.c[k] for k in entity.key]
+            for start in range(0, len(gone), _LOOKUP_CHUNK):  # one statement per chunk, not one per key
+                chunk = gone[start:start + _LOOKUP_CHUNK]
+                where = columns[0].in_([g[0] for g in chunk]) if len(columns) == 1 else tuple_(*columns).in_(chunk)
+                conn.execute(delete(table).where(where))
+
+
+def _greatest(column: Any, value: int) -> Any:
+    return case((column < value, value), else_=column)
+
+
+def _insert_ignore(conn: Connection, dialect: str, table: Table, row: dict[str, Any]) -> None:
+    if dialect in ("mysql", "mariadb"):
+        conn.execute(table.insert().prefix_with("IGNORE"), row)
+    elif dialect in ("postgresql", "sqlite"):
+        stmt = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+        conn.execute(stmt.on_conflict_do_nothing(), row)
+    else:
+        conn.execute(table.insert(), row)
+
+
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
