@@ -115,10 +115,13 @@ def run_and_kill(
         while as_bus(client).length(stream) < target and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.001)
     else:
-        # Mid-work: a little after this run's first relay round, however slow the start was
-        # (or, once everything is published, after a while: an idle straw is killed too).
-        deadline = time.monotonic() + 2.0
-        while as_bus(client).length(stream) == before and proc.poll() is None and time.monotonic() < deadline:
+        # Mid-work: a little after this run's first relay round, however slow the start was (a loaded
+        # machine takes seconds to start straw, and a kill then lands in start-up every time); once
+        # everything is published (`final` reached), after a while: an idle straw is killed too.
+        idle = final is not None and final <= before
+        deadline = time.monotonic() + (2.0 if idle else 20.0)
+        bus = as_bus(client)
+        while bus.length(stream) == before and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
         time.sleep(rng.uniform(0.0, 0.5))
     assert proc.poll() is None, f"straw exited by itself (code {proc.returncode}):\n{tail(Path(log.name))}"
