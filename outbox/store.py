@@ -489,7 +489,13 @@ class Outbox:
         """
         db = self.db
         with self._transaction():
-            dropped = db.execute("DELETE FROM records WHERE stream = ?", (stream,)).rowcount
+            # Retained published records go too (a repair from them would publish over the new holder),
+            # but only the unpublished ones count as dropped.
+            dropped = int(db.execute(
+                "SELECT count(*) FROM records WHERE stream = ? AND seq > "
+                "coalesce((SELECT published_seq FROM streams WHERE stream = ?), 0)", (stream, stream),
+            ).fetchone()[0])
+            db.execute("DELETE FROM records WHERE stream = ?", (stream,))
             current = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
             if current is None:
                 db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('records', ?)", (seq,))
@@ -509,10 +515,14 @@ class Outbox:
         return dropped
 
     def drop_unpublished(self, stream: str, upto: int) -> int:
-        """Drop records of `stream` at or below `upto` that were never published (fenced; see `take_over`)."""
+        """Drop records of `stream` at or below `upto` that were never published (fenced; see `take_over`).
+
+        Published records kept for a rollback repair (`outbox.retain`) stay: they are on the bus."""
         with self._transaction():
             return self.db.execute(
-                "DELETE FROM records WHERE stream = ? AND seq <= ?", (stream, upto)
+                "DELETE FROM records WHERE stream = ? AND seq <= ? AND seq > "
+                "coalesce((SELECT published_seq FROM streams WHERE stream = ?), 0)",
+                (stream, upto, stream),
             ).rowcount
 
     def published_seq(self, stream: str) -> int:
