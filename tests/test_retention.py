@@ -245,19 +245,19 @@ def test_retain_and_durability_are_configured_and_checked(tmp_path: Path) -> Non
         assert "\n" not in str(problem)
 
 
-def test_replay_refuses_while_straw_runs_and_on_an_unknown_stream(
+def test_reread_refuses_while_straw_runs_and_on_an_unknown_stream(
     tmp_path: Path, redis_url: str, stream_name: str
 ) -> None:
     text = BASE.replace("redis://127.0.0.1:6379/0", redis_url).replace("var/outbox.db", str(tmp_path / "o.db"))
     path = write(tmp_path, text.replace("erp.orders", stream_name))
     with OutboxLock(tmp_path / "o.db"):
-        ran = invoke("replay", stream_name, "--config", str(path))
+        ran = invoke("reread", stream_name, "--config", str(path))
     assert ran.exit_code == 1
     [line] = lines(ran.stderr)
-    assert "is in use by another straw process" in line and line.endswith("(stop straw before a replay)")
-    ran = invoke("replay", "nope", "--config", str(path))
+    assert "is in use by another straw process" in line and line.endswith("(stop straw before a reread)")
+    ran = invoke("reread", "nope", "--config", str(path))
     assert ran.exit_code == 1
     assert lines(ran.stderr) == [f"error no source publishes to stream 'nope'; the configured streams: {stream_name}"]
-    ran = invoke("replay", stream_name, "--config", str(path))
+    ran = invoke("reread", stream_name, "--config", str(path))
     assert ran.exit_code == 0, ran.output
-    assert "nothing to replay" in ran.stdout
+    assert "nothing to read again" in ran.stdout
