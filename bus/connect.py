@@ -4,14 +4,9 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from bus.nats import JetStreamOptions, NatsBus
+from bus.names import NATS_SCHEMES, RABBITMQ_SCHEMES, REDIS_SCHEMES, JetStreamOptions, bus_kind
 from bus.redis import RedisBus, checkpoint_key, connect
 from bus.seam import Bus, Durability
-
-# RabbitMQ Streams (rstream); imported when named, so a Redis site never loads it.
-RABBITMQ_SCHEMES = ("rabbitmq-stream", "rabbitmq-stream+tls")
-REDIS_SCHEMES = ("redis", "rediss", "unix")
-NATS_SCHEMES = ("nats", "tls")
 
 
 def open_bus(
@@ -26,7 +21,10 @@ def open_bus(
     scheme = urlsplit(url).scheme
     if scheme in REDIS_SCHEMES:
         return RedisBus(connect(url, socket_timeout), maxlen=maxlen, durability=durability or Durability())
+    # NATS (nats-py) and RabbitMQ (rstream) are imported when named, so a Redis site never loads them.
     if scheme in NATS_SCHEMES:
+        from bus.nats import NatsBus
+
         return NatsBus(url, socket_timeout=socket_timeout, maxlen=maxlen, options=jetstream)
     if scheme in RABBITMQ_SCHEMES:
         from bus.rabbitmq import RabbitStreamBus
@@ -38,19 +36,14 @@ def open_bus(
     )
 
 
-def bus_name(url: str) -> str:
-    """The bus's name for operators' lines (`straw check`, `status`, `stream`)."""
-    scheme = urlsplit(url).scheme
-    if scheme in RABBITMQ_SCHEMES:
-        return "rabbitmq"
-    return "nats" if scheme in NATS_SCHEMES else "redis"
+bus_name = bus_kind  # the bus's name in operators' lines (`straw check`, `status`, `stream`)
 
 
 def checkpoint_label(url: str, stream: str, jetstream: JetStreamOptions | None = None) -> str:
     """Where a stream's checkpoint lives on this bus (the `checkpoint` column of `straw status`)."""
-    scheme = urlsplit(url).scheme
-    if scheme in RABBITMQ_SCHEMES:
+    kind = bus_kind(url)
+    if kind == "rabbitmq":
         return f"tail of {stream}"  # bus/rabbitmq.py: the last message carries it
-    if scheme in NATS_SCHEMES:  # bus/nats.py: the headers of the subject's last message carry it
+    if kind == "nats":  # bus/nats.py: the headers of the subject's last message carry it
         return f"last message of {stream} in JetStream stream {jetstream.stream if jetstream else 'straw'}"
     return checkpoint_key(stream)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections.abc import Coroutine, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import Header, RawStreamMsg, StorageType, StreamConfig
 
+from bus.names import JetStreamOptions
 from bus.seam import BusDown, BusRefused, Checkpoint, Outgoing, Published
 
 T = TypeVar("T")
@@ -58,38 +58,6 @@ STREAM_NOT_FOUND, NO_MESSAGE = 10059, 10037
 SUBJECTS_OVERLAP = 10065
 
 _EVENT_HEAD = b'{"specversion":"1.0","id":"'  # how straw.records encodes every event
-_STREAM_NAME = re.compile(r"^[^.*>\s/\\]{1,255}$")  # JetStream stream names: no '.', '*', '>', blanks, slashes
-
-
-@dataclass(frozen=True, slots=True)
-class JetStreamOptions:
-    """The JetStream stream the subjects live in, and how straw creates it when it is missing."""
-
-    stream: str = "straw"
-    max_age: float | None = None  # seconds; None keeps messages until max_bytes/maxlen
-    max_bytes: int | None = None
-    duplicate_window: float = 120.0
-    replicas: int = 1
-
-
-def subject_problem(name: str) -> str | None:
-    """Why NATS cannot take a straw stream name as a subject, or None.
-
-    Subjects are tokens split on '.': an empty token (a leading, trailing or
-    doubled dot) is invalid, and '*' / '>' tokens are wildcards.
-    """
-    tokens = name.split(".")
-    if any(not token for token in tokens):
-        return f"'{name}' has an empty subject token (a leading, trailing or doubled '.'); NATS subjects cannot"
-    if any(token in ("*", ">") or any(c.isspace() for c in token) for token in tokens):
-        return f"'{name}' holds a wildcard or a blank; a NATS subject to publish to cannot"
-    return None
-
-
-def stream_name_problem(name: str) -> str | None:
-    if _STREAM_NAME.match(name):
-        return None
-    return f"'{name}' cannot name a JetStream stream: no '.', '*', '>', blanks or slashes, at most 255 characters"
 
 
 def covers(pattern: str, subject: str) -> bool:

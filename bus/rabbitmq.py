@@ -44,7 +44,6 @@ DEFAULT_PORTS = {"rabbitmq-stream": 5552, "rabbitmq-stream+tls": 5551}
 CONTENT_TYPE = "application/cloudevents+json"
 PRODUCER_PREFIX = "straw."
 # RabbitMQ's own limit on a stream (queue) name, in UTF-8 bytes; the stream protocol sends it as a short string.
-MAX_NAME_BYTES = 255
 # Before RabbitMQ 3.11 the stream protocol cannot say whether a stream is empty: a subscription at its last
 # chunk just delivers nothing. Only a stream this outbox's producer never wrote to can be empty, and only
 # there is silence for this long taken as "empty" (see `_tail`).
@@ -66,15 +65,6 @@ T = TypeVar("T")
 
 # What a broker or a network can throw at a call; `translate` sorts them into refused (final) and down (retried).
 FAILURES = (exceptions.ServerError, exceptions.ClientError, OSError, ConnectionError, TimeoutError, EOFError)
-
-
-def name_problem(stream: str) -> str | None:
-    """Why RabbitMQ cannot take `stream` as a stream name, or None (also checked by the configuration)."""
-    if len(stream.encode()) > MAX_NAME_BYTES:
-        return f"is longer than {MAX_NAME_BYTES} bytes, RabbitMQ's limit for a stream name"
-    if stream.startswith("amq."):
-        return "starts with `amq.`, which RabbitMQ reserves for itself"
-    return None
 
 
 def producer_name(identity: str) -> str:

@@ -13,7 +13,6 @@ import socket
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from pydantic import (
@@ -25,7 +24,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from bus.nats import JetStreamOptions, stream_name_problem, subject_problem
+from bus.names import JetStreamOptions, bus_kind, rabbitmq_name_problem, stream_name_problem, subject_problem
 from straw import sql_guard
 from straw.config_loaders import AnyLoaderSpec, LoaderSpec
 from straw.config_scrape import ScrapeSourceSpec
@@ -425,7 +424,7 @@ class BusSpec(Strict):
 
     @property
     def is_nats(self) -> bool:
-        return self.url.split("://", 1)[0].lower() in ("nats", "tls")
+        return bus_kind(self.url) == "nats"
 
     def jetstream_options(self) -> JetStreamOptions | None:
         spec = self.jetstream or (JetStreamSpec() if self.is_nats else None)
@@ -593,7 +592,7 @@ class Config(Strict):
                 "bus", "both `bus` and `redis` are given; keep one (`bus.url` takes any bus, `redis.url` only Redis)",
                 {"at": ("bus",)},
             )
-        if self.lease is not None and urlsplit(self.bus_spec.url).scheme.lower() not in ("redis", "rediss", "unix"):
+        if self.lease is not None and bus_kind(self.bus_spec.url) != "redis":
             raise PydanticCustomError(
                 "lease", "`lease` needs a Redis bus (the leases live in Redis); remove it, or publish to Redis",
                 {"at": ("lease",)},
@@ -667,31 +666,19 @@ class Config(Strict):
         return {stream: age for stream, age in ages.items() if age is not None}
 
     @model_validator(mode="after")
-    def _rabbitmq_stream_names(self) -> Config:
-        """A stream name RabbitMQ cannot take is refused at load, not at the first publish."""
-        if not self.bus_spec.url.startswith("rabbitmq-stream"):
-            return self
-        from bus.rabbitmq import name_problem
-
-        for index, source in enumerate(self.sources):
-            problem = name_problem(source.stream)
-            if problem is not None:
-                raise PydanticCustomError(
-                    "stream", "RabbitMQ cannot take this stream name: it {problem}; choose another `stream`",
-                    {"problem": problem, "at": ("sources", index, "stream")},
-                )
-        return self
-
-    @model_validator(mode="after")
     def _stream_names_fit_the_bus(self) -> Config:
-        if not self.bus_spec.is_nats:
-            return self
+        """A stream name the bus cannot take is refused at load, not at the first publish."""
+        kind = bus_kind(self.bus_spec.url)
         for index, source in enumerate(self.sources):
-            problem = subject_problem(source.stream)
-            if problem:
+            if kind == "nats" and (problem := subject_problem(source.stream)):
                 raise PydanticCustomError(
                     "name", problem + "; the stream name is the subject on NATS, e.g. 'erp.orders'",
                     {"at": ("sources", index, "stream")},
+                )
+            if kind == "rabbitmq" and (problem := rabbitmq_name_problem(source.stream)):
+                raise PydanticCustomError(
+                    "stream", "RabbitMQ cannot take this stream name: it {problem}; choose another `stream`",
+                    {"problem": problem, "at": ("sources", index, "stream")},
                 )
         return self
 

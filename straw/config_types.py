@@ -21,6 +21,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
+from bus.names import NATS_SCHEMES, RABBITMQ_SCHEMES, REDIS_SCHEMES
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -153,7 +155,7 @@ TimeZone = Annotated[str, AfterValidator(_known_zone)]  # an IANA zone name
 Encoding = Annotated[str, AfterValidator(_known_encoding)]  # a Python codec name
 
 
-_REDIS_SCHEMES = ("redis", "rediss", "unix")
+_REDIS_SCHEMES = REDIS_SCHEMES
 
 
 def _redis_url(value: str) -> str:
@@ -223,7 +225,7 @@ def _redis_options(query: str) -> None:
 RedisUrl = Annotated[str, AfterValidator(_redis_url)]  # redis://, rediss:// or unix://, checked part by part
 
 # The other buses' schemes; each bus module checks the rest of its URL when it connects.
-_OTHER_BUS_SCHEMES = ("nats", "tls", "rabbitmq-stream", "rabbitmq-stream+tls")
+_OTHER_BUS_SCHEMES = NATS_SCHEMES + RABBITMQ_SCHEMES
 
 
 def _bus_url(value: str) -> str:

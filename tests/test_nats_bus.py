@@ -19,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bus.nats import CONTENT_TYPE, JetStreamOptions, covers, event_id, subject_problem
+from bus.names import subject_problem
+from bus.nats import CONTENT_TYPE, JetStreamOptions, covers, event_id
 from bus.seam import BusDown, BusRefused, Checkpoint, Outgoing
 from fixtures.private_nats import delete_jetstream
 from outbox.relay import Relay, SplitBrain, adopt_streams, run_relay
