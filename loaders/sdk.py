@@ -18,6 +18,7 @@ import structlog
 
 from loaders.consumer import BusDown, Consumer
 from loaders.records import BadRecord, Delivery, Record, parse
+from loaders.repair import wait_for_repair
 from straw.config import EntitySpec
 from straw.redact import redact
 
@@ -62,6 +63,7 @@ class Tally:
     batches: int = 0
     stopped: bool = False
     pending: set[tuple[str, str]] = field(default_factory=set)  # failed, waiting for their next delivery
+    behind: dict[str, tuple[int, int]] = field(default_factory=dict)  # stream -> (applied, bus newest): waiting
 
 
 @dataclass(frozen=True)
@@ -82,14 +84,30 @@ def consume(
     *,
     stop: threading.Event | None = None,
     once: bool = False,
+    applied: Callable[[str], int] | None = None,
+    streams: Sequence[str] = (),
 ) -> Tally:
     """Run until `stop` is set (the batch in hand is finished and acked first), or with `once` until the
-    streams are drained: every entry there now applied or dead-lettered."""
+    streams are drained: every entry there now applied or dead-lettered. With `applied` (the target's last
+    applied seq of a stream), first, and after each outage of the bus, wait while the bus is behind it."""
     stop = stop or threading.Event()
     tally = Tally()
     down_since: float | None = None
+    check = applied is not None
     while not stop.is_set():
         try:
+            if check and applied is not None:
+                try:
+                    wait_for_repair(consumer, applied, streams, tally.behind, stop,
+                                    poll=min(max(settings.block, 0.2), 5.0),
+                                    give_up_after=settings.give_up_after if once else None)
+                except TargetDown as exc:  # cannot compare yet: the target says where it stands once it is up
+                    log.warning("target unreachable, retrying", error=redact(str(exc)))
+                    stop.wait(1.0)
+                    continue
+                check = False
+                if stop.is_set():
+                    break
             deliveries = consumer.read(settings.batch_size, 0.0 if once else settings.block)
             # Drained when nothing is pending in the group either: entries that failed here or that a dead
             # member holds come back after claim_idle, and a live member's are acked in a moment. (Not our
@@ -99,6 +117,7 @@ def consume(
                 break
             down_since = None
         except BusDown as exc:
+            check = applied is not None  # after a reconnect the bus may be another (a promoted replica)
             down_since = down_since or time.monotonic()
             if once and time.monotonic() - down_since > settings.give_up_after:
                 raise

@@ -549,20 +549,24 @@ def load(
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ERROR.")] = None,
 ) -> None:
     """Apply the loader's streams to its target until SIGTERM/Ctrl-C (the batch in hand is finished and acked)."""
+    from bus.names import bus_kind
     from loaders.consumer import BusDown as LoaderBusDown
+    from loaders.consumer import BusRefused as LoaderBusRefused
     from loaders.jsonl import DirectoryBusy
     from loaders.redis_consumer import REDIS_DOWN as LOADER_REDIS_DOWN
     from loaders.redis_consumer import REDIS_REFUSED as LOADER_REDIS_REFUSED
+    from loaders.repair import StreamBehind
     from loaders.sdk import TargetDown
-    from loaders.service import redis_consumer, refused_line, run_loader, stop_on_signals
+    from loaders.service import open_consumer, refused_line, run_loader, stop_on_signals
     from loaders.sql_schema import SchemaError
 
     logs.setup(log_level)
     config = _load(config_path)
     spec = _loader_spec(config, name)
+    kind = bus_kind(config.bus_spec.url)
     try:
         with stop_on_signals() as stop:
-            member = redis_consumer(config, spec, consumer)
+            member = open_consumer(config, spec, consumer)
             tally = run_loader(config, spec, once=once, stop=stop, consumer=member)
     except SchemaError as exc:
         err.print(f"[red]error[/] {redact(str(exc))}", highlight=False, soft_wrap=True)
@@ -571,15 +575,21 @@ def load(
         _fail(f"loader {name}: {exc}")
     except LOADER_REDIS_REFUSED as exc:
         _fail(refused_line(exc))
+    except LoaderBusRefused as exc:
+        _fail(redact(str(exc)))
     except LOADER_REDIS_DOWN as exc:
         _fail(f"redis unreachable ({describe(exc)})")
     except LoaderBusDown as exc:
-        _fail(f"redis unreachable ({exc}); nothing was lost: run again when it is back")
+        _fail(f"{kind} unreachable ({redact(str(exc))}); nothing was lost: run again when it is back")
+    except StreamBehind as exc:
+        _fail(f"loader {name}: {exc}")
     except TargetDown as exc:
         _fail(f"loader {name}: target unreachable ({exc}); the records wait in the stream")
 
+    waiting = "".join(f"; {stream}: bus behind (applied seq {done}, bus newest {newest}), waiting for its repair"
+                      for stream, (done, newest) in tally.behind.items())
     out.print(f"{name}: {tally.applied} applied, {tally.dead_letters} dead letters, {len(tally.pending)} waiting "
-              f"for a retry" + (" (stopped by signal)" if tally.stopped else ""), highlight=False)
+              f"for a retry" + waiting + (" (stopped by signal)" if tally.stopped else ""), highlight=False)
 
 
 dlq_app = typer.Typer(help="Dead letters of both ends: rows that could not be mapped (outbox) and records a "

@@ -1,0 +1,92 @@
+"""Loaders on every bus: the same consume loop, exactly-once apply, dead letters and group sharing on Redis
+Streams, NATS JetStream and RabbitMQ Streams (real servers, one stream per test)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, text
+
+from loaders.service import open_consumer, run_loader
+from straw.config_load import load_config
+from tests.loader_buses import LoaderBus, bus_loader_config, loader_bus  # noqa: F401 (fixtures)
+from tests.nats_support import nats_url  # noqa: F401
+from tests.loader_helpers import order_data
+from tests.test_loader_sql import applied_seq, rows
+
+
+def sql_on(tmp_path: Path, bus: LoaderBus, url: str, **extra: Any) -> Path:
+    spec = {"name": "wh", "kind": "sql", "url": url, "streams": [bus.stream], "create_tables": True,
+            "tables": {"order": "orders"}, "claim_idle": "300ms", "block": "200ms", **extra}
+    return bus_loader_config(tmp_path, bus, [spec])
+
+
+def load_once(config: Path) -> Any:
+    loaded = load_config(config)
+    return run_loader(loaded, loaded.loaders[0], once=True, stop=threading.Event())
+
+
+def test_each_record_applied_once_in_order_and_again_only_what_is_new(
+    tmp_path: Path, loader_bus: LoaderBus, sqlite_url: str
+) -> None:
+    config = sql_on(tmp_path, loader_bus, sqlite_url, batch_size=7)
+    changes = [("upserted", order_data(n % 13, amount=f"{n}.00")) for n in range(60)]
+    last = loader_bus.publish(changes)
+    tally = load_once(config)
+    assert tally.applied == 60
+    found = rows(sqlite_url)
+    assert sorted(found) == list(range(13))
+    assert {k: str(v["amount"]) for k, v in found.items()} == {n % 13: f"{n}.00" for n in range(47, 60)}
+    assert applied_seq(sqlite_url, loader_bus.stream) == last
+    assert load_once(config).applied == 0  # acked: nothing is handed out twice
+    loader_bus.publish([("deleted", order_data(3)), ("upserted", order_data(99))])
+    assert load_once(config).applied == 2
+    assert sorted(rows(sqlite_url)) == [n for n in range(13) if n != 3] + [99]
+    assert applied_seq(sqlite_url, loader_bus.stream) == last + 2
+
+
+def test_a_poison_record_goes_to_the_dead_letters_after_n_deliveries_and_the_rest_is_applied(
+    tmp_path: Path, loader_bus: LoaderBus, pg_url: str
+) -> None:
+    config = sql_on(tmp_path, loader_bus, pg_url, max_deliveries=3)
+    loader_bus.publish([("upserted", order_data(1))])
+    load_once(config)
+    engine = create_engine(pg_url)
+    with engine.begin() as conn:  # the target is stricter than the entity: the record fails each time
+        conn.execute(text("ALTER TABLE orders ALTER COLUMN note TYPE varchar(10)"))
+    engine.dispose()
+    loader_bus.publish([("upserted", order_data(n, note="a long note that does not fit" if n == 4 else None))
+                        for n in range(2, 8)])
+    tally = load_once(config)
+    assert tally.dead_letters == 1
+    assert tally.failed == 3  # delivered three times, failed each time, then moved aside
+    assert sorted(rows(pg_url)) == [1, 2, 3, 5, 6, 7]
+    assert applied_seq(pg_url, loader_bus.stream) == 7
+    (dead,) = loader_bus.dead_letters(f"{loader_bus.stream}.dlq")
+    assert (dead["seq"], dead["deliveries"], dead["group"]) == ("5", "3", "wh")
+    assert "too long" in dead["error"] or "value too long" in dead["error"].lower()
+    assert load_once(config).applied == 0  # settled: the poison is not handed out again
+
+
+def test_two_members_of_one_group_share_the_work_where_the_bus_can(
+    tmp_path: Path, loader_bus: LoaderBus, sqlite_url: str
+) -> None:
+    config = load_config(sql_on(tmp_path, loader_bus, sqlite_url))
+    spec = config.loaders[0]
+    loader_bus.publish([("upserted", order_data(n)) for n in range(40)])
+    one, two = open_consumer(config, spec, "one"), open_consumer(config, spec, "two")
+    try:
+        first = one.read(10, 2.0)
+        second = two.read(10, 2.0)
+        if loader_bus.kind == "rabbitmq":  # no single active consumer before 3.11: each reads every record
+            assert [d.entry_id for d in first] == [d.entry_id for d in second][:len(first)]
+            return
+        assert first and second
+        assert not {d.entry_id for d in first} & {d.entry_id for d in second}
+        one.ack(first)
+        two.ack(second)
+    finally:
+        one.close()
+        two.close()
