@@ -183,10 +183,7 @@ class RabbitConsumer:
                 self._out[(old.stream, int(old.entry_id))] = (delivery, now)
                 found.append(delivery)
             return found
-        found = []
-        for stream, queue in self._queues.items():
-            while len(found) < count and not queue.empty():
-                found.append(self._hand_out(stream, *queue.get_nowait(), now))
+        found = self._ready(count, now)
         if found or block <= 0:
             return found
         waits = {asyncio.ensure_future(q.get()): s for s, q in self._queues.items()}
@@ -195,6 +192,14 @@ class RabbitConsumer:
             future.cancel()
         for future in done:
             found.append(self._hand_out(waits[future], *future.result(), now))
+        return found + self._ready(count - len(found), now)
+
+    def _ready(self, count: int, now: float) -> list[Delivery]:
+        """What the subscriptions delivered already, up to `count`."""
+        found: list[Delivery] = []
+        for stream, queue in self._queues.items():
+            while len(found) < count and not queue.empty():
+                found.append(self._hand_out(stream, *queue.get_nowait(), now))
         return found
 
     def _hand_out(self, stream: str, offset: int, message: AMQPMessage, now: float) -> Delivery:

@@ -16,7 +16,8 @@ from sqlalchemy import select
 
 from bus.names import JetStreamOptions, bus_kind
 from loaders.consumer import Consumer
-from loaders.records import Record
+from loaders.dead_letters import DeadLetterStore, open_dead_letters
+from loaders.records import BadRecord, Delivery, Record, parse
 from loaders.redis_consumer import RedisConsumer
 from loaders.sdk import Failed, Settings, Tally, TargetDown, consume
 from straw.config import Config
@@ -55,6 +56,12 @@ def redis_consumer(config: Config, spec: AnyLoaderSpec, name: str | None = None)
         client, spec.streams, spec.group_name, name or consumer_name(), claim_idle=spec.claim_idle,
         dead_letters=spec.dead_letters_of, start=spec.start,
     )
+
+
+def open_dead_letter_store(config: Config) -> DeadLetterStore:
+    """The dead-letter streams of the configured bus, as `straw dlq` uses them."""
+    bus = config.bus_spec
+    return open_dead_letters(bus.url, bus.jetstream_options(), lambda: redis_client(bus.url, 5.0), bus_kind(bus.url))
 
 
 def open_consumer(config: Config, spec: AnyLoaderSpec, name: str | None = None) -> Consumer:
@@ -134,6 +141,28 @@ def applied_of(target: Target) -> Callable[[str], int]:
         last: dict[str, int] = target._last  # what its files end with (recovered at open, kept current)
         return lambda stream: last.get(stream, 0)
     return lambda stream: 0
+
+
+def apply_dead_letter(config: Config, fields: dict[str, str]) -> str:
+    """Apply one dead letter to its loader's target here (on a bus whose stream cannot take it back): applied
+    unless the target holds a newer change of its key; "still ..." says why not."""
+    stream, group = fields.get("stream", ""), fields.get("group", "")
+    spec = next((s for s in config.loaders if s.group_name == group and stream in s.streams), None)
+    if spec is None:
+        return f"still not applied: no loader of group {group!r} on {stream!r} is configured any more; drop it"
+    delivery = Delivery(stream, fields.get("entry", ""), {**fields, "retry": "1"}, 1)
+    try:
+        record = parse(delivery, config.entities)
+    except BadRecord as exc:
+        return f"still cannot be applied: {exc}"
+    target = open_target(config, spec)
+    try:
+        failed = target.apply([record])
+    finally:
+        target.close()
+    if failed:
+        return f"still cannot be applied: {failed[0].error}"
+    return f"applied to the target of loader {spec.name} (seq {record.seq})"
 
 
 def run_loader(

@@ -600,10 +600,14 @@ ItemArgument = Annotated[str, typer.Argument(help="outbox:<id> or <dead-letter s
 
 @contextmanager
 def _dlq_sources(config: Config) -> Iterator[tuple[Outbox | None, Any]]:
-    """The outbox if this host has one, and Redis if loaders are configured; either may be absent."""
+    """The outbox if this host has one, and the bus's dead-letter streams if loaders are configured."""
+    from bus.names import bus_kind
+    from loaders.consumer import BusDown as LoaderBusDown
+    from loaders.consumer import BusRefused as LoaderBusRefused
+    from loaders.dead_letters import CannotOnThisBus
     from loaders.redis_consumer import REDIS_DOWN as LOADER_REDIS_DOWN
     from loaders.redis_consumer import REDIS_REFUSED as LOADER_REDIS_REFUSED
-    from loaders.service import redis_client, refused_line
+    from loaders.service import open_dead_letter_store, refused_line
 
     outbox = None
     if config.outbox.path.exists():
@@ -611,20 +615,26 @@ def _dlq_sources(config: Config) -> Iterator[tuple[Outbox | None, Any]]:
             outbox = Outbox(config.outbox.path)
         except OutboxError as exc:
             _fail(str(exc))
-    client = redis_client(config.redis.url, 5.0) if config.loaders else None
+    store = open_dead_letter_store(config) if config.loaders else None
     try:
-        yield outbox, client
+        yield outbox, store
     except OutboxError as exc:
         _fail(str(exc))
     except LOADER_REDIS_REFUSED as exc:
         _fail(refused_line(exc))
     except LOADER_REDIS_DOWN as exc:
         _fail(f"redis unreachable ({describe(exc)})")
+    except LoaderBusRefused as exc:
+        _fail(redact(str(exc)))
+    except LoaderBusDown as exc:
+        _fail(f"{bus_kind(config.bus_spec.url)} unreachable ({redact(str(exc))})")
+    except CannotOnThisBus as exc:
+        _fail(str(exc))
     finally:
         if outbox is not None:
             outbox.close()
-        if client is not None:
-            client.close()
+        if store is not None:
+            store.close()
 
 
 def _dlq_item(config: Config, item: str, outbox: Outbox | None, client: Any) -> Any:
@@ -676,6 +686,7 @@ def dlq_show(item: ItemArgument, config_path: ConfigOption = None) -> None:
 def dlq_retry(item: ItemArgument, config_path: ConfigOption = None) -> None:
     """Send one dead letter through again: a row is re-mapped with today's configuration, a record goes back
     to its stream for its loader's group."""
+    from loaders.service import apply_dead_letter
     from straw.dead_letter_items import NoSuchItem, retry_loader, retry_mapping
 
     config = _load(config_path)
@@ -687,7 +698,7 @@ def dlq_retry(item: ItemArgument, config_path: ConfigOption = None) -> None:
                 said = retry_mapping(config, outbox, found)
             else:
                 assert client is not None
-                said = retry_loader(client, found)
+                said = retry_loader(client, found, lambda fields: apply_dead_letter(config, fields))
         except NoSuchItem as exc:
             _fail(str(exc))
     out.print(f"{item}: {said}", markup=False, highlight=False, soft_wrap=True)
