@@ -69,6 +69,20 @@ def down(exc: BaseException) -> BusDown:
     return BusDown(f"nats unreachable ({type(exc).__name__}: {detail})")
 
 
+def consumer_config(group: str, subject: str, *, claim_idle: float, max_deliveries: int, start: str,
+                    from_stream_seq: int | None = None) -> ConsumerConfig:
+    """The group's durable consumer on `subject` (`from_stream_seq`: `straw replay` moved it there)."""
+    policy = DeliverPolicy.ALL if start == "begin" else DeliverPolicy.NEW
+    return ConsumerConfig(
+        durable_name=durable_name(group, subject), filter_subject=subject,
+        ack_policy=AckPolicy.EXPLICIT, ack_wait=claim_idle, max_deliver=max_deliveries + SERVER_SLACK,
+        deliver_policy=policy if from_stream_seq is None else DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=from_stream_seq,
+        max_ack_pending=-1,  # several members each hold a batch: no server cap beneath theirs
+        description=f"straw loader group {group} on {subject}",
+    )
+
+
 class NatsLoop:
     """A private event loop driven from the calling thread, and one connection without automatic reconnects."""
 
@@ -178,13 +192,8 @@ class NatsConsumer:
         return self._name
 
     def _config(self, subject: str) -> ConsumerConfig:
-        return ConsumerConfig(
-            durable_name=durable_name(self._group, subject), filter_subject=subject,
-            ack_policy=AckPolicy.EXPLICIT, ack_wait=self._claim_idle, max_deliver=self._max_deliver,
-            deliver_policy=DeliverPolicy.ALL if self._start == "begin" else DeliverPolicy.NEW,
-            max_ack_pending=-1,  # several members each hold a batch: no server cap beneath theirs
-            description=f"straw loader group {self._group} on {subject}",
-        )
+        return consumer_config(self._group, subject, claim_idle=self._claim_idle,
+                               max_deliveries=self._max_deliver - SERVER_SLACK, start=self._start)
 
     async def _subscriptions(self) -> dict[str, JetStreamContext.PullSubscription]:
         if self._subs and self._io.nc is not None and self._io.nc.is_connected:

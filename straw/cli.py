@@ -735,8 +735,11 @@ def replay(
 ) -> None:
     """Move the loader's group back and apply its streams again from a point (a target restored from a
     backup); records the target has already are skipped, so nothing is applied twice."""
+    from bus.names import JetStreamOptions, bus_kind
+    from loaders.consumer import BusDown as LoaderBusDown
+    from loaders.consumer import BusRefused as LoaderBusRefused
     from loaders.redis_consumer import REDIS_DOWN as LOADER_REDIS_DOWN
-    from loaders.replay import ReplayError, rewind
+    from loaders.replay import ReplayError, rewind, rewind_nats, rewind_rabbitmq
     from loaders.service import redis_client, run_loader
 
     logs.setup("WARNING")
@@ -745,17 +748,35 @@ def replay(
     if (from_seq is None) == (from_time is None):
         err.print("give exactly one of --from-seq N or --from-time 2026-11-29T10:00:00")
         raise typer.Exit(2)
-    client = redis_client(config.redis.url, 10.0)
+    bus = config.bus_spec
+    kind = bus_kind(bus.url)
+    if kind != "redis" and from_seq is None:
+        err.print(f"--from-time needs a Redis bus (its entry ids are times); on {kind} give --from-seq N "
+                  "(`straw stream` shows each record's seq and time)")
+        raise typer.Exit(2)
+    client = redis_client(bus.url, 10.0) if kind == "redis" else None
     try:
         for stream in spec.streams:
-            said = rewind(client, stream, spec.group_name, from_seq=from_seq, from_time=from_time)
+            if client is not None:
+                said = rewind(client, stream, spec.group_name, from_seq=from_seq, from_time=from_time)
+            elif kind == "nats":
+                assert from_seq is not None
+                said = rewind_nats(bus.url, bus.jetstream_options() or JetStreamOptions(), spec, stream, from_seq)
+            else:
+                assert from_seq is not None
+                said = rewind_rabbitmq(bus.url, spec, stream, from_seq)
             out.print(f"{stream}: {said}", markup=False, highlight=False)
     except ReplayError as exc:
         _fail(str(exc))
     except LOADER_REDIS_DOWN as exc:
         _fail(f"redis unreachable ({describe(exc)})")
+    except LoaderBusRefused as exc:
+        _fail(redact(str(exc)))
+    except LoaderBusDown as exc:
+        _fail(f"{kind} unreachable ({redact(str(exc))})")
     finally:
-        client.close()
+        if client is not None:
+            client.close()
     import threading
 
     tally = run_loader(config, spec, once=True, stop=threading.Event())

@@ -3,6 +3,7 @@ Streams, NATS JetStream and RabbitMQ Streams (real servers, one stream per test)
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from straw.config_load import load_config
 from tests.loader_buses import LoaderBus, bus_loader_config, loader_bus
 from tests.loader_helpers import order_data
 from tests.nats_support import nats_url
+from tests.test_cli import invoke
 from tests.test_loader_sql import applied_seq, rows
 
 __all__ = ["loader_bus", "nats_url"]  # fixtures, imported for pytest
@@ -92,3 +94,51 @@ def test_two_members_of_one_group_share_the_work_where_the_bus_can(
     finally:
         one.close()
         two.close()
+
+
+def test_dlq_list_show_retry_drop_and_replay_through_the_cli(
+    tmp_path: Path, loader_bus: LoaderBus, pg_url: str
+) -> None:
+    config = sql_on(tmp_path, loader_bus, pg_url, max_deliveries=2)
+    loader_bus.publish([("upserted", order_data(1))])
+    load_once(config)
+    engine = create_engine(pg_url)
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE orders ALTER COLUMN note TYPE varchar(10)"))
+    loader_bus.publish([("upserted", order_data(n, note="a long note that does not fit" if n == 4 else None))
+                        for n in range(2, 7)])
+    assert load_once(config).dead_letters == 1
+    listed = invoke("dlq", "list", "-c", str(config))
+    assert listed.exit_code == 0, listed.output
+    [item] = re.findall(rf"({re.escape(loader_bus.stream)}\.dlq:[\d-]+)", listed.output)
+    shown = invoke("dlq", "show", item, "-c", str(config))
+    assert shown.exit_code == 0, shown.output
+    assert "value too long" in shown.output and '"order_no":4' in shown.output and "deliveries: 2" in shown.output
+    still = invoke("dlq", "retry", item, "-c", str(config))  # not fixed yet: it stays a dead letter
+    if loader_bus.kind != "redis":  # applied here: the target refuses it again, and says so
+        assert still.exit_code == 1 and "still cannot be applied" in still.output, still.output
+        assert invoke("dlq", "show", item, "-c", str(config)).exit_code == 0
+    with engine.begin() as conn:  # the operator fixes the target...
+        conn.execute(text("ALTER TABLE orders ALTER COLUMN note TYPE text"))
+    if loader_bus.kind != "redis":
+        retried = invoke("dlq", "retry", item, "-c", str(config))  # ...and sends the record through again
+        assert retried.exit_code == 0 and "applied to the target of loader wh" in retried.output, retried.output
+    else:
+        load_once(config)  # the record sent back by the failed retry above is applied now
+    assert rows(pg_url)[4]["note"] == "a long note that does not fit"
+    dropped = invoke("dlq", "drop", item, "--yes", "-c", str(config))
+    if loader_bus.kind == "rabbitmq":
+        assert dropped.exit_code == 1 and "append-only" in dropped.output, dropped.output
+    else:  # the retry took it out already
+        assert dropped.exit_code == 2 and "no entry" in dropped.output, dropped.output
+    with engine.begin() as conn:  # the target restored from an empty backup: replay puts everything back
+        for table in ("orders", "straw_versions", "straw_applied"):
+            conn.execute(text(f"DROP TABLE {table}"))
+    engine.dispose()
+    replayed = invoke("replay", "wh", "--from-seq", "3", "-c", str(config))
+    assert replayed.exit_code == 0, replayed.output
+    assert "replays from seq 3" in replayed.output, replayed.output
+    assert sorted(rows(pg_url)) == [3, 4, 5, 6]
+    assert applied_seq(pg_url, loader_bus.stream) == 6
+    beyond = invoke("replay", "wh", "--from-seq", "99", "-c", str(config))
+    assert beyond.exit_code == 1 and "no " in beyond.output and "seq 99" in beyond.output, beyond.output
