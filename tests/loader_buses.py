@@ -4,6 +4,7 @@ publishes them (through the bus's own `Bus.publish`), the newest seq, and the de
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ class LoaderBus:
     jetstream: JetStreamOptions | None = None
     published: dict[str, int] = field(default_factory=dict)  # stream -> last seq published here
     _bus: Bus | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)  # bus clients are not for two threads at once
 
     @property
     def bus(self) -> Bus:
@@ -69,7 +71,8 @@ class LoaderBus:
         return seq
 
     def newest_seq(self, stream: str | None = None) -> int:
-        newest = self.bus.newest(stream or self.stream, 1)
+        with self._lock:
+            newest = self.bus.newest(stream or self.stream, 1)
         return newest[0].seq if newest else 0
 
     def dead_letters(self, dlq: str) -> list[dict[str, str]]:
