@@ -4,14 +4,23 @@ Streams, NATS JetStream and RabbitMQ Streams (real servers, one stream per test)
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
 import threading
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import create_engine, text
 
+from loaders.records import Record
+from loaders.repair import StreamBehind
+from loaders.sdk import Failed, Settings, Tally, consume
 from loaders.service import open_consumer, run_loader
 from straw.config_load import load_config
+from tests.crashes import REPO, straw_command
 from tests.loader_buses import LoaderBus, bus_loader_config, loader_bus
 from tests.loader_helpers import order_data
 from tests.nats_support import nats_url
@@ -142,3 +151,68 @@ def test_dlq_list_show_retry_drop_and_replay_through_the_cli(
     assert applied_seq(pg_url, loader_bus.stream) == 6
     beyond = invoke("replay", "wh", "--from-seq", "99", "-c", str(config))
     assert beyond.exit_code == 1 and "no " in beyond.output and "seq 99" in beyond.output, beyond.output
+
+
+def test_a_loader_ahead_of_its_bus_waits_until_the_stream_reaches_its_seq(
+    tmp_path: Path, loader_bus: LoaderBus, sqlite_url: str
+) -> None:
+    """What the target holds (applied seq 8) is ahead of the bus (seq 5): nothing is read until the stream
+    reaches seq 8 again; then everything after it is applied, the records at or below it skipped."""
+    config = load_config(sql_on(tmp_path, loader_bus, sqlite_url))
+    spec = config.loaders[0]
+    loader_bus.publish([("upserted", order_data(n)) for n in range(1, 6)])
+    member = open_consumer(config, spec, "one")
+    seen: list[int] = []
+
+    def apply(records: Sequence[Record]) -> list[Failed]:
+        seen.extend(r.seq for r in records)
+        return []
+
+    try:
+        assert member.newest_seq(loader_bus.stream) == 5
+        with pytest.raises(StreamBehind, match="applied up to seq 8 but the bus's newest record is seq 5"):
+            consume(member, apply, config.entities, Settings(give_up_after=0.5, block=0.2), once=True,
+                    applied=lambda stream: 8, streams=[loader_bus.stream])
+        assert seen == []  # not one record read while behind
+        stop = threading.Event()
+        tally: list[Tally] = []
+        waiting = threading.Thread(target=lambda: tally.append(consume(
+            member, apply, config.entities, Settings(block=0.2), stop=stop, applied=lambda stream: 8,
+            streams=[loader_bus.stream])))
+        waiting.start()
+        time.sleep(1.5)
+        assert seen == [] and waiting.is_alive()
+        loader_bus.publish([("upserted", order_data(n)) for n in range(6, 11)])  # the repair, and one more
+        deadline = time.monotonic() + 30
+        while 10 not in seen and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stop.set()
+        waiting.join(30)
+        assert seen == list(range(1, 11))  # handed over in order; the SQL loader skips what it has by seq
+        assert tally[0].behind == {}
+    finally:
+        member.close()
+
+
+def test_sigterm_finishes_the_batch_acks_and_exits_0(tmp_path: Path, loader_bus: LoaderBus, sqlite_url: str) -> None:
+    config = sql_on(tmp_path, loader_bus, sqlite_url, batch_size=20)
+    loader_bus.publish([("upserted", order_data(n)) for n in range(1, 201)])
+    log = tmp_path / "load.log"
+    with log.open("wb") as out:
+        loader = subprocess.Popen(straw_command(config, "load", "wh"), cwd=REPO, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while applied_or_zero(sqlite_url, loader_bus.stream) < 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    loader.send_signal(signal.SIGTERM)
+    assert loader.wait(30) == 0, log.read_text()[-2000:]
+    assert "(stopped by signal)" in log.read_text()
+    assert load_once(config).applied == 0  # everything it applied was acked before it exited
+    assert sorted(rows(sqlite_url)) == list(range(1, 201))
+
+
+def applied_or_zero(url: str, stream: str) -> int:
+    try:
+        return applied_seq(url, stream)
+    except Exception:  # not created yet
+        return 0
