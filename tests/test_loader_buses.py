@@ -216,3 +216,37 @@ def applied_or_zero(url: str, stream: str) -> int:
         return applied_seq(url, stream)
     except Exception:  # not created yet
         return 0
+
+
+@pytest.mark.parametrize("loader_bus", ["redis", "nats"], indirect=True)  # RabbitMQ 3.10: see the README
+def test_two_loader_processes_of_one_group_share_the_work_and_apply_each_record_once(
+    tmp_path: Path, loader_bus: LoaderBus, pg_url: str
+) -> None:
+    # claim_idle well above a batch's time: a batch slower than it would be handed to the other member too
+    # (applied once all the same, but counted by both)
+    config = sql_on(tmp_path, loader_bus, pg_url, batch_size=25, claim_idle="30s")
+    loader_bus.publish([("upserted", order_data(1))])  # the stream exists before the members start
+    logs = [tmp_path / f"member-{name}.log" for name in ("a", "b")]
+    members = []
+    for name, log in zip(("a", "b"), logs, strict=True):
+        with log.open("wb") as out:
+            members.append(subprocess.Popen(straw_command(config, "load", "wh", "--consumer", name), cwd=REPO,
+                                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+    try:
+        deadline = time.monotonic() + 60  # both up (one applied the first record, the other waits with it)
+        while applied_or_zero(pg_url, loader_bus.stream) < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(3.0)
+        last = loader_bus.publish([("upserted", order_data(n)) for n in range(2, 1501)])
+        deadline = time.monotonic() + 120
+        while applied_or_zero(pg_url, loader_bus.stream) < last and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        for member in members:
+            member.send_signal(signal.SIGTERM)
+        codes = [member.wait(30) for member in members]
+    assert codes == [0, 0], [log.read_text()[-1500:] for log in logs]
+    counts = [int(re.findall(r"wh: (\d+) applied", log.read_text())[-1]) for log in logs]
+    assert all(counts), counts  # both took a share
+    assert sum(counts) == last  # and no record went to both
+    assert sorted(rows(pg_url)) == list(range(1, 1501))
