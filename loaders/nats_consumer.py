@@ -184,6 +184,7 @@ class NatsConsumer:
         self._dead_letters = dead_letters
         self._start = start
         self._subs: dict[str, JetStreamContext.PullSubscription] = {}
+        self._subs_on: Client | None = None  # the connection the subscriptions live on
         self._held: dict[tuple[str, str], Msg] = {}  # pulled and not acked yet, by (stream, entry id)
         self._next = 0  # round robin over the subjects
 
@@ -196,11 +197,13 @@ class NatsConsumer:
                                max_deliveries=self._max_deliver - SERVER_SLACK, start=self._start)
 
     async def _subscriptions(self) -> dict[str, JetStreamContext.PullSubscription]:
-        if self._subs and self._io.nc is not None and self._io.nc.is_connected:
+        nc = self._io.nc
+        if self._subs and nc is not None and nc is self._subs_on and nc.is_connected:
             return self._subs
         self._subs.clear()
         self._held.clear()  # pulled on a lost connection: they come back after ack_wait
         js = await self._io.connect()
+        self._subs_on = self._io.nc  # another call may have opened the connection: the subscriptions are new
         for subject in self._streams:
             try:
                 self._subs[subject] = await js.pull_subscribe(
@@ -255,6 +258,8 @@ class NatsConsumer:
         async def work() -> None:
             nc = self._io.nc
             if nc is None or not nc.is_connected:  # pulled on a lost connection: the records come back
+                raise BusDown("nats connection lost before the ack")
+            if nc is not self._subs_on:  # pulled on a connection since lost: the records come back
                 raise BusDown("nats connection lost before the ack")
             for delivery in deliveries:
                 msg = self._held.pop((delivery.stream, delivery.entry_id), None)

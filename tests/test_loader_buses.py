@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
+from bus.names import JetStreamOptions
+from fixtures.private_nats import NatsServer
 from loaders.records import Record
 from loaders.repair import StreamBehind
 from loaders.sdk import Failed, Settings, Tally, consume
@@ -23,11 +25,11 @@ from straw.config_load import load_config
 from tests.crashes import REPO, straw_command
 from tests.loader_buses import LoaderBus, bus_loader_config, loader_bus
 from tests.loader_helpers import order_data
-from tests.nats_support import nats_url
+from tests.nats_support import nats_url, private_nats
 from tests.test_cli import invoke
 from tests.test_loader_sql import applied_seq, rows
 
-__all__ = ["loader_bus", "nats_url"]  # fixtures, imported for pytest
+__all__ = ["loader_bus", "nats_url", "private_nats"]  # fixtures, imported for pytest
 
 
 def sql_on(tmp_path: Path, bus: LoaderBus, url: str, **extra: Any) -> Path:
@@ -250,3 +252,44 @@ def test_two_loader_processes_of_one_group_share_the_work_and_apply_each_record_
     assert all(counts), counts  # both took a share
     assert sum(counts) == last  # and no record went to both
     assert sorted(rows(pg_url)) == list(range(1, 1501))
+
+
+def test_a_nats_outage_mid_load_is_waited_out_and_nothing_is_lost_or_doubled(
+    tmp_path: Path, private_nats: NatsServer, sqlite_url: str
+) -> None:
+    bus = LoaderBus("nats", private_nats.url, "outage.orders", JetStreamOptions(stream="straw_outage"))
+    try:
+        config = sql_on(tmp_path, bus, sqlite_url, batch_size=20)
+        bus.publish([("upserted", order_data(n)) for n in range(1, 401)])
+        bus.close()
+        log = tmp_path / "load.log"
+        with log.open("wb") as out:
+            loader = subprocess.Popen(straw_command(config, "load", "wh"), cwd=REPO, stdout=out,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while applied_or_zero(sqlite_url, bus.stream) < 40 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            private_nats.stop()  # mid-load: batches in hand fail to ack, the next reads fail
+            deadline = time.monotonic() + 30
+            while "bus unreachable, retrying" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(2.0)
+            assert loader.poll() is None, log.read_text()  # it waits for the bus, it does not exit
+            assert "bus unreachable, retrying" in log.read_text()
+            private_nats.start()
+            bus = LoaderBus("nats", private_nats.url, "outage.orders", JetStreamOptions(stream="straw_outage"),
+                            published={"outage.orders": 400})
+            bus.publish([("upserted", order_data(n)) for n in range(401, 451)])
+            deadline = time.monotonic() + 90
+            while applied_or_zero(sqlite_url, bus.stream) < 450 and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            loader.send_signal(signal.SIGTERM)
+            code = loader.wait(30)
+        assert code == 0, log.read_text()[-2000:]
+        assert applied_seq(sqlite_url, bus.stream) == 450
+        assert sorted(rows(sqlite_url)) == list(range(1, 451))
+        assert load_once(config).applied == 0  # all acked: nothing comes back
+    finally:
+        bus.close()
