@@ -17,6 +17,7 @@ from sqlalchemy import create_engine, text
 
 from bus.names import JetStreamOptions
 from fixtures.private_nats import NatsServer
+from fixtures.private_rabbitmq import PrivateRabbit
 from loaders.records import Record
 from loaders.repair import StreamBehind
 from loaders.sdk import Failed, Settings, Tally, consume
@@ -254,42 +255,52 @@ def test_two_loader_processes_of_one_group_share_the_work_and_apply_each_record_
     assert sorted(rows(pg_url)) == list(range(1, 1501))
 
 
+def outage_mid_load(tmp_path: Path, bus: LoaderBus, sqlite_url: str, server: Any) -> None:
+    """Load 400 records; the server stops mid-load and starts again; 50 more: each of the 450 applied once."""
+    config = sql_on(tmp_path, bus, sqlite_url, batch_size=20)
+    bus.publish([("upserted", order_data(n)) for n in range(1, 401)])
+    bus.close()
+    bus._bus = None
+    log = tmp_path / "load.log"
+    with log.open("wb") as out:
+        loader = subprocess.Popen(straw_command(config, "load", "wh"), cwd=REPO, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while applied_or_zero(sqlite_url, bus.stream) < 40 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.stop()  # mid-load: a batch in hand fails to ack, the next reads fail
+        deadline = time.monotonic() + 60
+        while "bus unreachable, retrying" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2.0)
+        assert loader.poll() is None, log.read_text()  # it waits for the bus, it does not exit
+        assert "bus unreachable, retrying" in log.read_text()
+        server.start()
+        bus.publish([("upserted", order_data(n)) for n in range(401, 451)])
+        deadline = time.monotonic() + 120
+        while applied_or_zero(sqlite_url, bus.stream) < 450 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        loader.send_signal(signal.SIGTERM)
+        code = loader.wait(30)
+        bus.close()
+    assert code == 0, log.read_text()[-2000:]
+    assert applied_seq(sqlite_url, bus.stream) == 450
+    assert sorted(rows(sqlite_url)) == list(range(1, 451))
+    assert load_once(config).applied == 0  # all acked: nothing comes back
+
+
 def test_a_nats_outage_mid_load_is_waited_out_and_nothing_is_lost_or_doubled(
     tmp_path: Path, private_nats: NatsServer, sqlite_url: str
 ) -> None:
     bus = LoaderBus("nats", private_nats.url, "outage.orders", JetStreamOptions(stream="straw_outage"))
-    try:
-        config = sql_on(tmp_path, bus, sqlite_url, batch_size=20)
-        bus.publish([("upserted", order_data(n)) for n in range(1, 401)])
-        bus.close()
-        log = tmp_path / "load.log"
-        with log.open("wb") as out:
-            loader = subprocess.Popen(straw_command(config, "load", "wh"), cwd=REPO, stdout=out,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 60
-            while applied_or_zero(sqlite_url, bus.stream) < 40 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            private_nats.stop()  # mid-load: batches in hand fail to ack, the next reads fail
-            deadline = time.monotonic() + 30
-            while "bus unreachable, retrying" not in log.read_text() and time.monotonic() < deadline:
-                time.sleep(0.1)
-            time.sleep(2.0)
-            assert loader.poll() is None, log.read_text()  # it waits for the bus, it does not exit
-            assert "bus unreachable, retrying" in log.read_text()
-            private_nats.start()
-            bus = LoaderBus("nats", private_nats.url, "outage.orders", JetStreamOptions(stream="straw_outage"),
-                            published={"outage.orders": 400})
-            bus.publish([("upserted", order_data(n)) for n in range(401, 451)])
-            deadline = time.monotonic() + 90
-            while applied_or_zero(sqlite_url, bus.stream) < 450 and time.monotonic() < deadline:
-                time.sleep(0.1)
-        finally:
-            loader.send_signal(signal.SIGTERM)
-            code = loader.wait(30)
-        assert code == 0, log.read_text()[-2000:]
-        assert applied_seq(sqlite_url, bus.stream) == 450
-        assert sorted(rows(sqlite_url)) == list(range(1, 451))
-        assert load_once(config).applied == 0  # all acked: nothing comes back
-    finally:
-        bus.close()
+    outage_mid_load(tmp_path, bus, sqlite_url, private_nats)
+
+
+@pytest.mark.slow
+def test_a_rabbitmq_outage_mid_load_is_waited_out_and_nothing_is_lost_or_doubled(
+    tmp_path: Path, private_rabbitmq: PrivateRabbit, sqlite_url: str
+) -> None:
+    outage_mid_load(tmp_path, LoaderBus("rabbitmq", private_rabbitmq.url, "outage.orders"), sqlite_url,
+                    private_rabbitmq)
