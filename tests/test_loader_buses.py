@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from bus.names import JetStreamOptions
+from bus.seam import BusDown
 from fixtures.private_nats import NatsServer
 from fixtures.private_rabbitmq import PrivateRabbit
 from loaders.records import Record
@@ -63,18 +64,25 @@ def test_each_record_applied_once_in_order_and_again_only_what_is_new(
     assert applied_seq(sqlite_url, loader_bus.stream) == last + 2
 
 
-def test_a_poison_record_goes_to_the_dead_letters_after_n_deliveries_and_the_rest_is_applied(
-    tmp_path: Path, loader_bus: LoaderBus, pg_url: str
-) -> None:
-    config = sql_on(tmp_path, loader_bus, pg_url, max_deliveries=3)
-    loader_bus.publish([("upserted", order_data(1))])
+def poisoned(tmp_path: Path, bus: LoaderBus, pg_url: str, max_deliveries: int, last: int) -> Path:
+    """Order 1 applied; then the target's `note` made too short for order 4's, and orders 2..`last` published:
+    order 4 (seq 4) fails each time it is applied."""
+    config = sql_on(tmp_path, bus, pg_url, max_deliveries=max_deliveries)
+    bus.publish([("upserted", order_data(1))])
     load_once(config)
     engine = create_engine(pg_url)
     with engine.begin() as conn:  # the target is stricter than the entity: the record fails each time
         conn.execute(text("ALTER TABLE orders ALTER COLUMN note TYPE varchar(10)"))
     engine.dispose()
-    loader_bus.publish([("upserted", order_data(n, note="a long note that does not fit" if n == 4 else None))
-                        for n in range(2, 8)])
+    bus.publish([("upserted", order_data(n, note="a long note that does not fit" if n == 4 else None))
+                 for n in range(2, last + 1)])
+    return config
+
+
+def test_a_poison_record_goes_to_the_dead_letters_after_n_deliveries_and_the_rest_is_applied(
+    tmp_path: Path, loader_bus: LoaderBus, pg_url: str
+) -> None:
+    config = poisoned(tmp_path, loader_bus, pg_url, 3, last=7)
     tally = load_once(config)
     assert tally.dead_letters == 1
     assert tally.failed == 3  # delivered three times, failed each time, then moved aside
@@ -111,14 +119,8 @@ def test_two_members_of_one_group_share_the_work_where_the_bus_can(
 def test_dlq_list_show_retry_drop_and_replay_through_the_cli(
     tmp_path: Path, loader_bus: LoaderBus, pg_url: str
 ) -> None:
-    config = sql_on(tmp_path, loader_bus, pg_url, max_deliveries=2)
-    loader_bus.publish([("upserted", order_data(1))])
-    load_once(config)
+    config = poisoned(tmp_path, loader_bus, pg_url, 2, last=6)
     engine = create_engine(pg_url)
-    with engine.begin() as conn:
-        conn.execute(text("ALTER TABLE orders ALTER COLUMN note TYPE varchar(10)"))
-    loader_bus.publish([("upserted", order_data(n, note="a long note that does not fit" if n == 4 else None))
-                        for n in range(2, 7)])
     assert load_once(config).dead_letters == 1
     listed = invoke("dlq", "list", "-c", str(config))
     assert listed.exit_code == 0, listed.output
@@ -277,7 +279,16 @@ def outage_mid_load(tmp_path: Path, bus: LoaderBus, sqlite_url: str, server: Any
         assert loader.poll() is None, log.read_text()  # it waits for the bus, it does not exit
         assert "bus unreachable, retrying" in log.read_text()
         server.start()
-        bus.publish([("upserted", order_data(n)) for n in range(401, 451)])
+        deadline = time.monotonic() + 60
+        while True:  # a restarted RabbitMQ node answers StreamNotAvailable for a while
+            try:
+                bus.publish([("upserted", order_data(n)) for n in range(401, 451)])
+                break
+            except BusDown:
+                assert time.monotonic() < deadline, "the bus did not come back"
+                bus.close()
+                bus._bus = None
+                time.sleep(1.0)
         deadline = time.monotonic() + 120
         while applied_or_zero(sqlite_url, bus.stream) < 450 and time.monotonic() < deadline:
             time.sleep(0.1)
