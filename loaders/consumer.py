@@ -1,7 +1,8 @@
 """The seam between the loaders and a bus: read a batch, ack it, move a poison entry aside.
 
-Redis Streams consumer groups are the first implementation (`loaders/redis_consumer.py`); a NATS JetStream
-durable consumer or a RabbitMQ Streams offset tracker slots in behind the same four methods.
+One implementation per bus, picked by the bus URL's scheme (`loaders/service.py`): Redis Streams consumer
+groups (`loaders/redis_consumer.py`), a NATS JetStream durable pull consumer (`loaders/nats_consumer.py`) and a
+RabbitMQ stream consumer with server-side offset tracking (`loaders/rabbitmq_consumer.py`).
 """
 
 from __future__ import annotations
@@ -9,11 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from bus.seam import BusDown, BusRefused
 from loaders.records import Delivery
 
-
-class BusDown(Exception):
-    """The bus cannot be reached right now: nothing was read, acked or moved; try again later."""
+__all__ = ["BusDown", "BusRefused", "Consumer"]  # one error type for both ends: the relay's and the loaders'
 
 
 class Consumer(Protocol):
@@ -28,7 +28,8 @@ class Consumer(Protocol):
         ...
 
     def pending(self) -> int:
-        """Entries the group handed out (to any member) and nobody acked yet."""
+        """Entries the group handed out (to any member) and nobody acked yet, plus (where the bus cannot tell
+        them apart) entries not handed out yet: `--once` ends when this is 0 and a read found nothing."""
         ...
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
@@ -38,6 +39,11 @@ class Consumer(Protocol):
     def dead_letter(self, delivery: Delivery, error: str) -> None:
         """Move the entry to its dead-letter stream with the error, this member's name and the delivery count,
         and ack it: the records behind it go on."""
+        ...
+
+    def newest_seq(self, stream: str) -> int:
+        """The straw `seq` of the stream's newest record on the bus (0: none); a loader whose applied seq is
+        above it is ahead of a bus that lost records in a failover, and waits for the publisher's repair."""
         ...
 
     def close(self) -> None: ...

@@ -196,6 +196,23 @@ class RedisConsumer:
         pipe.xack(delivery.stream, self._group, delivery.entry_id)
         pipe.execute()
 
+    def newest_seq(self, stream: str) -> int:
+        """The newest entry's seq; entries `straw dlq retry` sent back carry an old seq and are passed over."""
+        try:
+            start = "+"
+            while True:
+                page: Any = self._client.xrevrange(stream, max=start, count=100)
+                for _entry, fields in page:
+                    if RETRY_GROUP not in fields:
+                        return int(fields.get("seq", 0) or 0)
+                if len(page) < 100:
+                    return 0
+                start = "(" + _text(page[-1][0])
+        except REDIS_REFUSED:
+            raise
+        except REDIS_DOWN as exc:
+            raise BusDown(describe(exc)) from exc
+
     def close(self) -> None:
         self._client.close()
         self._client.connection_pool.disconnect()

@@ -18,6 +18,7 @@ import structlog
 
 from loaders.consumer import BusDown, Consumer
 from loaders.records import BadRecord, Delivery, Record, parse
+from loaders.repair import wait_for_repair
 from straw.config import EntitySpec
 from straw.redact import redact
 
@@ -32,6 +33,8 @@ class Failed(NamedTuple):
 class TargetDown(Exception):
     """The target cannot be reached (or is busy): retry the same batch later, count no delivery."""
 
+
+BUS_BACKOFF_MAX = 5.0  # a bus back from an outage is noticed within this long
 
 # A loader applies a batch and names the records it could not apply (an empty list: all applied).
 Apply = Callable[[Sequence[Record]], Sequence[Failed]]
@@ -62,6 +65,7 @@ class Tally:
     batches: int = 0
     stopped: bool = False
     pending: set[tuple[str, str]] = field(default_factory=set)  # failed, waiting for their next delivery
+    behind: dict[str, tuple[int, int]] = field(default_factory=dict)  # stream -> (applied, bus newest): waiting
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,27 @@ class Settings:
     give_up_after: float = 30.0  # with `once`: how long the bus or the target may be down before the run fails
 
 
+class _Outage:
+    """How long the bus has been failing, and the next wait: 0.5 s, doubling, at most BUS_BACKOFF_MAX."""
+
+    def __init__(self, settings: Settings, once: bool) -> None:
+        self.settings, self.once = settings, once
+        self.since: float | None = None
+        self.pause = 0.0
+
+    def over(self) -> None:
+        self.since, self.pause = None, 0.0
+
+    def wait(self, exc: BusDown) -> float:
+        """The seconds to wait before the next try; with `once`, the error again after `give_up_after`."""
+        self.since = self.since or time.monotonic()
+        if self.once and time.monotonic() - self.since > self.settings.give_up_after:
+            raise exc
+        self.pause = min(self.pause * 2, BUS_BACKOFF_MAX) if self.pause else 0.5
+        log.warning("bus unreachable, retrying", error=redact(str(exc)), retry_in=self.pause)
+        return self.pause
+
+
 def consume(
     consumer: Consumer,
     apply: Apply,
@@ -82,14 +107,30 @@ def consume(
     *,
     stop: threading.Event | None = None,
     once: bool = False,
+    applied: Callable[[str], int] | None = None,
+    streams: Sequence[str] = (),
 ) -> Tally:
     """Run until `stop` is set (the batch in hand is finished and acked first), or with `once` until the
-    streams are drained: every entry there now applied or dead-lettered."""
+    streams are drained: every entry there now applied or dead-lettered. With `applied` (the target's last
+    applied seq of a stream), first, and after each outage of the bus, wait while the bus is behind it."""
     stop = stop or threading.Event()
     tally = Tally()
-    down_since: float | None = None
+    outage = _Outage(settings, once)
+    check = applied is not None
     while not stop.is_set():
         try:
+            if check and applied is not None:
+                try:
+                    wait_for_repair(consumer, applied, streams, tally.behind, stop,
+                                    poll=min(max(settings.block, 0.2), 5.0),
+                                    give_up_after=settings.give_up_after if once else None)
+                except TargetDown as exc:  # cannot compare yet: the target says where it stands once it is up
+                    log.warning("target unreachable, retrying", error=redact(str(exc)))
+                    stop.wait(1.0)
+                    continue
+                check = False
+                if stop.is_set():
+                    break
             deliveries = consumer.read(settings.batch_size, 0.0 if once else settings.block)
             # Drained when nothing is pending in the group either: entries that failed here or that a dead
             # member holds come back after claim_idle, and a live member's are acked in a moment. (Not our
@@ -97,19 +138,17 @@ def consume(
             if once and not deliveries and consumer.pending() == 0:
                 tally.pending.clear()
                 break
-            down_since = None
+            if not deliveries:
+                outage.over()
+                if once:
+                    stop.wait(min(0.02 + settings.claim_idle / 4, 1.0))
+                continue
+            # A bus lost while acking: applied, not acked; the records come back and the target skips them.
+            _batch(consumer, apply, entities, settings, deliveries, tally, stop, once)
+            outage.over()
         except BusDown as exc:
-            down_since = down_since or time.monotonic()
-            if once and time.monotonic() - down_since > settings.give_up_after:
-                raise
-            log.warning("bus unreachable, retrying", error=redact(str(exc)))
-            stop.wait(1.0)
-            continue
-        if not deliveries:
-            if once:
-                stop.wait(min(0.02 + settings.claim_idle / 4, 1.0))
-            continue
-        _batch(consumer, apply, entities, settings, deliveries, tally, stop, once)
+            check = applied is not None  # after a reconnect the bus may be another (a promoted replica)
+            stop.wait(outage.wait(exc))
     tally.stopped = stop.is_set()
     return tally
 

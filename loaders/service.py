@@ -6,19 +6,23 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
 from typing import Protocol
 
 import redis
+from sqlalchemy import select
 
+from bus.names import JetStreamOptions, bus_kind
 from loaders.consumer import Consumer
-from loaders.records import Record
+from loaders.dead_letters import DeadLetterStore, open_dead_letters
+from loaders.records import BadRecord, Delivery, Record, parse
 from loaders.redis_consumer import RedisConsumer
-from loaders.sdk import Failed, Settings, Tally, consume
+from loaders.sdk import Failed, Settings, Tally, TargetDown, consume
 from straw.config import Config
 from straw.config_loaders import AnyLoaderSpec, JsonlLoaderSpec
+from straw.redact import describe
 
 
 class Target(Protocol):
@@ -46,11 +50,39 @@ def refused_line(exc: BaseException) -> str:
 
 
 def redis_consumer(config: Config, spec: AnyLoaderSpec, name: str | None = None) -> RedisConsumer:
-    client = redis_client(config.redis.url, max(config.redis.socket_timeout, spec.block + 5.0))
+    bus = config.bus_spec
+    client = redis_client(bus.url, max(bus.socket_timeout, spec.block + 5.0))
     return RedisConsumer(
         client, spec.streams, spec.group_name, name or consumer_name(), claim_idle=spec.claim_idle,
         dead_letters=spec.dead_letters_of, start=spec.start,
     )
+
+
+def open_dead_letter_store(config: Config) -> DeadLetterStore:
+    """The dead-letter streams of the configured bus, as `straw dlq` uses them."""
+    bus = config.bus_spec
+    return open_dead_letters(bus.url, bus.jetstream_options(), lambda: redis_client(bus.url, 5.0), bus_kind(bus.url))
+
+
+def open_consumer(config: Config, spec: AnyLoaderSpec, name: str | None = None) -> Consumer:
+    """The loader's member on the configured bus, picked by the bus URL's scheme (as the relay's bus is)."""
+    bus = config.bus_spec
+    kind = bus_kind(bus.url)
+    member = name or consumer_name()
+    if kind == "nats":
+        from loaders.nats_consumer import NatsConsumer
+
+        return NatsConsumer(bus.url, bus.jetstream_options() or JetStreamOptions(), spec.streams, spec.group_name,
+                            member, claim_idle=spec.claim_idle, max_deliveries=spec.max_deliveries,
+                            dead_letters=spec.dead_letters_of, start=spec.start,
+                            timeout=max(bus.socket_timeout, spec.block + 5.0))
+    if kind == "rabbitmq":
+        from loaders.rabbitmq_consumer import RabbitConsumer
+
+        return RabbitConsumer(bus.url, spec.streams, spec.group_name, member, claim_idle=spec.claim_idle,
+                              dead_letters=spec.dead_letters_of, start=spec.start,
+                              timeout=max(bus.socket_timeout, spec.block + 5.0))
+    return redis_consumer(config, spec, member)
 
 
 def open_target(config: Config, spec: AnyLoaderSpec) -> Target:
@@ -86,13 +118,61 @@ def stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(sig, old)
 
 
+def applied_of(target: Target) -> Callable[[str], int]:
+    """The target's last applied seq of a stream (0: none yet), for the check against the bus's newest."""
+    from loaders.jsonl import JsonlLoader
+    from loaders.sql import SqlLoader, transient
+
+    if isinstance(target, SqlLoader):
+        sql = target
+
+        def from_table(stream: str) -> int:
+            try:
+                with sql.engine.connect() as conn:
+                    found = conn.execute(select(sql.applied.c.seq).where(sql.applied.c.stream == stream)).first()
+            except Exception as exc:
+                if transient(exc):
+                    raise TargetDown(describe(exc)) from exc
+                return 0  # no straw_applied yet: nothing applied
+            return int(found[0]) if found else 0
+
+        return from_table
+    if isinstance(target, JsonlLoader):
+        last: dict[str, int] = target._last  # what its files end with (recovered at open, kept current)
+        return lambda stream: last.get(stream, 0)
+    return lambda stream: 0
+
+
+def apply_dead_letter(config: Config, fields: dict[str, str]) -> str:
+    """Apply one dead letter to its loader's target here (on a bus whose stream cannot take it back): applied
+    unless the target holds a newer change of its key; "still ..." says why not."""
+    stream, group = fields.get("stream", ""), fields.get("group", "")
+    spec = next((s for s in config.loaders if s.group_name == group and stream in s.streams), None)
+    if spec is None:
+        return f"still not applied: no loader of group {group!r} on {stream!r} is configured any more; drop it"
+    delivery = Delivery(stream, fields.get("entry", ""), {**fields, "retry": "1"}, 1)
+    try:
+        record = parse(delivery, config.entities)
+    except BadRecord as exc:
+        return f"still cannot be applied: {exc}"
+    target = open_target(config, spec)
+    try:
+        failed = target.apply([record])
+    finally:
+        target.close()
+    if failed:
+        return f"still cannot be applied: {failed[0].error}"
+    return f"applied to the target of loader {spec.name} (seq {record.seq})"
+
+
 def run_loader(
     config: Config, spec: AnyLoaderSpec, *, once: bool, stop: threading.Event, consumer: Consumer | None = None
 ) -> Tally:
     target = open_target(config, spec)
-    member = consumer or redis_consumer(config, spec)
+    member = consumer or open_consumer(config, spec)
     try:
-        return consume(member, target.apply, config.entities, settings_of(spec), stop=stop, once=once)
+        return consume(member, target.apply, config.entities, settings_of(spec), stop=stop, once=once,
+                       applied=applied_of(target), streams=spec.streams)
     finally:
         member.close()
         target.close()

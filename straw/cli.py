@@ -549,20 +549,24 @@ def load(
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ERROR.")] = None,
 ) -> None:
     """Apply the loader's streams to its target until SIGTERM/Ctrl-C (the batch in hand is finished and acked)."""
+    from bus.names import bus_kind
     from loaders.consumer import BusDown as LoaderBusDown
+    from loaders.consumer import BusRefused as LoaderBusRefused
     from loaders.jsonl import DirectoryBusy
     from loaders.redis_consumer import REDIS_DOWN as LOADER_REDIS_DOWN
     from loaders.redis_consumer import REDIS_REFUSED as LOADER_REDIS_REFUSED
+    from loaders.repair import StreamBehind
     from loaders.sdk import TargetDown
-    from loaders.service import redis_consumer, refused_line, run_loader, stop_on_signals
+    from loaders.service import open_consumer, refused_line, run_loader, stop_on_signals
     from loaders.sql_schema import SchemaError
 
     logs.setup(log_level)
     config = _load(config_path)
     spec = _loader_spec(config, name)
+    kind = bus_kind(config.bus_spec.url)
     try:
         with stop_on_signals() as stop:
-            member = redis_consumer(config, spec, consumer)
+            member = open_consumer(config, spec, consumer)
             tally = run_loader(config, spec, once=once, stop=stop, consumer=member)
     except SchemaError as exc:
         err.print(f"[red]error[/] {redact(str(exc))}", highlight=False, soft_wrap=True)
@@ -571,15 +575,21 @@ def load(
         _fail(f"loader {name}: {exc}")
     except LOADER_REDIS_REFUSED as exc:
         _fail(refused_line(exc))
+    except LoaderBusRefused as exc:
+        _fail(redact(str(exc)))
     except LOADER_REDIS_DOWN as exc:
         _fail(f"redis unreachable ({describe(exc)})")
     except LoaderBusDown as exc:
-        _fail(f"redis unreachable ({exc}); nothing was lost: run again when it is back")
+        _fail(f"{kind} unreachable ({redact(str(exc))}); nothing was lost: run again when it is back")
+    except StreamBehind as exc:
+        _fail(f"loader {name}: {exc}")
     except TargetDown as exc:
         _fail(f"loader {name}: target unreachable ({exc}); the records wait in the stream")
 
+    waiting = "".join(f"; {stream}: bus behind (applied seq {done}, bus newest {newest}), waiting for its repair"
+                      for stream, (done, newest) in tally.behind.items())
     out.print(f"{name}: {tally.applied} applied, {tally.dead_letters} dead letters, {len(tally.pending)} waiting "
-              f"for a retry" + (" (stopped by signal)" if tally.stopped else ""), highlight=False)
+              f"for a retry" + waiting + (" (stopped by signal)" if tally.stopped else ""), highlight=False)
 
 
 dlq_app = typer.Typer(help="Dead letters of both ends: rows that could not be mapped (outbox) and records a "
@@ -590,10 +600,14 @@ ItemArgument = Annotated[str, typer.Argument(help="outbox:<id> or <dead-letter s
 
 @contextmanager
 def _dlq_sources(config: Config) -> Iterator[tuple[Outbox | None, Any]]:
-    """The outbox if this host has one, and Redis if loaders are configured; either may be absent."""
+    """The outbox if this host has one, and the bus's dead-letter streams if loaders are configured."""
+    from bus.names import bus_kind
+    from loaders.consumer import BusDown as LoaderBusDown
+    from loaders.consumer import BusRefused as LoaderBusRefused
+    from loaders.dead_letters import CannotOnThisBus
     from loaders.redis_consumer import REDIS_DOWN as LOADER_REDIS_DOWN
     from loaders.redis_consumer import REDIS_REFUSED as LOADER_REDIS_REFUSED
-    from loaders.service import redis_client, refused_line
+    from loaders.service import open_dead_letter_store, refused_line
 
     outbox = None
     if config.outbox.path.exists():
@@ -601,20 +615,26 @@ def _dlq_sources(config: Config) -> Iterator[tuple[Outbox | None, Any]]:
             outbox = Outbox(config.outbox.path)
         except OutboxError as exc:
             _fail(str(exc))
-    client = redis_client(config.redis.url, 5.0) if config.loaders else None
+    store = open_dead_letter_store(config) if config.loaders else None
     try:
-        yield outbox, client
+        yield outbox, store
     except OutboxError as exc:
         _fail(str(exc))
     except LOADER_REDIS_REFUSED as exc:
         _fail(refused_line(exc))
     except LOADER_REDIS_DOWN as exc:
         _fail(f"redis unreachable ({describe(exc)})")
+    except LoaderBusRefused as exc:
+        _fail(redact(str(exc)))
+    except LoaderBusDown as exc:
+        _fail(f"{bus_kind(config.bus_spec.url)} unreachable ({redact(str(exc))})")
+    except CannotOnThisBus as exc:
+        _fail(str(exc))
     finally:
         if outbox is not None:
             outbox.close()
-        if client is not None:
-            client.close()
+        if store is not None:
+            store.close()
 
 
 def _dlq_item(config: Config, item: str, outbox: Outbox | None, client: Any) -> Any:
@@ -666,6 +686,7 @@ def dlq_show(item: ItemArgument, config_path: ConfigOption = None) -> None:
 def dlq_retry(item: ItemArgument, config_path: ConfigOption = None) -> None:
     """Send one dead letter through again: a row is re-mapped with today's configuration, a record goes back
     to its stream for its loader's group."""
+    from loaders.service import apply_dead_letter
     from straw.dead_letter_items import NoSuchItem, retry_loader, retry_mapping
 
     config = _load(config_path)
@@ -677,7 +698,7 @@ def dlq_retry(item: ItemArgument, config_path: ConfigOption = None) -> None:
                 said = retry_mapping(config, outbox, found)
             else:
                 assert client is not None
-                said = retry_loader(client, found)
+                said = retry_loader(client, found, lambda fields: apply_dead_letter(config, fields))
         except NoSuchItem as exc:
             _fail(str(exc))
     out.print(f"{item}: {said}", markup=False, highlight=False, soft_wrap=True)
@@ -714,8 +735,11 @@ def replay(
 ) -> None:
     """Move the loader's group back and apply its streams again from a point (a target restored from a
     backup); records the target has already are skipped, so nothing is applied twice."""
+    from bus.names import JetStreamOptions, bus_kind
+    from loaders.consumer import BusDown as LoaderBusDown
+    from loaders.consumer import BusRefused as LoaderBusRefused
     from loaders.redis_consumer import REDIS_DOWN as LOADER_REDIS_DOWN
-    from loaders.replay import ReplayError, rewind
+    from loaders.replay import ReplayError, rewind, rewind_nats, rewind_rabbitmq
     from loaders.service import redis_client, run_loader
 
     logs.setup("WARNING")
@@ -724,17 +748,35 @@ def replay(
     if (from_seq is None) == (from_time is None):
         err.print("give exactly one of --from-seq N or --from-time 2026-11-29T10:00:00")
         raise typer.Exit(2)
-    client = redis_client(config.redis.url, 10.0)
+    bus = config.bus_spec
+    kind = bus_kind(bus.url)
+    if kind != "redis" and from_seq is None:
+        err.print(f"--from-time needs a Redis bus (its entry ids are times); on {kind} give --from-seq N "
+                  "(`straw stream` shows each record's seq and time)")
+        raise typer.Exit(2)
+    client = redis_client(bus.url, 10.0) if kind == "redis" else None
     try:
         for stream in spec.streams:
-            said = rewind(client, stream, spec.group_name, from_seq=from_seq, from_time=from_time)
+            if client is not None:
+                said = rewind(client, stream, spec.group_name, from_seq=from_seq, from_time=from_time)
+            elif kind == "nats":
+                assert from_seq is not None
+                said = rewind_nats(bus.url, bus.jetstream_options() or JetStreamOptions(), spec, stream, from_seq)
+            else:
+                assert from_seq is not None
+                said = rewind_rabbitmq(bus.url, spec, stream, from_seq)
             out.print(f"{stream}: {said}", markup=False, highlight=False)
     except ReplayError as exc:
         _fail(str(exc))
     except LOADER_REDIS_DOWN as exc:
         _fail(f"redis unreachable ({describe(exc)})")
+    except LoaderBusRefused as exc:
+        _fail(redact(str(exc)))
+    except LoaderBusDown as exc:
+        _fail(f"{kind} unreachable ({redact(str(exc))})")
     finally:
-        client.close()
+        if client is not None:
+            client.close()
     import threading
 
     tally = run_loader(config, spec, once=True, stop=threading.Event())

@@ -19,7 +19,8 @@ class _LoaderBase(Strict):
         default="begin", description="where a new group starts: the stream's first entry, or only new ones ($)"
     )
     batch_size: int = Field(default=500, ge=1, le=50_000)
-    block: Seconds = Field(default=2.0, description="longest wait of one XREADGROUP for new entries")
+    block: Seconds = Field(
+        default=2.0, description="longest wait of one read for new entries (XREADGROUP BLOCK, a JetStream fetch)")
     max_deliveries: int = Field(default=5, ge=1, le=1000)
     claim_idle: Seconds = Field(default=60.0, gt=0, description="reclaim entries pending this long (dead consumer)")
     dead_letter_stream: str = Field(

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import redis
 
-from loaders.redis_consumer import RETRY_GROUP
+from loaders.dead_letters import ApplyHere, DeadLetterStore
 from outbox.store import Outbox
 from straw.config import Config, DbSourceSpec
 from straw.mapping import Mapper
@@ -43,10 +42,6 @@ def dead_letter_streams(config: Config) -> list[str]:
     return sorted({loader.dead_letters_of(s) for loader in config.loaders for s in loader.streams})
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
 def outbox_items(outbox: Outbox, limit: int) -> list[Item]:
     return [_outbox_item(row) for row in outbox.dead_letters(None, limit)]
 
@@ -56,17 +51,15 @@ def _outbox_item(row: dict[str, Any]) -> Item:
                 {"position": row["position"]})
 
 
-def stream_items(client: redis.Redis, config: Config, limit: int) -> list[Item]:
+def stream_items(store: DeadLetterStore, config: Config, limit: int) -> list[Item]:
     items = []
     for dlq in dead_letter_streams(config):
-        entries: Any = client.xrevrange(dlq, count=limit)
-        for entry_id, fields in entries:
-            items.append(_stream_item(dlq, _text(entry_id), fields))
+        for entry_id, fields in store.newest(dlq, limit):
+            items.append(_stream_item(dlq, entry_id, fields))
     return items
 
 
-def _stream_item(dlq: str, entry_id: str, raw_fields: Any) -> Item:
-    fields = {_text(k): _text(v) for k, v in (raw_fields or {}).items()}
+def _stream_item(dlq: str, entry_id: str, fields: dict[str, str]) -> Item:
     return Item(f"{dlq}:{entry_id}", "loader", f"{fields.get('stream', '?')} / {fields.get('group', '?')}",
                 fields.get("at", ""), fields.get("error", ""), fields.get("event", ""), fields)
 
@@ -79,7 +72,7 @@ def split(item: str) -> tuple[str, str]:
     return where, ident
 
 
-def find(item: str, outbox: Outbox | None, client: redis.Redis | None, config: Config) -> Item:
+def find(item: str, outbox: Outbox | None, store: DeadLetterStore | None, config: Config) -> Item:
     where, ident = split(item)
     if where == OUTBOX:
         row = outbox.dead_letter(int(ident)) if outbox is not None and ident.isdigit() else None
@@ -89,24 +82,18 @@ def find(item: str, outbox: Outbox | None, client: redis.Redis | None, config: C
     if where not in dead_letter_streams(config):
         raise NoSuchItem(f"{where} is not a dead-letter stream of this configuration's loaders "
                          f"({', '.join(dead_letter_streams(config)) or 'none'})")
-    assert client is not None
-    found = client.xrange(where, min=ident, max=ident, count=1)
-    if not found:
+    assert store is not None
+    found = store.get(where, ident)
+    if found is None:
         raise NoSuchItem(f"no entry {ident} in {where}")
-    return _stream_item(where, ident, found[0][1])
+    return _stream_item(where, ident, found)
 
 
-def retry_loader(client: redis.Redis, item: Item) -> str:
-    """Back to its stream, for its group only, and out of the dead-letter stream, in one transaction."""
+def retry_loader(store: DeadLetterStore, item: Item, apply_here: ApplyHere) -> str:
+    """Through its group again: back to its stream where the bus allows, else applied to its target here
+    (loaders/dead_letters.py says which bus does what)."""
     dlq, entry_id = split(item.item)
-    fields = item.details
-    resent: dict[str, str] = {k: fields[k] for k in ("seq", "pos", "event") if k in fields}
-    resent.update({"retry": item.item, RETRY_GROUP: fields.get("group", "")})
-    pipe = client.pipeline(transaction=True)
-    pipe.xadd(fields["stream"], resent)  # type: ignore[arg-type]
-    pipe.xdel(dlq, entry_id)
-    new_id = _text(pipe.execute()[0])
-    return f"sent back to {fields['stream']} as {new_id} for group {fields.get('group')}"
+    return store.retry(dlq, entry_id, dict(item.details), apply_here)
 
 
 def retry_mapping(config: Config, outbox: Outbox, item: Item) -> str:
@@ -131,10 +118,10 @@ def retry_mapping(config: Config, outbox: Outbox, item: Item) -> str:
     return f"mapped: queued for {spec.stream}; the relay of `straw run` publishes it"
 
 
-def drop(item: Item, outbox: Outbox | None, client: redis.Redis | None) -> bool:
+def drop(item: Item, outbox: Outbox | None, store: DeadLetterStore | None) -> bool:
     where, ident = split(item.item)
     if where == OUTBOX:
         assert outbox is not None
         return outbox.resolve_dead_letter(int(ident), "", "", None)
-    assert client is not None
-    return bool(client.xdel(where, ident))
+    assert store is not None
+    return store.drop(where, ident)

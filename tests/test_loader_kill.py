@@ -1,6 +1,7 @@
 """End to end under SIGKILL: legacy table → straw → stream → SQL loaders into PostgreSQL, MariaDB and SQLite,
 each loader killed at random moments mid-work (≥ 10 times) and restarted; at the end each target equals the
-legacy table row for row, and its straw_applied equals the stream's last seq."""
+legacy table row for row, and its straw_applied equals the stream's last seq. On each bus: Redis Streams,
+NATS JetStream and RabbitMQ Streams."""
 
 from __future__ import annotations
 
@@ -17,13 +18,16 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-import redis
 import yaml
 from sqlalchemy import MetaData, create_engine, delete, insert, select, text, update
 from sqlalchemy.engine import Engine
 
 from fixtures.legacy_orders import ORDER_ENTITY, ORDER_MAPPING, STATUSES, create_orders, order_rows, orders_table
 from tests.crashes import REPO, kill_hard, straw_command
+from tests.loader_buses import LoaderBus, loader_bus
+from tests.nats_support import nats_url
+
+__all__ = ["loader_bus", "nats_url"]  # fixtures, imported for pytest
 
 ZONE = ZoneInfo("Europe/Amsterdam")
 KILLS = 4  # per loader; three loaders are killed side by side: 12 kills per run
@@ -40,10 +44,10 @@ def _source(mode: str, legacy: str, stream: str) -> dict[str, Any]:
     return source
 
 
-def _config(tmp: Path, redis_url: str, stream: str, legacy: str, targets: dict[str, str], mode: str) -> Path:
+def _config(tmp: Path, bus: LoaderBus, stream: str, legacy: str, targets: dict[str, str], mode: str) -> Path:
     config = {
         "instance": "test",
-        "redis": {"url": redis_url},
+        "bus": bus.section(),
         "outbox": {"path": str(tmp / "outbox.db")},
         "relay": {"batch_size": 100, "idle_interval": 0.02, "backoff_max": 1.0},
         "entities": {"order": ORDER_ENTITY},
@@ -97,7 +101,7 @@ def _applied(engine: Engine, stream: str) -> int:
         return 0  # not created yet
 
 
-def _kill_loop(config: Path, name: str, target: Engine, stream: str, client: redis.Redis, rng: random.Random,
+def _kill_loop(config: Path, name: str, target: Engine, stream: str, bus: LoaderBus, rng: random.Random,
                log: Path, kills: list[str]) -> None:
     with log.open("ab") as out:
         for _ in range(KILLS):
@@ -107,17 +111,12 @@ def _kill_loop(config: Path, name: str, target: Engine, stream: str, client: red
             goal = before + rng.randint(1, 120)
             deadline = time.monotonic() + 30.0  # start-up alone takes seconds on a loaded machine
             while proc.poll() is None and time.monotonic() < deadline and _applied(target, stream) < goal \
-                    and _applied(target, stream) < _last_seq(client, stream):
+                    and _applied(target, stream) < bus.newest_seq(stream):
                 time.sleep(0.01)
             time.sleep(rng.uniform(0, 0.05))
             assert proc.poll() is None, f"loader {name} exited by itself: {log.read_text()[-2000:]}"
             kill_hard(proc, whole_group=True)
             kills.append(f"{name}: applied {before} -> {_applied(target, stream)}")
-
-
-def _last_seq(client: redis.Redis, stream: str) -> int:
-    newest = client.xrevrange(stream, count=1)
-    return int(newest[0][1][b"seq"]) if newest else 0
 
 
 def _canonical_source(engine: Engine) -> dict[int, tuple[Any, ...]]:
@@ -146,17 +145,19 @@ def _instant(value: Any, naive_zone: dt.tzinfo) -> dt.datetime:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["snapshot", "timestamp"])
+@pytest.mark.parametrize(("loader_bus", "mode"), [
+    ("redis", "snapshot"), ("redis", "timestamp"), ("nats", "snapshot"), ("rabbitmq", "snapshot"),
+], indirect=["loader_bus"])
 def test_loaders_killed_at_random_end_equal_to_the_source(
-    tmp_path: Path, redis_url: str, redis_client: redis.Redis, stream_name: str,
-    sqlite_url: str, pg_url: str, mariadb_url: str, mode: str,
+    tmp_path: Path, loader_bus: LoaderBus, sqlite_url: str, pg_url: str, mariadb_url: str, mode: str,
 ) -> None:
+    stream_name = loader_bus.stream
     rng = random.Random(SEED)
     print(f"STRAW_CRASH_SEED={SEED}")
     legacy = create_engine(sqlite_url)
     create_orders(legacy, 1500)
     targets = {"to-sqlite": f"sqlite:///{tmp_path / 'target.db'}", "to-pg": pg_url, "to-mariadb": mariadb_url}
-    config = _config(tmp_path, redis_url, stream_name, sqlite_url, targets, mode)
+    config = _config(tmp_path, loader_bus, stream_name, sqlite_url, targets, mode)
     engines = {name: create_engine(url) for name, url in targets.items()}
     straw_log = (tmp_path / "straw.log").open("wb")
     straw = subprocess.Popen(straw_command(config, "run"), cwd=REPO, stdout=straw_log, stderr=subprocess.STDOUT,
@@ -164,13 +165,13 @@ def test_loaders_killed_at_random_end_equal_to_the_source(
     stop = threading.Event()
     mutator = threading.Thread(target=_mutate, args=(legacy, random.Random(rng.random()), 40, stop))
     kills: list[str] = []
-    killers = [threading.Thread(target=_kill_loop, args=(config, name, engines[name], stream_name, redis_client,
+    killers = [threading.Thread(target=_kill_loop, args=(config, name, engines[name], stream_name, loader_bus,
                                                          random.Random(rng.random()), tmp_path / f"{name}.log", kills))
                for name in targets]
     try:
         mutator.start()
         deadline = time.monotonic() + 60  # straw's start-up: the loaders are killed mid-work, not before it
-        while _last_seq(redis_client, stream_name) < 1000 and time.monotonic() < deadline:
+        while loader_bus.newest_seq(stream_name) < 1000 and time.monotonic() < deadline:
             time.sleep(0.05)
         for killer in killers:
             killer.start()
@@ -195,13 +196,13 @@ def test_loaders_killed_at_random_end_equal_to_the_source(
     mid_work = [k for k in kills if (lambda a, b: a != b)(*k.split(": applied ")[1].split(" -> "))]
     assert len(mid_work) >= KILLS, kills  # kills that landed while records were being applied
     source = _canonical_source(legacy)
-    last = _last_seq(redis_client, stream_name)
+    last = loader_bus.newest_seq(stream_name)
     for name, engine in engines.items():
         target = _canonical_target(engine)
         assert set(target) == set(source), name
         wrong = [k for k in source if source[k] != target[k]]
         assert not wrong, f"{name}: {[(source[k], target[k]) for k in wrong[:3]]}"
         assert _applied(engine, stream_name) == last, name
-        assert redis_client.xlen(f"{stream_name}.dlq") == 0
+        assert loader_bus.dead_letters(f"{stream_name}.dlq") == []
         engine.dispose()
     legacy.dispose()
