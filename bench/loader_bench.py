@@ -7,6 +7,7 @@ fresh consumer group, so every run reads every record from Redis and applies it.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import statistics
 import threading
 import time
@@ -100,13 +101,48 @@ def _per_row_run(bench: Bench, stream: str, url: str, entity: EntitySpec, record
     return seconds
 
 
+def bare_unnest_seconds(url: str, entity: EntitySpec, records: int) -> float:
+    """The server's floor for this data: per 500 rows one `INSERT … SELECT FROM unnest(…) ON CONFLICT` of typed
+    arrays and a commit, the rows built before the clock starts; no Redis, no parsing, no versions."""
+    import psycopg
+    from sqlalchemy import MetaData
+    from sqlalchemy.engine import make_url
+
+    table = entity_table(MetaData(), "bare_unnest", entity, None)
+    engine = create_engine(url)
+    table.create(engine)
+    engine.dispose()
+    start = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    batches = [[(n, f"Café Ørsted {n % 97}", Decimal(f"{n % 100000}.{n % 100:02d}"), "SHIPPED", n % 2 == 0,
+                 start + dt.timedelta(seconds=n)) for n in range(first, min(first + BATCH, records + 1))]
+               for first in range(1, records + 1, BATCH)]
+    columns = list(zip(*batches[0], strict=True))
+    assert len(columns) == len(ENTITY["fields"])
+    sql = ("INSERT INTO bare_unnest (order_no, customer, amount, status, paid, changed_at) "
+           "SELECT * FROM unnest(%s::bigint[], %s::text[], %s::numeric[], %s::text[], %s::boolean[], "
+           "%s::timestamptz[]) ON CONFLICT (order_no) DO UPDATE SET customer = EXCLUDED.customer, "
+           "amount = EXCLUDED.amount, status = EXCLUDED.status, paid = EXCLUDED.paid, changed_at = EXCLUDED.changed_at")
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(dsn) as conn:
+        started = time.perf_counter()
+        for batch in batches:
+            conn.execute(sql, [list(c) for c in zip(*batch, strict=True)])
+            conn.commit()
+        return time.perf_counter() - started
+
+
 def sql_postgres(bench: Bench, records: int, repeat: int) -> dict[str, Any]:
     entities = {"order": EntitySpec.model_validate(ENTITY)}
     stream = fill_stream(bench, records)
+    gc.collect()
+    gc.freeze()  # as `straw load` does once started (loaders/service.py)
     loader_s: list[float] = []
     naive_s: list[float] = []
     for rep in range(repeat):
         with postgres_database() as url:
+            bare = bare_unnest_seconds(url, entities["order"], records)
+            log(f"loader sql postgres rep {rep}: bare INSERT … SELECT FROM unnest, 500 rows a commit "
+                f"(the server's floor): {records / bare:,.0f} rows/s")
             if rep % 2:
                 naive_s.append(_per_row_run(bench, stream, url, entities["order"], records))
                 loader_s.append(_sql_loader_run(bench, stream, url, entities, records))
@@ -123,6 +159,8 @@ def sql_postgres(bench: Bench, records: int, repeat: int) -> dict[str, Any]:
 def jsonl(bench: Bench, records: int, repeat: int) -> dict[str, Any]:
     entities = {"order": EntitySpec.model_validate(ENTITY)}
     stream = fill_stream(bench, records)
+    gc.collect()
+    gc.freeze()  # as `straw load` does once started (loaders/service.py)
     rates = []
     for rep in range(repeat):
         directory = bench.workdir("jsonl")

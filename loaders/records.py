@@ -7,7 +7,7 @@ import datetime as dt
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -19,9 +19,11 @@ class BadRecord(ValueError):
     """An entry that is not a straw record this loader knows: it is dead-lettered, never applied."""
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One stream entry handed to this consumer, as raw as the bus gives it."""
+class Delivery(NamedTuple):
+    """One stream entry handed to this consumer, as raw as the bus gives it.
+
+    A named tuple, not a frozen dataclass: just as immutable, and built several times faster (one per entry).
+    """
 
     stream: str
     entry_id: str

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -91,6 +92,9 @@ def run_loader(
 ) -> Tally:
     target = open_target(config, spec)
     member = consumer or redis_consumer(config, spec)
+    # The objects of the start (modules, config, SQLAlchemy metadata) live as long as the process: frozen, the
+    # collector's full passes stop walking them, about a third of the parse cost per record (bench/README.md).
+    gc.freeze()
     try:
         return consume(member, target.apply, config.entities, settings_of(spec), stop=stop, once=once)
     finally:

@@ -141,7 +141,6 @@ class SqlLoader:
             exists = conn.execute(select(self.applied.c.seq).where(self.applied.c.stream == stream)).first()
             if exists is None:
                 _insert_ignore(conn, self.dialect, self.applied, {"stream": stream, "seq": 0})
-            self._known_streams.add(stream)
         # A write first: the row lock orders this batch after any other loader's batch on this stream.
         conn.execute(update(self.applied).where(self.applied.c.stream == stream).values(seq=self.applied.c.seq))
 
@@ -172,6 +171,8 @@ class SqlLoader:
                     seq = self.applied.c.seq
                     conn.execute(update(self.applied).where(self.applied.c.stream == stream)
                                  .values(seq=_greatest(seq, top)))
+            # Known once committed: a batch that rolled back took its new `straw_applied` row with it.
+            self._known_streams.update(streams)
 
     def _apply_pg(self, conn: Connection, records: Sequence[Record]) -> None:
         """PostgreSQL: one statement per stream (lock and move `straw_applied`), then one per entity."""
@@ -184,9 +185,6 @@ class SqlLoader:
             if known is None or known.seq < record.seq:
                 latest[slot] = record
         for stream in sorted(tops):  # always in one order: two loaders on two streams never deadlock
-            if stream not in self._known_streams:
-                _insert_ignore(conn, self.dialect, self.applied, {"stream": stream, "seq": 0})
-                self._known_streams.add(stream)
             move_applied(conn, self.applied, stream, tops[stream])
         by_entity: dict[str, list[tuple[str, str, int, bool, dict[str, Any]]]] = {}
         for (stream, entity, hashed), record in latest.items():

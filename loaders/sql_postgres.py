@@ -84,11 +84,13 @@ class PgApply:
 
 
 def move_applied(conn: Connection, applied: Table, stream: str, top: int) -> None:
-    """Lock the stream's `straw_applied` row (a second loader's batch waits here) and raise it to `top`.
+    """Lock the stream's `straw_applied` row (a second loader's batch waits here) and raise it to `top`,
+    creating it if missing: in this transaction, so a batch that rolls back leaves no row behind it.
 
     First in the transaction: the batch's statements then see every batch committed before this one.
     """
     quote = conn.dialect.identifier_preparer
     conn.exec_driver_sql(
-        f"UPDATE {quote.format_table(applied)} SET seq = GREATEST(seq, %(top)s) WHERE stream = %(stream)s",
+        f"INSERT INTO {quote.format_table(applied)} AS a (stream, seq) VALUES (%(stream)s, %(top)s) "
+        "ON CONFLICT (stream) DO UPDATE SET seq = GREATEST(a.seq, EXCLUDED.seq)",
         {"top": top, "stream": stream})
