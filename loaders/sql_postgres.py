@@ -38,49 +38,57 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot send a {type(value).__name__} to PostgreSQL")
 
 
-def batch_json(rows: Sequence[tuple[str, str, int, bool, dict[str, Any]]]) -> str:
-    """Rows of (stream, key hash, seq, deleted, typed data) as the statement's JSON parameter."""
-    return orjson.dumps([{"s": s, "h": h, "q": q, "d": d, "r": r} for s, h, q, d, r in rows],
-                        default=_json_default).decode()
+Row = tuple[str, str, int, bool, dict[str, Any]]  # stream, key hash, seq, deleted, typed data
 
 
 class PgApply:
-    """The statement that applies one entity's fresh changes of a batch, built once per table."""
+    """The statement that applies one entity's fresh changes of a batch, built once per table.
+
+    Each change is one flat JSON object: the entity's fields and four of straw's (stream, key hash, seq,
+    deleted) under names no field has, so the server parses each change once, into typed columns.
+    """
 
     def __init__(self, conn: Connection, table: Table, key: Sequence[str], versions: Table, entity: str) -> None:
         quote = conn.dialect.identifier_preparer
         target = quote.format_table(table)
         names = [c.name for c in table.c]
+        prefix = "_straw_"
+        while any(n.startswith(prefix) for n in names):
+            prefix = "_" + prefix
+        self.meta = s, h, q, d = (f"{prefix}s", f"{prefix}h", f"{prefix}q", f"{prefix}d")
         kinds = {c.name: _TYPMOD.sub("", c.type.compile(dialect=conn.dialect)) for c in table.c}
         columns = ", ".join(quote.quote(n) for n in names)
         typed = ", ".join(f"{quote.quote(n)} {kinds[n]}" for n in names)
-        keys = ", ".join(f"{quote.quote(k)} {kinds[k]}" for k in key)
         others = [n for n in names if n not in key]
         action = ("DO UPDATE SET " + ", ".join(f"{quote.quote(n)} = EXCLUDED.{quote.quote(n)}" for n in others)
                   if others else "DO NOTHING")
-        same_key = " AND ".join(f"t.{quote.quote(k)} = p.{quote.quote(k)}" for k in key)
+        same_key = " AND ".join(f"t.{quote.quote(k)} = f.{quote.quote(k)}" for k in key)
+        versions_table = quote.format_table(versions)
         self.entity = entity
         self.sql = (
             # A correlated subquery, not a join: one index lookup per key whatever the planner believes of
             # a fresh `straw_versions` without statistics (a hash join would scan all of it every batch).
-            "WITH f AS MATERIALIZED ("
-            "SELECT x.s, x.h, x.q, x.d, x.r FROM json_to_recordset(%(rows)s::json) "
-            "AS x(s text, h text, q bigint, d boolean, r json) "
-            f"WHERE x.q > COALESCE((SELECT v.seq FROM {quote.format_table(versions)} v "
-            "WHERE v.stream = x.s AND v.entity = %(entity)s AND v.key_hash = x.h), 0)), "
-            f"moved AS (INSERT INTO {quote.format_table(versions)} (stream, entity, key_hash, seq, deleted) "
-            "SELECT s, %(entity)s, h, q, d FROM f "
+            f"WITH f AS MATERIALIZED (SELECT * FROM json_to_recordset(%(rows)s::json) "
+            f"AS x({s} text, {h} text, {q} bigint, {d} boolean, {typed}) "
+            f"WHERE {q} > COALESCE((SELECT v.seq FROM {versions_table} v "
+            f"WHERE v.stream = {s} AND v.entity = %(entity)s AND v.key_hash = {h}), 0)), "
+            f"moved AS (INSERT INTO {versions_table} (stream, entity, key_hash, seq, deleted) "
+            f"SELECT {s}, %(entity)s, {h}, {q}, {d} FROM f "
             "ON CONFLICT (stream, entity, key_hash) DO UPDATE SET seq = EXCLUDED.seq, deleted = EXCLUDED.deleted), "
-            f"upserted AS (INSERT INTO {target} ({columns}) SELECT {', '.join(f'p.{quote.quote(n)}' for n in names)} "
-            f"FROM f CROSS JOIN LATERAL json_to_record(f.r) AS p({typed}) WHERE NOT f.d "
+            f"upserted AS (INSERT INTO {target} ({columns}) SELECT {columns} FROM f WHERE NOT {d} "
             f"ON CONFLICT ({', '.join(quote.quote(k) for k in key)}) {action}) "
-            f"DELETE FROM {target} AS t USING f CROSS JOIN LATERAL json_to_record(f.r) AS p({keys}) "
-            f"WHERE f.d AND {same_key}"
+            f"DELETE FROM {target} AS t USING f WHERE f.{d} AND {same_key}"
         )
 
-    def run(self, conn: Connection, rows: Sequence[tuple[str, str, int, bool, dict[str, Any]]]) -> None:
+    def batch_json(self, rows: Sequence[Row]) -> str:
+        """The statement's JSON parameter: one object per change, its data and straw's four values."""
+        s, h, q, d = self.meta
+        changes = [{**r, s: stream, h: hashed, q: seq, d: deleted} for stream, hashed, seq, deleted, r in rows]
+        return orjson.dumps(changes, default=_json_default).decode()
+
+    def run(self, conn: Connection, rows: Sequence[Row]) -> None:
         """Apply `rows` (one per key: the batch's last change of it) unless their key has a newer version."""
-        conn.exec_driver_sql(self.sql, {"rows": batch_json(rows), "entity": self.entity})
+        conn.exec_driver_sql(self.sql, {"rows": self.batch_json(rows), "entity": self.entity})
 
 
 def move_applied(conn: Connection, applied: Table, stream: str, top: int) -> None:
