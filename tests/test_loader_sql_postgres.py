@@ -162,3 +162,35 @@ def test_a_first_batch_that_rolls_back_does_not_lose_the_streams_applied_row(db_
         target.close()
     assert table(db_url, "SELECT stream, seq FROM straw_applied") == [{"stream": STREAM, "seq": 2}]
     assert [r["code"] for r in table(db_url)] == ["y"]
+
+
+def test_a_batch_of_two_streams_and_two_entities_one_with_a_composite_key(pg_url: str) -> None:
+    line = EntitySpec.model_validate({"key": ["order_no", "line_no"],
+                                      "fields": {"order_no": "integer", "line_no": "integer", "qty": "integer"}})
+    entities = {"item": ENTITY, "line": line}
+    other = "test.pg.lines"
+
+    def line_entry(seq: int, op: str, data: dict[str, Any]) -> Record:
+        event = encode_event(source=source_uri("test", "lines"), entity="line", op=op,
+                             key=f"{data['order_no']}/{data['line_no']}", position=f"[{seq}]",
+                             time="2026-11-29T10:00:00Z", data=data)
+        fields = {"seq": str(seq), "pos": f"[{seq}]", "event": event if isinstance(event, str) else event.decode()}
+        return parse(Delivery(other, f"{seq}-0", fields, 1), entities)
+
+    target = SqlLoader(SqlLoaderSpec(name="t", kind="sql", url=pg_url, streams=[STREAM, other], create_tables=True,
+                                     tables={"item": "items", "line": "lines"}), entities)
+    try:
+        batch = [
+            *records(("upserted", item("a")), ("upserted", item("b"))),
+            line_entry(1, "upserted", {"order_no": 1, "line_no": 1, "qty": 5}),
+            line_entry(2, "upserted", {"order_no": 1, "line_no": 2, "qty": 6}),
+            line_entry(3, "deleted", {"order_no": 1, "line_no": 1}),  # only (1, 1): not every line of order 1
+            *records(("deleted", {"code": "a"}), first=3),
+        ]
+        assert target.apply(batch) == []
+    finally:
+        target.close()
+    assert [r["code"] for r in table(pg_url)] == ["b"]
+    assert table(pg_url, "SELECT * FROM lines") == [{"order_no": 1, "line_no": 2, "qty": 6}]
+    assert table(pg_url, "SELECT stream, seq FROM straw_applied ORDER BY stream") == [
+        {"stream": STREAM, "seq": 3}, {"stream": other, "seq": 3}]
