@@ -7,7 +7,6 @@ fresh consumer group, so every run reads every record from Redis and applies it.
 from __future__ import annotations
 
 import datetime as dt
-import gc
 import statistics
 import threading
 import time
@@ -18,6 +17,7 @@ from typing import Any
 from sqlalchemy import create_engine, insert
 
 from bench.services import Bench, log, postgres_database
+from loaders import collector
 from loaders.jsonl import JsonlLoader
 from loaders.redis_consumer import RedisConsumer
 from loaders.sdk import Settings, consume
@@ -134,8 +134,7 @@ def bare_unnest_seconds(url: str, entity: EntitySpec, records: int) -> float:
 def sql_postgres(bench: Bench, records: int, repeat: int) -> dict[str, Any]:
     entities = {"order": EntitySpec.model_validate(ENTITY)}
     stream = fill_stream(bench, records)
-    gc.collect()
-    gc.freeze()  # as `straw load` does once started (loaders/service.py)
+    collector.settle()  # as `straw load` does once started (loaders/service.py)
     loader_s: list[float] = []
     naive_s: list[float] = []
     for rep in range(repeat):
@@ -179,8 +178,7 @@ def consumer_only_seconds(bench: Bench, stream: str, entities: dict[str, EntityS
 def jsonl(bench: Bench, records: int, repeat: int) -> dict[str, Any]:
     entities = {"order": EntitySpec.model_validate(ENTITY)}
     stream = fill_stream(bench, records)
-    gc.collect()
-    gc.freeze()  # as `straw load` does once started (loaders/service.py)
+    collector.settle()  # as `straw load` does once started (loaders/service.py)
     rates = []
     for rep in range(repeat):
         directory = bench.workdir("jsonl")

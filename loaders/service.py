@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 import socket
@@ -14,6 +13,7 @@ from typing import Protocol
 
 import redis
 
+from loaders import collector
 from loaders.consumer import Consumer
 from loaders.records import Record
 from loaders.redis_consumer import RedisConsumer
@@ -92,9 +92,7 @@ def run_loader(
 ) -> Tally:
     target = open_target(config, spec)
     member = consumer or redis_consumer(config, spec)
-    # The objects of the start (modules, config, SQLAlchemy metadata) live as long as the process: frozen, the
-    # collector's full passes stop walking them, about a third of the parse cost per record (bench/README.md).
-    gc.freeze()
+    collector.settle()  # the start's objects frozen, young passes spaced out: a third of the parse per record
     try:
         return consume(member, target.apply, config.entities, settings_of(spec), stop=stop, once=once)
     finally:
