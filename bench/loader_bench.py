@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import create_engine, insert
 
 from bench.services import Bench, log, postgres_database
+from loaders import collector
 from loaders.jsonl import JsonlLoader
 from loaders.redis_consumer import RedisConsumer
 from loaders.sdk import Settings, consume
@@ -100,13 +101,47 @@ def _per_row_run(bench: Bench, stream: str, url: str, entity: EntitySpec, record
     return seconds
 
 
+def bare_unnest_seconds(url: str, entity: EntitySpec, records: int) -> float:
+    """The server's floor for this data: per 500 rows one `INSERT … SELECT FROM unnest(…) ON CONFLICT` of typed
+    arrays and a commit, the rows built before the clock starts; no Redis, no parsing, no versions."""
+    import psycopg
+    from sqlalchemy import MetaData
+    from sqlalchemy.engine import make_url
+
+    table = entity_table(MetaData(), "bare_unnest", entity, None)
+    engine = create_engine(url)
+    table.create(engine)
+    engine.dispose()
+    start = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    batches = [[(n, f"Café Ørsted {n % 97}", Decimal(f"{n % 100000}.{n % 100:02d}"), "SHIPPED", n % 2 == 0,
+                 start + dt.timedelta(seconds=n)) for n in range(first, min(first + BATCH, records + 1))]
+               for first in range(1, records + 1, BATCH)]
+    columns = list(zip(*batches[0], strict=True))
+    assert len(columns) == len(ENTITY["fields"])
+    sql = ("INSERT INTO bare_unnest (order_no, customer, amount, status, paid, changed_at) "
+           "SELECT * FROM unnest(%s::bigint[], %s::text[], %s::numeric[], %s::text[], %s::boolean[], "
+           "%s::timestamptz[]) ON CONFLICT (order_no) DO UPDATE SET customer = EXCLUDED.customer, "
+           "amount = EXCLUDED.amount, status = EXCLUDED.status, paid = EXCLUDED.paid, changed_at = EXCLUDED.changed_at")
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(dsn) as conn:
+        started = time.perf_counter()
+        for batch in batches:
+            conn.execute(sql, [list(c) for c in zip(*batch, strict=True)])
+            conn.commit()
+        return time.perf_counter() - started
+
+
 def sql_postgres(bench: Bench, records: int, repeat: int) -> dict[str, Any]:
     entities = {"order": EntitySpec.model_validate(ENTITY)}
     stream = fill_stream(bench, records)
+    collector.settle()  # as `straw load` does once started (loaders/service.py)
     loader_s: list[float] = []
     naive_s: list[float] = []
     for rep in range(repeat):
         with postgres_database() as url:
+            bare = bare_unnest_seconds(url, entities["order"], records)
+            log(f"loader sql postgres rep {rep}: bare INSERT … SELECT FROM unnest, 500 rows a commit "
+                f"(the server's floor): {records / bare:,.0f} rows/s")
             if rep % 2:
                 naive_s.append(_per_row_run(bench, stream, url, entities["order"], records))
                 loader_s.append(_sql_loader_run(bench, stream, url, entities, records))
@@ -120,9 +155,30 @@ def sql_postgres(bench: Bench, records: int, repeat: int) -> dict[str, Any]:
             "baseline": "per_row_insert", "baseline_value": statistics.median(records / s for s in naive_s)}
 
 
+def consumer_only_seconds(bench: Bench, stream: str, entities: dict[str, EntitySpec], records: int,
+                          *, typed: bool) -> float:
+    """The loaders' floor in this process: the consumer draining a fresh group (XREADGROUP 500 at a time, XACK),
+    with `typed` each entry also parsed into a typed Record; nothing applied."""
+    from loaders.records import parse
+
+    consumer, _ = _group(bench, stream)
+    done = 0
+    started = time.perf_counter()
+    while deliveries := consumer.read(BATCH, 0):
+        if typed:
+            for delivery in deliveries:
+                parse(delivery, entities)
+        consumer.ack(deliveries)
+        done += len(deliveries)
+    seconds = time.perf_counter() - started
+    assert done == records
+    return seconds
+
+
 def jsonl(bench: Bench, records: int, repeat: int) -> dict[str, Any]:
     entities = {"order": EntitySpec.model_validate(ENTITY)}
     stream = fill_stream(bench, records)
+    collector.settle()  # as `straw load` does once started (loaders/service.py)
     rates = []
     for rep in range(repeat):
         directory = bench.workdir("jsonl")
@@ -135,5 +191,8 @@ def jsonl(bench: Bench, records: int, repeat: int) -> dict[str, Any]:
         seconds = time.perf_counter() - started
         assert tally.applied == records
         rates.append(records / seconds)
-        log(f"loader jsonl rep {rep}: {rates[-1]:,.0f} records/s")
+        bare = consumer_only_seconds(bench, stream, entities, records, typed=False)
+        typed = consumer_only_seconds(bench, stream, entities, records, typed=True)
+        log(f"loader jsonl rep {rep}: {rates[-1]:,.0f} records/s; the floor in this process: XREADGROUP + XACK "
+            f"alone {records / bare:,.0f}/s, with parse into typed records {records / typed:,.0f}/s")
     return {"measure": "loader_jsonl_records_per_s", "unit": "records/s", "value": statistics.median(rates)}

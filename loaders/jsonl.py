@@ -61,6 +61,7 @@ class JsonlLoader:
                 f"loader {spec.name}: {self.directory} is in use by another straw load process") from None
         self._today = today or (lambda: dt.datetime.now(dt.UTC).date())  # files rotate at midnight UTC
         self._open: dict[str, _Open] = {}
+        self._suffixes: dict[str, str] = {}
         self._last: dict[str, int] = {s: self._recover(s) for s in spec.streams}
 
     def _files(self, stream: str) -> list[Path]:
@@ -115,18 +116,24 @@ class JsonlLoader:
         _fsync_dir(self.directory)
 
     def apply(self, records: Sequence[Record]) -> list[Failed]:
-        touched: list[tuple[_Open, int]] = []  # each file this batch wrote to, and its size before
         day = self._today().isoformat()  # one day per batch: a batch is never split over midnight
+        lines: dict[str, list[bytes]] = {}
+        tops: dict[str, int] = {}
+        for record in records:
+            stream = record.stream
+            last = self._last.get(stream, 0)
+            if record.seq > tops.get(stream, last):
+                tops[stream] = record.seq
+            if record.seq <= last and not record.retry:
+                continue  # written before the last crash or stop: a redelivery
+            batch = lines.get(stream)
+            if batch is None:
+                batch = lines[stream] = []
+            batch.append(_line(record, self._suffix(stream)))
+        touched: list[tuple[_Open, int]] = []  # each file this batch wrote to, and its size before
         try:
-            for record in records:
-                if record.seq <= self._last.get(record.stream, 0) and not record.retry:
-                    continue  # written before the last crash or stop: a redelivery
-                line = _line(record)
-                target = self._file_for(record.stream, len(line), day)
-                if not any(t is target for t, _ in touched):
-                    touched.append((target, target.size))
-                target.handle.write(line)
-                target.size += len(line)
+            for stream, batch in lines.items():
+                self._write(stream, batch, day, touched)
             for target, _ in touched:
                 if not target.handle.closed:  # a file rotated out in this batch was fsynced as it closed
                     target.handle.flush()
@@ -137,9 +144,31 @@ class JsonlLoader:
                     target.handle.truncate(size)
                     target.size = size
             raise TargetDown(f"{self.directory}: {exc.strerror or exc}") from exc
-        for record in records:
-            self._last[record.stream] = max(self._last.get(record.stream, 0), record.seq)
+        self._last.update(tops)
         return []
+
+    def _suffix(self, stream: str) -> str:
+        """The extension attributes of a line but its `seq`: the same for every line of a stream."""
+        suffix = self._suffixes.get(stream)
+        if suffix is None:
+            suffix = self._suffixes[stream] = f',"strawstream":{orjson.dumps(stream).decode()},"strawseq":'
+        return suffix
+
+    def _write(self, stream: str, lines: list[bytes], day: str, touched: list[tuple[_Open, int]]) -> None:
+        """The lines in as few write() calls as the files' size limit allows: one per file and batch."""
+        start = 0
+        while start < len(lines):
+            target = self._file_for(stream, len(lines[start]), day)
+            if not any(t is target for t, _ in touched):
+                touched.append((target, target.size))
+            room = self.spec.max_bytes - target.size
+            end, size = start + 1, len(lines[start])  # at least one line, even into an empty file too small
+            while end < len(lines) and size + len(lines[end]) <= room:
+                size += len(lines[end])
+                end += 1
+            target.handle.write(b"".join(lines[start:end]))
+            target.size += size
+            start = end
 
     def close(self) -> None:
         for stream in list(self._open):
@@ -147,12 +176,13 @@ class JsonlLoader:
         self._lock.release()
 
 
-def _line(record: Record) -> bytes:
+def _line(record: Record, suffix: str) -> bytes:
     """The event as it was on the stream with two extension attributes, not re-encoded (and exact)."""
-    raw = record.raw.rstrip()
+    raw = record.raw
+    if raw[-1:] != "}":
+        raw = raw.rstrip()
     if raw.endswith("}") and raw.startswith("{") and len(raw) > 2:
-        tail = f',"strawstream":{orjson.dumps(record.stream).decode()},"strawseq":{record.seq}}}\n'
-        return (raw[:-1] + tail).encode()
+        return (raw[:-1] + suffix + str(record.seq) + "}\n").encode()
     return orjson.dumps({**record.event, "strawstream": record.stream, "strawseq": record.seq}) + b"\n"
 
 

@@ -7,7 +7,7 @@ import datetime as dt
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -19,9 +19,11 @@ class BadRecord(ValueError):
     """An entry that is not a straw record this loader knows: it is dead-lettered, never applied."""
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One stream entry handed to this consumer, as raw as the bus gives it."""
+class Delivery(NamedTuple):
+    """One stream entry handed to this consumer, as raw as the bus gives it.
+
+    A named tuple, not a frozen dataclass: just as immutable, and built several times faster (one per entry).
+    """
 
     stream: str
     entry_id: str
@@ -59,40 +61,68 @@ def _datetime(value: Any) -> dt.datetime:
     return parsed
 
 
+def _decimal(value: Any) -> Decimal:
+    return Decimal(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else Decimal(str(value))
+
+
+def _integer(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else int(value)
+
+
 _DECODERS: dict[FieldType, Callable[[Any], Any]] = {
-    FieldType.DECIMAL: lambda v: Decimal(v) if isinstance(v, str) else Decimal(str(v)),
+    FieldType.DECIMAL: _decimal,
     FieldType.DATETIME: _datetime,
     FieldType.DATE: dt.date.fromisoformat,
     FieldType.BYTES: lambda v: base64.b64decode(v, validate=True),
-    FieldType.INTEGER: lambda v: v if isinstance(v, int) and not isinstance(v, bool) else int(v),
+    FieldType.INTEGER: _integer,
 }
 
+# Per field type, the statement that types `v` in the generated coercer (see _coercer). The common cases are
+# inline (no call for a string decimal or an int); anything else goes through the decoder above.
+_INLINE: dict[FieldType, str] = {
+    FieldType.DECIMAL: "Decimal(v) if v.__class__ is str else _decimal(v)",
+    FieldType.INTEGER: "v if v.__class__ is int else _integer(v)",
+}
 
-_PLANS: dict[int, tuple[EntitySpec, list[tuple[str, FieldType, Callable[[Any], Any]]]]] = {}
+Coercer = Callable[[dict[str, Any]], dict[str, Any]]
+_COERCERS: dict[int, tuple[EntitySpec, Coercer]] = {}
 
 
-def _plan(entity: EntitySpec) -> list[tuple[str, FieldType, Callable[[Any], Any]]]:
-    """The fields that need decoding, worked out once per entity (this runs for every record)."""
-    known = _PLANS.get(id(entity))
-    if known is None or known[0] is not entity:
-        known = (entity, [(name, spec.type, _DECODERS[spec.type])
-                          for name, spec in entity.fields.items() if spec.type in _DECODERS])
-        _PLANS[id(entity)] = known
-    return known[1]
+def _coercer(entity: EntitySpec) -> Coercer:
+    """A function typing an entity's wire data in place, generated once per entity.
+
+    This runs for every record: a loop over (name, type, decoder) tuples with a call per field costs about
+    twice the straight-line code, which matters at 100k records/s.
+    """
+    known = _COERCERS.get(id(entity))
+    if known is not None and known[0] is entity:
+        return known[1]
+    names: dict[str, Any] = {"Decimal": Decimal, "BadRecord": BadRecord, "_decimal": _decimal,
+                             "_integer": _integer}
+    lines = ["def coerce(data):", "    name = kind = None", "    try:"]
+    for index, (field, spec) in enumerate(entity.fields.items()):
+        if spec.type not in _DECODERS:
+            continue
+        names[f"_d{index}"] = _DECODERS[spec.type]
+        names[f"_n{index}"] = field
+        names[f"_k{index}"] = spec.type.value
+        expression = _INLINE.get(spec.type, f"_d{index}(v)")
+        lines += [f"        v = data.get(_n{index})",
+                  "        if v is not None:",
+                  f"            name = _n{index}; kind = _k{index}",
+                  f"            data[_n{index}] = {expression}"]
+    lines += ["    except (ValueError, TypeError, ArithmeticError) as exc:",
+              "        raise BadRecord(f'field {name!r} is not a {kind}: {exc}') from None",
+              "    return data"]
+    exec("\n".join(lines), names)  # field names are passed as values, never spliced into the code
+    coerce: Coercer = names["coerce"]
+    _COERCERS[id(entity)] = (entity, coerce)
+    return coerce
 
 
 def typed_data(entity: EntitySpec, data: dict[str, Any]) -> dict[str, Any]:
     """The wire data with each field in its Python type (in place); unknown fields are kept as they are."""
-    for name, kind, decode in _plan(entity):
-        value = data.get(name)
-        if value is not None and type(value) is not int:
-            try:
-                data[name] = decode(value)
-            except (ValueError, TypeError, ArithmeticError) as exc:
-                raise BadRecord(f"field {name!r} is not a {kind.value}: {exc}") from None
-        elif kind is FieldType.DECIMAL and value is not None:
-            data[name] = Decimal(value)
-    return data
+    return _coercer(entity)(data)
 
 
 def parse(delivery: Delivery, entities: Mapping[str, EntitySpec]) -> Record:
@@ -117,9 +147,9 @@ def parse(delivery: Delivery, entities: Mapping[str, EntitySpec]) -> Record:
     data = event.get("data")
     if not isinstance(data, dict):
         raise BadRecord("event `data` is not a JSON object")
+    # Positional: keywords cost a dict per record.
     return Record(
-        stream=delivery.stream, entry_id=delivery.entry_id, seq=seq, position=fields.get("pos", ""),
-        id=str(event.get("id", "")), entity=entity_name, op=op, subject=str(event.get("subject", "")),
-        data=typed_data(entity, data), event=event, raw=fields["event"], deliveries=delivery.deliveries,
-        retry="retry" in fields,
+        delivery.stream, delivery.entry_id, seq, fields.get("pos", ""), str(event.get("id", "")), entity_name, op,
+        str(event.get("subject", "")), _coercer(entity)(data), event, fields["event"], delivery.deliveries,
+        "retry" in fields,
     )

@@ -9,13 +9,10 @@ key is applied (upsert or delete, whichever came last): stream order per key, ne
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Iterator, Mapping, Sequence
-from decimal import Decimal
 from hashlib import blake2b
 from typing import Any
 
-import orjson
 from sqlalchemy import MetaData, Table, case, create_engine, delete, select, tuple_, update
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
@@ -24,6 +21,7 @@ from sqlalchemy.sql.dml import Insert
 
 from loaders.records import Record
 from loaders.sdk import Failed, TargetDown
+from loaders.sql_postgres import PgApply, move_applied
 from loaders.sql_schema import SchemaError, bookkeeping, ensure_table, entity_table
 from straw.config import EntitySpec
 from straw.config_loaders import SqlLoaderSpec
@@ -66,61 +64,6 @@ def upsert_statement(dialect: str, table: Table, key: Sequence[str]) -> Insert:
     return mstmt.on_duplicate_key_update({c: mstmt.inserted[c] for c in (others or list(key)[:1])})
 
 
-def _pg_text(value: Any) -> str | None:
-    """A value as PostgreSQL reads it from text (the server casts it to the column's type, exactly)."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, Decimal):
-        return format(value, "f")
-    if isinstance(value, (dt.date, dt.datetime)):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return "\\x" + value.hex()
-    if isinstance(value, (dict, list)):
-        return orjson.dumps(value).decode()
-    return str(value)
-
-
-def _json_text(value: Any) -> str | None:
-    """A json field's value as JSON text: a JSON string stays a string ("hello" -> '"hello"')."""
-    return None if value is None else orjson.dumps(value, default=str).decode()
-
-
-class _PgUnnest:
-    """PostgreSQL: one `INSERT … SELECT FROM unnest(text[], …) ON CONFLICT` per batch, a parameter per column.
-
-    A row-by-row executemany makes the server parse, bind and run each row; a multi-row VALUES costs
-    SQLAlchemy a bound parameter per value to compile. Arrays of text, cast by the server to each column's
-    type, cost neither.
-    """
-
-    def __init__(self, conn: Connection, table: Table, key: Sequence[str]) -> None:
-        quote = conn.dialect.identifier_preparer
-        names = [c.name for c in table.c]
-        types = [c.type.compile(dialect=conn.dialect) for c in table.c]
-        self.json = {c.name for c, kind in zip(table.c, types, strict=True) if kind in ("JSON", "JSONB")}
-        casts = [f"u.c{i}::{'jsonb' if kind in ('JSON', 'JSONB') else kind}" for i, kind in enumerate(types)]
-        others = [n for n in names if n not in key]
-        conflict = ", ".join(quote.quote(k) for k in key)
-        action = ("DO UPDATE SET " + ", ".join(f"{quote.quote(n)} = EXCLUDED.{quote.quote(n)}" for n in others)
-                  if others else "DO NOTHING")
-        self.columns = names
-        self.sql = (
-            f"INSERT INTO {quote.format_table(table)} ({', '.join(quote.quote(n) for n in names)}) "
-            f"SELECT {', '.join(casts)} FROM unnest({', '.join(f'%(c{i})s::text[]' for i in range(len(names)))}) "
-            f"AS u({', '.join(f'c{i}' for i in range(len(names)))}) ON CONFLICT ({conflict}) {action}"
-        )
-
-    def run(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
-        params = {
-            f"c{i}": [_json_text(r.get(n)) for r in rows] if n in self.json else [_pg_text(r.get(n)) for r in rows]
-            for i, n in enumerate(self.columns)
-        }
-        conn.exec_driver_sql(self.sql, params)
-
-
 class SqlLoader:
     def __init__(self, spec: SqlLoaderSpec, entities: Mapping[str, EntitySpec], engine: Engine | None = None) -> None:
         self.spec = spec
@@ -132,7 +75,7 @@ class SqlLoader:
         self.applied, self.versions = bookkeeping(self.metadata, spec.db_schema)
         self._tables: dict[str, Table] = {}
         self._upserts: dict[str, Insert] = {}
-        self._unnests: dict[str, _PgUnnest] = {}
+        self._pg: dict[str, PgApply] = {}
         if self.dialect not in _UPSERTS:
             raise SchemaError(
                 f"the {self.dialect} dialect has no upsert in straw's SQL loader (PostgreSQL, MariaDB/MySQL and "
@@ -188,12 +131,6 @@ class SqlLoader:
             self._tables[name] = table
 
     def _upsert(self, conn: Connection, table: Table, key: Sequence[str], rows: list[dict[str, Any]]) -> None:
-        if self.dialect == "postgresql":
-            unnest = self._unnests.get(table.name)
-            if unnest is None:
-                unnest = self._unnests[table.name] = _PgUnnest(conn, table, key)
-            unnest.run(conn, rows)
-            return
         statement = self._upserts.get(table.name)
         if statement is None:
             statement = self._upserts[table.name] = upsert_statement(self.dialect, table, key)
@@ -204,13 +141,16 @@ class SqlLoader:
             exists = conn.execute(select(self.applied.c.seq).where(self.applied.c.stream == stream)).first()
             if exists is None:
                 _insert_ignore(conn, self.dialect, self.applied, {"stream": stream, "seq": 0})
-            self._known_streams.add(stream)
         # A write first: the row lock orders this batch after any other loader's batch on this stream.
         conn.execute(update(self.applied).where(self.applied.c.stream == stream).values(seq=self.applied.c.seq))
 
     def _apply(self, records: Sequence[Record]) -> None:
         with self._connect() as conn:
             self._prepare(conn, {r.entity for r in records})
+            if self.dialect == "postgresql":
+                with conn.begin():
+                    self._apply_pg(conn, records)
+                return
             with conn.begin():
                 streams = sorted({r.stream for r in records})
                 for stream in streams:
@@ -231,6 +171,30 @@ class SqlLoader:
                     seq = self.applied.c.seq
                     conn.execute(update(self.applied).where(self.applied.c.stream == stream)
                                  .values(seq=_greatest(seq, top)))
+            # Known once committed: a batch that rolled back took its new `straw_applied` row with it.
+            self._known_streams.update(streams)
+
+    def _apply_pg(self, conn: Connection, records: Sequence[Record]) -> None:
+        """PostgreSQL: one statement per stream (lock and move `straw_applied`), then one per entity."""
+        tops: dict[str, int] = {}
+        latest: dict[tuple[str, str, str], Record] = {}
+        for record in records:  # the last change of each key, in stream order (a batch may hold retries)
+            tops[record.stream] = max(tops.get(record.stream, 0), record.seq)
+            slot = (record.stream, record.entity, key_hash(record.subject))
+            known = latest.get(slot)
+            if known is None or known.seq < record.seq:
+                latest[slot] = record
+        for stream in sorted(tops):  # always in one order: two loaders on two streams never deadlock
+            move_applied(conn, self.applied, stream, tops[stream])
+        by_entity: dict[str, list[tuple[str, str, int, bool, dict[str, Any]]]] = {}
+        for (stream, entity, hashed), record in latest.items():
+            by_entity.setdefault(entity, []).append((stream, hashed, record.seq, record.op == DELETED, record.data))
+        for entity, rows in by_entity.items():
+            statement = self._pg.get(entity)
+            if statement is None:
+                statement = self._pg[entity] = PgApply(
+                    conn, self._tables[entity], self.entities[entity].key, self.versions, entity)
+            statement.run(conn, rows)
 
     def _versions_of(self, conn: Connection, keys: list[tuple[str, str, str]]) -> dict[tuple[str, str, str], int]:
         found: dict[tuple[str, str, str], int] = {}
