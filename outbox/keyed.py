@@ -39,9 +39,11 @@ of the source's keys per listing. (Marking each key in its own row, as this did
 before, wrote a page per key: keys sort as text, "10" before "9", so a batch's keys
 are scattered over the table, and the commits were a third of a listing's time.)
 
-Caveat: the state lives in one outbox; a replacement outbox (failover to another host)
-starts empty, so its first complete listing re-sends every row as `upserted` and cannot
-report keys deleted while no outbox knew them.
+The state lives in one outbox. An instance that takes a stream over from another
+(`straw/lease.py`) rebuilds it from the stream (`straw/handover.py`): `hand_over` then
+`restore` with each key's last event. A restored key has no row digest (b""), so the
+first listing maps every row once, and its data digest decides: an unchanged row is
+not sent again, and a key the stream holds but the listing lacks is a `deleted` event.
 """
 
 from __future__ import annotations
@@ -99,6 +101,40 @@ def forget(db: sqlite3.Connection, source: str) -> None:
     """Forget all `source` delivered: its next complete listing sends every row again (a replay)."""
     for table in ("keyed_state", "keyed_seen", "keyed_sources"):
         db.execute(f"DELETE FROM {table} WHERE source = ?", (source,))
+
+
+def hand_over(db: sqlite3.Connection, source: str, *, exact: bool) -> None:
+    """Before `restore`: the state of `source` as far as this outbox can know it after a takeover.
+
+    `exact` (the stream holds every event of the source): forget what this outbox delivered
+    itself (it may hold fenced changes the bus never saw). Otherwise (a trimmed stream) keep
+    its keys, their data unknown: a key listed again is sent again, a key not listed is a
+    `deleted` event (at least once rather than never). Any listing under way starts over.
+    """
+    if exact:
+        db.execute("DELETE FROM keyed_state WHERE source = ?", (source,))
+    else:
+        db.execute("UPDATE keyed_state SET hash = x'', data_hash = x'' WHERE source = ?", (source,))
+    db.execute("DELETE FROM keyed_seen WHERE source = ?", (source,))
+    _generation(db, source)  # known from now on, as if it had delivered a listing
+
+
+def restore(db: sqlite3.Connection, source: str, last: dict[str, tuple[str, bytes] | None]) -> None:
+    """The last events of some keys of `source`, in stream order: key -> (key data, data digest), None: deleted.
+
+    No row digest is known (b""): the next listing maps the row and compares its data digest.
+    """
+    _gen, next_id = _generation(db, source)
+    db.executemany("DELETE FROM keyed_state WHERE source = ? AND key = ?",
+                   [(source, key) for key, found in last.items() if found is None])
+    kept = [(key, found) for key, found in last.items() if found is not None]
+    db.executemany(
+        "INSERT INTO keyed_state (source, key, key_data, hash, data_hash, id) VALUES (?, ?, ?, x'', ?, ?) "
+        "ON CONFLICT (source, key) DO UPDATE SET key_data = excluded.key_data, hash = x'', "
+        "data_hash = excluded.data_hash",
+        [(source, key, key_data, data_hash, next_id + i) for i, (key, (key_data, data_hash)) in enumerate(kept)],
+    )
+    db.execute("UPDATE keyed_sources SET next_id = ? WHERE source = ?", (next_id + len(kept), source))
 
 
 def sweep_lookup(count: int) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bus.seam import Outgoing
-from outbox import keyed, sweep
+from outbox import handover, keyed, sweep
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -479,16 +479,25 @@ class Outbox:
             # What the checkpoint covers was published by another outbox (or none): not ours to re-publish.
             db.execute("INSERT OR REPLACE INTO retention (stream, pruned_seq) VALUES (?, ?)", (stream, seq))
 
-    def take_over(self, stream: str, seq: int, positions: dict[str, str], sources: Iterable[str]) -> int:
+    def take_over(
+        self, stream: str, seq: int, positions: dict[str, str], sources: Iterable[str],
+        rebuild: handover.Handover | None = None,
+    ) -> int:
         """This outbox took `stream` over from another (its lease, see straw/lease.py); the checkpoint is at `seq`.
 
         Our unpublished records of it are from an earlier lease of ours and were fenced by
         the other holder's claim: dropped (the checkpoint's positions re-read their changes).
         Our `seq` continues above `seq`, and `sources` continue from the checkpoint's positions
-        (from the start where it has none). Returns the number of records dropped.
+        (from the start where it has none). `rebuild`: the keyed state of its keyed sources and
+        key sweeps, from the stream, in this same transaction; keyed sources start a new listing
+        (a listing resumed half-way would sweep the keys of the half we did not list).
+        Returns the number of records dropped.
         """
         db = self.db
         with self._transaction():
+            if rebuild is not None:
+                handover.apply(db, rebuild)
+                positions = {s: p for s, p in positions.items() if s not in rebuild.keyed}
             # Retained published records go too (a repair from them would publish over the new holder),
             # but only the unpublished ones count as dropped.
             dropped = int(db.execute(

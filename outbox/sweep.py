@@ -118,6 +118,33 @@ def record(db: sqlite3.Connection, source: str, key_fields: Sequence[str], event
         db.execute("UPDATE sweep_sources SET next_id = ? WHERE source = ?", (next_id + len(new), source))
 
 
+def hand_over(db: sqlite3.Connection, source: str, *, exact: bool) -> None:
+    """Before `restore`, after a takeover: as `keyed.hand_over` (exact: forget our own keys; else keep them
+    for the next sweep to compare). A sweep under way ends unfinished; the next one starts when due."""
+    if exact:
+        db.execute("DELETE FROM sweep_keys WHERE source = ?", (source,))
+    db.execute("DELETE FROM sweep_seen WHERE source = ?", (source,))
+    _state(db, source)
+    db.execute("UPDATE sweep_sources SET running = 0, after = NULL WHERE source = ?", (source,))
+
+
+def restore(db: sqlite3.Connection, source: str, last: dict[str, str | None]) -> None:
+    """The last events of some keys of `source`, in stream order: key -> key data, None: deleted.
+
+    Restored keys carry the current epoch: the next sweep compares them.
+    """
+    epoch, next_id = _state(db, source)[:2]
+    db.executemany("DELETE FROM sweep_keys WHERE source = ? AND key = ?",
+                   [(source, key) for key, data in last.items() if data is None])
+    kept = [(key, data) for key, data in last.items() if data is not None]
+    db.executemany(
+        "INSERT INTO sweep_keys (source, key, key_data, epoch, id) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (source, key) DO UPDATE SET key_data = excluded.key_data, epoch = excluded.epoch",
+        [(source, key, data, epoch, next_id + i) for i, (key, data) in enumerate(kept)],
+    )
+    db.execute("UPDATE sweep_sources SET next_id = ? WHERE source = ?", (next_id + len(kept), source))
+
+
 def begin(db: sqlite3.Connection, source: str, interval: float, now: float) -> Sweep | None:
     """The sweep under way, or a new one if one is due; None if not due (or nothing delivered to sweep).
 

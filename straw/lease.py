@@ -12,7 +12,9 @@ Taking over, the new holder *claims* the stream's checkpoint in one script: it m
 partitioned) that wakes up with records from its last poll finds their `seq` at or below
 the checkpoint's, so its relay refuses them as split brain and publishes nothing over
 the new holder; on its next start (or at once, standing by) those fenced records are
-dropped, since the new holder re-read their changes from the checkpoint's positions.
+dropped, since the new holder re-read their changes from the checkpoint's positions. The
+keyed state of the stream's snapshot sources and key sweeps is rebuilt from the stream in
+the same takeover (`straw/handover.py`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import redis
@@ -30,6 +32,7 @@ from bus.redis import checkpoint_key, read_checkpoint
 from bus.seam import Checkpoint
 from outbox.store import Outbox
 from straw.config import LeaseSpec
+from straw.handover import Handed, rebuild
 
 log = structlog.get_logger("straw.lease")
 
@@ -166,8 +169,12 @@ class Leases:
         """The monotonic time of the next attempt at a lease not held."""
         return min((s.next_try for s in self._states.values() if not s.held_until), default=float("inf"))
 
-    def claim(self, outbox: Outbox, stream: str, sources: list[str]) -> bool:
-        """Fence the previous holder and continue from the checkpoint; False if the lease is gone meanwhile."""
+    def claim(self, outbox: Outbox, stream: str, sources: Sequence[Handed]) -> bool:
+        """Fence the previous holder and continue from the checkpoint; False if the lease is gone meanwhile.
+
+        The keyed state of `sources` (snapshots, listings, key sweeps) is rebuilt from the stream
+        (`straw/handover.py`) in the takeover's transaction.
+        """
         claimed, seq = self._claim(keys=[lease_key(stream), checkpoint_key(stream)],
                                    args=[self.node, outbox.identity, FENCE_GAP])
         if claimed < 0:
@@ -175,9 +182,12 @@ class Leases:
             return False
         if claimed:
             ckpt = read_checkpoint(self.client, stream)
-            dropped = outbox.take_over(stream, int(seq), ckpt.positions, sources)
+            rebuilt = rebuild(self.client, stream, int(seq), sources)
+            dropped = outbox.take_over(stream, int(seq), ckpt.positions, [s.name for s in sources], rebuilt)
             log.info("took over stream", stream=stream, seq=int(seq), fenced_records_dropped=dropped,
-                     positions=len(ckpt.positions))
+                     positions=len(ckpt.positions),
+                     **({} if rebuilt is None else {"keyed_events_read": rebuilt.events, "keyed_keys": rebuilt.keys,
+                                                    "keyed_state_exact": rebuilt.exact}))
         return True
 
     def drop(self, stream: str) -> None:

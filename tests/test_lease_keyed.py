@@ -1,0 +1,322 @@
+"""Keyed state across takeovers: a snapshot source and a key sweep on a stream that changes hands.
+
+The new holder rebuilds each key's state from the stream (`straw/handover.py`): its first
+listing sends no unchanged row again and reports every row deleted in the gap, once.
+These tests drive two outboxes step by step on one Redis (the soak with `straw run`
+processes killed with SIGKILL is `test_keyed_pair_survives_kill_nine_takeovers`).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections import Counter
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import structlog
+import yaml
+
+from bus.redis import RedisBus, checkpoint_key
+from outbox.relay import Relay, adopt_streams
+from outbox.store import Outbox
+from straw.config import Config, LeaseSpec
+from straw.config_load import load_config
+from straw.handover import handed
+from straw.lease import Leases, drop_fenced, lease_key
+from straw.records import source_uri
+from straw.runner import Pipeline, build_pipeline, poll, sweep_deletes
+
+SNAP, SWEPT = source_uri("pair", "snap"), source_uri("pair", "ts")
+
+
+def legacy(path: Path) -> str:
+    """SNAP (listed whole: snapshot) and TS (read by CHANGED_AT, hard deletes found by the key sweep)."""
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE SNAP (ID INTEGER PRIMARY KEY, V TEXT NOT NULL)")
+        db.execute("CREATE TABLE TS (ID INTEGER PRIMARY KEY, V TEXT NOT NULL, CHANGED_AT DATETIME NOT NULL)")
+        db.commit()
+    return f"sqlite:///{path}"
+
+
+def keyed_config(directory: Path, name: str, *, db_url: str, redis_url: str, stream: str,
+                 ttl: float = 60.0, poll_interval: float = 0.05, batch_size: int = 4) -> Path:
+    """One instance of a pair with both kinds of keyed state on one stream."""
+    item = {"key": ["id"], "fields": {"id": "integer", "v": "string"}}
+    config = {
+        "instance": "pair",
+        "redis": {"url": redis_url},
+        "outbox": {"path": str(directory / f"outbox-{name}.db")},
+        "relay": {"batch_size": 500, "idle_interval": 0.02, "backoff_max": 0.5},
+        "lease": {"ttl": ttl, "node": name},
+        "entities": {"item": item},
+        "sources": [
+            {"name": "snap", "url": db_url, "table": "SNAP", "mode": "snapshot", "entity": "item",
+             "stream": stream, "mapping": {"id": "ID", "v": "V"}, "batch_size": batch_size,
+             "poll_interval": poll_interval},
+            {"name": "ts", "url": db_url, "table": "TS", "mode": "timestamp", "timestamp_column": "CHANGED_AT",
+             "key_column": "ID", "settle": "off", "entity": "item", "stream": stream,
+             "mapping": {"id": "ID", "v": "V"}, "batch_size": batch_size, "poll_interval": poll_interval,
+             "deletes": {"sweep_interval": 0}},
+        ],
+    }
+    path = directory / f"straw-{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+class Table:
+    """The legacy tables, changed by hand between polls."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tick = 0
+
+    def run(self, *statements: tuple[str, tuple[Any, ...]]) -> None:
+        with closing(sqlite3.connect(self.path)) as db:
+            for sql, args in statements:
+                db.execute(sql, args)
+            db.commit()
+
+    def put(self, table: str, key: int, value: str) -> None:
+        if table == "SNAP":
+            self.run(("INSERT OR REPLACE INTO SNAP (ID, V) VALUES (?, ?)", (key, value)))
+        else:
+            self.tick += 1  # every write moves CHANGED_AT on: the timestamp source reads it
+            self.run(("INSERT OR REPLACE INTO TS (ID, V, CHANGED_AT) VALUES (?, ?, ?)",
+                      (key, value, f"2027-01-01 00:{self.tick // 60:02d}:{self.tick % 60:02d}.000000")))
+
+    def drop(self, table: str, key: int) -> None:
+        self.run((f"DELETE FROM {table} WHERE ID = ?", (key,)))
+
+    def rows(self, table: str) -> dict[str, str]:
+        with closing(sqlite3.connect(self.path)) as db:
+            return {str(k): v for k, v in db.execute(f"SELECT ID, V FROM {table}")}
+
+
+class Node:
+    """One instance of the pair, driven by hand: take the lease, poll, publish."""
+
+    def __init__(self, client: redis.Redis, config: Config, stream: str) -> None:
+        self.client, self.config, self.stream = client, config, stream
+        assert config.lease is not None
+        self.outbox = Outbox(config.outbox.path)
+        self.leases = Leases(client, LeaseSpec(ttl=60, node=config.lease.node), [stream])
+        self.pipelines: list[Pipeline] = [build_pipeline(config, spec) for spec in config.sources]
+        adopt_streams(RedisBus(client), self.outbox, [stream])
+        self.clock = time.monotonic()
+
+    def take(self, other: Node | None = None) -> None:
+        """The lease lapses (the other holder is gone) and this node claims the stream."""
+        self.client.delete(lease_key(self.stream))
+        if other is not None:
+            other.leases.renew()  # the old holder's renewer finds it lost
+            assert not other.leases.holds(self.stream)
+        self.clock += 120
+        assert self.leases.tick(self.clock)[0] == [self.stream]
+        drop_fenced(self.client, self.outbox, [self.stream])
+        assert self.leases.claim(self.outbox, self.stream, handed(self.config, self.config.sources))
+
+    def poll(self, *, once: bool = False, publish: bool = True) -> None:
+        """Each source once (`once`: the snapshot stops after its first batch, a listing cut short)."""
+        for pipeline in self.pipelines:
+            sweep_deletes(pipeline, self.outbox)
+            poll(pipeline, self.outbox, stop=(lambda: True) if once and pipeline.spec.name == "snap" else None)
+        if publish:
+            Relay(RedisBus(self.client), self.outbox).publish(self.stream)
+
+    def close(self) -> None:
+        self.outbox.close()
+        for pipeline in self.pipelines:
+            pipeline.source.close()
+
+
+class Stream:
+    """What the stream says, read from where the last look ended."""
+
+    def __init__(self, client: redis.Redis, stream: str) -> None:
+        self.client, self.stream, self.after = client, stream, "-"
+
+    def all(self) -> list[tuple[str, str, str, str | None]]:
+        return self._read("-")
+
+    def new(self) -> list[tuple[str, str, str, str | None]]:
+        """(source, op, key, v) of each event since the last call."""
+        found = self._read(self.after)
+        entries = self.client.xrevrange(self.stream, count=1)
+        if entries:
+            self.after = "(" + entries[0][0].decode()
+        return found
+
+    def _read(self, start: str) -> list[tuple[str, str, str, str | None]]:
+        out = []
+        for _id, fields in self.client.xrange(self.stream, min=start):
+            event = json.loads(fields[b"event"])
+            op = event["type"].rsplit(".", 1)[1]
+            out.append(("snap" if event["source"] == SNAP else "ts", op, event["subject"],
+                        event["data"].get("v") if op == "upserted" else None))
+        return out
+
+
+def final_state(events: list[tuple[str, str, str, str | None]], source: str) -> dict[str, str]:
+    state: dict[str, str] = {}
+    for src, op, key, value in events:
+        if src != source:
+            continue
+        if op == "deleted":
+            assert key in state, f"{source}: delete of {key}, which the stream does not hold"
+            del state[key]
+        else:
+            assert value is not None
+            state[key] = value
+    return state
+
+
+def no_resends(events: list[tuple[str, str, str, str | None]]) -> None:
+    """No key's event repeats its previous one: an unchanged row is not sent again, a delete once."""
+    last: dict[tuple[str, str], tuple[str, str | None]] = {}
+    for src, op, key, value in events:
+        assert last.get((src, key)) != (op, value), f"{src} {key}: {op} {value} sent again"
+        last[(src, key)] = (op, value)
+
+
+@pytest.fixture
+def pair(tmp_path: Path, redis_client: redis.Redis, redis_url: str, stream_name: str) -> Any:
+    db_url = legacy(tmp_path / "legacy.db")
+    nodes = {name: Node(redis_client, load_config(keyed_config(tmp_path, name, db_url=db_url, redis_url=redis_url,
+                                                               stream=stream_name)), stream_name)
+             for name in ("a", "b")}
+    yield nodes["a"], nodes["b"], Table(tmp_path / "legacy.db"), Stream(redis_client, stream_name)
+    for node in nodes.values():
+        node.close()
+    redis_client.delete(lease_key(stream_name), checkpoint_key(stream_name))
+
+
+def test_takeovers_send_each_change_once_and_every_delete_of_the_gap(pair: Any) -> None:
+    a, b, table, stream = pair
+    for key in range(1, 11):
+        table.put("SNAP", key, f"s{key}")
+        table.put("TS", key, f"t{key}")
+    a.take()
+    a.poll()
+    a.poll()  # the key sweep's first run: it compares what the first poll delivered
+    assert Counter((s, op) for s, op, _k, _v in stream.new()) == {("snap", "upserted"): 10, ("ts", "upserted"): 10}
+
+    # The gap: changes made while a is gone and b not yet polling.
+    table.put("SNAP", 2, "s2'")
+    table.drop("SNAP", 3)
+    table.put("SNAP", 11, "s11")
+    table.put("TS", 2, "t2'")
+    table.drop("TS", 3)
+    table.put("TS", 11, "t11")
+    b.take(a)
+    b.poll()
+    b.poll()
+    assert sorted(stream.new()) == sorted([
+        ("snap", "upserted", "2", "s2'"), ("snap", "deleted", "3", None), ("snap", "upserted", "11", "s11"),
+        ("ts", "upserted", "2", "t2'"), ("ts", "deleted", "3", None), ("ts", "upserted", "11", "t11"),
+    ])
+    b.poll()
+    assert stream.new() == []
+
+    # A key whose last event is a delete comes back with the data it had: a's own outbox still holds the
+    # old row as delivered, the stream says deleted: it is sent again (and the change b made to 2 is not).
+    table.put("SNAP", 3, "s3")
+    table.put("TS", 3, "t3")
+    a.take(b)
+    a.poll()
+    a.poll()
+    assert sorted(stream.new()) == [("snap", "upserted", "3", "s3"), ("ts", "upserted", "3", "t3")]
+
+    events = stream.all()
+    no_resends(events)
+    assert final_state(events, "snap") == table.rows("SNAP")
+    assert final_state(events, "ts") == table.rows("TS")
+
+
+def test_a_takeover_in_the_middle_of_a_listing_starts_a_new_one(pair: Any) -> None:
+    a, b, table, stream = pair
+    for key in range(1, 12):
+        table.put("SNAP", key, f"s{key}")
+    a.take()
+    a.poll()
+    stream.new()
+    # Batches of 4: a lists keys 1-4, publishes the change to 1 and dies before 5-11.
+    for key in (1, 5, 9):
+        table.put("SNAP", key, f"s{key}'")
+    table.drop("SNAP", 10)
+    a.poll(once=True)
+    assert stream.new() == [("snap", "upserted", "1", "s1'")]
+    assert a.outbox.position("snap") is not None and len(json.loads(a.outbox.position("snap"))) == 2  # mid-listing
+    b.take(a)
+    b.poll()
+    # b's listing is whole: 1-4 are not deleted for want of being listed, 1 is not sent again.
+    assert sorted(stream.new()) == [("snap", "deleted", "10", None), ("snap", "upserted", "5", "s5'"),
+                                    ("snap", "upserted", "9", "s9'")]
+    b.poll()
+    assert stream.new() == []
+    events = stream.all()
+    no_resends(events)
+    assert final_state(events, "snap") == table.rows("SNAP")
+
+
+def test_a_fenced_change_is_sent_by_the_new_holder_and_not_forgotten_by_the_old(pair: Any) -> None:
+    a, b, table, stream = pair
+    for key in range(1, 6):
+        table.put("SNAP", key, f"s{key}")
+    a.take()
+    a.poll()
+    stream.new()
+    table.put("SNAP", 4, "s4'")
+    table.drop("SNAP", 5)
+    a.poll(publish=False)  # frozen before its relay published: its outbox holds both, as delivered
+    b.take(a)
+    b.poll()
+    assert sorted(stream.new()) == [("snap", "deleted", "5", None), ("snap", "upserted", "4", "s4'")]
+    table.put("SNAP", 4, "s4")  # back to what a had before its fenced change
+    a.take(b)  # a's outbox held 4 as s4' (never published by a): the stream says s4' too, so s4 is a change
+    a.poll()
+    assert stream.new() == [("snap", "upserted", "4", "s4")]
+    events = stream.all()
+    no_resends(events)
+    assert final_state(events, "snap") == table.rows("SNAP")
+
+
+def test_a_trimmed_stream_resends_rather_than_misses_a_delete(pair: Any, redis_client: redis.Redis) -> None:
+    a, b, table, stream = pair
+    for key in range(1, 9):
+        table.put("SNAP", key, f"s{key}")
+        table.put("TS", key, f"t{key}")
+    a.take()
+    a.poll()
+    a.poll()
+    b.take(a)
+    b.poll()
+    table.put("SNAP", 8, "s8'")
+    b.poll()
+    stream.new()
+    # Retention drops all but the last event (the change to 8): the other keys' events are gone.
+    redis_client.xtrim(a.stream, maxlen=1, approximate=False)
+    table.drop("SNAP", 1)
+    table.drop("SNAP", 8)
+    table.drop("TS", 2)
+    with structlog.testing.capture_logs() as logs:
+        a.take(b)
+    assert any("the stream was trimmed" in str(entry.get("event")) for entry in logs), logs
+    taken = [entry for entry in logs if entry.get("event") == "took over stream"]
+    assert taken and taken[0]["keyed_state_exact"] is False, logs
+    a.poll()
+    a.poll()
+    new = stream.new()
+    # Every delete made in the gap is published: 8 from the stream, 1 and 2 from a's own outbox (a delivered
+    # them); rows whose events were trimmed are sent again once, the unchanged row 8 knew is not.
+    deleted = sorted((s, k) for s, op, k, _v in new if op == "deleted")
+    assert deleted == [("snap", "1"), ("snap", "8"), ("ts", "2")], new
+    resent = Counter((s, k) for s, op, k, _v in new if op == "upserted")
+    assert set(resent.values()) == {1} and ("snap", "8") not in resent
+    a.poll()
+    assert stream.new() == []
