@@ -9,7 +9,10 @@ processes killed with SIGKILL is `test_keyed_pair_survives_kill_nine_takeovers`)
 from __future__ import annotations
 
 import json
+import random
+import signal
 import sqlite3
+import threading
 import time
 from collections import Counter
 from contextlib import closing
@@ -30,6 +33,7 @@ from straw.handover import handed
 from straw.lease import Leases, drop_fenced, lease_key
 from straw.records import source_uri
 from straw.runner import Pipeline, build_pipeline, poll, sweep_deletes
+from tests.test_lease import POLL, TTL, Pair, wait_for
 
 SNAP, SWEPT = source_uri("pair", "snap"), source_uri("pair", "ts")
 
@@ -320,3 +324,93 @@ def test_a_trimmed_stream_resends_rather_than_misses_a_delete(pair: Any, redis_c
     assert set(resent.values()) == {1} and ("snap", "8") not in resent
     a.poll()
     assert stream.new() == []
+
+
+class Changes(threading.Thread):
+    """Inserts, updates and hard-deletes rows of both tables (and brings deleted keys back), until stopped.
+
+    Every write carries a value never written before, so an event equal to its key's previous one is a
+    row sent again, never a real change.
+    """
+
+    def __init__(self, table: Table) -> None:
+        super().__init__(daemon=True)
+        self.table, self.halt, self.count = table, threading.Event(), 0
+
+    def run(self) -> None:
+        rng = random.Random(11)
+        alive: dict[str, set[int]] = {"SNAP": set(), "TS": set()}
+        gone: dict[str, list[int]] = {"SNAP": [], "TS": []}
+        next_key = 1
+        while not self.halt.wait(0.01):
+            name = rng.choice(("SNAP", "TS"))
+            choice = rng.random()
+            self.count += 1
+            if len(alive[name]) < 20 or choice < 0.35:
+                key, next_key = next_key, next_key + 1
+            elif choice < 0.45 and gone[name]:
+                key = gone[name].pop(0)  # a deleted key comes back
+            elif choice < 0.8:
+                key = rng.choice(sorted(alive[name]))
+            else:
+                key = rng.choice(sorted(alive[name]))
+                self.table.drop(name, key)
+                alive[name].discard(key)
+                gone[name].append(key)
+                continue
+            self.table.put(name, key, f"{name[0].lower()}{self.count}")
+            alive[name].add(key)
+
+
+@pytest.mark.slow  # six takeovers by process kills and restarts: about a minute on a loaded machine
+def test_keyed_pair_survives_kill_nine_takeovers(
+    tmp_path: Path, redis_client: redis.Redis, redis_url: str, stream_name: str
+) -> None:
+    db_url = legacy(tmp_path / "legacy.db")
+    configs = {name: keyed_config(tmp_path, name, db_url=db_url, redis_url=redis_url, stream=stream_name,
+                                  ttl=TTL, poll_interval=POLL, batch_size=7) for name in ("a", "b")}
+    table = Table(tmp_path / "legacy.db")
+    pair = Pair(tmp_path, configs)
+    changes = Changes(table)
+    key = lease_key(stream_name)
+    holder = lambda: (v.decode() if (v := redis_client.get(key)) else None)  # noqa: E731
+    stream = Stream(redis_client, stream_name)
+    takeovers = 0
+    try:
+        pair.start("a")
+        wait_for(lambda: holder() == "a", 30, pair, "a taking the lease")
+        pair.start("b")
+        wait_for(lambda: pair.standing_by("b") == 1, 30, pair, "b standing by")
+        changes.start()
+        wait_for(lambda: redis_client.xlen(stream_name) > 30, 30, pair, "first changes published")
+        for _round in range(6):
+            active = holder()
+            assert active in ("a", "b"), pair.tails()
+            killed, said = pair.procs[active].pid, pair.count(active, "lease taken")
+            pair.signal(active, signal.SIGKILL)
+            wait_for(lambda a=active, t=said: (now := holder()) is not None
+                     and (now != a or pair.count(a, "lease taken") > t), 15, pair, f"a takeover from {active}")
+            takeovers += 1
+            wait_for(lambda a=active, k=killed: pair.procs[a].pid != k, 15, pair, f"{active} restarted")
+            before = redis_client.xlen(stream_name)
+            wait_for(lambda b=before: redis_client.xlen(stream_name) > b, 15, pair, "the new holder publishing")
+    finally:
+        changes.halt.set()
+        changes.join(timeout=10)
+    try:
+        wanted = {"snap": table.rows("SNAP"), "ts": table.rows("TS")}
+        wait_for(lambda: all(final_state(stream.all(), s) == rows for s, rows in wanted.items()), 60, pair,
+                 "the stream catching up with the tables")
+        time.sleep(3 * POLL + 0.5)  # a few more listings and sweeps: they must add nothing
+        events = stream.all()
+    finally:
+        pair.close()
+    no_resends(events)
+    for source, rows in wanted.items():
+        assert final_state(events, source) == rows
+    took = sum(pair.count(name, "keyed_state_exact=True") + pair.count(name, '"keyed_state_exact": true')
+               for name in configs)
+    assert takeovers == 6 and took >= 6, pair.tails()
+    assert changes.count > 200
+    ops = Counter((s, op) for s, op, _k, _v in events)
+    assert all(ops[(s, "deleted")] > 5 for s in ("snap", "ts")), ops
