@@ -119,22 +119,24 @@ def hand_over(db: sqlite3.Connection, source: str, *, exact: bool) -> None:
     _generation(db, source)  # known from now on, as if it had delivered a listing
 
 
-def restore(db: sqlite3.Connection, source: str, last: dict[str, tuple[str, bytes] | None]) -> None:
-    """The last events of some keys of `source`, in stream order: key -> (key data, data digest), None: deleted.
+def restore(db: sqlite3.Connection, source: str, staged: str) -> None:
+    """The last events of the keys of `source` in the table `staged` (see outbox/handover.py): a deleted key
+    is forgotten, the others get their key data and data digest, and ids in the order the stream first had them.
 
     No row digest is known (b""): the next listing maps the row and compares its data digest.
     """
     _gen, next_id = _generation(db, source)
-    db.executemany("DELETE FROM keyed_state WHERE source = ? AND key = ?",
-                   [(source, key) for key, found in last.items() if found is None])
-    kept = [(key, found) for key, found in last.items() if found is not None]
-    db.executemany(
-        "INSERT INTO keyed_state (source, key, key_data, hash, data_hash, id) VALUES (?, ?, ?, x'', ?, ?) "
+    db.execute(f"DELETE FROM keyed_state WHERE source = ? AND key IN "
+               f"(SELECT key FROM {staged} WHERE source = ? AND key_data IS NULL)", (source, source))
+    added = db.execute(
+        f"INSERT INTO keyed_state (source, key, key_data, hash, data_hash, id) "
+        f"SELECT source, key, key_data, x'', data_hash, ? + row_number() OVER (ORDER BY ord) - 1 FROM {staged} "
+        "WHERE source = ? AND key_data IS NOT NULL ORDER BY key "
         "ON CONFLICT (source, key) DO UPDATE SET key_data = excluded.key_data, hash = x'', "
         "data_hash = excluded.data_hash",
-        [(source, key, key_data, data_hash, next_id + i) for i, (key, (key_data, data_hash)) in enumerate(kept)],
-    )
-    db.execute("UPDATE keyed_sources SET next_id = ? WHERE source = ?", (next_id + len(kept), source))
+        (next_id, source),
+    ).rowcount
+    db.execute("UPDATE keyed_sources SET next_id = ? WHERE source = ?", (next_id + max(added, 0), source))
 
 
 def sweep_lookup(count: int) -> str:

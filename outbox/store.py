@@ -479,6 +479,13 @@ class Outbox:
             # What the checkpoint covers was published by another outbox (or none): not ours to re-publish.
             db.execute("INSERT OR REPLACE INTO retention (stream, pruned_seq) VALUES (?, ?)", (stream, seq))
 
+    def stage_handover(self, rebuild: handover.Handover) -> None:
+        """Before `take_over`: read the stream's last event per key (`rebuild.pages`) into a private TEMP table.
+
+        Takes no lock on the outbox (the relay goes on), however long the stream."""
+        with guarded(self.path):
+            handover.stage(self.db, rebuild)
+
     def take_over(
         self, stream: str, seq: int, positions: dict[str, str], sources: Iterable[str],
         rebuild: handover.Handover | None = None,
@@ -488,9 +495,9 @@ class Outbox:
         Our unpublished records of it are from an earlier lease of ours and were fenced by
         the other holder's claim: dropped (the checkpoint's positions re-read their changes).
         Our `seq` continues above `seq`, and `sources` continue from the checkpoint's positions
-        (from the start where it has none). `rebuild`: the keyed state of its keyed sources and
-        key sweeps, from the stream, in this same transaction; keyed sources start a new listing
-        (a listing resumed half-way would sweep the keys of the half we did not list).
+        (from the start where it has none). `rebuild` (staged by `stage_handover`): the keyed state
+        of its keyed sources and key sweeps, from the stream, in this same transaction; keyed sources
+        start a new listing (one resumed half-way would sweep the keys of the half we did not list).
         Returns the number of records dropped.
         """
         db = self.db

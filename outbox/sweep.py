@@ -128,21 +128,22 @@ def hand_over(db: sqlite3.Connection, source: str, *, exact: bool) -> None:
     db.execute("UPDATE sweep_sources SET running = 0, after = NULL WHERE source = ?", (source,))
 
 
-def restore(db: sqlite3.Connection, source: str, last: dict[str, str | None]) -> None:
-    """The last events of some keys of `source`, in stream order: key -> key data, None: deleted.
+def restore(db: sqlite3.Connection, source: str, staged: str) -> None:
+    """The last events of the keys of `source` in the table `staged` (see outbox/handover.py), as `keyed.restore`.
 
     Restored keys carry the current epoch: the next sweep compares them.
     """
     epoch, next_id = _state(db, source)[:2]
-    db.executemany("DELETE FROM sweep_keys WHERE source = ? AND key = ?",
-                   [(source, key) for key, data in last.items() if data is None])
-    kept = [(key, data) for key, data in last.items() if data is not None]
-    db.executemany(
-        "INSERT INTO sweep_keys (source, key, key_data, epoch, id) VALUES (?, ?, ?, ?, ?) "
+    db.execute(f"DELETE FROM sweep_keys WHERE source = ? AND key IN "
+               f"(SELECT key FROM {staged} WHERE source = ? AND key_data IS NULL)", (source, source))
+    added = db.execute(
+        f"INSERT INTO sweep_keys (source, key, key_data, epoch, id) "
+        f"SELECT source, key, key_data, ?, ? + row_number() OVER (ORDER BY ord) - 1 FROM {staged} "
+        "WHERE source = ? AND key_data IS NOT NULL "
         "ON CONFLICT (source, key) DO UPDATE SET key_data = excluded.key_data, epoch = excluded.epoch",
-        [(source, key, data, epoch, next_id + i) for i, (key, data) in enumerate(kept)],
-    )
-    db.execute("UPDATE sweep_sources SET next_id = ? WHERE source = ?", (next_id + len(kept), source))
+        (epoch, next_id, source),
+    ).rowcount
+    db.execute("UPDATE sweep_sources SET next_id = ? WHERE source = ?", (next_id + max(added, 0), source))
 
 
 def begin(db: sqlite3.Connection, source: str, interval: float, now: float) -> Sweep | None:

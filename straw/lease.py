@@ -183,6 +183,8 @@ class Leases:
         if claimed:
             ckpt = read_checkpoint(self.client, stream)
             rebuilt = rebuild(self.client, stream, int(seq), sources)
+            if rebuilt is not None:
+                outbox.stage_handover(rebuilt)  # no lock on the outbox while the stream is read
             dropped = outbox.take_over(stream, int(seq), ckpt.positions, [s.name for s in sources], rebuilt)
             log.info("took over stream", stream=stream, seq=int(seq), fenced_records_dropped=dropped,
                      positions=len(ckpt.positions),
