@@ -29,6 +29,7 @@ from bus.redis import checkpoint_key
 from outbox.store import Outbox
 from straw.config import LeaseSpec
 from straw.config_load import ConfigError, load_config, parse_config
+from straw.handover import handed
 from straw.lease import FENCE_GAP, Leases, holders, lease_key
 from tests.crashes import spawn_straw, tail
 from tests.test_cli import run_straw
@@ -262,7 +263,8 @@ def test_a_stale_holder_cannot_publish_over_the_new_one(
         for outbox in outboxes.values():
             adopt_streams(RedisBus(redis_client), outbox, [stream_name])
         now = time.monotonic()
-        assert leases["a"].tick(now)[0] == [stream_name] and leases["a"].claim(outboxes["a"], stream_name, ["items"])
+        sources = handed(configs["a"], configs["a"].sources)  # one incrementing source: nothing keyed to rebuild
+        assert leases["a"].tick(now)[0] == [stream_name] and leases["a"].claim(outboxes["a"], stream_name, sources)
         assert leases["b"].tick(now)[0] == []  # a holds it
         assert holders(redis_client, [stream_name]) == {stream_name: "a"}
         shown = run_straw("status", "--json", "--config", str(tmp_path / "straw-b.yaml"))
@@ -277,7 +279,7 @@ def test_a_stale_holder_cannot_publish_over_the_new_one(
         leases["a"].renew()  # a's renewing thread finds it gone: a stops counting it as its own
         assert not leases["a"].holds(stream_name)
         assert leases["b"].tick(now + 60)[0] == [stream_name]
-        assert leases["b"].claim(outboxes["b"], stream_name, ["items"])
+        assert leases["b"].claim(outboxes["b"], stream_name, sources)
         ckpt = redis_client.hgetall(checkpoint_key(stream_name))
         assert int(ckpt[b"seq"]) == 1 + 2 * FENCE_GAP and ckpt[b"outbox"].decode() == outboxes["b"].identity
         assert outboxes["b"].position("items") == "p1"  # b goes on from what is in the stream
