@@ -479,6 +479,14 @@ class Outbox:
             # What the checkpoint covers was published by another outbox (or none): not ours to re-publish.
             db.execute("INSERT OR REPLACE INTO retention (stream, pruned_seq) VALUES (?, ?)", (stream, seq))
 
+    def owe_take_over(self, stream: str) -> None:
+        """The lease's claim moved `stream`'s checkpoint to this outbox: `take_over` is owed until it commits."""
+        with self._transaction():
+            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, '1')", (f"take_over:{stream}",))
+
+    def owes_take_over(self, stream: str) -> bool:
+        return self.db.execute("SELECT 1 FROM meta WHERE key = ?", (f"take_over:{stream}",)).fetchone() is not None
+
     def stage_handover(self, rebuild: handover.Handover) -> None:
         """Before `take_over`: read the stream's last event per key (`rebuild.pages`) into a private TEMP table.
 
@@ -502,6 +510,7 @@ class Outbox:
         """
         db = self.db
         with self._transaction():
+            db.execute("DELETE FROM meta WHERE key = ?", (f"take_over:{stream}",))
             if rebuild is not None:
                 handover.apply(db, rebuild)
                 positions = {s: p for s, p in positions.items() if s not in rebuild.keyed}

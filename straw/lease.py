@@ -181,6 +181,10 @@ class Leases:
             self._states[stream].held_until = 0.0
             return False
         if claimed:
+            # Owed from now on, durably: if reading the stream or the takeover fails, the next claim finds the
+            # checkpoint ours already (claimed 0) and must still take over.
+            outbox.owe_take_over(stream)
+        if claimed or outbox.owes_take_over(stream):
             ckpt = read_checkpoint(self.client, stream)
             rebuilt = rebuild(self.client, stream, int(seq), sources)
             if rebuilt is not None:

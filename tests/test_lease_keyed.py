@@ -414,3 +414,35 @@ def test_keyed_pair_survives_kill_nine_takeovers(
     assert changes.count > 200
     ops = Counter((s, op) for s, op, _k, _v in events)
     assert all(ops[(s, "deleted")] > 5 for s in ("snap", "ts")), ops
+
+
+def test_a_takeover_cut_short_while_reading_the_stream_is_done_at_the_next_claim(
+    pair: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b, table, stream = pair
+    for key in range(1, 9):
+        table.put("SNAP", key, f"s{key}")
+    a.take()
+    a.poll()
+    stream.new()
+    table.put("SNAP", 2, "s2'")
+    table.drop("SNAP", 3)
+    pages = [0]
+    real = redis.Redis.xrange
+
+    def failing(self: redis.Redis, name: str, *args: Any, **kwargs: Any) -> Any:
+        pages[0] += 1
+        if pages[0] == 2:  # the connection drops in the middle of the stream
+            raise redis.ConnectionError("connection lost")
+        return real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(redis.Redis, "xrange", failing)
+    with pytest.raises(redis.ConnectionError):
+        b.take(a)  # the claim moved the checkpoint; the takeover did not commit
+    monkeypatch.setattr(redis.Redis, "xrange", real)
+    assert b.outbox.owes_take_over(b.stream)
+    # The next claim finds the checkpoint its own already, and still takes over.
+    assert b.leases.claim(b.outbox, b.stream, handed(b.config, b.config.sources))
+    assert not b.outbox.owes_take_over(b.stream)
+    b.poll()
+    assert sorted(stream.new()) == [("snap", "deleted", "3", None), ("snap", "upserted", "2", "s2'")]
