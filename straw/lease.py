@@ -22,17 +22,21 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import redis
 import structlog
 
-from bus.redis import checkpoint_key, read_checkpoint
+from bus.redis import checkpoint_key, connect, read_checkpoint
 from bus.seam import Checkpoint
 from outbox.store import Outbox
-from straw.config import LeaseSpec
+from straw.config import Config, LeaseSpec
 from straw.handover import Handed, rebuild
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 log = structlog.get_logger("straw.lease")
 
@@ -234,3 +238,65 @@ def holders(client: redis.Redis, streams: Iterable[str]) -> dict[str, str | None
         value = client.get(lease_key(stream))
         found[stream] = value.decode() if isinstance(value, bytes) else value
     return found
+
+
+class LeaseStatus:
+    """What `straw run` shows of its leases on the metrics port (`straw.web.LeaseView`, and `straw_lease_held`).
+
+    `leases` is read when asked: the port is served before the leases are set up.
+    """
+
+    def __init__(self, config: Config, leases: Callable[[], Leases | None], timeout: float = 1.0) -> None:
+        self.config = config
+        self._leases = leases
+        self._timeout = timeout  # the page and /readyz answer while Redis hangs
+        self._client: redis.Redis | None = None
+
+    def holders(self) -> dict[str, str] | None:
+        """Source -> node holding its stream's lease (a lapsed lease: left out); None while not known."""
+        if self._leases() is None:
+            return None
+        if self._client is None:
+            self._client = connect(self.config.bus_spec.url, socket_timeout=self._timeout)
+        try:
+            found = holders(self._client, self.config.streams)
+        except redis.RedisError:
+            return None
+        return {spec.name: node for spec in self.config.sources if (node := found.get(spec.stream)) is not None}
+
+    def describe(self) -> str:
+        leases = self._leases()
+        if leases is None:
+            return "lease: not set up yet"
+        held = sum(leases.holds(stream) for stream in self.config.streams)
+        return f"lease: node {leases.node}, ttl {leases.ttl:g} s; holds {held} of {len(self.config.streams)} stream(s)"
+
+    def collector(self) -> LeaseMetrics:
+        """For the metrics registry (which would take `describe` for its own protocol's)."""
+        return LeaseMetrics(self)
+
+    def held(self) -> Iterator[Metric]:
+        """`straw_lease_held`: which streams this node polls now (from its own state: no Redis call)."""
+        from prometheus_client.core import GaugeMetricFamily  # only with metrics configured (40 ms at import)
+
+        leases = self._leases()
+        held = GaugeMetricFamily("straw_lease_held", "1 if this node holds the stream's lease (polls its sources), "
+                                 "else 0 (standing by).", labels=["stream", "node"])
+        node = leases.node if leases is not None else (self.config.lease.node if self.config.lease else "")
+        for stream in self.config.streams:
+            held.add_metric([stream, node], 1.0 if leases is not None and leases.holds(stream) else 0.0)
+        yield held
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+class LeaseMetrics:
+    """A prometheus_client collector: `straw_lease_held` per stream."""
+
+    def __init__(self, status: LeaseStatus) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[Metric]:
+        return self.status.held()

@@ -38,7 +38,7 @@ from outbox.store import IDLE_NOTES_EVERY, Outbox, OutboxError
 from straw.config import AnySourceSpec, Config, DbSourceSpec
 from straw.config_scrape import ScrapeSourceSpec
 from straw.handover import Handed, handed
-from straw.lease import Leases, drop_fenced, holders
+from straw.lease import Leases, LeaseStatus, drop_fenced, holders
 from straw.mapping import DeadLetter, KeyedBatch, MappedBatch, Mapper, MappingError
 from straw.records import DELETED, observed_now, source_uri
 from straw.redact import describe
@@ -298,8 +298,11 @@ class Runner:
         from straw.metrics import Metrics
 
         self.metrics = Metrics(self.config.outbox.path, [s.name for s in self.config.sources], self.config.streams)
+        lease = LeaseStatus(self.config, lambda: self.leases) if self.config.lease is not None else None
+        if lease is not None:
+            self.metrics.registry.register(lease.collector())  # straw_lease_held
         try:
-            server = self.metrics.serve(spec.host, spec.port, self.config)
+            server = self.metrics.serve(spec.host, spec.port, self.config, lease)
         except OSError as exc:
             return RunResult(errors=[f"metrics: cannot listen on {spec.host}:{spec.port}: {exc.strerror or exc}"])
         log.info("serving metrics", url=f"http://{spec.host}:{spec.port}/metrics")
@@ -307,6 +310,8 @@ class Runner:
             return self._run(once, wait)
         finally:
             server.stop()
+            if lease is not None:
+                lease.close()
 
     def _run(self, once: bool, wait: float) -> RunResult:
         config = self.config

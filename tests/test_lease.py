@@ -318,3 +318,45 @@ def test_lease_mistakes_are_one_line(lease: dict[str, Any], expected: str) -> No
         parse_config(yaml.safe_dump(data), FILE)
     (problem,) = caught.value.problems
     assert expected in str(problem) and problem.line is not None, str(problem)
+
+
+def test_the_metrics_port_shows_which_node_holds_each_stream(
+    tmp_path: Path, redis_client: redis.Redis, redis_url: str, stream_name: str
+) -> None:
+    """`straw_lease_held`, the status document's `lease` and /readyz, on both nodes, before and after a takeover."""
+    import httpx
+
+    from straw.local_redis import free_port
+    from tests.test_metrics import parse, with_metrics
+
+    db_url = legacy_table(tmp_path / "legacy.db")
+    ports = {"a": free_port(), "b": free_port()}
+    configs = {name: with_metrics(pair_config(tmp_path, name, db_url=db_url, redis_url=redis_url, stream=stream_name),
+                                  port) for name, port in ports.items()}
+    pair = Pair(tmp_path, configs)
+
+    def held(name: str) -> float | None:
+        try:
+            samples = parse(httpx.get(f"http://127.0.0.1:{ports[name]}/metrics", timeout=5).text)
+        except httpx.HTTPError:
+            return None
+        return samples.get(("straw_lease_held", (("node", name), ("stream", stream_name))))
+
+    def shown(name: str) -> tuple[Any, Any]:
+        base = f"http://127.0.0.1:{ports[name]}"
+        status = httpx.get(f"{base}/status.json", timeout=5).json()
+        ready = httpx.get(f"{base}/readyz", timeout=5).json()
+        return status["sources"][0]["lease"], next(c["detail"] for c in ready["checks"] if c["name"] == "lease")
+
+    try:
+        pair.start("a")
+        wait_for(lambda: held("a") == 1.0, 30, pair, "a holding the lease")
+        pair.start("b")
+        wait_for(lambda: pair.standing_by("b") == 1 and held("b") == 0.0, 30, pair, "b standing by")
+        assert shown("a") == ("a", "lease: node a, ttl 1 s; holds 1 of 1 stream(s)")
+        assert shown("b") == ("a", "lease: node b, ttl 1 s; holds 0 of 1 stream(s)")
+        pair.signal("a", signal.SIGKILL)
+        wait_for(lambda: held("b") == 1.0, 15, pair, "b taking over")
+        assert shown("b")[0] == "b"
+    finally:
+        pair.close()
