@@ -446,3 +446,34 @@ def test_a_takeover_cut_short_while_reading_the_stream_is_done_at_the_next_claim
     assert not b.outbox.owes_take_over(b.stream)
     b.poll()
     assert sorted(stream.new()) == [("snap", "deleted", "3", None), ("snap", "upserted", "2", "s2'")]
+
+
+def test_a_takeover_over_tls_as_an_acl_user_rebuilds_from_the_stream(tmp_path: Path) -> None:
+    """The lease and the stream read of a takeover need no more than the README's ACL grant (with the lease keys)."""
+    from fixtures.tls_redis import PASSWORD, start_tls_redis
+    from tests.test_cli import run_straw
+
+    stream_name = "tls.keyed"
+    server = start_tls_redis(tmp_path / "redis", f"~{stream_name} ~straw:ckpt:* ~straw:lease:*")
+    try:
+        db_url = legacy(tmp_path / "legacy.db")
+        table = Table(tmp_path / "legacy.db")
+        for key in range(1, 6):
+            table.put("SNAP", key, f"s{key}")
+        paths = {name: keyed_config(tmp_path, name, db_url=db_url, redis_url=server.url(), stream=stream_name)
+                 for name in ("a", "b")}
+        client = redis.Redis.from_url(server.url())
+        stream = Stream(client, stream_name)
+        first = run_straw("run", "--once", "--config", str(paths["a"]))  # takes the lease, releases it at the end
+        assert first.returncode == 0, first.stderr
+        assert Counter(op for _s, op, _k, _v in stream.new()) == {"upserted": 5}
+        table.put("SNAP", 2, "s2'")
+        table.drop("SNAP", 4)
+        second = run_straw("run", "--once", "--config", str(paths["b"]))
+        assert second.returncode == 0, second.stderr
+        assert "keyed_state_exact" in second.stdout + second.stderr
+        assert sorted(stream.new()) == [("snap", "deleted", "4", None), ("snap", "upserted", "2", "s2'")]
+        assert PASSWORD not in first.stdout + first.stderr + second.stdout + second.stderr
+        client.close()
+    finally:
+        server.stop()
