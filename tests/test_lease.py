@@ -360,3 +360,39 @@ def test_the_metrics_port_shows_which_node_holds_each_stream(
         assert shown("b")[0] == "b"
     finally:
         pair.close()
+
+
+def test_status_with_a_lease_asks_redis_over_one_connection_and_says_when_it_is_down(
+    tmp_path: Path, redis_client: redis.Redis, redis_url: str, stream_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from straw import status_report
+    from straw.local_redis import free_port
+
+    db_url = legacy_table(tmp_path / "legacy.db")
+    path = pair_config(tmp_path, "a", db_url=db_url, redis_url=redis_url, stream=stream_name)
+    config = load_config(path)
+    redis_client.set(lease_key(stream_name), "a")
+    opened = [0]
+    real = status_report.open_bus
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        opened[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(status_report, "open_bus", counted)
+    outbox = Outbox(config.outbox.path)
+    try:
+        document = status_report.status_document(config, outbox)
+    finally:
+        outbox.close()
+    assert opened[0] == 1
+    assert document["sources"][0]["lease_holder"] == "a" and document["streams"][0]["length"] == 0
+    # Redis down: the holder is unknown and the streams say why, in one line each; no traceback.
+    down = yaml.safe_load(path.read_text())
+    down["redis"]["url"] = f"redis://127.0.0.1:{free_port()}/0"
+    path.write_text(yaml.safe_dump(down))
+    shown = run_straw("status", "--json", "--config", str(path))
+    assert "Traceback" not in shown.stderr, shown.stderr
+    status = json.loads(shown.stdout)
+    assert status["sources"][0]["lease_holder"] is None
+    assert "unreachable" in str(status["streams"][0]["error"]) + str(status.get("redis")), shown.stdout
