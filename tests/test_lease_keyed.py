@@ -159,7 +159,11 @@ class Stream:
     def _read(self, start: str) -> list[tuple[str, str, str, str | None]]:
         out = []
         for _id, fields in self.client.xrange(self.stream, min=start):
-            event = json.loads(fields[b"event"])
+            try:
+                event = json.loads(fields[b"event"])
+                event["subject"]
+            except (KeyError, ValueError):
+                continue  # an entry written by hand (an attack below)
             op = event["type"].rsplit(".", 1)[1]
             out.append(("snap" if event["source"] == SNAP else "ts", op, event["subject"],
                         event["data"].get("v") if op == "upserted" else None))
@@ -477,3 +481,21 @@ def test_a_takeover_over_tls_as_an_acl_user_rebuilds_from_the_stream(tmp_path: P
         client.close()
     finally:
         server.stop()
+
+
+def test_entries_that_are_not_straw_events_are_skipped_and_said(pair: Any, redis_client: redis.Redis) -> None:
+    a, b, table, stream = pair
+    for key in range(1, 4):
+        table.put("SNAP", key, f"s{key}")
+    a.take()
+    a.poll()
+    stream.new()
+    redis_client.xadd(a.stream, {"note": "written by hand"})
+    redis_client.xadd(a.stream, {"event": b"\xff not json"})
+    redis_client.xadd(a.stream, {"event": json.dumps({"source": SNAP, "type": "item.upserted"})})  # no subject
+    table.drop("SNAP", 2)
+    with structlog.testing.capture_logs() as logs:
+        b.take(a)
+    assert [e["entries"] for e in logs if "not straw events" in str(e.get("event"))] == [3], logs
+    b.poll()
+    assert [e for e in stream.new() if e[0] == "snap"] == [("snap", "deleted", "2", None)]
