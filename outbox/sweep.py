@@ -92,7 +92,7 @@ def record(db: sqlite3.Connection, source: str, key_fields: Sequence[str], event
     epoch, next_id = _state(db, source)[:2]
     last: dict[str, str | None] = {}  # key -> key data, None: deleted (the last event of a key wins)
     for event in events:
-        parsed = _loads(event)
+        parsed = loads_event(event)
         key = parsed["subject"]
         if str(parsed["type"]).endswith("." + DELETED):
             last[key] = None
@@ -236,7 +236,8 @@ def _known(db: sqlite3.Connection, source: str, keys: Sequence[str]) -> dict[str
     return found
 
 
-def _loads(event: bytes) -> dict[str, Any]:
+def loads_event(event: bytes) -> dict[str, Any]:
+    """An event as published (orjson, or json for integers beyond 64 bits)."""
     try:
         parsed: dict[str, Any] = orjson.loads(event)
     except orjson.JSONDecodeError:  # integers beyond 64 bits (legacy NUMERIC(30) keys)

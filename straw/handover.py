@@ -25,6 +25,7 @@ import redis
 import structlog
 
 from outbox.handover import Handover, Last
+from outbox.sweep import loads_event
 from straw.config import AnySourceSpec, ChangeMode, Config, DbSourceSpec
 from straw.mapping import content_hash
 from straw.records import DELETED, source_uri
@@ -116,7 +117,7 @@ def _pages(client: redis.Redis, stream: str, wanted: dict[str, Handed]) -> Itera
 def _last(raw: bytes | str | None, wanted: dict[str, Handed]) -> Last | None:
     """The entry's event as a `Last` (source "" for a source not wanted); None if it is no straw event."""
     try:
-        event = _loads(raw.encode() if isinstance(raw, str) else raw or b"")
+        event = loads_event(raw.encode() if isinstance(raw, str) else raw or b"")
         handed = wanted.get(event.get("source", ""))
         if handed is None:
             return Last("", "", None, b"")
@@ -127,14 +128,6 @@ def _last(raw: bytes | str | None, wanted: dict[str, Handed]) -> Last | None:
         return Last(handed.name, key, key_data, content_hash(data) if handed.keyed else b"")
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
-
-
-def _loads(event: bytes) -> dict[str, Any]:
-    try:
-        parsed: dict[str, Any] = orjson.loads(event)
-    except orjson.JSONDecodeError:  # integers beyond 64 bits (legacy NUMERIC(30) keys)
-        parsed = json.loads(event)
-    return parsed
 
 
 def _dumps(data: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import closing, suppress
 from pathlib import Path
 from typing import IO, Any
@@ -146,6 +147,20 @@ class Pair:
         return "\n".join(f"--- {name}\n{tail(self.tmp_path / f'{name}.log', 15)}" for name in self.configs)
 
 
+def start_pair(pair: Pair, client: redis.Redis, stream: str) -> Callable[[], str | None]:
+    """Start a (it takes the lease), then b (it stands by); return what tells the lease's holder now."""
+
+    def holder() -> str | None:
+        value = client.get(lease_key(stream))
+        return value.decode() if isinstance(value, bytes) else None
+
+    pair.start("a")
+    wait_for(lambda: holder() == "a", 30, pair, "a taking the lease")
+    pair.start("b")
+    wait_for(lambda: pair.standing_by("b") == 1, 30, pair, "b standing by")
+    return holder
+
+
 def wait_for(condition: Any, timeout: float, pair: Pair, what: str) -> float:
     started = time.monotonic()
     while not condition():
@@ -178,14 +193,9 @@ def test_failover_pair_kill_nine_ten_times_and_a_stop_past_the_lease(
                for name in ("a", "b")}
     pair = Pair(tmp_path, configs)
     writer = Writer(db_path)
-    key = lease_key(stream_name)
-    holder = lambda: (v.decode() if (v := redis_client.get(key)) else None)  # noqa: E731
     takeovers: list[tuple[float, bool]] = []  # (seconds, taken by the standby)
     try:
-        pair.start("a")
-        wait_for(lambda: holder() == "a", 30, pair, "a taking the lease")
-        pair.start("b")
-        wait_for(lambda: pair.standing_by("b") == 1, 30, pair, "b standing by")
+        holder = start_pair(pair, redis_client, stream_name)
         writer.start()
         wait_for(lambda: redis_client.xlen(stream_name) > 20, 30, pair, "first changes published")
         for round_ in range(11):

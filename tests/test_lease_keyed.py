@@ -33,7 +33,7 @@ from straw.handover import handed
 from straw.lease import Leases, drop_fenced, lease_key
 from straw.records import source_uri
 from straw.runner import Pipeline, build_pipeline, poll, sweep_deletes
-from tests.test_lease import POLL, TTL, Pair, wait_for
+from tests.test_lease import POLL, TTL, Pair, start_pair, wait_for
 
 SNAP, SWEPT = source_uri("pair", "snap"), source_uri("pair", "ts")
 
@@ -376,15 +376,10 @@ def test_keyed_pair_survives_kill_nine_takeovers(
     table = Table(tmp_path / "legacy.db")
     pair = Pair(tmp_path, configs)
     changes = Changes(table)
-    key = lease_key(stream_name)
-    holder = lambda: (v.decode() if (v := redis_client.get(key)) else None)  # noqa: E731
     stream = Stream(redis_client, stream_name)
     takeovers = 0
     try:
-        pair.start("a")
-        wait_for(lambda: holder() == "a", 30, pair, "a taking the lease")
-        pair.start("b")
-        wait_for(lambda: pair.standing_by("b") == 1, 30, pair, "b standing by")
+        holder = start_pair(pair, redis_client, stream_name)
         changes.start()
         wait_for(lambda: redis_client.xlen(stream_name) > 30, 30, pair, "first changes published")
         for _round in range(6):
