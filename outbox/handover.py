@@ -1,24 +1,28 @@
-"""A takeover's keyed state: staged from the stream, then applied in the takeover's transaction.
+"""A takeover's keyed state: staged from the stream, then written in short steps before the takeover commits.
 
 The instance that takes a stream over cannot read the other one's outbox, where the
 per-key state of its keyed sources (snapshot listings, key sweeps) lived. The stream
 holds the same knowledge: per key, its last event. `straw/handover.py` reads it a page
 at a time; `stage` keeps each key's last event in a TEMP table (this connection's own
-file: writing it takes no lock on the outbox, so the relay goes on meanwhile, and memory
-stays bounded), and `apply` moves it into the keyed tables inside `Outbox.take_over`'s
-transaction: a crash at any point leaves the outbox as it was.
+file: writing it takes no lock on the outbox, and memory stays bounded), and `steps`
+writes it into the keyed tables a key range at a time, each step its own short
+transaction (the relay publishes other streams in between). Until `Outbox.take_over`
+commits, the takeover is owed (`Outbox.owe_take_over`): a crash or an error part-way
+leaves a debt, and the next claim redoes it all (reset, then restore), so no half of
+it is ever used: the stream's sources are not polled before the takeover commits.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from outbox import keyed, sweep
 
 STAGED = "temp.handover_last"
+STEP = 20_000  # keys per step: a short transaction (tens of ms), so the relay is not kept waiting
 
 
 class Last(NamedTuple):
@@ -37,7 +41,7 @@ class Handover:
     exact: bool  # the stream holds every event of theirs (not trimmed)
     pages: Iterable[list[Last]]  # the stream's events in order, a page at a time
     events: int = 0  # events staged
-    keys: int = 0  # keys restored (alive at the end)
+    keys: int = 0  # keys known at the end
 
 
 def stage(db: sqlite3.Connection, handover: Handover) -> None:
@@ -56,15 +60,43 @@ def stage(db: sqlite3.Connection, handover: Handover) -> None:
         )
 
 
-def apply(db: sqlite3.Connection, handover: Handover) -> None:
-    """Inside the caller's transaction: reset the sources' state, then give each staged key its last event."""
-    for source in handover.keyed:
-        keyed.hand_over(db, source, exact=handover.exact)
-        keyed.restore(db, source, STAGED)
-    for source in handover.swept:
-        sweep.hand_over(db, source, exact=handover.exact)
-        sweep.restore(db, source, STAGED)
+def steps(db: sqlite3.Connection, handover: Handover) -> Iterator[None]:
+    """Write the staged state, one bounded step per iteration: the caller runs each in its own transaction."""
+    base = {source: keyed.next_id(db, source) for source in handover.keyed}
+    base.update({source: sweep.next_id(db, source) for source in handover.swept})
+    top = int(db.execute(f"SELECT coalesce(max(ord), -1) + 1 FROM {STAGED}").fetchone()[0])
+    tables = [(keyed, "keyed_state", s) for s in sorted(handover.keyed)] + [
+        (sweep, "sweep_keys", s) for s in sorted(handover.swept)]
+    for module, table, source in tables:
+        module.hand_over(db, source)
+        yield
+        for within, args in _ranges(db, table, source):
+            module.reset(db, source, within, args, exact=handover.exact)
+            yield
+        for within, args in _ranges(db, STAGED, source):
+            module.restore(db, source, STAGED, within, args, base[source])
+            yield
+        module.move_ids(db, source, base[source] + top)
+        handover.keys += int(db.execute(f"SELECT count(*) FROM {table} WHERE source = ?", (source,)).fetchone()[0])
     db.execute(f"DELETE FROM {STAGED}")
-    handover.keys = sum(keyed.known_keys(db, source) for source in handover.keyed) + sum(
-        int(db.execute("SELECT count(*) FROM sweep_keys WHERE source = ?", (source,)).fetchone()[0])
-        for source in handover.swept)
+
+
+def _ranges(db: sqlite3.Connection, table: str, source: str) -> Iterator[tuple[str, tuple[str, ...]]]:
+    """The keys of `source` in `table`, STEP at a time, as (SQL condition on `key`, its arguments).
+
+    Each range's end is found when it is due (a step may delete keys, but only within its own range).
+    """
+    after: str | None = None
+    while True:
+        if after is None:
+            row = db.execute(f"SELECT key FROM {table} WHERE source = ? ORDER BY key LIMIT 1 OFFSET ?",
+                             (source, STEP - 1)).fetchone()
+        else:
+            row = db.execute(f"SELECT key FROM {table} WHERE source = ? AND key > ? ORDER BY key LIMIT 1 OFFSET ?",
+                             (source, after, STEP - 1)).fetchone()
+        lower, lower_args = ("", ()) if after is None else (" AND key > ?", (after,))
+        if row is None:
+            yield lower, lower_args
+            return
+        yield f"{lower} AND key <= ?", (*lower_args, str(row[0]))
+        after = str(row[0])

@@ -103,40 +103,51 @@ def forget(db: sqlite3.Connection, source: str) -> None:
         db.execute(f"DELETE FROM {table} WHERE source = ?", (source,))
 
 
-def hand_over(db: sqlite3.Connection, source: str, *, exact: bool) -> None:
-    """Before `restore`: the state of `source` as far as this outbox can know it after a takeover.
+def hand_over(db: sqlite3.Connection, source: str) -> None:
+    """A takeover (outbox/handover.py): any listing under way starts over, and the source counts as keyed."""
+    db.execute("DELETE FROM keyed_seen WHERE source = ?", (source,))
+    _generation(db, source)
 
-    `exact` (the stream holds every event of the source): forget what this outbox delivered
-    itself (it may hold fenced changes the bus never saw). Otherwise (a trimmed stream) keep
-    its keys, their data unknown: a key listed again is sent again, a key not listed is a
-    `deleted` event (at least once rather than never). Any listing under way starts over.
+
+def reset(db: sqlite3.Connection, source: str, within: str, args: Sequence[str], *, exact: bool) -> None:
+    """A takeover, on the keys `within` (an SQL condition on `key`): what this outbox delivered is replaced.
+
+    `exact` (the stream holds every event of the source): forget it (it may hold fenced
+    changes the bus never saw). Otherwise (a trimmed stream) keep the keys, data unknown:
+    a key listed again is sent again, a key not listed is a `deleted` event (at least once
+    rather than never). `restore` then gives the stream's keys their last event.
     """
     if exact:
-        db.execute("DELETE FROM keyed_state WHERE source = ?", (source,))
+        db.execute(f"DELETE FROM keyed_state WHERE source = ? {within}", (source, *args))
     else:
-        db.execute("UPDATE keyed_state SET hash = x'', data_hash = x'' WHERE source = ?", (source,))
-    db.execute("DELETE FROM keyed_seen WHERE source = ?", (source,))
-    _generation(db, source)  # known from now on, as if it had delivered a listing
+        db.execute(f"UPDATE keyed_state SET hash = x'', data_hash = x'' WHERE source = ? {within}", (source, *args))
 
 
-def restore(db: sqlite3.Connection, source: str, staged: str) -> None:
-    """The last events of the keys of `source` in the table `staged` (see outbox/handover.py): a deleted key
-    is forgotten, the others get their key data and data digest, and ids in the order the stream first had them.
+def restore(db: sqlite3.Connection, source: str, staged: str, within: str, args: Sequence[str], base: int) -> None:
+    """The last events of the keys of `source` `within` a range, from the table `staged` (outbox/handover.py):
+    a deleted key is forgotten, the others get their key data and data digest (id: `base` + their `ord`).
 
     No row digest is known (b""): the next listing maps the row and compares its data digest.
     """
-    _gen, next_id = _generation(db, source)
     db.execute(f"DELETE FROM keyed_state WHERE source = ? AND key IN "
-               f"(SELECT key FROM {staged} WHERE source = ? AND key_data IS NULL)", (source, source))
-    added = db.execute(
+               f"(SELECT key FROM {staged} WHERE source = ? {within} AND key_data IS NULL)", (source, source, *args))
+    db.execute(
         f"INSERT INTO keyed_state (source, key, key_data, hash, data_hash, id) "
-        f"SELECT source, key, key_data, x'', data_hash, ? + row_number() OVER (ORDER BY ord) - 1 FROM {staged} "
-        "WHERE source = ? AND key_data IS NOT NULL ORDER BY key "
+        f"SELECT source, key, key_data, x'', data_hash, ? + ord FROM {staged} "
+        f"WHERE source = ? {within} AND key_data IS NOT NULL "
         "ON CONFLICT (source, key) DO UPDATE SET key_data = excluded.key_data, hash = x'', "
         "data_hash = excluded.data_hash",
-        (next_id, source),
-    ).rowcount
-    db.execute("UPDATE keyed_sources SET next_id = ? WHERE source = ?", (next_id + max(added, 0), source))
+        (base, source, *args),
+    )
+
+
+def next_id(db: sqlite3.Connection, source: str) -> int:
+    return _generation(db, source)[1]
+
+
+def move_ids(db: sqlite3.Connection, source: str, to: int) -> None:
+    """Ids below `to` are taken (a takeover restored keys up to there)."""
+    db.execute("UPDATE keyed_sources SET next_id = max(next_id, ?) WHERE source = ?", (to, source))
 
 
 def sweep_lookup(count: int) -> str:

@@ -228,6 +228,8 @@ class StreamState:
     rollback: Rollback | None = None  # the latest
 
 
+_DONE = object()  # the end of a generator of steps
+
 # How often polls that found nothing are written to the outbox (`Outbox.polled`).
 IDLE_NOTES_EVERY = 1.0
 
@@ -504,16 +506,21 @@ class Outbox:
         the other holder's claim: dropped (the checkpoint's positions re-read their changes).
         Our `seq` continues above `seq`, and `sources` continue from the checkpoint's positions
         (from the start where it has none). `rebuild` (staged by `stage_handover`): the keyed state
-        of its keyed sources and key sweeps, from the stream, in this same transaction; keyed sources
-        start a new listing (one resumed half-way would sweep the keys of the half we did not list).
+        of its keyed sources and key sweeps, from the stream, written in short transactions first
+        (see outbox/handover.py); keyed sources start a new listing (one resumed half-way would
+        sweep the keys of the half we did not list).
         Returns the number of records dropped.
         """
         db = self.db
+        if rebuild is not None:
+            written = handover.steps(db, rebuild)
+            while True:  # short transactions: the relay goes on in between (`owe_take_over` covers a crash)
+                with self._transaction():
+                    if next(written, _DONE) is _DONE:
+                        break
+            positions = {s: p for s, p in positions.items() if s not in rebuild.keyed}
         with self._transaction():
             db.execute("DELETE FROM meta WHERE key = ?", (f"take_over:{stream}",))
-            if rebuild is not None:
-                handover.apply(db, rebuild)
-                positions = {s: p for s, p in positions.items() if s not in rebuild.keyed}
             # Retained published records go too (a repair from them would publish over the new holder),
             # but only the unpublished ones count as dropped.
             dropped = int(db.execute(

@@ -118,32 +118,39 @@ def record(db: sqlite3.Connection, source: str, key_fields: Sequence[str], event
         db.execute("UPDATE sweep_sources SET next_id = ? WHERE source = ?", (next_id + len(new), source))
 
 
-def hand_over(db: sqlite3.Connection, source: str, *, exact: bool) -> None:
-    """Before `restore`, after a takeover: as `keyed.hand_over` (exact: forget our own keys; else keep them
-    for the next sweep to compare). A sweep under way ends unfinished; the next one starts when due."""
-    if exact:
-        db.execute("DELETE FROM sweep_keys WHERE source = ?", (source,))
+def hand_over(db: sqlite3.Connection, source: str) -> None:
+    """A takeover (outbox/handover.py): a sweep under way ends unfinished; the next one starts when due."""
     db.execute("DELETE FROM sweep_seen WHERE source = ?", (source,))
     _state(db, source)
     db.execute("UPDATE sweep_sources SET running = 0, after = NULL WHERE source = ?", (source,))
 
 
-def restore(db: sqlite3.Connection, source: str, staged: str) -> None:
-    """The last events of the keys of `source` in the table `staged` (see outbox/handover.py), as `keyed.restore`.
+def reset(db: sqlite3.Connection, source: str, within: str, args: Sequence[str], *, exact: bool) -> None:
+    """As `keyed.reset`: exact, forget the keys this outbox delivered; else keep them for the next sweep."""
+    if exact:
+        db.execute(f"DELETE FROM sweep_keys WHERE source = ? {within}", (source, *args))
 
-    Restored keys carry the current epoch: the next sweep compares them.
-    """
-    epoch, next_id = _state(db, source)[:2]
+
+def restore(db: sqlite3.Connection, source: str, staged: str, within: str, args: Sequence[str], base: int) -> None:
+    """As `keyed.restore`; restored keys carry the current epoch: the next sweep compares them."""
+    epoch = _state(db, source)[0]
     db.execute(f"DELETE FROM sweep_keys WHERE source = ? AND key IN "
-               f"(SELECT key FROM {staged} WHERE source = ? AND key_data IS NULL)", (source, source))
-    added = db.execute(
+               f"(SELECT key FROM {staged} WHERE source = ? {within} AND key_data IS NULL)", (source, source, *args))
+    db.execute(
         f"INSERT INTO sweep_keys (source, key, key_data, epoch, id) "
-        f"SELECT source, key, key_data, ?, ? + row_number() OVER (ORDER BY ord) - 1 FROM {staged} "
-        "WHERE source = ? AND key_data IS NOT NULL "
+        f"SELECT source, key, key_data, ?, ? + ord FROM {staged} WHERE source = ? {within} AND key_data IS NOT NULL "
         "ON CONFLICT (source, key) DO UPDATE SET key_data = excluded.key_data, epoch = excluded.epoch",
-        (epoch, next_id, source),
-    ).rowcount
-    db.execute("UPDATE sweep_sources SET next_id = ? WHERE source = ?", (next_id + max(added, 0), source))
+        (epoch, base, source, *args),
+    )
+
+
+def next_id(db: sqlite3.Connection, source: str) -> int:
+    return _state(db, source)[1]
+
+
+def move_ids(db: sqlite3.Connection, source: str, to: int) -> None:
+    """Ids below `to` are taken (a takeover restored keys up to there)."""
+    db.execute("UPDATE sweep_sources SET next_id = max(next_id, ?) WHERE source = ?", (to, source))
 
 
 def begin(db: sqlite3.Connection, source: str, interval: float, now: float) -> Sweep | None:

@@ -25,6 +25,7 @@ import structlog
 import yaml
 
 from bus.redis import RedisBus, checkpoint_key
+from outbox import handover
 from outbox.relay import Relay, adopt_streams
 from outbox.store import Outbox
 from straw.config import Config, LeaseSpec
@@ -204,7 +205,11 @@ def pair(tmp_path: Path, redis_client: redis.Redis, redis_url: str, stream_name:
     redis_client.delete(lease_key(stream_name), checkpoint_key(stream_name))
 
 
-def test_takeovers_send_each_change_once_and_every_delete_of_the_gap(pair: Any) -> None:
+@pytest.mark.parametrize("step", [handover.STEP, 2])  # 2: the state is written over many short transactions
+def test_takeovers_send_each_change_once_and_every_delete_of_the_gap(
+    pair: Any, step: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(handover, "STEP", step)
     a, b, table, stream = pair
     for key in range(1, 11):
         table.put("SNAP", key, f"s{key}")
@@ -294,7 +299,11 @@ def test_a_fenced_change_is_sent_by_the_new_holder_and_not_forgotten_by_the_old(
     assert final_state(events, "snap") == table.rows("SNAP")
 
 
-def test_a_trimmed_stream_resends_rather_than_misses_a_delete(pair: Any, redis_client: redis.Redis) -> None:
+@pytest.mark.parametrize("step", [handover.STEP, 2])
+def test_a_trimmed_stream_resends_rather_than_misses_a_delete(
+    pair: Any, redis_client: redis.Redis, step: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(handover, "STEP", step)
     a, b, table, stream = pair
     for key in range(1, 9):
         table.put("SNAP", key, f"s{key}")
@@ -494,3 +503,43 @@ def test_entries_that_are_not_straw_events_are_skipped_and_said(pair: Any, redis
     assert [e["entries"] for e in logs if "not straw events" in str(e.get("event"))] == [3], logs
     b.poll()
     assert [e for e in stream.new() if e[0] == "snap"] == [("snap", "deleted", "2", None)]
+
+
+def test_a_takeover_cut_short_while_writing_its_state_is_redone_whole(
+    pair: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from outbox import keyed
+
+    monkeypatch.setattr(handover, "STEP", 2)
+    a, b, table, stream = pair
+    for key in range(1, 9):
+        table.put("SNAP", key, f"s{key}")
+    b.take()  # b knew every key once: the redo must not trust what it has then
+    b.poll()
+    a.take(b)
+    table.put("SNAP", 2, "s2'")
+    table.drop("SNAP", 6)
+    a.poll()
+    stream.new()
+    table.put("SNAP", 3, "s3'")
+    table.drop("SNAP", 7)
+    calls = [0]
+    real = keyed.restore
+
+    def failing(*args: Any, **kwargs: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 2:  # one range of keys written and committed, then the disk fails
+            raise sqlite3.OperationalError("disk I/O error")
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(keyed, "restore", failing)
+    with pytest.raises(Exception, match="disk I/O error"):
+        b.take(a)
+    monkeypatch.setattr(keyed, "restore", real)
+    assert b.outbox.owes_take_over(b.stream)
+    assert b.leases.claim(b.outbox, b.stream, handed(b.config, b.config.sources))
+    b.poll()
+    assert sorted(stream.new()) == [("snap", "deleted", "7", None), ("snap", "upserted", "3", "s3'")]
+    events = stream.all()
+    no_resends(events)
+    assert final_state(events, "snap") == table.rows("SNAP")
