@@ -32,7 +32,7 @@ from straw.records import DELETED, source_uri
 
 log = structlog.get_logger("straw.handover")
 
-PAGE = 5_000  # stream entries per XRANGE: a page's events are all that is held in memory
+PAGE = 1_000  # stream entries per XRANGE: a page's events are all that is held in memory (5,000 cost 10 MB more)
 
 
 @dataclass(frozen=True)
