@@ -40,8 +40,8 @@ before, wrote a page per key: keys sort as text, "10" before "9", so a batch's k
 are scattered over the table, and the commits were a third of a listing's time.)
 
 The state lives in one outbox. An instance that takes a stream over from another
-(`straw/lease.py`) rebuilds it from the stream (`straw/handover.py`): `hand_over` then
-`restore` with each key's last event. A restored key has no row digest (b""), so the
+(`straw/lease.py`) rebuilds it from the stream (`straw/handover.py`, `outbox/handover.py`):
+`hand_over`, `reset`, then `restore` with each key's last event. A restored key has no row digest (b""), so the
 first listing maps every row once, and its data digest decides: an unchanged row is
 not sent again, and a key the stream holds but the listing lacks is a `deleted` event.
 """
