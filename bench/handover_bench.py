@@ -106,7 +106,7 @@ def _takeover(bench: Bench, rows: int) -> tuple[float, float]:
         raise RuntimeError(f"the rebuild read {result['events']} events and kept {result['keys']} keys")
     rate = entries / result["seconds"]
     log(f"takeover of a stream of {entries:,} entries ({result['keys']:,} keys): {rate:,.0f} entries/s, "
-        f"{result['cpu']:.1f} s CPU, of which {result['written']:.1f} s writing the state (transactions of "
+        f"{result['cpu']:.1f} s CPU, the state written in {result['written']:.1f} s (transactions of "
         f"20,000 keys), peak RSS {result['peak_rss_mb']:.0f} MB")
     return rate, float(result["peak_rss_mb"])
 
