@@ -148,6 +148,12 @@ def _sweeps(bench: Bench, scale: Scale) -> list[dict[str, Any]]:
     return sweep_bench.key_sweep(bench, *_db_big(scale))
 
 
+def _takeovers(bench: Bench, scale: Scale) -> list[dict[str, Any]]:
+    from bench import handover_bench  # a measure added apart (session 5)
+
+    return handover_bench.takeover_rebuild(bench, *_db_big(scale))
+
+
 def _rabbitmq(bench: Bench, scale: Scale) -> list[dict[str, Any]]:
     from bench import rabbitmq_bench  # only a RabbitMQ measure needs rstream and a broker
 
@@ -169,6 +175,8 @@ MEASURES: dict[str, Callable[[Bench, Scale], Result]] = {
     "snapshot_diff_peak_rss_mb": _one_of(_snapshots, "snapshot_diff_peak_rss_mb"),
     "key_sweep_rows_per_s": _one_of(_sweeps, "key_sweep_rows_per_s"),
     "key_sweep_peak_rss_mb": _one_of(_sweeps, "key_sweep_peak_rss_mb"),
+    "takeover_rebuild_entries_per_s": _one_of(_takeovers, "takeover_rebuild_entries_per_s"),
+    "takeover_rebuild_peak_rss_mb": _one_of(_takeovers, "takeover_rebuild_peak_rss_mb"),
     **{
         f"mode_{mode}_postgres_rows_per_s": _one_of(_modes, f"mode_{mode}_postgres_rows_per_s")
         for mode in ("incrementing", "timestamp", "snapshot")

@@ -39,9 +39,11 @@ of the source's keys per listing. (Marking each key in its own row, as this did
 before, wrote a page per key: keys sort as text, "10" before "9", so a batch's keys
 are scattered over the table, and the commits were a third of a listing's time.)
 
-Caveat: the state lives in one outbox; a replacement outbox (failover to another host)
-starts empty, so its first complete listing re-sends every row as `upserted` and cannot
-report keys deleted while no outbox knew them.
+The state lives in one outbox. An instance that takes a stream over from another
+(`straw/lease.py`) rebuilds it from the stream (`straw/handover.py`, `outbox/handover.py`):
+`hand_over`, `reset`, then `restore` with each key's last event. A restored key has no row digest (b""), so the
+first listing maps every row once, and its data digest decides: an unchanged row is
+not sent again, and a key the stream holds but the listing lacks is a `deleted` event.
 """
 
 from __future__ import annotations
@@ -99,6 +101,53 @@ def forget(db: sqlite3.Connection, source: str) -> None:
     """Forget all `source` delivered: its next complete listing sends every row again (a replay)."""
     for table in ("keyed_state", "keyed_seen", "keyed_sources"):
         db.execute(f"DELETE FROM {table} WHERE source = ?", (source,))
+
+
+def hand_over(db: sqlite3.Connection, source: str) -> None:
+    """A takeover (outbox/handover.py): any listing under way starts over, and the source counts as keyed."""
+    db.execute("DELETE FROM keyed_seen WHERE source = ?", (source,))
+    _generation(db, source)
+
+
+def reset(db: sqlite3.Connection, source: str, within: str, args: Sequence[str], *, exact: bool) -> None:
+    """A takeover, on the keys `within` (an SQL condition on `key`): what this outbox delivered is replaced.
+
+    `exact` (the stream holds every event of the source): forget it (it may hold fenced
+    changes the bus never saw). Otherwise (a trimmed stream) keep the keys, data unknown:
+    a key listed again is sent again, a key not listed is a `deleted` event (at least once
+    rather than never). `restore` then gives the stream's keys their last event.
+    """
+    if exact:
+        db.execute(f"DELETE FROM keyed_state WHERE source = ? {within}", (source, *args))
+    else:
+        db.execute(f"UPDATE keyed_state SET hash = x'', data_hash = x'' WHERE source = ? {within}", (source, *args))
+
+
+def restore(db: sqlite3.Connection, source: str, staged: str, within: str, args: Sequence[str], base: int) -> None:
+    """The last events of the keys of `source` `within` a range, from the table `staged` (outbox/handover.py):
+    a deleted key is forgotten, the others get their key data and data digest (id: `base` + their `ord`).
+
+    No row digest is known (b""): the next listing maps the row and compares its data digest.
+    """
+    db.execute(f"DELETE FROM keyed_state WHERE source = ? AND key IN "
+               f"(SELECT key FROM {staged} WHERE source = ? {within} AND key_data IS NULL)", (source, source, *args))
+    db.execute(
+        f"INSERT INTO keyed_state (source, key, key_data, hash, data_hash, id) "
+        f"SELECT source, key, key_data, x'', data_hash, ? + ord FROM {staged} "
+        f"WHERE source = ? {within} AND key_data IS NOT NULL "
+        "ON CONFLICT (source, key) DO UPDATE SET key_data = excluded.key_data, hash = x'', "
+        "data_hash = excluded.data_hash",
+        (base, source, *args),
+    )
+
+
+def next_id(db: sqlite3.Connection, source: str) -> int:
+    return _generation(db, source)[1]
+
+
+def move_ids(db: sqlite3.Connection, source: str, to: int) -> None:
+    """Ids below `to` are taken (a takeover restored keys up to there)."""
+    db.execute("UPDATE keyed_sources SET next_id = max(next_id, ?) WHERE source = ?", (to, source))
 
 
 def sweep_lookup(count: int) -> str:

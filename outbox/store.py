@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bus.seam import Outgoing
-from outbox import keyed, sweep
+from outbox import handover, keyed, sweep
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -227,6 +227,8 @@ class StreamState:
     retained: Retained = Retained(0, None, None)
     rollback: Rollback | None = None  # the latest
 
+
+_DONE = object()  # the end of a generator of steps
 
 # How often polls that found nothing are written to the outbox (`Outbox.polled`).
 IDLE_NOTES_EVERY = 1.0
@@ -479,16 +481,46 @@ class Outbox:
             # What the checkpoint covers was published by another outbox (or none): not ours to re-publish.
             db.execute("INSERT OR REPLACE INTO retention (stream, pruned_seq) VALUES (?, ?)", (stream, seq))
 
-    def take_over(self, stream: str, seq: int, positions: dict[str, str], sources: Iterable[str]) -> int:
+    def owe_take_over(self, stream: str) -> None:
+        """The lease's claim moved `stream`'s checkpoint to this outbox: `take_over` is owed until it commits."""
+        with self._transaction():
+            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, '1')", (f"take_over:{stream}",))
+
+    def owes_take_over(self, stream: str) -> bool:
+        return self.db.execute("SELECT 1 FROM meta WHERE key = ?", (f"take_over:{stream}",)).fetchone() is not None
+
+    def stage_handover(self, rebuild: handover.Handover) -> None:
+        """Before `take_over`: read the stream's last event per key (`rebuild.pages`) into a private TEMP table.
+
+        Takes no lock on the outbox (the relay goes on), however long the stream."""
+        with guarded(self.path):
+            handover.stage(self.db, rebuild)
+
+    def take_over(
+        self, stream: str, seq: int, positions: dict[str, str], sources: Iterable[str],
+        rebuild: handover.Handover | None = None,
+    ) -> int:
         """This outbox took `stream` over from another (its lease, see straw/lease.py); the checkpoint is at `seq`.
 
         Our unpublished records of it are from an earlier lease of ours and were fenced by
         the other holder's claim: dropped (the checkpoint's positions re-read their changes).
         Our `seq` continues above `seq`, and `sources` continue from the checkpoint's positions
-        (from the start where it has none). Returns the number of records dropped.
+        (from the start where it has none). `rebuild` (staged by `stage_handover`): the keyed state
+        of its keyed sources and key sweeps, from the stream, written in short transactions first
+        (see outbox/handover.py); keyed sources start a new listing (one resumed half-way would
+        sweep the keys of the half we did not list).
+        Returns the number of records dropped.
         """
         db = self.db
+        if rebuild is not None:
+            written = handover.steps(db, rebuild)
+            while True:  # short transactions: the relay goes on in between (`owe_take_over` covers a crash)
+                with self._transaction():
+                    if next(written, _DONE) is _DONE:
+                        break
+            positions = {s: p for s, p in positions.items() if s not in rebuild.keyed}
         with self._transaction():
+            db.execute("DELETE FROM meta WHERE key = ?", (f"take_over:{stream}",))
             # Retained published records go too (a repair from them would publish over the new holder),
             # but only the unpublished ones count as dropped.
             dropped = int(db.execute(

@@ -92,7 +92,7 @@ def record(db: sqlite3.Connection, source: str, key_fields: Sequence[str], event
     epoch, next_id = _state(db, source)[:2]
     last: dict[str, str | None] = {}  # key -> key data, None: deleted (the last event of a key wins)
     for event in events:
-        parsed = _loads(event)
+        parsed = loads_event(event)
         key = parsed["subject"]
         if str(parsed["type"]).endswith("." + DELETED):
             last[key] = None
@@ -116,6 +116,41 @@ def record(db: sqlite3.Connection, source: str, key_fields: Sequence[str], event
     )
     if new:
         db.execute("UPDATE sweep_sources SET next_id = ? WHERE source = ?", (next_id + len(new), source))
+
+
+def hand_over(db: sqlite3.Connection, source: str) -> None:
+    """A takeover (outbox/handover.py): a sweep under way ends unfinished; the next one starts when due."""
+    db.execute("DELETE FROM sweep_seen WHERE source = ?", (source,))
+    _state(db, source)
+    db.execute("UPDATE sweep_sources SET running = 0, after = NULL WHERE source = ?", (source,))
+
+
+def reset(db: sqlite3.Connection, source: str, within: str, args: Sequence[str], *, exact: bool) -> None:
+    """As `keyed.reset`: exact, forget the keys this outbox delivered; else keep them for the next sweep."""
+    if exact:
+        db.execute(f"DELETE FROM sweep_keys WHERE source = ? {within}", (source, *args))
+
+
+def restore(db: sqlite3.Connection, source: str, staged: str, within: str, args: Sequence[str], base: int) -> None:
+    """As `keyed.restore`; restored keys carry the current epoch: the next sweep compares them."""
+    epoch = _state(db, source)[0]
+    db.execute(f"DELETE FROM sweep_keys WHERE source = ? AND key IN "
+               f"(SELECT key FROM {staged} WHERE source = ? {within} AND key_data IS NULL)", (source, source, *args))
+    db.execute(
+        f"INSERT INTO sweep_keys (source, key, key_data, epoch, id) "
+        f"SELECT source, key, key_data, ?, ? + ord FROM {staged} WHERE source = ? {within} AND key_data IS NOT NULL "
+        "ON CONFLICT (source, key) DO UPDATE SET key_data = excluded.key_data, epoch = excluded.epoch",
+        (epoch, base, source, *args),
+    )
+
+
+def next_id(db: sqlite3.Connection, source: str) -> int:
+    return _state(db, source)[1]
+
+
+def move_ids(db: sqlite3.Connection, source: str, to: int) -> None:
+    """Ids below `to` are taken (a takeover restored keys up to there)."""
+    db.execute("UPDATE sweep_sources SET next_id = max(next_id, ?) WHERE source = ?", (to, source))
 
 
 def begin(db: sqlite3.Connection, source: str, interval: float, now: float) -> Sweep | None:
@@ -208,7 +243,8 @@ def _known(db: sqlite3.Connection, source: str, keys: Sequence[str]) -> dict[str
     return found
 
 
-def _loads(event: bytes) -> dict[str, Any]:
+def loads_event(event: bytes) -> dict[str, Any]:
+    """An event as published (orjson, or json for integers beyond 64 bits)."""
     try:
         parsed: dict[str, Any] = orjson.loads(event)
     except orjson.JSONDecodeError:  # integers beyond 64 bits (legacy NUMERIC(30) keys)

@@ -12,7 +12,9 @@ Taking over, the new holder *claims* the stream's checkpoint in one script: it m
 partitioned) that wakes up with records from its last poll finds their `seq` at or below
 the checkpoint's, so its relay refuses them as split brain and publishes nothing over
 the new holder; on its next start (or at once, standing by) those fenced records are
-dropped, since the new holder re-read their changes from the checkpoint's positions.
+dropped, since the new holder re-read their changes from the checkpoint's positions. The
+keyed state of the stream's snapshot sources and key sweeps is rebuilt from the stream in
+the same takeover (`straw/handover.py`).
 """
 
 from __future__ import annotations
@@ -20,16 +22,21 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import redis
 import structlog
 
-from bus.redis import checkpoint_key, read_checkpoint
+from bus.redis import checkpoint_key, connect, read_checkpoint
 from bus.seam import Checkpoint
 from outbox.store import Outbox
-from straw.config import LeaseSpec
+from straw.config import Config, LeaseSpec
+from straw.handover import Handed, rebuild
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 log = structlog.get_logger("straw.lease")
 
@@ -166,18 +173,31 @@ class Leases:
         """The monotonic time of the next attempt at a lease not held."""
         return min((s.next_try for s in self._states.values() if not s.held_until), default=float("inf"))
 
-    def claim(self, outbox: Outbox, stream: str, sources: list[str]) -> bool:
-        """Fence the previous holder and continue from the checkpoint; False if the lease is gone meanwhile."""
+    def claim(self, outbox: Outbox, stream: str, sources: Sequence[Handed]) -> bool:
+        """Fence the previous holder and continue from the checkpoint; False if the lease is gone meanwhile.
+
+        The keyed state of `sources` (snapshots, listings, key sweeps) is rebuilt from the stream
+        (`straw/handover.py`) in the takeover's transaction.
+        """
         claimed, seq = self._claim(keys=[lease_key(stream), checkpoint_key(stream)],
                                    args=[self.node, outbox.identity, FENCE_GAP])
         if claimed < 0:
             self._states[stream].held_until = 0.0
             return False
         if claimed:
+            # Owed from now on, durably: if reading the stream or the takeover fails, the next claim finds the
+            # checkpoint ours already (claimed 0) and must still take over.
+            outbox.owe_take_over(stream)
+        if claimed or outbox.owes_take_over(stream):
             ckpt = read_checkpoint(self.client, stream)
-            dropped = outbox.take_over(stream, int(seq), ckpt.positions, sources)
+            rebuilt = rebuild(self.client, stream, int(seq), sources)
+            if rebuilt is not None:
+                outbox.stage_handover(rebuilt)  # no lock on the outbox while the stream is read
+            dropped = outbox.take_over(stream, int(seq), ckpt.positions, [s.name for s in sources], rebuilt)
             log.info("took over stream", stream=stream, seq=int(seq), fenced_records_dropped=dropped,
-                     positions=len(ckpt.positions))
+                     positions=len(ckpt.positions),
+                     **({} if rebuilt is None else {"keyed_events_read": rebuilt.events, "keyed_keys": rebuilt.keys,
+                                                    "keyed_state_exact": rebuilt.exact}))
         return True
 
     def drop(self, stream: str) -> None:
@@ -218,3 +238,65 @@ def holders(client: redis.Redis, streams: Iterable[str]) -> dict[str, str | None
         value = client.get(lease_key(stream))
         found[stream] = value.decode() if isinstance(value, bytes) else value
     return found
+
+
+class LeaseStatus:
+    """What `straw run` shows of its leases on the metrics port (`straw.web.LeaseView`, and `straw_lease_held`).
+
+    `leases` is read when asked: the port is served before the leases are set up.
+    """
+
+    def __init__(self, config: Config, leases: Callable[[], Leases | None], timeout: float = 1.0) -> None:
+        self.config = config
+        self._leases = leases
+        self._timeout = timeout  # the page and /readyz answer while Redis hangs
+        self._client: redis.Redis | None = None
+
+    def holders(self) -> dict[str, str] | None:
+        """Source -> node holding its stream's lease (a lapsed lease: left out); None while not known."""
+        if self._leases() is None:
+            return None
+        if self._client is None:
+            self._client = connect(self.config.bus_spec.url, socket_timeout=self._timeout)
+        try:
+            found = holders(self._client, self.config.streams)
+        except redis.RedisError:
+            return None
+        return {spec.name: node for spec in self.config.sources if (node := found.get(spec.stream)) is not None}
+
+    def describe(self) -> str:
+        leases = self._leases()
+        if leases is None:
+            return "lease: not set up yet"
+        held = sum(leases.holds(stream) for stream in self.config.streams)
+        return f"lease: node {leases.node}, ttl {leases.ttl:g} s; holds {held} of {len(self.config.streams)} stream(s)"
+
+    def collector(self) -> LeaseMetrics:
+        """For the metrics registry (which would take `describe` for its own protocol's)."""
+        return LeaseMetrics(self)
+
+    def held(self) -> Iterator[Metric]:
+        """`straw_lease_held`: which streams this node polls now (from its own state: no Redis call)."""
+        from prometheus_client.core import GaugeMetricFamily  # only with metrics configured (40 ms at import)
+
+        leases = self._leases()
+        held = GaugeMetricFamily("straw_lease_held", "1 if this node holds the stream's lease (polls its sources), "
+                                 "else 0 (standing by).", labels=["stream", "node"])
+        node = leases.node if leases is not None else (self.config.lease.node if self.config.lease else "")
+        for stream in self.config.streams:
+            held.add_metric([stream, node], 1.0 if leases is not None and leases.holds(stream) else 0.0)
+        yield held
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+class LeaseMetrics:
+    """A prometheus_client collector: `straw_lease_held` per stream."""
+
+    def __init__(self, status: LeaseStatus) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[Metric]:
+        return self.status.held()

@@ -37,7 +37,8 @@ from outbox.relay import adopt_streams
 from outbox.store import IDLE_NOTES_EVERY, Outbox, OutboxError
 from straw.config import AnySourceSpec, Config, DbSourceSpec
 from straw.config_scrape import ScrapeSourceSpec
-from straw.lease import Leases, drop_fenced, holders
+from straw.handover import Handed, handed
+from straw.lease import Leases, LeaseStatus, drop_fenced, holders
 from straw.mapping import DeadLetter, KeyedBatch, MappedBatch, Mapper, MappingError
 from straw.records import DELETED, observed_now, source_uri
 from straw.redact import describe
@@ -297,8 +298,11 @@ class Runner:
         from straw.metrics import Metrics
 
         self.metrics = Metrics(self.config.outbox.path, [s.name for s in self.config.sources], self.config.streams)
+        lease = LeaseStatus(self.config, lambda: self.leases) if self.config.lease is not None else None
+        if lease is not None:
+            self.metrics.registry.register(lease.collector())  # straw_lease_held
         try:
-            server = self.metrics.serve(spec.host, spec.port, self.config)
+            server = self.metrics.serve(spec.host, spec.port, self.config, lease)
         except OSError as exc:
             return RunResult(errors=[f"metrics: cannot listen on {spec.host}:{spec.port}: {exc.strerror or exc}"])
         log.info("serving metrics", url=f"http://{spec.host}:{spec.port}/metrics")
@@ -306,6 +310,8 @@ class Runner:
             return self._run(once, wait)
         finally:
             server.stop()
+            if lease is not None:
+                lease.close()
 
     def _run(self, once: bool, wait: float) -> RunResult:
         config = self.config
@@ -525,7 +531,7 @@ class Runner:
         taken, lost = self.leases.tick(now)
         for stream in taken:
             try:
-                if not self.leases.claim(outbox, stream, [p.spec.name for p in pipelines if p.spec.stream == stream]):
+                if not self.leases.claim(outbox, stream, self._handed(pipelines, stream)):
                     continue
             except (*REDIS_DOWN, redis.RedisError, OutboxError) as exc:
                 log.error("lease: claiming the stream failed; trying again", stream=stream, error=describe(exc))
@@ -539,13 +545,17 @@ class Runner:
             with contextlib.suppress(*REDIS_DOWN, redis.RedisError, OutboxError):
                 drop_fenced(self.leases.client, outbox, lost)
 
+    def _handed(self, pipelines: list[Pipeline], stream: str) -> list[Handed]:
+        """The sources of `stream`, and which keyed state a takeover rebuilds for them."""
+        return handed(self.config, [p.spec for p in pipelines if p.spec.stream == stream])
+
     def _once_lease(self, outbox: Outbox, pipelines: list[Pipeline], stream: str) -> str | None:
         """`run --once` with `lease:`: poll a stream only if its lease is free (or ours); None when it is."""
         assert self.leases is not None
         if not self.leases.holds(stream):
             taken, _lost = self.leases.tick(time.monotonic())
             for other in taken:  # every stream taken is claimed before any of its sources polls
-                if not self.leases.claim(outbox, other, [p.spec.name for p in pipelines if p.spec.stream == other]):
+                if not self.leases.claim(outbox, other, self._handed(pipelines, other)):
                     self.leases.drop(other)
             if not self.leases.holds(stream):
                 holder = holders(self.leases.client, [stream]).get(stream)

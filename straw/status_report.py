@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Any, TypeVar, cast
 
 from bus.connect import bus_name, checkpoint_label, open_bus
-from bus.redis import RedisBus
+from bus.redis import RedisBus, translated
 from bus.seam import Bus, BusDown, BusRefused
 from outbox.store import Outbox, SourceState
 from straw.config import Config
@@ -34,6 +34,15 @@ def with_bus(config: Config, action: Callable[[Bus], T], timeout: float = 3.0) -
         return f"unreachable ({describe(exc.__cause__ or exc)})"
     finally:
         bus.close()
+
+
+def _bus_facts(config: Config, bus: Bus, lengths: bool) -> tuple[dict[str, int], dict[str, str | None]]:
+    """The streams' lengths (if asked) and, with `lease:`, their lease holders, over one connection."""
+    found = {s: bus.length(s) for s in config.streams} if lengths else {}
+    if config.lease is None:
+        return found, {}
+    with translated():  # leases are Redis-only (the config refuses `lease:` elsewhere)
+        return found, holders(cast(RedisBus, bus).client, config.streams)
 
 
 def when(stamp: str | None) -> str:
@@ -109,13 +118,14 @@ def status_document(
             "dead_letters": dead.get(name, 0),
             "error": redact(state.error) if state and state.error else None,
         })
-    if config.lease is not None:  # active/standby pairs: which node polls each source now (its stream's lease)
-        leased = with_bus(config, lambda bus: holders(cast(RedisBus, bus).client, config.streams))
-        stream_of = {s.name: s.stream for s in config.sources}
-        for row in sources:
-            row["lease_holder"] = leased.get(stream_of[row["source"]]) if isinstance(leased, dict) else None
-    if lengths is None:
-        lengths = with_bus(config, lambda bus: {s: bus.length(s) for s in config.streams})
+    if lengths is None or config.lease is not None:  # one connection for both
+        found = with_bus(config, lambda bus: _bus_facts(config, bus, lengths is None))
+        if lengths is None:
+            lengths = found if isinstance(found, str) else found[0]
+        if config.lease is not None:  # active/standby pairs: which node polls each source now (its stream's lease)
+            stream_of = {s.name: s.stream for s in config.sources}
+            for row in sources:
+                row["lease_holder"] = None if isinstance(found, str) else found[1].get(stream_of[row["source"]])
     redis_error = lengths if isinstance(lengths, str) else None
     stream_rows: list[dict[str, Any]] = []
     for name in config.streams:

@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import closing, suppress
 from pathlib import Path
 from typing import IO, Any
@@ -29,6 +30,7 @@ from bus.redis import checkpoint_key
 from outbox.store import Outbox
 from straw.config import LeaseSpec
 from straw.config_load import ConfigError, load_config, parse_config
+from straw.handover import handed
 from straw.lease import FENCE_GAP, Leases, holders, lease_key
 from tests.crashes import spawn_straw, tail
 from tests.test_cli import run_straw
@@ -145,6 +147,20 @@ class Pair:
         return "\n".join(f"--- {name}\n{tail(self.tmp_path / f'{name}.log', 15)}" for name in self.configs)
 
 
+def start_pair(pair: Pair, client: redis.Redis, stream: str) -> Callable[[], str | None]:
+    """Start a (it takes the lease), then b (it stands by); return what tells the lease's holder now."""
+
+    def holder() -> str | None:
+        value = client.get(lease_key(stream))
+        return value.decode() if isinstance(value, bytes) else None
+
+    pair.start("a")
+    wait_for(lambda: holder() == "a", 30, pair, "a taking the lease")
+    pair.start("b")
+    wait_for(lambda: pair.standing_by("b") == 1, 30, pair, "b standing by")
+    return holder
+
+
 def wait_for(condition: Any, timeout: float, pair: Pair, what: str) -> float:
     started = time.monotonic()
     while not condition():
@@ -177,14 +193,9 @@ def test_failover_pair_kill_nine_ten_times_and_a_stop_past_the_lease(
                for name in ("a", "b")}
     pair = Pair(tmp_path, configs)
     writer = Writer(db_path)
-    key = lease_key(stream_name)
-    holder = lambda: (v.decode() if (v := redis_client.get(key)) else None)  # noqa: E731
     takeovers: list[tuple[float, bool]] = []  # (seconds, taken by the standby)
     try:
-        pair.start("a")
-        wait_for(lambda: holder() == "a", 30, pair, "a taking the lease")
-        pair.start("b")
-        wait_for(lambda: pair.standing_by("b") == 1, 30, pair, "b standing by")
+        holder = start_pair(pair, redis_client, stream_name)
         writer.start()
         wait_for(lambda: redis_client.xlen(stream_name) > 20, 30, pair, "first changes published")
         for round_ in range(11):
@@ -262,7 +273,8 @@ def test_a_stale_holder_cannot_publish_over_the_new_one(
         for outbox in outboxes.values():
             adopt_streams(RedisBus(redis_client), outbox, [stream_name])
         now = time.monotonic()
-        assert leases["a"].tick(now)[0] == [stream_name] and leases["a"].claim(outboxes["a"], stream_name, ["items"])
+        sources = handed(configs["a"], configs["a"].sources)  # one incrementing source: nothing keyed to rebuild
+        assert leases["a"].tick(now)[0] == [stream_name] and leases["a"].claim(outboxes["a"], stream_name, sources)
         assert leases["b"].tick(now)[0] == []  # a holds it
         assert holders(redis_client, [stream_name]) == {stream_name: "a"}
         shown = run_straw("status", "--json", "--config", str(tmp_path / "straw-b.yaml"))
@@ -277,7 +289,7 @@ def test_a_stale_holder_cannot_publish_over_the_new_one(
         leases["a"].renew()  # a's renewing thread finds it gone: a stops counting it as its own
         assert not leases["a"].holds(stream_name)
         assert leases["b"].tick(now + 60)[0] == [stream_name]
-        assert leases["b"].claim(outboxes["b"], stream_name, ["items"])
+        assert leases["b"].claim(outboxes["b"], stream_name, sources)
         ckpt = redis_client.hgetall(checkpoint_key(stream_name))
         assert int(ckpt[b"seq"]) == 1 + 2 * FENCE_GAP and ckpt[b"outbox"].decode() == outboxes["b"].identity
         assert outboxes["b"].position("items") == "p1"  # b goes on from what is in the stream
@@ -316,3 +328,81 @@ def test_lease_mistakes_are_one_line(lease: dict[str, Any], expected: str) -> No
         parse_config(yaml.safe_dump(data), FILE)
     (problem,) = caught.value.problems
     assert expected in str(problem) and problem.line is not None, str(problem)
+
+
+def test_the_metrics_port_shows_which_node_holds_each_stream(
+    tmp_path: Path, redis_client: redis.Redis, redis_url: str, stream_name: str
+) -> None:
+    """`straw_lease_held`, the status document's `lease` and /readyz, on both nodes, before and after a takeover."""
+    import httpx
+
+    from straw.local_redis import free_port
+    from tests.test_metrics import parse, with_metrics
+
+    db_url = legacy_table(tmp_path / "legacy.db")
+    ports = {"a": free_port(), "b": free_port()}
+    configs = {name: with_metrics(pair_config(tmp_path, name, db_url=db_url, redis_url=redis_url, stream=stream_name),
+                                  port) for name, port in ports.items()}
+    pair = Pair(tmp_path, configs)
+
+    def held(name: str) -> float | None:
+        try:
+            samples = parse(httpx.get(f"http://127.0.0.1:{ports[name]}/metrics", timeout=5).text)
+        except httpx.HTTPError:
+            return None
+        return samples.get(("straw_lease_held", (("node", name), ("stream", stream_name))))
+
+    def shown(name: str) -> tuple[Any, Any]:
+        base = f"http://127.0.0.1:{ports[name]}"
+        status = httpx.get(f"{base}/status.json", timeout=5).json()
+        ready = httpx.get(f"{base}/readyz", timeout=5).json()
+        return status["sources"][0]["lease"], next(c["detail"] for c in ready["checks"] if c["name"] == "lease")
+
+    try:
+        pair.start("a")
+        wait_for(lambda: held("a") == 1.0, 30, pair, "a holding the lease")
+        pair.start("b")
+        wait_for(lambda: pair.standing_by("b") == 1 and held("b") == 0.0, 30, pair, "b standing by")
+        assert shown("a") == ("a", "lease: node a, ttl 1 s; holds 1 of 1 stream(s)")
+        assert shown("b") == ("a", "lease: node b, ttl 1 s; holds 0 of 1 stream(s)")
+        pair.signal("a", signal.SIGKILL)
+        wait_for(lambda: held("b") == 1.0, 15, pair, "b taking over")
+        assert shown("b")[0] == "b"
+    finally:
+        pair.close()
+
+
+def test_status_with_a_lease_asks_redis_over_one_connection_and_says_when_it_is_down(
+    tmp_path: Path, redis_client: redis.Redis, redis_url: str, stream_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from straw import status_report
+    from straw.local_redis import free_port
+
+    db_url = legacy_table(tmp_path / "legacy.db")
+    path = pair_config(tmp_path, "a", db_url=db_url, redis_url=redis_url, stream=stream_name)
+    config = load_config(path)
+    redis_client.set(lease_key(stream_name), "a")
+    opened = [0]
+    real = status_report.open_bus
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        opened[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(status_report, "open_bus", counted)
+    outbox = Outbox(config.outbox.path)
+    try:
+        document = status_report.status_document(config, outbox)
+    finally:
+        outbox.close()
+    assert opened[0] == 1
+    assert document["sources"][0]["lease_holder"] == "a" and document["streams"][0]["length"] == 0
+    # Redis down: the holder is unknown and the streams say why, in one line each; no traceback.
+    down = yaml.safe_load(path.read_text())
+    down["redis"]["url"] = f"redis://127.0.0.1:{free_port()}/0"
+    path.write_text(yaml.safe_dump(down))
+    shown = run_straw("status", "--json", "--config", str(path))
+    assert "Traceback" not in shown.stderr, shown.stderr
+    status = json.loads(shown.stdout)
+    assert status["sources"][0]["lease_holder"] is None
+    assert "unreachable" in str(status["streams"][0]["error"]) + str(status.get("redis")), shown.stdout
