@@ -44,7 +44,7 @@ from nats.js import JetStreamContext
 from nats.js.api import Header, RawStreamMsg, StorageType, StreamConfig
 
 from bus.names import JetStreamOptions
-from bus.seam import BusDown, BusRefused, Checkpoint, Outgoing, Published
+from bus.seam import BusDown, BusRefused, Checkpoint, Outgoing, Published, positions_text
 
 T = TypeVar("T")
 
@@ -71,10 +71,7 @@ def covers(pattern: str, subject: str) -> bool:
     return len(want) == len(have)
 
 
-def positions_header(positions: dict[str, str]) -> str:
-    """JSON in ASCII (\\uXXXX escapes): a header value must survive any legacy key text, CR/LF included."""
-    fast = orjson.dumps(positions).decode()  # escapes control characters; leaves non-ASCII as is
-    return fast if fast.isascii() else json.dumps(positions, separators=(",", ":"))
+positions_header = positions_text  # the name tests and loaders know it by
 
 
 def event_id(event: bytes) -> str:
