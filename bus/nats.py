@@ -115,6 +115,27 @@ class Outbound(NamedTuple):
     lines: bytes  # every header line but the expectation, CRLF-terminated
 
 
+@dataclass(slots=True)
+class Awaited:
+    """The acks of one batch, filled in by reply as they come: one future for the lot, where a future per
+    message and a gather over them were a fifth of the relay's CPU on this bus."""
+
+    acks: list[Msg | None]
+    missing: int
+    done: asyncio.Future[None]
+
+    def arrived(self, index: int, msg: Msg) -> None:
+        if self.acks[index] is None and not self.done.done():
+            self.acks[index] = msg
+            self.missing -= 1
+            if not self.missing:
+                self.done.set_result(None)
+
+    async def all(self) -> list[Msg]:
+        await self.done
+        return [msg for msg in self.acks if msg is not None]
+
+
 @dataclass(frozen=True, slots=True)
 class Tail:
     """The subject's last message as this bus last saw it: the checkpoint and what the next publish expects."""
@@ -181,7 +202,7 @@ class NatsBus:
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._server_error: str | None = None  # the last -ERR the server sent (permissions arrive this way)
-        self._replies: dict[str, asyncio.Future[Msg]] = {}  # publish acks awaited, by reply subject
+        self._replies: dict[str, tuple[Awaited, int]] = {}  # publish acks awaited, by reply subject: where each goes
         self._reply_prefix = ""
         self._sent = 0
         self._tails: dict[str, Tail] = {}
@@ -197,9 +218,9 @@ class NatsBus:
 
     async def _on_disconnected(self) -> None:
         """Acks still awaited will never come on this connection: fail them now, not after the timeout."""
-        for future in self._replies.values():
-            if not future.done():
-                future.set_exception(nats.errors.ConnectionClosedError())
+        for awaited, _ in self._replies.values():
+            if not awaited.done.done():
+                awaited.done.set_exception(nats.errors.ConnectionClosedError())
         self._replies.clear()
 
     async def _connect(self) -> JetStreamContext:
@@ -220,16 +241,18 @@ class NatsBus:
         return self._js
 
     async def _on_reply(self, msg: Msg) -> None:
-        future = self._replies.pop(msg.subject, None)
-        if future is not None and not future.done():
-            future.set_result(msg)
+        taken = self._replies.pop(msg.subject, None)
+        if taken is not None:
+            taken[0].arrived(taken[1], msg)
 
-    def _reply_to(self) -> tuple[str, asyncio.Future[Msg]]:
+    def _awaiting(self, count: int) -> Awaited:
+        return Awaited([None] * count, count, self._loop.create_future())
+
+    def _reply_to(self, awaited: Awaited, index: int) -> str:
         self._sent += 1  # never reused: a late reply to an abandoned batch settles nothing
         subject = f"{self._reply_prefix}.{self._sent}"
-        future: asyncio.Future[Msg] = self._loop.create_future()
-        self._replies[subject] = future
-        return subject, future
+        self._replies[subject] = (awaited, index)
+        return subject
 
     def _run(self, work: Coroutine[Any, Any, T]) -> T:
         """Run one call on the private loop, its errors as the seam's."""
@@ -377,14 +400,12 @@ class NatsBus:
     async def _pipelined(self, stream: str, messages: list[Outbound], after: int) -> list[Ack]:
         """All sent, then all acks awaited: the first fenced on the subject's last sequence, each later one on
         the id of the one before (a stream-wide check: another subject's message in between cuts the chain)."""
-        replies: list[asyncio.Future[Msg]] = []
+        awaited = self._awaiting(len(messages))
         expect = expectation(Header.EXPECTED_LAST_SUBJECT_SEQUENCE, str(after))
-        for message in messages:
-            reply, future = self._reply_to()
-            replies.append(future)
-            await self._send(stream, reply, message, expect)
+        for index, message in enumerate(messages):
+            await self._send(stream, self._reply_to(awaited, index), message, expect)
             expect = expectation(Header.EXPECTED_LAST_MSG_ID, message.msg_id)
-        return [ack_of(msg) for msg in await asyncio.gather(*replies)]
+        return [ack_of(msg) for msg in await awaited.all()]
 
     async def _send(self, subject: str, reply: str, message: Outbound, expect: bytes) -> None:
         """One HPUB of the message's prebuilt header lines plus its expectation.
@@ -428,9 +449,10 @@ class NatsBus:
         """The rest of a batch another publisher's message cut (same JetStream stream, other subject): one at a
         time, each fenced on the subject's last sequence as the previous ack gave it. None if refused."""
         for message in messages:
-            reply, future = self._reply_to()
-            await self._send(stream, reply, message, expectation(Header.EXPECTED_LAST_SUBJECT_SEQUENCE, str(after)))
-            ack = ack_of(await future)
+            awaited = self._awaiting(1)
+            await self._send(stream, self._reply_to(awaited, 0), message,
+                             expectation(Header.EXPECTED_LAST_SUBJECT_SEQUENCE, str(after)))
+            ack = ack_of((await awaited.all())[0])
             await self._same_subject(stream, [ack])
             if not ack.stored:
                 if ack.error is not None and ack.err_code != WRONG_LAST_SEQUENCE:
