@@ -15,8 +15,8 @@ import struct
 
 CONTENT_TYPE = "application/cloudevents+json"
 
-_DESCRIBED = b"\x00\x53"  # a described type whose descriptor is a smallulong
-_PROPERTIES, _APPLICATION_PROPERTIES, _DATA = 0x73, 0x74, 0x75
+_DESCRIBED = b"\x00\x53"  # a described type whose descriptor is a smallulong: the section's code follows
+_PROPERTIES, _APPLICATION, _DATA = _DESCRIBED + b"\x73", _DESCRIBED + b"\x74", _DESCRIBED + b"\x75"
 _NULL = b"\x40"
 
 
@@ -28,7 +28,7 @@ def _symbol(value: str) -> bytes:
 def _properties(content_type: str) -> bytes:
     """The properties section as rstream writes it: all 13 fields, nulls included, content-type the 7th."""
     fields = _NULL * 6 + _symbol(content_type) + _NULL * 6
-    return _DESCRIBED + bytes((_PROPERTIES, 0xC0, len(fields) + 1, 13)) + fields
+    return _PROPERTIES + bytes((0xC0, len(fields) + 1, 13)) + fields  # list8: size, count, fields
 
 
 _PROPERTIES_SECTION = _properties(CONTENT_TYPE)
@@ -63,12 +63,12 @@ def encode(seq: int, position: str, source: str, outbox: str, positions: str, bo
     entries = b"".join((k_seq, _integer(seq), k_pos, _string(position), k_source, _string(source),
                         k_outbox, _string(outbox), k_positions, _string(positions)))
     size = len(entries)
-    if size < 255:
-        application = b"\x00\x53\x74\xc1" + _PACK_B(size + 1) + _PACK_B(_MAP_COUNT) + entries
+    if size < 255:  # map8, else map32 (rstream's limits: the count byte is inside the size)
+        application = _APPLICATION + b"\xc1" + _PACK_B(size + 1) + _PACK_B(_MAP_COUNT) + entries
     else:
-        application = b"\x00\x53\x74\xd1" + _PACK_L(size + 4) + _PACK_L(_MAP_COUNT) + entries
+        application = _APPLICATION + b"\xd1" + _PACK_L(size + 4) + _PACK_L(_MAP_COUNT) + entries
     if not body:  # rstream writes no data section for an empty body; the reader takes none as b""
         return _PROPERTIES_SECTION + application
     length = len(body)
-    data = b"\x00\x53\x75" + (_SMALL_BIN + _PACK_B(length) if length <= 255 else _LARGE_BIN + _PACK_L(length))
+    data = _DATA + (_SMALL_BIN + _PACK_B(length) if length <= 255 else _LARGE_BIN + _PACK_L(length))
     return b"".join((_PROPERTIES_SECTION, application, data, body))

@@ -72,9 +72,6 @@ def covers(pattern: str, subject: str) -> bool:
     return len(want) == len(have)
 
 
-positions_header = positions_text  # the name tests and loaders know it by
-
-
 def event_id(event: bytes) -> str:
     """The CloudEvent id: sliced from straw's own encoding, parsed for any other."""
     if event.startswith(_EVENT_HEAD):
@@ -84,6 +81,8 @@ def event_id(event: bytes) -> str:
 
 
 _NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+_STATUS_LINE = b"NATS/1.0\r\n"
+_MSG_ID, _SEQ, _POSITIONS = (f"{name}: ".encode() for name in (Header.MSG_ID.value, SEQ, POSITIONS))
 # nats-py's own send path (2.16): used when present, see `NatsBus._send`.
 RAW_SEND = all(hasattr(Client, name) for name in ("_send_command", "_flush_pending"))
 
@@ -378,8 +377,8 @@ class NatsBus:
             positions[source] = position
             msg_id = header_value(event_id(event))
             messages.append(Outbound(event, msg_id, b"".join((
-                b"Nats-Msg-Id: ", msg_id.encode(), b"\r\nStraw-Seq: ", b"%d" % seq,
-                b"\r\nStraw-Positions: ", positions_text(positions).encode(), b"\r\n", fixed,
+                _MSG_ID, msg_id.encode(), b"\r\n", _SEQ, b"%d\r\n" % seq,
+                _POSITIONS, positions_text(positions).encode(), b"\r\n", fixed,
             ))))
         acks = await self._pipelined(stream, messages, tail.subject_seq)
         await self._same_subject(stream, acks)
@@ -416,7 +415,7 @@ class NatsBus:
         does after encoding; on a nats-py without those internals, through `publish` as before."""
         nc = self._nc
         assert nc is not None
-        header = b"".join((b"NATS/1.0\r\n", message.lines, expect, b"\r\n"))
+        header = b"".join((_STATUS_LINE, message.lines, expect, b"\r\n"))
         if not RAW_SEND:
             await nc.publish(subject, message.event, reply=reply, headers=parse_header(header))
             return
