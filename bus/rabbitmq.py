@@ -33,15 +33,16 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from rstream import AMQPMessage, OffsetType, OnClosedErrorInfo, Properties, amqp_decoder, exceptions
+from rstream import AMQPMessage, OffsetType, OnClosedErrorInfo, amqp_decoder, exceptions
 from rstream.client import Addr, Client, ClientPool
 from rstream.schema import Deliver, Message, OffsetSpec, Publish, PublishConfirm, PublishError
 
-from bus.seam import BusDown, BusRefused, Checkpoint, Outgoing, Published
+from bus import amqp
+from bus.seam import BusDown, BusRefused, Checkpoint, Outgoing, Published, positions_text
 
 SCHEMES = ("rabbitmq-stream", "rabbitmq-stream+tls")
 DEFAULT_PORTS = {"rabbitmq-stream": 5552, "rabbitmq-stream+tls": 5551}
-CONTENT_TYPE = "application/cloudevents+json"
+CONTENT_TYPE = amqp.CONTENT_TYPE
 PRODUCER_PREFIX = "straw."
 # RabbitMQ's own limit on a stream (queue) name, in UTF-8 bytes; the stream protocol sends it as a short string.
 # Before RabbitMQ 3.11 the stream protocol cannot say whether a stream is empty: a subscription at its last
@@ -387,13 +388,8 @@ class RabbitStreamBus:
         messages = []
         for seq, source, position, event in batch:
             positions[source] = position
-            amqp = AMQPMessage(
-                body=event,
-                properties=Properties(content_type=CONTENT_TYPE),
-                application_properties={"seq": seq, "pos": position, "source": source, "outbox": identity,
-                                        "positions": json.dumps(positions, separators=(",", ":"))},
-            )
-            messages.append(Message(publishing_id=seq, filter_value=None, data=bytes(amqp)))
+            data = amqp.encode(seq, position, source, identity, positions_text(positions), event)
+            messages.append(Message(publishing_id=seq, filter_value=None, data=data))
         writer.confirmed.clear()
         writer.failed.clear()
         writer.news.clear()

@@ -11,9 +11,12 @@ checkpoint, never by resending); and errors sorted into "wait and retry"
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
+
+import orjson
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +44,13 @@ class Outgoing(NamedTuple):
     source: str
     position: str
     event: bytes  # the CloudEvent, structured JSON
+
+
+def positions_text(positions: dict[str, str]) -> str:
+    """A checkpoint's positions as the buses that carry them per message write them: compact JSON in ASCII
+    (\\uXXXX escapes), so any legacy key text, CR/LF included, survives a header or a property."""
+    fast = orjson.dumps(positions).decode()  # escapes control characters; leaves non-ASCII as is
+    return fast if fast.isascii() else json.dumps(positions, separators=(",", ":"))
 
 
 class Published(NamedTuple):

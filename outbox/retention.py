@@ -10,14 +10,17 @@ while nothing new is published to it.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
-import redis
 import structlog
 
-from bus.redis import RedisBus, translated
 from bus.seam import Bus
+
+if TYPE_CHECKING:
+    import redis
 
 log = structlog.get_logger("straw.retention")
 
@@ -36,10 +39,13 @@ class Trimmer:
     def __call__(self, bus: Bus) -> None:
         now = self.clock()
         # Only Redis streams are trimmed by straw; JetStream and RabbitMQ streams keep their own max age.
-        if not self.ages or now < self._next or not isinstance(bus, RedisBus):
+        # A RedisBus exists only once bus.redis is loaded: the relay of a NATS or RabbitMQ site never loads
+        # redis-py (a third of its start-up CPU) just for this check.
+        redis_bus = sys.modules.get("bus.redis")
+        if not self.ages or now < self._next or redis_bus is None or not isinstance(bus, redis_bus.RedisBus):
             return
         for stream, age in self.ages.items():
-            with translated():
+            with redis_bus.translated():
                 trimmed = trim(bus.client, stream, age, now)
             if trimmed:
                 log.info("trimmed stream", stream=stream, entries=trimmed, max_age_seconds=age)

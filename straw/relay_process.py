@@ -20,18 +20,23 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import IO, Any
+from dataclasses import asdict
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
 from bus.connect import open_bus
+from bus.names import JetStreamOptions
 from bus.seam import BusRefused, Durability
 from outbox.relay import Gap, Health, run_relay
 from outbox.retention import Trimmer
 from outbox.store import Keep, Outbox, OutboxError
 from straw import logs
-from straw.config import Config
 from straw.redact import redact, register_secret, registered_secrets
+
+if TYPE_CHECKING:  # the child never imports the config models: see `relay_settings`
+    from straw.config import Config
 
 _PR_SET_PDEATHSIG = 1
 
@@ -65,6 +70,36 @@ def _send(out: IO[bytes], message: dict[str, Any]) -> None:
     out.flush()
 
 
+def relay_settings(config: Config) -> dict[str, Any]:
+    """What the child needs of the configuration, as plain JSON. The child then never imports straw.config:
+    building its pydantic models was 40 % of the child's start-up CPU, and the child's start-up is on the
+    critical path of a run (measured on the NATS slice, bench/README.md "Session 5 — bus-speed")."""
+    bus = config.bus_spec
+    retain = config.outbox.retain
+    jetstream = bus.jetstream_options()
+    return {
+        "log_format": config.log.format,
+        "outbox": str(config.outbox.path),
+        "bus": {
+            "url": bus.url,
+            "socket_timeout": bus.socket_timeout,
+            "durability": [bus.durability.value, bus.replicas, bus.durability_timeout],
+            "jetstream": asdict(jetstream) if jetstream is not None else None,
+        },
+        "relay": {
+            "maxlen": config.relay.maxlen,
+            "batch_size": config.relay.batch_size,
+            "idle_interval": config.relay.idle_interval,
+            "backoff_max": config.relay.backoff_max,
+        },
+        "streams": config.streams,
+        "metrics": config.metrics is not None,
+        "max_ages": config.stream_max_ages(),
+        "retention_interval": config.retention.interval,
+        "keep": [retain.age, retain.records, retain.megabytes << 20],
+    }
+
+
 def child_main() -> int:
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -74,8 +109,8 @@ def child_main() -> int:
         return 1  # the parent is gone already
     for secret in setup["secrets"]:
         register_secret(secret)
-    config = Config.model_validate(setup["config"])
-    logs.setup(setup["log_level"], config.log.format)
+    settings = setup["settings"]
+    logs.setup(setup["log_level"], settings["log_format"])
     stop, drained = threading.Event(), threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which tells us
     wake = threading.Event()
@@ -98,26 +133,26 @@ def child_main() -> int:
     try:
         # NORMAL: the relay's commits only mark records published; if power loss undoes one,
         # the Redis checkpoint says what was published and the next round reconciles.
-        outbox = Outbox(config.outbox.path, synchronous="NORMAL")
-        bus = config.bus_spec
-        durability = Durability(bus.durability.value, bus.replicas, bus.durability_timeout)
-        retain = config.outbox.retain
+        outbox = Outbox(Path(settings["outbox"]), synchronous="NORMAL")
+        bus, relay = settings["bus"], settings["relay"]
+        durability = Durability(*bus["durability"])
+        jetstream = JetStreamOptions(**bus["jetstream"]) if bus["jetstream"] else None
         run_relay(
             lambda: open_bus(
-                bus.url, socket_timeout=bus.socket_timeout, maxlen=config.relay.maxlen,
-                jetstream=bus.jetstream_options(), durability=durability,
+                bus["url"], socket_timeout=bus["socket_timeout"], maxlen=relay["maxlen"], jetstream=jetstream,
+                durability=durability,
             ),
             outbox,
-            config.streams,
+            settings["streams"],
             stop=stop,
-            batch_size=config.relay.batch_size,
-            idle_interval=config.relay.idle_interval,
-            backoff_max=config.relay.backoff_max,
+            batch_size=relay["batch_size"],
+            idle_interval=relay["idle_interval"],
+            backoff_max=relay["backoff_max"],
             drained=drained.is_set,
             wake=wake,
-            health=ReportingHealth(stdout, rounds=config.metrics is not None),
-            after_round=Trimmer(config.stream_max_ages(), config.retention.interval),
-            keep=Keep(retain.age, retain.records, retain.megabytes << 20),
+            health=ReportingHealth(stdout, rounds=settings["metrics"]),
+            after_round=Trimmer(settings["max_ages"], settings["retention_interval"]),
+            keep=Keep(*settings["keep"]),
         )
     except (BusRefused, OutboxError, Gap) as exc:  # already the operator's one line
         _send(stdout, {"error": redact(str(exc))})
@@ -151,14 +186,11 @@ class RelayProcess:
             env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
         )
         assert self._process.stdin is not None
-        config = self.config.model_dump(mode="json", by_alias=True)
-        if self.config.bus is not None:
-            config.pop("redis")  # its defaults would read as given beside `bus`, which the config refuses
         setup = {
             "parent": os.getpid(),
             "secrets": registered_secrets(),
             "log_level": self.log_level,
-            "config": config,
+            "settings": relay_settings(self.config),
         }
         self._process.stdin.write(orjson.dumps(setup) + b"\n")
         self._process.stdin.flush()
