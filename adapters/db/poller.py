@@ -817,6 +817,8 @@ class DbSource:
                 self.settle.bound(conn, self)
             settled = f"; settle: {self.settle.name} ({self.settle.why})"
         sweep = keys.describe(self, self._keys) if self._keys else ""
+        if self.spec.mode is ChangeMode.SNAPSHOT:
+            settled = f"; digest: {self.digest_choice().why}"
         return f"{url} {what}: {len(self._names)} columns, mode {self.spec.mode.value}{settled}{sweep}"
 
     def close(self) -> None:
