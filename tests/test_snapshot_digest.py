@@ -67,7 +67,8 @@ numbers = st.one_of(st.none(), st.sampled_from([Decimal("1.0"), Decimal("1.00"),
 doubles = st.one_of(st.none(), st.sampled_from([0.1, 0.1 + 0.2, 0.30000000000000004, 1.0, 1.0000000000000002, 1e300]),
                     st.floats(allow_nan=False, allow_infinity=False, min_value=-1e300, max_value=1e300))
 singles = st.one_of(st.none(), st.sampled_from([1.0, 1.0000001, 3.4028234e38, 3.4028233e38]),
-                    st.floats(width=32, allow_nan=False, allow_infinity=False, min_value=-(2.0**100), max_value=2.0**100))
+                    st.floats(width=32, allow_nan=False, allow_infinity=False, min_value=-(2.0**100),
+                              max_value=2.0**100))
 times = st.one_of(st.none(), st.datetimes(min_value=dt.datetime(1900, 1, 1), max_value=dt.datetime(2100, 1, 1)))
 blobs = st.one_of(st.none(), st.sampled_from([b"", b"\x00", b"N", b"V1:"]), st.binary(max_size=8))
 ROW = st.tuples(texts, chars, numbers, doubles, singles, times, blobs)
