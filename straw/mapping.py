@@ -24,7 +24,7 @@ from outbox.keyed import SEEN, Change
 from straw.coerce import Coercer, Unreadable, coercer
 from straw.config import EntitySpec
 from straw.records import DELETED, UPSERTED, Envelope, observed_now, subject, subject_part
-from straw.source import DB_DIGEST, RawBatch
+from straw.source import RawBatch, database_digest
 
 log = structlog.get_logger("straw.mapping")
 
@@ -223,7 +223,7 @@ class Mapper:
         if stored is not None:
             known = stored([k for k in keys if k is not None])
             before = [known.get(k, _NOT_KNOWN) if k is not None else _NOT_KNOWN for k in keys]
-            if not self._switch_noted and batch.digests is None and any(b[1][:1] == DB_DIGEST for b in before):
+            if not self._switch_noted and batch.digests is None and any(database_digest(b[1]) for b in before):
                 self._note_switch("the database's", "Python")
             changed = [i for i, (b, d) in enumerate(zip(before, digests, strict=True)) if b[1] != d]
             if len(changed) < len(batch.rows):
@@ -277,7 +277,7 @@ class Mapper:
                 unchanged.append((key, before[0]))  # type: ignore[arg-type]
             else:
                 changed.append(index)
-                other += before is not None and before[1][:1] != DB_DIGEST
+                other += before is not None and not database_digest(before[1])
         if other and not self._switch_noted:
             self._note_switch("Python", "the database's")
         if not changed:

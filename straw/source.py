@@ -28,6 +28,11 @@ from typing import Any, Protocol
 DB_DIGEST = b"d"
 
 
+def database_digest(digest: bytes) -> bool:
+    """Whether a stored digest is the database's (a Python digest may start with the same byte: 16 bytes)."""
+    return len(digest) == 17 and digest[:1] == DB_DIGEST
+
+
 @dataclass(frozen=True, slots=True)
 class RawBatch:
     """Rows read after a stored position, each with the position it moves the source to.

@@ -399,3 +399,10 @@ def test_single_floats_that_differ_beyond_six_digits_differ(hostile: tuple[Engin
         conn.execute(insert(table), [{"id": 1, "r": 1.0000001}, {"id": 2, "r": 1.0000002}, {"id": 3, "r": 1.0}])
     digests = [d for _row, d in _digests(engine, table)]
     assert len(set(digests)) == 3
+
+
+def test_a_python_digest_that_starts_like_a_database_one_is_not_taken_for_one() -> None:
+    from straw.source import database_digest
+
+    assert not database_digest(b"d" + bytes(15))  # 16 bytes: blake2b's, whatever its first byte
+    assert database_digest(b"d" + bytes(16))
