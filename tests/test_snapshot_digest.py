@@ -45,6 +45,7 @@ from outbox.store import Outbox
 from straw.config_load import ConfigError, load_config
 from straw.runner import Pipeline, build_pipeline, poll
 from tests.helpers import orders_config
+from tests.test_db_snapshot import snapshot_config
 
 DIALECTS = ["pg_url", "mariadb_url"]
 
@@ -153,11 +154,6 @@ def test_timestamps_with_zones_digest_the_instant(url: str) -> None:
 # --- the listing: only new and changed rows are read in full -----------------------------------------------------
 
 
-def digest_config(tmp_path: Path, db_url: str, redis_url: str, stream: str, **source: Any) -> Path:
-    return orders_config(tmp_path, db_url=db_url, redis_url=redis_url, stream=stream, mode="snapshot",
-                         timestamp_column=None, key_column=None, **source)
-
-
 class Fetches:
     """Counts the rows a digest listing reads in full (wrapping the source's own fetch, nothing faked)."""
 
@@ -201,7 +197,7 @@ def test_listing_reads_only_new_and_changed_rows(
     engine = create_engine(url)
     table = create_orders(engine, 45)
     # pages of 20 keys: three per listing
-    path = digest_config(tmp_path, url, redis_url, stream_name, batch_size=2)
+    path = snapshot_config(tmp_path, url, redis_url, stream_name, batch_size=2)
     pipeline, outbox, fetched = _open(path, redis_client, stream_name)
     source = pipeline.source
     assert isinstance(source, DbSource)
@@ -243,14 +239,14 @@ def test_a_changed_mapping_reads_every_row_again_once(
     mapping must not find the old digests equal."""
     engine = create_engine(url)
     create_orders(engine, 12)
-    path = digest_config(tmp_path, url, redis_url, stream_name)
+    path = snapshot_config(tmp_path, url, redis_url, stream_name)
     pipeline, outbox, _fetched = _open(path, redis_client, stream_name)
     try:
         poll(pipeline, outbox)
     finally:
         outbox.close()
         pipeline.source.close()
-    path = digest_config(tmp_path, url, redis_url, stream_name, trim_char=True)
+    path = snapshot_config(tmp_path, url, redis_url, stream_name, trim_char=True)
     pipeline, outbox, fetched = _open(path, redis_client, stream_name)
     try:
         poll(pipeline, outbox)
@@ -273,7 +269,7 @@ def test_switching_digest_kind_sends_nothing_for_unchanged_rows(
     engine = create_engine(url)
     table = create_orders(engine, 25)
     then = "python" if first == "database" else "database"
-    pipeline, outbox, _fetched = _open(digest_config(tmp_path, url, redis_url, stream_name, digest=first),
+    pipeline, outbox, _fetched = _open(snapshot_config(tmp_path, url, redis_url, stream_name, digest=first),
                                        redis_client, stream_name)
     try:
         assert poll(pipeline, outbox) == 25
@@ -282,7 +278,7 @@ def test_switching_digest_kind_sends_nothing_for_unchanged_rows(
         pipeline.source.close()
     with engine.begin() as conn:
         conn.execute(update(table).where(table.c.ORDER_NO == 9).values(STATUS="SWITCHED"))
-    pipeline, outbox, fetched = _open(digest_config(tmp_path, url, redis_url, stream_name, digest=then),
+    pipeline, outbox, fetched = _open(snapshot_config(tmp_path, url, redis_url, stream_name, digest=then),
                                       redis_client, stream_name)
     try:
         with capture_logs() as logs:
@@ -308,7 +304,7 @@ def test_resumes_after_the_last_committed_page(
     listing's end deletes only what no part of it saw."""
     engine = create_engine(url)
     table = create_orders(engine, 30)
-    path = digest_config(tmp_path, url, redis_url, stream_name, batch_size=1, max_rows_per_poll=8)
+    path = snapshot_config(tmp_path, url, redis_url, stream_name, batch_size=1, max_rows_per_poll=8)
     pipeline, outbox, fetched = _open(path, redis_client, stream_name)
     try:
         assert [poll(pipeline, outbox) for _ in range(4)] == [8, 8, 8, 6]
