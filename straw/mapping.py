@@ -277,7 +277,7 @@ class Mapper:
                 unchanged.append((key, before[0]))  # type: ignore[arg-type]
             else:
                 changed.append(index)
-                other += before is not None and not database_digest(before[1])
+                other += before is not None and digest is not None and not database_digest(before[1])
         if other and not self._switch_noted:
             self._note_switch("Python", "the database's")
         if not changed:
