@@ -144,26 +144,59 @@ def _worker(step: str, config: Path) -> dict[str, Any]:
 
 
 def _snapshot_diff(bench: Bench, url: str, table: str, rows: int) -> tuple[float, float]:
-    work = bench.workdir("snapshot")
+    """The Python digest's diff (`digest: python`): every row read and hashed here."""
+    return _snapshot_diffs(bench, url, table, rows, ("python",))["python"]
+
+
+def _snapshot_diffs(
+    bench: Bench, url: str, table: str, rows: int, digests: tuple[str, ...]
+) -> dict[str, tuple[float, float]]:
+    """(rows/s, peak RSS MB) of a diff per `digest:` setting, each with an outbox of its own primed on the
+    same table, then all facing the same change: 1 % of the rows updated, 0.5 % deleted."""
+    works = {kind: bench.workdir(f"snapshot-{kind}") for kind in digests}
     try:
-        config = write_config(work, db_url=url, redis_url=bench.redis_url, stream="unused", mode="snapshot",
-                              table=table)
-        _worker("prime", config)
+        configs = {kind: write_config(work, db_url=url, redis_url=bench.redis_url, stream="unused", mode="snapshot",
+                                      table=table, digest=kind) for kind, work in works.items()}
+        for config in configs.values():
+            _worker("prime", config)
         engine = create_engine(url)
         with engine.begin() as conn:
             conn.execute(text(f'UPDATE "{table}" SET "STATUS" = \'SHIPPED\' WHERE "ORDER_NO" % 100 = 7'))
             conn.execute(text(f'DELETE FROM "{table}" WHERE "ORDER_NO" % 200 = 3'))
         engine.dispose()
-        result = _worker("diff", config)
+        return {kind: _diffed(kind, rows, _worker("diff", config)) for kind, config in configs.items()}
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        for work in works.values():
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _diffed(kind: str, rows: int, result: dict[str, Any]) -> tuple[float, float]:
+    """A diff's (rows/s, peak RSS MB), logged as it comes; checked to have written exactly the change."""
     expected = rows // 100 + rows // 200  # 1 % upserted, 0.5 % deleted
     if abs(result["records"] - expected) > 2:
-        raise RuntimeError(f"the diff wrote {result['records']} records, expected {expected}")
+        raise RuntimeError(f"the {kind} digest's diff wrote {result['records']} records, expected {expected}")
     rate = result["rows"] / result["seconds"]
-    log(f"snapshot diff of {rows:,} rows: {rate:,.0f} rows/s, {result['records']:,} records, "
-        f"peak RSS {result['peak_rss_mb']:.0f} MB")
+    log(f"snapshot diff ({kind} digest) of {rows:,} rows: {rate:,.0f} rows/s, {result['records']:,} records, "
+        f"peak RSS {result['peak_rss_mb']:.0f} MB, {result['seconds']:.2f} s")
     return rate, float(result["peak_rss_mb"])
+
+
+def snapshot_db_digest(bench: Bench, big: int, small: int) -> list[dict[str, Any]]:
+    """`snapshot_db_digest_rows_per_s`: the database's digests against the Python digest's diff of the same
+    table in the same run; its peak RSS against its own on the small table (flat: no per-row growth)."""
+    with postgres_database() as url:
+        fill_orders(url, small, "ORDERS_SMALL")
+        small_rss = _snapshot_diffs(bench, url, "ORDERS_SMALL", small, ("database",))["database"][1]
+        fill_orders(url, big, "ORDERS_BIG")
+        found = _snapshot_diffs(bench, url, "ORDERS_BIG", big, ("python", "database"))
+    (rate, rss), (python_rate, _python_rss) = found["database"], found["python"]
+    label = f"{small // 1000}k"
+    return [
+        {"measure": "snapshot_db_digest_rows_per_s", "value": rate, "unit": "rows/s",
+         "baseline": "snapshot_python_digest_rows_per_s", "baseline_value": python_rate},
+        {"measure": "snapshot_db_digest_peak_rss_mb", "value": rss, "unit": "MB",
+         "baseline": f"snapshot_db_digest_peak_rss_mb_{label}", "baseline_value": small_rss},
+    ]
 
 
 def snapshot_diff(bench: Bench, big: int, small: int) -> list[dict[str, Any]]:

@@ -140,6 +140,10 @@ def _snapshots(bench: Bench, scale: Scale) -> list[dict[str, Any]]:
     return db_bench.snapshot_diff(bench, *_db_big(scale))
 
 
+def _db_digests(bench: Bench, scale: Scale) -> list[dict[str, Any]]:
+    return db_bench.snapshot_db_digest(bench, *_db_big(scale))
+
+
 def _latency(bench: Bench, scale: Scale) -> list[dict[str, Any]]:
     return latency_bench.change_latency(bench, quick=scale is QUICK)
 
@@ -173,6 +177,8 @@ MEASURES: dict[str, Callable[[Bench, Scale], Result]] = {
     "idle_poll_ms": lambda bench, scale: Result(**db_bench.idle_poll(bench, _db_big(scale)[0])),
     "snapshot_diff_rows_per_s": _one_of(_snapshots, "snapshot_diff_rows_per_s"),
     "snapshot_diff_peak_rss_mb": _one_of(_snapshots, "snapshot_diff_peak_rss_mb"),
+    "snapshot_db_digest_rows_per_s": _one_of(_db_digests, "snapshot_db_digest_rows_per_s"),
+    "snapshot_db_digest_peak_rss_mb": _one_of(_db_digests, "snapshot_db_digest_peak_rss_mb"),
     "key_sweep_rows_per_s": _one_of(_sweeps, "key_sweep_rows_per_s"),
     "key_sweep_peak_rss_mb": _one_of(_sweeps, "key_sweep_peak_rss_mb"),
     "takeover_rebuild_entries_per_s": _one_of(_takeovers, "takeover_rebuild_entries_per_s"),

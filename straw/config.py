@@ -233,6 +233,14 @@ class DbSourceSpec(Scheduled):
         description="a batch also closes at about this many bytes of row values (at least 1 MB; default 64 MB): "
         "peak memory follows it, not `batch_size`, when rows are wide (2 MB rows: 32 a batch)",
     )
+    digest: Literal["auto", "database", "python"] = Field(
+        default="auto",
+        description="snapshot mode: where each row's digest is computed. `database`: PostgreSQL or MariaDB/MySQL "
+        "hashes the rows, a listing reads keys and digests and then only new and changed rows in full; `python`: "
+        "every row is read and hashed here; `auto`: `database` for a table keyed by its primary key (or a unique "
+        "index) on those databases, else `python`. Switching reads every row once and sends nothing for unchanged "
+        "ones (see Snapshot digests)",
+    )
     deletes: DeletesSpec | None = Field(
         default=None,
         description="`{sweep_interval: 1h}`, timestamp and incrementing mode: a key sweep turns rows deleted from "
@@ -304,6 +312,18 @@ class DbSourceSpec(Scheduled):
                 "mode 'timestamp' needs `timestamp_column` (last change time) and `key_column` "
                 "(unique tie-breaker, so rows sharing a timestamp are never skipped)",
                 {"at": ("mode",)},
+            )
+        if self.digest != "auto" and self.mode is not ChangeMode.SNAPSHOT:
+            raise PydanticCustomError(
+                "digest", "`digest` applies to mode 'snapshot' only; remove it", {"at": ("digest",)}
+            )
+        if self.digest == "database" and (
+            self.url.startswith("odbc:") or sql_guard.dialect_for(self.url) not in ("postgres", "mysql")
+        ):
+            raise PydanticCustomError(
+                "digest",
+                "`digest: database` needs PostgreSQL or MariaDB/MySQL (not through ODBC); use `auto` or `python`",
+                {"at": ("digest",)},
             )
         if self.deletes is not None and self.mode is ChangeMode.SNAPSHOT:
             raise PydanticCustomError(

@@ -18,12 +18,15 @@ from operator import itemgetter
 from typing import Any
 
 import orjson
+import structlog
 
 from outbox.keyed import SEEN, Change
 from straw.coerce import Coercer, Unreadable, coercer
 from straw.config import EntitySpec
 from straw.records import DELETED, UPSERTED, Envelope, observed_now, subject, subject_part
-from straw.source import RawBatch
+from straw.source import RawBatch, database_digest
+
+log = structlog.get_logger("straw.mapping")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,11 @@ def _raw_bytes(values: tuple[Any, ...]) -> bytes:
         return _json_text(list(map(_raw_safe, values))).encode()
 
 
+def _without_digests(batch: RawBatch) -> RawBatch:
+    return RawBatch(batch.columns, batch.rows, batch.positions, batch.ops, keyed=batch.keyed,
+                    complete=batch.complete, end=batch.end)
+
+
 def _subset(batch: RawBatch, indexes: Sequence[int]) -> RawBatch:
     ops = batch.ops
     return RawBatch(
@@ -81,6 +89,7 @@ def _subset(batch: RawBatch, indexes: Sequence[int]) -> RawBatch:
         keyed=batch.keyed,
         complete=batch.complete,
         end=batch.next_position,
+        digests=None if batch.digests is None else [batch.digests[i] for i in indexes],
     )
 
 
@@ -122,6 +131,9 @@ class Mapper:
         # Digests are keyed by everything that shapes a canonical record: change the mapping, and every row is new.
         shape = orjson.dumps([entity.model_dump(mode="json"), self.columns_for, str(zone), encoding, trim])
         self._digest_base = blake2b(blake2b(shape, digest_size=32).digest(), digest_size=16)  # copied per row
+        # The same shape for a digest the database computes (adapters/db/digest.py salts it with this).
+        self.shape_id = blake2b(shape, digest_size=16).hexdigest()
+        self._switch_noted = False  # the source's stored digests are of the other kind: said once
 
     def required_columns(self) -> list[str]:
         return list(dict.fromkeys(self.columns_for.values()))
@@ -198,6 +210,8 @@ class Mapper:
         rows whose digest is unchanged skip mapping altogether and are only listed in
         `unchanged`; in a listing that is nearly every row, and mapping is the costly part.
         """
+        if batch.fetch is not None:
+            return self._map_listed(batch, stored)
         out = KeyedBatch()
         plan = self._plan(batch.columns)
         keys, digests = self._scan(plan, batch)
@@ -209,6 +223,8 @@ class Mapper:
         if stored is not None:
             known = stored([k for k in keys if k is not None])
             before = [known.get(k, _NOT_KNOWN) if k is not None else _NOT_KNOWN for k in keys]
+            if not self._switch_noted and batch.digests is None and any(database_digest(b[1]) for b in before):
+                self._note_switch("the database's", "Python")
             changed = [i for i, (b, d) in enumerate(zip(before, digests, strict=True)) if b[1] != d]
             if len(changed) < len(batch.rows):
                 skip = set(changed)
@@ -244,6 +260,71 @@ class Mapper:
                 continue
             out.changes.append(change)
         return out
+
+    def _map_listed(self, batch: RawBatch, stored: Stored | None) -> KeyedBatch:
+        """A digest listing (keys and the database's digests): only new and changed keys are read in full."""
+        fetch, digests = batch.fetch, batch.digests
+        assert fetch is not None and digests is not None
+        keys = self._subjects(batch)
+        known = stored([k for k in keys if k is not None]) if stored is not None else {}
+        get = known.get
+        changed: list[int] = []
+        unchanged: list[tuple[str, int]] = []
+        other = 0  # stored digests of the Python kind
+        for index, (key, digest) in enumerate(zip(keys, digests, strict=True)):
+            before = get(key) if key is not None else None
+            if before is not None and digest is not None and before[1] == digest:
+                unchanged.append((key, before[0]))  # type: ignore[arg-type]
+            else:
+                changed.append(index)
+                other += before is not None and digest is not None and not database_digest(before[1])
+        if other and not self._switch_noted:
+            self._note_switch("Python", "the database's")
+        if not changed:
+            return KeyedBatch(unchanged=unchanged)
+        out = self.map_keyed(fetch(changed), stored)  # a key gone since is not in it: the listing's end deletes it
+        out.unchanged[:0] = unchanged
+        return out
+
+    def _note_switch(self, was: str, now: str) -> None:
+        self._switch_noted = True
+        log.warning(
+            "snapshot digests changed kind: this listing reads and maps every row once, and sends only rows "
+            "whose data changed", source=self.source_name, stored=was, now=now,
+        )
+
+    def _subjects(self, batch: RawBatch) -> list[str | None]:
+        """Each row's entity key as text, from the key columns wherever they are in it (None: unreadable)."""
+        slots = [self._slot(batch.columns, self.columns_for[k]) for k in self._key_names]
+        coercers = [self._coercers[k] for k in self._key_names]
+        keys: list[str | None] = []
+        if len(slots) == 1:
+            slot, convert = slots[0], coercers[0]
+            for row in batch.rows:
+                try:
+                    keys.append(None if (value := convert(row[slot])) is None else subject_part(value))
+                except Exception:  # the row's dead letter says why, when its full row is mapped
+                    keys.append(None)
+            return keys
+        pairs = list(zip(coercers, slots, strict=True))
+        for row in batch.rows:
+            try:
+                values = tuple(c(row[s]) for c, s in pairs)
+                keys.append(None if None in values else subject(values))
+            except Exception:
+                keys.append(None)
+        return keys
+
+    def _slot(self, columns: tuple[str, ...], column: str) -> int:
+        if column in columns:
+            return columns.index(column)
+        lower = [c.lower() for c in columns]
+        if column.lower() not in lower:
+            raise MappingError(
+                f"source {self.source_name!r}: key column {column!r} is not in the result (columns: "
+                f"{', '.join(columns)}); fix `mapping` or the legacy schema"
+            )
+        return lower.index(column.lower())
 
     def _split_duplicates(
         self, batch: RawBatch, keys: list[str | None], digests: list[bytes]
@@ -346,6 +427,12 @@ class Mapper:
         pick, base, ops = plan.pick, self._digest_base, batch.ops
         keys: list[str | None] = []
         digests: list[bytes] = []
+        if batch.digests is not None:  # the database's (the rows were fetched by key)
+            given = batch.digests
+            if None in given:  # it could not digest some row: a Python digest for those
+                keys, python = self._scan(plan, _without_digests(batch))
+                return keys, [d if d is not None else p for d, p in zip(given, python, strict=True)]
+            return self._subjects(batch), list(given)  # type: ignore[arg-type]  # no None in it
         if ops is None and len(plan.key) == 1:
             slot = plan.key[0]
             convert = plan.coercers[slot]

@@ -85,7 +85,8 @@ def build_pipeline(config: Config, spec: AnySourceSpec) -> Pipeline:
 
         return Pipeline(spec, ScrapeSource(spec), mapper, schedule_of(spec))
     source = DbSource(
-        spec, mapper.required_columns(), key_columns=mapper.key_columns(), database=config.database(spec.url)
+        spec, mapper.required_columns(), key_columns=mapper.key_columns(), database=config.database(spec.url),
+        digest_salt=mapper.shape_id,
     )
     return Pipeline(spec, source, mapper, schedule_of(spec))
 

@@ -19,9 +19,18 @@ Any row may also carry op `deleted` (`ops`), e.g. a soft-delete flag: its event 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+# The first byte of a digest computed by the database (17 bytes); a Python digest is 16 bytes of blake2b with no
+# marker, so the two kinds never compare equal.
+DB_DIGEST = b"d"
+
+
+def database_digest(digest: bytes) -> bool:
+    """Whether a stored digest is the database's (a Python digest may start with the same byte: 16 bytes)."""
+    return len(digest) == 17 and digest[:1] == DB_DIGEST
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +56,11 @@ class RawBatch:
     keyed: bool = False
     complete: bool = False
     end: str | None = None
+    # A digest listing (keyed only): `digests[i]` is row i's digest as the database computed it (None: it could
+    # not), and `fetch` reads the full rows of the keys at the given indexes, with their digests; `rows` then
+    # hold the key columns only. Without `fetch`, `digests` (if any) are those of full rows.
+    digests: Sequence[bytes | None] | None = None
+    fetch: Callable[[Sequence[int]], RawBatch] | None = None
 
     def __post_init__(self) -> None:
         if len(self.rows) != len(self.positions):
@@ -55,6 +69,8 @@ class RawBatch:
             raise ValueError("a RawBatch needs exactly one op per row, or none")
         if not self.rows and self.end is None:
             raise ValueError("a RawBatch without rows needs an `end` position")
+        if self.digests is not None and len(self.digests) != len(self.rows):
+            raise ValueError("a RawBatch needs exactly one digest per row, or none")
         if self.complete and not self.keyed:
             raise ValueError("only a keyed batch can end a complete listing")
 

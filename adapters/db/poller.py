@@ -41,7 +41,7 @@ from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import DataError, DBAPIError, NoSuchTableError
 from sqlalchemy.types import LargeBinary, NullType, Text, TypeDecorator, TypeEngine
 
-from adapters.db import keys, position, settle
+from adapters.db import digest, keys, position, settle
 from adapters.db.budget import DATABASES, Database
 from straw import sql_guard
 from straw.coerce import Unreadable, boolean
@@ -78,12 +78,15 @@ class DbSource:
         *,
         key_columns: Sequence[str] = (),
         database: DatabaseSpec | None = None,
+        digest_salt: str = "",
     ) -> None:
         """`columns`: the source columns the mapping needs; change columns are added here.
 
         `key_columns`: the entity key's columns (snapshot mode orders and resumes by them).
         `database`: the budget of the database at `spec.url`, whose engine this source shares
         with every other source there (an `engine` given instead is this source's own).
+        `digest_salt`: what shapes the canonical record (the mapper's `shape_id`), keying a snapshot's
+        database digests as the Python digests are keyed.
         """
         self.name = spec.name
         self.spec = spec
@@ -110,6 +113,8 @@ class DbSource:
         self._bound = settle.OPEN  # the settle bound of the last read (narrowing a failed read keeps to it)
         self._width = 0  # bytes per row, as last measured (0: not yet): sizes the first page of a read
         self._is_deleted = _soft_delete_rule(spec.soft_delete, spec.encoding) if spec.soft_delete else None
+        self._digest_salt = digest_salt
+        self._digest: digest.Choice | None = None  # snapshot mode: where row digests are computed (once reflected)
         self.settle: settle.Technique = settle.choose(
             self.engine.dialect.name, settle=spec.settle, delay=spec.settle_delay,
             timestamp=spec.mode is ChangeMode.TIMESTAMP, source=spec.name, fallback=spec.settle_fallback,
@@ -371,6 +376,9 @@ class DbSource:
             columns = tuple(self._names)
             slots = [columns.index(c) for c in self._resolved(self._change_columns())]
             ops = self._ops(columns)
+            if self.spec.mode is ChangeMode.SNAPSHOT and self.digest_choice().database:
+                yield from self._digest_listing(conn, after, limit, columns, slots, ops)
+                return
             if self.spec.mode is ChangeMode.SNAPSHOT:
                 # One listing, one cursor: the whole relation as of one moment, streamed in chunks.
                 stmt, params, _values = self._statement(after, limit, None)
@@ -550,34 +558,37 @@ class DbSource:
         self, after: str | None, cutoff: Any, error: Exception
     ) -> tuple[Any, ...] | None:
         """The next row, each column read alone: those the driver cannot decode read raw, as `Unreadable`."""
-        stmt = self.statement(after, 1, cutoff)
-        params = self._params_after(after)
+        with self.connect() as conn:
+            return self._read_columns(conn, self.statement(after, 1, cutoff), self._params_after(after),
+                                      _error_text(error))
+
+    def _read_columns(self, conn: Connection, stmt: Select[Any], params: dict[str, Any], why: str
+                      ) -> tuple[Any, ...] | None:
+        """The one row of `stmt`, each column read alone: those the driver cannot decode read raw, as `Unreadable`."""
         relation = self.relation()
         keep = set(self._resolved(self._change_columns()))
         values: list[Any] = []
-        why = _error_text(error)
-        with self.connect() as conn:
-            for name in self._names:
+        for name in self._names:
+            try:
+                found = conn.execute(stmt.with_only_columns(relation.c[name]), params).first()
+            except Exception as exc:
+                if not _undecodable(exc) or name in keep:
+                    return None  # a change column must be read as it is: it is the position
+                conn.rollback()
                 try:
-                    found = conn.execute(stmt.with_only_columns(relation.c[name]), params).first()
-                except Exception as exc:
-                    if not _undecodable(exc) or name in keep:
-                        return None  # a change column must be read as it is: it is the position
-                    conn.rollback()
-                    try:
-                        raw = conn.execute(stmt.with_only_columns(_raw_column(relation.c[name], conn.dialect.name)),
-                                           params).first()
-                    except Exception:
-                        return None
-                    if raw is None:
-                        return None
-                    shown = raw[0] if isinstance(raw[0], str) else repr(raw[0])
-                    values.append(Unreadable(shown, f"the database driver cannot read {raw[0]!r}: "
-                                                    f"{_error_text(exc) or why}"))
-                    continue
-                if found is None:
+                    raw = conn.execute(stmt.with_only_columns(_raw_column(relation.c[name], conn.dialect.name)),
+                                       params).first()
+                except Exception:
                     return None
-                values.append(found[0])
+                if raw is None:
+                    return None
+                shown = raw[0] if isinstance(raw[0], str) else repr(raw[0])
+                values.append(Unreadable(shown, f"the database driver cannot read {raw[0]!r}: "
+                                                f"{_error_text(exc) or why}"))
+                continue
+            if found is None:
+                return None
+            values.append(found[0])
         return tuple(values)
 
     def _listing(
@@ -636,6 +647,144 @@ class DbSource:
         positions = _ListingPositions(number, rows, slots)
         return RawBatch(columns, rows, positions, ops(rows) if ops else None, keyed=True, complete=complete, end=end)
 
+    # --- snapshot by digests: the database hashes each row, only new and changed rows are read in full ---
+
+    def digest_choice(self) -> digest.Choice:
+        """Whether this snapshot source lists the database's digests (see adapters/db/digest.py)."""
+        relation = self.relation()
+        if self._digest is None or self._statements_of is not relation:
+            self._digest = digest.choose(self.spec.digest, self.engine.dialect.name, relation, self._keys)
+        return self._digest
+
+    def _digest_listing(
+        self,
+        conn: Connection,
+        after: str | None,
+        limit: int | None,
+        columns: tuple[str, ...],
+        slots: list[int],
+        ops: Callable[[Sequence[Any]], list[str]] | None,
+    ) -> Iterator[RawBatch]:
+        """Pages of `(key…, digest)` in key order, each a plain query resuming after the last key (on the key's
+        index); each page a batch whose `fetch` reads the rows of the key_cols the outbox found new or changed.
+
+        Pages, not one cursor: the fetches run on this connection between them (a MariaDB streaming
+        cursor allows no other statement until it is drained), and each page is a bounded read.
+        """
+        number, resume = position.decode_snapshot(after, len(slots))
+        relation = self.relation()
+        key_cols = [relation.c[c] for c in self._resolved(self._change_columns())]
+        width = len(key_cols)
+        size = min(keys.BATCH, 10 * self.spec.batch_size)
+        fetch = partial(self._digest_fetch, conn, columns, slots, ops, number)
+        listed = 0
+        while True:
+            page = size if limit is None else min(size, limit - listed)
+            values = tuple(position.restore(resume, self._types)) if resume is not None else ()
+            stmt = self._digest_page(relation, key_cols, bool(values), page)
+            params = {f"straw_w{i}": v for i, v in enumerate(values)}
+            params.update(self._query_params(None), straw_salt=self._salt())
+            rows = conn.execute(stmt, params).all()
+            listed += len(rows)
+            done = len(rows) < page  # the relation ended (a page cut by `limit` is not the end)
+            end = position.encode((number,)) if done else None
+            if not rows:
+                yield RawBatch(columns, [], [], keyed=True, complete=True, end=end)
+                return
+            if not done and page > 1 and _same_key(rows[-2], rows[-1], list(range(width))):
+                # A key's rows stay in one page (a relation without a unique key): the next resumes before them.
+                rows = rows[: _key_group_start(rows, list(range(width)))] or rows
+            yield RawBatch(
+                (*self._resolved(self._change_columns()), digest.LABEL), rows,
+                _ListingPositions(number, rows, list(range(width))), keyed=True, complete=done, end=end,
+                digests=[r[width] for r in rows], fetch=partial(fetch, rows),
+            )
+            if done or (limit is not None and listed >= limit):
+                return
+            resume = list(rows[-1][:width])
+
+    def _salt(self) -> str:
+        rule = self.spec.soft_delete.model_dump_json() if self.spec.soft_delete else ""
+        return f"{digest.VERSION}|{self._digest_salt}|{rule}|{','.join(self._names)}|"
+
+    def _digest_page(self, relation: FromClause, key_cols: list[Any], bound: bool, page: int) -> Select[Any]:
+        shape = ("digest-page", bound, page)
+        stmt = self._statements.get(shape)
+        if stmt is None or self._statements_of is not relation:
+            if self._statements_of is not relation:
+                self._statements, self._statements_of = {}, relation
+            built: Select[Any] = select(*key_cols, self._digest_of(relation)).order_by(*key_cols).limit(page)
+            if bound:
+                typed = isinstance(relation, Table)
+                values = [bindparam(f"straw_w{i}", type_=k.type if typed else NullType())
+                          for i, k in enumerate(key_cols)]
+                built = built.where(
+                    key_cols[0] > values[0] if len(key_cols) == 1 else tuple_(*key_cols) > tuple_(*values))
+            stmt = self._statements[shape] = built
+        return stmt
+
+    def _digest_of(self, relation: FromClause) -> ColumnElement[bytes]:
+        return digest.expression(self.engine.dialect.name, [relation.c[c] for c in self._names])
+
+    def _digest_fetch(
+        self,
+        conn: Connection,
+        columns: tuple[str, ...],
+        slots: list[int],
+        ops: Callable[[Sequence[Any]], list[str]] | None,
+        number: int,
+        listed: Sequence[Any],
+        indexes: Sequence[int],
+    ) -> RawBatch:
+        """The full rows (and digests) of the key_cols of `listed[i]` for i in `indexes`, in key order.
+
+        Many of a page: its key range, one index range scan (rows in it that are unchanged are
+        found so by their digest again); a few: by key. A row gone since is not there.
+        A value the driver cannot decode: its key alone, then that row column by column.
+        """
+        relation = self.relation()
+        key_cols = [relation.c[c] for c in self._resolved(self._change_columns())]
+        width = len(key_cols)
+        wanted = [tuple(listed[i][:width]) for i in indexes]
+        stmt = select(*(relation.c[c] for c in self._names), self._digest_of(relation)).order_by(*key_cols)
+        if 4 * len(indexes) >= len(listed) and len(indexes) > 1:
+            low, high = wanted[0], wanted[-1]
+            stmt = stmt.where(tuple_(*key_cols) >= tuple_(*low), tuple_(*key_cols) <= tuple_(*high)) if width > 1 else (
+                stmt.where(key_cols[0] >= low[0], key_cols[0] <= high[0]))
+        else:
+            stmt = stmt.where(digest.key_in(key_cols, wanted))
+        params = {**self._query_params(None), "straw_salt": self._salt()}
+        try:
+            found: list[Any] = list(conn.execute(stmt, params).all())
+        except Exception as exc:
+            if not _undecodable(exc):
+                raise
+            conn.rollback()
+            found = self._fetch_one_by_one(conn, key_cols, wanted, params, exc)
+        rows = [tuple(r[:-1]) for r in found]
+        return RawBatch(columns, rows, _ListingPositions(number, rows, slots), ops(rows) if ops else None,
+                        keyed=True, digests=[r[-1] for r in found])
+
+    def _fetch_one_by_one(
+        self, conn: Connection, key_cols: list[Any], wanted: list[tuple[Any, ...]], params: dict[str, Any],
+        error: Exception,
+    ) -> list[Any]:
+        relation = self.relation()
+        found: list[Any] = []
+        for key in wanted:
+            stmt = select(*(relation.c[c] for c in self._names), self._digest_of(relation)).where(
+                *(k == v for k, v in zip(key_cols, key, strict=True))).order_by(*key_cols)
+            try:
+                found.extend(conn.execute(stmt, params).all())
+            except Exception as exc:
+                if not _undecodable(exc):
+                    raise
+                conn.rollback()
+                row = self._read_columns(conn, stmt.limit(1), params, _error_text(exc) or _error_text(error))
+                if row is not None:
+                    found.append((*row, None))  # no digest: a Python one, and it is read in full again next time
+        return found
+
     def _ops(self, columns: tuple[str, ...]) -> Callable[[Sequence[Any]], list[str]] | None:
         rule, spec = self._is_deleted, self.spec.soft_delete
         if rule is None or spec is None:
@@ -668,6 +817,8 @@ class DbSource:
                 self.settle.bound(conn, self)
             settled = f"; settle: {self.settle.name} ({self.settle.why})"
         sweep = keys.describe(self, self._keys) if self._keys else ""
+        if self.spec.mode is ChangeMode.SNAPSHOT:
+            settled = f"; digest: {self.digest_choice().why}"
         return f"{url} {what}: {len(self._names)} columns, mode {self.spec.mode.value}{settled}{sweep}"
 
     def close(self) -> None:
