@@ -34,6 +34,8 @@ from sqlalchemy import ColumnElement, literal_column, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
+from adapters.db.direct import Direct
+
 log = structlog.get_logger("straw.settle")
 
 DEFAULT_WINDOW = 30.0  # seconds: where no database technique applies
@@ -167,7 +169,7 @@ class Ledger:
         self.looks = 0
         self.fallback: Window | None = None
         # The probe statement, built for the probe's (top, beyond) queries: rebuilt only when they change.
-        self._probe: tuple[Any, Any, tuple[Any, ...], Any] | None = None
+        self._probe: tuple[Any, Any, tuple[Any, ...], Direct] | None = None
         if dialect == "postgresql":
             self.name = "pg transaction horizon"
             self.why = ("PostgreSQL: the highest visible value waits for the transactions open when it was read "
@@ -210,7 +212,7 @@ class Ledger:
             # InnoDB keeps a read view for the whole transaction (REPEATABLE READ): each read gets its own,
             # so the rows are read after who was open, and a writer committing in between is among them.
             conn.rollback()
-            top, beyond = conn.execute(self._statement(probe, ()), probe.params()).one()
+            top, beyond = self._statement(probe, ()).one(conn, probe.params())
             if not beyond:
                 # Nothing after the watermark to hold or pass: an idle poll skips the wait for the cache below
                 # (300 idle sources on one database would otherwise hold its connections a minute a round).
@@ -250,7 +252,7 @@ class Ledger:
             self.entries.append((top, open_now))
         return cap
 
-    def _statement(self, probe: Probe, more: tuple[Any, ...]) -> Any:
+    def _statement(self, probe: Probe, more: tuple[Any, ...]) -> Direct:
         """SELECT the highest value, whether any row is after the watermark, and `more` columns: built once
         per (top, beyond) queries of the probe, so an idle poll builds no expression."""
         top, beyond = probe.top_query(), probe.beyond_query()
@@ -258,7 +260,7 @@ class Ledger:
         if kept is None or kept[0] is not top or kept[1] is not beyond or kept[2] is not more:
             # Without a watermark every row is after it: whether there is one at all is whether `top` is.
             after = beyond if beyond is not None else top.scalar_subquery().is_not(None)
-            kept = self._probe = (top, beyond, more, select(top.scalar_subquery(), after, *more))
+            kept = self._probe = (top, beyond, more, Direct(select(top.scalar_subquery(), after, *more)))
         return kept[3]
 
     def _postgres(
@@ -275,7 +277,7 @@ class Ledger:
             conn.execute(text("SELECT pg_stat_clear_snapshot()"))  # activity is cached per transaction
         snapshot = _PG_SNAPSHOT if (conn.dialect.server_version_info or (13,)) >= (13,) else _PG_SNAPSHOT_12
         # One statement, one snapshot: the highest value is read first, then who is running.
-        value, beyond, snap, listed = conn.execute(self._statement(probe, snapshot), probe.params()).one()
+        value, beyond, snap, listed = self._statement(probe, snapshot).one(conn, probe.params())
         if not beyond:
             return value, False, frozenset(), None
         found: set[object] = set()
