@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from psycopg import pq
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
 
+from adapters.db.direct import Direct
 from adapters.db.poller import DbSource
 from straw.config import DbSourceSpec
 
@@ -47,15 +50,48 @@ def _poll(source: DbSource, after: str | None) -> tuple[list[tuple[Any, ...]], s
     return rows, after
 
 
-def _statements(source: DbSource) -> list[str]:
-    """The statements the source's shared engine sends from now on (its own SQL, not the pool's)."""
-    sent: list[str] = []
+class Wire:
+    """What the source's connections send from now on. PostgreSQL: libpq's own trace of the protocol
+    (the probe bypasses SQLAlchemy's events); MariaDB: SQLAlchemy's statements and the DBAPI rollbacks."""
 
-    @event.listens_for(source.engine, "before_cursor_execute")
-    def _note(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        sent.append(statement)
+    def __init__(self, source: DbSource, path: Path) -> None:
+        self.path, self.sent = path, list[str]()
+        self._file = path.open("w")
+        engine = source.engine
+        if engine.dialect.name == "postgresql":
 
-    return sent
+            @event.listens_for(engine, "checkout")
+            def _trace(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+                dbapi_connection.pgconn.trace(self._file.fileno())
+                dbapi_connection.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+
+            @event.listens_for(engine, "checkin")
+            def _untrace(dbapi_connection: Any, _record: Any) -> None:
+                if dbapi_connection is not None:
+                    dbapi_connection.pgconn.untrace()
+        else:
+
+            @event.listens_for(engine, "before_cursor_execute")
+            def _note(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+                self.sent.append(statement)
+
+    def round_trips(self) -> list[str]:
+        """PostgreSQL: one per ReadyForQuery, each named by what the client sent before it."""
+        trips: list[str] = []
+        pending: list[str] = []
+        for line in self.path.read_text().splitlines():
+            if not line.startswith(("F\t", "B\t")):
+                continue  # a statement's text goes on over several lines
+            direction, _length, message, *rest = line.split("\t")
+            if direction == "F" and message in ("Query", "Parse", "Bind"):
+                pending.append(f"{message} {' '.join(rest)[:60]}")
+            elif direction == "B" and message == "ReadyForQuery":
+                trips.append(" | ".join(pending))
+                pending = []
+        return trips
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _timestamps(legacy: Engine, *rows: tuple[int, dt.datetime | None]) -> None:
@@ -73,18 +109,29 @@ def items(legacy: Engine) -> Engine:
     return legacy
 
 
-def test_an_idle_poll_sends_one_statement_and_reads_nothing(server_url: str, items: Engine) -> None:
+def test_an_idle_poll_is_one_round_trip_and_reads_nothing(server_url: str, items: Engine, tmp_path: Path) -> None:
     source = _source(server_url, table="items", mode="timestamp", timestamp_column="changed_at", key_column="id")
     try:
         rows, after = _poll(source, None)
         assert [r[0] for r in rows] == [1, 2]
-        sent = _statements(source)
-        for _ in range(3):
+        wire = Wire(source, tmp_path / "wire.log")
+        for _ in range(8):
             assert _poll(source, after) == ([], after)
-        # PostgreSQL: the probe alone; MariaDB: the probe and the ROLLBACKs around it (REPEATABLE READ views).
-        selects = [s for s in sent if s.lstrip().upper().startswith("SELECT")]
-        assert len(selects) == 3, sent
-        assert all("EXISTS" in s.upper() for s in selects)
+        wire.close()
+        if source.engine.dialect.name == "postgresql":
+            # One statement each: no BEGIN before it, no ROLLBACK after it, no page query.
+            trips = wire.round_trips()
+            assert not any("BEGIN" in t or "ROLLBACK" in t for t in trips), trips
+            runs = [t for t in trips if "Bind" in t]
+            assert len(runs) == 8, trips
+            # psycopg prepares a statement on its 5th run (one round trip more, once): from then on only Bind,
+            # no Parse. A rollback between polls made it forget its count: the probe was never prepared.
+            prepares = [t for t in trips if "Bind" not in t]
+            assert len(prepares) == 1 and prepares[0].startswith('Parse  "_pg3_'), trips
+            assert all(t.startswith("Bind") for t in runs[-3:]), trips
+        else:  # MariaDB: the probe, between the ROLLBACKs that give it a read view of its own
+            selects = [s for s in wire.sent if s.lstrip().upper().startswith("SELECT")]
+            assert len(selects) == 8 and all("EXISTS" in s.upper() for s in selects), wire.sent
     finally:
         source.close()
 
@@ -166,20 +213,25 @@ def test_text_ids_follow_the_databases_order_not_pythons(server_url: str, legacy
         source.close()
 
 
-def test_a_row_committed_right_after_the_probe_is_read_by_the_next_poll(server_url: str, items: Engine) -> None:
+def test_a_row_committed_right_after_the_probe_is_read_by_the_next_poll(
+    server_url: str, items: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The probe saw nothing after the watermark; a writer commits before the poll ends. That poll reads
     nothing and keeps its position, so the next one reads the row: delayed one poll, never skipped."""
     source = _source(server_url, table="items", mode="timestamp", timestamp_column="changed_at", key_column="id")
     try:
         _rows, after = _poll(source, None)
         committed: list[int] = []
+        probe = Direct.one
 
-        @event.listens_for(source.engine, "after_cursor_execute")
-        def _write(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-            if "EXISTS" in statement.upper() and not committed:
+        def probe_then_write(self: Direct, conn: Any, params: dict[str, Any]) -> tuple[Any, ...]:
+            found = probe(self, conn, params)
+            if not committed:  # a writer commits between the probe and where the page query would run
                 committed.append(4)
                 _timestamps(items, (4, T0 + dt.timedelta(seconds=1)))
+            return found
 
+        monkeypatch.setattr(Direct, "one", probe_then_write)
         rows, same = _poll(source, after)
         assert committed == [4]
         assert rows == [] and same == after
