@@ -171,7 +171,7 @@ def test_a_soft_delete_with_a_newer_timestamp_is_read_as_a_delete(server_url: st
             conn.execute(text("UPDATE items SET deleted = 'J', changed_at = :at WHERE id = 1"),
                          {"at": T0 + dt.timedelta(seconds=5)})
         batches = list(source.read(after))
-        assert [(tuple(r)[0], op) for b in batches for r, op in zip(b.rows, b.ops or [], strict=True)] == [
+        assert [(r[0], op) for b in batches for r, op in zip(b.rows, b.ops or [], strict=True)] == [
             (1, "deleted")]
     finally:
         source.close()
