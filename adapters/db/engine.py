@@ -281,8 +281,7 @@ def autocommit(conn: Connection) -> Iterator[None]:
     """The statements inside run each in a transaction of its own (psycopg; elsewhere unchanged).
 
     For a poll's read-only probe: psycopg would send BEGIN before it and the pool ROLLBACK after,
-    two round trips of three on an idle poll; and that ROLLBACK makes psycopg forget the statements
-    it counts toward preparing, so a probe run at every poll was never prepared. Between polls the
+    two round trips of three on an idle poll. Between polls the
     connection is not left idle in a transaction either, where other sources' settle probes would
     count it as a writer. Leaving, the connection takes transactions again (a page read streams
     from a cursor, which needs one); one that cannot is invalidated, never pooled in autocommit.
