@@ -50,6 +50,13 @@ def chart(per_minute: list[int], width: int = 240, height: int = 40) -> str:
             f'<rect x="0" y="{height - 1}" width="{width}" height="1" style="fill:#bbb"/>{rects}</svg>')
 
 
+def _filters(counts: dict[str, int], shown: int) -> str:
+    """Links that list one state, or all: with hundreds of sources, errors first is not always enough."""
+    links = [f'<a href="?state={state}">{count} {state}</a>' for state, count in counts.items()]
+    sorts = '<a href="?sort=name">by name</a> · <a href="?sort=last-poll">by last poll</a>'
+    return f'showing {shown}: <a href="?">all</a> · {" · ".join(links)} · sorted errors first, or {sorts}'
+
+
 def render_page(document: dict[str, Any]) -> str:
     counts = document["counts"]
     rows = []
@@ -73,8 +80,9 @@ def render_page(document: dict[str, Any]) -> str:
 <html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="{REFRESH_SECONDS}">
 <title>straw {instance}</title><style>{_STYLE}</style></head><body>
 <h1>straw <small>{instance}</small></h1>
-<p id="summary">{len(document["sources"])} sources: {counts["error"]} error, {counts["new"]} new, {counts["ok"]} ok;
+<p id="summary">{sum(counts.values())} sources: {counts["error"]} error, {counts["new"]} new, {counts["ok"]} ok;
 outbox backlog {document["outbox"]["backlog"]} records</p>
+<p id="filters">{_filters(counts, len(document["sources"]))}</p>
 <h2>Sources</h2>
 <table id="sources"><thead><tr><th>source</th><th>state</th><th>last poll (UTC)</th><th>rows read</th>
 <th>changes published</th><th>dead letters</th><th>lease holder</th><th>last error</th></tr></thead>

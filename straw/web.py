@@ -14,8 +14,10 @@ import threading
 from collections.abc import Iterable
 from contextlib import closing
 from dataclasses import dataclass
+from enum import StrEnum
 from socketserver import ThreadingMixIn
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import orjson
@@ -24,7 +26,9 @@ from prometheus_client import make_wsgi_app
 from outbox.store import Outbox, OutboxError
 from straw.config import Config
 from straw.status_page import render_page
-from straw.status_report import status_document, with_bus
+from straw.status_report import SourceFilter, SourceOrder, status_document, with_bus
+
+E = TypeVar("E", bound=StrEnum)
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
@@ -85,11 +89,11 @@ def make_app(config: Config, metrics: Metrics, lease: LeaseView | None = None) -
     lease_view: LeaseView = lease or NoLease()
     prometheus = make_wsgi_app(metrics.registry)
 
-    def status() -> dict[str, Any]:
+    def status(only: SourceFilter | None = None, order: SourceOrder = SourceOrder.STATE) -> dict[str, Any]:
         outbox = Outbox(config.outbox.path)
         try:
             lengths = with_bus(config, lambda bus: {s: bus.length(s) for s in config.streams}, REDIS_TIMEOUT)
-            document = status_document(config, outbox, lengths=lengths)
+            document = status_document(config, outbox, only=only, order=order, lengths=lengths)
         finally:
             outbox.close()
         holders = lease_view.holders() or {}
@@ -112,8 +116,13 @@ def make_app(config: Config, metrics: Metrics, lease: LeaseView | None = None) -
             body = orjson.dumps({"ready": ready, "checks": [c.__dict__ for c in checks]}, option=orjson.OPT_INDENT_2)
             return _send(start_response, "200 OK" if ready else "503 Service Unavailable", "application/json", body)
         if path in ("/status.json", "/"):
+            # ?state=error|new|ok and ?sort=state|name|last-poll, as `straw status --state/--sort`: with
+            # hundreds of sources the page lists what is asked for; anything else is the default, not an error.
+            query = parse_qs(environ.get("QUERY_STRING", ""))
+            only = _choice(SourceFilter, query.get("state"))
+            order = _choice(SourceOrder, query.get("sort")) or SourceOrder.STATE
             try:
-                document = status()
+                document = status(only, order)
             except OutboxError as exc:
                 return _send(start_response, "503 Service Unavailable", "text/plain; charset=utf-8",
                              f"{exc}\n".encode())
@@ -124,6 +133,14 @@ def make_app(config: Config, metrics: Metrics, lease: LeaseView | None = None) -
                      b"not found; try /, /status.json, /metrics, /healthz or /readyz\n")
 
     return app
+
+
+def _choice(kind: type[E], given: list[str] | None) -> E | None:
+    """The member of `kind` a query parameter names (its first value), or None."""
+    try:
+        return kind(given[0]) if given else None
+    except ValueError:
+        return None
 
 
 def _send(start_response: StartResponse, status: str, kind: str, body: bytes) -> list[bytes]:

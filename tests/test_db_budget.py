@@ -395,3 +395,49 @@ def test_odbc_sources_on_one_database_share_its_pool_and_budget(pg_url: str) -> 
         a.close()
         b.close()
     assert _open_connections(pg_url) == 0
+
+
+def test_the_status_page_and_json_filter_and_sort_like_straw_status(tmp_path: Path, redis_url: str) -> None:
+    """300 sources: the page and /status.json take ?state= and ?sort= as `straw status` takes --state/--sort."""
+    from wsgiref.util import setup_testing_defaults
+
+    import lxml.html
+    import orjson
+
+    from outbox.store import Outbox
+    from straw.metrics import Metrics
+    from straw.web import make_app
+
+    config = load_config(_config(tmp_path, "sqlite:///unused.db", redis_url, "s", 300))
+    outbox = Outbox(config.outbox.path)
+    for t in range(0, 300, 3):
+        outbox.polled(f"t{t:03d}")
+    outbox.polled("t151", error="OperationalError: server closed the connection")
+    outbox.close()
+    app = make_app(config, Metrics(config.outbox.path, [s.name for s in config.sources], config.streams))
+
+    def get(path: str, query: str = "") -> tuple[str, bytes]:
+        environ: dict[str, Any] = {"PATH_INFO": path, "QUERY_STRING": query}
+        setup_testing_defaults(environ)
+        answer: list[str] = []
+        body = b"".join(app(environ, lambda status, _headers, *_: answer.append(status)))  # type: ignore[arg-type]
+        return answer[0], body
+
+    def names(query: str) -> list[str]:
+        status, body = get("/status.json", query)
+        assert status.startswith("200")
+        return [s["source"] for s in orjson.loads(body)["sources"]]
+
+    everything = names("")
+    assert len(everything) == 300 and everything[0] == "t151"  # errors first
+    assert names("state=error") == ["t151"]
+    assert len(names("state=ok")) == 100 and len(names("state=new")) == 199
+    assert names("sort=name") == sorted(everything)
+    assert len(names("state=nonsense")) == 300  # an unknown value is the default, never a 500
+    status, page = get("/", "state=error&sort=name")
+    assert status.startswith("200")
+    tree = lxml.html.fromstring(page)
+    assert [r.get("data-source") for r in tree.xpath("//table[@id='sources']//tr[@data-source]")] == ["t151"]
+    summary = tree.xpath("//p[@id='summary']")[0].text_content()
+    assert "300 sources: 1 error, 199 new, 100 ok" in summary
+    assert tree.xpath("//p[@id='filters']//a[@href='?state=error']")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -273,3 +274,30 @@ def _sqlite_deadline(engine: Engine) -> None:
         deadline = time.monotonic() + seconds
         # SQLite calls this every 10,000 virtual-machine steps; a true return interrupts the statement.
         conn.connection.dbapi_connection.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+
+
+@contextlib.contextmanager
+def autocommit(conn: Connection) -> Iterator[None]:
+    """The statements inside run each in a transaction of its own (psycopg; elsewhere unchanged).
+
+    For a poll's read-only probe: psycopg would send BEGIN before it and the pool ROLLBACK after,
+    two round trips of three on an idle poll. Between polls the
+    connection is not left idle in a transaction either, where other sources' settle probes would
+    count it as a writer. Leaving, the connection takes transactions again (a page read streams
+    from a cursor, which needs one); one that cannot is invalidated, never pooled in autocommit.
+    """
+    raw: Any = conn.connection.dbapi_connection if conn.dialect.driver == "psycopg" else None
+    if raw is None or raw.autocommit or raw.info.transaction_status != _IDLE:
+        yield  # another driver, or a transaction already under way (a statement before, this poll): keep to it
+        return
+    raw.autocommit = True
+    try:
+        yield
+    finally:
+        try:
+            raw.autocommit = False
+        except Exception:  # broken, or left mid-transaction: the pool must not hand it out again as it is
+            conn.invalidate()
+
+
+_IDLE = 0  # psycopg.pq.TransactionStatus.IDLE: not inside a transaction

@@ -30,6 +30,7 @@ from sqlalchemy import (
     bindparam,
     cast,
     column,
+    exists,
     func,
     or_,
     select,
@@ -39,10 +40,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import DataError, DBAPIError, NoSuchTableError
+from sqlalchemy.sql.expression import Exists
 from sqlalchemy.types import LargeBinary, NullType, Text, TypeDecorator, TypeEngine
 
 from adapters.db import digest, keys, position, settle
 from adapters.db.budget import DATABASES, Database
+from adapters.db.engine import autocommit
 from straw import sql_guard
 from straw.coerce import Unreadable, boolean
 from straw.config import ChangeMode, DatabaseSpec, DbSourceSpec, SoftDeleteSpec
@@ -110,6 +113,7 @@ class DbSource:
         self._aware: bool | None = False  # the timestamp column keeps a time zone (None: not known yet)
         self._last_value: Any = None  # the watermark of the read under way (a settle probe binds it too)
         self._after: str | None = None  # the position the read under way starts after
+        self._watermark: dict[str, Any] = {}  # its values, as the statements bind them (`straw_w0`…)
         self._bound = settle.OPEN  # the settle bound of the last read (narrowing a failed read keeps to it)
         self._width = 0  # bytes per row, as last measured (0: not yet): sizes the first page of a read
         self._is_deleted = _soft_delete_rule(spec.soft_delete, spec.encoding) if spec.soft_delete else None
@@ -230,16 +234,46 @@ class DbSource:
             values = tuple(position.decode(after, self._types))
         kind = None if cutoff is None else (
             ("aware" if cutoff.tzinfo is not None else "naive") if isinstance(cutoff, dt.datetime) else "value")
-        shape = (len(values), limit, kind)
-        stmt = self._statements.get(shape)
-        if stmt is None or self._statements_of is not relation:
-            if self._statements_of is not relation:  # reflected again (after a drift): build anew
-                self._statements, self._statements_of = {}, relation
-            stmt = self._statements[shape] = self._build(relation, len(values), limit, kind)
+        stmt: Select[Any] = self._kept(
+            (len(values), limit, kind), lambda: self._build(relation, len(values), limit, kind))
         params = {f"straw_w{i}": v for i, v in enumerate(values)}
         if cutoff is not None:
             params["settle_cutoff"] = cutoff
         return stmt, params, values
+
+    def _after_clauses(self, relation: FromClause, bound: int) -> list[ColumnElement[bool]]:
+        """The rows after a watermark of `bound` values (none: every row), as the page query and the
+        settle probe's EXISTS both select them: one predicate, so the probe can never disagree with the read."""
+        change = [relation.c[c] for c in self._resolved(self._change_columns())]
+        mode = self.spec.mode
+        # A query's column types are unknown: bind untyped, so the database reads the value as the column's type
+        # (typed as text, PostgreSQL would refuse to compare a timestamp with it).
+        typed = isinstance(relation, Table)
+        values = tuple(
+            bindparam(f"straw_w{i}", type_=change[i].type if typed else NullType()) for i in range(bound)
+        )
+        clauses: list[ColumnElement[bool]] = []
+        if values and mode is ChangeMode.SNAPSHOT:
+            clauses.append(change[0] > values[0] if len(change) == 1 else tuple_(*change) > tuple_(*values))
+        elif values and mode is ChangeMode.INCREMENTING:
+            clauses.append(change[0] > values[0])
+        elif values:
+            ts, key = change
+            # ts >= :ts narrows by the index first; the OR keeps rows that share the last timestamp.
+            clauses.append(and_(ts >= values[0], or_(ts > values[0], key > values[1])))
+        if mode is ChangeMode.TIMESTAMP:
+            clauses.append(change[0].is_not(None))
+        return clauses
+
+    def _kept(self, shape: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+        """The statement of `shape` over the current relation, built on first use and kept with it."""
+        relation = self.relation()
+        if self._statements_of is not relation:  # reflected again (after a drift): build anew
+            self._statements, self._statements_of = {}, relation
+        stmt = self._statements.get(shape)
+        if stmt is None:
+            stmt = self._statements[shape] = build()
+        return stmt
 
     def _build(self, relation: FromClause, bound: int, limit: int | None, settle: str | None) -> Select[Any]:
         names = self._names
@@ -250,23 +284,9 @@ class DbSource:
         stmt = select(
             *(relation.c[c] if c in keep or not lenient else _lenient(relation.c[c]) for c in names)
         ).order_by(*change)
-        mode = self.spec.mode
-        # A query's column types are unknown: bind untyped, so the database reads the value as the column's type
-        # (typed as text, PostgreSQL would refuse to compare a timestamp with it).
         typed = isinstance(relation, Table)
-        values = tuple(
-            bindparam(f"straw_w{i}", type_=change[i].type if typed else NullType()) for i in range(bound)
-        )
-        if values and mode is ChangeMode.SNAPSHOT:
-            stmt = stmt.where(change[0] > values[0] if len(change) == 1 else tuple_(*change) > tuple_(*values))
-        elif values and mode is ChangeMode.INCREMENTING:
-            stmt = stmt.where(change[0] > values[0])
-        elif values:
-            ts, key = change
-            # ts >= :ts narrows by the index first; the OR keeps rows that share the last timestamp.
-            stmt = stmt.where(and_(ts >= values[0], or_(ts > values[0], key > values[1])))
-        if mode is ChangeMode.TIMESTAMP:
-            stmt = stmt.where(change[0].is_not(None))
+        for clause in self._after_clauses(relation, bound):
+            stmt = stmt.where(clause)
         if settle is not None:
             # A settled cutoff: a time (zoned or naive, as the column compares) or a value of the column itself.
             kind = DateTime(settle == "aware") if settle in ("aware", "naive") else (
@@ -295,29 +315,31 @@ class DbSource:
         return local if self._aware else local.replace(tzinfo=None)
 
     def top_query(self) -> Select[Any]:
-        """The highest value of the first change column: what a settle technique holds against open writers."""
-        relation = self.relation()
-        return select(func.max(relation.c[self._resolved(self._change_columns())[0]]))
+        """The highest value of the first change column: what a settle technique holds against open writers.
 
-    def beyond(self, conn: Connection, top: Any) -> bool:
-        """Is any row visible after the watermark of the read under way? (`top`: the column's highest value)"""
-        last = self._last_value
-        if top is None or last is None:
-            return top is not None
-        try:
-            if top != last:
-                return bool(top > last)
-        except TypeError:  # a query's values of another type than the stored watermark's: look, to be sure
-            return True
-        if self.spec.mode is ChangeMode.INCREMENTING:
-            return False
-        # Timestamp mode: rows sharing the watermark's timestamp with a higher key.
-        stmt, params, values = self._statement(self._after, 1, None)
-        params.update(self._query_params(values[0] if values else None))
-        return conn.execute(stmt, params).first() is not None
+        Built once per relation: the same object each poll, so the settle technique keeps its statement too."""
+        relation = self.relation()
+        top: Select[Any] = self._kept(
+            ("top",), lambda: select(func.max(relation.c[self._resolved(self._change_columns())[0]])))
+        return top
+
+    def beyond_query(self) -> Exists | None:
+        """EXISTS a row after the watermark of the read under way (None: no watermark, every row is after it).
+
+        The page query's own predicate (`_after_clauses`), compared by the database in the column's type
+        and collation, never in Python: a stored position's text, a case-insensitive key or a tie on the
+        timestamp with a higher key are judged exactly as the read would judge them."""
+        if self._after is None:
+            return None
+        relation = self.relation()
+        bound = len(self._watermark)
+        beyond: Exists = self._kept(("beyond", bound), lambda: exists().select_from(relation).where(
+            *self._after_clauses(relation, bound)))
+        return beyond
 
     def params(self) -> dict[str, Any]:
-        return self._query_params(self._last_value)
+        """The parameters of `top_query` and `beyond_query` for the read under way."""
+        return {**self._query_params(self._last_value), **self._watermark}
 
     def _returns_zoned(self, conn: Connection) -> bool | None:
         """Does the query's timestamp column hold zoned values? One value tells; None while it has no rows.
@@ -369,10 +391,12 @@ class DbSource:
         """Batches read after `after`; a fetch the driver cannot decode ends them early, the error in `failed`."""
         with self.connect() as conn:
             self.relation(conn)  # the change columns' types decode the position
-            last_value = None
+            values: tuple[Any, ...] = ()
             if after is not None and self.spec.mode is not ChangeMode.SNAPSHOT:
-                last_value = position.decode(after, self._types)[0]
-            self._last_value, self._after = last_value, after
+                values = position.decode(after, self._types)
+            self._last_value = values[0] if values else None
+            self._after = after if values else None
+            self._watermark = {f"straw_w{i}": v for i, v in enumerate(values)}
             columns = tuple(self._names)
             slots = [columns.index(c) for c in self._resolved(self._change_columns())]
             ops = self._ops(columns)
@@ -388,7 +412,8 @@ class DbSource:
                 return
             # Before the rows are read: on MariaDB the settle check ends the connection's transaction,
             # so the read below gets a view of its own, taken after the open writers were seen.
-            bound = self._bound = self.settle.bound(conn, self)
+            with autocommit(conn):
+                bound = self._bound = self.settle.bound(conn, self)
             if bound.hold:
                 return
             yield from self._pages(conn, after, limit, bound, columns, slots, ops, failed)
@@ -813,7 +838,7 @@ class DbSource:
         settled = ""
         if self.spec.mode is not ChangeMode.SNAPSHOT:
             with self.connect() as conn:  # one probe: a missing privilege shows (and falls back) here
-                self._last_value = None
+                self._last_value, self._after, self._watermark = None, None, {}
                 self.settle.bound(conn, self)
             settled = f"; settle: {self.settle.name} ({self.settle.why})"
         sweep = keys.describe(self, self._keys) if self._keys else ""

@@ -30,9 +30,11 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 import structlog
-from sqlalchemy import literal_column, select, text
+from sqlalchemy import ColumnElement, literal_column, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
+
+from adapters.db.direct import Direct
 
 log = structlog.get_logger("straw.settle")
 
@@ -62,13 +64,16 @@ class Probe(Protocol):
 
     def top_query(self) -> Any: ...  # SELECT max(first change column) over the relation (a SQLAlchemy select)
 
-    def params(self) -> dict[str, Any]: ...
+    # EXISTS (a row after the watermark, by the read's own predicate); None: no watermark, every row is after it.
+    # Both are the same objects from poll to poll while the relation stays: a technique may keep what it builds.
+    def beyond_query(self) -> Any: ...
+
+    def params(self) -> dict[str, Any]: ...  # the parameters of both
 
     def column_time(self, conn: Connection, utc: dt.datetime) -> dt.datetime: ...  # as the column compares
 
     def db_now(self, conn: Connection) -> dt.datetime: ...  # the database's clock, aware UTC
 
-    def beyond(self, conn: Connection, top: Any) -> bool: ...  # is any row visible after the watermark?
 
 
 class Technique(Protocol):
@@ -163,6 +168,8 @@ class Ledger:
         self.entries: list[tuple[Any, frozenset[object]]] = []
         self.looks = 0
         self.fallback: Window | None = None
+        # The probe statement, built for the probe's (top, beyond) queries: rebuilt only when they change.
+        self._probe: tuple[Any, Any, tuple[Any, ...], Direct] | None = None
         if dialect == "postgresql":
             self.name = "pg transaction horizon"
             self.why = ("PostgreSQL: the highest visible value waits for the transactions open when it was read "
@@ -195,13 +202,18 @@ class Ledger:
         if self.fallback is not None:
             return self.fallback.bound(conn, probe), False
         if self.dialect == "postgresql":
-            top, open_now, oldest = self._postgres(conn, probe)
+            top, beyond, open_now, oldest = self._postgres(conn, probe)
+            if not beyond:
+                # Nothing after the watermark, by the read's own predicate in the same snapshot: the read would
+                # find nothing, so it is not sent (one statement per idle poll). A row committed since is after
+                # the same watermark at the next poll, which has not moved: skipping can delay, never lose.
+                return HOLD, False
         else:
             # InnoDB keeps a read view for the whole transaction (REPEATABLE READ): each read gets its own,
             # so the rows are read after who was open, and a writer committing in between is among them.
             conn.rollback()
-            top = conn.execute(probe.top_query(), probe.params()).scalar()
-            if not probe.beyond(conn, top):
+            top, beyond = self._statement(probe, ()).one(conn, probe.params())
+            if not beyond:
                 # Nothing after the watermark to hold or pass: an idle poll skips the wait for the cache below
                 # (300 idle sources on one database would otherwise hold its connections a minute a round).
                 conn.rollback()
@@ -240,8 +252,22 @@ class Ledger:
             self.entries.append((top, open_now))
         return cap
 
-    def _postgres(self, conn: Connection, probe: Probe) -> tuple[Any, frozenset[object], dt.datetime | None]:
-        """The highest value, the transactions open when it was read, and the oldest one's start.
+    def _statement(self, probe: Probe, more: tuple[Any, ...]) -> Direct:
+        """SELECT the highest value, whether any row is after the watermark, and `more` columns: built once
+        per (top, beyond) queries of the probe, so an idle poll builds no expression."""
+        top, beyond = probe.top_query(), probe.beyond_query()
+        kept = self._probe
+        if kept is None or kept[0] is not top or kept[1] is not beyond or kept[2] is not more:
+            # Without a watermark every row is after it: whether there is one at all is whether `top` is.
+            after = beyond if beyond is not None else top.scalar_subquery().is_not(None)
+            kept = self._probe = (top, beyond, more, Direct(select(top.scalar_subquery(), after, *more)))
+        return kept[3]
+
+    def _postgres(
+        self, conn: Connection, probe: Probe
+    ) -> tuple[Any, bool, frozenset[object], dt.datetime | None]:
+        """The highest value, whether any row is after the watermark, the transactions open when the
+        highest value was read, and the oldest one's start.
 
         Open means either a running xid of the snapshot (64-bit, never reused: no wraparound to mind)
         or a session of this database inside a transaction: a sequence value or a `now()` is taken
@@ -249,18 +275,11 @@ class Ledger:
         """
         if self.looks:
             conn.execute(text("SELECT pg_stat_clear_snapshot()"))  # activity is cached per transaction
-        snapshot = "pg_current_snapshot()" if (conn.dialect.server_version_info or (13,)) >= (13,) else (
-            "txid_current_snapshot()")
-        sessions = (
-            "(SELECT string_agg(CASE WHEN datname = current_database() "
-            "THEN 's' || pid || '@' || extract(epoch FROM xact_start) ELSE 'x' || backend_xid END, ',') "
-            "FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND backend_type = 'client backend' "
-            "AND xact_start IS NOT NULL AND (datname = current_database() OR backend_xid IS NOT NULL))"
-        )
+        snapshot = _PG_SNAPSHOT if (conn.dialect.server_version_info or (13,)) >= (13,) else _PG_SNAPSHOT_12
         # One statement, one snapshot: the highest value is read first, then who is running.
-        stmt = select(probe.top_query().scalar_subquery(), literal_column(f"{snapshot}::text"),
-                      literal_column(sessions))
-        value, snap, listed = conn.execute(stmt, probe.params()).one()
+        value, beyond, snap, listed = self._statement(probe, snapshot).one(conn, probe.params())
+        if not beyond:
+            return value, False, frozenset(), None
         found: set[object] = set()
         elsewhere: set[int] = set()  # xids are cluster-wide; a session writes only in its own database
         starts: list[Decimal] = []
@@ -278,7 +297,7 @@ class Ledger:
             whole = int(first)
             micros = int((first - whole) * 1_000_000)
             oldest = dt.datetime.fromtimestamp(whole, dt.UTC) + dt.timedelta(microseconds=micros)
-        return value, frozenset(found), oldest
+        return value, True, frozenset(found), oldest
 
     def _innodb(self, conn: Connection) -> frozenset[object] | None:
         try:
@@ -299,6 +318,16 @@ class Ledger:
             return None
         return frozenset(int(r) for r in rows)  # trx ids grow and are never reused
 
+
+_PG_SESSIONS: ColumnElement[Any] = literal_column(
+    "(SELECT string_agg(CASE WHEN datname = current_database() "
+    "THEN 's' || pid || '@' || extract(epoch FROM xact_start) ELSE 'x' || backend_xid END, ',') "
+    "FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND backend_type = 'client backend' "
+    "AND xact_start IS NOT NULL AND (datname = current_database() OR backend_xid IS NOT NULL))"
+)
+# The running transactions (pg_current_snapshot() from PostgreSQL 13 on), then the sessions in a transaction.
+_PG_SNAPSHOT: tuple[ColumnElement[Any], ...] = (literal_column("pg_current_snapshot()::text"), _PG_SESSIONS)
+_PG_SNAPSHOT_12: tuple[ColumnElement[Any], ...] = (literal_column("txid_current_snapshot()::text"), _PG_SESSIONS)
 
 NO_PROCESS = ("no PROCESS privilege to read information_schema.innodb_trx: a {window:g}s settle window "
               "instead (GRANT PROCESS ON *.* TO the straw user for the exact technique)")

@@ -1,0 +1,93 @@
+"""One kept statement run straight on psycopg's connection: the single statement of an idle poll.
+
+At hundreds of polls a second, SQLAlchemy's execute costs more CPU than the round trip (the
+statement's cache key, an execution context, a result object), and psycopg parses a statement's
+`%(name)s` placeholders again at every execute once more than 128 distinct statements take turns
+(the size of its cache): 300 sources do. Compiled once to `$n` placeholders, the statement runs on
+a raw cursor (server-side binding, planned for its values at each run) and its row comes back as is.
+
+Taken only where SQLAlchemy would change nothing (no parameter or column type with a converter, no
+expanding parameter) and only outside a transaction (autocommit): a statement that fails there
+leaves nothing aborted, so it is run once more through SQLAlchemy, which raises its error as it
+always has and invalidates a connection that is gone.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.sql.compiler import Compiled
+from sqlalchemy.types import TypeEngine
+
+# SQLAlchemy's pyformat placeholders; a literal % in the SQL is rendered doubled.
+_PLACEHOLDER = re.compile(r"%%|%\((\w+)\)s")
+
+
+class Direct:
+    """`stmt` (a SQLAlchemy select returning one row), run straight where it can be."""
+
+    def __init__(self, stmt: Any) -> None:
+        self.stmt = stmt
+        self._dialect: Dialect | None = None
+        self._compiled: Compiled | None = None  # None: this statement goes through SQLAlchemy
+        self._sql = ""
+        self._names: tuple[str, ...] = ()
+
+    def one(self, conn: Connection, params: dict[str, Any]) -> tuple[Any, ...]:
+        if conn.dialect is not self._dialect:
+            self._compile(conn.dialect)
+        raw: Any = conn.connection.dbapi_connection
+        if self._compiled is None or not getattr(raw, "autocommit", False):
+            return tuple(conn.execute(self.stmt, params).one())
+        import psycopg  # the psycopg driver is in use: importable
+
+        values = self._compiled.construct_params(params, escape_names=False) or {}
+        try:
+            with psycopg.RawCursor(raw) as cursor:
+                # Never prepared: after five runs of a prepared statement PostgreSQL may settle on a generic
+                # plan, blind to the watermark's value, and scan a big table for `ts >= $1` (idle_poll_ms on
+                # 100,000 rows went from 8 to 24-66 ms). Unnamed, each run is planned for its values.
+                cursor.execute(self._sql, [values[name] for name in self._names], prepare=False)
+                rows = cursor.fetchall()
+        except psycopg.Error:
+            return tuple(conn.execute(self.stmt, params).one())  # raised as SQLAlchemy raises it
+        if len(rows) != 1:
+            raise ValueError(f"expected one row, got {len(rows)}")  # a select of scalar subqueries: never
+        return tuple(rows[0])
+
+    def _compile(self, dialect: Dialect) -> None:
+        self._dialect, self._compiled = dialect, None
+        if dialect.driver != "psycopg":
+            return
+        compiled = self.stmt.compile(dialect=dialect)
+        if compiled.escaped_bind_names or compiled.literal_execute_params or compiled.post_compile_params:
+            return
+        if any(_converts_in(bind.type, dialect) for bind in compiled.binds.values()):
+            return
+        if any(_converts_out(col.type, dialect) for col in self.stmt.selected_columns):
+            return
+        names: list[str] = []
+
+        def number(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name is None:
+                return "%"
+            if name not in names:
+                names.append(name)
+            return f"${names.index(name) + 1}"
+
+        self._sql = _PLACEHOLDER.sub(number, compiled.string)
+        self._names, self._compiled = tuple(names), compiled
+
+
+def _converts_in(kind: TypeEngine[Any], dialect: Dialect) -> bool:
+    return kind.dialect_impl(dialect).bind_processor(dialect) is not None
+
+
+def _converts_out(kind: TypeEngine[Any], dialect: Dialect) -> bool:
+    try:
+        return kind.dialect_impl(dialect).result_processor(dialect, None) is not None
+    except Exception:  # a type that needs to know the column's type code: let SQLAlchemy convert it
+        return True
