@@ -9,7 +9,8 @@ key is applied (upsert or delete, whichever came last): stream order per key, ne
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 from hashlib import blake2b
 from typing import Any
 
@@ -116,18 +117,20 @@ class SqlLoader:
         except Exception as exc:  # down, refusing, wrong password: none of it is the records' fault
             raise TargetDown(describe(exc)) from exc
 
+    @property
+    def _what(self) -> str:
+        return f"loader {self.spec.name}"
+
     def _prepare(self, conn: Connection, entities: set[str]) -> None:
         """DDL in its own transactions: MariaDB commits implicitly around DDL."""
         if not self._ready:  # the entities `tables` names are checked at start, before any record needs them
-            with conn.begin():
-                self.metadata.create_all(conn, tables=[self.applied, self.versions])
+            _ddl(conn, lambda: self.metadata.create_all(conn, tables=[self.applied, self.versions]))
             entities = entities | {e for e in self.spec.tables if e in self.entities}
             self._ready = True
         for name in sorted(entities - set(self._tables)):
             entity = self.entities[name]
             table = entity_table(MetaData(), self.spec.table_of(name), entity, self.spec.db_schema)
-            with conn.begin():
-                ensure_table(conn, table, entity, self.spec.create_tables, f"loader {self.spec.name}")
+            _ddl(conn, partial(ensure_table, conn, table, entity, self.spec.create_tables, self._what))
             self._tables[name] = table
 
     def _upsert(self, conn: Connection, table: Table, key: Sequence[str], rows: list[dict[str, Any]]) -> None:
@@ -244,3 +247,17 @@ def _insert_ignore(conn: Connection, dialect: str, table: Table, row: dict[str, 
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def _ddl(conn: Connection, create: Callable[[], None]) -> None:
+    """Run `create` in a transaction of its own, once more if it failed: two loaders starting together both
+    see a table missing and both create it, and the loser's CREATE fails on the catalog (PostgreSQL:
+    UniqueViolation on pg_type). The second try sees the table; a batch no longer waits `claim_idle` for it."""
+    try:
+        with conn.begin():
+            create()
+    except SchemaError:
+        raise
+    except Exception:
+        with conn.begin():
+            create()
