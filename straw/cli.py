@@ -550,41 +550,29 @@ def load(
 ) -> None:
     """Apply the loader's streams to its target until SIGTERM/Ctrl-C (the batch in hand is finished and acked)."""
     from bus.names import bus_kind
-    from loaders.consumer import BusDown as LoaderBusDown
-    from loaders.consumer import BusRefused as LoaderBusRefused
     from loaders.jsonl import DirectoryBusy
-    from loaders.redis_consumer import REDIS_DOWN as LOADER_REDIS_DOWN
-    from loaders.redis_consumer import REDIS_REFUSED as LOADER_REDIS_REFUSED
     from loaders.repair import StreamBehind
     from loaders.sdk import TargetDown
-    from loaders.service import open_consumer, refused_line, run_loader, stop_on_signals
+    from loaders.service import open_consumer, run_loader, stop_on_signals
     from loaders.sql_schema import SchemaError
 
     logs.setup(log_level)
     config = _load(config_path)
     spec = _loader_spec(config, name)
-    kind = bus_kind(config.bus_spec.url)
-    try:
-        with stop_on_signals() as stop:
-            member = open_consumer(config, spec, consumer)
-            tally = run_loader(config, spec, once=once, stop=stop, consumer=member)
-    except SchemaError as exc:
-        err.print(f"[red]error[/] {redact(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except (DirectoryBusy, PermissionError, FileExistsError, NotADirectoryError) as exc:  # a JSON Lines directory
-        _fail(f"loader {name}: {exc}")
-    except LOADER_REDIS_REFUSED as exc:
-        _fail(refused_line(exc))
-    except LoaderBusRefused as exc:
-        _fail(redact(str(exc)))
-    except LOADER_REDIS_DOWN as exc:
-        _fail(f"redis unreachable ({describe(exc)})")
-    except LoaderBusDown as exc:
-        _fail(f"{kind} unreachable ({redact(str(exc))}); nothing was lost: run again when it is back")
-    except StreamBehind as exc:
-        _fail(f"loader {name}: {exc}")
-    except TargetDown as exc:
-        _fail(f"loader {name}: target unreachable ({exc}); the records wait in the stream")
+    with _loader_bus_errors(bus_kind(config.bus_spec.url), "; nothing was lost: run again when it is back"):
+        try:
+            with stop_on_signals() as stop:
+                member = open_consumer(config, spec, consumer)
+                tally = run_loader(config, spec, once=once, stop=stop, consumer=member)
+        except SchemaError as exc:
+            err.print(f"[red]error[/] {redact(str(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except (DirectoryBusy, PermissionError, FileExistsError, NotADirectoryError) as exc:  # a JSON Lines dir
+            _fail(f"loader {name}: {exc}")
+        except StreamBehind as exc:
+            _fail(f"loader {name}: {exc}")
+        except TargetDown as exc:
+            _fail(f"loader {name}: target unreachable ({exc}); the records wait in the stream")
 
     waiting = "".join(f"; {stream}: bus behind (applied seq {done}, bus newest {newest}), waiting for its repair"
                       for stream, (done, newest) in tally.behind.items())
@@ -602,12 +590,8 @@ ItemArgument = Annotated[str, typer.Argument(help="outbox:<id> or <dead-letter s
 def _dlq_sources(config: Config) -> Iterator[tuple[Outbox | None, Any]]:
     """The outbox if this host has one, and the bus's dead-letter streams if loaders are configured."""
     from bus.names import bus_kind
-    from loaders.consumer import BusDown as LoaderBusDown
-    from loaders.consumer import BusRefused as LoaderBusRefused
     from loaders.dead_letters import CannotOnThisBus
-    from loaders.redis_consumer import REDIS_DOWN as LOADER_REDIS_DOWN
-    from loaders.redis_consumer import REDIS_REFUSED as LOADER_REDIS_REFUSED
-    from loaders.service import open_dead_letter_store, refused_line
+    from loaders.service import open_dead_letter_store
 
     outbox = None
     if config.outbox.path.exists():
@@ -617,24 +601,35 @@ def _dlq_sources(config: Config) -> Iterator[tuple[Outbox | None, Any]]:
             _fail(str(exc))
     store = open_dead_letter_store(config) if config.loaders else None
     try:
-        yield outbox, store
-    except OutboxError as exc:
-        _fail(str(exc))
-    except LOADER_REDIS_REFUSED as exc:
-        _fail(refused_line(exc))
-    except LOADER_REDIS_DOWN as exc:
-        _fail(f"redis unreachable ({describe(exc)})")
-    except LoaderBusRefused as exc:
-        _fail(redact(str(exc)))
-    except LoaderBusDown as exc:
-        _fail(f"{bus_kind(config.bus_spec.url)} unreachable ({redact(str(exc))})")
-    except CannotOnThisBus as exc:
-        _fail(str(exc))
+        with _loader_bus_errors(bus_kind(config.bus_spec.url)):
+            try:
+                yield outbox, store
+            except (OutboxError, CannotOnThisBus) as exc:
+                _fail(str(exc))
     finally:
         if outbox is not None:
             outbox.close()
         if store is not None:
             store.close()
+
+
+@contextmanager
+def _loader_bus_errors(kind: str, down_hint: str = "") -> Iterator[None]:
+    """A loader command's bus failure as one line: refused (credentials, ACL: no use retrying) or unreachable."""
+    from loaders.consumer import BusDown, BusRefused
+    from loaders.redis_consumer import REDIS_DOWN, REDIS_REFUSED
+    from loaders.service import refused_line
+
+    try:
+        yield
+    except REDIS_REFUSED as exc:  # before REDIS_DOWN: redis-py's AuthenticationError is a ConnectionError
+        _fail(refused_line(exc))
+    except REDIS_DOWN as exc:
+        _fail(f"redis unreachable ({describe(exc)})")
+    except BusRefused as exc:
+        _fail(redact(str(exc)))
+    except BusDown as exc:
+        _fail(f"{kind} unreachable ({redact(str(exc))}){down_hint}")
 
 
 def _dlq_item(config: Config, item: str, outbox: Outbox | None, client: Any) -> Any:
@@ -736,9 +731,6 @@ def replay(
     """Move the loader's group back and apply its streams again from a point (a target restored from a
     backup); records the target has already are skipped, so nothing is applied twice."""
     from bus.names import JetStreamOptions, bus_kind
-    from loaders.consumer import BusDown as LoaderBusDown
-    from loaders.consumer import BusRefused as LoaderBusRefused
-    from loaders.redis_consumer import REDIS_DOWN as LOADER_REDIS_DOWN
     from loaders.replay import ReplayError, rewind, rewind_nats, rewind_rabbitmq
     from loaders.service import redis_client, run_loader
 
@@ -756,24 +748,19 @@ def replay(
         raise typer.Exit(2)
     client = redis_client(bus.url, 10.0) if kind == "redis" else None
     try:
-        for stream in spec.streams:
-            if client is not None:
-                said = rewind(client, stream, spec.group_name, from_seq=from_seq, from_time=from_time)
-            elif kind == "nats":
-                assert from_seq is not None
-                said = rewind_nats(bus.url, bus.jetstream_options() or JetStreamOptions(), spec, stream, from_seq)
-            else:
-                assert from_seq is not None
-                said = rewind_rabbitmq(bus.url, spec, stream, from_seq)
-            out.print(f"{stream}: {said}", markup=False, highlight=False)
+        with _loader_bus_errors(kind):
+            for stream in spec.streams:
+                if client is not None:
+                    said = rewind(client, stream, spec.group_name, from_seq=from_seq, from_time=from_time)
+                elif kind == "nats":
+                    assert from_seq is not None
+                    said = rewind_nats(bus.url, bus.jetstream_options() or JetStreamOptions(), spec, stream, from_seq)
+                else:
+                    assert from_seq is not None
+                    said = rewind_rabbitmq(bus.url, spec, stream, from_seq)
+                out.print(f"{stream}: {said}", markup=False, highlight=False)
     except ReplayError as exc:
         _fail(str(exc))
-    except LOADER_REDIS_DOWN as exc:
-        _fail(f"redis unreachable ({describe(exc)})")
-    except LoaderBusRefused as exc:
-        _fail(redact(str(exc)))
-    except LoaderBusDown as exc:
-        _fail(f"{kind} unreachable ({redact(str(exc))})")
     finally:
         if client is not None:
             client.close()
