@@ -115,7 +115,7 @@ class _Writer:
     news: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class _Loop:
+class LoopThread:
     """A private asyncio loop in a daemon thread; `run` waits for one coroutine from any thread."""
 
     def __init__(self) -> None:
@@ -173,7 +173,7 @@ class RabbitStreamBus:
         self.target = Target.parse(url)
         self.url = url
         self.timeout = socket_timeout
-        self._loop: _Loop | None = None
+        self._loop: LoopThread | None = None
         self._pool: ClientPool | None = None
         self._locator: Client | None = None
         self._writers: dict[str, _Writer] = {}
@@ -187,7 +187,7 @@ class RabbitStreamBus:
 
     def _call(self, make: Callable[[], Awaitable[T]], timeout: float | None = None) -> T:
         if self._loop is None:
-            self._loop = _Loop()
+            self._loop = LoopThread()
 
         async def call() -> T:
             return await make()

@@ -39,7 +39,7 @@ from rstream import (
     exceptions,
 )
 
-from bus.rabbitmq import CONTENT_TYPE, FAILURES, RabbitStreamBus, Target, _Loop, body_of, properties_of, translate
+from bus.rabbitmq import CONTENT_TYPE, FAILURES, LoopThread, RabbitStreamBus, Target, body_of, properties_of, translate
 from loaders.consumer import BusDown, BusRefused
 from loaders.records import Delivery
 
@@ -87,7 +87,7 @@ class RabbitConsumer:
         self._claim_idle = claim_idle
         self._dead_letters = dead_letters
         self._start = start
-        self._loop = _Loop()
+        self._loop = LoopThread()
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
         self._lost = False

@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 
+from bus.redis import REDIS_DOWN, REDIS_REFUSED  # the relay's: refused credentials are final, not down
 from loaders.consumer import BusDown
 from loaders.records import Delivery
 from straw.redact import describe
@@ -21,9 +22,6 @@ from straw.redact import describe
 RETRY_GROUP = "retry_group"  # field of an entry sent again by `straw dlq retry`: the group it is for
 IDLE_CONSUMER = 3600.0  # a member with nothing pending and idle this long is gone: removed from the group
 _CLAIM_MAX = 1000
-# Refused credentials are not "down": waiting does not fix a password (the CLI reports them in one line).
-REDIS_REFUSED = (redis.AuthenticationError, redis.exceptions.NoPermissionError)
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
 
 
 def _text(value: Any) -> str:

@@ -616,8 +616,8 @@ def _dlq_sources(config: Config) -> Iterator[tuple[Outbox | None, Any]]:
 @contextmanager
 def _loader_bus_errors(kind: str, down_hint: str = "") -> Iterator[None]:
     """A loader command's bus failure as one line: refused (credentials, ACL: no use retrying) or unreachable."""
+    from bus.redis import REDIS_DOWN, REDIS_REFUSED
     from loaders.consumer import BusDown, BusRefused
-    from loaders.redis_consumer import REDIS_DOWN, REDIS_REFUSED
     from loaders.service import refused_line
 
     try:
