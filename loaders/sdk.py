@@ -4,15 +4,21 @@ A record the loader cannot apply stays pending and comes back after `claim_idle`
 failed delivery it goes to the dead-letter stream, so a poison record never blocks the records behind it.
 A target that is down (`TargetDown`) is not the records' fault: the same batch is retried with backoff and no
 delivery is counted.
+
+With a backlog, a consumer that can (`read_ahead`, Redis) reads and parses the next batch in a second thread
+while the target applies this one: the target's wait (a database round trip, an fsync) is no longer the
+reader's. Batches are still applied one after the other in stream order, and each acked only once applied.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -38,6 +44,18 @@ BUS_BACKOFF_MAX = 5.0  # a bus back from an outage is noticed within this long
 
 # A loader applies a batch and names the records it could not apply (an empty list: all applied).
 Apply = Callable[[Sequence[Record]], Sequence[Failed]]
+
+# A consumer's optional `read_ahead(count)`: new entries for the batch after the one in hand, without waiting,
+# or None when the next read must be a plain `read` (one that could hand out the entries in hand again).
+ReadAhead = Callable[[int], list[Delivery] | None]
+
+
+class _Batch(NamedTuple):
+    """Deliveries read and parsed, not applied yet."""
+
+    deliveries: list[Delivery]
+    records: list[Record]
+    failed: list[tuple[Delivery, str]]  # unparseable, or delivered too often: never handed to the loader
 
 
 def each(handle: Callable[[Record], None]) -> Apply:
@@ -117,56 +135,71 @@ def consume(
     tally = Tally()
     outage = _Outage(settings, once)
     check = applied is not None
-    while not stop.is_set():
-        try:
-            if check and applied is not None:
-                try:
-                    wait_for_repair(consumer, applied, streams, tally.behind, stop,
-                                    poll=min(max(settings.block, 0.2), 5.0),
-                                    give_up_after=settings.give_up_after if once else None)
-                except TargetDown as exc:  # cannot compare yet: the target says where it stands once it is up
-                    log.warning("target unreachable, retrying", error=redact(str(exc)))
-                    stop.wait(1.0)
-                    continue
-                check = False
-                if stop.is_set():
-                    break
-            deliveries = consumer.read(settings.batch_size, 0.0 if once else settings.block)
-            # Drained when nothing is pending in the group either: entries that failed here or that a dead
-            # member holds come back after claim_idle, and a live member's are acked in a moment. (Not our
-            # own failed set: another member may have claimed and settled those.)
-            if once and not deliveries and consumer.pending() == 0:
-                tally.pending.clear()
-                break
-            if not deliveries:
+    read_ahead: ReadAhead | None = getattr(consumer, "read_ahead", None)
+    with ThreadPoolExecutor(1, thread_name_prefix="straw-read-ahead") as reader:
+        ahead: Future[_Batch | None] | None = None
+        # A batch read ahead is applied even after `stop`: it is in hand, like the one before it.
+        while not stop.is_set() or ahead is not None:
+            try:
+                batch = None
+                if ahead is not None:
+                    batch, ahead = ahead.result(), None
+                if batch is None:
+                    if check and applied is not None:
+                        try:
+                            wait_for_repair(consumer, applied, streams, tally.behind, stop,
+                                            poll=min(max(settings.block, 0.2), 5.0),
+                                            give_up_after=settings.give_up_after if once else None)
+                        except TargetDown as exc:  # cannot compare yet: the target says where it stands once up
+                            log.warning("target unreachable, retrying", error=redact(str(exc)))
+                            stop.wait(1.0)
+                            continue
+                        check = False
+                    if stop.is_set():
+                        break
+                    deliveries = consumer.read(settings.batch_size, 0.0 if once else settings.block)
+                    # Drained when nothing is pending in the group either: entries that failed here or that a
+                    # dead member holds come back after claim_idle, and a live member's are acked in a moment.
+                    # (Not our own failed set: another member may have claimed and settled those.)
+                    if once and not deliveries and consumer.pending() == 0:
+                        tally.pending.clear()
+                        break
+                    if not deliveries:
+                        outage.over()
+                        if once:
+                            stop.wait(min(0.02 + settings.claim_idle / 4, 1.0))
+                        continue
+                    batch = _parsed(deliveries, entities, settings)
+                # A full batch says there is a backlog: read the next one while this one is applied.
+                if read_ahead is not None and len(batch.deliveries) >= settings.batch_size and not stop.is_set():
+                    ahead = reader.submit(_read_ahead, read_ahead, entities, settings)
+                # A bus lost while acking: applied, not acked; the records come back and the target skips them.
+                _batch(consumer, apply, settings, batch, tally, stop, once)
                 outage.over()
-                if once:
-                    stop.wait(min(0.02 + settings.claim_idle / 4, 1.0))
-                continue
-            # A bus lost while acking: applied, not acked; the records come back and the target skips them.
-            _batch(consumer, apply, entities, settings, deliveries, tally, stop, once)
-            outage.over()
-        except BusDown as exc:
-            check = applied is not None  # after a reconnect the bus may be another (a promoted replica)
-            stop.wait(outage.wait(exc))
+            except BusDown as exc:
+                _dropped(ahead)  # read ahead, never applied: reclaimed after claim_idle, as any unacked entry
+                ahead = None
+                check = applied is not None  # after a reconnect the bus may be another (a promoted replica)
+                stop.wait(outage.wait(exc))
     tally.stopped = stop.is_set()
     return tally
 
 
-def _batch(
-    consumer: Consumer,
-    apply: Apply,
-    entities: Mapping[str, EntitySpec],
-    settings: Settings,
-    deliveries: list[Delivery],
-    tally: Tally,
-    stop: threading.Event,
-    once: bool,
-) -> None:
-    tally.batches += 1
+def _read_ahead(read_ahead: ReadAhead, entities: Mapping[str, EntitySpec], settings: Settings) -> _Batch | None:
+    deliveries = read_ahead(settings.batch_size)
+    return _parsed(deliveries, entities, settings) if deliveries else None
+
+
+def _dropped(ahead: Future[Any] | None) -> None:
+    """Wait for a read ahead that will not be applied (its entries stay pending) and ignore how it ended."""
+    if ahead is not None:
+        with contextlib.suppress(Exception):  # the error that ended the batch in hand is the one to report
+            ahead.result()
+
+
+def _parsed(deliveries: list[Delivery], entities: Mapping[str, EntitySpec], settings: Settings) -> _Batch:
     records: list[Record] = []
     failed: list[tuple[Delivery, str]] = []
-    by_id = {(d.stream, d.entry_id): d for d in deliveries}
     for delivery in deliveries:
         if delivery.deliveries > settings.max_deliveries:
             # Delivered more often than allowed without a verdict: a consumer died applying it, each time.
@@ -177,17 +210,36 @@ def _batch(
             records.append(parse(delivery, entities))
         except BadRecord as exc:
             failed.append((delivery, str(exc)))
+    return _Batch(deliveries, records, failed)
+
+
+def _batch(
+    consumer: Consumer,
+    apply: Apply,
+    settings: Settings,
+    batch: _Batch,
+    tally: Tally,
+    stop: threading.Event,
+    once: bool,
+) -> None:
+    tally.batches += 1
+    deliveries, records, failed = batch.deliveries, batch.records, list(batch.failed)
     verdicts = _apply_until_reached(apply, records, settings, stop, once)
     if verdicts is None:  # stopped while the target was down: leave the batch pending for the next run
         return
-    failed.extend((by_id[(f.record.stream, f.record.entry_id)], f.error) for f in verdicts)
-    failed_ids = {(d.stream, d.entry_id) for d, _ in failed}
-    done = [d for d in deliveries if (d.stream, d.entry_id) not in failed_ids]
+    done = deliveries
+    if verdicts:
+        by_id = {(d.stream, d.entry_id): d for d in deliveries}
+        failed.extend((by_id[(f.record.stream, f.record.entry_id)], f.error) for f in verdicts)
+    if failed:  # the common batch has none: no key per record to build and look up
+        failed_ids = {(d.stream, d.entry_id) for d, _ in failed}
+        done = [d for d in deliveries if (d.stream, d.entry_id) not in failed_ids]
     if done:
         consumer.ack(done)
     tally.applied += len(done)
-    for delivery in done:
-        tally.pending.discard((delivery.stream, delivery.entry_id))
+    if tally.pending:
+        for delivery in done:
+            tally.pending.discard((delivery.stream, delivery.entry_id))
     for delivery, error in failed:
         error = redact(error)
         tally.failed += 1
