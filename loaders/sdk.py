@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import structlog
 
@@ -135,16 +135,13 @@ def consume(
     tally = Tally()
     outage = _Outage(settings, once)
     check = applied is not None
-    read_ahead: ReadAhead | None = getattr(consumer, "read_ahead", None)
-    with ThreadPoolExecutor(1, thread_name_prefix="straw-read-ahead") as reader:
-        ahead: Future[_Batch | None] | None = None
+    with _Pipeline(consumer, entities, settings, tally) as pipeline:
         # A batch read ahead is applied even after `stop`: it is in hand, like the one before it.
-        while not stop.is_set() or ahead is not None:
+        while not stop.is_set() or pipeline.ahead is not None:
             try:
-                batch = None
-                if ahead is not None:
-                    batch, ahead = ahead.result(), None
+                batch = pipeline.taken()
                 if batch is None:
+                    pipeline.settle()  # a plain read may reclaim, and `pending` counts, what is not acked yet
                     if check and applied is not None:
                         try:
                             wait_for_repair(consumer, applied, streams, tally.behind, stop,
@@ -171,30 +168,90 @@ def consume(
                         continue
                     batch = _parsed(deliveries, entities, settings)
                 # A full batch says there is a backlog: read the next one while this one is applied.
-                if read_ahead is not None and len(batch.deliveries) >= settings.batch_size and not stop.is_set():
-                    ahead = reader.submit(_read_ahead, read_ahead, entities, settings)
+                if len(batch.deliveries) >= settings.batch_size and not stop.is_set():
+                    pipeline.read_next()
                 # A bus lost while acking: applied, not acked; the records come back and the target skips them.
-                _batch(consumer, apply, settings, batch, tally, stop, once)
+                _batch(consumer, apply, settings, batch, tally, stop, once, pipeline.ack)
                 outage.over()
             except BusDown as exc:
-                _dropped(ahead)  # read ahead, never applied: reclaimed after claim_idle, as any unacked entry
-                ahead = None
+                pipeline.drop()  # read ahead, never applied: reclaimed after claim_idle, as any unacked entry
                 check = applied is not None  # after a reconnect the bus may be another (a promoted replica)
                 stop.wait(outage.wait(exc))
     tally.stopped = stop.is_set()
     return tally
 
 
-def _read_ahead(read_ahead: ReadAhead, entities: Mapping[str, EntitySpec], settings: Settings) -> _Batch | None:
-    deliveries = read_ahead(settings.batch_size)
-    return _parsed(deliveries, entities, settings) if deliveries else None
+class _Pipeline:
+    """A second thread for a consumer that can read ahead: it reads and parses the next batch while the target
+    applies this one, then acks this one while the target applies the next. One thread, so its jobs run in
+    the order given; the ack of a batch is only given once the batch is applied. Without `read_ahead`, the
+    consumer is only called from the caller's thread, as before (NATS's and RabbitMQ's clients)."""
 
+    def __init__(self, consumer: Consumer, entities: Mapping[str, EntitySpec], settings: Settings,
+                 tally: Tally) -> None:
+        self.consumer, self.entities, self.settings, self.tally = consumer, entities, settings, tally
+        self._read_ahead: ReadAhead | None = getattr(consumer, "read_ahead", None)
+        self._thread = (ThreadPoolExecutor(1, thread_name_prefix="straw-read-ahead")
+                        if self._read_ahead is not None else None)
+        self.ahead: Future[_Batch | None] | None = None
+        self._acking: Future[None] | None = None
+        self._acked: list[Delivery] = []
 
-def _dropped(ahead: Future[Any] | None) -> None:
-    """Wait for a read ahead that will not be applied (its entries stay pending) and ignore how it ended."""
-    if ahead is not None:
-        with contextlib.suppress(Exception):  # the error that ended the batch in hand is the one to report
-            ahead.result()
+    def __enter__(self) -> _Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                with contextlib.suppress(BusDown):  # applied, not acked: they come back and are skipped
+                    self.settle()
+            else:
+                self.drop()
+        finally:
+            if self._thread is not None:
+                self._thread.shutdown(wait=True)
+
+    def read_next(self) -> None:
+        if self._thread is not None:
+            self.ahead = self._thread.submit(self._read_parsed, self._read_ahead)
+
+    def _read_parsed(self, read_ahead: ReadAhead | None) -> _Batch | None:
+        deliveries = read_ahead(self.settings.batch_size) if read_ahead is not None else None
+        return _parsed(deliveries, self.entities, self.settings) if deliveries else None
+
+    def taken(self) -> _Batch | None:
+        """The batch read ahead (None: none, or it found nothing new: read as usual)."""
+        ahead, self.ahead = self.ahead, None
+        return ahead.result() if ahead is not None else None
+
+    def ack(self, done: list[Delivery]) -> None:
+        if self._thread is None:
+            self.consumer.ack(done)
+            self._count(done)
+            return
+        self.settle()
+        self._acking, self._acked = self._thread.submit(self.consumer.ack, done), done
+
+    def settle(self) -> None:
+        """Wait for the ack in flight; its BusDown is raised here."""
+        acking, self._acking = self._acking, None
+        if acking is not None:
+            acking.result()
+            self._count(self._acked)
+
+    def _count(self, done: list[Delivery]) -> None:
+        self.tally.applied += len(done)
+        if self.tally.pending:
+            for delivery in done:
+                self.tally.pending.discard((delivery.stream, delivery.entry_id))
+
+    def drop(self) -> None:
+        """Wait for what is in flight and forget it (its entries stay pending and come back)."""
+        for job in (self.ahead, self._acking):
+            if job is not None:
+                with contextlib.suppress(Exception):  # the error that ended the batch in hand is the one to report
+                    job.result()
+        self.ahead = self._acking = None
 
 
 def _parsed(deliveries: list[Delivery], entities: Mapping[str, EntitySpec], settings: Settings) -> _Batch:
@@ -221,6 +278,7 @@ def _batch(
     tally: Tally,
     stop: threading.Event,
     once: bool,
+    ack: Callable[[list[Delivery]], None],
 ) -> None:
     tally.batches += 1
     deliveries, records, failed = batch.deliveries, batch.records, list(batch.failed)
@@ -235,11 +293,7 @@ def _batch(
         failed_ids = {(d.stream, d.entry_id) for d, _ in failed}
         done = [d for d in deliveries if (d.stream, d.entry_id) not in failed_ids]
     if done:
-        consumer.ack(done)
-    tally.applied += len(done)
-    if tally.pending:
-        for delivery in done:
-            tally.pending.discard((delivery.stream, delivery.entry_id))
+        ack(done)
     for delivery, error in failed:
         error = redact(error)
         tally.failed += 1
