@@ -254,10 +254,12 @@ class _Pipeline:
         self.ahead = self._acking = None
 
 
-# In the second thread, parsing yields the interpreter this often (records): the thread applying waits for
+# In the second thread, parsing yields the interpreter every this many records: the thread applying waits for
 # its database or its fsync without the interpreter, and when that returns it would otherwise wait for the
-# parser's whole switch interval (5 ms, a batch's round trip) before it may go on.
-YIELD_EVERY = 32
+# parser's whole switch interval (5 ms, measured 5-15 ms on a busy machine) before it may go on. Each yield
+# costs a thread switch when the other thread is waiting: every 32 records cost ~1 µs of CPU a record
+# (bench/README.md, Session 6 — loader-rate); 128, four a batch of 500, bound the wait to about 0.5 ms.
+YIELD_EVERY = 128
 
 
 def _parsed(deliveries: list[Delivery], entities: Mapping[str, EntitySpec], settings: Settings,
