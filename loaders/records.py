@@ -131,22 +131,22 @@ def typed_data(entity: EntitySpec, data: dict[str, Any]) -> dict[str, Any]:
     return _coercer(entity)(data)
 
 
-Kind = tuple[str, str, Coercer]  # entity name, operation, the entity's coercer
+Kind = tuple[str, str, Coercer, EntitySpec]  # entity name, operation, the entity's coercer, the entity
 _KINDS: dict[int, tuple[Mapping[str, EntitySpec], dict[str, Kind]]] = {}
+_last: tuple[Mapping[str, EntitySpec] | None, dict[str, Kind]] = (None, {})  # the configuration parsed last
 
 
-def _kind(type_: Any, entities: Mapping[str, EntitySpec]) -> Kind:
-    """What an event type names: its entity (and that entity's coercer) and operation; BadRecord if nothing.
-
-    Remembered per configuration and type: a batch has a handful of types, and splitting and checking the
-    type string for every record cost as much as typing a decimal field.
-    """
+def _kinds(entities: Mapping[str, EntitySpec]) -> dict[str, Kind]:
+    global _last
     known = _KINDS.get(id(entities))
     if known is None or known[0] is not entities:
         known = _KINDS[id(entities)] = (entities, {})
-    kind = known[1].get(type_) if type_.__class__ is str else None
-    if kind is not None and entities.get(kind[0]) is not None:
-        return kind
+    _last = known  # one tuple, replaced whole: a second thread sees the old pair or the new one
+    return known[1]
+
+
+def _kind(type_: Any, entities: Mapping[str, EntitySpec]) -> Kind:
+    """What an event type names: its entity (and that entity's coercer) and operation; BadRecord if nothing."""
     entity_name, _, op = str(type_ if type_ is not None else "").rpartition(".")
     entity = entities.get(entity_name)
     if entity is None:
@@ -154,9 +154,9 @@ def _kind(type_: Any, entities: Mapping[str, EntitySpec]) -> Kind:
                         f"(entities: {', '.join(entities)})")
     if op not in (UPSERTED, DELETED):
         raise BadRecord(f"event type {type_!r}: unknown operation {op!r}")
-    kind = (entity_name, op, _coercer(entity))
+    kind = (entity_name, op, _coercer(entity), entity)
     if type_.__class__ is str:
-        known[1][type_] = kind
+        _kinds(entities)[type_] = kind
     return kind
 
 
@@ -173,7 +173,16 @@ def parse(delivery: Delivery, entities: Mapping[str, EntitySpec]) -> Record:
         raise BadRecord(f"entry is not a straw record: {exc}") from None
     if event.__class__ is not dict:
         raise BadRecord("`event` is not a JSON object")
-    entity_name, op, coerce = _kind(event.get("type"), entities)
+    # What the type names is remembered per configuration and type (a batch has a handful of types): splitting
+    # and checking the type string for every record cost as much as typing a decimal field.
+    type_ = event.get("type")
+    last = _last
+    kind = None
+    if type_.__class__ is str:  # a list or an object there is not hashable: the slow path says why it is bad
+        kind = (last[1] if last[0] is entities else _kinds(entities)).get(type_)
+    if kind is None or entities.get(kind[0]) is not kind[3]:
+        kind = _kind(type_, entities)
+    entity_name, op, coerce, _ = kind
     data = event.get("data")
     if data.__class__ is not dict:
         raise BadRecord("event `data` is not a JSON object")
