@@ -128,9 +128,10 @@ def consume(
     applied: Callable[[str], int] | None = None,
     streams: Sequence[str] = (),
 ) -> Tally:
-    """Run until `stop` is set (the batch in hand is finished and acked first), or with `once` until the
-    streams are drained: every entry there now applied or dead-lettered. With `applied` (the target's last
-    applied seq of a stream), first, and after each outage of the bus, wait while the bus is behind it."""
+    """Run until `stop` is set (the batch in hand, and one read ahead for it, are finished and acked first), or
+    with `once` until the streams are drained: every entry there now applied or dead-lettered. With `applied`
+    (the target's last applied seq of a stream), first, and after each outage of the bus, wait while the bus
+    is behind it."""
     stop = stop or threading.Event()
     tally = Tally()
     outage = _Outage(settings, once)
