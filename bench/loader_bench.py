@@ -57,17 +57,21 @@ def _group(bench: Bench, stream: str) -> tuple[RedisConsumer, str]:
                          dead_letters=lambda s: f"{s}.dlq"), group
 
 
-def _sql_loader_run(bench: Bench, stream: str, url: str, entities: dict[str, EntitySpec], records: int) -> float:
+def _sql_loader_run(bench: Bench, stream: str, url: str, entities: dict[str, EntitySpec],
+                    records: int) -> tuple[float, float]:
+    """Wall seconds, and this process's CPU µs per record (every thread: the read-ahead one too)."""
     spec = SqlLoaderSpec(name="bench", kind="sql", url=url, streams=[stream], create_tables=True,
                          batch_size=BATCH)
     target = SqlLoader(spec, entities)
     consumer, _ = _group(bench, stream)
+    cpu = time.process_time()
     started = time.perf_counter()
     tally = consume(consumer, target.apply, entities, Settings(batch_size=BATCH), once=True)
     seconds = time.perf_counter() - started
+    cpu = time.process_time() - cpu
     target.close()
     assert tally.applied == records, tally
-    return seconds
+    return seconds, cpu / records * 1e6
 
 
 def _per_row_run(bench: Bench, stream: str, url: str, entity: EntitySpec, records: int) -> float:
@@ -137,6 +141,7 @@ def sql_postgres(bench: Bench, records: int, repeat: int) -> dict[str, Any]:
     collector.settle()  # as `straw load` does once started (loaders/service.py)
     loader_s: list[float] = []
     naive_s: list[float] = []
+    cpu_us: list[float] = []
     for rep in range(repeat):
         with postgres_database() as url:
             bare = bare_unnest_seconds(url, entities["order"], records)
@@ -144,12 +149,14 @@ def sql_postgres(bench: Bench, records: int, repeat: int) -> dict[str, Any]:
                 f"(the server's floor): {records / bare:,.0f} rows/s")
             if rep % 2:
                 naive_s.append(_per_row_run(bench, stream, url, entities["order"], records))
-                loader_s.append(_sql_loader_run(bench, stream, url, entities, records))
+                seconds, cpu = _sql_loader_run(bench, stream, url, entities, records)
             else:
-                loader_s.append(_sql_loader_run(bench, stream, url, entities, records))
+                seconds, cpu = _sql_loader_run(bench, stream, url, entities, records)
                 naive_s.append(_per_row_run(bench, stream, url, entities["order"], records))
-        log(f"loader sql postgres rep {rep}: loader {records / loader_s[-1]:,.0f}/s, "
-            f"per-row {records / naive_s[-1]:,.0f}/s")
+            loader_s.append(seconds)
+            cpu_us.append(cpu)
+        log(f"loader sql postgres rep {rep}: loader {records / loader_s[-1]:,.0f}/s "
+            f"(CPU {cpu:.1f} µs a record: {1e6 / cpu:,.0f} records/s a core), per-row {records / naive_s[-1]:,.0f}/s")
     return {"measure": "loader_sql_postgres_records_per_s", "unit": "records/s",
             "value": statistics.median(records / s for s in loader_s),
             "baseline": "per_row_insert", "baseline_value": statistics.median(records / s for s in naive_s)}
@@ -184,15 +191,18 @@ def jsonl(bench: Bench, records: int, repeat: int) -> dict[str, Any]:
         directory = bench.workdir("jsonl")
         loader = JsonlLoader(JsonlLoaderSpec(name="bench", kind="jsonl", streams=[stream], directory=directory))
         consumer, _ = _group(bench, stream)
+        cpu = time.process_time()
         started = time.perf_counter()
         tally = consume(consumer, loader.apply, entities, Settings(batch_size=BATCH), once=True,
                         stop=threading.Event())
         loader.close()
         seconds = time.perf_counter() - started
+        cpu_us = (time.process_time() - cpu) / records * 1e6  # every thread of the process: read ahead too
         assert tally.applied == records
         rates.append(records / seconds)
         bare = consumer_only_seconds(bench, stream, entities, records, typed=False)
         typed = consumer_only_seconds(bench, stream, entities, records, typed=True)
-        log(f"loader jsonl rep {rep}: {rates[-1]:,.0f} records/s; the floor in this process: XREADGROUP + XACK "
+        log(f"loader jsonl rep {rep}: {rates[-1]:,.0f} records/s (CPU {cpu_us:.1f} µs a record: "
+            f"{1e6 / cpu_us:,.0f} records/s a core); the floor in this process: XREADGROUP + XACK "
             f"alone {records / bare:,.0f}/s, with parse into typed records {records / typed:,.0f}/s")
     return {"measure": "loader_jsonl_records_per_s", "unit": "records/s", "value": statistics.median(rates)}

@@ -117,23 +117,38 @@ class JsonlLoader:
 
     def apply(self, records: Sequence[Record]) -> list[Failed]:
         day = self._today().isoformat()  # one day per batch: a batch is never split over midnight
-        lines: dict[str, list[bytes]] = {}
+        lines: dict[str, list[str]] = {}
         tops: dict[str, int] = {}
+        stream = ""
+        batch: list[str] = []
+        last = top = 0
+        suffix = ""
         for record in records:
-            stream = record.stream
-            last = self._last.get(stream, 0)
-            if record.seq > tops.get(stream, last):
-                tops[stream] = record.seq
-            if record.seq <= last and not record.retry:
+            if record.stream != stream:  # a batch is mostly one stream: its state is looked up once a run
+                if stream:
+                    tops[stream] = top
+                stream = record.stream
+                last = self._last.get(stream, 0)
+                top = tops.get(stream, last)
+                batch = lines.setdefault(stream, [])
+                suffix = self._suffix(stream)
+            seq = record.seq
+            if seq > top:
+                top = seq
+            if seq <= last and not record.retry:
                 continue  # written before the last crash or stop: a redelivery
-            batch = lines.get(stream)
-            if batch is None:
-                batch = lines[stream] = []
-            batch.append(_line(record, self._suffix(stream)))
+            raw = record.raw
+            if raw[-1:] == "}" and raw[:1] == "{" and len(raw) > 2:  # the event as on the stream: not re-encoded
+                batch.append(f"{raw[:-1]}{suffix}{seq}}}\n")
+            else:
+                batch.append(_line(record, suffix))
+        if stream:
+            tops[stream] = top
         touched: list[tuple[_Open, int]] = []  # each file this batch wrote to, and its size before
         try:
             for stream, batch in lines.items():
-                self._write(stream, batch, day, touched)
+                if batch:
+                    self._write(stream, batch, day, touched)
             for target, _ in touched:
                 if not target.handle.closed:  # a file rotated out in this batch was fsynced as it closed
                     target.handle.flush()
@@ -154,8 +169,17 @@ class JsonlLoader:
             suffix = self._suffixes[stream] = f',"strawstream":{orjson.dumps(stream).decode()},"strawseq":'
         return suffix
 
-    def _write(self, stream: str, lines: list[bytes], day: str, touched: list[tuple[_Open, int]]) -> None:
+    def _write(self, stream: str, text: list[str], day: str, touched: list[tuple[_Open, int]]) -> None:
         """The lines in as few write() calls as the files' size limit allows: one per file and batch."""
+        current = self._open.get(stream)
+        if current is not None and current.day == day:
+            blob = "".join(text).encode()
+            if current.size + len(blob) <= self.spec.max_bytes:  # the common case: the batch fits the open file
+                touched.append((current, current.size))
+                current.handle.write(blob)
+                current.size += len(blob)
+                return
+        lines = [line.encode() for line in text]
         start = 0
         while start < len(lines):
             target = self._file_for(stream, len(lines[start]), day)
@@ -176,14 +200,12 @@ class JsonlLoader:
         self._lock.release()
 
 
-def _line(record: Record, suffix: str) -> bytes:
+def _line(record: Record, suffix: str) -> str:
     """The event as it was on the stream with two extension attributes, not re-encoded (and exact)."""
-    raw = record.raw
-    if raw[-1:] != "}":
-        raw = raw.rstrip()
+    raw = record.raw.rstrip()
     if raw.endswith("}") and raw.startswith("{") and len(raw) > 2:
-        return (raw[:-1] + suffix + str(record.seq) + "}\n").encode()
-    return orjson.dumps({**record.event, "strawstream": record.stream, "strawseq": record.seq}) + b"\n"
+        return f"{raw[:-1]}{suffix}{record.seq}}}\n"
+    return (orjson.dumps({**record.event, "strawstream": record.stream, "strawseq": record.seq}) + b"\n").decode()
 
 
 def _fsync_dir(path: Path) -> None:

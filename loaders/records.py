@@ -57,8 +57,12 @@ class Record:
 def _datetime(value: Any) -> dt.datetime:
     parsed = dt.datetime.fromisoformat(value)
     if parsed.tzinfo is None:  # straw always writes an offset; an entry without one is not straw's
-        raise ValueError(f"datetime without an offset: {value!r}")
+        _naive(value)
     return parsed
+
+
+def _naive(value: Any) -> None:
+    raise ValueError(f"datetime without an offset: {value!r}")
 
 
 def _decimal(value: Any) -> Decimal:
@@ -77,11 +81,13 @@ _DECODERS: dict[FieldType, Callable[[Any], Any]] = {
     FieldType.INTEGER: _integer,
 }
 
-# Per field type, the statement that types `v` in the generated coercer (see _coercer). The common cases are
-# inline (no call for a string decimal or an int); anything else goes through the decoder above.
-_INLINE: dict[FieldType, str] = {
-    FieldType.DECIMAL: "Decimal(v) if v.__class__ is str else _decimal(v)",
-    FieldType.INTEGER: "v if v.__class__ is int else _integer(v)",
+# Per field type, the statements that type `v` in the generated coercer (see _coercer), `{n}` the field's
+# name. The common cases are inline (no call for a string decimal, an int or a datetime); anything else goes
+# through the decoder above.
+_INLINE: dict[FieldType, tuple[str, ...]] = {
+    FieldType.DECIMAL: ("data[{n}] = Decimal(v) if v.__class__ is str else _decimal(v)",),
+    FieldType.INTEGER: ("if v.__class__ is not int: data[{n}] = _integer(v)",),
+    FieldType.DATETIME: ("w = fromisoformat(v)", "if w.tzinfo is None: _naive(v)", "data[{n}] = w"),
 }
 
 Coercer = Callable[[dict[str, Any]], dict[str, Any]]
@@ -97,21 +103,21 @@ def _coercer(entity: EntitySpec) -> Coercer:
     known = _COERCERS.get(id(entity))
     if known is not None and known[0] is entity:
         return known[1]
+    typed = [(field, spec.type) for field, spec in entity.fields.items() if spec.type in _DECODERS]
     names: dict[str, Any] = {"Decimal": Decimal, "BadRecord": BadRecord, "_decimal": _decimal,
-                             "_integer": _integer}
-    lines = ["def coerce(data):", "    name = kind = None", "    try:"]
-    for index, (field, spec) in enumerate(entity.fields.items()):
-        if spec.type not in _DECODERS:
-            continue
-        names[f"_d{index}"] = _DECODERS[spec.type]
+                             "_integer": _integer, "_naive": _naive, "fromisoformat": dt.datetime.fromisoformat,
+                             "_what": [(field, kind.value) for field, kind in typed]}
+    lines = ["def coerce(data):", "    at = 0", "    try:"]
+    for index, (field, kind) in enumerate(typed):
+        names[f"_d{index}"] = _DECODERS[kind]
         names[f"_n{index}"] = field
-        names[f"_k{index}"] = spec.type.value
-        expression = _INLINE.get(spec.type, f"_d{index}(v)")
         lines += [f"        v = data.get(_n{index})",
                   "        if v is not None:",
-                  f"            name = _n{index}; kind = _k{index}",
-                  f"            data[_n{index}] = {expression}"]
+                  f"            at = {index}",  # which field failed, for the message: one store, not two
+                  *(f"            {line.format(n=f'_n{index}', d=f'_d{index}')}"
+                    for line in _INLINE.get(kind, ("data[{n}] = {d}(v)",)))]
     lines += ["    except (ValueError, TypeError, ArithmeticError) as exc:",
+              "        name, kind = _what[at]",
               "        raise BadRecord(f'field {name!r} is not a {kind}: {exc}') from None",
               "    return data"]
     exec("\n".join(lines), names)  # field names are passed as values, never spliced into the code
@@ -125,31 +131,66 @@ def typed_data(entity: EntitySpec, data: dict[str, Any]) -> dict[str, Any]:
     return _coercer(entity)(data)
 
 
+Kind = tuple[str, str, Coercer, EntitySpec]  # entity name, operation, the entity's coercer, the entity
+_KINDS: dict[int, tuple[Mapping[str, EntitySpec], dict[str, Kind]]] = {}
+_last: tuple[Mapping[str, EntitySpec] | None, dict[str, Kind]] = (None, {})  # the configuration parsed last
+
+
+def _kinds(entities: Mapping[str, EntitySpec]) -> dict[str, Kind]:
+    global _last
+    known = _KINDS.get(id(entities))
+    if known is None or known[0] is not entities:
+        known = _KINDS[id(entities)] = (entities, {})
+    _last = known  # one tuple, replaced whole: a second thread sees the old pair or the new one
+    return known[1]
+
+
+def _kind(type_: Any, entities: Mapping[str, EntitySpec]) -> Kind:
+    """What an event type names: its entity (and that entity's coercer) and operation; BadRecord if nothing."""
+    entity_name, _, op = str(type_ if type_ is not None else "").rpartition(".")
+    entity = entities.get(entity_name)
+    if entity is None:
+        raise BadRecord(f"event type {type_!r} names no entity of this configuration "
+                        f"(entities: {', '.join(entities)})")
+    if op not in (UPSERTED, DELETED):
+        raise BadRecord(f"event type {type_!r}: unknown operation {op!r}")
+    kind = (entity_name, op, _coercer(entity), entity)
+    if type_.__class__ is str:
+        _kinds(entities)[type_] = kind
+    return kind
+
+
 def parse(delivery: Delivery, entities: Mapping[str, EntitySpec]) -> Record:
     """The record in `delivery`, typed by its entity's schema; BadRecord says why not."""
     fields = delivery.fields
     try:
-        event = orjson.loads(fields["event"])
+        raw = fields["event"]
+        event = orjson.loads(raw)
         seq = int(fields["seq"])
     except KeyError as exc:
         raise BadRecord(f"entry has no {exc.args[0]!r} field: not a straw record") from None
     except (ValueError, orjson.JSONDecodeError) as exc:
         raise BadRecord(f"entry is not a straw record: {exc}") from None
-    if not isinstance(event, dict):
+    if event.__class__ is not dict:
         raise BadRecord("`event` is not a JSON object")
-    entity_name, _, op = str(event.get("type", "")).rpartition(".")
-    entity = entities.get(entity_name)
-    if entity is None:
-        raise BadRecord(f"event type {event.get('type')!r} names no entity of this configuration "
-                        f"(entities: {', '.join(entities)})")
-    if op not in (UPSERTED, DELETED):
-        raise BadRecord(f"event type {event.get('type')!r}: unknown operation {op!r}")
+    # What the type names is remembered per configuration and type (a batch has a handful of types): splitting
+    # and checking the type string for every record cost as much as typing a decimal field.
+    type_ = event.get("type")
+    last = _last
+    kind = None
+    if type_.__class__ is str:  # a list or an object there is not hashable: the slow path says why it is bad
+        kind = (last[1] if last[0] is entities else _kinds(entities)).get(type_)
+    if kind is None or entities.get(kind[0]) is not kind[3]:
+        kind = _kind(type_, entities)
+    entity_name, op, coerce, _ = kind
     data = event.get("data")
-    if not isinstance(data, dict):
+    if data.__class__ is not dict:
         raise BadRecord("event `data` is not a JSON object")
+    event_id, subject = event.get("id", ""), event.get("subject", "")
     # Positional: keywords cost a dict per record.
     return Record(
-        delivery.stream, delivery.entry_id, seq, fields.get("pos", ""), str(event.get("id", "")), entity_name, op,
-        str(event.get("subject", "")), _coercer(entity)(data), event, fields["event"], delivery.deliveries,
+        delivery.stream, delivery.entry_id, seq, fields.get("pos", ""),
+        event_id if event_id.__class__ is str else str(event_id), entity_name, op,
+        subject if subject.__class__ is str else str(subject), coerce(data), event, raw, delivery.deliveries,
         "retry" in fields,
     )

@@ -28,6 +28,10 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def _as_parsed(response: Any, **_options: Any) -> Any:
+    return response
+
+
 def ensure_group(client: redis.Redis, stream: str, group: str, start: str) -> bool:
     """Create the group (and the stream) if missing; True if it was created."""
     try:
@@ -57,6 +61,9 @@ class RedisConsumer:
         self._client: redis.Redis = redis.Redis(connection_pool=redis.ConnectionPool(
             connection_class=pool.connection_class,
             **{**pool.connection_kwargs, "decode_responses": True, "encoding_errors": "replace"}))
+        # XREADGROUP's reply as hiredis parsed it (nested lists, or a map on RESP3): `_read` takes the entries
+        # from it directly, not through redis-py's per-entry dicts and tuples.
+        self._client.set_response_callback("XREADGROUP", _as_parsed)
         self._given = client
         self._streams = list(streams)
         self._group = group
@@ -93,7 +100,7 @@ class RedisConsumer:
 
     def _next(self, count: int, block: float) -> list[Delivery]:
         if self._own_backlog:
-            found = self._read({s: "0" for s in self._streams}, count, None)
+            found = self._read("0", count, None)
             if found:
                 return self._counted(found)
             self._own_backlog = False
@@ -102,26 +109,45 @@ class RedisConsumer:
             if claimed:
                 return claimed
             self._next_claim = time.monotonic() + self._claim_every
-        return self._foreign_ones_acked(
-            [Delivery(s, i, f, 1) for s, i, f in self._read({s: ">" for s in self._streams}, count, block)]
-        )
+        return self._foreign_ones_acked(self._read(">", count, block))
 
-    def _read(self, ids: dict[str, str], count: int, block: float | None) -> list[tuple[str, str, dict[str, str]]]:
-        wait = None if not block or block <= 0 else max(1, int(block * 1000))
-        streams: dict[Any, Any] = dict(ids)
-        reply: Any = self._client.xreadgroup(self._group, self._name, streams, count=count, block=wait)
-        found = []
-        for stream, entries in reply or []:
-            for entry_id, fields in entries:
-                if fields:  # a pending entry trimmed from the stream comes back empty: nothing to apply
-                    found.append((stream, entry_id, fields))
-                else:
+    def read_ahead(self, count: int) -> list[Delivery] | None:
+        """New entries, without waiting, for the batch after the one in hand (see loaders/sdk.py); None while
+        the next read must be `read`: this member's own backlog (it holds the entries in hand, unacked) or a
+        due reclaim (which must not starve behind a busy stream)."""
+        if self._own_backlog or time.monotonic() >= self._next_claim:
+            return None
+        try:
+            return self._foreign_ones_acked(self._read(">", count, None))
+        except REDIS_REFUSED:
+            raise
+        except REDIS_DOWN as exc:
+            raise BusDown(describe(exc)) from exc
+
+    def _read(self, start: str, count: int, block: float | None) -> list[Delivery]:
+        """XREADGROUP from `start` ('>' new entries, '0' this member's pending ones), as first deliveries."""
+        command: list[Any] = ["XREADGROUP", "GROUP", self._group, self._name, "COUNT", count]
+        if block and block > 0:
+            command += ["BLOCK", max(1, int(block * 1000))]
+        command += ["STREAMS", *self._streams, *[start] * len(self._streams)]
+        reply: Any = self._client.execute_command(*command)  # type: ignore[no-untyped-call]
+        found: list[Delivery] = []
+        append = found.append
+        for stream, entries in (reply.items() if isinstance(reply, dict) else reply or ()):
+            for entry_id, flat in entries:
+                if not flat:  # a pending entry trimmed from the stream comes back empty: nothing to apply
                     self._client.xack(_text(stream), self._group, entry_id)
+                elif len(flat) == 6 and flat[0] == "seq" and flat[2] == "pos" and flat[4] == "event":
+                    # What the relay writes: a literal is several times cheaper than pairing the list.
+                    append(Delivery(stream, entry_id, {"seq": flat[1], "pos": flat[3], "event": flat[5]}, 1))
+                else:
+                    pairs = iter(flat)
+                    append(Delivery(stream, entry_id, dict(zip(pairs, pairs, strict=False)), 1))
         return found
 
     def _claim(self, count: int) -> list[Delivery]:
         """Entries that any member (a dead one, or this one after a failure) left pending past claim_idle."""
-        found: list[tuple[str, str, dict[str, str]]] = []
+        found: list[Delivery] = []
         for stream in self._streams:
             if len(found) >= count:
                 break
@@ -133,18 +159,18 @@ class RedisConsumer:
             self._claim_from[stream] = next_id  # "0-0" once the scan went round the whole list
             for entry_id, fields in entries:
                 if entry_id is not None and fields:
-                    found.append((stream, entry_id, fields))
+                    found.append(Delivery(stream, entry_id, fields, 1))
         return self._counted(found)
 
-    def _counted(self, found: list[tuple[str, str, dict[str, str]]]) -> list[Delivery]:
+    def _counted(self, found: list[Delivery]) -> list[Delivery]:
         """Redelivered entries with their delivery counts from the group's pending list."""
         pipe = self._client.pipeline(transaction=False)
-        for stream, entry_id, _ in found:
-            pipe.xpending_range(stream, self._group, min=entry_id, max=entry_id, count=1)
+        for delivery in found:
+            pipe.xpending_range(delivery.stream, self._group, min=delivery.entry_id, max=delivery.entry_id, count=1)
         counts = pipe.execute()
         deliveries = [
-            Delivery(stream, entry_id, fields, int(pending[0]["times_delivered"]) if pending else 1)
-            for (stream, entry_id, fields), pending in zip(found, counts, strict=True)
+            delivery._replace(deliveries=int(pending[0]["times_delivered"]) if pending else 1)
+            for delivery, pending in zip(found, counts, strict=True)
         ]
         return self._foreign_ones_acked(deliveries)
 

@@ -4,13 +4,19 @@ A record the loader cannot apply stays pending and comes back after `claim_idle`
 failed delivery it goes to the dead-letter stream, so a poison record never blocks the records behind it.
 A target that is down (`TargetDown`) is not the records' fault: the same batch is retried with backoff and no
 delivery is counted.
+
+With a backlog, a consumer that can (`read_ahead`, Redis) reads and parses the next batch in a second thread
+while the target applies this one: the target's wait (a database round trip, an fsync) is no longer the
+reader's. Batches are still applied one after the other in stream order, and each acked only once applied.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -38,6 +44,18 @@ BUS_BACKOFF_MAX = 5.0  # a bus back from an outage is noticed within this long
 
 # A loader applies a batch and names the records it could not apply (an empty list: all applied).
 Apply = Callable[[Sequence[Record]], Sequence[Failed]]
+
+# A consumer's optional `read_ahead(count)`: new entries for the batch after the one in hand, without waiting,
+# or None when the next read must be a plain `read` (one that could hand out the entries in hand again).
+ReadAhead = Callable[[int], list[Delivery] | None]
+
+
+class _Batch(NamedTuple):
+    """Deliveries read and parsed, not applied yet."""
+
+    deliveries: list[Delivery]
+    records: list[Record]
+    failed: list[tuple[Delivery, str]]  # unparseable, or delivered too often: never handed to the loader
 
 
 def each(handle: Callable[[Record], None]) -> Apply:
@@ -110,64 +128,148 @@ def consume(
     applied: Callable[[str], int] | None = None,
     streams: Sequence[str] = (),
 ) -> Tally:
-    """Run until `stop` is set (the batch in hand is finished and acked first), or with `once` until the
-    streams are drained: every entry there now applied or dead-lettered. With `applied` (the target's last
-    applied seq of a stream), first, and after each outage of the bus, wait while the bus is behind it."""
+    """Run until `stop` is set (the batch in hand, and one read ahead for it, are finished and acked first), or
+    with `once` until the streams are drained: every entry there now applied or dead-lettered. With `applied`
+    (the target's last applied seq of a stream), first, and after each outage of the bus, wait while the bus
+    is behind it."""
     stop = stop or threading.Event()
     tally = Tally()
     outage = _Outage(settings, once)
     check = applied is not None
-    while not stop.is_set():
-        try:
-            if check and applied is not None:
-                try:
-                    wait_for_repair(consumer, applied, streams, tally.behind, stop,
-                                    poll=min(max(settings.block, 0.2), 5.0),
-                                    give_up_after=settings.give_up_after if once else None)
-                except TargetDown as exc:  # cannot compare yet: the target says where it stands once it is up
-                    log.warning("target unreachable, retrying", error=redact(str(exc)))
-                    stop.wait(1.0)
-                    continue
-                check = False
-                if stop.is_set():
-                    break
-            deliveries = consumer.read(settings.batch_size, 0.0 if once else settings.block)
-            # Drained when nothing is pending in the group either: entries that failed here or that a dead
-            # member holds come back after claim_idle, and a live member's are acked in a moment. (Not our
-            # own failed set: another member may have claimed and settled those.)
-            if once and not deliveries and consumer.pending() == 0:
-                tally.pending.clear()
-                break
-            if not deliveries:
+    with _Pipeline(consumer, entities, settings, tally) as pipeline:
+        # A batch read ahead is applied even after `stop`: it is in hand, like the one before it.
+        while not stop.is_set() or pipeline.ahead is not None:
+            try:
+                batch = pipeline.taken()
+                if batch is None:
+                    pipeline.settle()  # a plain read may reclaim, and `pending` counts, what is not acked yet
+                    if check and applied is not None:
+                        try:
+                            wait_for_repair(consumer, applied, streams, tally.behind, stop,
+                                            poll=min(max(settings.block, 0.2), 5.0),
+                                            give_up_after=settings.give_up_after if once else None)
+                        except TargetDown as exc:  # cannot compare yet: the target says where it stands once up
+                            log.warning("target unreachable, retrying", error=redact(str(exc)))
+                            stop.wait(1.0)
+                            continue
+                        check = False
+                    if stop.is_set():
+                        break
+                    deliveries = consumer.read(settings.batch_size, 0.0 if once else settings.block)
+                    # Drained when nothing is pending in the group either: entries that failed here or that a
+                    # dead member holds come back after claim_idle, and a live member's are acked in a moment.
+                    # (Not our own failed set: another member may have claimed and settled those.)
+                    if once and not deliveries and consumer.pending() == 0:
+                        tally.pending.clear()
+                        break
+                    if not deliveries:
+                        outage.over()
+                        if once:
+                            stop.wait(min(0.02 + settings.claim_idle / 4, 1.0))
+                        continue
+                    batch = _parsed(deliveries, entities, settings)
+                # A full batch says there is a backlog: read the next one while this one is applied.
+                if len(batch.deliveries) >= settings.batch_size and not stop.is_set():
+                    pipeline.read_next()
+                # A bus lost while acking: applied, not acked; the records come back and the target skips them.
+                _batch(consumer, apply, settings, batch, tally, stop, once, pipeline.ack)
                 outage.over()
-                if once:
-                    stop.wait(min(0.02 + settings.claim_idle / 4, 1.0))
-                continue
-            # A bus lost while acking: applied, not acked; the records come back and the target skips them.
-            _batch(consumer, apply, entities, settings, deliveries, tally, stop, once)
-            outage.over()
-        except BusDown as exc:
-            check = applied is not None  # after a reconnect the bus may be another (a promoted replica)
-            stop.wait(outage.wait(exc))
+            except BusDown as exc:
+                pipeline.drop()  # read ahead, never applied: reclaimed after claim_idle, as any unacked entry
+                check = applied is not None  # after a reconnect the bus may be another (a promoted replica)
+                stop.wait(outage.wait(exc))
     tally.stopped = stop.is_set()
     return tally
 
 
-def _batch(
-    consumer: Consumer,
-    apply: Apply,
-    entities: Mapping[str, EntitySpec],
-    settings: Settings,
-    deliveries: list[Delivery],
-    tally: Tally,
-    stop: threading.Event,
-    once: bool,
-) -> None:
-    tally.batches += 1
+class _Pipeline:
+    """A second thread for a consumer that can read ahead: it reads and parses the next batch while the target
+    applies this one, then acks this one while the target applies the next. One thread, so its jobs run in
+    the order given; the ack of a batch is only given once the batch is applied. Without `read_ahead`, the
+    consumer is only called from the caller's thread, as before (NATS's and RabbitMQ's clients)."""
+
+    def __init__(self, consumer: Consumer, entities: Mapping[str, EntitySpec], settings: Settings,
+                 tally: Tally) -> None:
+        self.consumer, self.entities, self.settings, self.tally = consumer, entities, settings, tally
+        self._read_ahead: ReadAhead | None = getattr(consumer, "read_ahead", None)
+        self._thread = (ThreadPoolExecutor(1, thread_name_prefix="straw-read-ahead")
+                        if self._read_ahead is not None else None)
+        self.ahead: Future[_Batch | None] | None = None
+        self._acking: Future[None] | None = None
+        self._acked: list[Delivery] = []
+
+    def __enter__(self) -> _Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                with contextlib.suppress(BusDown):  # applied, not acked: they come back and are skipped
+                    self.settle()
+            else:
+                self.drop()
+        finally:
+            if self._thread is not None:
+                self._thread.shutdown(wait=True)
+
+    def read_next(self) -> None:
+        if self._thread is not None:
+            self.ahead = self._thread.submit(self._read_parsed, self._read_ahead)
+
+    def _read_parsed(self, read_ahead: ReadAhead | None) -> _Batch | None:
+        deliveries = read_ahead(self.settings.batch_size) if read_ahead is not None else None
+        return _parsed(deliveries, self.entities, self.settings, yielding=True) if deliveries else None
+
+    def taken(self) -> _Batch | None:
+        """The batch read ahead (None: none, or it found nothing new: read as usual)."""
+        ahead, self.ahead = self.ahead, None
+        return ahead.result() if ahead is not None else None
+
+    def ack(self, done: list[Delivery]) -> None:
+        if self._thread is None:
+            self.consumer.ack(done)
+            self._count(done)
+            return
+        self.settle()
+        self._acking, self._acked = self._thread.submit(self.consumer.ack, done), done
+
+    def settle(self) -> None:
+        """Wait for the ack in flight; its BusDown is raised here."""
+        acking, self._acking = self._acking, None
+        if acking is not None:
+            acking.result()
+            self._count(self._acked)
+
+    def _count(self, done: list[Delivery]) -> None:
+        self.tally.applied += len(done)
+        if self.tally.pending:
+            for delivery in done:
+                self.tally.pending.discard((delivery.stream, delivery.entry_id))
+
+    def drop(self) -> None:
+        """Wait for what is in flight and forget it (its entries stay pending and come back)."""
+        for job in (self.ahead, self._acking):
+            if job is not None:
+                with contextlib.suppress(Exception):  # the error that ended the batch in hand is the one to report
+                    job.result()
+        self.ahead = self._acking = None
+
+
+# In the second thread, parsing yields the interpreter every this many records: the thread applying waits for
+# its database or its fsync without the interpreter, and when that returns it would otherwise wait for the
+# parser's whole switch interval (5 ms, measured 5-15 ms on a busy machine) before it may go on. Each yield
+# costs a thread switch when the other thread is waiting: every 32 records cost ~1 µs of CPU a record
+# (bench/README.md, Session 6 — loader-rate); 128, four a batch of 500, bound the wait to about 0.5 ms.
+YIELD_EVERY = 128
+
+
+def _parsed(deliveries: list[Delivery], entities: Mapping[str, EntitySpec], settings: Settings,
+            *, yielding: bool = False) -> _Batch:
     records: list[Record] = []
     failed: list[tuple[Delivery, str]] = []
-    by_id = {(d.stream, d.entry_id): d for d in deliveries}
-    for delivery in deliveries:
+    for index, delivery in enumerate(deliveries):
+        if yielding and not index % YIELD_EVERY:
+            time.sleep(0)
         if delivery.deliveries > settings.max_deliveries:
             # Delivered more often than allowed without a verdict: a consumer died applying it, each time.
             failed.append((delivery, f"delivered {delivery.deliveries} times and never acked (did a consumer "
@@ -177,17 +279,33 @@ def _batch(
             records.append(parse(delivery, entities))
         except BadRecord as exc:
             failed.append((delivery, str(exc)))
+    return _Batch(deliveries, records, failed)
+
+
+def _batch(
+    consumer: Consumer,
+    apply: Apply,
+    settings: Settings,
+    batch: _Batch,
+    tally: Tally,
+    stop: threading.Event,
+    once: bool,
+    ack: Callable[[list[Delivery]], None],
+) -> None:
+    tally.batches += 1
+    deliveries, records, failed = batch.deliveries, batch.records, list(batch.failed)
     verdicts = _apply_until_reached(apply, records, settings, stop, once)
     if verdicts is None:  # stopped while the target was down: leave the batch pending for the next run
         return
-    failed.extend((by_id[(f.record.stream, f.record.entry_id)], f.error) for f in verdicts)
-    failed_ids = {(d.stream, d.entry_id) for d, _ in failed}
-    done = [d for d in deliveries if (d.stream, d.entry_id) not in failed_ids]
+    done = deliveries
+    if verdicts:
+        by_id = {(d.stream, d.entry_id): d for d in deliveries}
+        failed.extend((by_id[(f.record.stream, f.record.entry_id)], f.error) for f in verdicts)
+    if failed:  # the common batch has none: no key per record to build and look up
+        failed_ids = {(d.stream, d.entry_id) for d, _ in failed}
+        done = [d for d in deliveries if (d.stream, d.entry_id) not in failed_ids]
     if done:
-        consumer.ack(done)
-    tally.applied += len(done)
-    for delivery in done:
-        tally.pending.discard((delivery.stream, delivery.entry_id))
+        ack(done)
     for delivery, error in failed:
         error = redact(error)
         tally.failed += 1

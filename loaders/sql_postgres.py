@@ -21,6 +21,7 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
+from psycopg.types.json import Json
 from sqlalchemy import Table
 from sqlalchemy.engine import Connection
 
@@ -36,6 +37,10 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, dt.date):  # a subclass orjson does not take as is
         return value.isoformat()
     raise TypeError(f"cannot send a {type(value).__name__} to PostgreSQL")
+
+
+def _as_is(document: Any) -> bytes:
+    return document  # type: ignore[no-any-return]  # the JSON orjson wrote already
 
 
 Row = tuple[str, str, int, bool, dict[str, Any]]  # stream, key hash, seq, deleted, typed data
@@ -80,15 +85,19 @@ class PgApply:
             f"DELETE FROM {target} AS t USING f WHERE f.{d} AND {same_key}"
         )
 
-    def batch_json(self, rows: Sequence[Row]) -> str:
+    def batch_json(self, rows: Sequence[Row]) -> bytes:
         """The statement's JSON parameter: one object per change, its data and straw's four values."""
         s, h, q, d = self.meta
         changes = [{**r, s: stream, h: hashed, q: seq, d: deleted} for stream, hashed, seq, deleted, r in rows]
-        return orjson.dumps(changes, default=_json_default).decode()
+        return orjson.dumps(changes, default=_json_default)
 
     def run(self, conn: Connection, rows: Sequence[Row]) -> None:
         """Apply `rows` (one per key: the batch's last change of it) unless their key has a newer version."""
-        conn.exec_driver_sql(self.sql, {"rows": self.batch_json(rows), "entity": self.entity})
+        # psycopg takes the bytes orjson wrote, typed json (not decoded here and encoded again); another driver
+        # (psycopg2, for a bare postgresql:// URL) takes the text.
+        document = self.batch_json(rows)
+        param = Json(document, dumps=_as_is) if conn.dialect.driver == "psycopg" else document.decode()
+        conn.exec_driver_sql(self.sql, {"rows": param, "entity": self.entity})
 
 
 def move_applied(conn: Connection, applied: Table, stream: str, top: int) -> None:

@@ -24,6 +24,7 @@ from loaders.repair import StreamBehind
 from loaders.sdk import Failed, Settings, Tally, consume
 from loaders.service import open_consumer, run_loader
 from straw.config_load import load_config
+from straw.local_redis import RedisServer
 from tests.crashes import REPO, straw_command
 from tests.loader_buses import LoaderBus, bus_loader_config, loader_bus
 from tests.loader_helpers import order_data
@@ -315,3 +316,11 @@ def test_a_rabbitmq_outage_mid_load_is_waited_out_and_nothing_is_lost_or_doubled
 ) -> None:
     outage_mid_load(tmp_path, LoaderBus("rabbitmq", private_rabbitmq.url, "outage.orders"), sqlite_url,
                     private_rabbitmq)
+
+
+def test_a_redis_outage_mid_load_is_waited_out_and_nothing_is_lost_or_doubled(
+    tmp_path: Path, private_redis: RedisServer, sqlite_url: str
+) -> None:
+    """With a backlog the loader reads ahead: the outage hits a batch read ahead (dropped, reclaimed) and an ack in
+    flight (applied, not acked: skipped when it comes back)."""
+    outage_mid_load(tmp_path, LoaderBus("redis", private_redis.url, "outage.orders"), sqlite_url, private_redis)

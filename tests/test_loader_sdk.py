@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 from decimal import Decimal
 
 import pytest
@@ -208,3 +209,59 @@ def test_the_readme_sdk_example_runs(
     exec(compile(code, "README.md", "exec"), {})
     assert "1 upserted 7 {'order_no': 7, 'customer': 'Café Ørsted', 'amount': Decimal('1234.50')" in \
         capsys.readouterr().out
+
+
+def test_with_a_backlog_the_next_batch_is_read_while_this_one_is_applied_and_order_holds(
+    redis_client: redis.Redis, stream_name: str
+) -> None:
+    xadd_events(redis_client, stream_name, [("upserted", order_data(n)) for n in range(1, 10)])
+    seen: list[int] = []
+    pending_while_first: list[int] = []
+
+    def handle(record: Record) -> None:
+        if record.seq == 1:  # the second batch (4..6) is delivered to this member before the first is applied
+            deadline = time.monotonic() + 5
+            while redis_client.xpending(stream_name, "g")["pending"] < 6 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            pending_while_first.append(redis_client.xpending(stream_name, "g")["pending"])
+        seen.append(record.seq)
+
+    tally = consume(member(redis_client, stream_name, claim_idle=60), each(handle), ENTITIES,
+                    Settings(batch_size=3, claim_idle=60), once=True)
+    assert pending_while_first == [6]
+    assert seen == list(range(1, 10))  # batches applied one after the other, in stream order
+    assert tally.applied == 9 and tally.batches == 3
+    assert redis_client.xpending(stream_name, "g")["pending"] == 0
+
+
+def test_a_stop_applies_and_acks_the_batch_read_ahead_too(redis_client: redis.Redis, stream_name: str) -> None:
+    """SIGTERM finishes what is in hand: the batch applied and the one read ahead for it; nothing stays pending."""
+    xadd_events(redis_client, stream_name, [("upserted", order_data(n)) for n in range(1, 10)])
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def handle(record: Record) -> None:
+        stop.set()
+        seen.append(record.seq)
+
+    tally = consume(member(redis_client, stream_name, claim_idle=60), each(handle), ENTITIES,
+                    Settings(batch_size=3, claim_idle=60, block=0.1), stop=stop)
+    assert tally.stopped and seen == [1, 2, 3, 4, 5, 6] and tally.applied == 6
+    assert redis_client.xpending(stream_name, "g")["pending"] == 0
+    assert len(member(redis_client, stream_name, claim_idle=60).read(10, 0)) == 3  # 7..9 were never read
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_the_consumer_reads_replies_of_both_protocols(redis_url: str, stream_name: str, protocol: int) -> None:
+    client = redis.Redis.from_url(redis_url, protocol=protocol)
+    try:
+        xadd_events(client, stream_name, [("upserted", order_data(n)) for n in range(1, 4)])
+        client.xadd(stream_name, {"seq": "4", "pos": "[4]", "event": "[]", "extra": "x"})  # not the relay's layout
+        seen: list[Record] = []
+        tally = consume(member(client, stream_name), each(seen.append), ENTITIES,
+                        Settings(batch_size=2, max_deliveries=1), once=True)
+        assert [r.seq for r in seen] == [1, 2, 3] and seen[0].position == "[1]" and tally.dead_letters == 1
+        [(_, fields)] = client.xrange(f"{stream_name}.dlq")
+        assert fields[b"extra"] == b"x" and fields[b"event"] == b"[]"
+    finally:
+        client.close()
