@@ -53,6 +53,7 @@ from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import repeat
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 import orjson
@@ -332,6 +333,33 @@ def digests(db: sqlite3.Connection, source: str, keys: Sequence[str]) -> dict[st
 
 
 _RUN = 64  # from this many keys a batch's run of ids is worth a range scan
+
+
+def by_digest(
+    db: sqlite3.Connection, source: str, ends: Sequence[str], listed: Sequence[bytes | None]
+) -> list[tuple[str, int, bytes] | None]:
+    """For each digest of a page `listed` by the database, the stored `(key, id, hash)` with that very digest,
+    or None; `ends`: the keys of a few rows at each end of the page.
+
+    A database digest covers the row's key columns along with the other mapped ones (and the
+    mapping's shape, see `adapters/db/digest.py`), so a stored key with an equal digest is the listed
+    row's key, delivered unchanged: nothing about the row is needed to mark it, not even its key as
+    text (building it was a third of a listing's work). As in `digests`, the page's keys are one run
+    of ids: its known `ends` bound the run, one range scan of the covering id index gives the run's
+    digests, and the compare is a dict lookup per row in C. A row not found here (new, changed,
+    outside the run, or a digest the database could not compute) is for the key-by-key path.
+    """
+    ids = [row[0] for row in _known(db, source, ends).values() if row is not None]
+    if not ids or max(ids) - min(ids) >= 2 * len(listed):
+        return [None] * len(listed)
+    stored = db.execute(DIGEST_RUN, (source, min(ids), max(ids))).fetchall()
+    # Only a database digest can equal a listed one (17 bytes, `straw.source.DB_DIGEST` first); a restored
+    # key's empty digest or a Python one never does.
+    found = dict(zip(map(_HASH, stored), stored, strict=True))
+    return list(map(found.get, listed))
+
+
+_HASH = itemgetter(2)
 
 
 def _known(db: sqlite3.Connection, source: str, keys: Sequence[str]) -> dict[str, tuple[int, bytes, bytes] | None]:

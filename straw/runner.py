@@ -154,7 +154,8 @@ def _poll_batches(
     for batch in batches:
         mapped: MappedBatch | KeyedBatch
         if batch.keyed:
-            mapped = pipeline.mapper.map_keyed(batch, partial(outbox.digests, spec.name))
+            mapped = pipeline.mapper.map_keyed(batch, partial(outbox.digests, spec.name),
+                                                partial(outbox.by_digest, spec.name))
             observed = observed_now()
             deleted = [0]
             written = outbox.append_keyed(
