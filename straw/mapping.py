@@ -48,12 +48,14 @@ class KeyedBatch:
     dead: list[DeadLetter] = field(default_factory=list)
     # (key, id) of each key listed again as delivered: not even mapped, only recorded as seen
     unchanged: list[tuple[str, int]] = field(default_factory=list)
+    # ids of more such keys, found by their database digest alone (their keys were never built)
+    unchanged_ids: list[int] = field(default_factory=list)
 
 
 # key -> (id, digest) of what was delivered before, for the known keys of one batch
 Stored = Callable[[list[str]], Mapping[str, tuple[int, bytes]]]
-# (keys at a page's ends, the page's database digests) -> the stored (key, id, digest) equal to each, or None
-ByDigest = Callable[[list[str], Sequence[bytes | None]], list[tuple[str, int, bytes] | None]]
+# (keys at a page's ends, the page's database digests) -> the id of the stored key with each digest, or None
+ByDigest = Callable[[list[str], Sequence[bytes | None]], list[int | None]]
 _ENDS = 4  # rows at each end of a digest page whose keys bound its run of stored ids
 _NOT_KNOWN = (0, b"")
 
@@ -278,12 +280,13 @@ class Mapper:
         assert fetch is not None and digests is not None
         rows = batch.rows
         unchanged: list[tuple[str, int]] = []
+        ids: list[int] = []
         rest: Sequence[int] = range(len(rows))
         if by_digest is not None and stored is not None and len(rows) > 2 * _ENDS:
             ends = [k for k in self._subjects(batch, [*rows[:_ENDS], *rows[-_ENDS:]]) if k is not None]
             found = by_digest(ends, digests)
-            unchanged = [(row[0], row[1]) for row in found if row is not None]
-            rest = [i for i, row in enumerate(found) if row is None]
+            ids = [id_ for id_ in found if id_ is not None]
+            rest = [i for i, id_ in enumerate(found) if id_ is None] if len(ids) < len(found) else []
         keys = self._subjects(batch, [rows[i] for i in rest])
         known = stored([k for k in keys if k is not None]) if stored is not None and keys else {}
         get = known.get
@@ -300,9 +303,10 @@ class Mapper:
         if other and not self._switch_noted:
             self._note_switch("Python", "the database's")
         if not changed:
-            return KeyedBatch(unchanged=unchanged)
+            return KeyedBatch(unchanged=unchanged, unchanged_ids=ids)
         out = self.map_keyed(fetch(changed), stored)  # a key gone since is not in it: the listing's end deletes it
         out.unchanged[:0] = unchanged
+        out.unchanged_ids = ids
         return out
 
     def _note_switch(self, was: str, now: str) -> None:

@@ -167,7 +167,7 @@ def _poll_batches(
                 len(batch.rows),
                 complete=batch.complete,
                 encode=partial(_encode_counted, pipeline.mapper, observed, deleted),
-                unchanged=[id_ for _key, id_ in mapped.unchanged],
+                unchanged=[*mapped.unchanged_ids, *(id_ for _key, id_ in mapped.unchanged)],
             )
             tally.upserted += written - deleted[0]
             tally.deleted += deleted[0]
