@@ -705,11 +705,14 @@ class DbSource:
         key_cols = [relation.c[c] for c in self._resolved(self._change_columns())]
         width = len(key_cols)
         size = min(keys.BATCH, 10 * self.spec.batch_size)
-        fetch = partial(self._digest_fetch, conn, columns, slots, ops, number)
         listed = 0
         with ExitStack() as stack:
             spare = stack.enter_context(
                 self.database.spare(statement_timeout=self.spec.statement_timeout, encoding=self.spec.encoding))
+            # A page read on the spare connection may be newer than this one's read view (InnoDB keeps one per
+            # transaction): its full reads then begin a new one, so a row is never read older than its digest.
+            fresh = spare is not None and self.engine.dialect.name != "postgresql"
+            fetch = partial(self._digest_fetch, conn, columns, slots, ops, number, fresh)
             # A pending page is waited for (on leaving, too) before its connection goes back.
             ahead = stack.enter_context(ThreadPoolExecutor(1, "straw-digest")) if spare is not None else None
             page = size if limit is None else min(size, limit)
@@ -781,6 +784,7 @@ class DbSource:
         slots: list[int],
         ops: Callable[[Sequence[Any]], list[str]] | None,
         number: int,
+        fresh: bool,
         listed: Sequence[Any],
         indexes: Sequence[int],
     ) -> RawBatch:
@@ -802,6 +806,8 @@ class DbSource:
         else:
             stmt = stmt.where(digest.key_in(key_cols, wanted))
         params = {**self._query_params(None), "straw_salt": self._salt()}
+        if fresh:
+            conn.rollback()  # nothing written: only the read view ends
         try:
             found: list[Any] = list(conn.execute(stmt, params).all())
         except Exception as exc:
