@@ -534,3 +534,34 @@ def test_a_spare_connection_is_taken_only_when_free_and_unawaited() -> None:
     gate.release()
     gate.release()
     assert gate.in_use == 0
+
+
+def test_a_poll_waiting_for_a_connection_gets_the_spare_back(pg_url: str) -> None:
+    """The listing lends its second connection back as soon as another poll waits for one: a source due
+    meanwhile waits for one page, not for the whole listing."""
+    import threading
+
+    engine = create_engine(pg_url)
+    create_orders(engine, 35)
+    source = _budgeted_source(pg_url, 2)
+    gate = source.database.gate
+    served = threading.Event()
+
+    def other_poll() -> None:
+        with source.database.connect():
+            served.set()
+
+    try:
+        reading = source.read(None)
+        assert [r[0] for r in next(reading).rows] == list(range(1, 11)) and gate.in_use == 2
+        waiter = threading.Thread(target=other_poll)
+        waiter.start()
+        while not gate.waiting:
+            served.wait(0.001)
+        assert [r[0] for r in next(reading).rows] == list(range(11, 21))  # read ahead, then lent back
+        assert served.wait(10)
+        waiter.join()
+        assert [len(p.rows) for p in reading] == [10, 5] and gate.in_use == 0
+    finally:
+        source.close()
+        engine.dispose()

@@ -69,6 +69,12 @@ class Gate:
             self.release()
 
     @property
+    def waiting(self) -> bool:
+        """Whether a poll waits for a slot."""
+        with self._lock:
+            return bool(self._waiters)
+
+    @property
     def in_use(self) -> int:
         with self._lock:
             return self.slots - self._free

@@ -706,15 +706,15 @@ class DbSource:
         width = len(key_cols)
         size = min(keys.BATCH, 10 * self.spec.batch_size)
         listed = 0
-        with ExitStack() as stack:
-            spare = stack.enter_context(
+        with ExitStack() as lent:
+            spare = lent.enter_context(
                 self.database.spare(statement_timeout=self.spec.statement_timeout, encoding=self.spec.encoding))
             # A page read on the spare connection may be newer than this one's read view (InnoDB keeps one per
             # transaction): its full reads then begin a new one, so a row is never read older than its digest.
             fresh = spare is not None and self.engine.dialect.name != "postgresql"
             fetch = partial(self._digest_fetch, conn, columns, slots, ops, number, fresh)
             # A pending page is waited for (on leaving, too) before its connection goes back.
-            ahead = stack.enter_context(ThreadPoolExecutor(1, "straw-digest")) if spare is not None else None
+            ahead = lent.enter_context(ThreadPoolExecutor(1, "straw-digest")) if spare is not None else None
             page = size if limit is None else min(size, limit)
             query = self._digest_query(relation, key_cols, resume, page)
             rows_of: Callable[[], list[Any]] = partial(_all, conn, *query)
@@ -730,6 +730,9 @@ class DbSource:
                     # A key's rows stay in one page (a relation without a unique key): the next resumes before them.
                     rows = rows[: _key_group_start(rows, list(range(width)))] or rows
                 last = done or (limit is not None and listed >= limit)
+                if ahead is not None and self.database.gate.waiting:
+                    lent.close()  # a poll waits for a connection: the spare goes back (no page is pending now)
+                    ahead = spare = None
                 if not last:
                     resume = list(rows[-1][:width])
                     page = size if limit is None else min(size, limit - listed)
