@@ -89,6 +89,12 @@ SWEEP_SCAN = "SELECT id, key FROM keyed_state WHERE source = ? ORDER BY id"  # t
 DIGEST_RUN = (  # one range of ids, on keyed_state_ids
     "SELECT key, id, hash FROM keyed_state INDEXED BY keyed_state_ids WHERE source = ? AND id BETWEEN ? AND ?"
 )
+DIGEST_IDS = (  # the same range, for `by_digest`
+    "SELECT hash, id FROM keyed_state INDEXED BY keyed_state_ids WHERE source = ? AND id BETWEEN ? AND ?"
+)
+STALE_LOOKUP = (  # keys by id, in id order, on keyed_state_ids
+    "SELECT key FROM keyed_state INDEXED BY keyed_state_ids WHERE source = ? AND id IN ({marks}) ORDER BY id"
+)
 KNOWN_LOOKUP = "SELECT key, id, hash, data_hash FROM keyed_state WHERE source = ? AND key IN ({marks})"  # primary key
 
 
@@ -257,10 +263,8 @@ def sweep(db: sqlite3.Connection, source: str, position: str, encode: Encode) ->
     """
     gen, next_id = _generation(db, source)
     seen = seen_marks(db.execute("SELECT ids FROM keyed_seen WHERE source = ? AND gen = ?", (source, gen)), next_id)
-    keys = db.execute(SWEEP_SCAN, (source,))  # listing order
     gone: list[str] = []  # forgotten once the scan is over: no writes to a table under an open cursor
-    while rows := keys.fetchmany(10_000):
-        stale = [key for id_, key in rows if not seen[id_]]
+    for stale in _stale(db, source, seen):
         for start in range(0, len(stale), CHUNK):
             part = stale[start : start + CHUNK]
             # No ORDER BY here: with one, SQLite walks the id index instead of the key index (10x slower on
@@ -277,6 +281,28 @@ def sweep(db: sqlite3.Connection, source: str, position: str, encode: Encode) ->
         db.execute(f"DELETE FROM keyed_state WHERE source = ? AND key IN ({marks})", (source, *part))
     db.execute("DELETE FROM keyed_seen WHERE source = ?", (source,))
     db.execute("UPDATE keyed_sources SET gen = gen + 1 WHERE source = ?", (source,))
+
+
+def _stale(db: sqlite3.Connection, source: str, seen: bytearray) -> Iterator[list[str]]:
+    """The keys of `source` whose id `seen` lacks, in listing (id) order, a batch at a time.
+
+    Few ids unseen (a listing that found most keys again): each one looked up on the id index, found
+    from `seen` in C; scanning every key of the source for them was most of a sweep's time. Many (a
+    mass deletion, or ids freed by earlier ones piling up as unseen): one scan of the index.
+    """
+    if seen.count(0) * 4 > len(seen):
+        keys = db.execute(SWEEP_SCAN, (source,))
+        while rows := keys.fetchmany(10_000):
+            yield [key for id_, key in rows if not seen[id_]]
+        return
+    ids: list[int] = []
+    at = seen.find(0)
+    while at >= 0:
+        ids.append(at)
+        at = seen.find(0, at + 1)
+    for start in range(0, len(ids), CHUNK):
+        part = ids[start : start + CHUNK]
+        yield [key for (key,) in db.execute(STALE_LOOKUP.format(marks=",".join("?" * len(part))), (source, *part))]
 
 
 def seen_marks(packed_rows: Iterable[tuple[bytes]], size: int) -> bytearray:
@@ -332,6 +358,29 @@ def digests(db: sqlite3.Connection, source: str, keys: Sequence[str]) -> dict[st
 
 
 _RUN = 64  # from this many keys a batch's run of ids is worth a range scan
+
+
+def by_digest(
+    db: sqlite3.Connection, source: str, ends: Sequence[str], listed: Sequence[bytes | None]
+) -> list[int | None]:
+    """For each digest of a page `listed` by the database, the id of the stored key with that very digest,
+    or None; `ends`: the keys of a few rows at each end of the page.
+
+    A database digest covers the row's key columns along with the other mapped ones (and the
+    mapping's shape, see `adapters/db/digest.py`), so a stored key with an equal digest is the listed
+    row's key, delivered unchanged: nothing about the row is needed to mark it, not even its key as
+    text (building it was a third of a listing's work). As in `digests`, the page's keys are one run
+    of ids: its known `ends` bound the run, one range scan of the covering id index gives the run's
+    digests, and the compare is a dict lookup per row in C. A row not found here (new, changed,
+    outside the run, or a digest the database could not compute) is for the key-by-key path.
+    """
+    ids = [row[0] for row in _known(db, source, ends).values() if row is not None]
+    if not ids or max(ids) - min(ids) >= 2 * len(listed):
+        return [None] * len(listed)
+    # Only a database digest can equal a listed one (17 bytes, `straw.source.DB_DIGEST` first); a restored
+    # key's empty digest or a Python one never does, and no two keys share one (each covers its key).
+    found: dict[bytes | None, int] = dict(db.execute(DIGEST_IDS, (source, min(ids), max(ids))))
+    return list(map(found.get, listed))
 
 
 def _known(db: sqlite3.Connection, source: str, keys: Sequence[str]) -> dict[str, tuple[int, bytes, bytes] | None]:

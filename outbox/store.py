@@ -388,6 +388,10 @@ class Outbox:
         """A keyed source's stored id and digest for each of these keys it knows (see `keyed.py`)."""
         return keyed.digests(self.db, source, keys)
 
+    def by_digest(self, source: str, ends: Sequence[str], listed: Sequence[bytes | None]) -> list[int | None]:
+        """A digest listing's page compared by the database's digests alone (see `keyed.by_digest`)."""
+        return keyed.by_digest(self.db, source, ends, listed)
+
     def _write(
         self,
         source: str,

@@ -48,10 +48,15 @@ class KeyedBatch:
     dead: list[DeadLetter] = field(default_factory=list)
     # (key, id) of each key listed again as delivered: not even mapped, only recorded as seen
     unchanged: list[tuple[str, int]] = field(default_factory=list)
+    # ids of more such keys, found by their database digest alone (their keys were never built)
+    unchanged_ids: list[int] = field(default_factory=list)
 
 
 # key -> (id, digest) of what was delivered before, for the known keys of one batch
 Stored = Callable[[list[str]], Mapping[str, tuple[int, bytes]]]
+# (keys at a page's ends, the page's database digests) -> the id of the stored key with each digest, or None
+ByDigest = Callable[[list[str], Sequence[bytes | None]], list[int | None]]
+_ENDS = 4  # rows at each end of a digest page whose keys bound its run of stored ids
 _NOT_KNOWN = (0, b"")
 
 
@@ -201,7 +206,8 @@ class Mapper:
                                            raw_json(batch.columns, row)))
         return out
 
-    def map_keyed(self, batch: RawBatch, stored: Stored | None = None) -> KeyedBatch:
+    def map_keyed(self, batch: RawBatch, stored: Stored | None = None, by_digest: ByDigest | None = None
+                  ) -> KeyedBatch:
         """Rows as keyed changes, compared with earlier deliveries by the outbox (see outbox/keyed.py).
 
         A row's digest covers its raw values (the mapped columns, as read) and its op,
@@ -209,9 +215,11 @@ class Mapper:
         once. `stored` (key -> id and digest delivered before, e.g. `Outbox.digests`):
         rows whose digest is unchanged skip mapping altogether and are only listed in
         `unchanged`; in a listing that is nearly every row, and mapping is the costly part.
+        `by_digest` (e.g. `Outbox.by_digest`): a digest listing's rows whose database digest is stored
+        as it is, found without their keys.
         """
         if batch.fetch is not None:
-            return self._map_listed(batch, stored)
+            return self._map_listed(batch, stored, by_digest)
         out = KeyedBatch()
         plan = self._plan(batch.columns)
         keys, digests = self._scan(plan, batch)
@@ -261,17 +269,31 @@ class Mapper:
             out.changes.append(change)
         return out
 
-    def _map_listed(self, batch: RawBatch, stored: Stored | None) -> KeyedBatch:
-        """A digest listing (keys and the database's digests): only new and changed keys are read in full."""
+    def _map_listed(self, batch: RawBatch, stored: Stored | None, by_digest: ByDigest | None) -> KeyedBatch:
+        """A digest listing (keys and the database's digests): only new and changed keys are read in full.
+
+        Rows whose digest the outbox holds as it is (`by_digest`) are unchanged without more ado; the
+        others (a few: new, changed, deleted since, or outside the page's run of ids) are compared key
+        by key.
+        """
         fetch, digests = batch.fetch, batch.digests
         assert fetch is not None and digests is not None
-        keys = self._subjects(batch)
-        known = stored([k for k in keys if k is not None]) if stored is not None else {}
+        rows = batch.rows
+        unchanged: list[tuple[str, int]] = []
+        ids: list[int] = []
+        rest: Sequence[int] = range(len(rows))
+        if by_digest is not None and stored is not None and len(rows) > 2 * _ENDS:
+            ends = [k for k in self._subjects(batch, [*rows[:_ENDS], *rows[-_ENDS:]]) if k is not None]
+            found = by_digest(ends, digests)
+            ids = [id_ for id_ in found if id_ is not None]
+            rest = [i for i, id_ in enumerate(found) if id_ is None] if len(ids) < len(found) else []
+        keys = self._subjects(batch, [rows[i] for i in rest])
+        known = stored([k for k in keys if k is not None]) if stored is not None and keys else {}
         get = known.get
         changed: list[int] = []
-        unchanged: list[tuple[str, int]] = []
         other = 0  # stored digests of the Python kind
-        for index, (key, digest) in enumerate(zip(keys, digests, strict=True)):
+        for index, key in zip(rest, keys, strict=True):
+            digest = digests[index]
             before = get(key) if key is not None else None
             if before is not None and digest is not None and before[1] == digest:
                 unchanged.append((key, before[0]))  # type: ignore[arg-type]
@@ -281,9 +303,10 @@ class Mapper:
         if other and not self._switch_noted:
             self._note_switch("Python", "the database's")
         if not changed:
-            return KeyedBatch(unchanged=unchanged)
+            return KeyedBatch(unchanged=unchanged, unchanged_ids=ids)
         out = self.map_keyed(fetch(changed), stored)  # a key gone since is not in it: the listing's end deletes it
         out.unchanged[:0] = unchanged
+        out.unchanged_ids = ids
         return out
 
     def _note_switch(self, was: str, now: str) -> None:
@@ -293,21 +316,25 @@ class Mapper:
             "whose data changed", source=self.source_name, stored=was, now=now,
         )
 
-    def _subjects(self, batch: RawBatch) -> list[str | None]:
-        """Each row's entity key as text, from the key columns wherever they are in it (None: unreadable)."""
+    def _subjects(self, batch: RawBatch, rows: Sequence[Sequence[Any]] | None = None) -> list[str | None]:
+        """Each row's entity key as text, from the key columns wherever they are in it (None: unreadable).
+
+        `rows`: these rows, of `batch`'s columns (default: the batch's).
+        """
+        rows = batch.rows if rows is None else rows
         slots = [self._slot(batch.columns, self.columns_for[k]) for k in self._key_names]
         coercers = [self._coercers[k] for k in self._key_names]
         keys: list[str | None] = []
         if len(slots) == 1:
             slot, convert = slots[0], coercers[0]
-            for row in batch.rows:
+            for row in rows:
                 try:
                     keys.append(None if (value := convert(row[slot])) is None else subject_part(value))
                 except Exception:  # the row's dead letter says why, when its full row is mapped
                     keys.append(None)
             return keys
         pairs = list(zip(coercers, slots, strict=True))
-        for row in batch.rows:
+        for row in rows:
             try:
                 values = tuple(c(row[s]) for c, s in pairs)
                 keys.append(None if None in values else subject(values))

@@ -154,7 +154,8 @@ def _poll_batches(
     for batch in batches:
         mapped: MappedBatch | KeyedBatch
         if batch.keyed:
-            mapped = pipeline.mapper.map_keyed(batch, partial(outbox.digests, spec.name))
+            mapped = pipeline.mapper.map_keyed(batch, partial(outbox.digests, spec.name),
+                                                partial(outbox.by_digest, spec.name))
             observed = observed_now()
             deleted = [0]
             written = outbox.append_keyed(
@@ -166,7 +167,7 @@ def _poll_batches(
                 len(batch.rows),
                 complete=batch.complete,
                 encode=partial(_encode_counted, pipeline.mapper, observed, deleted),
-                unchanged=[id_ for _key, id_ in mapped.unchanged],
+                unchanged=[*mapped.unchanged_ids, *(id_ for _key, id_ in mapped.unchanged)],
             )
             tally.upserted += written - deleted[0]
             tally.deleted += deleted[0]

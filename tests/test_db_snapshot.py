@@ -144,3 +144,36 @@ def test_soft_deleted_row_is_deleted_once_in_snapshot_mode(
     assert run_once(path).errors == []
     assert changes(redis_client, stream_name, 4) == [("order.deleted", "3")]
     engine.dispose()
+
+
+def test_the_digest_and_stale_key_lookups_by_id_use_the_id_index(tmp_path: Path) -> None:
+    """`by_digest`'s run and the sweep's stale keys by id: one covering index, no sort (a million-key listing
+    lives on these plans, as on those of tests/test_keyed_outbox.py)."""
+    outbox = Outbox(tmp_path / "o.db")
+    try:
+        db = outbox.db  # no ANALYZE: the outbox never runs one
+        plan = " / ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {keyed.DIGEST_IDS}", ("s", 1, 9)))
+        assert "COVERING INDEX keyed_state_ids (source=? AND id>? AND id<?)" in plan
+        plan = " / ".join(row[-1] for row in db.execute(
+            f"EXPLAIN QUERY PLAN {keyed.STALE_LOOKUP.format(marks='?,?,?')}", ("s", 9, 3, 5)))
+        assert "COVERING INDEX keyed_state_ids (source=? AND id=?)" in plan and "TEMP B-TREE" not in plan
+    finally:
+        outbox.close()
+
+
+def test_a_sweep_finds_few_stale_keys_by_id_and_many_by_a_scan(tmp_path: Path) -> None:
+    """Both ways of finding the keys a listing did not see (4 of 100: by id; 50 and 90: a scan) give them all,
+    once, in listing order, and forget them."""
+    from tests.test_keyed_outbox import batch, commit, mapper
+
+    for name, kept in (("few", [i for i in range(100) if i % 25 != 3]), ("half", list(range(0, 100, 2))),
+                       ("most", list(range(1, 100, 10)))):
+        outbox, m = Outbox(tmp_path / f"{name}.db"), mapper()
+        try:
+            commit(outbox, m, batch([(f"k{i}", 1, "1.00") for i in range(100)], 1, complete=True))
+            events = commit(outbox, m, batch([(f"k{i}", 1, "1.00") for i in kept], 2, complete=True))
+            assert [e["subject"] for e in events] == [f"k{i}/1" for i in range(100) if i not in kept]
+            assert {e["type"] for e in events} == {"item.deleted"}
+            assert keyed.known_keys(outbox.db, "shop") == len(kept)
+        finally:
+            outbox.close()

@@ -191,6 +191,20 @@ def _data(outbox: Outbox, index: int) -> dict[str, Any]:
     return data
 
 
+def _count_matches(outbox: Outbox) -> list[int]:
+    """The rows of each page `Outbox.by_digest` found unchanged (wrapping the real one)."""
+    counts: list[int] = []
+    real = outbox.by_digest
+
+    def counted(source: str, ends: Sequence[str], listed: Sequence[bytes | None]) -> list[Any]:
+        found = real(source, ends, listed)
+        counts.append(sum(row is not None for row in found))
+        return found
+
+    outbox.by_digest = counted  # type: ignore[method-assign]
+    return counts
+
+
 def test_listing_reads_only_new_and_changed_rows(
     tmp_path: Path, url: str, redis_url: str, redis_client: redis.Redis, stream_name: str
 ) -> None:
@@ -208,8 +222,10 @@ def test_listing_reads_only_new_and_changed_rows(
         assert len(_events(outbox)) == 45
 
         fetched.rows = 0
+        matched = _count_matches(outbox)
         assert poll(pipeline, outbox) == 45
         assert fetched.rows == 0 and len(_events(outbox)) == 45  # unchanged: keys and digests only
+        assert matched == [20, 20]  # two full pages by digest alone, the last one's 5 rows key by key
 
         with engine.begin() as conn:
             conn.execute(update(table).where(table.c.ORDER_NO == 5).values(NOTE=""))  # NULL -> ''
@@ -402,3 +418,150 @@ def test_a_python_digest_that_starts_like_a_database_one_is_not_taken_for_one() 
 
     assert not database_digest(b"d" + bytes(15))  # 16 bytes: blake2b's, whatever its first byte
     assert database_digest(b"d" + bytes(16))
+
+
+# --- pages compared by digest alone, the next page read ahead: the same events as key by key ---------------------
+
+_TABLES = iter(range(10**6))
+# (key, status): set STATUS (inserting the fixture's row if the key is not there), None: delete it;
+# (key, "again"): delete the row and insert it back as it was (an equal digest under the same key)
+_CHANGES = st.lists(st.tuples(st.integers(1, 48), st.sampled_from(["NEW", "PAID", "LATE", None, "again"])),
+                    max_size=10)
+
+
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(rounds=st.lists(_CHANGES, min_size=1, max_size=3))
+def test_digest_pages_send_exactly_what_changed(
+    tmp_path: Path, pg_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str,
+    rounds: list[list[tuple[int, str | None]]],
+) -> None:
+    """Pages of 10 keys, most rows marked by their digest alone (`Outbox.by_digest`), the rest by key: keys
+    inserted between others (their ids come last), deleted, deleted and inserted back as they were or changed,
+    deleted in one listing and back in a later one. Each listing sends exactly the model's changes, and
+    reads rows in full only where something is upserted."""
+    name = f"ORDERS_P{next(_TABLES)}"
+    engine = create_engine(pg_url)
+    table = create_orders(engine, 40, name=name)
+    work = tmp_path / name
+    work.mkdir()
+    path = snapshot_config(work, pg_url, redis_url, stream_name, table=name, batch_size=1)
+    pipeline, outbox, fetched = _open(path, redis_client, stream_name)
+    originals = {row["ORDER_NO"]: row for row in order_rows(48)}  # the first 40 as create_orders wrote them
+    current = {key: originals[key] for key in range(1, 41)}
+    delivered = {key: row["STATUS"] for key, row in current.items()}
+    try:
+        poll(pipeline, outbox)
+        seen = len(_events(outbox))
+        assert seen == 40
+        for changes in rounds:
+            number = table.c["ORDER_NO"]
+            with engine.begin() as conn:
+                for key, status in changes:
+                    row = current.get(key)
+                    if status is None or (status == "again" and row is not None):
+                        conn.execute(delete(table).where(number == key))
+                    if status is None or status == "again":
+                        if status == "again" and row is not None:
+                            conn.execute(insert(table), [row])
+                        else:
+                            current.pop(key, None)
+                    elif row is not None:
+                        conn.execute(update(table).where(number == key).values(STATUS=status))
+                        current[key] = {**row, "STATUS": status}
+                    else:
+                        current[key] = {**originals[key], "STATUS": status}  # only STATUS differs
+                        conn.execute(insert(table), [current[key]])
+            fetched.rows = 0
+            poll(pipeline, outbox)
+            upserted = {str(k) for k, row in current.items() if delivered.get(k) != row["STATUS"]}
+            deleted = {str(k) for k in delivered if k not in current}
+            events = _events(outbox, seen)
+            assert sorted(events) == sorted([("order.upserted", k) for k in upserted]
+                                            + [("order.deleted", k) for k in deleted])
+            # A page with several changed keys reads their key range (unchanged rows in it too); nothing else.
+            assert len(upserted) <= fetched.rows and (fetched.rows == 0) == (not upserted)
+            seen += len(events)
+            delivered = {k: row["STATUS"] for k, row in current.items()}
+    finally:
+        outbox.close()
+        pipeline.source.close()
+        table.drop(engine)
+        engine.dispose()
+
+
+def _budgeted_source(url: str, connections: int) -> DbSource:
+    from straw.config import DatabaseSpec, DbSourceSpec
+
+    spec = DbSourceSpec.model_validate({"name": "orders", "url": url, "table": "ORDERS", "mode": "snapshot",
+                                        "entity": "order", "stream": "s", "digest": "database", "batch_size": 1})
+    return DbSource(spec, ["ORDER_NO", "STATUS"], key_columns=["ORDER_NO"],
+                    database=DatabaseSpec(url=url, connections=connections))
+
+
+@pytest.mark.parametrize("connections", [1, 2])
+def test_the_next_page_is_read_ahead_only_on_a_free_connection(url: str, connections: int) -> None:
+    """With a budget of one the listing reads its pages in turn (waiting for a second connection would wait
+    forever); with two the next page is read on the second while this one is compared. Either way the pages
+    are the same, and a listing left half-way gives both connections back."""
+    engine = create_engine(url)
+    create_orders(engine, 35)
+    source = _budgeted_source(url, connections)
+    gate = source.database.gate
+    try:
+        reading = source.read(None)
+        first = next(reading)
+        assert gate.in_use == connections  # the listing's connection, and the one reading ahead if free
+        assert [r[0] for r in first.rows] == list(range(1, 11)) and first.fetch is not None
+        assert {r[0] for r in first.fetch([0, 9]).rows} >= {1, 10}  # while the next page is being read
+        second = next(reading)
+        assert [r[0] for r in second.rows] == list(range(11, 21))
+        reading.close()  # a stop mid-listing
+        assert gate.in_use == 0
+        pages = list(source.read(None))
+        assert [len(p.rows) for p in pages] == [10, 10, 10, 5] and pages[-1].complete
+        assert gate.in_use == 0
+    finally:
+        source.close()
+        engine.dispose()
+
+
+def test_a_spare_connection_is_taken_only_when_free_and_unawaited() -> None:
+    from adapters.db.budget import Gate
+
+    gate = Gate(2)
+    assert gate.try_acquire() and gate.try_acquire() and not gate.try_acquire()
+    gate.release()
+    gate.release()
+    assert gate.in_use == 0
+
+
+def test_a_poll_waiting_for_a_connection_gets_the_spare_back(pg_url: str) -> None:
+    """The listing lends its second connection back as soon as another poll waits for one: a source due
+    meanwhile waits for one page, not for the whole listing."""
+    import threading
+
+    engine = create_engine(pg_url)
+    create_orders(engine, 35)
+    source = _budgeted_source(pg_url, 2)
+    gate = source.database.gate
+    served = threading.Event()
+
+    def other_poll() -> None:
+        with source.database.connect():
+            served.set()
+
+    try:
+        reading = source.read(None)
+        assert [r[0] for r in next(reading).rows] == list(range(1, 11)) and gate.in_use == 2
+        waiter = threading.Thread(target=other_poll)
+        waiter.start()
+        while not gate.waiting:
+            served.wait(0.001)
+        assert [r[0] for r in next(reading).rows] == list(range(11, 21))  # read ahead, then lent back
+        assert served.wait(10)
+        waiter.join()
+        assert [len(p.rows) for p in reading] == [10, 5] and gate.in_use == 0
+    finally:
+        source.close()
+        engine.dispose()

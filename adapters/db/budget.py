@@ -48,6 +48,14 @@ class Gate:
             else:
                 self._free += 1
 
+    def try_acquire(self) -> bool:
+        """Take a slot only if one is free now and nobody waits for it (no waiting); True when taken."""
+        with self._lock:
+            if self._free and not self._waiters:
+                self._free -= 1
+                return True
+            return False
+
     def acquire_all(self) -> bool:
         """Take every slot at once if none is in use or awaited (no waiting); True when taken."""
         with self._lock:
@@ -59,6 +67,12 @@ class Gate:
     def release_all(self) -> None:
         for _ in range(self.slots):
             self.release()
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a poll waits for a slot."""
+        with self._lock:
+            return bool(self._waiters)
 
     @property
     def in_use(self) -> int:
@@ -91,6 +105,23 @@ class Database:
             self.gate.release()
         if not self.spec.idle_connections:
             self.close_idle()
+
+    @contextmanager
+    def spare(self, *, statement_timeout: float | None = None, encoding: str = "utf-8") -> Iterator[Connection | None]:
+        """A second connection for a poll that holds one, if a slot is free right now; else None.
+
+        Never waits: two polls each holding a connection and waiting for a second would wait forever.
+        """
+        if not self.gate.try_acquire():
+            yield None
+            return
+        try:
+            with self.engine.connect() as conn:
+                session(conn, statement_timeout, encoding)
+                yield conn
+        finally:
+            self.last_used = time.monotonic()
+            self.gate.release()
 
     def trim(self, now: float) -> None:
         """Close the connection kept between polls once it has been unused for `idle_timeout`."""

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Generator, Iterator, Sequence
-from contextlib import AbstractContextManager, closing
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, ExitStack, closing
 from functools import partial
 from itertools import chain
 from sys import getsizeof
@@ -695,38 +696,66 @@ class DbSource:
 
         Pages, not one cursor: the fetches run on this connection between them (a MariaDB streaming
         cursor allows no other statement until it is drained), and each page is a bounded read.
+        While straw compares and commits a page, the database computes the next one's digests (its
+        share of the listing's work, most of it) on a second connection, if the budget has one free
+        right now; otherwise pages are read in turn on this one.
         """
         number, resume = position.decode_snapshot(after, len(slots))
         relation = self.relation()
         key_cols = [relation.c[c] for c in self._resolved(self._change_columns())]
         width = len(key_cols)
         size = min(keys.BATCH, 10 * self.spec.batch_size)
-        fetch = partial(self._digest_fetch, conn, columns, slots, ops, number)
         listed = 0
-        while True:
-            page = size if limit is None else min(size, limit - listed)
-            values = tuple(position.restore(resume, self._types)) if resume is not None else ()
-            stmt = self._digest_page(relation, key_cols, bool(values), page)
-            params = {f"straw_w{i}": v for i, v in enumerate(values)}
-            params.update(self._query_params(None), straw_salt=self._salt())
-            rows = conn.execute(stmt, params).all()
-            listed += len(rows)
-            done = len(rows) < page  # the relation ended (a page cut by `limit` is not the end)
-            end = position.encode((number,)) if done else None
-            if not rows:
-                yield RawBatch(columns, [], [], keyed=True, complete=True, end=end)
-                return
-            if not done and page > 1 and _same_key(rows[-2], rows[-1], list(range(width))):
-                # A key's rows stay in one page (a relation without a unique key): the next resumes before them.
-                rows = rows[: _key_group_start(rows, list(range(width)))] or rows
-            yield RawBatch(
-                (*self._resolved(self._change_columns()), digest.LABEL), rows,
-                _ListingPositions(number, rows, list(range(width))), keyed=True, complete=done, end=end,
-                digests=[r[width] for r in rows], fetch=partial(fetch, rows),
-            )
-            if done or (limit is not None and listed >= limit):
-                return
-            resume = list(rows[-1][:width])
+        with ExitStack() as lent:
+            spare = lent.enter_context(
+                self.database.spare(statement_timeout=self.spec.statement_timeout, encoding=self.spec.encoding))
+            # A page read on the spare connection may be newer than this one's read view (InnoDB keeps one per
+            # transaction): its full reads then begin a new one, so a row is never read older than its digest.
+            fresh = spare is not None and self.engine.dialect.name != "postgresql"
+            fetch = partial(self._digest_fetch, conn, columns, slots, ops, number, fresh)
+            # A pending page is waited for (on leaving, too) before its connection goes back.
+            ahead = lent.enter_context(ThreadPoolExecutor(1, "straw-digest")) if spare is not None else None
+            page = size if limit is None else min(size, limit)
+            query = self._digest_query(relation, key_cols, resume, page)
+            rows_of: Callable[[], list[Any]] = partial(_all, conn, *query)
+            while True:
+                rows = rows_of()
+                listed += len(rows)
+                done = len(rows) < page  # the relation ended (a page cut by `limit` is not the end)
+                end = position.encode((number,)) if done else None
+                if not rows:
+                    yield RawBatch(columns, [], [], keyed=True, complete=True, end=end)
+                    return
+                if not done and page > 1 and _same_key(rows[-2], rows[-1], list(range(width))):
+                    # A key's rows stay in one page (a relation without a unique key): the next resumes before them.
+                    rows = rows[: _key_group_start(rows, list(range(width)))] or rows
+                last = done or (limit is not None and listed >= limit)
+                if ahead is not None and self.database.gate.waiting:
+                    lent.close()  # a poll waits for a connection: the spare goes back (no page is pending now)
+                    ahead = spare = None
+                if not last:
+                    resume = list(rows[-1][:width])
+                    page = size if limit is None else min(size, limit - listed)
+                    query = self._digest_query(relation, key_cols, resume, page)
+                    rows_of = (ahead.submit(_all, spare, *query).result if ahead is not None and spare is not None
+                               else partial(_all, conn, *query))
+                yield RawBatch(
+                    (*self._resolved(self._change_columns()), digest.LABEL), rows,
+                    _ListingPositions(number, rows, list(range(width))), keyed=True, complete=done, end=end,
+                    digests=[r[width] for r in rows], fetch=partial(fetch, rows),
+                )
+                if last:
+                    return
+
+    def _digest_query(
+        self, relation: FromClause, key_cols: list[Any], resume: list[Any] | None, page: int
+    ) -> tuple[Select[Any], dict[str, Any]]:
+        """The statement and parameters of the digest page of `page` keys after `resume` (None: the first)."""
+        values = tuple(position.restore(resume, self._types)) if resume is not None else ()
+        stmt = self._digest_page(relation, key_cols, bool(values), page)
+        params = {f"straw_w{i}": v for i, v in enumerate(values)}
+        params.update(self._query_params(None), straw_salt=self._salt())
+        return stmt, params
 
     def _salt(self) -> str:
         rule = self.spec.soft_delete.model_dump_json() if self.spec.soft_delete else ""
@@ -758,6 +787,7 @@ class DbSource:
         slots: list[int],
         ops: Callable[[Sequence[Any]], list[str]] | None,
         number: int,
+        fresh: bool,
         listed: Sequence[Any],
         indexes: Sequence[int],
     ) -> RawBatch:
@@ -779,6 +809,8 @@ class DbSource:
         else:
             stmt = stmt.where(digest.key_in(key_cols, wanted))
         params = {**self._query_params(None), "straw_salt": self._salt()}
+        if fresh:
+            conn.rollback()  # nothing written: only the read view ends
         try:
             found: list[Any] = list(conn.execute(stmt, params).all())
         except Exception as exc:
@@ -851,6 +883,10 @@ class DbSource:
             DATABASES.close(self.database)
         else:
             self.engine.dispose()
+
+
+def _all(conn: Connection, stmt: Select[Any], params: dict[str, Any]) -> list[Any]:
+    return list(conn.execute(stmt, params).all())
 
 
 def _integral_after(after: str | None, types: tuple[type | None, ...]) -> int | None:
