@@ -52,16 +52,21 @@ def _poll(source: DbSource, after: str | None) -> tuple[list[tuple[Any, ...]], s
 
 class Wire:
     """What the source's connections send from now on. PostgreSQL: libpq's own trace of the protocol
-    (the probe bypasses SQLAlchemy's events); MariaDB: SQLAlchemy's statements and the DBAPI rollbacks."""
+    (the probe bypasses SQLAlchemy's events), from the connection's checkout; MariaDB: SQLAlchemy's
+    statements and the DBAPI rollbacks."""
 
     def __init__(self, source: DbSource, path: Path) -> None:
         self.path, self.sent = path, list[str]()
+        self.traced: list[Any] = []  # connections traced (libpq writes its trace out when untraced)
         self._file = path.open("w")
         engine = source.engine
         if engine.dialect.name == "postgresql":
+            # The connection kept between polls rests checked out: closed, the next poll checks out one traced.
+            source.database.dispose()
 
             @event.listens_for(engine, "checkout")
             def _trace(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+                self.traced.append(dbapi_connection)
                 dbapi_connection.pgconn.trace(self._file.fileno())
                 dbapi_connection.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
 
@@ -91,6 +96,9 @@ class Wire:
         return trips
 
     def close(self) -> None:
+        for dbapi_connection in self.traced:
+            if not dbapi_connection.closed:
+                dbapi_connection.pgconn.untrace()
         self._file.close()
 
 

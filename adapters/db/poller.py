@@ -45,7 +45,7 @@ from sqlalchemy.types import LargeBinary, NullType, Text, TypeDecorator, TypeEng
 
 from adapters.db import digest, keys, position, settle
 from adapters.db.budget import DATABASES, Database
-from adapters.db.engine import autocommit
+from adapters.db.engine import set_autocommit
 from straw import sql_guard
 from straw.coerce import Unreadable, boolean
 from straw.config import ChangeMode, DatabaseSpec, DbSourceSpec, SoftDeleteSpec
@@ -70,6 +70,9 @@ _UTC_NOW = {
     "mssql": "SELECT SYSUTCDATETIME()",
     "oracle": "SELECT SYS_EXTRACT_UTC(SYSTIMESTAMP) FROM DUAL",
 }
+
+
+_STREAM = {"stream_results": True}
 
 
 class DbSource:
@@ -135,9 +138,11 @@ class DbSource:
 
     # --- the relation: a reflected table, or the configured query as a subquery ---
 
-    def connect(self) -> AbstractContextManager[Connection]:
-        """A connection from the database's budget, in turn with the other sources on it."""
-        return self.database.connect(statement_timeout=self.spec.statement_timeout, encoding=self.spec.encoding)
+    def connect(self, *, autocommit: bool = False) -> AbstractContextManager[Connection]:
+        """A connection from the database's budget, in turn with the other sources on it (`autocommit`: see
+        `Database.connect`)."""
+        return self.database.connect(
+            statement_timeout=self.spec.statement_timeout, encoding=self.spec.encoding, autocommit=autocommit)
 
     def relation(self, conn: Connection | None = None) -> FromClause:
         """`conn`: the connection in hand, if any (a second one could wait forever on a budget of one)."""
@@ -389,7 +394,8 @@ class DbSource:
 
     def _stream(self, after: str | None, limit: int | None, failed: list[BaseException]) -> Iterator[RawBatch]:
         """Batches read after `after`; a fetch the driver cannot decode ends them early, the error in `failed`."""
-        with self.connect() as conn:
+        # A poll of the changes starts with the settle probe, in autocommit (most often the poll's only statement).
+        with self.connect(autocommit=self.spec.mode is not ChangeMode.SNAPSHOT) as conn:
             self.relation(conn)  # the change columns' types decode the position
             values: tuple[Any, ...] = ()
             if after is not None and self.spec.mode is not ChangeMode.SNAPSHOT:
@@ -412,10 +418,10 @@ class DbSource:
                 return
             # Before the rows are read: on MariaDB the settle check ends the connection's transaction,
             # so the read below gets a view of its own, taken after the open writers were seen.
-            with autocommit(conn):
-                bound = self._bound = self.settle.bound(conn, self)
+            bound = self._bound = self.settle.bound(conn, self)
             if bound.hold:
                 return
+            set_autocommit(conn, False)  # the rest of the read (a cursor streaming pages) needs a transaction
             yield from self._pages(conn, after, limit, bound, columns, slots, ops, failed)
 
     def _pages(
@@ -483,7 +489,7 @@ class DbSource:
         """The rows of `stmt` from one server-side cursor, in chunks within the byte budget; a value the
         driver cannot decode ends them, its error in `failed` (the caller narrows the read to that row)."""
         try:
-            result = conn.execution_options(stream_results=True).execute(stmt, params)
+            result = conn.execute(stmt, params, execution_options=_STREAM)  # this statement's: the connection is kept
         except Exception as exc:
             if not _undecodable(exc):
                 raise
