@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
 
@@ -89,6 +90,7 @@ class Database:
         self._rested_at = 0.0
         self._rests = engine.dialect.name != "sqlite"
         self._options = engine.get_execution_options()
+        self._psycopg = engine.dialect.driver == "psycopg"
 
     @contextmanager
     def connect(
@@ -143,9 +145,10 @@ class Database:
                 and conn.get_execution_options() == self._options):
             if conn.in_transaction():
                 conn.rollback()
-            raw = conn.connection.dbapi_connection
-            # The pool's reset on return, where it costs nothing: psycopg rolls back only inside a transaction.
-            conn.dialect.do_rollback(raw)  # type: ignore[arg-type]
+            raw: Any = conn.connection.dbapi_connection
+            # The pool's reset on return, but for what psycopg would not roll back anyway (a call that costs).
+            if not (self._psycopg and raw.autocommit and raw.pgconn.transaction_status == _IDLE):
+                conn.dialect.do_rollback(raw)
             with self._lock:
                 if self._resting is None:
                     self._resting, self._rested_at = conn, time.monotonic()
@@ -217,6 +220,8 @@ class Databases:
 
 
 DATABASES = Databases()
+
+_IDLE = 0  # psycopg.pq.TransactionStatus.IDLE: not inside a transaction
 
 
 # `straw check` warns when a budget is larger than this share of the server's `max_connections`:

@@ -117,6 +117,13 @@ class DbSource:
         self._last_value: Any = None  # the watermark of the read under way (a settle probe binds it too)
         self._after: str | None = None  # the position the read under way starts after
         self._watermark: dict[str, Any] = {}  # its values, as the statements bind them (`straw_w0`…)
+        # The last position decoded (position, types, last value, after, watermark), the relation's columns
+        # (relation, columns, change column slots, soft-delete ops) and the probe's parameters: an idle poll's
+        # are the last one's.
+        self._decoded: tuple[str | None, tuple[type | None, ...], Any, str | None, dict[str, Any]] | None = None
+        self._shape: tuple[FromClause, tuple[str, ...], list[int], Callable[[Sequence[Any]], list[str]] | None] | None
+        self._shape = None
+        self._probe_params: tuple[dict[str, Any], Any, dict[str, Any]] | None = None
         self._bound = settle.OPEN  # the settle bound of the last read (narrowing a failed read keeps to it)
         self._width = 0  # bytes per row, as last measured (0: not yet): sizes the first page of a read
         self._is_deleted = _soft_delete_rule(spec.soft_delete, spec.encoding) if spec.soft_delete else None
@@ -343,8 +350,13 @@ class DbSource:
         return beyond
 
     def params(self) -> dict[str, Any]:
-        """The parameters of `top_query` and `beyond_query` for the read under way."""
-        return {**self._query_params(self._last_value), **self._watermark}
+        """The parameters of `top_query` and `beyond_query` for the read under way (not to be changed: the
+        same dict while the watermark stands)."""
+        kept = self._probe_params
+        if kept is None or kept[0] is not self._watermark or kept[1] is not self._last_value:
+            kept = self._probe_params = (
+                self._watermark, self._last_value, {**self._query_params(self._last_value), **self._watermark})
+        return kept[2]
 
     def _returns_zoned(self, conn: Connection) -> bool | None:
         """Does the query's timestamp column hold zoned values? One value tells; None while it has no rows.
@@ -396,16 +408,24 @@ class DbSource:
         """Batches read after `after`; a fetch the driver cannot decode ends them early, the error in `failed`."""
         # A poll of the changes starts with the settle probe, in autocommit (most often the poll's only statement).
         with self.connect(autocommit=self.spec.mode is not ChangeMode.SNAPSHOT) as conn:
-            self.relation(conn)  # the change columns' types decode the position
-            values: tuple[Any, ...] = ()
-            if after is not None and self.spec.mode is not ChangeMode.SNAPSHOT:
-                values = position.decode(after, self._types)
-            self._last_value = values[0] if values else None
-            self._after = after if values else None
-            self._watermark = {f"straw_w{i}": v for i, v in enumerate(values)}
-            columns = tuple(self._names)
-            slots = [columns.index(c) for c in self._resolved(self._change_columns())]
-            ops = self._ops(columns)
+            relation = self.relation(conn)  # the change columns' types decode the position
+            watermark = self._decoded
+            if watermark is None or watermark[0] != after or watermark[1] is not self._types:
+                # An idle source polls from the same position again and again: decoded once, while it stands.
+                values: tuple[Any, ...] = ()
+                if after is not None and self.spec.mode is not ChangeMode.SNAPSHOT:
+                    values = position.decode(after, self._types)
+                watermark = self._decoded = (
+                    after, self._types, values[0] if values else None, after if values else None,
+                    {f"straw_w{i}": v for i, v in enumerate(values)},
+                )
+            _after, _types, self._last_value, self._after, self._watermark = watermark
+            shape = self._shape
+            if shape is None or shape[0] is not relation:
+                columns = tuple(self._names)
+                slots = [columns.index(c) for c in self._resolved(self._change_columns())]
+                shape = self._shape = (relation, columns, slots, self._ops(columns))
+            _relation, columns, slots, ops = shape
             if self.spec.mode is ChangeMode.SNAPSHOT and self.digest_choice().database:
                 yield from self._digest_listing(conn, after, limit, columns, slots, ops)
                 return
