@@ -20,11 +20,12 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.engine import Connection, Engine
 
 import adapters.db.engine as engines
+from adapters.db.direct import Batch, Direct
 from adapters.db.engine import make_engine, session
 from straw.config import DatabaseSpec
 
@@ -73,6 +74,25 @@ class Gate:
             return self.slots - self._free
 
 
+# Idle probes batched: a source due within this long (or 5 % of its interval, if less) is asked along with
+# the one polling now; the answer "no row after its watermark" holds for as long. Using it is the same as
+# that source having polled this much early: a row committed since is read at its next poll.
+BATCH_WINDOW = 0.25
+BATCH_SHARE = 0.05
+BATCH_MAX = 200  # sources per statement
+BATCH_PAUSE = 60.0  # seconds without batching on a database after a batch failed (a member's table gone)
+
+
+class Batched(Protocol):
+    """A source whose idle probe may be asked in a batch (DbSource)."""
+
+    def idle_probe(self, conn: Connection) -> tuple[Any, Direct, dict[str, Any]] | None:
+        """Its watermark's identity, the EXISTS of a row after it, and its parameters; None: not batchable now."""
+
+    def due_within(self, now: float) -> float | None:
+        """How long an answer taken `now` holds for it, if it is due within that long (None: not due soon)."""
+
+
 class Database:
     """One legacy database's engine and budget, shared by the sources on it."""
 
@@ -91,6 +111,54 @@ class Database:
         self._rests = engine.dialect.name != "sqlite"
         self._options = engine.get_execution_options()
         self._psycopg = engine.dialect.driver == "psycopg"
+        self._members: dict[Batched, None] = {}  # sources whose idle probes may be batched, in order
+        self._answers: dict[Batched, tuple[Any, float, float]] = {}  # no row after (watermark, at, for how long)
+        self._batch = Batch()
+        self._batch_paused = 0.0
+
+    def join(self, source: Batched) -> None:
+        with self._lock:
+            self._members[source] = None
+
+    def leave(self, source: Batched) -> None:
+        with self._lock:
+            self._members.pop(source, None)
+            self._answers.pop(source, None)
+
+    def nothing_after(self, source: Batched, conn: Connection) -> bool:
+        """Did a batched probe find no row after `source`'s watermark moments ago? If it was not asked, ask
+        now, for it and the other sources here due soon, in one statement (on `conn`, in autocommit)."""
+        now = time.monotonic()
+        own = source.idle_probe(conn)
+        if own is None:
+            return False
+        with self._lock:
+            answer = self._answers.pop(source, None)
+        if answer is not None and _same(answer[0], own[0]) and now - answer[1] <= answer[2]:
+            return True  # the watermark has not moved since it was asked, moments ago
+        if now < self._batch_paused:
+            return False
+        with self._lock:
+            others = [member for member in self._members if member is not source]
+        members: list[tuple[Batched, tuple[Any, Direct, dict[str, Any]], float]] = [(source, own, 0.0)]
+        for other in others:
+            window = other.due_within(now)
+            probe = other.idle_probe(conn) if window is not None else None
+            if window is not None and probe is not None:
+                members.append((other, probe, window))
+                if len(members) >= BATCH_MAX:
+                    break
+        if len(members) < 2:
+            return False  # alone: its own probe, which also settles what it finds
+        found = self._batch.run(conn, [(probe[1], probe[2]) for _member, probe, _window in members])
+        if found is None:
+            self._batch_paused = now + BATCH_PAUSE
+            return False
+        with self._lock:
+            for (member, probe, window), beyond in zip(members[1:], found[1:], strict=True):
+                if not beyond:
+                    self._answers[member] = (probe[0], now, window)
+        return not found[0]
 
     @contextmanager
     def connect(
@@ -179,6 +247,11 @@ class Database:
         if conn is not None:
             conn.close()
         self.engine.dispose()
+
+
+def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """The same watermark: the very same objects (a relation, a decoded position), not equal ones."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 class Databases:

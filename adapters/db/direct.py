@@ -36,6 +36,7 @@ class Direct:
         self._dialect: Dialect | None = None
         self._compiled: Compiled | None = None  # None: this statement goes through SQLAlchemy
         self._sql = ""
+        self._pyformat = ""  # SQLAlchemy's own rendering, placeholders by name: what a batch numbers anew
         self._names: tuple[str, ...] = ()
         # Per placeholder: the keys the caller's parameters may give its value by, and its value otherwise
         # (None: a parameter that must be given, or one SQLAlchemy computes; `construct_params` decides).
@@ -115,6 +116,7 @@ class Direct:
             return f"${names.index(name) + 1}"
 
         self._sql = _PLACEHOLDER.sub(number, compiled.string)
+        self._pyformat = compiled.string
         self._names, self._compiled = tuple(names), compiled
         binds = [compiled.binds[name] for name in names]
         self._binds = tuple(
@@ -124,6 +126,71 @@ class Direct:
 
 
 _ASK = object()  # a placeholder whose value only SQLAlchemy gives (or refuses): a missing required parameter
+
+
+def batchable(direct: Direct, conn: Connection) -> bool:
+    """Can `direct` (a select of one column) be run in a batch on `conn`: straight, on psycopg, in autocommit?"""
+    if conn.dialect is not direct._dialect:
+        direct._compile(conn.dialect)
+    raw: Any = conn.connection.dbapi_connection
+    return direct._compiled is not None and len(direct.stmt.selected_columns) == 1 and bool(
+        getattr(raw, "autocommit", False))
+
+
+class Batch:
+    """Several one-value selects as the columns of one statement: one round trip, one parse, for all of them.
+
+    Each select keeps its own placeholders, numbered anew in the batch from SQLAlchemy's own rendering
+    (the same numbering `Direct` trusts); the statement is rebuilt only when its members change.
+    """
+
+    def __init__(self) -> None:
+        self._members: tuple[Direct, ...] = ()
+        self._sql = ""
+
+    def run(self, conn: Connection, members: list[tuple[Direct, dict[str, Any]]]) -> tuple[Any, ...] | None:
+        """The value of each member's select, in order; None if the statement failed (nothing is aborted:
+        autocommit; the caller asks each member alone instead)."""
+        import psycopg  # the psycopg driver is in use: importable
+
+        directs = tuple(direct for direct, _params in members)
+        if directs != self._members:
+            self._compose(directs)
+        values: list[Any] = []
+        for direct, params in members:
+            values.extend(direct._values(params))
+        try:
+            cursor = Direct._cursor(conn, conn.connection.dbapi_connection)
+            cursor.execute(self._sql, values, prepare=False)  # unnamed, as `Direct.one`: planned for its values
+            rows = cursor.fetchall()
+        except psycopg.Error:
+            conn.info.pop(_CURSOR, None)
+            return None
+        if len(rows) != 1 or len(rows[0]) != len(members):
+            return None
+        return tuple(rows[0])
+
+    def _compose(self, directs: tuple[Direct, ...]) -> None:
+        count = 0
+        parts: list[str] = []
+        for direct in directs:
+            numbers: dict[str, int] = {}
+
+            def number(match: re.Match[str], numbers: dict[str, int] = numbers) -> str:
+                nonlocal count
+                name = match.group(1)
+                if name is None:
+                    return "%"
+                if name not in numbers:
+                    count += 1
+                    numbers[name] = count
+                return f"${numbers[name]}"
+
+            parts.append(f"({_PLACEHOLDER.sub(number, direct._pyformat)})")
+            if tuple(numbers) != direct._names:  # the same order `Direct` binds them in: never otherwise
+                raise AssertionError("placeholders numbered out of order")
+        self._sql = "SELECT " + ", ".join(parts)
+        self._members = directs
 
 
 def _converts_in(kind: TypeEngine[Any], dialect: Dialect) -> bool:

@@ -12,6 +12,7 @@ cursor in `batch_size` partitions, so memory stays flat whatever the backlog.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import AbstractContextManager, closing
 from functools import partial
@@ -43,8 +44,10 @@ from sqlalchemy.exc import DataError, DBAPIError, NoSuchTableError
 from sqlalchemy.sql.expression import Exists
 from sqlalchemy.types import LargeBinary, NullType, Text, TypeDecorator, TypeEngine
 
+import adapters.db.budget as budgets
 from adapters.db import digest, keys, position, settle
 from adapters.db.budget import DATABASES, Database
+from adapters.db.direct import Direct, batchable
 from adapters.db.engine import set_autocommit
 from straw import sql_guard
 from straw.coerce import Unreadable, boolean
@@ -124,6 +127,9 @@ class DbSource:
         self._shape: tuple[FromClause, tuple[str, ...], list[int], Callable[[Sequence[Any]], list[str]] | None] | None
         self._shape = None
         self._probe_params: tuple[dict[str, Any], Any, dict[str, Any]] | None = None
+        self._polled_at: float | None = None  # when its last read started (monotonic)
+        self._idle_direct: tuple[Any, Direct] | None = None  # the batched idle probe: the EXISTS, run straight
+        self._idle_params: tuple[Any, dict[str, Any]] | None = None  # and its parameters, by decoded position
         self._bound = settle.OPEN  # the settle bound of the last read (narrowing a failed read keeps to it)
         self._width = 0  # bytes per row, as last measured (0: not yet): sizes the first page of a read
         self._is_deleted = _soft_delete_rule(spec.soft_delete, spec.encoding) if spec.soft_delete else None
@@ -133,6 +139,12 @@ class DbSource:
             self.engine.dialect.name, settle=spec.settle, delay=spec.settle_delay,
             timestamp=spec.mode is ChangeMode.TIMESTAMP, source=spec.name, fallback=spec.settle_fallback,
         ) if spec.mode is not ChangeMode.SNAPSHOT else settle.Off("snapshot mode lists every row")
+        # PostgreSQL's ledger skips the read when nothing is after the watermark: that question alone may be
+        # asked for several sources of the database at once (`Database.nothing_after`).
+        self._batches = (self._shared and isinstance(self.settle, settle.Ledger)
+                         and self.engine.dialect.name == "postgresql" and spec.schedule is None)
+        if self._batches:
+            self.database.join(self)
 
     def _change_columns(self) -> list[str]:
         if self.spec.mode is ChangeMode.INCREMENTING:
@@ -343,11 +355,38 @@ class DbSource:
         timestamp with a higher key are judged exactly as the read would judge them."""
         if self._after is None:
             return None
-        relation = self.relation()
-        bound = len(self._watermark)
+        return self._beyond(self.relation(), len(self._watermark))
+
+    def _beyond(self, relation: FromClause, bound: int) -> Exists:
         beyond: Exists = self._kept(("beyond", bound), lambda: exists().select_from(relation).where(
             *self._after_clauses(relation, bound)))
         return beyond
+
+    def idle_probe(self, conn: Connection) -> tuple[Any, Direct, dict[str, Any]] | None:
+        """The question an idle poll asks, for a batch (`Database.nothing_after`): the watermark it is about
+        (the very objects: relation and decoded position), the EXISTS of a row after it, its parameters.
+        None: not to be batched now (no watermark yet, a settle window, not runnable straight)."""
+        decoded, relation = self._decoded, self._from
+        if decoded is None or relation is None or decoded[3] is None:
+            return None
+        watermark = decoded[4]
+        beyond = self._beyond(relation, len(watermark))
+        kept = self._idle_direct
+        if kept is None or kept[0] is not beyond:
+            kept = self._idle_direct = (beyond, Direct(select(beyond)))
+        if not batchable(kept[1], conn):
+            return None
+        params = self._idle_params
+        if params is None or params[0] is not decoded:
+            params = self._idle_params = (decoded, {**self._query_params(decoded[2]), **watermark})
+        return (relation, decoded), kept[1], params[1]
+
+    def due_within(self, now: float) -> float | None:
+        """How long an idle answer taken `now` holds for this source, if its next poll is due within that long."""
+        if self._polled_at is None:
+            return None
+        window = min(budgets.BATCH_WINDOW, budgets.BATCH_SHARE * self.spec.poll_interval)
+        return window if self._polled_at + self.spec.poll_interval - now <= window else None
 
     def params(self) -> dict[str, Any]:
         """The parameters of `top_query` and `beyond_query` for the read under way (not to be changed: the
@@ -420,6 +459,7 @@ class DbSource:
                     {f"straw_w{i}": v for i, v in enumerate(values)},
                 )
             _after, _types, self._last_value, self._after, self._watermark = watermark
+            self._polled_at = time.monotonic()
             shape = self._shape
             if shape is None or shape[0] is not relation:
                 columns = tuple(self._names)
@@ -438,6 +478,9 @@ class DbSource:
                 return
             # Before the rows are read: on MariaDB the settle check ends the connection's transaction,
             # so the read below gets a view of its own, taken after the open writers were seen.
+            if self._batches and self.database.nothing_after(self, conn):
+                self._bound = settle.HOLD  # as the ledger's own probe: nothing after the watermark, no read
+                return
             bound = self._bound = self.settle.bound(conn, self)
             if bound.hold:
                 return
@@ -873,6 +916,8 @@ class DbSource:
         return f"{url} {what}: {len(self._names)} columns, mode {self.spec.mode.value}{settled}{sweep}"
 
     def close(self) -> None:
+        if self._batches:
+            self.database.leave(self)
         if self._shared:
             DATABASES.close(self.database)
         else:
