@@ -92,6 +92,11 @@ class Batched(Protocol):
     def due_within(self, now: float) -> float | None:
         """How long an answer taken `now` holds for it, if it is due within that long (None: not due soon)."""
 
+    @property
+    def session_key(self) -> Any:
+        """What its statements depend on in the connection's session (text encoding, statement timeout):
+        batched only with sources alike, since the batch runs in the session of the one polling."""
+
 
 class Database:
     """One legacy database's engine and budget, shared by the sources on it."""
@@ -139,7 +144,7 @@ class Database:
         if now < self._batch_paused:
             return False
         with self._lock:
-            others = [member for member in self._members if member is not source]
+            others = [m for m in self._members if m is not source and m.session_key == source.session_key]
         members: list[tuple[Batched, tuple[Any, Direct, dict[str, Any]], float]] = [(source, own, 0.0)]
         for other in others:
             window = other.due_within(now)

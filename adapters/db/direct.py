@@ -145,8 +145,7 @@ class Batch:
     """
 
     def __init__(self) -> None:
-        self._members: tuple[Direct, ...] = ()
-        self._sql = ""
+        self._kept: tuple[tuple[Direct, ...], str] = ((), "")  # the members and their statement, swapped whole
 
     def run(self, conn: Connection, members: list[tuple[Direct, dict[str, Any]]]) -> tuple[Any, ...] | None:
         """The value of each member's select, in order; None if the statement failed (nothing is aborted:
@@ -154,14 +153,15 @@ class Batch:
         import psycopg  # the psycopg driver is in use: importable
 
         directs = tuple(direct for direct, _params in members)
-        if directs != self._members:
-            self._compose(directs)
+        kept = self._kept  # read once: polls of the database on two connections may batch at once
+        if kept[0] != directs:
+            kept = self._kept = (directs, _compose(directs))
         values: list[Any] = []
         for direct, params in members:
             values.extend(direct._values(params))
         try:
             cursor = Direct._cursor(conn, conn.connection.dbapi_connection)
-            cursor.execute(self._sql, values, prepare=False)  # unnamed, as `Direct.one`: planned for its values
+            cursor.execute(kept[1], values, prepare=False)  # unnamed, as `Direct.one`: planned for its values
             rows = cursor.fetchall()
         except psycopg.Error:
             conn.info.pop(_CURSOR, None)
@@ -170,27 +170,27 @@ class Batch:
             return None
         return tuple(rows[0])
 
-    def _compose(self, directs: tuple[Direct, ...]) -> None:
-        count = 0
-        parts: list[str] = []
-        for direct in directs:
-            numbers: dict[str, int] = {}
 
-            def number(match: re.Match[str], numbers: dict[str, int] = numbers) -> str:
-                nonlocal count
-                name = match.group(1)
-                if name is None:
-                    return "%"
-                if name not in numbers:
-                    count += 1
-                    numbers[name] = count
-                return f"${numbers[name]}"
+def _compose(directs: tuple[Direct, ...]) -> str:
+    count = 0
+    parts: list[str] = []
+    for direct in directs:
+        numbers: dict[str, int] = {}
 
-            parts.append(f"({_PLACEHOLDER.sub(number, direct._pyformat)})")
-            if tuple(numbers) != direct._names:  # the same order `Direct` binds them in: never otherwise
-                raise AssertionError("placeholders numbered out of order")
-        self._sql = "SELECT " + ", ".join(parts)
-        self._members = directs
+        def number(match: re.Match[str], numbers: dict[str, int] = numbers) -> str:
+            nonlocal count
+            name = match.group(1)
+            if name is None:
+                return "%"
+            if name not in numbers:
+                count += 1
+                numbers[name] = count
+            return f"${numbers[name]}"
+
+        parts.append(f"({_PLACEHOLDER.sub(number, direct._pyformat)})")
+        if tuple(numbers) != direct._names:  # the order `Direct._values` gives their values in: never otherwise
+            raise AssertionError("placeholders numbered out of order")
+    return "SELECT " + ", ".join(parts)
 
 
 def _converts_in(kind: TypeEngine[Any], dialect: Dialect) -> bool:

@@ -381,6 +381,10 @@ class DbSource:
             params = self._idle_params = (decoded, {**self._query_params(decoded[2]), **watermark})
         return (relation, decoded), kept[1], params[1]
 
+    @property
+    def session_key(self) -> tuple[str, float | None]:
+        return self.spec.encoding, self.spec.statement_timeout
+
     def due_within(self, now: float) -> float | None:
         """How long an idle answer taken `now` holds for this source, if its next poll is due within that long."""
         if self._polled_at is None:
