@@ -216,12 +216,17 @@ class Database:
         # Options set on the connection (a server-side cursor's stream_results) would outlive the poll: not kept.
         if (self._rests and self.spec.idle_connections and not conn.invalidated
                 and conn.get_execution_options() == self._options):
-            if conn.in_transaction():
-                conn.rollback()
-            raw: Any = conn.connection.dbapi_connection
-            # The pool's reset on return, but for what psycopg would not roll back anyway (a call that costs).
-            if not (self._psycopg and raw.autocommit and raw.pgconn.transaction_status == _IDLE):
-                conn.dialect.do_rollback(raw)
+            try:
+                if conn.in_transaction():
+                    conn.rollback()
+                raw: Any = conn.connection.dbapi_connection
+                # The pool's reset on return, but for what psycopg would not roll back anyway (a call that costs).
+                if not (self._psycopg and raw.autocommit and raw.pgconn.transaction_status == _IDLE):
+                    conn.dialect.do_rollback(raw)
+            except Exception:  # as the pool does with one its reset fails on: dropped, the poll's result stands
+                conn.invalidate()
+                conn.close()
+                return
             with self._lock:
                 if self._resting is None:
                     self._resting, self._rested_at = conn, time.monotonic()
