@@ -234,6 +234,25 @@ def test_sources_on_one_database_share_one_engine_and_release_it(pg_url: str) ->
     assert all(d.spec.url not in (pg_url,) for d in DATABASES.all())
 
 
+def test_polls_that_overlapped_leave_one_connection_kept(pg_url: str) -> None:
+    """The connection kept between polls rests outside the pool: a second one, returned while it rests,
+    is closed, not kept by the pool too."""
+    _fill(pg_url, 1)
+    a, b = (DbSource(_spec(pg_url, n), ["id", "name"]) for n in ("a", "b"))
+    try:
+        assert _rows(a) == ROWS
+        with a.connect() as held:
+            assert _rows(b) == ROWS  # on a second connection, within the budget of 2
+            assert _open_connections(pg_url) == 2
+            held.execute(text("SELECT 1"))
+        assert _open_connections(pg_url) == 1
+        assert _rows(a) == ROWS and _open_connections(pg_url) == 1
+    finally:
+        for source in (a, b):
+            source.close()
+    assert _open_connections(pg_url) == 0
+
+
 def test_idle_connections_zero_and_idle_timeout_close_what_is_kept(pg_url: str) -> None:
     _fill(pg_url, 1)
     none_kept = DbSource(_spec(pg_url, "a"), ["id"], database=DatabaseSpec(url=pg_url, idle_connections=0))

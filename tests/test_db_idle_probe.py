@@ -52,16 +52,21 @@ def _poll(source: DbSource, after: str | None) -> tuple[list[tuple[Any, ...]], s
 
 class Wire:
     """What the source's connections send from now on. PostgreSQL: libpq's own trace of the protocol
-    (the probe bypasses SQLAlchemy's events); MariaDB: SQLAlchemy's statements and the DBAPI rollbacks."""
+    (the probe bypasses SQLAlchemy's events), from the connection's checkout; MariaDB: SQLAlchemy's
+    statements and the DBAPI rollbacks."""
 
     def __init__(self, source: DbSource, path: Path) -> None:
         self.path, self.sent = path, list[str]()
+        self.traced: list[Any] = []  # connections traced (libpq writes its trace out when untraced)
         self._file = path.open("w")
         engine = source.engine
         if engine.dialect.name == "postgresql":
+            # The connection kept between polls rests checked out: closed, the next poll checks out one traced.
+            source.database.dispose()
 
             @event.listens_for(engine, "checkout")
             def _trace(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+                self.traced.append(dbapi_connection)
                 dbapi_connection.pgconn.trace(self._file.fileno())
                 dbapi_connection.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
 
@@ -91,6 +96,9 @@ class Wire:
         return trips
 
     def close(self) -> None:
+        for dbapi_connection in self.traced:
+            if not dbapi_connection.closed:
+                dbapi_connection.pgconn.untrace()
         self._file.close()
 
 
@@ -261,4 +269,65 @@ def test_a_poll_after_the_server_dropped_its_connection_recovers(pg_url: str) ->
         finally:
             source.close()
     finally:
+        legacy.dispose()
+
+
+def test_idle_probes_of_sources_due_together_go_in_one_statement_and_lose_nothing(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four idle sources on one database, all due: the first poll asks for all four, the other three send
+    nothing. A row committed after that answer is read by the source's next poll; a member whose table is
+    gone fails the batch, not the poll that sent it."""
+    import adapters.db.budget
+
+    monkeypatch.setattr(adapters.db.budget, "BATCH_SHARE", 1.0)  # every source polled once is "due soon"
+    monkeypatch.setattr(adapters.db.budget, "BATCH_WINDOW", 30.0)
+    legacy = create_engine(pg_url)
+    sources: list[DbSource] = []
+    try:
+        with legacy.begin() as conn:
+            for t in range(4):
+                conn.execute(text(f"CREATE TABLE items{t} (id INTEGER PRIMARY KEY, changed_at TIMESTAMP(6))"))
+                conn.execute(text(f"INSERT INTO items{t} VALUES (1, :at)"), {"at": T0})
+        sources = [
+            _source(pg_url, name=f"s{t}", table=f"items{t}", mode="timestamp", timestamp_column="changed_at",
+                    key_column="id", poll_interval=1.0)
+            for t in range(4)
+        ]
+        afters = []
+        for source in sources:
+            rows, after = _poll(source, None)
+            assert [r[0] for r in rows] == [1]
+            afters.append(after)
+        for source, after in zip(sources, afters, strict=True):  # each now has a watermark to ask about
+            assert _poll(source, after) == ([], after)
+        wire = Wire(sources[0], tmp_path / "wire.log")
+        for source, after in zip(sources, afters, strict=True):
+            assert _poll(source, after) == ([], after)
+        wire.close()
+        trips = wire.round_trips()
+        # One statement for the four: their EXISTS, two watermark values each.
+        assert len(trips) == 1 and 'SELECT (SELECT EXISTS' in trips[0] and 'Bind  "" "" 8 ' in trips[0], trips
+
+        # s2 was answered by that statement: a row committed since waits for its next poll (as if this one had
+        # run a moment early), which asks anew and reads it.
+        with legacy.begin() as conn:
+            conn.execute(text("INSERT INTO items2 VALUES (2, :at)"), {"at": T0 + dt.timedelta(seconds=1)})
+        assert _poll(sources[2], afters[2]) == ([], afters[2])
+        rows, after = _poll(sources[2], afters[2])
+        assert [r[0] for r in rows] == [2]
+        afters[2] = after
+
+        with legacy.begin() as conn:
+            conn.execute(text("DROP TABLE items3"))
+        for _ in range(2):  # answered, then asking: the batch (with s3) fails, and s0 asks alone
+            assert _poll(sources[0], afters[0]) == ([], afters[0])
+        with sources[0].connect(autocommit=True) as conn:
+            assert sources[0].database.nothing_after(sources[0], conn) is False  # batches paused a while
+        _poll(sources[3], afters[3])  # its answer, taken before the drop, if any
+        with pytest.raises(Exception, match="items3"):
+            _poll(sources[3], afters[3])
+    finally:
+        for source in sources:
+            source.close()
         legacy.dispose()

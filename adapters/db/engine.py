@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -276,28 +275,22 @@ def _sqlite_deadline(engine: Engine) -> None:
         conn.connection.dbapi_connection.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
 
 
-@contextlib.contextmanager
-def autocommit(conn: Connection) -> Iterator[None]:
-    """The statements inside run each in a transaction of its own (psycopg; elsewhere unchanged).
+def set_autocommit(conn: Connection, on: bool) -> None:
+    """psycopg: `on`, each statement in a transaction of its own; off, transactions again (elsewhere nothing).
 
-    For a poll's read-only probe: psycopg would send BEGIN before it and the pool ROLLBACK after,
-    two round trips of three on an idle poll. Between polls the
-    connection is not left idle in a transaction either, where other sources' settle probes would
-    count it as a writer. Leaving, the connection takes transactions again (a page read streams
-    from a cursor, which needs one); one that cannot is invalidated, never pooled in autocommit.
+    On, for a poll's read-only probe: psycopg would send BEGIN before it and the pool ROLLBACK after,
+    two round trips of three on an idle poll. Between polls the connection rests so, not idle in a
+    transaction either, where other sources' settle probes would count it as a writer. Off for
+    anything else (a page read streams from a cursor, which needs a transaction). A connection that
+    cannot switch (broken, or left mid-transaction) is invalidated, never pooled as it is.
     """
-    raw: Any = conn.connection.dbapi_connection if conn.dialect.driver == "psycopg" else None
-    if raw is None or raw.autocommit or raw.info.transaction_status != _IDLE:
-        yield  # another driver, or a transaction already under way (a statement before, this poll): keep to it
+    if conn.dialect.driver != "psycopg":
         return
-    raw.autocommit = True
+    raw: Any = conn.connection.dbapi_connection
+    if raw.autocommit is on:
+        return
     try:
-        yield
-    finally:
-        try:
-            raw.autocommit = False
-        except Exception:  # broken, or left mid-transaction: the pool must not hand it out again as it is
-            conn.invalidate()
-
-
-_IDLE = 0  # psycopg.pq.TransactionStatus.IDLE: not inside a transaction
+        raw.autocommit = on
+    except Exception:
+        conn.invalidate()
+        raise

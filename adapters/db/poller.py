@@ -12,6 +12,7 @@ cursor in `batch_size` partitions, so memory stays flat whatever the backlog.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, closing
@@ -44,9 +45,11 @@ from sqlalchemy.exc import DataError, DBAPIError, NoSuchTableError
 from sqlalchemy.sql.expression import Exists
 from sqlalchemy.types import LargeBinary, NullType, Text, TypeDecorator, TypeEngine
 
+import adapters.db.budget as budgets
 from adapters.db import digest, keys, position, settle
 from adapters.db.budget import DATABASES, Database
-from adapters.db.engine import autocommit
+from adapters.db.direct import Direct, batchable
+from adapters.db.engine import set_autocommit
 from straw import sql_guard
 from straw.coerce import Unreadable, boolean
 from straw.config import ChangeMode, DatabaseSpec, DbSourceSpec, SoftDeleteSpec
@@ -71,6 +74,9 @@ _UTC_NOW = {
     "mssql": "SELECT SYSUTCDATETIME()",
     "oracle": "SELECT SYS_EXTRACT_UTC(SYSTIMESTAMP) FROM DUAL",
 }
+
+
+_STREAM = {"stream_results": True}
 
 
 class DbSource:
@@ -115,6 +121,16 @@ class DbSource:
         self._last_value: Any = None  # the watermark of the read under way (a settle probe binds it too)
         self._after: str | None = None  # the position the read under way starts after
         self._watermark: dict[str, Any] = {}  # its values, as the statements bind them (`straw_w0`…)
+        # The last position decoded (position, types, last value, after, watermark), the relation's columns
+        # (relation, columns, change column slots, soft-delete ops) and the probe's parameters: an idle poll's
+        # are the last one's.
+        self._decoded: tuple[str | None, tuple[type | None, ...], Any, str | None, dict[str, Any]] | None = None
+        self._shape: tuple[FromClause, tuple[str, ...], list[int], Callable[[Sequence[Any]], list[str]] | None] | None
+        self._shape = None
+        self._probe_params: tuple[dict[str, Any], Any, dict[str, Any]] | None = None
+        self._polled_at: float | None = None  # when its last read started (monotonic)
+        self._idle_direct: tuple[Any, Direct] | None = None  # the batched idle probe: the EXISTS, run straight
+        self._idle_params: tuple[Any, dict[str, Any]] | None = None  # and its parameters, by decoded position
         self._bound = settle.OPEN  # the settle bound of the last read (narrowing a failed read keeps to it)
         self._width = 0  # bytes per row, as last measured (0: not yet): sizes the first page of a read
         self._is_deleted = _soft_delete_rule(spec.soft_delete, spec.encoding) if spec.soft_delete else None
@@ -124,6 +140,12 @@ class DbSource:
             self.engine.dialect.name, settle=spec.settle, delay=spec.settle_delay,
             timestamp=spec.mode is ChangeMode.TIMESTAMP, source=spec.name, fallback=spec.settle_fallback,
         ) if spec.mode is not ChangeMode.SNAPSHOT else settle.Off("snapshot mode lists every row")
+        # PostgreSQL's ledger skips the read when nothing is after the watermark: that question alone may be
+        # asked for several sources of the database at once (`Database.nothing_after`).
+        self._batches = (self._shared and isinstance(self.settle, settle.Ledger)
+                         and self.engine.dialect.name == "postgresql" and spec.schedule is None)
+        if self._batches:
+            self.database.join(self)
 
     def _change_columns(self) -> list[str]:
         if self.spec.mode is ChangeMode.INCREMENTING:
@@ -136,9 +158,11 @@ class DbSource:
 
     # --- the relation: a reflected table, or the configured query as a subquery ---
 
-    def connect(self) -> AbstractContextManager[Connection]:
-        """A connection from the database's budget, in turn with the other sources on it."""
-        return self.database.connect(statement_timeout=self.spec.statement_timeout, encoding=self.spec.encoding)
+    def connect(self, *, autocommit: bool = False) -> AbstractContextManager[Connection]:
+        """A connection from the database's budget, in turn with the other sources on it (`autocommit`: see
+        `Database.connect`)."""
+        return self.database.connect(
+            statement_timeout=self.spec.statement_timeout, encoding=self.spec.encoding, autocommit=autocommit)
 
     def relation(self, conn: Connection | None = None) -> FromClause:
         """`conn`: the connection in hand, if any (a second one could wait forever on a budget of one)."""
@@ -332,15 +356,51 @@ class DbSource:
         timestamp with a higher key are judged exactly as the read would judge them."""
         if self._after is None:
             return None
-        relation = self.relation()
-        bound = len(self._watermark)
+        return self._beyond(self.relation(), len(self._watermark))
+
+    def _beyond(self, relation: FromClause, bound: int) -> Exists:
         beyond: Exists = self._kept(("beyond", bound), lambda: exists().select_from(relation).where(
             *self._after_clauses(relation, bound)))
         return beyond
 
+    def idle_probe(self, conn: Connection) -> tuple[Any, Direct, dict[str, Any]] | None:
+        """The question an idle poll asks, for a batch (`Database.nothing_after`): the watermark it is about
+        (the very objects: relation and decoded position), the EXISTS of a row after it, its parameters.
+        None: not to be batched now (no watermark yet, a settle window, not runnable straight)."""
+        decoded, relation = self._decoded, self._from
+        if decoded is None or relation is None or decoded[3] is None:
+            return None
+        watermark = decoded[4]
+        beyond = self._beyond(relation, len(watermark))
+        kept = self._idle_direct
+        if kept is None or kept[0] is not beyond:
+            kept = self._idle_direct = (beyond, Direct(select(beyond)))
+        if not batchable(kept[1], conn):
+            return None
+        params = self._idle_params
+        if params is None or params[0] is not decoded:
+            params = self._idle_params = (decoded, {**self._query_params(decoded[2]), **watermark})
+        return (relation, decoded), kept[1], params[1]
+
+    @property
+    def session_key(self) -> tuple[str, float | None]:
+        return self.spec.encoding, self.spec.statement_timeout
+
+    def due_within(self, now: float) -> float | None:
+        """How long an idle answer taken `now` holds for this source, if its next poll is due within that long."""
+        if self._polled_at is None:
+            return None
+        window = min(budgets.BATCH_WINDOW, budgets.BATCH_SHARE * self.spec.poll_interval)
+        return window if self._polled_at + self.spec.poll_interval - now <= window else None
+
     def params(self) -> dict[str, Any]:
-        """The parameters of `top_query` and `beyond_query` for the read under way."""
-        return {**self._query_params(self._last_value), **self._watermark}
+        """The parameters of `top_query` and `beyond_query` for the read under way (not to be changed: the
+        same dict while the watermark stands)."""
+        kept = self._probe_params
+        if kept is None or kept[0] is not self._watermark or kept[1] is not self._last_value:
+            kept = self._probe_params = (
+                self._watermark, self._last_value, {**self._query_params(self._last_value), **self._watermark})
+        return kept[2]
 
     def _returns_zoned(self, conn: Connection) -> bool | None:
         """Does the query's timestamp column hold zoned values? One value tells; None while it has no rows.
@@ -390,17 +450,27 @@ class DbSource:
 
     def _stream(self, after: str | None, limit: int | None, failed: list[BaseException]) -> Iterator[RawBatch]:
         """Batches read after `after`; a fetch the driver cannot decode ends them early, the error in `failed`."""
-        with self.connect() as conn:
-            self.relation(conn)  # the change columns' types decode the position
-            values: tuple[Any, ...] = ()
-            if after is not None and self.spec.mode is not ChangeMode.SNAPSHOT:
-                values = position.decode(after, self._types)
-            self._last_value = values[0] if values else None
-            self._after = after if values else None
-            self._watermark = {f"straw_w{i}": v for i, v in enumerate(values)}
-            columns = tuple(self._names)
-            slots = [columns.index(c) for c in self._resolved(self._change_columns())]
-            ops = self._ops(columns)
+        # A poll of the changes starts with the settle probe, in autocommit (most often the poll's only statement).
+        with self.connect(autocommit=self.spec.mode is not ChangeMode.SNAPSHOT) as conn:
+            relation = self.relation(conn)  # the change columns' types decode the position
+            watermark = self._decoded
+            if watermark is None or watermark[0] != after or watermark[1] is not self._types:
+                # An idle source polls from the same position again and again: decoded once, while it stands.
+                values: tuple[Any, ...] = ()
+                if after is not None and self.spec.mode is not ChangeMode.SNAPSHOT:
+                    values = position.decode(after, self._types)
+                watermark = self._decoded = (
+                    after, self._types, values[0] if values else None, after if values else None,
+                    {f"straw_w{i}": v for i, v in enumerate(values)},
+                )
+            _after, _types, self._last_value, self._after, self._watermark = watermark
+            self._polled_at = time.monotonic()
+            shape = self._shape
+            if shape is None or shape[0] is not relation:
+                columns = tuple(self._names)
+                slots = [columns.index(c) for c in self._resolved(self._change_columns())]
+                shape = self._shape = (relation, columns, slots, self._ops(columns))
+            _relation, columns, slots, ops = shape
             if self.spec.mode is ChangeMode.SNAPSHOT and self.digest_choice().database:
                 yield from self._digest_listing(conn, after, limit, columns, slots, ops)
                 return
@@ -413,10 +483,13 @@ class DbSource:
                 return
             # Before the rows are read: on MariaDB the settle check ends the connection's transaction,
             # so the read below gets a view of its own, taken after the open writers were seen.
-            with autocommit(conn):
-                bound = self._bound = self.settle.bound(conn, self)
+            if self._batches and self.database.nothing_after(self, conn):
+                self._bound = settle.HOLD  # as the ledger's own probe: nothing after the watermark, no read
+                return
+            bound = self._bound = self.settle.bound(conn, self)
             if bound.hold:
                 return
+            set_autocommit(conn, False)  # the rest of the read (a cursor streaming pages) needs a transaction
             yield from self._pages(conn, after, limit, bound, columns, slots, ops, failed)
 
     def _pages(
@@ -484,7 +557,7 @@ class DbSource:
         """The rows of `stmt` from one server-side cursor, in chunks within the byte budget; a value the
         driver cannot decode ends them, its error in `failed` (the caller narrows the read to that row)."""
         try:
-            result = conn.execution_options(stream_results=True).execute(stmt, params)
+            result = conn.execute(stmt, params, execution_options=_STREAM)  # this statement's: the connection is kept
         except Exception as exc:
             if not _undecodable(exc):
                 raise
@@ -879,6 +952,8 @@ class DbSource:
         return f"{url} {what}: {len(self._names)} columns, mode {self.spec.mode.value}{settled}{sweep}"
 
     def close(self) -> None:
+        if self._batches:
+            self.database.leave(self)
         if self._shared:
             DATABASES.close(self.database)
         else:
