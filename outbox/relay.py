@@ -168,7 +168,7 @@ class Relay:
             del self.repairing[stream]
             rollback = outbox.rollback_repaired(stream)
             log.warning("bus rollback repaired", stream=stream, detail=rollback.describe() if rollback else None)
-        return Round(stream, reconciled + published, len(batch) == self.batch_size)
+        return Round(stream, reconciled + published, len(batch) >= self.batch_size)
 
 
 @dataclass
