@@ -138,7 +138,8 @@ def oldest_pending_query(runs: bool = True) -> str:
     """SQL (stream, published seq) -> the `time` of the stream's oldest waiting record (`runs`: see `runs`).
 
     The event's own `time` says when the change was observed: the age of a record waiting to be published.
-    Of a run, the first event (its first size is the leading number of `sizes`)."""
+    Of a run, the first event (its first size is the leading number of `sizes`), which is the oldest
+    waiting one unless the run was published in part: then an estimate, older than the truth."""
     event = "CASE WHEN sizes IS NULL THEN event ELSE substr(event, 1, CAST(sizes AS INTEGER)) END" if runs else "event"
     return (f"SELECT json_extract(CAST({event} AS TEXT), '$.time') FROM records "
             "WHERE stream = ? AND seq > ? ORDER BY seq LIMIT 1")
@@ -935,8 +936,19 @@ class Outbox:
 
     def oldest_pending_time(self, stream: str, after: int) -> str | None:
         """The `time` (when observed) of the stream's oldest record not yet published, or None."""
-        row = self.db.execute(oldest_pending_query(), (stream, after)).fetchone()
-        return None if row is None else row[0]
+        row = self.db.execute(
+            f"SELECT {_ROW} FROM records WHERE stream = ? AND seq > ? ORDER BY seq LIMIT 1", (stream, after)
+        ).fetchone()
+        if row is None:
+            return None
+        if row[4] is None:  # one record: SQLite reads its time without a copy of the event
+            found = self.db.execute("SELECT json_extract(CAST(event AS TEXT), '$.time') FROM records WHERE seq = ?",
+                                    (row[0],)).fetchone()[0]
+            return None if found is None else str(found)
+        # A run, maybe published in part (`oldest_pending_query` takes its first record: the metrics' estimate).
+        first = unpack(*row, after=after)[0].event
+        time_ = orjson.loads(first).get("time") if first.startswith(b"{") else None
+        return time_ if isinstance(time_, str) else None
 
     def dead_letters(self, source: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
         query = "SELECT id, source, position, reason, raw, created_at FROM dead_letters"
