@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import accumulate, islice, repeat
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,9 @@ _ROW = "seq, n, source, position, sizes, event"
 
 # Records per outbox row: the relay's default batch, so a round publishes one row.
 ROW_RECORDS = 1000
+# And bytes of events per row at most (a single larger event is a row of its own): wide rows make big
+# events, and SQLite refuses a value over 1 GB.
+ROW_BYTES = 32 << 20
 
 
 def _run(records: Sequence[tuple[str, bytes]]) -> tuple[str, str | None, bytes]:
@@ -188,6 +192,22 @@ def _run(records: Sequence[tuple[str, bytes]]) -> tuple[str, str | None, bytes]:
         return records[0][0], None, records[0][1]
     positions, events = zip(*records, strict=True)
     return orjson.dumps(positions).decode(), ",".join(map(str, map(len, events))), b"".join(events)
+
+
+def _by_size(chunk: list[tuple[str, bytes]]) -> Iterator[list[tuple[str, bytes]]]:
+    """`chunk` in order, cut where its events pass ROW_BYTES (the whole chunk, as a rule)."""
+    if sum(map(len, map(itemgetter(1), chunk))) <= ROW_BYTES:
+        yield chunk
+        return
+    part: list[tuple[str, bytes]] = []
+    size = 0
+    for record in chunk:
+        if part and size + len(record[1]) > ROW_BYTES:
+            yield part
+            part, size = [], 0
+        part.append(record)
+        size += len(record[1])
+    yield part
 
 
 def unpack(seq: int, n: int, source: str, position: str, sizes: str | None, event: bytes, *,
@@ -504,7 +524,8 @@ class Outbox:
         written = 0
         it = iter(records)
         while chunk := list(islice(it, self.row_records)):
-            self.db.execute(_INSERT_RUN, (len(chunk), source, stream, *self._columns_of(chunk)))
+            for part in _by_size(chunk):
+                self.db.execute(_INSERT_RUN, (len(part), source, stream, *self._columns_of(part)))
             written += len(chunk)
         return written
 

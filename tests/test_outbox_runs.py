@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bus.redis import RedisBus, checkpoint_key
+from outbox import store
 from outbox.relay import Relay
 from outbox.store import Outbox, backlog_query, runs
 from straw.outbox_check import check_outbox
@@ -177,6 +178,20 @@ def test_an_outbox_from_before_runs_migrates_in_place_and_publishes_on(
         assert [r.seq for r in reopened.events(stream_name)] == [41, 42, 43, 44, 45, 46, 47, 49, 50, 51]
     finally:
         reopened.close()
+
+
+def test_a_run_closes_at_its_bytes_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "ROW_BYTES", 1000)
+    outbox = Outbox(tmp_path / "outbox.db", row_records=50)
+    try:
+        sent = [(str(i), b'"' + b"x" * (300 if i != 7 else 2000) + b'"') for i in range(20)]
+        outbox.append("a", "s", sent, [], "19", 20)
+        rows = outbox.db.execute("SELECT seq, n, length(event) FROM records ORDER BY seq").fetchall()
+        assert all(size <= 1000 or n == 1 for _seq, n, size in rows) and len(rows) > 5
+        assert [(r.seq, r.position, r.event) for r in outbox.events()] == [
+            (i + 1, pos, ev) for i, (pos, ev) in enumerate(sent)]
+    finally:
+        outbox.close()
 
 
 def test_a_new_outbox_assigns_seqs_after_runs_and_single_rows_alike(tmp_path: Path) -> None:
