@@ -815,7 +815,7 @@ class Outbox:
                     upto = max(pruned, straddling[0])
                 first = self.db.execute(
                     "SELECT first FROM (SELECT seq - n AS first, sum(n) OVER (ORDER BY seq) - n AS before "
-                    "FROM records WHERE stream = ? AND seq > ? AND seq <= ?) WHERE before >= ? LIMIT 1",
+                    "FROM records WHERE stream = ? AND seq > ? AND seq <= ?) WHERE before >= ? ORDER BY first LIMIT 1",
                     (stream, pruned, upto, limit),
                 ).fetchone()
                 if first is not None:  # more than `limit` to go: this call takes the oldest rows, `limit` at least
