@@ -10,9 +10,9 @@ A row of `records` holds a run of `n` consecutive records of one source and stre
 seq `seq - n + 1 .. seq`. A row of one record is stored as before this layout (plain
 `position`, `sizes` NULL); a longer one keeps its positions as a JSON array, its events
 concatenated and their byte sizes in `sizes` ("460,461,…"). One row per batch instead of
-per record is what an append costs: SQLite's per-row work (a B-tree insert, an index
-entry, the statement) was a third of the poller's CPU per record. Published records stay a while (`outbox.retain`):
-a bus that loses acknowledged writes (a failover, a restart from an older
+per record because SQLite's per-row work (a B-tree insert, an index entry, the statement)
+was over a quarter of the poller's CPU per record. Published records stay a while
+(`outbox.retain`): a bus that loses acknowledged writes (a failover, a restart from an older
 snapshot) rolls its checkpoint back, and the relay re-publishes them from here.
 """
 
