@@ -1,6 +1,11 @@
 """Where the slice's time goes: each stage timed alone, one after the other, on the same rows.
 
     python bench/stages.py [--rows N] [--postgres]
+    python bench/stages.py --cpu [--runs N] [--rows N] [--postgres]
+
+`--cpu` prints instead the CPU time per row of the runner process and of the relay
+child (user + system, `os.times`), the median of `--runs` slices: unlike wall
+times, these hardly move when other work shares the cores.
 
 Not part of the `bench/run.py` contract: a diagnostic table for whoever
 optimises the slice. Each stage runs single-threaded with nothing competing,
@@ -12,6 +17,8 @@ that the real runner overlaps (poller and relay in two processes) or loses
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -120,17 +127,34 @@ def _relay_stages(table: Table, bench: Bench, outbox_path: Path, stream: str) ->
     bench.drop(stream)
     outbox.close()
     refill = Outbox(outbox_path.with_name("append-NORMAL.db"))
+    # A row is a run of up to 1,000 records (a poll batch) and its seq is the run's last: one mark per row.
     seqs = [row[0] for row in refill.db.execute("SELECT seq FROM records ORDER BY seq").fetchall()]
     with table.time("relay: mark_published per 1000 (COMMIT, FULL; records stay, retained)"):
-        for upto in seqs[999::1000] + seqs[-1:]:
+        for upto in seqs:
             refill.mark_published(stream, upto)
     refill.close()
+
+
+def cpu_per_row(bench: Bench, url: str, rows: int, runs: int) -> tuple[float, float]:
+    """Median CPU µs per row of the runner (this process) and of the relay child over `runs` slices."""
+    runner, child = [], []
+    for _ in range(runs):
+        before = os.times()
+        run_straw(bench, url, rows)
+        after = os.times()
+        runner.append((after.user + after.system - before.user - before.system) / rows * 1e6)
+        child.append((after.children_user + after.children_system
+                      - before.children_user - before.children_system) / rows * 1e6)
+    log(f"cpu µs/row runner {[round(x, 2) for x in runner]}, relay child {[round(x, 2) for x in child]}")
+    return statistics.median(runner), statistics.median(child)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--postgres", action="store_true", help="legacy table in PostgreSQL instead of SQLite")
+    parser.add_argument("--cpu", action="store_true", help="only the CPU µs per row of runner and relay child")
+    parser.add_argument("--runs", type=int, default=5, help="slices measured with --cpu (median)")
     args = parser.parse_args()
     logs.setup("WARNING")
     table = Table(args.rows)
@@ -138,6 +162,11 @@ def main() -> int:
         bench = Bench(stack)
         url = stack.enter_context(legacy_database(bench, "postgresql" if args.postgres else "sqlite", args.rows))
         run_straw(bench, url, args.rows)  # warm-up
+        if args.cpu:
+            runner, child = cpu_per_row(bench, url, args.rows, args.runs)
+            print(f"cpu µs per row (median of {args.runs}, load {os.getloadavg()[0]:.2f}): "
+                  f"runner {runner:.2f}, relay child {child:.2f}, both {runner + child:.2f}")
+            return 0
         table.add("end to end: Runner.run(once=True)", run_straw(bench, url, args.rows)[0])
         work = bench.workdir("stages")
         stream = bench.stream("stages")

@@ -3,8 +3,16 @@
 A batch of records, its dead letters and the source's new position commit in
 one transaction, so a crash at any instant keeps all of them or none. The relay
 reads records in `seq` order and, once the bus holds them, marks them published
-in another single transaction. Published records stay a while (`outbox.retain`):
-a bus that loses acknowledged writes (a failover, a restart from an older
+in another single transaction.
+
+A row of `records` holds a run of `n` consecutive records of one source and stream
+(a poll batch, cut at `row_records`): `seq` is the run's last seq, so the row holds
+seq `seq - n + 1 .. seq`. A row of one record is stored as before this layout (plain
+`position`, `sizes` NULL); a longer one keeps its positions as a JSON array, its events
+concatenated and their byte sizes in `sizes` ("460,461,…"). One row per batch instead of
+per record because SQLite's per-row work (a B-tree insert, an index entry, the statement)
+was over a quarter of the poller's CPU per record. Published records stay a while
+(`outbox.retain`): a bus that loses acknowledged writes (a failover, a restart from an older
 snapshot) rolls its checkpoint back, and the relay re-publishes them from here.
 """
 
@@ -19,19 +27,26 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import accumulate, islice, repeat
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from bus.seam import Outgoing
 from outbox import handover, keyed, sweep
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- The event(s) last: a row's other columns are then read without walking the blob's overflow pages.
 CREATE TABLE IF NOT EXISTS records (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     source TEXT NOT NULL,
     stream TEXT NOT NULL,
     position TEXT NOT NULL,
+    n INTEGER NOT NULL DEFAULT 1,
+    sizes TEXT,
     event BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS positions (
@@ -78,33 +93,139 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     raw TEXT NOT NULL,
     created_at TEXT NOT NULL
 );
--- Pending and retained records of one stream are one range of this index: retained rows of other
--- streams are never scanned by `pending` or the backlog counts.
-CREATE INDEX IF NOT EXISTS records_stream_seq ON records (stream, seq);
 -- An outbox from before retention deleted what it published: it holds nothing at or below that.
 INSERT OR IGNORE INTO retention (stream, pruned_seq) SELECT stream, published_seq FROM streams;
 """
 
 
-# The event's own `time` says when the change was observed: the age of a record waiting to be published.
-OLDEST_PENDING = (
-    "SELECT json_extract(CAST(event AS TEXT), '$.time') FROM records WHERE stream = ? AND seq > ? ORDER BY seq LIMIT 1"
-)
+# Pending and retained records of one stream are one range of this index (retained rows of other streams
+# are never scanned by `pending` or the backlog counts); with `n` in it, the counts read nothing else.
+_INDEX = "CREATE INDEX IF NOT EXISTS records_stream_seq_n ON records (stream, seq, n)"
 
-# Pending records over all streams, each stream one range of records_stream_seq (retained rows are never
-# read); the stream names come from that index too (a skip-scan), so a stream not adopted yet counts whole.
-BACKLOG_QUERY = """
+
+def migrate(db: sqlite3.Connection) -> None:
+    """An outbox written before rows held runs of records gets their columns and index, in place.
+
+    Its rows stay as they are: each is a run of one (`n` 1, `sizes` NULL). Taken under the write
+    lock, since the runner and its relay child open the file at the same moment.
+    """
+    if "n" in _columns(db):
+        db.execute(_INDEX)
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if "n" not in _columns(db):
+            db.execute("ALTER TABLE records ADD COLUMN n INTEGER NOT NULL DEFAULT 1")
+            db.execute("ALTER TABLE records ADD COLUMN sizes TEXT")
+        db.execute(_INDEX)
+        db.execute("DROP INDEX IF EXISTS records_stream_seq")  # the new index covers what it served
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _columns(db: sqlite3.Connection) -> set[str]:
+    return {row[1] for row in db.execute("PRAGMA table_info(records)")}
+
+
+def runs(db: sqlite3.Connection) -> bool:
+    """Whether this outbox's rows hold runs of records (`n`): False for one no straw of this version opened
+    yet, which readers that do not write (status, metrics, `straw check`) read as one record per row."""
+    return "n" in _columns(db)
+
+
+def oldest_pending_query(runs: bool = True) -> str:
+    """SQL (stream, published seq) -> the `time` of the stream's oldest waiting record (`runs`: see `runs`).
+
+    The event's own `time` says when the change was observed: the age of a record waiting to be published.
+    Of a run, the first event (its first size is the leading number of `sizes`), which is the oldest
+    waiting one unless the run was published in part: then an estimate, older than the truth."""
+    event = "CASE WHEN sizes IS NULL THEN event ELSE substr(event, 1, CAST(sizes AS INTEGER)) END" if runs else "event"
+    return (f"SELECT json_extract(CAST({event} AS TEXT), '$.time') FROM records "
+            "WHERE stream = ? AND seq > ? ORDER BY seq LIMIT 1")
+
+
+def waiting_sum(n: str, seq: str, published: str) -> str:
+    """SQL: how many records of a row (last seq `seq`, `n` records) are above `published`; for rows above it."""
+    return f"min({n}, {seq} - {published})"
+
+
+def backlog_query(runs: bool = True) -> str:
+    """SQL (`runs`: see `runs`): pending records over all streams, each stream one range of the index
+    (retained rows are never read); the stream names come from that index too (a skip-scan), so a stream
+    not adopted yet counts whole."""
+    n = "r.n" if runs else "1"
+    return f"""
 WITH RECURSIVE names(stream) AS (
     SELECT min(stream) FROM records
     UNION ALL SELECT (SELECT min(stream) FROM records WHERE stream > names.stream) FROM names WHERE stream IS NOT NULL
 )
 SELECT coalesce(sum((
-    SELECT count(*) FROM records r WHERE r.stream = n.stream
-    AND r.seq > coalesce((SELECT published_seq FROM streams s WHERE s.stream = n.stream), 0)
-)), 0) FROM names n WHERE n.stream IS NOT NULL
+    SELECT coalesce(sum({waiting_sum(n, "r.seq", "p.published")}), 0) FROM records r
+    WHERE r.stream = p.stream AND r.seq > p.published
+)), 0) FROM (
+    SELECT names.stream, coalesce(s.published_seq, 0) AS published FROM names
+    LEFT JOIN streams s ON s.stream = names.stream WHERE names.stream IS NOT NULL
+) p
 """
 
-_INSERT_RECORD = "INSERT INTO records (source, stream, position, event) VALUES (?, ?, ?, ?)"
+
+# A row's seq is its run's last: the next free seq (AUTOINCREMENT's counter, which explicit seqs move too) + n - 1.
+_INSERT_RUN = (
+    "INSERT INTO records (seq, source, stream, position, n, sizes, event) "
+    "VALUES (coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'records'), 0) + ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_AT = "INSERT INTO records (seq, source, stream, position, n, sizes, event) VALUES (?, ?, ?, ?, ?, ?, ?)"
+_ROW = "seq, n, source, position, sizes, event"
+
+# Records per outbox row: the relay's default batch, so a round publishes one row.
+ROW_RECORDS = 1000
+# And bytes of events per row at most (a single larger event is a row of its own): wide rows make big
+# events, and SQLite refuses a value over 1 GB.
+ROW_BYTES = 32 << 20
+
+
+def _run(records: Sequence[tuple[str, bytes]]) -> tuple[str, str | None, bytes]:
+    """A run's (position, sizes, event) columns."""
+    if len(records) == 1:
+        return records[0][0], None, records[0][1]
+    positions, events = zip(*records, strict=True)
+    return orjson.dumps(positions).decode(), ",".join(map(str, map(len, events))), b"".join(events)
+
+
+def _by_size(chunk: list[tuple[str, bytes]]) -> Iterator[list[tuple[str, bytes]]]:
+    """`chunk` in order, cut where its events pass ROW_BYTES (the whole chunk, as a rule)."""
+    if sum(map(len, map(itemgetter(1), chunk))) <= ROW_BYTES:
+        yield chunk
+        return
+    part: list[tuple[str, bytes]] = []
+    size = 0
+    for record in chunk:
+        if part and size + len(record[1]) > ROW_BYTES:
+            yield part
+            part, size = [], 0
+        part.append(record)
+        size += len(record[1])
+    yield part
+
+
+def unpack(seq: int, n: int, source: str, position: str, sizes: str | None, event: bytes, *,
+           after: int = 0) -> list[Pending]:
+    """A row's records above seq `after`."""
+    if sizes is None:
+        return [Pending(seq, source, position, event)] if seq > after else []
+    positions = orjson.loads(position)
+    ends = list(accumulate(map(int, sizes.split(","))))
+    if not (len(positions) == len(ends) == n and ends[-1] == len(event)):
+        raise OutboxError(f"outbox row seq {seq} is damaged: {n} records, {len(positions)} positions, "
+                          f"{len(ends)} sizes summing to {ends[-1]} of {len(event)} bytes")
+    first = seq - n + 1
+    skip = max(0, after - first + 1)
+    # map() rather than a comprehension: the relay unpacks every record it sends, and this halves it.
+    events = map(event.__getitem__, map(slice, [0, *ends[:-1]][skip:], ends[skip:]))
+    fields = zip(range(first + skip, seq + 1), repeat(source), positions[skip:], events)
+    return list(map(tuple.__new__, repeat(Pending), fields))
 
 
 def _now() -> str:
@@ -237,8 +358,9 @@ IDLE_NOTES_EVERY = 1.0
 class Outbox:
     """Not shared across threads: open one per thread or process (SQLite handles the rest)."""
 
-    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+    def __init__(self, path: Path, *, synchronous: str = "FULL", row_records: int = ROW_RECORDS) -> None:
         self.path = path
+        self.row_records = max(1, row_records)  # records per row at most (a poll batch is cut at it)
         try:
             # Owner-only: the outbox holds business data (and dead letters hold raw legacy rows). SQLite
             # creates the -wal and -shm files with the mode of the database file, so they follow.
@@ -258,6 +380,7 @@ class Outbox:
                 # FULL: a commit survives power loss too, not only a killed process.
                 self.db.execute(f"PRAGMA synchronous={synchronous}")
                 self.db.executescript(SCHEMA)
+                migrate(self.db)
                 keyed.create(self.db)
                 sweep.create(self.db)
                 self.identity = self._identity()
@@ -338,15 +461,7 @@ class Outbox:
             self._write(source, stream, events, dead, position, rows_read)
             written = len(events)
             if complete:
-                swept = [0]
-
-                def deleted() -> Iterator[tuple[str, str, str, bytes]]:
-                    for pos, event in keyed.sweep(db, source, position, encode):
-                        swept[0] += 1
-                        yield source, stream, pos, event
-
-                db.executemany(_INSERT_RECORD, deleted())
-                written += swept[0]
+                written += self._insert(source, stream, keyed.sweep(db, source, position, encode))
         return written
 
     # --- key sweeps (hard deletes of incremental sources, see `sweep.py`) ---
@@ -374,15 +489,7 @@ class Outbox:
         db = self.db
         with self._transaction():
             position = self.position(source) or ""
-            written = [0]
-
-            def deleted() -> Iterator[tuple[str, str, str, bytes]]:
-                for event in sweep.finish(db, source, encode):
-                    written[0] += 1
-                    yield source, stream, position, event
-
-            db.executemany(_INSERT_RECORD, deleted())
-        return written[0]
+            return self._insert(source, stream, ((position, event) for event in sweep.finish(db, source, encode)))
 
     def digests(self, source: str, keys: Sequence[str]) -> dict[str, tuple[int, bytes]]:
         """A keyed source's stored id and digest for each of these keys it knows (see `keyed.py`)."""
@@ -404,7 +511,7 @@ class Outbox:
         now = _now()
         db = self.db
         self._idle.pop(source, None)  # this write notes a newer poll
-        db.executemany(_INSERT_RECORD, [(source, stream, pos, event) for pos, event in events])
+        self._insert(source, stream, events)
         db.executemany(
             "INSERT INTO dead_letters (source, position, reason, raw, created_at) VALUES (?, ?, ?, ?, ?)",
             [(source, pos, reason, raw, now) for pos, reason, raw in dead],
@@ -415,6 +522,45 @@ class Outbox:
             "rows_read = rows_read + excluded.rows_read, error = NULL, error_at = NULL",
             (source, position, now, rows_read),
         )
+
+    def _insert(self, source: str, stream: str, records: Iterable[tuple[str, bytes]]) -> int:
+        """Write (position, event) records as rows of `row_records` at most, in order; return how many."""
+        written = 0
+        it = iter(records)
+        while chunk := list(islice(it, self.row_records)):
+            for part in _by_size(chunk):
+                self.db.execute(_INSERT_RUN, (len(part), source, stream, *self._columns_of(part)))
+            written += len(chunk)
+        return written
+
+    @staticmethod
+    def _columns_of(chunk: Sequence[tuple[str, bytes]]) -> tuple[str, int, str | None, bytes]:
+        position, sizes, event = _run(chunk)
+        return position, len(chunk), sizes, event
+
+    def _split(self, stream: str, at: int) -> None:
+        """Make `at` a row boundary of `stream`: a row holding seq `at` and `at + 1` becomes two rows.
+
+        Before a cut at a seq that may fall inside a run (a checkpoint another outbox wrote)."""
+        row = self.db.execute(
+            f"SELECT {_ROW} FROM records WHERE stream = ? AND seq > ? ORDER BY seq LIMIT 1", (stream, at)
+        ).fetchone()
+        if row is None or row[0] - row[1] >= at:
+            return
+        records = unpack(*row)
+        head = [(r.position, r.event) for r in records if r.seq <= at]
+        tail = [(r.position, r.event) for r in records if r.seq > at]
+        self.db.execute("DELETE FROM records WHERE seq = ?", (row[0],))
+        source = row[2]
+        for last, part in ((at, head), (row[0], tail)):
+            position, n, sizes, event = self._columns_of(part)
+            self.db.execute(_INSERT_AT, (last, source, stream, position, n, sizes, event))
+
+    def events(self, stream: str | None = None, after: int = 0) -> list[Pending]:
+        """Every record held (published or not), in seq order: for tests and tools, not the relay's path."""
+        where, params = ("WHERE stream = ? AND seq > ?", (stream, after)) if stream else ("WHERE seq > ?", (after,))
+        rows = self.db.execute(f"SELECT {_ROW} FROM records {where} ORDER BY seq", params).fetchall()
+        return [record for row in rows for record in unpack(*row, after=after)]
 
     def position(self, source: str) -> str | None:
         row = self.db.execute("SELECT position FROM positions WHERE source = ?", (source,)).fetchone()
@@ -527,10 +673,7 @@ class Outbox:
             db.execute("DELETE FROM meta WHERE key = ?", (f"take_over:{stream}",))
             # Retained published records go too (a repair from them would publish over the new holder),
             # but only the unpublished ones count as dropped.
-            dropped = int(db.execute(
-                "SELECT count(*) FROM records WHERE stream = ? AND seq > "
-                "coalesce((SELECT published_seq FROM streams WHERE stream = ?), 0)", (stream, stream),
-            ).fetchone()[0])
+            dropped = self._waiting(stream, self.published_seq(stream))
             db.execute("DELETE FROM records WHERE stream = ?", (stream,))
             current = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
             if current is None:
@@ -555,11 +698,21 @@ class Outbox:
 
         Published records kept for a rollback repair (`outbox.retain`) stay: they are on the bus."""
         with self._transaction():
-            return self.db.execute(
-                "DELETE FROM records WHERE stream = ? AND seq <= ? AND seq > "
-                "coalesce((SELECT published_seq FROM streams WHERE stream = ?), 0)",
-                (stream, upto, stream),
-            ).rowcount
+            published = self.published_seq(stream)
+            if upto <= published:
+                return 0
+            self._split(stream, published)
+            self._split(stream, upto)
+            dropped = self._waiting(stream, published) - self._waiting(stream, upto)
+            self.db.execute("DELETE FROM records WHERE stream = ? AND seq <= ? AND seq > ?", (stream, upto, published))
+            return dropped
+
+    def _waiting(self, stream: str, after: int) -> int:
+        """How many records of `stream` are above seq `after`."""
+        return int(self.db.execute(
+            f"SELECT coalesce(sum({waiting_sum('n', 'seq', '?1')}), 0) FROM records WHERE stream = ?2 AND seq > ?1",
+            (after, stream),
+        ).fetchone()[0])
 
     def published_seq(self, stream: str) -> int:
         row = self.db.execute("SELECT published_seq FROM streams WHERE stream = ?", (stream,)).fetchone()
@@ -567,11 +720,19 @@ class Outbox:
 
     def pending(self, stream: str, after: int, limit: int) -> list[Pending]:
         """The next records to publish, in order (from `after`: below the published seq when repairing)."""
-        rows = self.db.execute(
-            "SELECT seq, source, position, event FROM records WHERE seq > ? AND stream = ? ORDER BY seq LIMIT ?",
-            (after, stream, limit),
-        ).fetchall()
-        return list(map(Pending._make, rows))
+        out: list[Pending] = []
+        # Each row holds one record at least: `limit` rows are enough.
+        for row in self.db.execute(
+            f"SELECT {_ROW} FROM records WHERE seq > ? AND stream = ? ORDER BY seq LIMIT ?", (after, stream, limit)
+        ):
+            if row[4] is None:  # a run of one (the WHERE keeps it above `after`)
+                out.append(Pending(row[0], row[2], row[3], row[5]))
+            else:
+                out.extend(unpack(*row, after=after))
+            if len(out) >= limit:
+                break
+        del out[limit:]  # a run cut at `limit`: the next call starts inside it
+        return out
 
     def mark_published(
         self, stream: str, upto: int, counts: dict[str, int] | None = None, size: int | None = None
@@ -587,13 +748,7 @@ class Outbox:
             if upto <= after:
                 return 0
             if counts is None or size is None:
-                counted = db.execute(
-                    "SELECT source, count(*), sum(length(event)) FROM records "
-                    "WHERE stream = ? AND seq > ? AND seq <= ? GROUP BY source",
-                    (stream, after, upto),
-                ).fetchall()
-                counts = {source: count for source, count, _bytes in counted}
-                size = sum(nbytes for _source, _count, nbytes in counted)
+                counts, size = self._count(stream, after, upto)
             for source, count in counts.items():
                 db.execute(
                     "UPDATE positions SET rows_published = rows_published + ? WHERE source = ?", (count, source)
@@ -609,6 +764,29 @@ class Outbox:
             )
         return sum(counts.values())
 
+    def _count(self, stream: str, after: int, upto: int) -> tuple[dict[str, int], int]:
+        """Records per source and bytes of events of `stream` in seq `after` < seq <= `upto`.
+
+        Whole rows are counted by SQL (length() reads no blob); a run that the range cuts is read."""
+        counts: dict[str, int] = {}
+        size = 0
+        for source, count, nbytes in self.db.execute(
+            "SELECT source, sum(n), sum(length(event)) FROM records "
+            "WHERE stream = ? AND seq - n >= ? AND seq <= ? GROUP BY source",
+            (stream, after, upto),
+        ):
+            counts[source] = counts.get(source, 0) + count
+            size += nbytes
+        for row in self.db.execute(
+            f"SELECT {_ROW} FROM records WHERE stream = ? AND seq > ? AND seq - n < ? AND (seq - n < ? OR seq > ?)",
+            (stream, after, upto, after, upto),
+        ).fetchall():
+            for record in unpack(*row, after=after):
+                if record.seq <= upto:
+                    counts[record.source] = counts.get(record.source, 0) + 1
+                    size += len(record.event)
+        return counts, size
+
     # --- retention and rollbacks ---------------------------------------------
 
     def prune(self, keep: Keep, holds: dict[str, int], *, now: float | None = None, limit: int = 20_000) -> int:
@@ -617,7 +795,8 @@ class Outbox:
         `holds`: per stream, the seq its bus checkpoint holds now; nothing above it is pruned (a
         rollback under way is repaired from those), and a stream not in `holds` is left alone.
         Cheap when there is nothing to do: it reads only `published_marks` (one row per publish).
-        The cut is a whole publish: a batch is retained or pruned as one.
+        The cut is a whole publish (a batch is retained or pruned as one), and a whole row: a row the
+        cut would split stays, with what is below the cut.
         """
         now = time.time() if now is None else now
         deleted = 0
@@ -633,15 +812,20 @@ class Outbox:
             with self._transaction():
                 pruned = self.pruned_seq(stream)
                 upto = min(cut, hold, self.published_seq(stream))
+                straddling = self.db.execute(
+                    "SELECT seq - n FROM records WHERE stream = ? AND seq > ? ORDER BY seq LIMIT 1", (stream, upto)
+                ).fetchone()
+                if straddling is not None and straddling[0] < upto:
+                    upto = max(pruned, straddling[0])
                 first = self.db.execute(
-                    "SELECT seq FROM records WHERE stream = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT 1 OFFSET ?",
+                    "SELECT first FROM (SELECT seq - n AS first, sum(n) OVER (ORDER BY seq) - n AS before "
+                    "FROM records WHERE stream = ? AND seq > ? AND seq <= ?) WHERE before >= ? ORDER BY first LIMIT 1",
                     (stream, pruned, upto, limit),
                 ).fetchone()
-                if first is not None:  # more than `limit` to go: this call takes the oldest `limit`
-                    upto = first[0] - 1
-                deleted += self.db.execute(
-                    "DELETE FROM records WHERE stream = ? AND seq > ? AND seq <= ?", (stream, pruned, upto)
-                ).rowcount
+                if first is not None:  # more than `limit` to go: this call takes the oldest rows, `limit` at least
+                    upto = first[0]
+                deleted += self._waiting(stream, pruned) - self._waiting(stream, upto)
+                self.db.execute("DELETE FROM records WHERE stream = ? AND seq > ? AND seq <= ?", (stream, pruned, upto))
                 self.db.execute("DELETE FROM published_marks WHERE stream = ? AND seq <= ?", (stream, upto))
                 self.db.execute("UPDATE retention SET pruned_seq = max(pruned_seq, ?) WHERE stream = ?", (upto, stream))
         return deleted
@@ -652,11 +836,19 @@ class Outbox:
         return int(row[0]) if row else self.published_seq(stream)
 
     def retained(self, stream: str) -> Retained:
+        published = self.published_seq(stream)
         count, first, last = self.db.execute(
-            "SELECT count(*), min(seq), max(seq) FROM records "
-            "WHERE stream = ? AND seq <= (SELECT published_seq FROM streams WHERE stream = ?)",
-            (stream, stream),
+            "SELECT coalesce(sum(n), 0), min(seq - n + 1), max(seq) FROM records WHERE stream = ? AND seq <= ?",
+            (stream, published),
         ).fetchone()
+        # A run published in part (its rest waits): its published head is retained too.
+        straddling = self.db.execute(
+            "SELECT seq - n FROM records WHERE stream = ? AND seq > ? ORDER BY seq LIMIT 1", (stream, published)
+        ).fetchone()
+        if straddling is not None and straddling[0] < published:
+            count += published - straddling[0]
+            first = straddling[0] + 1 if first is None else first
+            last = published
         return Retained(int(count), first, last)
 
     def rollback_seen(self, stream: str, bus_seq: int, outbox_seq: int, missing: tuple[int, int] | None) -> bool:
@@ -711,7 +903,9 @@ class Outbox:
         """
         db = self.db
         with self._transaction():
-            dropped = db.execute("DELETE FROM records WHERE stream = ? AND seq > ?", (stream, seq)).rowcount
+            self._split(stream, seq)
+            dropped = self._waiting(stream, seq)
+            db.execute("DELETE FROM records WHERE stream = ? AND seq > ?", (stream, seq))
             db.execute("DELETE FROM published_marks WHERE stream = ? AND seq > ?", (stream, seq))
             db.execute(
                 "UPDATE streams SET published_seq = ?, error = NULL, error_at = NULL WHERE stream = ?", (seq, stream)
@@ -752,9 +946,7 @@ class Outbox:
         for stream, seq, at, error, error_at in self.db.execute(
             "SELECT stream, published_seq, published_at, error, error_at FROM streams ORDER BY stream"
         ).fetchall():
-            backlog = self.db.execute(
-                "SELECT count(*) FROM records WHERE stream = ? AND seq > ?", (stream, seq)
-            ).fetchone()[0]
+            backlog = self._waiting(stream, seq)
             out.append(
                 StreamState(stream, seq, at, backlog, error, error_at, self.retained(stream), self.rollback(stream))
             )
@@ -762,7 +954,7 @@ class Outbox:
 
     def backlog(self) -> int:
         """Records not yet published, over all streams (retained ones are not counted)."""
-        return int(self.db.execute(BACKLOG_QUERY).fetchone()[0])
+        return int(self.db.execute(backlog_query()).fetchone()[0])
 
     def size(self) -> int:
         """Bytes the outbox file takes (its WAL apart)."""
@@ -771,8 +963,19 @@ class Outbox:
 
     def oldest_pending_time(self, stream: str, after: int) -> str | None:
         """The `time` (when observed) of the stream's oldest record not yet published, or None."""
-        row = self.db.execute(OLDEST_PENDING, (stream, after)).fetchone()
-        return None if row is None else row[0]
+        row = self.db.execute(
+            f"SELECT {_ROW} FROM records WHERE stream = ? AND seq > ? ORDER BY seq LIMIT 1", (stream, after)
+        ).fetchone()
+        if row is None:
+            return None
+        if row[4] is None:  # one record: SQLite reads its time without a copy of the event
+            found = self.db.execute("SELECT json_extract(CAST(event AS TEXT), '$.time') FROM records WHERE seq = ?",
+                                    (row[0],)).fetchone()[0]
+            return None if found is None else str(found)
+        # A run, maybe published in part (`oldest_pending_query` takes its first record: the metrics' estimate).
+        first = unpack(*row, after=after)[0].event
+        time_ = orjson.loads(first).get("time") if first.startswith(b"{") else None
+        return time_ if isinstance(time_, str) else None
 
     def dead_letters(self, source: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
         query = "SELECT id, source, position, reason, raw, created_at FROM dead_letters"
@@ -799,7 +1002,7 @@ class Outbox:
             if self.db.execute("DELETE FROM dead_letters WHERE id = ?", (letter_id,)).rowcount == 0:
                 return False
             if event is not None:
-                self.db.execute(_INSERT_RECORD, (source, stream, event[0], event[1]))
+                self._insert(source, stream, [event])
         return True
 
     def dead_letter_counts(self) -> dict[str, int]:

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from outbox.store import OLDEST_PENDING
+from outbox.store import oldest_pending_query, runs, waiting_sum
 from straw.publish_history import PublishHistory
 from straw.status_report import age_seconds
 
@@ -82,16 +82,21 @@ class OutboxCollector(Collector):
                 dead.setdefault(source, 0)
             for source, count in sorted(dead.items()):
                 families.dead_letters.add_metric([source], count)
+            # A row holds `n` records (outbox/store.py); retained counts whole published rows.
+            with_runs = runs(db)
+            n = "r.n" if with_runs else "1"
+            oldest_pending = oldest_pending_query(with_runs)
             for stream, seq, error, backlog, retained in db.execute(
                 "SELECT stream, published_seq, error, "
-                "(SELECT count(*) FROM records r WHERE r.stream = s.stream AND r.seq > s.published_seq), "
-                "(SELECT count(*) FROM records r WHERE r.stream = s.stream AND r.seq <= s.published_seq) "
+                f"(SELECT coalesce(sum({waiting_sum(n, 'r.seq', 's.published_seq')}), 0) FROM records r "
+                "WHERE r.stream = s.stream AND r.seq > s.published_seq), "
+                f"(SELECT coalesce(sum({n}), 0) FROM records r WHERE r.stream = s.stream AND r.seq <= s.published_seq) "
                 "FROM streams s ORDER BY stream"
-            ):
+            ).fetchall():
                 families.published_seq.add_metric([stream], seq)
                 families.backlog.add_metric([stream], backlog)
                 families.stream_error.add_metric([stream], 0 if error is None else 1)
-                oldest = db.execute(OLDEST_PENDING, (stream, seq)).fetchone() if backlog else None
+                oldest = db.execute(oldest_pending, (stream, seq)).fetchone() if backlog else None
                 families.oldest_age.add_metric([stream], age_seconds(oldest[0] if oldest else None) or 0.0)
                 families.retained.add_metric([stream], retained)
             if _has_table(db, "rollbacks"):  # an outbox from before rollback detection has none yet

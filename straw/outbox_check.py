@@ -8,7 +8,7 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
-from outbox.store import BACKLOG_QUERY, explain
+from outbox.store import backlog_query, explain, runs
 
 
 def _free(folder: Path) -> str:
@@ -34,7 +34,7 @@ def _backlog(path: Path) -> int:
     wal = path.with_name(path.name + "-wal").exists()
     uri = f"{path.resolve().as_uri()}?{'mode=ro' if wal else 'immutable=1'}"
     with closing(sqlite3.connect(uri, uri=True)) as db:
-        return int(db.execute(BACKLOG_QUERY).fetchone()[0])  # retained (published) records do not wait
+        return int(db.execute(backlog_query(runs(db))).fetchone()[0])  # retained (published) records do not wait
 
 
 def check_outbox(path: Path) -> tuple[bool, str]:

@@ -318,7 +318,8 @@ class Runner:
     def _run(self, once: bool, wait: float) -> RunResult:
         config = self.config
         result = RunResult()
-        outbox = Outbox(config.outbox.path)
+        # Rows of the relay's batch size: a publish round then reads one row (outbox/store.py).
+        outbox = Outbox(config.outbox.path, row_records=config.relay.batch_size)
         pipelines = [build_pipeline(config, spec) for spec in config.sources]
         freeze_startup_objects()
         lease_client = self._lease_setup(outbox)

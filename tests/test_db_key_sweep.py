@@ -132,8 +132,7 @@ def _deliver(outbox: Outbox, *keys: int, op: str = "upserted") -> None:
 
 
 def _swept(outbox: Outbox) -> list[dict[str, Any]]:
-    rows = outbox.db.execute("SELECT position, event FROM records ORDER BY seq").fetchall()
-    events = [{"pos": pos, **orjson.loads(event)} for pos, event in rows]
+    events = [{"pos": r.position, **orjson.loads(r.event)} for r in outbox.events()]
     return [e for e in events if e["type"] == "order.deleted"]
 
 

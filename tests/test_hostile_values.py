@@ -192,7 +192,7 @@ def test_map_keyed_into_a_real_outbox_never_raises(rows: list[tuple[Any, ...]]) 
             outbox.append_keyed("hostile", "s", mapped.changes, [(d.position, d.reason, d.raw) for d in mapped.dead],
                                 batch.next_position, len(batch.rows), complete=True, encode=m.encode,
                                 unchanged=[i for _k, i in mapped.unchanged])
-            events = [orjson.loads(r[0]) for r in outbox.db.execute("SELECT event FROM records ORDER BY seq")]
+            events = [orjson.loads(r.event) for r in outbox.events()]
             assert len(events) + len(mapped.dead) == len(rows)
             for event in events:
                 raw_row = rows[int(event["subject"]) - 1]

@@ -44,11 +44,10 @@ def batch(rows: list[tuple[Any, ...]], listing: int, *, complete: bool = False,
 def commit(outbox: Outbox, m: Mapper, raw: RawBatch, encode: keyed.Encode | None = None) -> list[dict[str, Any]]:
     """Map and commit one batch as the runner does; return the events it recorded."""
     mapped = m.map_keyed(raw, partial(outbox.digests, "shop"))
-    before = outbox.db.execute("SELECT coalesce(max(seq), 0) FROM records").fetchone()[0]
+    before = outbox.db.execute("SELECT coalesce(max(seq), 0) FROM records").fetchone()[0]  # a row's seq is its last
     outbox.append_keyed("shop", "s", mapped.changes, [], raw.next_position, len(raw.rows),
                         complete=raw.complete, encode=encode or m.encode, unchanged=[i for _k, i in mapped.unchanged])
-    rows = outbox.db.execute("SELECT event FROM records WHERE seq > ? ORDER BY seq", (before,)).fetchall()
-    return [orjson.loads(r[0]) for r in rows]
+    return [orjson.loads(r.event) for r in outbox.events(after=before)]
 
 
 def summary(events: list[dict[str, Any]]) -> list[tuple[str, str, Any]]:
@@ -130,7 +129,7 @@ def test_a_row_that_cannot_be_mapped_is_a_dead_letter_and_its_key_stays(tmp_path
                             raw.next_position, 2, complete=True, encode=m.encode)
         assert outbox.dead_letter_counts() == {"shop": 2}
         # A is still in the table, only unreadable: not deleted. B's key itself is unreadable: it is not seen.
-        events = [orjson.loads(r[0]) for r in outbox.db.execute("SELECT event FROM records ORDER BY seq")]
+        events = [orjson.loads(r.event) for r in outbox.events()]
         assert summary(events[2:]) == [("item.deleted", "B/1", {"sku": "B", "site": 1})]
         assert keyed.known_keys(outbox.db, "shop") == 1
         # The same unreadable row again: no new dead letter, nothing mapped; fixed, it is an event again.
@@ -171,8 +170,8 @@ def test_keys_beyond_64_bits_stay_exact(tmp_path: Path) -> None:
             before = outbox.backlog()
             outbox.append_keyed("big", "s", mapped.changes, [], raw.next_position, 1, complete=True,
                                 encode=m.encode, unchanged=[i for _k, i in mapped.unchanged])
-            rows = outbox.db.execute("SELECT event FROM records ORDER BY seq").fetchall()[before:]
-            return [json.loads(r[0]) for r in rows]  # orjson would read the big integer as a float
+            # json, not orjson: orjson would read the big integer as a float
+            return [json.loads(r.event) for r in outbox.events()[before:]]
 
         assert summary(listing("a", 1)) == [("item.upserted", str(big), {"id": big, "name": "a"})]
         assert listing("a", 2) == []

@@ -180,14 +180,12 @@ def _open(path: Path, redis_client: redis.Redis, stream: str) -> tuple[Pipeline,
 
 def _events(outbox: Outbox, start: int = 0) -> list[tuple[str, str]]:
     """The events the outbox holds (the bus is not what these tests are about), from the `start`th on."""
-    rows = outbox.db.execute("SELECT event FROM records ORDER BY seq").fetchall()
-    events = [orjson.loads(row[0]) for row in rows][start:]
+    events = [orjson.loads(r.event) for r in outbox.events()][start:]
     return [(e["type"], e["subject"]) for e in events]
 
 
 def _data(outbox: Outbox, index: int) -> dict[str, Any]:
-    row = outbox.db.execute("SELECT event FROM records ORDER BY seq LIMIT 1 OFFSET ?", (index,)).fetchone()
-    data: dict[str, Any] = orjson.loads(row[0])["data"]
+    data: dict[str, Any] = orjson.loads(outbox.events()[index].event)["data"]
     return data
 
 
