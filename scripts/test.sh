@@ -52,4 +52,7 @@ echo "ruff:" >&2
 .venv/bin/python -m ruff check --quiet . >&2
 echo "mypy --strict:" >&2
 .venv/bin/python -m mypy >&2
-exec .venv/bin/python -m pytest "$@"
+# Four xdist workers on two cores: most tests wait on services, not the CPU. The tests that must not overlap
+# (kills, outages, leases, timings) share one xdist group (tests/conftest.py, SERIAL_MODULES). Arguments go
+# after ours: `./scripts/test.sh -n 0` runs serially, `-n 8` uses more workers.
+exec .venv/bin/python -m pytest -n "${STRAW_TEST_WORKERS:-4}" --dist loadgroup "$@"

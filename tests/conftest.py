@@ -12,6 +12,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -23,6 +24,80 @@ from bus.seam import BusDown, BusRefused
 from fixtures.private_rabbitmq import PrivateRabbit, start_private_rabbitmq
 from fixtures.private_rabbitmq import available as private_rabbitmq_missing
 from straw.local_redis import RedisServer, start_private_redis
+
+# --- Which tests run alone under pytest-xdist ---------------------------------------------------------------------
+# scripts/test.sh runs the suite on several xdist workers (`-n 4 --dist loadgroup`): most tests wait on services
+# and sleeps, so they share two cores well. These do not: they stop or SIGKILL servers and straw processes, hold
+# leases to a clock, race a settle window, count a server's connections, time a stop, or need MariaDB's
+# server-wide open transactions (which its settle ledger reads) to be their own. They form one group that one
+# worker runs one after another, so no two of them ever overlap; each still runs beside ordinary tests.
+# One list here, so the test files (which other work edits) need no marker lines.
+SERIAL_MODULES = frozenset({
+    "test_bus_rollback",  # private Redis primary/replica, stopped and promoted
+    "test_crash",  # SIGKILL of `straw run` at random moments
+    "test_db_budget",  # counts a private server's connections; 300 sources on a budget
+    "test_db_commit_safe",  # late commits against a settle window of seconds; keeps MariaDB transactions open
+    "test_db_idle_probe",  # one next poll must see a row: no other test's MariaDB transaction may be open
+    "test_db_query_settle",
+    "test_db_snapshot_crash",
+    "test_lease",  # lease failover: takeovers within a lease's seconds
+    "test_lease_keyed",
+    "test_loader_kill",  # loaders SIGKILLed mid-batch, per bus
+    "test_loader_rollback",
+    "test_nats_crash",
+    "test_nats_outage",  # a private nats-server stopped and restarted
+    "test_rabbitmq_crash",
+    "test_rabbitmq_outage",  # a private RabbitMQ node stopped for a minute
+    "test_redis_outage",
+    "test_relay_stop",
+    "test_stop",  # SIGTERM of a million-row poll must stop within seconds
+})
+SERIAL_TESTS = frozenset({  # module::function, in modules whose other tests may run beside anything
+    "test_db_key_sweep::test_kill_9_during_key_sweeps_loses_and_repeats_no_delete",
+    "test_loader_buses::test_a_nats_outage_mid_load_is_waited_out_and_nothing_is_lost_or_doubled",
+    "test_loader_buses::test_a_rabbitmq_outage_mid_load_is_waited_out_and_nothing_is_lost_or_doubled",
+})
+SERIAL_GROUP = "serial"
+
+
+def is_serial(nodeid: str) -> bool:
+    """Whether the test of `nodeid` ('tests/test_x.py::test_y[param]') is one that runs alone."""
+    path, _, name = nodeid.partition("::")
+    module = Path(path).stem
+    return module in SERIAL_MODULES or f"{module}::{name.partition('[')[0]}" in SERIAL_TESTS
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if is_serial(item.nodeid):
+            item.add_marker(pytest.mark.serial)  # `-m serial` / `-m 'not serial'` select them
+        elif item.get_closest_marker("slow") is not None:
+            item.warn(pytest.PytestWarning("a slow test that may run beside the others: add it to "
+                                           "tests/conftest.py SERIAL_TESTS unless it neither kills, stops nor times"))
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: pytest without xdist knows no such hook
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadgroup`, with every serial test in one group.
+
+    xdist 3.6-3.8 honour the `xdist_group` marker by setting an item's `_nodeid`, which pytest 9 no longer
+    reads (the marker is silently ignored), so the group is decided here, on the controller, from the node id.
+    """
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class SerialGroupScheduling(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return SERIAL_GROUP if is_serial(nodeid) else super()._split_scope(nodeid)
+
+    return SerialGroupScheduling(config, log)
+
+
+# xdist's workers start with COLUMNS=80 in their environment, and a rich Console takes its width from COLUMNS
+# once, when it is made (straw.cli's, at import): the CLI tests' own COLUMNS=400 would then be ignored.
+os.environ.pop("COLUMNS", None)
+
 
 PG_ADMIN_URL = os.environ.get("STRAW_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 MARIADB_ADMIN_URL = os.environ.get("STRAW_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/")
