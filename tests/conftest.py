@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import redis
+from filelock import ReadWriteLock
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -27,49 +28,52 @@ from straw.local_redis import RedisServer, start_private_redis
 
 # --- Which tests run alone under pytest-xdist ---------------------------------------------------------------------
 # scripts/test.sh runs the suite on several xdist workers (`-n 4 --dist loadgroup`): most tests wait on services
-# and sleeps, so they share two cores well. These do not: they stop or SIGKILL servers and straw processes, hold
-# leases to a clock, race a settle window, count a server's connections, time a stop, or need MariaDB's
-# server-wide open transactions (which its settle ledger reads) to be their own. They form one group that one
-# worker runs one after another, so no two of them ever overlap; each still runs beside ordinary tests.
+# and sleeps, so they share two cores well. The tests below do not: each lane is an xdist group that one worker
+# runs one test after another, so two tests of a lane never overlap.
+# - timing: tests that hold leases to a clock, race a settle window, time a stop, count a server's connections,
+#   or need MariaDB's server-wide open transactions (which its settle ledger reads) to be their own;
+# - kills, loader-kills: tests that SIGKILL or stop straw processes and private servers. Each has its own
+#   processes, servers, ports, tables and streams, so the two lanes share nothing but the CPU; they are two
+#   lanes, not one, because together they take longer than the rest of the suite.
 # One list here, so the test files (which other work edits) need no marker lines.
-SERIAL_MODULES = frozenset({
-    "test_bus_rollback",  # private Redis primary/replica, stopped and promoted
-    "test_crash",  # SIGKILL of `straw run` at random moments
-    "test_db_budget",  # counts a private server's connections; 300 sources on a budget
-    "test_db_commit_safe",  # late commits against a settle window of seconds; keeps MariaDB transactions open
-    "test_db_idle_probe",  # one next poll must see a row: no other test's MariaDB transaction may be open
-    "test_db_query_settle",
-    "test_db_snapshot_crash",
-    "test_lease",  # lease failover: takeovers within a lease's seconds
-    "test_lease_keyed",
-    "test_loader_kill",  # loaders SIGKILLed mid-batch, per bus
-    "test_loader_rollback",
-    "test_nats_crash",
-    "test_nats_outage",  # a private nats-server stopped and restarted
-    "test_rabbitmq_crash",
-    "test_rabbitmq_outage",  # a private RabbitMQ node stopped for a minute
-    "test_redis_outage",
-    "test_relay_stop",
-    "test_stop",  # SIGTERM of a million-row poll must stop within seconds
-})
-SERIAL_TESTS = frozenset({  # module::function, in modules whose other tests may run beside anything
-    "test_db_key_sweep::test_kill_9_during_key_sweeps_loses_and_repeats_no_delete",
-    "test_loader_buses::test_a_nats_outage_mid_load_is_waited_out_and_nothing_is_lost_or_doubled",
-    "test_loader_buses::test_a_rabbitmq_outage_mid_load_is_waited_out_and_nothing_is_lost_or_doubled",
-})
-SERIAL_GROUP = "serial"
+SERIAL_MODULES = {
+    "test_db_budget": "timing",  # counts a private server's connections; 300 sources on a budget
+    "test_db_commit_safe": "timing",  # late commits against a settle window of seconds; holds MariaDB open
+    "test_db_idle_probe": "timing",  # one next poll must see a row: no other MariaDB transaction may be open
+    "test_db_query_settle": "timing",
+    "test_lease": "timing",  # lease failover: takeovers within a lease's seconds
+    "test_lease_keyed": "timing",
+    "test_relay_stop": "timing",
+    "test_stop": "timing",  # SIGTERM of a million-row poll must stop within seconds
+    "test_bus_rollback": "kills",  # private Redis primary/replica, stopped and promoted
+    "test_crash": "kills",  # SIGKILL of `straw run` at random moments
+    "test_db_snapshot_crash": "kills",
+    "test_nats_crash": "kills",
+    "test_nats_outage": "kills",  # a private nats-server stopped and restarted
+    "test_rabbitmq_crash": "kills",
+    "test_rabbitmq_outage": "kills",  # a private RabbitMQ node stopped for a minute
+    "test_redis_outage": "kills",
+    "test_loader_kill": "loader-kills",  # loaders SIGKILLed mid-batch, per bus
+    "test_loader_rollback": "loader-kills",
+}
+SERIAL_TESTS = {  # module::function, in modules whose other tests may run beside anything
+    "test_db_key_sweep::test_kill_9_during_key_sweeps_loses_and_repeats_no_delete": "kills",
+    "test_loader_buses::test_a_nats_outage_mid_load_is_waited_out_and_nothing_is_lost_or_doubled": "loader-kills",
+    "test_loader_buses::test_a_rabbitmq_outage_mid_load_is_waited_out_and_nothing_is_lost_or_doubled":
+        "loader-kills",
+}
 
 
-def is_serial(nodeid: str) -> bool:
-    """Whether the test of `nodeid` ('tests/test_x.py::test_y[param]') is one that runs alone."""
+def serial_lane(nodeid: str) -> str | None:
+    """The lane of the test of `nodeid` ('tests/test_x.py::test_y[param]'), or None: it may run beside anything."""
     path, _, name = nodeid.partition("::")
     module = Path(path).stem
-    return module in SERIAL_MODULES or f"{module}::{name.partition('[')[0]}" in SERIAL_TESTS
+    return SERIAL_MODULES.get(module) or SERIAL_TESTS.get(f"{module}::{name.partition('[')[0]}")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if is_serial(item.nodeid):
+        if serial_lane(item.nodeid) is not None:
             item.add_marker(pytest.mark.serial)  # `-m serial` / `-m 'not serial'` select them
         elif item.get_closest_marker("slow") is not None:
             item.warn(pytest.PytestWarning("a slow test that may run beside the others: add it to "
@@ -78,7 +82,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.hookimpl(optionalhook=True)  # an xdist hook: pytest without xdist knows no such hook
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """`--dist loadgroup`, with every serial test in one group.
+    """`--dist loadgroup`, with each lane one group.
 
     xdist 3.6-3.8 honour the `xdist_group` marker by setting an item's `_nodeid`, which pytest 9 no longer
     reads (the marker is silently ignored), so the group is decided here, on the controller, from the node id.
@@ -87,11 +91,11 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
         return None
     from xdist.scheduler import LoadGroupScheduling
 
-    class SerialGroupScheduling(LoadGroupScheduling):
+    class LaneScheduling(LoadGroupScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return SERIAL_GROUP if is_serial(nodeid) else super()._split_scope(nodeid)
+            return serial_lane(nodeid) or super()._split_scope(nodeid)
 
-    return SerialGroupScheduling(config, log)
+    return LaneScheduling(config, log)
 
 
 # xdist's workers start with COLUMNS=80 in their environment, and a rich Console takes its width from COLUMNS
@@ -196,12 +200,29 @@ def sql_ascii_pg_url() -> Iterator[str]:
     )
 
 
+# MariaDB's settle ledger reads the server's open write transactions (information_schema.innodb_trx), every
+# database's: a poll holds back new rows while any is open, and `run --once` then ends without them. These modules
+# keep MariaDB transactions open for seconds on purpose, so while one of their tests runs no other MariaDB test
+# may (a write turn); the other MariaDB tests share a read turn, as their transactions last milliseconds.
+MARIADB_ALONE = frozenset({"test_db_commit_safe", "test_db_idle_probe", "test_db_query_settle"})
+
+
+@pytest.fixture(scope="session")
+def mariadb_turns(tmp_path_factory: pytest.TempPathFactory) -> ReadWriteLock:
+    """One lock for this run's xdist workers: their base temp directories share a parent; alone, its own."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return ReadWriteLock(shared / "mariadb-turns.db", is_singleton=False)
+
+
 @pytest.fixture
-def mariadb_url() -> Iterator[str]:
-    yield from _scratch_database(
-        MARIADB_ADMIN_URL, "MariaDB",
-        "start MariaDB on 127.0.0.1:3306 (root, no password) or set STRAW_TEST_MARIADB_URL",
-    )
+def mariadb_url(request: pytest.FixtureRequest, mariadb_turns: ReadWriteLock) -> Iterator[str]:
+    alone = Path(request.node.path).stem in MARIADB_ALONE
+    with mariadb_turns.write_lock() if alone else mariadb_turns.read_lock():
+        yield from _scratch_database(
+            MARIADB_ADMIN_URL, "MariaDB",
+            "start MariaDB on 127.0.0.1:3306 (root, no password) or set STRAW_TEST_MARIADB_URL",
+        )
 
 
 @pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
