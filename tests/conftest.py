@@ -26,25 +26,28 @@ from fixtures.private_rabbitmq import PrivateRabbit, start_private_rabbitmq
 from fixtures.private_rabbitmq import available as private_rabbitmq_missing
 from straw.local_redis import RedisServer, start_private_redis
 
-# --- Which tests run alone under pytest-xdist ---------------------------------------------------------------------
-# scripts/test.sh runs the suite on several xdist workers (`-n 4 --dist loadgroup`): most tests wait on services
-# and sleeps, so they share two cores well. The tests below do not: each lane is an xdist group that one worker
-# runs one test after another, so two tests of a lane never overlap.
-# - timing: tests that hold leases to a clock, race a settle window, time a stop, count a server's connections,
-#   or need MariaDB's server-wide open transactions (which its settle ledger reads) to be their own;
+# --- Which tests run alone -----------------------------------------------------------------------------------------
+# scripts/test.sh runs the suite on several xdist workers (`-n 4 --dist loadgroup -m "not alone"`): most tests
+# wait on services and sleeps, so they share two cores well. The tests below do not. Each lane is an xdist group
+# that one worker runs one test after another, so two tests of a lane never overlap:
+# - timing: tests that race a settle window or need MariaDB's server-wide open transactions (which its settle
+#   ledger reads) to be their own, or stop a relay child;
 # - kills, loader-kills: tests that SIGKILL or stop straw processes and private servers. Each has its own
 #   processes, servers, ports, tables and streams, so the two lanes share nothing but the CPU; they are two
 #   lanes, not one, because together they take longer than the rest of the suite.
+# - alone: tests whose deadlines assume the CPU to themselves (lease TTLs of a second, a stop within 5 s,
+#   300 sources delivered within a minute); scripts/test.sh runs them after the others, without xdist
+#   (`-m alone`). Under xdist they still form one lane.
 # One list here, so the test files (which other work edits) need no marker lines.
 SERIAL_MODULES = {
-    "test_db_budget": "timing",  # counts a private server's connections; 300 sources on a budget
+    "test_db_budget": "alone",  # 300 sources on a private server's few connections, delivered within 60 s
     "test_db_commit_safe": "timing",  # late commits against a settle window of seconds; holds MariaDB open
     "test_db_idle_probe": "timing",  # one next poll must see a row: no other MariaDB transaction may be open
     "test_db_query_settle": "timing",
-    "test_lease": "timing",  # lease failover: takeovers within a lease's seconds
-    "test_lease_keyed": "timing",
+    "test_lease": "alone",  # lease failover: takeovers within a lease's second
+    "test_lease_keyed": "alone",
     "test_relay_stop": "timing",
-    "test_stop": "timing",  # SIGTERM of a million-row poll must stop within seconds
+    "test_stop": "alone",  # SIGTERM of a million-row poll must stop within 5 s
     "test_bus_rollback": "kills",  # private Redis primary/replica, stopped and promoted
     "test_crash": "kills",  # SIGKILL of `straw run` at random moments
     "test_db_snapshot_crash": "kills",
@@ -73,8 +76,11 @@ def serial_lane(nodeid: str) -> str | None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if serial_lane(item.nodeid) is not None:
+        lane = serial_lane(item.nodeid)
+        if lane is not None:
             item.add_marker(pytest.mark.serial)  # `-m serial` / `-m 'not serial'` select them
+            if lane == "alone":
+                item.add_marker(pytest.mark.alone)
         elif item.get_closest_marker("slow") is not None:
             item.warn(pytest.PytestWarning("a slow test that may run beside the others: add it to "
                                            "tests/conftest.py SERIAL_TESTS unless it neither kills, stops nor times"))
