@@ -52,4 +52,20 @@ echo "ruff:" >&2
 .venv/bin/python -m ruff check --quiet . >&2
 echo "mypy --strict:" >&2
 .venv/bin/python -m mypy >&2
-exec .venv/bin/python -m pytest "$@"
+# Two passes. First four xdist workers on two cores: most tests wait on services, not the CPU; the tests that
+# must not overlap (kills, outages, settle races) go in lanes, one worker each (tests/conftest.py,
+# SERIAL_MODULES). Then the tests whose deadlines want the CPU to themselves (`alone`: leases, a timed stop,
+# the connection budget), in one process. Arguments go to both: `./scripts/test.sh tests/test_lease.py`,
+# `-n 8` for more workers (STRAW_TEST_WORKERS=8 too), `-n 0` for one process throughout.
+# pytest's exit code 5 is "no test selected": fine for one pass when the arguments select tests of the other.
+set +e
+.venv/bin/python -m pytest -n "${STRAW_TEST_WORKERS:-4}" --dist loadgroup -m "not alone" "$@"
+parallel=$?
+.venv/bin/python -m pytest -n 0 -m alone "$@"
+alone=$?
+set -e
+for code in "$parallel" "$alone"; do
+  if [ "$code" != 0 ] && [ "$code" != 5 ]; then exit "$code"; fi
+done
+if [ "$parallel" = 5 ] && [ "$alone" = 5 ]; then exit 5; fi
+exit 0

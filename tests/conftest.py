@@ -12,9 +12,11 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+from filelock import ReadWriteLock
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -23,6 +25,89 @@ from bus.seam import BusDown, BusRefused
 from fixtures.private_rabbitmq import PrivateRabbit, start_private_rabbitmq
 from fixtures.private_rabbitmq import available as private_rabbitmq_missing
 from straw.local_redis import RedisServer, start_private_redis
+
+# --- Which tests run alone -----------------------------------------------------------------------------------------
+# scripts/test.sh runs the suite on several xdist workers (`-n 4 --dist loadgroup -m "not alone"`): most tests
+# wait on services and sleeps, so they share two cores well. The tests below do not. Each lane is an xdist group
+# that one worker runs one test after another, so two tests of a lane never overlap:
+# - timing: tests that race a settle window or need MariaDB's server-wide open transactions (which its settle
+#   ledger reads) to be their own, or stop a relay child;
+# - kills, loader-kills: tests that SIGKILL or stop straw processes and private servers. Each has its own
+#   processes, servers, ports, tables and streams, so the two lanes share nothing but the CPU; they are two
+#   lanes, not one, because together they take longer than the rest of the suite.
+# - alone: tests whose deadlines assume the CPU to themselves (lease TTLs of a second, a stop within 5 s,
+#   300 sources delivered within a minute); scripts/test.sh runs them after the others, without xdist
+#   (`-m alone`). Under xdist they still form one lane.
+# One list here, so the test files (which other work edits) need no marker lines.
+SERIAL_MODULES = {
+    "test_db_budget": "alone",  # 300 sources on a private server's few connections, delivered within 60 s
+    "test_db_commit_safe": "timing",  # late commits against a settle window of seconds; holds MariaDB open
+    "test_db_idle_probe": "timing",  # one next poll must see a row: no other MariaDB transaction may be open
+    "test_db_query_settle": "timing",
+    "test_lease": "alone",  # lease failover: takeovers within a lease's second
+    "test_lease_keyed": "alone",
+    "test_relay_stop": "timing",
+    "test_stop": "alone",  # SIGTERM of a million-row poll must stop within 5 s
+    "test_bus_rollback": "kills",  # private Redis primary/replica, stopped and promoted
+    "test_crash": "kills",  # SIGKILL of `straw run` at random moments
+    "test_db_snapshot_crash": "kills",
+    "test_nats_crash": "kills",
+    "test_nats_outage": "kills",  # a private nats-server stopped and restarted
+    "test_rabbitmq_crash": "kills",
+    "test_rabbitmq_outage": "kills",  # a private RabbitMQ node stopped for a minute
+    "test_redis_outage": "kills",
+    "test_loader_kill": "loader-kills",  # loaders SIGKILLed mid-batch, per bus
+    "test_loader_rollback": "loader-kills",
+}
+SERIAL_TESTS = {  # module::function, in modules whose other tests may run beside anything
+    "test_db_key_sweep::test_kill_9_during_key_sweeps_loses_and_repeats_no_delete": "kills",
+    "test_loader_buses::test_a_nats_outage_mid_load_is_waited_out_and_nothing_is_lost_or_doubled": "loader-kills",
+    "test_loader_buses::test_a_rabbitmq_outage_mid_load_is_waited_out_and_nothing_is_lost_or_doubled":
+        "loader-kills",
+}
+
+
+def serial_lane(nodeid: str) -> str | None:
+    """The lane of the test of `nodeid` ('tests/test_x.py::test_y[param]'), or None: it may run beside anything."""
+    path, _, name = nodeid.partition("::")
+    module = Path(path).stem
+    return SERIAL_MODULES.get(module) or SERIAL_TESTS.get(f"{module}::{name.partition('[')[0]}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        lane = serial_lane(item.nodeid)
+        if lane is not None:
+            item.add_marker(pytest.mark.serial)  # `-m serial` / `-m 'not serial'` select them
+            if lane == "alone":
+                item.add_marker(pytest.mark.alone)
+        elif item.get_closest_marker("slow") is not None:
+            item.warn(pytest.PytestWarning("a slow test that may run beside the others: add it to "
+                                           "tests/conftest.py SERIAL_TESTS unless it neither kills, stops nor times"))
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: pytest without xdist knows no such hook
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadgroup`, with each lane one group.
+
+    xdist 3.6-3.8 honour the `xdist_group` marker by setting an item's `_nodeid`, which pytest 9 no longer
+    reads (the marker is silently ignored), so the group is decided here, on the controller, from the node id.
+    """
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class LaneScheduling(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return serial_lane(nodeid) or super()._split_scope(nodeid)
+
+    return LaneScheduling(config, log)
+
+
+# xdist's workers start with COLUMNS=80 in their environment, and a rich Console takes its width from COLUMNS
+# once, when it is made (straw.cli's, at import): the CLI tests' own COLUMNS=400 would then be ignored.
+os.environ.pop("COLUMNS", None)
+
 
 PG_ADMIN_URL = os.environ.get("STRAW_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 MARIADB_ADMIN_URL = os.environ.get("STRAW_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/")
@@ -121,12 +206,29 @@ def sql_ascii_pg_url() -> Iterator[str]:
     )
 
 
+# MariaDB's settle ledger reads the server's open write transactions (information_schema.innodb_trx), every
+# database's: a poll holds back new rows while any is open, and `run --once` then ends without them. These modules
+# keep MariaDB transactions open for seconds on purpose, so while one of their tests runs no other MariaDB test
+# may (a write turn); the other MariaDB tests share a read turn, as their transactions last milliseconds.
+MARIADB_ALONE = frozenset({"test_db_commit_safe", "test_db_idle_probe", "test_db_query_settle"})
+
+
+@pytest.fixture(scope="session")
+def mariadb_turns(tmp_path_factory: pytest.TempPathFactory) -> ReadWriteLock:
+    """One lock for this run's xdist workers: their base temp directories share a parent; alone, its own."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return ReadWriteLock(shared / "mariadb-turns.db", is_singleton=False)
+
+
 @pytest.fixture
-def mariadb_url() -> Iterator[str]:
-    yield from _scratch_database(
-        MARIADB_ADMIN_URL, "MariaDB",
-        "start MariaDB on 127.0.0.1:3306 (root, no password) or set STRAW_TEST_MARIADB_URL",
-    )
+def mariadb_url(request: pytest.FixtureRequest, mariadb_turns: ReadWriteLock) -> Iterator[str]:
+    alone = Path(request.node.path).stem in MARIADB_ALONE
+    with mariadb_turns.write_lock() if alone else mariadb_turns.read_lock():
+        yield from _scratch_database(
+            MARIADB_ADMIN_URL, "MariaDB",
+            "start MariaDB on 127.0.0.1:3306 (root, no password) or set STRAW_TEST_MARIADB_URL",
+        )
 
 
 @pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
