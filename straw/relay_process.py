@@ -208,6 +208,10 @@ class RelayProcess:
                     self.on_published(message["published"], message["records"], message["seconds"])
                 if "error" in message:
                     self._error = str(message["error"])
+        except (ValueError, OSError):
+            # The pipe closed under us at shutdown, or a child killed mid-line left half a message: the child's
+            # exit status says what happened (error()), and a daemon thread's traceback would only add noise.
+            pass
         finally:
             self._ended.set()
 

@@ -386,7 +386,7 @@ def test_keyed_pair_survives_kill_nine_takeovers(
     pair = Pair(tmp_path, configs)
     changes = Changes(table)
     stream = Stream(redis_client, stream_name)
-    takeovers = 0
+    takeovers = standby = 0
     try:
         holder = start_pair(pair, redis_client, stream_name)
         changes.start()
@@ -399,6 +399,8 @@ def test_keyed_pair_survives_kill_nine_takeovers(
             wait_for(lambda a=active, t=said: (now := holder()) is not None
                      and (now != a or pair.count(a, "lease taken") > t), 15, pair, f"a takeover from {active}")
             takeovers += 1
+            # The killed node's restart may win the lapsed lease: its own checkpoint, so no handover to check.
+            standby += holder() not in (None, active)
             wait_for(lambda a=active, k=killed: pair.procs[a].pid != k, 15, pair, f"{active} restarted")
             before = redis_client.xlen(stream_name)
             wait_for(lambda b=before: redis_client.xlen(stream_name) > b, 15, pair, "the new holder publishing")
@@ -418,7 +420,10 @@ def test_keyed_pair_survives_kill_nine_takeovers(
         assert final_state(events, source) == rows
     took = sum(pair.count(name, "keyed_state_exact=True") + pair.count(name, '"keyed_state_exact": true')
                for name in configs)
-    assert takeovers == 6 and took >= 6, pair.tails()
+    inexact = sum(pair.count(name, "keyed_state_exact=False") + pair.count(name, '"keyed_state_exact": false')
+                  for name in configs)
+    # Every handover to the standby rebuilt its keyed state exactly; at least one round went to the standby.
+    assert takeovers == 6 and standby >= 1 and took >= standby and inexact == 0, (standby, took, pair.tails())
     assert changes.count > 200
     ops = Counter((s, op) for s, op, _k, _v in events)
     assert all(ops[(s, "deleted")] > 5 for s in ("snap", "ts")), ops
