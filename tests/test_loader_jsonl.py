@@ -98,9 +98,10 @@ def test_a_batch_over_two_streams_writes_each_line_as_on_the_stream_and_skips_on
     from loaders.records import Record
 
     def record(stream: str, seq: int, raw: str | None = None, retry: bool = False) -> Record:
-        event = {"type": "order.upserted", "id": f"{stream}-{seq}", "data": {"order_no": seq}}
+        data: dict[str, object] = {"order_no": seq}
+        event: dict[str, object] = {"type": "order.upserted", "id": f"{stream}-{seq}", "data": data}
         text = raw if raw is not None else f'{{"id":"{stream}-{seq}",  "data":{{"order_no":{seq}}}}}'
-        return Record(stream, f"{seq}-0", seq, "", f"{stream}-{seq}", "order", "upserted", str(seq), event["data"],
+        return Record(stream, f"{seq}-0", seq, "", f"{stream}-{seq}", "order", "upserted", str(seq), data,
                       event, text, 1, retry)
 
     loader = JsonlLoader(JsonlLoaderSpec(name="drop", kind="jsonl", streams=["a", "b"], directory=tmp_path))
