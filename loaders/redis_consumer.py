@@ -133,13 +133,16 @@ class RedisConsumer:
         reply: Any = self._client.execute_command(*command)  # type: ignore[no-untyped-call]
         found: list[Delivery] = []
         append = found.append
+        # A named tuple's constructor is a Python-level lambda around tuple.__new__: calling that directly
+        # costs a third less a delivery (bench/README.md, Session 6 — jsonl-rate).
+        new = tuple.__new__
         for stream, entries in (reply.items() if isinstance(reply, dict) else reply or ()):
             for entry_id, flat in entries:
                 if not flat:  # a pending entry trimmed from the stream comes back empty: nothing to apply
                     self._client.xack(_text(stream), self._group, entry_id)
                 elif len(flat) == 6 and flat[0] == "seq" and flat[2] == "pos" and flat[4] == "event":
                     # What the relay writes: a literal is several times cheaper than pairing the list.
-                    append(Delivery(stream, entry_id, {"seq": flat[1], "pos": flat[3], "event": flat[5]}, 1))
+                    append(new(Delivery, (stream, entry_id, {"seq": flat[1], "pos": flat[3], "event": flat[5]}, 1)))
                 else:
                     pairs = iter(flat)
                     append(Delivery(stream, entry_id, dict(zip(pairs, pairs, strict=False)), 1))

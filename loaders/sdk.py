@@ -267,16 +267,17 @@ def _parsed(deliveries: list[Delivery], entities: Mapping[str, EntitySpec], sett
             *, yielding: bool = False) -> _Batch:
     records: list[Record] = []
     failed: list[tuple[Delivery, str]] = []
+    append, most = records.append, settings.max_deliveries  # looked up once a batch, not once a record
     for index, delivery in enumerate(deliveries):
         if yielding and not index % YIELD_EVERY:
             time.sleep(0)
-        if delivery.deliveries > settings.max_deliveries:
+        if delivery.deliveries > most:
             # Delivered more often than allowed without a verdict: a consumer died applying it, each time.
             failed.append((delivery, f"delivered {delivery.deliveries} times and never acked (did a consumer "
                                      "die applying it?)"))
             continue
         try:
-            records.append(parse(delivery, entities))
+            append(parse(delivery, entities))
         except BadRecord as exc:
             failed.append((delivery, str(exc)))
     return _Batch(deliveries, records, failed)
