@@ -201,9 +201,12 @@ def date(value: Any) -> Any:
 
 
 def datetime(zone: ZoneInfo) -> Coercer:
+    combine = dt.datetime.combine
     def coerce(value: Any) -> Any:
         if type(value) is dt.datetime:  # what drivers return: skip the checks below
-            return value.replace(tzinfo=zone) if value.tzinfo is None else value
+            # combine, not replace(tzinfo=...): the same datetime (fold kept, as time() keeps it) at a
+            # quarter of the cost, which on CPython 3.11 is most of this coercer's.
+            return combine(value.date(), value.time(), zone) if value.tzinfo is None else value
         if isinstance(value, dt.datetime):
             moment = value
         elif isinstance(value, dt.date):

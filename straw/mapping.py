@@ -109,6 +109,7 @@ class _Plan:
     coercers: tuple[Coercer, ...]
     required: tuple[int, ...]  # indexes (into names) that must not be null
     key: tuple[int, ...]  # indexes (into names) of the key fields
+    whole: bool = False  # the mapped columns are the row's, in order: `pick` would copy each row as it is
 
 
 class Mapper:
@@ -171,6 +172,7 @@ class Mapper:
             coercers=tuple(self._coercers[n] for n in names),
             required=tuple(i for i, n in enumerate(names) if fields[n].required or n in self.entity.key),
             key=tuple(names.index(k) for k in self.entity.key),
+            whole=slots == list(range(len(columns))),
         )
         self._plans[columns] = plan
         return plan
@@ -498,8 +500,9 @@ class Mapper:
             )
         return found
 
-    def _columns(self, batch: RawBatch) -> tuple[list[str], list[tuple[Any, ...]]] | None:
-        """Keys and values of a batch of upserts, coerced column by column; None if any row is dead.
+    def _columns(self, batch: RawBatch) -> tuple[list[str], Iterator[tuple[Any, ...]]] | None:
+        """Keys and values (an iterator: each row once) of a batch of upserts, coerced column by column;
+        None if any row is dead.
 
         `map` over a column calls its coercer from C: a third cheaper than a comprehension
         per row. A batch with a row that cannot be mapped goes row by row (`_decode`),
@@ -509,15 +512,18 @@ class Mapper:
         if not batch.rows or len(plan.key) != 1:
             return None
         columns: list[list[Any]] = []
+        # Rows that hold just the mapped columns, in order, are transposed as they are: a quarter µs a row less.
+        picked = batch.rows if plan.whole else map(plan.pick, batch.rows)
         try:
-            for convert, column in zip(plan.coercers, zip(*map(plan.pick, batch.rows), strict=True), strict=True):
+            for convert, column in zip(plan.coercers, zip(*picked, strict=True), strict=True):
                 if None in column:
                     columns.append([None if v is None else convert(v) for v in column])
                 else:
                     columns.append(list(map(convert, column)))
             if any(None in columns[i] for i in plan.required):
                 return None
-            return list(map(subject_part, columns[plan.key[0]])), list(zip(*columns, strict=True))
+            # The rows as the consumer takes them, not a list of tuples kept alive for the whole batch.
+            return list(map(subject_part, columns[plan.key[0]])), zip(*columns, strict=True)
         except Exception:  # any failure, of any kind: row by row finds the row and says why
             return None
 
