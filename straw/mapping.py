@@ -189,8 +189,9 @@ class Mapper:
         if fast is not None:
             keys, rows = fast
             try:
+                # No strict= on the inner zip: `_columns` made one column per name, so each row has len(names).
                 out.events = [
-                    (position, upserted(key, position, dict(zip(names, values, strict=True))))
+                    (position, upserted(key, position, dict(zip(names, values, strict=False))))
                     for position, key, values in zip(batch.positions, keys, rows, strict=True)
                 ]
                 return out
