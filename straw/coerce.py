@@ -287,6 +287,15 @@ def binary(encoding: str) -> Coercer:
     return coerce
 
 
+def unchanged_type(spec: FieldSpec, trim: bool = False) -> type | None:
+    """The exact type whose values `coercer(spec, ...)` returns as they are, if any.
+
+    A column of only such values needs no coercer call at all (the mapper checks the types in C).
+    """
+    return {FieldType.STRING: None if trim else str, FieldType.INTEGER: int, FieldType.DATE: dt.date,
+            FieldType.BOOLEAN: bool}.get(spec.type)
+
+
 def coercer(spec: FieldSpec, zone: ZoneInfo, encoding: str = "utf-8", trim: bool = False) -> Coercer:
     match spec.type:
         case FieldType.STRING:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 from decimal import ROUND_HALF_EVEN, Context, Decimal
+from typing import Any
 from zoneinfo import ZoneInfo
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from straw.coerce import datetime, decimal
+from straw.coerce import coercer, datetime, decimal, unchanged_type
+from straw.config import FieldSpec, FieldType
 
 
 @settings(max_examples=3000, deadline=None)
@@ -45,3 +48,25 @@ def test_ambiguous_hour_keeps_fold() -> None:
         got = datetime(tz)(dt.datetime(2026, 10, 25, 2, 30, fold=fold))
         assert got.fold == fold
         assert got.isoformat() == f"2026-10-25T02:30:00+0{2 - fold}:00"
+
+
+SAMPLES: dict[FieldType, list[Any]] = {
+    FieldType.STRING: ["", " padded  ", "é\x00\U0001f600", b"bytes", 7, Decimal("1.5"), 2.5, dt.date(2026, 1, 1)],
+    FieldType.INTEGER: [0, -(2**70), True, False, Decimal("5"), 5.0, " 12 "],
+    FieldType.DATE: [dt.date(2026, 1, 1), dt.datetime(2026, 1, 1), "2026-01-01"],
+    FieldType.BOOLEAN: [True, False, "J", 1, Decimal("0")],
+    FieldType.DECIMAL: [Decimal("1.5"), 1],
+    FieldType.DATETIME: [dt.datetime(2026, 1, 1)],
+}
+
+
+@pytest.mark.parametrize("trim", [False, True])
+@pytest.mark.parametrize("kind", list(SAMPLES))
+def test_unchanged_type_is_what_the_coercer_returns_as_is(kind: FieldType, trim: bool) -> None:
+    """The mapper skips a column's coercer when every value has exactly `unchanged_type`: it must return each as is."""
+    spec = FieldSpec(type=kind)
+    passes = unchanged_type(spec, trim)
+    convert = coercer(spec, ZoneInfo("Europe/Amsterdam"), "utf-8", trim)
+    for value in SAMPLES[kind]:
+        if passes is not None and type(value) is passes:
+            assert convert(value) is value
