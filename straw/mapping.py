@@ -21,7 +21,7 @@ import orjson
 import structlog
 
 from outbox.keyed import SEEN, Change
-from straw.coerce import Coercer, Unreadable, coercer
+from straw.coerce import Coercer, Unreadable, coercer, unchanged_type
 from straw.config import EntitySpec
 from straw.records import DELETED, UPSERTED, Envelope, observed_now, subject, subject_part
 from straw.source import RawBatch, database_digest
@@ -109,6 +109,8 @@ class _Plan:
     coercers: tuple[Coercer, ...]
     required: tuple[int, ...]  # indexes (into names) that must not be null
     key: tuple[int, ...]  # indexes (into names) of the key fields
+    whole: bool = False  # the mapped columns are the row's, in order: `pick` would copy each row as it is
+    unchanged: tuple[type | None, ...] = ()  # per field: the exact type its coercer returns as it is
 
 
 class Mapper:
@@ -130,6 +132,7 @@ class Mapper:
         self.entity = entity
         self.columns_for = {name: mapping.get(name, name) for name in entity.fields}
         self._coercers = {name: coercer(spec, zone, encoding, trim) for name, spec in entity.fields.items()}
+        self._trim = trim
         self._plans: dict[tuple[str, ...], _Plan] = {}
         self._envelopes: dict[tuple[str, str], Envelope] = {}
         self._key_names = tuple(entity.key)
@@ -171,6 +174,8 @@ class Mapper:
             coercers=tuple(self._coercers[n] for n in names),
             required=tuple(i for i, n in enumerate(names) if fields[n].required or n in self.entity.key),
             key=tuple(names.index(k) for k in self.entity.key),
+            whole=slots == list(range(len(columns))),
+            unchanged=tuple(unchanged_type(fields[n], self._trim) for n in names),
         )
         self._plans[columns] = plan
         return plan
@@ -187,8 +192,9 @@ class Mapper:
         if fast is not None:
             keys, rows = fast
             try:
+                # No strict= on the inner zip: `_columns` made one column per name, so each row has len(names).
                 out.events = [
-                    (position, upserted(key, position, dict(zip(names, values, strict=True))))
+                    (position, upserted(key, position, dict(zip(names, values, strict=False))))
                     for position, key, values in zip(batch.positions, keys, rows, strict=True)
                 ]
                 return out
@@ -498,8 +504,9 @@ class Mapper:
             )
         return found
 
-    def _columns(self, batch: RawBatch) -> tuple[list[str], list[tuple[Any, ...]]] | None:
-        """Keys and values of a batch of upserts, coerced column by column; None if any row is dead.
+    def _columns(self, batch: RawBatch) -> tuple[list[str], Iterator[tuple[Any, ...]]] | None:
+        """Keys and values (an iterator: each row once) of a batch of upserts, coerced column by column;
+        None if any row is dead.
 
         `map` over a column calls its coercer from C: a third cheaper than a comprehension
         per row. A batch with a row that cannot be mapped goes row by row (`_decode`),
@@ -508,16 +515,21 @@ class Mapper:
         plan = self._plan(batch.columns)
         if not batch.rows or len(plan.key) != 1:
             return None
-        columns: list[list[Any]] = []
+        columns: list[Sequence[Any]] = []
+        # Rows that hold just the mapped columns, in order, are transposed as they are: a quarter µs a row less.
+        picked = batch.rows if plan.whole else map(plan.pick, batch.rows)
         try:
-            for convert, column in zip(plan.coercers, zip(*map(plan.pick, batch.rows), strict=True), strict=True):
-                if None in column:
+            for convert, kind, column in zip(plan.coercers, plan.unchanged, zip(*picked, strict=True), strict=True):
+                if kind is not None and set(map(type, column)) == {kind}:  # the coercer would return each as is
+                    columns.append(column)
+                elif None in column:
                     columns.append([None if v is None else convert(v) for v in column])
                 else:
                     columns.append(list(map(convert, column)))
             if any(None in columns[i] for i in plan.required):
                 return None
-            return list(map(subject_part, columns[plan.key[0]])), list(zip(*columns, strict=True))
+            # The rows as the consumer takes them, not a list of tuples kept alive for the whole batch.
+            return list(map(subject_part, columns[plan.key[0]])), zip(*columns, strict=True)
         except Exception:  # any failure, of any kind: row by row finds the row and says why
             return None
 

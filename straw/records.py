@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from binascii import hexlify
 from decimal import Decimal
 from hashlib import blake2b
 from typing import Any
@@ -61,19 +62,22 @@ class Envelope:
         self.source = source
         self.type = f"{entity}.{op}"
         self.time = time
-        self._id_prefix = f"{source}\x1f"
+        # The id hashes source, key and position: the source's part is absorbed once, each row copies the state.
+        self._id_hash = blake2b(f"{source}\x1f".encode(), digest_size=16)
         self._head = b'{"specversion":"' + SPECVERSION.encode() + b'","id":"'
         self._middle = b'","source":' + orjson.dumps(source) + b',"type":' + orjson.dumps(self.type) + b',"subject":'
         self._tail = b',"time":' + orjson.dumps(time) + b',"datacontenttype":"application/json","data":'
 
     def encode(self, key: str, position: str, data: dict[str, Any]) -> bytes:
-        digest = blake2b(f"{self._id_prefix}{key}\x1f{position}".encode(), digest_size=16).hexdigest()
+        id_hash = self._id_hash.copy()
+        id_hash.update(f"{key}\x1f{position}".encode())
         try:
             body = orjson.dumps(data)
         except TypeError:
             # orjson stops at 64-bit integers; legacy NUMERIC(30) keys do not.
             body = json.dumps(data, default=_json_default, separators=(",", ":"), ensure_ascii=False).encode()
-        return b"".join((self._head, digest.encode(), self._middle, orjson.dumps(key), self._tail, body, b"}"))
+        event_id = hexlify(id_hash.digest())
+        return b"".join((self._head, event_id, self._middle, orjson.dumps(key), self._tail, body, b"}"))
 
 
 def encode_event(
