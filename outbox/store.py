@@ -186,12 +186,12 @@ ROW_RECORDS = 1000
 ROW_BYTES = 32 << 20
 
 
-def _run(records: Sequence[tuple[str, bytes]]) -> tuple[str, str | None, bytes]:
-    """A run's (position, sizes, event) columns."""
+def _run(records: Sequence[tuple[str, bytes]]) -> tuple[str, int, str | None, bytes]:
+    """A run's (position, n, sizes, event) columns."""
     if len(records) == 1:
-        return records[0][0], None, records[0][1]
+        return records[0][0], 1, None, records[0][1]
     positions, events = zip(*records, strict=True)
-    return orjson.dumps(positions).decode(), ",".join(map(str, map(len, events))), b"".join(events)
+    return orjson.dumps(positions).decode(), len(records), ",".join(map(str, map(len, events))), b"".join(events)
 
 
 def _by_size(chunk: list[tuple[str, bytes]]) -> Iterator[list[tuple[str, bytes]]]:
@@ -529,14 +529,9 @@ class Outbox:
         it = iter(records)
         while chunk := list(islice(it, self.row_records)):
             for part in _by_size(chunk):
-                self.db.execute(_INSERT_RUN, (len(part), source, stream, *self._columns_of(part)))
+                self.db.execute(_INSERT_RUN, (len(part), source, stream, *_run(part)))
             written += len(chunk)
         return written
-
-    @staticmethod
-    def _columns_of(chunk: Sequence[tuple[str, bytes]]) -> tuple[str, int, str | None, bytes]:
-        position, sizes, event = _run(chunk)
-        return position, len(chunk), sizes, event
 
     def _split(self, stream: str, at: int) -> None:
         """Make `at` a row boundary of `stream`: a row holding seq `at` and `at + 1` becomes two rows.
@@ -553,8 +548,7 @@ class Outbox:
         self.db.execute("DELETE FROM records WHERE seq = ?", (row[0],))
         source = row[2]
         for last, part in ((at, head), (row[0], tail)):
-            position, n, sizes, event = self._columns_of(part)
-            self.db.execute(_INSERT_AT, (last, source, stream, position, n, sizes, event))
+            self.db.execute(_INSERT_AT, (last, source, stream, *_run(part)))
 
     def events(self, stream: str | None = None, after: int = 0) -> list[Pending]:
         """Every record held (published or not), in seq order: for tests and tools, not the relay's path."""
