@@ -16,12 +16,11 @@ import shutil
 import time
 import uuid
 
-import nats
-import nats.js.errors
 import yaml
 
 from bench.services import Bench, log
 from bench.slice_bench import write_config
+from bus.nats_connect import connect_once
 from fixtures.private_nats import delete_jetstream
 from straw.config_load import load_config
 from straw.runner import Runner
@@ -35,7 +34,7 @@ def _name() -> str:
 
 
 async def _read(name: str, subject: str, count: int) -> list[Message]:
-    nc = await nats.connect(NATS_URL)
+    nc = await connect_once(NATS_URL, timeout=5)
     try:
         sub = await nc.jetstream().subscribe(subject, stream=name, ordered_consumer=True)
         found: list[Message] = []
@@ -74,7 +73,7 @@ def run_straw_nats(bench: Bench, db_url: str, rows: int, *, keep: bool = False) 
 
 async def _publish_all(messages: list[Message]) -> float:
     name = _name()
-    nc = await nats.connect(NATS_URL)
+    nc = await connect_once(NATS_URL, timeout=5)
     js = nc.jetstream(timeout=30)
     try:
         await js.add_stream(name=name, subjects=[f"{name}.orders"])
@@ -124,7 +123,7 @@ def measure(bench: Bench, db_url: str, rows: int, repeat: int) -> tuple[list[flo
 def available() -> bool:
     async def probe() -> bool:
         try:
-            nc = await nats.connect(NATS_URL, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0)
+            nc = await connect_once(NATS_URL, timeout=2)
         except Exception:
             return False
         await nc.close()

@@ -45,6 +45,7 @@ from nats.js.api import Header, RawStreamMsg, StorageType, StreamConfig
 from nats.protocol.command import hpub_cmd
 
 from bus.names import JetStreamOptions
+from bus.nats_connect import connect_once
 from bus.seam import BusDown, BusRefused, Checkpoint, Outgoing, Published, positions_text
 
 T = TypeVar("T")
@@ -229,10 +230,9 @@ class NatsBus:
             raise BusDown("nats connection lost")  # the relay opens a new bus after its backoff
         # No automatic reconnect: an outage is the relay's to handle (backoff, a new bus, the checkpoint re-read),
         # and nats-py's reconnect buffer would otherwise hold publishes whose fate we could not know.
-        self._nc = await nats.connect(
-            self.url, connect_timeout=min(self.timeout, 5.0), allow_reconnect=False, max_reconnect_attempts=0,
-            error_cb=self._on_error, disconnected_cb=self._on_disconnected, closed_cb=self._noop,
-            reconnected_cb=self._noop, name="straw",
+        self._nc = await connect_once(
+            self.url, timeout=min(self.timeout, 5.0), error_cb=self._on_error, disconnected_cb=self._on_disconnected,
+            closed_cb=self._noop, reconnected_cb=self._noop, name="straw",
         )
         self._js = self._nc.jetstream(timeout=self.timeout)
         self._reply_prefix = self._nc.new_inbox()

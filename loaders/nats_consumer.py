@@ -38,6 +38,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header
 
 from bus.names import JetStreamOptions
 from bus.nats import CREATED_BY, SEQ, STREAM_NOT_FOUND, covers
+from bus.nats_connect import connect_once
 from loaders.consumer import BusDown, BusRefused
 from loaders.records import Delivery
 
@@ -100,10 +101,9 @@ class NatsLoop:
         if self.js is not None and self.nc is not None and self.nc.is_connected:
             return self.js
         await self.drop()
-        self.nc = await nats.connect(
-            self.url, connect_timeout=min(self.timeout, 5.0), allow_reconnect=False, max_reconnect_attempts=0,
-            error_cb=self._noop, disconnected_cb=self._noop, closed_cb=self._noop, reconnected_cb=self._noop,
-            name="straw-loader",
+        self.nc = await connect_once(
+            self.url, timeout=min(self.timeout, 5.0), error_cb=self._noop, disconnected_cb=self._noop,
+            closed_cb=self._noop, reconnected_cb=self._noop, name="straw-loader",
         )
         self.js = self.nc.jetstream(timeout=self.timeout)
         return self.js

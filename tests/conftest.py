@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,17 +124,31 @@ def _redis_alive(url: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """REDIS_URL if set, else the local 6379, else a private redis-server for the session."""
+def private_redis_for_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], str]]:
+    """A private redis-server of this worker, started the first time a test finds no machine server."""
+    started: list[RedisServer] = []
+
+    def url() -> str:
+        if not started:
+            started.append(start_private_redis(tmp_path_factory.mktemp("redis"), persist=False))
+        return started[0].url
+
+    yield url
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(private_redis_for_session: Callable[[], str]) -> str:
+    """REDIS_URL if set, else the local 6379, else a private redis-server.
+
+    Asked per test (a PING): a machine server that goes away in the middle of a run costs the tests that were
+    using it, not every later one.
+    """
     for url in (os.environ.get("REDIS_URL"), "redis://127.0.0.1:6379/0"):
         if url and _redis_alive(url):
-            yield url
-            return
-    server = start_private_redis(tmp_path_factory.mktemp("redis"), persist=False)
-    try:
-        yield server.url
-    finally:
-        server.stop()
+            return url
+    return private_redis_for_session()
 
 
 @pytest.fixture

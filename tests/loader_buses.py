@@ -17,6 +17,7 @@ import yaml
 
 from bus.connect import open_bus
 from bus.names import JetStreamOptions
+from bus.nats_connect import connect_once
 from bus.rabbitmq import RabbitStreamBus, properties_of
 from bus.redis import checkpoint_key
 from bus.seam import Bus, Outgoing
@@ -92,7 +93,7 @@ class LoaderBus:
 
 async def _nats_dead_letters(url: str, options: JetStreamOptions | None, dlq: str) -> list[dict[str, str]]:
     assert options is not None
-    nc = await nats.connect(url)
+    nc = await connect_once(url, timeout=5)
     try:
         js = nc.jetstream()
         found, seq = [], 1

@@ -20,6 +20,7 @@ import yaml
 from nats.js.api import RawStreamMsg
 
 from bus.nats import POSITIONS, SEQ, JetStreamOptions, NatsBus
+from bus.nats_connect import connect_once
 from fixtures.private_nats import NatsServer, delete_jetstream, nats_server_binary, start_private_nats
 
 NATS_URL = os.environ.get("STRAW_TEST_NATS_URL", "nats://127.0.0.1:4222")
@@ -27,7 +28,7 @@ NATS_URL = os.environ.get("STRAW_TEST_NATS_URL", "nats://127.0.0.1:4222")
 
 async def _alive(url: str) -> bool:
     try:
-        nc = await nats.connect(url, connect_timeout=1, allow_reconnect=False, max_reconnect_attempts=0)
+        nc = await connect_once(url, timeout=1)
     except Exception:
         return False
     try:
@@ -40,18 +41,32 @@ async def _alive(url: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """STRAW_TEST_NATS_URL (default the machine's 127.0.0.1:4222), else a private `nats-server -js`."""
+def private_nats_for_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], str]]:
+    """A private `nats-server -js` of this worker, started the first time a test finds no machine server."""
+    started: list[NatsServer] = []
+
+    def url() -> str:
+        if not started:
+            started.append(start_private_nats(tmp_path_factory.mktemp("nats")))
+        return started[0].url
+
+    yield url
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def nats_url(private_nats_for_session: Callable[[], str]) -> str:
+    """STRAW_TEST_NATS_URL (default the machine's 127.0.0.1:4222), else a private `nats-server -js`.
+
+    Asked per test: a machine server that goes away in the middle of a run costs the tests that were using
+    it, not every later one.
+    """
     if asyncio.run(_alive(NATS_URL)):
-        yield NATS_URL
-        return
+        return NATS_URL
     if nats_server_binary() is None:
         pytest.skip(f"no NATS JetStream at {NATS_URL} and no nats-server binary (apt-get install nats-server)")
-    server = start_private_nats(tmp_path_factory.mktemp("nats"))
-    try:
-        yield server.url
-    finally:
-        server.stop()
+    return private_nats_for_session()
 
 
 @pytest.fixture
@@ -98,7 +113,7 @@ def private_nats(tmp_path: Path) -> Iterator[NatsServer]:
 
 async def _messages(url: str, stream: str, subject: str) -> list[RawStreamMsg]:
     """Through an ordered push consumer filtered on the subject: one pass, in stream order."""
-    nc = await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0)
+    nc = await connect_once(url, timeout=5)
     js = nc.jetstream(timeout=10)
     try:
         try:

@@ -28,11 +28,11 @@ from straw.local_redis import RedisServer
 from tests.crashes import REPO, straw_command
 from tests.loader_buses import LoaderBus, bus_loader_config, loader_bus
 from tests.loader_helpers import order_data
-from tests.nats_support import nats_url, private_nats
+from tests.nats_support import nats_url, private_nats, private_nats_for_session
 from tests.test_cli import invoke
 from tests.test_loader_sql import applied_seq, rows
 
-__all__ = ["loader_bus", "nats_url", "private_nats"]  # fixtures, imported for pytest
+__all__ = ["loader_bus", "nats_url", "private_nats", "private_nats_for_session"]  # fixtures, imported for pytest
 
 
 def sql_on(tmp_path: Path, bus: LoaderBus, url: str, **extra: Any) -> Path:

@@ -25,9 +25,9 @@ from sqlalchemy.engine import Engine
 from fixtures.legacy_orders import ORDER_ENTITY, ORDER_MAPPING, STATUSES, create_orders, order_rows, orders_table
 from tests.crashes import REPO, kill_hard, straw_command
 from tests.loader_buses import LoaderBus, loader_bus
-from tests.nats_support import nats_url
+from tests.nats_support import nats_url, private_nats_for_session
 
-__all__ = ["loader_bus", "nats_url"]  # fixtures, imported for pytest
+__all__ = ["loader_bus", "nats_url", "private_nats_for_session"]  # fixtures, imported for pytest
 
 ZONE = ZoneInfo("Europe/Amsterdam")
 KILLS = 4  # per loader; three loaders are killed side by side: 12 kills per run

@@ -14,22 +14,33 @@ import asyncio
 import threading
 from pathlib import Path
 
-import nats
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bus.names import subject_problem
 from bus.nats import CONTENT_TYPE, JetStreamOptions, covers, event_id
+from bus.nats_connect import connect_once
 from bus.seam import BusDown, BusRefused, Checkpoint, Outgoing
 from fixtures.private_nats import delete_jetstream
 from outbox.relay import Relay, SplitBrain, adopt_streams, run_relay
 from outbox.store import Outbox
 from straw.records import UPSERTED, encode_event, observed_now, source_uri
-from tests.nats_support import OpenBus, buses, jetstream, nats_url, read_messages, read_subject, subject
+from tests.nats_support import (
+    OpenBus,
+    buses,
+    jetstream,
+    nats_url,
+    private_nats_for_session,
+    read_messages,
+    read_subject,
+    subject,
+)
 from tests.test_relay import SOURCE, OpenOutbox, add_records, drain, open_outbox, pos, twin
 
-__all__ = ["buses", "jetstream", "nats_url", "open_outbox", "subject"]  # fixtures, imported for pytest
+# fixtures, imported for pytest
+__all__ = ["buses", "jetstream", "nats_url", "open_outbox", "private_nats_for_session", "subject"]
+
 
 def seqs(url: str, options: JetStreamOptions, subject: str) -> list[int]:
     return [e["seq"] for e in read_subject(url, options.stream, subject)]
@@ -253,7 +264,7 @@ def test_the_jetstream_stream_is_created_extended_or_bound_to(
 
 
 async def stream_info(url: str, name: str) -> dict[str, object]:
-    nc = await nats.connect(url)
+    nc = await connect_once(url, timeout=5)
     try:
         info = await nc.jetstream().stream_info(name)
         storage = str(getattr(info.config.storage, "value", info.config.storage))
@@ -265,7 +276,7 @@ async def stream_info(url: str, name: str) -> dict[str, object]:
 
 
 async def add_stream(url: str, name: str, subjects: list[str]) -> None:
-    nc = await nats.connect(url)
+    nc = await connect_once(url, timeout=5)
     try:
         await nc.jetstream().add_stream(name=name, subjects=subjects)
     finally:
@@ -353,7 +364,7 @@ def test_a_server_that_is_down_is_bus_down_and_a_new_bus_carries_on(buses: OpenB
             bus.publish("erp.orders", Checkpoint(1, "o"), [Outgoing(2, SOURCE, pos(2), event(2))], "o")
         bus.close()
         down = buses(server.url, options, socket_timeout=2)
-        with pytest.raises(BusDown):
+        with pytest.raises(BusDown, match=r"ConnectionRefusedError"):  # said at once, not a timeout
             down.checkpoint("erp.orders")
         down.close()
         server.start()  # same port, same store

@@ -29,9 +29,9 @@ from tests.crashes import (
     finish,
 )
 from tests.helpers import orders_config
-from tests.nats_support import jetstream, nats_url, read_subject, subject, use_nats
+from tests.nats_support import jetstream, nats_url, private_nats_for_session, read_subject, subject, use_nats
 
-__all__ = ["jetstream", "nats_url", "subject"]  # fixtures, imported for pytest
+__all__ = ["jetstream", "nats_url", "private_nats_for_session", "subject"]  # fixtures, imported for pytest
 pytestmark = pytest.mark.slow  # deselect with -m 'not slow'
 
 

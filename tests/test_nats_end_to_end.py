@@ -16,10 +16,19 @@ from straw.local_redis import free_port
 from straw.records import event_id
 from tests.crashes import SOURCE
 from tests.helpers import orders_config, run_once
-from tests.nats_support import jetstream, nats_url, private_nats, read_messages, subject, use_nats
+from tests.nats_support import (
+    jetstream,
+    nats_url,
+    private_nats,
+    private_nats_for_session,
+    read_messages,
+    subject,
+    use_nats,
+)
 from tests.test_cli import _legacy, invoke, lines
 
-__all__ = ["jetstream", "nats_url", "private_nats", "subject"]  # fixtures, imported for pytest
+# fixtures, imported for pytest
+__all__ = ["jetstream", "nats_url", "private_nats", "private_nats_for_session", "subject"]
 
 
 def nats_config(tmp_path: Path, url: str, options: JetStreamOptions, subject: str, rows: int = 20) -> Path:

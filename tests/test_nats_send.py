@@ -18,10 +18,10 @@ import bus.nats
 from bus.nats import JetStreamOptions
 from bus.seam import Checkpoint, Outgoing
 from fixtures.private_nats import delete_jetstream
-from tests.nats_support import OpenBus, buses, jetstream, nats_url, read_messages
+from tests.nats_support import OpenBus, buses, jetstream, nats_url, private_nats_for_session, read_messages
 from tests.test_relay import SOURCE, pos
 
-__all__ = ["buses", "jetstream", "nats_url"]  # fixtures, imported for pytest
+__all__ = ["buses", "jetstream", "nats_url", "private_nats_for_session"]  # fixtures, imported for pytest
 
 HOSTILE_IDS = ["  padded id  ", "line\r\nbreak", "tab\there", "ünïcode-ид", "colon: value", "x" * 300]
 
