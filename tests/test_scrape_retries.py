@@ -21,8 +21,9 @@ needs_browser = pytest.mark.skipif(
     importlib.util.find_spec("playwright") is None or not CHROMIUM.exists(),
     reason="browser mode needs Playwright (pip install -e '.[test]') and Chromium at /usr/bin/chromium",
 )
-# Short enough to keep the tests quick; the fixture leaves a stalled request unanswered far longer.
-TIMEOUT = 1.0
+# Short enough to keep the tests quick; the fixture leaves a stalled request unanswered far longer. Browser mode's
+# timeout also bounds each page action (Locator.evaluate), which took over 1 s under a loaded CI's four workers.
+TIMEOUT = {"static": 1.0, "browser": 4.0}
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def retries_logged(logs: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, fl
 def config(tmp_path: Path, ui: WebUI, redis_url: str, stream: str, mode: str = "static", retries: int = 3) -> Path:
     listing = orders_list() if mode == "static" else app_list()
     return scrape_config(tmp_path, ui, redis_url=redis_url, stream=stream, listing=listing, mode=mode,
-                         with_detail=False, http={"timeout": TIMEOUT, "retries": retries, "backoff": 0.01})
+                         with_detail=False, http={"timeout": TIMEOUT[mode], "retries": retries, "backoff": 0.01})
 
 
 def test_static_mode_retries_timeouts_and_5xx_with_backoff(
