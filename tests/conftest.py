@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import redis
 from filelock import ReadWriteLock
+from hypothesis import settings
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -102,6 +103,11 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             return serial_lane(nodeid) or super()._split_scope(nodeid)
 
     return LaneScheduling(config, log)
+
+
+# No per-example deadline: on a loaded CI machine a slow example is not a failure (hypothesis would call it one).
+settings.register_profile("straw", deadline=None)
+settings.load_profile("straw")
 
 
 # xdist's workers start with COLUMNS=80 in their environment, and a rich Console takes its width from COLUMNS
