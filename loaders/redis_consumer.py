@@ -93,6 +93,14 @@ class RedisConsumer:
     def name(self) -> str:
         return self._name
 
+    def _down(self, exc: Exception) -> BusDown:
+        """The bus is unreachable. Entries handed out and not applied (the batch read ahead, dropped by the SDK)
+        stay pending for this member: the next read takes them first, as after a restart, not newer ones
+        before them (a target that skips by `seq`, JSON Lines, would skip them for good when they came back
+        through a reclaim after newer ones)."""
+        self._own_backlog = True
+        return BusDown(describe(exc))
+
     def _forget_idle_members(self) -> None:
         """Crashed members with nothing pending would stay listed forever (XINFO CONSUMERS grows)."""
         for stream in self._streams:
@@ -109,7 +117,7 @@ class RedisConsumer:
         except REDIS_REFUSED:
             raise
         except REDIS_DOWN as exc:
-            raise BusDown(describe(exc)) from exc
+            raise self._down(exc) from exc
 
     def _next(self, count: int, block: float) -> list[Delivery]:
         if self._own_backlog:
@@ -135,7 +143,7 @@ class RedisConsumer:
         except REDIS_REFUSED:
             raise
         except REDIS_DOWN as exc:
-            raise BusDown(describe(exc)) from exc
+            raise self._down(exc) from exc
 
     def _read(self, start: str, count: int, block: float | None) -> list[Delivery]:
         """XREADGROUP from `start` ('>' new entries, '0' this member's pending ones), as first deliveries."""
@@ -202,7 +210,9 @@ class RedisConsumer:
         with self._in_flight():
             if self._flight is None:
                 self._flight = self._client.connection_pool.get_connection()
-            self._flight.send_packed_command(self._flight.pack_commands(commands))  # type: ignore[no-untyped-call]
+            # No health check (a PING) behind replies not taken yet: it would take the first of them for its own.
+            packed = self._flight.pack_commands(commands)  # type: ignore[no-untyped-call]
+            self._flight.send_packed_command(packed, check_health=not self._expected)  # type: ignore[no-untyped-call]
         self._expected.extend([kind] * len(commands))
 
     @contextlib.contextmanager
@@ -216,7 +226,7 @@ class RedisConsumer:
             raise
         except REDIS_DOWN as exc:
             self._land(broken=True)
-            raise BusDown(describe(exc)) from exc
+            raise self._down(exc) from exc
         except BaseException:
             self._land(broken=True)
             raise
@@ -271,7 +281,7 @@ class RedisConsumer:
         except REDIS_REFUSED:
             raise
         except REDIS_DOWN as exc:
-            raise BusDown(describe(exc)) from exc
+            raise self._down(exc) from exc
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         try:
@@ -279,7 +289,7 @@ class RedisConsumer:
         except REDIS_REFUSED:
             raise
         except REDIS_DOWN as exc:  # not acked: the entries come back and the target skips them (idempotent)
-            raise BusDown(describe(exc)) from exc
+            raise self._down(exc) from exc
 
     def _ack(self, deliveries: Sequence[Delivery]) -> None:
         pipe = self._client.pipeline(transaction=False)
@@ -315,7 +325,7 @@ class RedisConsumer:
         except REDIS_REFUSED:
             raise
         except REDIS_DOWN as exc:
-            raise BusDown(describe(exc)) from exc
+            raise self._down(exc) from exc
 
     def close(self) -> None:
         self._land(broken=True)  # replies never taken: the connection is not reusable

@@ -21,7 +21,7 @@ import redis
 from loaders.jsonl import JsonlLoader
 from loaders.records import Record
 from loaders.redis_consumer import RedisConsumer
-from loaders.sdk import Failed, Settings, consume, each
+from loaders.sdk import Failed, Settings, TargetDown, consume, each
 from straw.config_loaders import JsonlLoaderSpec
 from tests.crashes import REPO, kill_hard, straw_command, tail
 from tests.loader_helpers import loader_config, order_data, xadd_events
@@ -160,11 +160,14 @@ def test_a_jsonl_loader_killed_at_random_acks_only_what_it_wrote_and_ends_exact(
     assert redis_client.xlen(f"{stream_name}.dlq") == 0
 
 
-def test_a_dropped_connection_mid_pipeline_loses_and_doubles_nothing(
-    tmp_path: Path, redis_url: str, stream_name: str
+@pytest.mark.parametrize("read_ahead", ["thread", "pipelined"])
+def test_a_dropped_connection_mid_read_ahead_loses_and_doubles_nothing(
+    tmp_path: Path, redis_url: str, stream_name: str, read_ahead: Literal["thread", "pipelined"]
 ) -> None:
-    """The consumer's connections killed by the server while a read and an ack are in flight, again and again:
-    the bus counts as down for a moment, the entries come back, the files end exact."""
+    """The consumer's connections killed by the server while a read ahead and an ack are in flight, again and
+    again: the bus counts as down for a moment, and the batch read ahead, dropped, comes back first (this
+    member's own pending entries are read before new ones), not after newer entries through a reclaim, when
+    the JSON Lines loader would skip it as written. The files end exact."""
     name = f"pipe-{stream_name[-18:]}"
     client = redis.Redis.from_url(redis_url, client_name=name)
     admin = redis.Redis.from_url(redis_url)
@@ -173,7 +176,7 @@ def test_a_dropped_connection_mid_pipeline_loses_and_doubles_nothing(
         xadd_events(client, stream_name, [("upserted", order_data(n)) for n in range(1, total + 1)])
         spec = JsonlLoaderSpec(name="jl", kind="jsonl", streams=[stream_name], directory=tmp_path)
         loader = JsonlLoader(spec)
-        consumer = RedisConsumer(client, [stream_name], "g", "m1", claim_idle=0.2, dead_letters=lambda s: f"{s}.dlq")
+        consumer = RedisConsumer(client, [stream_name], "g", "m1", claim_idle=60, dead_letters=lambda s: f"{s}.dlq")
         drops = 0
         unacked: list[bool] = []
 
@@ -190,7 +193,7 @@ def test_a_dropped_connection_mid_pipeline_loses_and_doubles_nothing(
                         admin.client_kill_filter(_id=entry["id"])
             return failed
 
-        tally = consume(consumer, apply, ENTITIES, Settings(batch_size=40, claim_idle=0.2, read_ahead="pipelined"),
+        tally = consume(consumer, apply, ENTITIES, Settings(batch_size=40, claim_idle=60, read_ahead=read_ahead),
                         once=True)
         loader.close()
         consumer.close()
@@ -201,3 +204,30 @@ def test_a_dropped_connection_mid_pipeline_loses_and_doubles_nothing(
     finally:
         client.close()
         admin.close()
+
+
+def test_a_target_down_longer_than_the_health_check_interval_costs_no_redelivery(
+    redis_url: str, stream_name: str
+) -> None:
+    """While the target is down, the read ahead's reply waits unread on the held connection; the ack sent after
+    must not run redis-py's health check (a PING whose reply would be that one): no spurious bus outage, so
+    the applied batch is not delivered again."""
+    client = redis.Redis.from_url(redis_url, health_check_interval=1)
+    try:
+        xadd_events(client, stream_name, [("upserted", order_data(n)) for n in range(1, 10)])
+        seen: list[int] = []
+        down_until = [0.0]
+
+        def apply(records: Sequence[Record]) -> Sequence[Failed]:
+            if records[0].seq == 1 and not down_until[0]:
+                down_until[0] = time.monotonic() + 1.5  # longer than the health check interval
+            if time.monotonic() < down_until[0]:
+                raise TargetDown("disk full")
+            seen.extend(r.seq for r in records)
+            return []
+
+        tally = consume(member(client, stream_name, claim_idle=60), apply, ENTITIES, PIPELINED, once=True)
+        assert seen == list(range(1, 10)) and tally.applied == 9  # each once: no batch came back
+        assert client.xpending(stream_name, "g")["pending"] == 0
+    finally:
+        client.close()
