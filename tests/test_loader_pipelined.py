@@ -231,3 +231,19 @@ def test_a_target_down_longer_than_the_health_check_interval_costs_no_redelivery
         assert client.xpending(stream_name, "g")["pending"] == 0
     finally:
         client.close()
+
+
+def test_a_backlog_over_two_streams_is_acked_per_stream(redis_client: redis.Redis, stream_name: str) -> None:
+    """One XREADGROUP over two streams gives each stream's entries as a run: each run's XACK names its stream."""
+    other = f"{stream_name}.b"
+    xadd_events(redis_client, stream_name, [("upserted", order_data(n)) for n in range(1, 12)])
+    xadd_events(redis_client, other, [("upserted", order_data(n)) for n in range(1, 8)])
+    consumer = RedisConsumer(redis_client, [stream_name, other], "g", "m1", claim_idle=60,
+                             dead_letters=lambda s: f"{s}.dlq")
+    seen: list[tuple[str, int]] = []
+    tally = consume(consumer, each(lambda r: seen.append((r.stream, r.seq))), ENTITIES,
+                    Settings(batch_size=4, claim_idle=60, read_ahead="pipelined"), once=True)
+    assert sorted(seen) == sorted([(stream_name, n) for n in range(1, 12)] + [(other, n) for n in range(1, 8)])
+    assert [seq for stream, seq in seen if stream == other] == list(range(1, 8))
+    assert tally.applied == 18
+    assert redis_client.xpending(stream_name, "g")["pending"] == 0 and redis_client.xpending(other, "g")["pending"] == 0
