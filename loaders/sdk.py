@@ -312,7 +312,8 @@ class _Pipelined:
         self._acked.append(done)
 
     def settle(self) -> None:
-        """Take the replies in flight (a read's entries are left pending: only `drop` leaves one unread)."""
+        """Take the acks' replies in flight. The loop takes a read's batch (`taken`) before it settles, so no read
+        is in flight here; were one, its entries would stay pending for this member, as after `drop`."""
         if self._acked or self.reading:
             self.reading = False
             self._replies()
