@@ -21,6 +21,7 @@ from loaders import collector
 from loaders.jsonl import JsonlLoader
 from loaders.redis_consumer import RedisConsumer
 from loaders.sdk import Settings, consume
+from loaders.service import settings_of
 from loaders.sql import SqlLoader
 from loaders.sql_schema import entity_table
 from straw.config import EntitySpec
@@ -189,12 +190,13 @@ def jsonl(bench: Bench, records: int, repeat: int) -> dict[str, Any]:
     rates = []
     for rep in range(repeat):
         directory = bench.workdir("jsonl")
-        loader = JsonlLoader(JsonlLoaderSpec(name="bench", kind="jsonl", streams=[stream], directory=directory))
+        spec = JsonlLoaderSpec(name="bench", kind="jsonl", streams=[stream], directory=directory, batch_size=BATCH)
+        loader = JsonlLoader(spec)
         consumer, _ = _group(bench, stream)
         cpu = time.process_time()
         started = time.perf_counter()
-        tally = consume(consumer, loader.apply, entities, Settings(batch_size=BATCH), once=True,
-                        stop=threading.Event())
+        # The settings `straw load` gives this loader (its read ahead included).
+        tally = consume(consumer, loader.apply, entities, settings_of(spec), once=True, stop=threading.Event())
         loader.close()
         seconds = time.perf_counter() - started
         cpu_us = (time.process_time() - cpu) / records * 1e6  # every thread of the process: read ahead too

@@ -7,12 +7,17 @@ groups ack them unseen, as they applied the original already.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from itertools import groupby
+from operator import itemgetter
 from typing import Any
 
+import hiredis
 import redis
+from redis.connection import Connection
 
 from bus.redis import REDIS_DOWN, REDIS_REFUSED  # the relay's: refused credentials are final, not down
 from loaders.consumer import BusDown
@@ -30,6 +35,17 @@ def _text(value: Any) -> str:
 
 def _as_parsed(response: Any, **_options: Any) -> Any:
     return response
+
+
+_STREAM, _ENTRY_ID = itemgetter(0), itemgetter(1)
+
+
+def _by_stream(deliveries: Sequence[Delivery]) -> dict[str, list[str]]:
+    # A batch is mostly one run of one stream: grouped and gathered in C, not a Python step per entry.
+    by_stream: dict[str, list[str]] = {}
+    for stream, run in groupby(deliveries, _STREAM):
+        by_stream.setdefault(stream, []).extend(map(_ENTRY_ID, run))
+    return by_stream
 
 
 def ensure_group(client: redis.Redis, stream: str, group: str, start: str) -> bool:
@@ -74,6 +90,8 @@ class RedisConsumer:
         self._own_backlog = True  # after a restart under the same name, our own unacked entries come first
         self._next_claim = 0.0
         self._claim_from = dict.fromkeys(self._streams, "0-0")
+        self._flight: Connection | None = None  # split-phase commands sent, replies not taken yet (see collect)
+        self._expected: list[str] = []  # what each of those replies is: "read" or "ack"
         for stream in self._streams:
             ensure_group(client, stream, group, start)
         self._forget_idle_members()
@@ -81,6 +99,14 @@ class RedisConsumer:
     @property
     def name(self) -> str:
         return self._name
+
+    def _down(self, exc: Exception) -> BusDown:
+        """The bus is unreachable. Entries handed out and not applied (the batch read ahead, dropped by the SDK)
+        stay pending for this member: the next read takes them first, as after a restart, not newer ones
+        before them (a target that skips by `seq`, JSON Lines, would skip them for good when they came back
+        through a reclaim after newer ones)."""
+        self._own_backlog = True
+        return BusDown(describe(exc))
 
     def _forget_idle_members(self) -> None:
         """Crashed members with nothing pending would stay listed forever (XINFO CONSUMERS grows)."""
@@ -91,12 +117,14 @@ class RedisConsumer:
                     self._client.xgroup_delconsumer(stream, self._group, name)
 
     def read(self, count: int, block: float) -> list[Delivery]:
+        if self._flight is not None:  # its entries would be handed out by neither call until reclaimed
+            raise RuntimeError("split-phase commands in flight: collect() their replies before a read")
         try:
             return self._next(count, block)
         except REDIS_REFUSED:
             raise
         except REDIS_DOWN as exc:
-            raise BusDown(describe(exc)) from exc
+            raise self._down(exc) from exc
 
     def _next(self, count: int, block: float) -> list[Delivery]:
         if self._own_backlog:
@@ -122,15 +150,20 @@ class RedisConsumer:
         except REDIS_REFUSED:
             raise
         except REDIS_DOWN as exc:
-            raise BusDown(describe(exc)) from exc
+            raise self._down(exc) from exc
 
     def _read(self, start: str, count: int, block: float | None) -> list[Delivery]:
         """XREADGROUP from `start` ('>' new entries, '0' this member's pending ones), as first deliveries."""
+        command = self._read_command(start, count, block)
+        return self._deliveries(self._client.execute_command(*command))  # type: ignore[no-untyped-call]
+
+    def _read_command(self, start: str, count: int, block: float | None) -> list[Any]:
         command: list[Any] = ["XREADGROUP", "GROUP", self._group, self._name, "COUNT", count]
         if block and block > 0:
             command += ["BLOCK", max(1, int(block * 1000))]
-        command += ["STREAMS", *self._streams, *[start] * len(self._streams)]
-        reply: Any = self._client.execute_command(*command)  # type: ignore[no-untyped-call]
+        return [*command, "STREAMS", *self._streams, *[start] * len(self._streams)]
+
+    def _deliveries(self, reply: Any) -> list[Delivery]:
         found: list[Delivery] = []
         append = found.append
         # A named tuple's constructor is a Python-level lambda around tuple.__new__: calling that directly
@@ -147,6 +180,71 @@ class RedisConsumer:
                     pairs = iter(flat)
                     append(Delivery(stream, entry_id, dict(zip(pairs, pairs, strict=False)), 1))
         return found
+
+    # Split-phase commands (loaders/sdk.py, `read_ahead="pipelined"`): the next batch's XREADGROUP is sent before
+    # the target applies this one and its reply taken after, so Redis builds the reply while this process works;
+    # the ack of a batch (sent only once it is applied) travels with the next read. One connection held from the
+    # first send to `collect`, replies read in the order sent; a failure anywhere drops that connection (its
+    # state is unknown), so no later reply is ever taken for another command's.
+
+    def send_read_ahead(self, count: int) -> bool:
+        """Send `XREADGROUP >` (no wait) for the batch after the one in hand; its entries come from `collect`.
+        False, nothing sent, where the next read must be `read` (as for `read_ahead`)."""
+        if self._own_backlog or time.monotonic() >= self._next_claim:
+            return False
+        self._send([self._read_command(">", count, None)], "read")
+        return True
+
+    def send_ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Send the XACK of applied entries; `collect` takes its reply (and raises what acking raised)."""
+        self._send([["XACK", stream, self._group, *ids] for stream, ids in _by_stream(deliveries).items()], "ack")
+
+    def collect(self) -> list[Delivery] | None:
+        """Every reply sent for, in order: the read ahead's entries (None: no read was sent)."""
+        connection, expected = self._flight, self._expected
+        if connection is None:
+            return None
+        reply: Any = None
+        with self._in_flight():
+            for kind in expected:
+                answer = connection.read_response()
+                if kind == "read":
+                    reply = answer
+        self._land(broken=False)
+        return self._foreign_ones_acked(self._deliveries(reply)) if "read" in expected else None
+
+    def _send(self, commands: list[list[Any]], kind: str) -> None:
+        with self._in_flight():
+            if self._flight is None:
+                self._flight = self._client.connection_pool.get_connection()
+            # No health check (a PING) behind replies not taken yet: it would take the first of them for its own.
+            # hiredis packs str and int arguments as redis-py would, without its per-argument pass (500 ids).
+            packed = [hiredis.pack_command(tuple(command)) for command in commands]
+            self._flight.send_packed_command(packed, check_health=not self._expected)  # type: ignore[no-untyped-call]
+        self._expected.extend([kind] * len(commands))
+
+    @contextlib.contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        """Any failure drops the held connection (an error reply too, e.g. NOGROUP: the replies behind it are
+        never read); a lost connection is BusDown, as for every other command."""
+        try:
+            yield
+        except REDIS_REFUSED:
+            self._land(broken=True)
+            raise
+        except REDIS_DOWN as exc:
+            self._land(broken=True)
+            raise self._down(exc) from exc
+        except BaseException:
+            self._land(broken=True)
+            raise
+
+    def _land(self, *, broken: bool) -> None:
+        connection, self._flight, self._expected = self._flight, None, []
+        if connection is not None:
+            if broken:
+                connection.disconnect()  # type: ignore[no-untyped-call]
+            self._client.connection_pool.release(connection)
 
     def _claim(self, count: int) -> list[Delivery]:
         """Entries that any member (a dead one, or this one after a failure) left pending past claim_idle."""
@@ -191,7 +289,7 @@ class RedisConsumer:
         except REDIS_REFUSED:
             raise
         except REDIS_DOWN as exc:
-            raise BusDown(describe(exc)) from exc
+            raise self._down(exc) from exc
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         try:
@@ -199,14 +297,11 @@ class RedisConsumer:
         except REDIS_REFUSED:
             raise
         except REDIS_DOWN as exc:  # not acked: the entries come back and the target skips them (idempotent)
-            raise BusDown(describe(exc)) from exc
+            raise self._down(exc) from exc
 
     def _ack(self, deliveries: Sequence[Delivery]) -> None:
-        by_stream: dict[str, list[str]] = {}
-        for delivery in deliveries:
-            by_stream.setdefault(delivery.stream, []).append(delivery.entry_id)
         pipe = self._client.pipeline(transaction=False)
-        for stream, ids in by_stream.items():
+        for stream, ids in _by_stream(deliveries).items():
             pipe.xack(stream, self._group, *ids)
         pipe.execute()
 
@@ -238,9 +333,10 @@ class RedisConsumer:
         except REDIS_REFUSED:
             raise
         except REDIS_DOWN as exc:
-            raise BusDown(describe(exc)) from exc
+            raise self._down(exc) from exc
 
     def close(self) -> None:
+        self._land(broken=True)  # replies never taken: the connection is not reusable
         self._client.close()
         self._client.connection_pool.disconnect()
         self._given.close()

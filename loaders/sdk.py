@@ -8,6 +8,10 @@ delivery is counted.
 With a backlog, a consumer that can (`read_ahead`, Redis) reads and parses the next batch in a second thread
 while the target applies this one: the target's wait (a database round trip, an fsync) is no longer the
 reader's. Batches are still applied one after the other in stream order, and each acked only once applied.
+A target whose apply is mostly this process's own CPU (JSON Lines: a write and an fsync) gains nothing from a
+second thread but pays for it (the two threads take turns on the interpreter): with `read_ahead="pipelined"` a
+consumer that can (Redis) sends the next read before the target applies this batch and takes its reply after,
+in one thread, the ack of a batch travelling with the next read.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Literal, NamedTuple, Protocol, cast
 
 import structlog
 
@@ -48,6 +52,14 @@ Apply = Callable[[Sequence[Record]], Sequence[Failed]]
 # A consumer's optional `read_ahead(count)`: new entries for the batch after the one in hand, without waiting,
 # or None when the next read must be a plain `read` (one that could hand out the entries in hand again).
 ReadAhead = Callable[[int], list[Delivery] | None]
+
+
+class SplitPhase(Protocol):
+    """A consumer's optional split-phase commands (`read_ahead="pipelined"`): send now, take the replies later."""
+
+    def send_read_ahead(self, count: int) -> bool: ...  # False: nothing sent, the next read must be `read`
+    def send_ack(self, deliveries: Sequence[Delivery]) -> None: ...
+    def collect(self) -> list[Delivery] | None: ...  # every reply, in order; the read's entries (None: no read)
 
 
 class _Batch(NamedTuple):
@@ -94,6 +106,11 @@ class Settings:
     claim_idle: float = 60.0
     backoff_max: float = 30.0
     give_up_after: float = 30.0  # with `once`: how long the bus or the target may be down before the run fails
+    # With a backlog, how the next batch is read while the target applies this one: "thread" reads and parses it
+    # in a second thread (pays when the target waits, a database); "pipelined" sends the read before the apply
+    # and takes the reply after, one thread (pays when the apply is CPU, JSON Lines). Either falls back to
+    # plain reads on a consumer that cannot (NATS, RabbitMQ).
+    read_ahead: Literal["thread", "pipelined"] = "thread"
 
 
 class _Outage:
@@ -136,9 +153,10 @@ def consume(
     tally = Tally()
     outage = _Outage(settings, once)
     check = applied is not None
-    with _Pipeline(consumer, entities, settings, tally) as pipeline:
+    pipelined = settings.read_ahead == "pipelined" and hasattr(consumer, "collect")
+    with (_Pipelined if pipelined else _Pipeline)(consumer, entities, settings, tally) as pipeline:
         # A batch read ahead is applied even after `stop`: it is in hand, like the one before it.
-        while not stop.is_set() or pipeline.ahead is not None:
+        while not stop.is_set() or pipeline.reading:
             try:
                 batch = pipeline.taken()
                 if batch is None:
@@ -201,6 +219,11 @@ class _Pipeline:
     def __enter__(self) -> _Pipeline:
         return self
 
+    @property
+    def reading(self) -> bool:
+        """A batch is being read ahead: it is applied before the loop ends, even after a stop."""
+        return self.ahead is not None
+
     def __exit__(self, *exc: object) -> None:
         try:
             if exc[0] is None:
@@ -228,7 +251,7 @@ class _Pipeline:
     def ack(self, done: list[Delivery]) -> None:
         if self._thread is None:
             self.consumer.ack(done)
-            self._count(done)
+            _count(self.tally, done)
             return
         self.settle()
         self._acking, self._acked = self._thread.submit(self.consumer.ack, done), done
@@ -238,13 +261,7 @@ class _Pipeline:
         acking, self._acking = self._acking, None
         if acking is not None:
             acking.result()
-            self._count(self._acked)
-
-    def _count(self, done: list[Delivery]) -> None:
-        self.tally.applied += len(done)
-        if self.tally.pending:
-            for delivery in done:
-                self.tally.pending.discard((delivery.stream, delivery.entry_id))
+            _count(self.tally, self._acked)
 
     def drop(self) -> None:
         """Wait for what is in flight and forget it (its entries stay pending and come back)."""
@@ -253,6 +270,73 @@ class _Pipeline:
                 with contextlib.suppress(Exception):  # the error that ended the batch in hand is the one to report
                     job.result()
         self.ahead = self._acking = None
+
+
+class _Pipelined:
+    """The read ahead of `_Pipeline` in the caller's thread, for a consumer with split-phase commands
+    (`send_read_ahead`, `send_ack`, `collect`: loaders/redis_consumer.py). The next batch's read is sent before
+    this one is applied and its reply taken after; the ack of a batch is sent once it is applied and its reply
+    taken with the next read's (or by `settle`, before any plain read, `pending()` and at exit). A batch is
+    counted applied once its ack's reply came back."""
+
+    def __init__(self, consumer: Consumer, entities: Mapping[str, EntitySpec], settings: Settings,
+                 tally: Tally) -> None:
+        self.consumer, self.entities, self.settings, self.tally = consumer, entities, settings, tally
+        split = cast(SplitPhase, consumer)  # `consume` picks this class only for a consumer with `collect`
+        self._send_read, self._send_ack, self._collect = split.send_read_ahead, split.send_ack, split.collect
+        self.reading = False
+        self._acked: list[list[Delivery]] = []  # acks sent, replies not taken yet
+
+    def __enter__(self) -> _Pipelined:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            with contextlib.suppress(BusDown):  # applied, not acked: they come back and are skipped
+                self.settle()
+        else:
+            self.drop()
+
+    def read_next(self) -> None:
+        self.reading = self._send_read(self.settings.batch_size)
+
+    def taken(self) -> _Batch | None:
+        if not self.reading:
+            return None
+        self.reading = False
+        deliveries = self._replies()
+        return _parsed(deliveries, self.entities, self.settings) if deliveries else None
+
+    def ack(self, done: list[Delivery]) -> None:
+        self._send_ack(done)
+        self._acked.append(done)
+
+    def settle(self) -> None:
+        """Take the acks' replies in flight. The loop takes a read's batch (`taken`) before it settles, so no read
+        is in flight here; were one, its entries would stay pending for this member, as after `drop`."""
+        if self._acked or self.reading:
+            self.reading = False
+            self._replies()
+
+    def _replies(self) -> list[Delivery] | None:
+        acked, self._acked = self._acked, []
+        deliveries = self._collect()
+        for done in acked:
+            _count(self.tally, done)
+        return deliveries
+
+    def drop(self) -> None:
+        """Forget what is in flight (its entries stay pending and come back)."""
+        self.reading, self._acked = False, []
+        with contextlib.suppress(Exception):  # the error that ended the batch in hand is the one to report
+            self._collect()
+
+
+def _count(tally: Tally, done: list[Delivery]) -> None:
+    tally.applied += len(done)
+    if tally.pending:
+        for delivery in done:
+            tally.pending.discard((delivery.stream, delivery.entry_id))
 
 
 # In the second thread, parsing yields the interpreter every this many records: the thread applying waits for

@@ -97,8 +97,11 @@ def open_target(config: Config, spec: AnyLoaderSpec) -> Target:
 
 
 def settings_of(spec: AnyLoaderSpec) -> Settings:
+    # JSON Lines' apply is this process's CPU and a short fsync: a second thread would only take turns with it
+    # (bench/README.md, Session 7 — jsonl-rate2); a database's round trips are worth a thread's overlap.
     return Settings(batch_size=spec.batch_size, block=spec.block, max_deliveries=spec.max_deliveries,
-                    claim_idle=spec.claim_idle)
+                    claim_idle=spec.claim_idle,
+                    read_ahead="pipelined" if isinstance(spec, JsonlLoaderSpec) else "thread")
 
 
 @contextmanager

@@ -65,6 +65,8 @@ SERIAL_TESTS = {  # module::function, in modules whose other tests may run besid
     "test_loader_buses::test_a_nats_outage_mid_load_is_waited_out_and_nothing_is_lost_or_doubled": "loader-kills",
     "test_loader_buses::test_a_rabbitmq_outage_mid_load_is_waited_out_and_nothing_is_lost_or_doubled":
         "loader-kills",
+    "test_loader_pipelined::test_a_jsonl_loader_killed_at_random_acks_only_what_it_wrote_and_ends_exact":
+        "loader-kills",
 }
 
 

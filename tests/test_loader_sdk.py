@@ -6,6 +6,7 @@ import datetime as dt
 import threading
 import time
 from decimal import Decimal
+from typing import Literal
 
 import pytest
 import redis
@@ -234,7 +235,10 @@ def test_with_a_backlog_the_next_batch_is_read_while_this_one_is_applied_and_ord
     assert redis_client.xpending(stream_name, "g")["pending"] == 0
 
 
-def test_a_stop_applies_and_acks_the_batch_read_ahead_too(redis_client: redis.Redis, stream_name: str) -> None:
+@pytest.mark.parametrize("read_ahead", ["thread", "pipelined"])
+def test_a_stop_applies_and_acks_the_batch_read_ahead_too(
+    redis_client: redis.Redis, stream_name: str, read_ahead: Literal["thread", "pipelined"]
+) -> None:
     """SIGTERM finishes what is in hand: the batch applied and the one read ahead for it; nothing stays pending."""
     xadd_events(redis_client, stream_name, [("upserted", order_data(n)) for n in range(1, 10)])
     stop = threading.Event()
@@ -245,22 +249,27 @@ def test_a_stop_applies_and_acks_the_batch_read_ahead_too(redis_client: redis.Re
         seen.append(record.seq)
 
     tally = consume(member(redis_client, stream_name, claim_idle=60), each(handle), ENTITIES,
-                    Settings(batch_size=3, claim_idle=60, block=0.1), stop=stop)
+                    Settings(batch_size=3, claim_idle=60, block=0.1, read_ahead=read_ahead), stop=stop)
     assert tally.stopped and seen == [1, 2, 3, 4, 5, 6] and tally.applied == 6
     assert redis_client.xpending(stream_name, "g")["pending"] == 0
     assert len(member(redis_client, stream_name, claim_idle=60).read(10, 0)) == 3  # 7..9 were never read
 
 
+@pytest.mark.parametrize("read_ahead", ["thread", "pipelined"])
 @pytest.mark.parametrize("protocol", [2, 3])
-def test_the_consumer_reads_replies_of_both_protocols(redis_url: str, stream_name: str, protocol: int) -> None:
+def test_the_consumer_reads_replies_of_both_protocols(
+    redis_url: str, stream_name: str, protocol: int, read_ahead: Literal["thread", "pipelined"]
+) -> None:
     client = redis.Redis.from_url(redis_url, protocol=protocol)
     try:
         xadd_events(client, stream_name, [("upserted", order_data(n)) for n in range(1, 4)])
         client.xadd(stream_name, {"seq": "4", "pos": "[4]", "event": "[]", "extra": "x"})  # not the relay's layout
+        xadd_events(client, stream_name, [("upserted", order_data(n)) for n in range(5, 8)], first_seq=5)
         seen: list[Record] = []
         tally = consume(member(client, stream_name), each(seen.append), ENTITIES,
-                        Settings(batch_size=2, max_deliveries=1), once=True)
-        assert [r.seq for r in seen] == [1, 2, 3] and seen[0].position == "[1]" and tally.dead_letters == 1
+                        Settings(batch_size=2, max_deliveries=1, read_ahead=read_ahead), once=True)
+        assert [r.seq for r in seen] == [1, 2, 3, 5, 6, 7] and seen[0].position == "[1]" and tally.dead_letters == 1
+        assert client.xpending(stream_name, "g")["pending"] == 0
         [(_, fields)] = client.xrange(f"{stream_name}.dlq")
         assert fields[b"extra"] == b"x" and fields[b"event"] == b"[]"
     finally:
