@@ -70,7 +70,11 @@ class RedisConsumer:
         claim_idle: float,
         dead_letters: Callable[[str], str],
         start: str = "begin",
+        adopt: bool = False,
     ) -> None:
+        """`adopt`: this member is its group's only one (a JSON Lines loader, which writes in stream order): at
+        start, and after the bus was lost, it takes every entry pending in the group, whoever held it (a
+        previous run under another name, on another host), and applies those first, in stream order."""
         # Decoding in the client (hiredis) is several times faster than per field here; a byte that is not
         # UTF-8 becomes U+FFFD, and the record then fails to parse: a dead letter, never an exception.
         pool = client.connection_pool
@@ -88,6 +92,8 @@ class RedisConsumer:
         self._claim_every = max(0.05, claim_idle / 2)
         self._dead_letters = dead_letters
         self._own_backlog = True  # after a restart under the same name, our own unacked entries come first
+        self._adopt = adopt
+        self._adopted = False  # in this backlog phase
         self._next_claim = 0.0
         self._claim_from = dict.fromkeys(self._streams, "0-0")
         self._flight: Connection | None = None  # split-phase commands sent, replies not taken yet (see collect)
@@ -106,6 +112,7 @@ class RedisConsumer:
         before them (a target that skips by `seq`, JSON Lines, would skip them for good when they came back
         through a reclaim after newer ones)."""
         self._own_backlog = True
+        self._adopted = False
         return BusDown(describe(exc))
 
     def _forget_idle_members(self) -> None:
@@ -127,6 +134,9 @@ class RedisConsumer:
             raise self._down(exc) from exc
 
     def _next(self, count: int, block: float) -> list[Delivery]:
+        if self._own_backlog and self._adopt and not self._adopted:
+            self._adopt_pending()
+            self._adopted = True
         if self._own_backlog:
             found = self._read("0", count, None)
             if found:
@@ -138,6 +148,18 @@ class RedisConsumer:
                 return claimed
             self._next_claim = time.monotonic() + self._claim_every
         return self._foreign_ones_acked(self._read(">", count, block))
+
+    def _adopt_pending(self) -> None:
+        """Every entry pending in the group becomes this member's (JUSTID: no delivery is counted for it)."""
+        for stream in self._streams:
+            cursor = "0-0"
+            while True:
+                # Sent as a command: redis-py's xautoclaim(justid=True) keeps the ids and drops the cursor.
+                reply: Any = self._client.execute_command(  # type: ignore[no-untyped-call]
+                    "XAUTOCLAIM", stream, self._group, self._name, 0, cursor, "COUNT", 1000, "JUSTID")
+                cursor = _text(reply[0])
+                if cursor == "0-0":
+                    break
 
     def read_ahead(self, count: int) -> list[Delivery] | None:
         """New entries, without waiting, for the batch after the one in hand (see loaders/sdk.py); None while

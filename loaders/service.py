@@ -31,9 +31,14 @@ class Target(Protocol):
     def close(self) -> None: ...
 
 
-def consumer_name() -> str:
-    """Unique per process: two loaders on one host must not share a pending list."""
-    return f"{socket.gethostname().split('.')[0] or 'loader'}-{os.getpid()}"
+def consumer_name(spec: AnyLoaderSpec | None = None) -> str:
+    """Unique per process: two loaders on one host must not share a pending list. A JSON Lines loader is its
+    group's only member (one process per directory): named after the loader, a restart finds its own pending
+    entries again and writes them first, in stream order, as its skip of `seq`s already on disk needs."""
+    host = socket.gethostname().split(".")[0] or "loader"
+    if isinstance(spec, JsonlLoaderSpec):
+        return f"{host}-{spec.name}"
+    return f"{host}-{os.getpid()}"
 
 
 def redis_client(url: str, socket_timeout: float) -> redis.Redis:
@@ -54,8 +59,8 @@ def redis_consumer(config: Config, spec: AnyLoaderSpec, name: str | None = None)
     bus = config.bus_spec
     client = redis_client(bus.url, max(bus.socket_timeout, spec.block + 5.0))
     return RedisConsumer(
-        client, spec.streams, spec.group_name, name or consumer_name(), claim_idle=spec.claim_idle,
-        dead_letters=spec.dead_letters_of, start=spec.start,
+        client, spec.streams, spec.group_name, name or consumer_name(spec), claim_idle=spec.claim_idle,
+        dead_letters=spec.dead_letters_of, start=spec.start, adopt=isinstance(spec, JsonlLoaderSpec),
     )
 
 
@@ -69,7 +74,7 @@ def open_consumer(config: Config, spec: AnyLoaderSpec, name: str | None = None) 
     """The loader's member on the configured bus, picked by the bus URL's scheme (as the relay's bus is)."""
     bus = config.bus_spec
     kind = bus_kind(bus.url)
-    member = name or consumer_name()
+    member = name or consumer_name(spec)
     if kind == "nats":
         from loaders.nats_consumer import NatsConsumer
 

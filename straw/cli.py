@@ -544,7 +544,8 @@ def load(
     config_path: ConfigOption = None,
     once: Annotated[bool, typer.Option("--once", help="Apply what is in the streams now, then exit.")] = False,
     consumer: Annotated[
-        str | None, typer.Option(help="This member's name in the group; default: <host>-<pid>.")
+        str | None,
+        typer.Option(help="This member's name in the group; default: <host>-<pid> (a jsonl loader: <host>-<loader>)."),
     ] = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ERROR.")] = None,
 ) -> None:
