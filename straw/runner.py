@@ -434,6 +434,7 @@ class Runner:
 
     def _poll_logged(self, pipeline: Pipeline, outbox: Outbox, result: RunResult) -> int:
         spec = pipeline.spec
+        began = time.time()  # the next poll is due an interval after this one began (straw/schedule.py)
         sweep_deletes(pipeline, outbox, self.stop)
         started = time.monotonic()
         tally = Tally()
@@ -458,7 +459,8 @@ class Runner:
         # A poll cut at its cap has more waiting: the next one is due at once (inside its window), not a
         # poll_interval or cron time later.
         capped = bool(limit and rows >= limit)
-        pipeline.next_due = pipeline.due_in(pipeline.schedule.next_due(time.time(), capped=capped), time.monotonic())
+        due = pipeline.schedule.next_due(time.time(), capped=capped, started=began)
+        pipeline.next_due = pipeline.due_in(due, time.monotonic())
         result.tallies.setdefault(spec.name, Tally()).add(tally)
         if tally.upserted or tally.deleted or tally.dead or self.config.log.polls == "all":
             log.info("polled", source=spec.name, rows=rows, upserted=tally.upserted, deleted=tally.deleted,
