@@ -490,7 +490,9 @@ class OutboxSpec(Strict):
 
 class RelaySpec(Strict):
     batch_size: int = Field(default=1000, ge=1, le=50_000, description="records per atomic publish (one round trip)")
-    idle_interval: Seconds = Field(default=0.2, description="how often an idle relay looks for new records")
+    idle_interval: Seconds = Field(
+        default=0.2, description="how often an idle relay looks for new records; each outbox commit that adds "
+        "records wakes it at once too (not on Windows before Python 3.12, whose pipes cannot be non-blocking)")
     backoff_max: Seconds = Field(default=30.0, description="retry ceiling while Redis is unreachable")
     maxlen: int | None = Field(
         default=None, ge=1, description="approximate `MAXLEN ~` trim per stream; none keeps every entry (NATS: "
