@@ -224,8 +224,9 @@ class DbSourceSpec(Scheduled):
     batch_size: int = Field(default=1000, ge=1, le=100_000, description="rows per fetch and per outbox transaction")
     poll_interval: Seconds = Field(
         default=5.0,
-        description="time from one poll's start to the next's (a poll that runs longer is followed by the next at "
-        "once); at least `50ms` (shorter polls the legacy database in a busy loop)",
+        description="time from one poll's start to the next's (a poll that runs longer is followed at the next "
+        "whole multiple of it from its start, none made up); at least `50ms` (shorter polls the legacy database "
+        "in a busy loop)",
     )
     max_rows_per_poll: int | None = Field(
         default=None, ge=1, description="cap per poll; a poll cut at the cap polls again at once (inside its window)")
