@@ -224,8 +224,8 @@ class DbSourceSpec(Scheduled):
     batch_size: int = Field(default=1000, ge=1, le=100_000, description="rows per fetch and per outbox transaction")
     poll_interval: Seconds = Field(
         default=5.0,
-        description="time from one poll's start to the next's (a poll that runs longer is followed at the next "
-        "whole multiple of it from its start, none made up); at least `50ms` (shorter polls the legacy database "
+        description="time from one poll's start to the next's (a poll that runs longer is followed this long "
+        "after it ended); at least `50ms` (shorter polls the legacy database "
         "in a busy loop)",
     )
     max_rows_per_poll: int | None = Field(
