@@ -201,7 +201,9 @@ class RelayProcess:
         self._process.stdin.write(orjson.dumps(setup) + b"\n")
         self._process.stdin.flush()
         fd = self._process.stdin.fileno()
-        with contextlib.suppress(OSError):  # Windows before Python 3.12 cannot: the child's idle look still finds all
+        # Windows before Python 3.12 has no os.set_blocking (and no non-blocking pipes): no wakes there, the
+        # child's idle look still finds every record.
+        with contextlib.suppress(OSError, AttributeError):
             # Non-blocking: a `wake` must never stall a poll, even if the child stopped reading its stdin.
             os.set_blocking(fd, False)
             self._stdin = fd
