@@ -224,7 +224,9 @@ class DbSourceSpec(Scheduled):
     batch_size: int = Field(default=1000, ge=1, le=100_000, description="rows per fetch and per outbox transaction")
     poll_interval: Seconds = Field(
         default=5.0,
-        description="time between polls; at least `50ms` (shorter polls the legacy database in a busy loop)",
+        description="time from one poll's start to the next's (a poll that runs longer is followed this long "
+        "after it ended); at least `50ms` (shorter polls the legacy database "
+        "in a busy loop)",
     )
     max_rows_per_poll: int | None = Field(
         default=None, ge=1, description="cap per poll; a poll cut at the cap polls again at once (inside its window)")
@@ -489,7 +491,9 @@ class OutboxSpec(Strict):
 
 class RelaySpec(Strict):
     batch_size: int = Field(default=1000, ge=1, le=50_000, description="records per atomic publish (one round trip)")
-    idle_interval: Seconds = Field(default=0.2, description="how often an idle relay looks for new records")
+    idle_interval: Seconds = Field(
+        default=0.2, description="how often an idle relay looks for new records; each outbox commit that adds "
+        "records wakes it at once too (not on Windows before Python 3.12, whose pipes cannot be non-blocking)")
     backoff_max: Seconds = Field(default=30.0, description="retry ceiling while Redis is unreachable")
     maxlen: int | None = Field(
         default=None, ge=1, description="approximate `MAXLEN ~` trim per stream; none keeps every entry (NATS: "

@@ -123,20 +123,21 @@ class Tally:
 
 
 def poll(
-    pipeline: Pipeline, outbox: Outbox, *, stop: Callable[[], bool] | None = None, tally: Tally | None = None
+    pipeline: Pipeline, outbox: Outbox, *, stop: Callable[[], bool] | None = None, tally: Tally | None = None,
+    committed: Callable[[], None] | None = None,
 ) -> int:
     """Read everything after the stored position into the outbox, batch by batch; return rows read.
 
     `stop`: asked after each committed batch; when it says so, the poll ends there (the
     position stands after that batch, so the next poll goes on from it). `tally`: counts
-    what the poll did.
+    what the poll did. `committed`: called after each outbox commit that added records (the relay's wake-up).
     """
     spec = pipeline.spec
     rows = 0
     tally = tally if tally is not None else Tally()
     batches = pipeline.source.read(outbox.position(spec.name))
     try:
-        rows = _poll_batches(pipeline, outbox, batches, stop, tally)
+        rows = _poll_batches(pipeline, outbox, batches, stop, tally, committed)
     finally:
         close = getattr(batches, "close", None)  # a stop leaves the read unfinished: release its cursor now
         if close is not None:
@@ -147,7 +148,8 @@ def poll(
 
 
 def _poll_batches(
-    pipeline: Pipeline, outbox: Outbox, batches: Iterator[RawBatch], stop: Callable[[], bool] | None, tally: Tally
+    pipeline: Pipeline, outbox: Outbox, batches: Iterator[RawBatch], stop: Callable[[], bool] | None, tally: Tally,
+    committed: Callable[[], None] | None,
 ) -> int:
     spec = pipeline.spec
     rows = 0
@@ -171,6 +173,8 @@ def _poll_batches(
             )
             tally.upserted += written - deleted[0]
             tally.deleted += deleted[0]
+            if written and committed is not None:
+                committed()
         else:
             mapped = pipeline.mapper.map(batch)
             outbox.append(
@@ -181,6 +185,8 @@ def _poll_batches(
                 batch.next_position,
                 len(batch.rows),
             )
+            if mapped.events and committed is not None:
+                committed()
             gone = _deletions(batch.ops, batch.positions, mapped.dead) if batch.ops is not None else 0
             tally.upserted += len(mapped.events) - gone
             tally.deleted += gone
@@ -280,6 +286,7 @@ class Runner:
         self.log_level = log_level
         self.metrics: Metrics | None = None
         self.leases: Leases | None = None  # with `lease:` configured: which streams this instance may poll
+        self._wake_relay: Callable[[], None] | None = None  # the running relay's wake-up, once it is started
 
     def run(self, *, once: bool = False, wait: float = 30.0, wait_lock: float = 0.0) -> RunResult:
         """`once`: poll every source until caught up, publish everything, return.
@@ -326,6 +333,7 @@ class Runner:
         relay = RelayProcess(config, self.log_level)
         relay.on_published = self.metrics.published if self.metrics is not None else None
         relay.start()
+        self._wake_relay = relay.wake
         try:
             with _stop_on_signals(self):
                 deadline = time.monotonic() + wait
@@ -426,11 +434,12 @@ class Runner:
 
     def _poll_logged(self, pipeline: Pipeline, outbox: Outbox, result: RunResult) -> int:
         spec = pipeline.spec
+        began = time.time()  # the next poll is due an interval after this one began (straw/schedule.py)
         sweep_deletes(pipeline, outbox, self.stop)
         started = time.monotonic()
         tally = Tally()
         try:
-            rows = poll(pipeline, outbox, stop=self._stop_for(spec.stream), tally=tally)
+            rows = poll(pipeline, outbox, stop=self._stop_for(spec.stream), tally=tally, committed=self._wake_relay)
         except OutboxError as exc:
             # The outbox itself failed (full disk, read-only, damaged): nothing to note in it either.
             self._failed(pipeline, result, started, str(exc))
@@ -450,7 +459,8 @@ class Runner:
         # A poll cut at its cap has more waiting: the next one is due at once (inside its window), not a
         # poll_interval or cron time later.
         capped = bool(limit and rows >= limit)
-        pipeline.next_due = pipeline.due_in(pipeline.schedule.next_due(time.time(), capped=capped), time.monotonic())
+        due = pipeline.schedule.next_due(time.time(), capped=capped, started=began)
+        pipeline.next_due = pipeline.due_in(due, time.monotonic())
         result.tallies.setdefault(spec.name, Tally()).add(tally)
         if tally.upserted or tally.deleted or tally.dead or self.config.log.polls == "all":
             log.info("polled", source=spec.name, rows=rows, upserted=tally.upserted, deleted=tally.deleted,

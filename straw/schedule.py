@@ -210,18 +210,26 @@ class Schedule:
         """When a freshly started source first polls: now (or its window's opening), or its next cron time."""
         return self._jittered(self._cron_after(now) if self.cron else self.open_from(now))
 
-    def next_due(self, now: float, *, capped: bool = False) -> float | None:
-        """After a poll that ended at `now`; `capped`: it stopped at max_rows_per_poll, so at once if still open.
+    def next_due(self, now: float, *, capped: bool = False, started: float | None = None) -> float | None:
+        """After a poll that ended at `now` (and began at `started`); `capped`: it stopped at max_rows_per_poll,
+        so at once if still open.
 
-        A poll that ran past cron times does not make up for them: the next one is the
-        first cron time after it ended (a source's polls never overlap, nor pile up).
-        None: never again (a cron that never fires inside the windows; refused at load).
+        The interval runs from the poll's start, so the time a poll takes (a settle re-look, a slow
+        query) does not stretch every cycle: at 100 ms it added 7 ms at p50 and 40 at p99 (issue 14).
+        A poll that ran past that time is followed an interval after it ended, as before, and a poll that
+        ran past cron times by the first cron time after it ended: neither makes up for the ones it
+        missed, and neither polls back to back (a poll re-looking 1 s behind an open transaction, every
+        1 s, still leaves the database a second's rest). None: never again (a cron that never fires
+        inside the windows; refused at load).
         """
         if capped and self.is_open(now):
             return now
         if self.cron:
             return self._jittered(self._cron_after(now))
-        return self._jittered(self.open_from(now + self.interval))
+        due = now + self.interval
+        if started is not None and started + self.interval >= now:
+            due = started + self.interval
+        return self._jittered(self.open_from(due))
 
     def _jittered(self, due: float | None) -> float | None:
         if due is None or not self.jitter:

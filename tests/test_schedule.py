@@ -72,6 +72,29 @@ def test_cron_skips_times_outside_the_windows_and_never_piles_up() -> None:
     assert local(leap.next_due(at(2026, 12, 5, 0, 0))) == dt.datetime(2028, 2, 29, 0, 0, tzinfo=AMS)
 
 
+def test_the_interval_runs_from_the_polls_start_and_a_long_poll_is_followed_at_once() -> None:
+    s = Schedule(interval=5, windows=NIGHTS_AND_WEEKENDS, zone=AMS)
+    began = at(2026, 11, 30, 20, 0)
+    # A poll that took 1.5 s of its 5: the next is due 5 s after it began, not 5 s after it ended.
+    assert s.next_due(began + 1.5, started=began) == began + 5
+    # A poll that ran past its next due time: the next an interval after it ended, none made up, no rush.
+    assert s.next_due(began + 12, started=began) == began + 17
+    assert s.next_due(began + 5, started=began) == began + 5
+    # Due after the window closed: the next opening, as for a poll that ended there.
+    closing = at(2026, 12, 1, 6, 59, 58)
+    assert local(s.next_due(closing + 1, started=closing)) == dt.datetime(2026, 12, 1, 19, 0, tzinfo=AMS)
+
+
+@given(interval=st.floats(min_value=0.05, max_value=3600), began=st.floats(min_value=1e9, max_value=3e9),
+       took=st.floats(min_value=0, max_value=7200))
+def test_a_poll_is_due_an_interval_after_it_began_or_if_it_ran_past_that_after_it_ended(
+    interval: float, began: float, took: float
+) -> None:
+    due = Schedule(interval=interval).next_due(began + took, started=began)
+    assert due is not None and began + took <= due  # never before the last poll ended: no overlap
+    assert due == (began + interval if took <= interval else began + took + interval)
+
+
 def test_a_capped_poll_goes_on_at_once_inside_its_window_and_waits_outside() -> None:
     s = Schedule(interval=3600, cron="0 * * * *", windows=NIGHTS_AND_WEEKENDS, zone=AMS)
     night = at(2026, 11, 30, 22, 17)
