@@ -9,6 +9,7 @@ at once, as a power cut does. `finish` is the last run without kills.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -104,25 +105,30 @@ def run_and_kill(
     rather than a random time, so they land mid-work however fast the machine is."""
     before = as_bus(client).length(stream)
     proc = spawn_straw(config, log)
-    choice = rng.random()
-    if choice < 0.3:
-        time.sleep(rng.uniform(0.0, 1.0))  # start-up: imports, config, outbox, relay process, adopt
-    elif final is not None and final > before:
-        target = before + rng.randint(1, max(1, (final - before) // 8))
-        deadline = time.monotonic() + 10.0
-        while as_bus(client).length(stream) < target and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.001)
-    else:
-        # Mid-work: a little after this run's first relay round, however slow the start was (a loaded
-        # machine takes seconds to start straw, and a kill then lands in start-up every time); once
-        # everything is published (`final` reached), after a while: an idle straw is killed too.
-        idle = final is not None and final <= before
-        deadline = time.monotonic() + (2.0 if idle else 20.0)
-        bus = as_bus(client)
-        while bus.length(stream) == before and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0.0, 0.5))
-    assert proc.poll() is None, f"straw exited by itself (code {proc.returncode}):\n{tail(Path(log.name))}"
+    try:
+        choice = rng.random()
+        if choice < 0.3:
+            time.sleep(rng.uniform(0.0, 1.0))  # start-up: imports, config, outbox, relay process, adopt
+        elif final is not None and final > before:
+            target = before + rng.randint(1, max(1, (final - before) // 8))
+            deadline = time.monotonic() + 10.0
+            while as_bus(client).length(stream) < target and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.001)
+        else:
+            # Mid-work: a little after this run's first relay round, however slow the start was (a loaded
+            # machine takes seconds to start straw, and a kill then lands in start-up every time); once
+            # everything is published (`final` reached), after a while: an idle straw is killed too.
+            idle = final is not None and final <= before
+            deadline = time.monotonic() + (2.0 if idle else 20.0)
+            bus = as_bus(client)
+            while bus.length(stream) == before and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.5))
+        assert proc.poll() is None, f"straw exited by itself (code {proc.returncode}):\n{tail(Path(log.name))}"
+    except BaseException:  # the bus or the test failed mid-run: never leave a straw run behind
+        with contextlib.suppress(ProcessLookupError):  # all gone already: the error above is the one to see
+            kill_hard(proc, whole_group=True)
+        raise
     kill_hard(proc, whole_group=rng.random() < 0.5)
     return where_it_died(config.parent / "outbox.db", client, stream)
 
