@@ -374,6 +374,12 @@ def test_sources_on_one_host_share_one_connection_pool_and_rate_limit(
             assert all(s.last is not None and len(s.last.items) == 40 for s in sources)
             # Each source reads detail pages 2 and 4 at a time; the server never sees more than 2.
             assert ui.max_in_flight <= 2
+            # Every request gave its slot back: the next crawl is not left waiting for a connection.
+            slots = first.host.slots
+            assert slots is not None
+            assert all(slots.acquire(blocking=False) for _ in range(2)) and not slots.acquire(blocking=False)
+            for _ in range(2):
+                slots.release()
         finally:
             for source in sources:
                 source.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ssl
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,6 +35,7 @@ class Host:
     users: int = 0
     limit: RateLimit | None = None
     pool: TlsWhenNeeded | None = None
+    slots: threading.BoundedSemaphore | None = None  # requests in flight on the pool: never more than it holds
 
     @property
     def connections(self) -> int:
@@ -53,7 +55,9 @@ class Host:
             if self.pool is None:
                 limits = httpx.Limits(max_connections=self.connections, max_keepalive_connections=self.connections)
                 self.pool = TlsWhenNeeded(verify, limits)
-            return _Borrowed(self.pool)
+                self.slots = threading.BoundedSemaphore(self.connections)
+            assert self.slots is not None
+            return _Borrowed(self.pool, self.slots)
 
 
 _lock = threading.Lock()
@@ -89,16 +93,54 @@ def release(host: Host) -> None:
 
 
 class _Borrowed(httpx.BaseTransport):
-    """The shared pool as one client sees it: closing the client leaves the pool to the others."""
+    """The shared pool as one client sees it: closing the client leaves the pool to the others.
 
-    def __init__(self, shared: httpx.BaseTransport) -> None:
+    Sources sharing a pool run more threads than it has connections. A request never waits inside the pool:
+    it first takes one of the host's slots (as many as connections), held until its response is closed.
+    httpcore's sync pool can close a connection it has just handed to a queued request, which then hangs
+    until its read timeout (encode/httpcore#1110; seen here as a 20 s ReadTimeout on a loopback server).
+    """
+
+    def __init__(self, shared: httpx.BaseTransport, slots: threading.BoundedSemaphore) -> None:
         self._shared = shared
+        self._slots = slots
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        return self._shared.handle_request(request)
+        timeouts = request.extensions.get("timeout") or {}
+        wait = timeouts.get("pool")
+        if not self._slots.acquire(timeout=wait):
+            raise httpx.PoolTimeout(f"no free connection to {request.url.host} within {wait} s", request=request)
+        try:
+            response = self._shared.handle_request(request)
+        except BaseException:
+            self._slots.release()
+            raise
+        response.stream = _ReleasedOnClose(response.stream, self._slots)
+        return response
 
     def close(self) -> None:
         pass  # closed by release(), when the host's last source is closed
+
+
+class _ReleasedOnClose(httpx.SyncByteStream):
+    """A response body that gives its slot back when closed (httpx closes it once read, or on an error)."""
+
+    def __init__(self, stream: httpx.SyncByteStream | httpx.AsyncByteStream, slots: threading.BoundedSemaphore) -> None:
+        self._stream = stream
+        self._slots: threading.BoundedSemaphore | None = slots
+
+    def __iter__(self) -> Iterator[bytes]:
+        assert isinstance(self._stream, httpx.SyncByteStream)
+        yield from self._stream
+
+    def close(self) -> None:
+        try:
+            if isinstance(self._stream, httpx.SyncByteStream):
+                self._stream.close()
+        finally:
+            slots, self._slots = self._slots, None
+            if slots is not None:
+                slots.release()
 
 
 class TlsWhenNeeded(httpx.BaseTransport):
