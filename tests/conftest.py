@@ -26,6 +26,7 @@ from bus.seam import BusDown, BusRefused
 from fixtures.private_rabbitmq import PrivateRabbit, start_private_rabbitmq
 from fixtures.private_rabbitmq import available as private_rabbitmq_missing
 from straw.local_redis import RedisServer, start_private_redis
+from tests.lazy_server import lazy_server
 
 # --- Which tests run alone -----------------------------------------------------------------------------------------
 # scripts/test.sh runs the suite on several xdist workers (`-n 4 --dist loadgroup -m "not alone"`): most tests
@@ -134,16 +135,7 @@ def _redis_alive(url: str) -> bool:
 @pytest.fixture(scope="session")
 def private_redis_for_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], str]]:
     """A private redis-server of this worker, started the first time a test finds no machine server."""
-    started: list[RedisServer] = []
-
-    def url() -> str:
-        if not started:
-            started.append(start_private_redis(tmp_path_factory.mktemp("redis"), persist=False))
-        return started[0].url
-
-    yield url
-    for server in started:
-        server.stop()
+    yield from lazy_server(lambda: start_private_redis(tmp_path_factory.mktemp("redis"), persist=False))
 
 
 @pytest.fixture

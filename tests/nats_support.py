@@ -22,6 +22,7 @@ from nats.js.api import RawStreamMsg
 from bus.nats import POSITIONS, SEQ, JetStreamOptions, NatsBus
 from bus.nats_connect import connect_once
 from fixtures.private_nats import NatsServer, delete_jetstream, nats_server_binary, start_private_nats
+from tests.lazy_server import lazy_server
 
 NATS_URL = os.environ.get("STRAW_TEST_NATS_URL", "nats://127.0.0.1:4222")
 
@@ -43,16 +44,7 @@ async def _alive(url: str) -> bool:
 @pytest.fixture(scope="session")
 def private_nats_for_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], str]]:
     """A private `nats-server -js` of this worker, started the first time a test finds no machine server."""
-    started: list[NatsServer] = []
-
-    def url() -> str:
-        if not started:
-            started.append(start_private_nats(tmp_path_factory.mktemp("nats")))
-        return started[0].url
-
-    yield url
-    for server in started:
-        server.stop()
+    yield from lazy_server(lambda: start_private_nats(tmp_path_factory.mktemp("nats")))
 
 
 @pytest.fixture
