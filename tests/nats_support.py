@@ -6,6 +6,7 @@ Fixtures are imported by the NATS test modules (`from tests.nats_support import 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -43,8 +44,44 @@ async def _alive(url: str) -> bool:
 
 @pytest.fixture(scope="session")
 def private_nats_for_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], str]]:
-    """A private `nats-server -js` of this worker, started the first time a test finds no machine server."""
-    yield from lazy_server(lambda: start_private_nats(tmp_path_factory.mktemp("nats")))
+    """A private `nats-server -js` of this worker, started the first time a test finds no machine server; and,
+    while the machine's server is used, one stream of this worker kept on it for the session: nats-server 2.9
+    removes its store's `streams` directory with the last stream, and a stream created at that moment fails
+    ("could not create storage directory", seen once in a CI rehearsal, tests creating and deleting streams
+    side by side). While one stream stays, the directory stays."""
+    kept = f"straw_test_keep_{uuid.uuid4().hex[:12]}"
+    machine_used = False
+
+    def private() -> Iterator[Callable[[], str]]:
+        yield from lazy_server(lambda: start_private_nats(tmp_path_factory.mktemp("nats")))
+
+    servers = private()
+    private_url = next(servers)
+
+    def url() -> str:
+        nonlocal machine_used
+        if asyncio.run(_alive(NATS_URL)):
+            if not machine_used:
+                asyncio.run(_add_stream(NATS_URL, kept))
+                machine_used = True
+            return NATS_URL
+        if nats_server_binary() is None:
+            pytest.skip(f"no NATS JetStream at {NATS_URL} and no nats-server binary (apt-get install nats-server)")
+        return private_url()
+
+    yield url
+    if machine_used:
+        with contextlib.suppress(Exception):  # the machine's server gone meanwhile: nothing left to delete
+            delete_jetstream(NATS_URL, kept)
+    next(servers, None)  # stops the private server, if one was started
+
+
+async def _add_stream(url: str, name: str) -> None:
+    nc = await connect_once(url, timeout=5)
+    try:
+        await nc.jetstream().add_stream(name=name, subjects=[f"{name}.>"])
+    finally:
+        await nc.close()
 
 
 @pytest.fixture
@@ -54,10 +91,6 @@ def nats_url(private_nats_for_session: Callable[[], str]) -> str:
     Asked per test: a machine server that goes away in the middle of a run costs the tests that were using
     it, not every later one.
     """
-    if asyncio.run(_alive(NATS_URL)):
-        return NATS_URL
-    if nats_server_binary() is None:
-        pytest.skip(f"no NATS JetStream at {NATS_URL} and no nats-server binary (apt-get install nats-server)")
     return private_nats_for_session()
 
 
