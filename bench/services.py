@@ -26,24 +26,13 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from bus.redis import checkpoint_key
-from straw.local_redis import start_private_redis
+from straw.local_redis import redis_alive, start_private_redis
 
 PG_ADMIN_URL = os.environ.get("STRAW_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 
 def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-def _redis_alive(url: str) -> bool:
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=1)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except (redis.RedisError, OSError):
-        return False
 
 
 class Bench:
@@ -60,7 +49,7 @@ class Bench:
 
     def _choose_redis(self, stack: ExitStack) -> str:
         for url in (os.environ.get("REDIS_URL"), "redis://127.0.0.1:6379/0"):
-            if url and _redis_alive(url):
+            if url and redis_alive(url):
                 log(f"redis: {safe_url(url)}")
                 return url
         server = start_private_redis(self.tmp / "redis", persist=False)

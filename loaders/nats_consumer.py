@@ -13,6 +13,12 @@ published to the subject `<dead_letter_stream>` (default `<stream>.dlq`) in the 
 `Nats-Msg-Id` = group, stream and sequence (a crash between that publish and the ack does not store it twice
 within the duplicate window), then acked and the ack confirmed.
 
+A member that is its group's only one (`adopt`: a JSON Lines loader, which skips `seq`s already on disk and so
+needs stream order) takes what a killed run or a lost connection had pulled before anything newer, at start and
+after each reconnect, without waiting `claim_idle`: for a moment the durable's `max_ack_pending` is what is
+pending (the server delivers nothing new, only redeliveries) and its `ack_wait` short (they are due at once);
+then both are set back. Each such message counts one more delivery, as a redelivery would.
+
 nats-py is asyncio; the loader is synchronous. As in bus/nats.py the consumer owns a private event loop that it
 drives from the calling thread, and reconnects are its own (a lost connection is `BusDown`; the next call
 opens a new one, and what the old one had pulled comes back after `ack_wait`).
@@ -24,6 +30,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import re
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from contextlib import suppress
 from typing import Any, TypeVar
@@ -31,6 +38,7 @@ from typing import Any, TypeVar
 import nats
 import nats.errors
 import nats.js.errors
+import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -45,6 +53,9 @@ from loaders.records import Delivery
 T = TypeVar("T")
 
 SERVER_SLACK = 2  # max_deliver above max_deliveries: see the module's docstring
+ADOPT_ACK_WAIT = 1.0  # the durable's ack_wait while a member adopts: what was pulled earlier is due by then
+ADOPT_SLACK = 5.0  # and how much longer the member waits for it to come back (a loaded server)
+log = structlog.get_logger("straw.loader")
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 # Headers of a dead letter (the event stays the body).
 DLQ_HEADERS = ("Straw-Dlq-Stream", "Straw-Dlq-Entry", "Straw-Dlq-Group", "Straw-Dlq-Consumer",
@@ -173,7 +184,9 @@ class NatsConsumer:
         dead_letters: Callable[[str], str],
         start: str = "begin",
         timeout: float = 10.0,
+        adopt: bool = False,
     ) -> None:
+        """`adopt`: this member is its group's only one (see the module's docstring)."""
         self._io = NatsLoop(url, timeout)
         self._options = options
         self._streams = list(streams)
@@ -186,11 +199,18 @@ class NatsConsumer:
         self._subs: dict[str, JetStreamContext.PullSubscription] = {}
         self._subs_on: Client | None = None  # the connection the subscriptions live on
         self._held: dict[tuple[str, str], Msg] = {}  # pulled and not acked yet, by (stream, entry id)
+        self._adopt = adopt
+        self._adopted: dict[str, list[Delivery]] = {}  # taken over at (re)connect, handed out before anything new
         self._next = 0  # round robin over the subjects
 
     @property
     def name(self) -> str:
         return self._name
+
+    @property
+    def _adopting(self) -> float:
+        """How much longer a call that (re)subscribes may take: the wait for what is adopted."""
+        return ADOPT_ACK_WAIT + ADOPT_SLACK if self._adopt else 0.0
 
     def _config(self, subject: str) -> ConsumerConfig:
         return consumer_config(self._group, subject, claim_idle=self._claim_idle,
@@ -201,7 +221,8 @@ class NatsConsumer:
         if self._subs and nc is not None and nc is self._subs_on and nc.is_connected:
             return self._subs
         self._subs.clear()
-        self._held.clear()  # pulled on a lost connection: they come back after ack_wait
+        self._held.clear()  # pulled on a lost connection: they come back after ack_wait (or are adopted below)
+        self._adopted.clear()
         js = await self._io.connect()
         self._subs_on = self._io.nc  # another call may have opened the connection: the subscriptions are new
         for subject in self._streams:
@@ -214,15 +235,55 @@ class NatsConsumer:
                     raise BusDown(f"JetStream stream {self._options.stream!r} does not exist yet (the relay "
                                   "creates it at its first publish)") from None
                 raise
+        if self._adopt:
+            found = await asyncio.gather(*(self._take_over(js, subject, sub) for subject, sub in self._subs.items()))
+            self._adopted = dict(zip(self._subs, found, strict=True))
         return self._subs
 
+    async def _take_over(self, js: JetStreamContext, subject: str,
+                         sub: JetStreamContext.PullSubscription) -> list[Delivery]:
+        """What the group has pending on `subject` (pulled by a run since killed, or on a lost connection),
+        redelivered to this member now, in stream order; the durable's config as this loader's after."""
+        stream, durable = self._options.stream, durable_name(self._group, subject)
+        info = await js.consumer_info(stream, durable)
+        held = int(info.num_ack_pending or 0)
+        config = info.config
+        if held:
+            await js.add_consumer(stream, config=config.evolve(ack_wait=ADOPT_ACK_WAIT, max_ack_pending=held))
+        got: dict[int, Msg] = {}
+        try:
+            deadline = time.monotonic() + ADOPT_ACK_WAIT + ADOPT_SLACK
+            while len(got) < held and (left := deadline - time.monotonic()) > 0:
+                try:
+                    msgs = await sub.fetch(held - len(got), timeout=min(left, 1.0))
+                except (nats.errors.TimeoutError, TimeoutError):
+                    continue
+                for msg in msgs:
+                    got[msg.metadata.sequence.stream] = msg  # a second redelivery replaces the first
+                    await msg.in_progress()  # not due again while the others come back
+        finally:
+            if held or abs((config.ack_wait or 0) - self._claim_idle) > 1e-3 or config.max_ack_pending != -1:
+                # back to this loader's: also after a run killed while adopting, or a changed claim_idle
+                await js.add_consumer(stream, config=config.evolve(ack_wait=self._claim_idle, max_ack_pending=-1))
+        if len(got) < held:  # newer entries must not go first: a target that skips by seq would lose these
+            await self._io.drop()  # what this member pulled is pending again: the next call adopts it all anew
+            raise BusDown(f"{held - len(got)} of the {held} entries pending on {subject!r} did not come back "
+                          f"within {ADOPT_ACK_WAIT + ADOPT_SLACK:g}s")
+        if held:
+            log.info("took over the entries an earlier run had pulled", stream=subject, entries=held)
+        return [self._delivery(subject, msg) for _, msg in sorted(got.items())]
+
     def read(self, count: int, block: float) -> list[Delivery]:
-        return self._io.run(self._read(count, block), timeout=self._io.timeout + block)
+        return self._io.run(self._read(count, block), timeout=self._io.timeout + block + self._adopting)
 
     async def _read(self, count: int, block: float) -> list[Delivery]:
         subs = await self._subscriptions()
         order = self._streams[self._next:] + self._streams[:self._next]
         self._next = (self._next + 1) % len(self._streams)
+        for subject in order:
+            if adopted := self._adopted.get(subject):
+                self._adopted[subject] = adopted[count:]
+                return adopted[:count]
         for index, subject in enumerate(order):
             # Only the last subject waits the whole `block`: the others are asked and answered at once.
             wait = max(block, 0.05) if index == len(order) - 1 else 0.05
@@ -252,7 +313,7 @@ class NatsConsumer:
                 total += int(info.num_ack_pending or 0) + int(info.num_pending or 0)
             return total
 
-        return self._io.run(work())
+        return self._io.run(work(), timeout=self._io.timeout + self._adopting)
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         async def work() -> None:

@@ -23,7 +23,7 @@ from loaders.redis_consumer import RedisConsumer
 from loaders.sdk import Failed, Settings, Tally, TargetDown, consume
 from straw.config import Config
 from straw.config_loaders import AnyLoaderSpec, JsonlLoaderSpec
-from straw.redact import describe
+from straw.redact import describe, redact
 
 
 class Target(Protocol):
@@ -31,12 +31,17 @@ class Target(Protocol):
     def close(self) -> None: ...
 
 
+def single_member(spec: AnyLoaderSpec | None) -> bool:
+    """A JSON Lines loader is its group's only member (one process per directory), and writes in stream order,
+    as its skip of `seq`s on disk needs: it keeps one name, and takes over what an earlier run held first."""
+    return isinstance(spec, JsonlLoaderSpec)
+
+
 def consumer_name(spec: AnyLoaderSpec | None = None) -> str:
-    """Unique per process: two loaders on one host must not share a pending list. A JSON Lines loader is its
-    group's only member (one process per directory): named after the loader, a restart finds its own pending
-    entries again and writes them first, in stream order, as its skip of `seq`s already on disk needs."""
+    """Unique per process: two loaders on one host must not share a pending list. A single member is named after
+    its loader: a restart finds its own pending entries again."""
     host = socket.gethostname().split(".")[0] or "loader"
-    if isinstance(spec, JsonlLoaderSpec):
+    if spec is not None and single_member(spec):
         return f"{host}-{spec.name}"
     return f"{host}-{os.getpid()}"
 
@@ -60,7 +65,7 @@ def redis_consumer(config: Config, spec: AnyLoaderSpec, name: str | None = None)
     client = redis_client(bus.url, max(bus.socket_timeout, spec.block + 5.0))
     return RedisConsumer(
         client, spec.streams, spec.group_name, name or consumer_name(spec), claim_idle=spec.claim_idle,
-        dead_letters=spec.dead_letters_of, start=spec.start, adopt=isinstance(spec, JsonlLoaderSpec),
+        dead_letters=spec.dead_letters_of, start=spec.start, adopt=single_member(spec),
     )
 
 
@@ -81,7 +86,7 @@ def open_consumer(config: Config, spec: AnyLoaderSpec, name: str | None = None) 
         return NatsConsumer(bus.url, bus.jetstream_options() or JetStreamOptions(), spec.streams, spec.group_name,
                             member, claim_idle=spec.claim_idle, max_deliveries=spec.max_deliveries,
                             dead_letters=spec.dead_letters_of, start=spec.start,
-                            timeout=max(bus.socket_timeout, spec.block + 5.0))
+                            timeout=max(bus.socket_timeout, spec.block + 5.0), adopt=single_member(spec))
     if kind == "rabbitmq":
         from loaders.rabbitmq_consumer import RabbitConsumer
 
@@ -164,9 +169,18 @@ def apply_dead_letter(config: Config, fields: dict[str, str]) -> str:
         record = parse(delivery, config.entities)
     except BadRecord as exc:
         return f"still cannot be applied: {exc}"
-    target = open_target(config, spec)
+    from loaders.jsonl import DirectoryBusy
+
+    try:
+        target = open_target(config, spec)
+    except DirectoryBusy:
+        return (f"still not applied: loader {spec.name} is running on its directory (one process at a time): stop "
+                "it, run this again, then start it")
     try:
         failed = target.apply([record])
+    except TargetDown as exc:
+        return (f"still not applied: the target of loader {spec.name} is unreachable ({redact(str(exc))}); run this "
+                "again later")
     finally:
         target.close()
     if failed:

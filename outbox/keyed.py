@@ -103,6 +103,12 @@ def known(db: sqlite3.Connection, source: str) -> bool:
     return db.execute("SELECT 1 FROM keyed_sources WHERE source = ?", (source,)).fetchone() is not None
 
 
+def relist(db: sqlite3.Connection, source: str, key: str) -> None:
+    """The next listing maps `key`'s row again, whatever it reads (a retried dead letter): its row digest is
+    forgotten, its data digest (what was delivered) kept."""
+    db.execute("UPDATE keyed_state SET hash = X'' WHERE source = ? AND key = ?", (source, key))
+
+
 def forget(db: sqlite3.Connection, source: str) -> None:
     """Forget all `source` delivered: its next complete listing sends every row again (a replay)."""
     for table in ("keyed_state", "keyed_seen", "keyed_sources"):

@@ -93,6 +93,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     raw TEXT NOT NULL,
     created_at TEXT NOT NULL
 );
+-- A source's own state, committed with its position (`RawBatch.memo`): the id gaps a settle window watches.
+CREATE TABLE IF NOT EXISTS memos (source TEXT PRIMARY KEY, memo TEXT NOT NULL);
 -- An outbox from before retention deleted what it published: it holds nothing at or below that.
 INSERT OR IGNORE INTO retention (stream, pruned_seq) SELECT stream, published_seq FROM streams;
 """
@@ -428,10 +430,13 @@ class Outbox:
         dead: Iterable[tuple[str, str, str]],
         position: str,
         rows_read: int,
+        memo: str | None = None,
     ) -> None:
-        """Commit records, dead letters (position, reason, raw) and the new position together."""
+        """Commit records, dead letters (position, reason, raw) and the new position together, and the
+        source's `memo` if given (see `memo`)."""
         with self._transaction():
             self._write(source, stream, events, dead, position, rows_read)
+            self._memo(source, memo)
             key_fields = self._tracked.get(source)
             if key_fields is not None:
                 sweep.record(self.db, source, key_fields, [event for _pos, event in events])
@@ -448,6 +453,7 @@ class Outbox:
         complete: bool,
         encode: keyed.Encode,
         unchanged: Sequence[int] = (),
+        memo: str | None = None,
     ) -> int:
         """`append` for a keyed source: only new, changed and deleted keys become records.
 
@@ -459,6 +465,7 @@ class Outbox:
         with self._transaction():
             events = keyed.apply(db, source, changes, encode, unchanged)
             self._write(source, stream, events, dead, position, rows_read)
+            self._memo(source, memo)
             written = len(events)
             if complete:
                 written += self._insert(source, stream, keyed.sweep(db, source, position, encode))
@@ -523,6 +530,10 @@ class Outbox:
             (source, position, now, rows_read),
         )
 
+    def _memo(self, source: str, memo: str | None) -> None:
+        if memo is not None:
+            self.db.execute("INSERT OR REPLACE INTO memos (source, memo) VALUES (?, ?)", (source, memo))
+
     def _insert(self, source: str, stream: str, records: Iterable[tuple[str, bytes]]) -> int:
         """Write (position, event) records as rows of `row_records` at most, in order; return how many."""
         written = 0
@@ -558,6 +569,11 @@ class Outbox:
 
     def position(self, source: str) -> str | None:
         row = self.db.execute("SELECT position FROM positions WHERE source = ?", (source,)).fetchone()
+        return row[0] if row else None
+
+    def memo(self, source: str) -> str | None:
+        """What the source last committed with its position besides it (`RawBatch.memo`), if anything."""
+        row = self.db.execute("SELECT memo FROM memos WHERE source = ?", (source,)).fetchone()
         return row[0] if row else None
 
     def polled(self, source: str, error: str | None = None) -> None:
@@ -685,6 +701,9 @@ class Outbox:
                     "ON CONFLICT (source) DO UPDATE SET position = excluded.position",
                     (source, positions.get(source)),
                 )
+                # Kept with a position of an earlier lease of ours: the holder since then may have delivered
+                # what it names (the id gaps it watched).
+                db.execute("DELETE FROM memos WHERE source = ?", (source,))
         return dropped
 
     def drop_unpublished(self, stream: str, upto: int) -> int:
@@ -988,16 +1007,32 @@ class Outbox:
         return None if row is None else dict(zip(keys, row, strict=True))
 
     def resolve_dead_letter(
-        self, letter_id: int, source: str, stream: str, event: tuple[str, bytes] | None
-    ) -> bool:
-        """Delete a dead letter and, with `event` (position, bytes: the row maps now), queue that record, in
-        one transaction; the source's position does not move. False if it was gone already."""
+        self, letter_id: int, source: str, stream: str, event: tuple[str, bytes] | None, *, relist: str | None = None
+    ) -> int | None:
+        """Delete a dead letter and queue what its row maps to now, in one transaction; the source's position
+        does not move. Returns how many records were queued, or None if the letter was gone already.
+
+        `event`: (position, bytes) of an incremental source's record. It carries the source's stored position,
+        not the old row's (its event id keeps that one): the checkpoint takes each source's position from its
+        last record, and it must stay the watermark, else a replacement outbox would start there and publish
+        every row after it again.
+        `relist`: a keyed source's key, whose row its next listing maps again (its stored row digest is
+        forgotten) and sends if its data differs from what was delivered: the row as it is then, never the
+        dead letter's older version, and never twice.
+        """
         with self._transaction():
             if self.db.execute("DELETE FROM dead_letters WHERE id = ?", (letter_id,)).rowcount == 0:
-                return False
-            if event is not None:
-                self._insert(source, stream, [event])
-        return True
+                return None
+            if relist is not None:
+                keyed.relist(self.db, source, relist)
+            if event is None:
+                return 0
+            self._insert(source, stream, [(self.position(source) or event[0], event[1])])
+        return 1
+
+    def is_keyed(self, source: str) -> bool:
+        """Whether `source` has delivered keyed batches (a snapshot or a scraped listing)."""
+        return keyed.known(self.db, source)
 
     def dead_letter_counts(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT source, count(*) FROM dead_letters GROUP BY source").fetchall())

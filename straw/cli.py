@@ -551,7 +551,7 @@ def load(
 ) -> None:
     """Apply the loader's streams to its target until SIGTERM/Ctrl-C (the batch in hand is finished and acked)."""
     from bus.names import bus_kind
-    from loaders.jsonl import DirectoryBusy
+    from loaders.jsonl import DirectoryBusy, UnreadableFile
     from loaders.repair import StreamBehind
     from loaders.sdk import TargetDown
     from loaders.service import open_consumer, run_loader, stop_on_signals
@@ -568,7 +568,7 @@ def load(
         except SchemaError as exc:
             err.print(f"[red]error[/] {redact(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        except (DirectoryBusy, PermissionError, FileExistsError, NotADirectoryError) as exc:  # a JSON Lines dir
+        except (DirectoryBusy, UnreadableFile, PermissionError, FileExistsError, NotADirectoryError) as exc:  # JSONL
             _fail(f"loader {name}: {exc}")
         except StreamBehind as exc:
             _fail(f"loader {name}: {exc}")

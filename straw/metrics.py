@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from adapters.db.settle import Kept, UnreadableMemo
 from outbox.store import oldest_pending_query, runs, waiting_sum
 from straw.publish_history import PublishHistory
 from straw.status_report import age_seconds
@@ -105,6 +107,8 @@ class OutboxCollector(Collector):
                 ):
                     families.rollbacks.add_metric([stream], count)
                     families.rollback_open.add_metric([stream], open_)
+            if _has_table(db, "memos"):  # an outbox from before the gap watch was kept has none yet
+                _settle_gaps(families, db.execute("SELECT source, memo FROM memos ORDER BY source").fetchall())
             pages, page = (db.execute(f"PRAGMA {name}").fetchone()[0] for name in ("page_count", "page_size"))
             families.outbox_bytes.add_metric([], pages * page)
             db.execute("COMMIT")
@@ -160,11 +164,38 @@ class _Families:
             labels=["stream"],
         )
         self.outbox_bytes = GaugeMetricFamily("straw_outbox_bytes", "Size of the outbox file (its WAL apart).")
+        self.gaps_given_up = CounterMetricFamily(
+            "straw_settle_gaps_given_up",
+            "Id gaps a settle window gave up (rolled-back transactions, skipped sequence values).",
+            labels=["source"],
+        )
+        self.gaps_watched = GaugeMetricFamily(
+            "straw_settle_gaps_watched", "Given-up id gaps still watched for a late commit.", labels=["source"]
+        )
+        self.late_rows = CounterMetricFamily(
+            "straw_settle_late_rows",
+            "Rows committed into a given-up id gap, delivered late: a transaction outlasted the settle window.",
+            labels=["source"],
+        )
 
     def all(self) -> list[Metric]:
         return [self.rows_read, self.polled_at, self.error, self.dead_letters,
                 self.backlog, self.published_seq, self.stream_error, self.oldest_age,
-                self.retained, self.rollbacks, self.rollback_open, self.outbox_bytes]
+                self.retained, self.rollbacks, self.rollback_open, self.outbox_bytes,
+                self.gaps_given_up, self.gaps_watched, self.late_rows]
+
+
+def _settle_gaps(families: _Families, memos: Iterable[tuple[str, str]]) -> None:
+    """The settle window's gap watch of incrementing sources, as last committed (`adapters/db/settle.py`)."""
+    now = time.time()
+    for source, memo in memos:
+        try:
+            kept = Kept.parse(memo)
+        except UnreadableMemo:
+            continue  # the source's own log line says so
+        families.gaps_given_up.add_metric([source], kept.given_up)
+        families.gaps_watched.add_metric([source], kept.watched(now))
+        families.late_rows.add_metric([source], kept.found_late)
 
 
 def _has_table(db: sqlite3.Connection, name: str) -> bool:

@@ -62,14 +62,15 @@ class Pipeline:
     schedule: Schedule
     next_due: float = 0.0
     failures: int = 0
+    restored: bool = False  # the source has had its memo back (`Source.restore`)
 
     def due_in(self, wall: float | None, now: float) -> float:
         """A wall-clock due time (None: never) as a monotonic one, `now` being monotonic."""
         return math.inf if wall is None else now + max(0.0, wall - time.time())
 
 
-def build_pipeline(config: Config, spec: AnySourceSpec) -> Pipeline:
-    mapper = Mapper(
+def build_mapper(config: Config, spec: AnySourceSpec) -> Mapper:
+    return Mapper(
         source_uri=source_uri(config.instance, spec.name),
         source_name=spec.name,
         entity_name=spec.entity,
@@ -79,16 +80,23 @@ def build_pipeline(config: Config, spec: AnySourceSpec) -> Pipeline:
         encoding=spec.encoding,
         trim=getattr(spec, "trim_char", False),  # a DB source option: CHAR(n) padding
     )
+
+
+def db_source(config: Config, spec: DbSourceSpec, mapper: Mapper) -> DbSource:
+    return DbSource(
+        spec, mapper.required_columns(), key_columns=mapper.key_columns(), database=config.database(spec.url),
+        digest_salt=mapper.shape_id,
+    )
+
+
+def build_pipeline(config: Config, spec: AnySourceSpec) -> Pipeline:
+    mapper = build_mapper(config, spec)
     if isinstance(spec, ScrapeSourceSpec):
         # Imported here: httpx, lxml and Playwright cost a DB-only installation 150 ms at every start.
         from adapters.scrape.source import ScrapeSource
 
         return Pipeline(spec, ScrapeSource(spec), mapper, schedule_of(spec))
-    source = DbSource(
-        spec, mapper.required_columns(), key_columns=mapper.key_columns(), database=config.database(spec.url),
-        digest_salt=mapper.shape_id,
-    )
-    return Pipeline(spec, source, mapper, schedule_of(spec))
+    return Pipeline(spec, db_source(config, spec, mapper), mapper, schedule_of(spec))
 
 
 def freeze_startup_objects() -> None:
@@ -135,6 +143,9 @@ def poll(
     spec = pipeline.spec
     rows = 0
     tally = tally if tally is not None else Tally()
+    if not pipeline.restored:
+        pipeline.source.restore(outbox.memo(spec.name))
+        pipeline.restored = True
     batches = pipeline.source.read(outbox.position(spec.name))
     try:
         rows = _poll_batches(pipeline, outbox, batches, stop, tally, committed)
@@ -170,21 +181,30 @@ def _poll_batches(
                 complete=batch.complete,
                 encode=partial(_encode_counted, pipeline.mapper, observed, deleted),
                 unchanged=[*mapped.unchanged_ids, *(id_ for _key, id_ in mapped.unchanged)],
+                memo=batch.memo,
             )
+            if batch.on_commit is not None:
+                batch.on_commit()
             tally.upserted += written - deleted[0]
             tally.deleted += deleted[0]
             if written and committed is not None:
                 committed()
         else:
             mapped = pipeline.mapper.map(batch)
+            events = mapped.events
+            if batch.late:  # behind the watermark: the checkpoint must stay at it (RawBatch.late)
+                events = [(batch.next_position, event) for _position, event in events]
             outbox.append(
                 spec.name,
                 spec.stream,
-                mapped.events,
+                events,
                 [(d.position, d.reason, d.raw) for d in mapped.dead],
                 batch.next_position,
                 len(batch.rows),
+                batch.memo,
             )
+            if batch.on_commit is not None:
+                batch.on_commit()
             if mapped.events and committed is not None:
                 committed()
             gone = _deletions(batch.ops, batch.positions, mapped.dead) if batch.ops is not None else 0
@@ -552,6 +572,7 @@ class Runner:
                 continue
             for index, pipeline in enumerate(pipelines):
                 if pipeline.spec.stream == stream:
+                    pipeline.restored = False  # its position is the checkpoint's now: so is its memo (none)
                     pipeline.next_due = pipeline.due_in(pipeline.schedule.first_due(time.time()), now)
                     heapq.heappush(due, (pipeline.next_due, index))
         if lost:

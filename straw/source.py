@@ -47,6 +47,12 @@ class RawBatch:
     `end`: the position stored after this batch when it is not `positions[-1]`; needed
     when the batch has no rows. For a complete batch it also identifies the listing, so
     it must differ from one listing to the next (it is part of the deleted events' ids).
+    `late`: rows found behind the watermark (committed after the settle window gave their ids up): their
+    records carry `end`, the watermark, since the bus checkpoint takes a source's position from its last
+    record; their event ids keep their own positions.
+    `on_commit`: called once the batch is in the outbox (a late batch's rows are then no longer looked for).
+    `memo`: the source's own state to commit with this batch's position (None: unchanged), handed back
+    through `Source.restore` when straw starts again (the id gaps a settle window still watches).
     """
 
     columns: tuple[str, ...]
@@ -56,6 +62,9 @@ class RawBatch:
     keyed: bool = False
     complete: bool = False
     end: str | None = None
+    late: bool = False
+    on_commit: Callable[[], None] | None = None
+    memo: str | None = None
     # A digest listing (keyed only): `digests[i]` is row i's digest as the database computed it (None: it could
     # not), and `fetch` reads the full rows of the keys at the given indexes, with their digests; `rows` then
     # hold the key columns only. Without `fetch`, `digests` (if any) are those of full rows.
@@ -87,6 +96,11 @@ class Source(Protocol):
 
     def read(self, after: str | None, limit: int | None = None) -> Iterator[RawBatch]:
         """Rows after position `after` (None: from the start), in position order."""
+        ...
+
+    def restore(self, memo: str | None) -> None:
+        """The `memo` last committed with this source's position (see RawBatch; None: none), before its first
+        read, and again after a lease takeover has replaced the position."""
         ...
 
     def check(self) -> str:

@@ -25,7 +25,7 @@ from bus.rabbitmq import RabbitStreamBus
 from bus.seam import BusDown, BusRefused
 from fixtures.private_rabbitmq import PrivateRabbit, start_private_rabbitmq
 from fixtures.private_rabbitmq import available as private_rabbitmq_missing
-from straw.local_redis import RedisServer, start_private_redis
+from straw.local_redis import RedisServer, redis_alive, start_private_redis
 from tests.lazy_server import lazy_server
 
 # --- Which tests run alone -----------------------------------------------------------------------------------------
@@ -68,6 +68,7 @@ SERIAL_TESTS = {  # module::function, in modules whose other tests may run besid
         "loader-kills",
     "test_loader_pipelined::test_a_jsonl_loader_killed_at_random_acks_only_what_it_wrote_and_ends_exact":
         "loader-kills",
+    "test_loader_buses::test_a_jsonl_loader_killed_at_random_writes_each_record_once_and_in_order": "loader-kills",
 }
 
 
@@ -122,16 +123,6 @@ PG_ADMIN_URL = os.environ.get("STRAW_TEST_PG_URL", "postgresql+psycopg://postgre
 MARIADB_ADMIN_URL = os.environ.get("STRAW_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/")
 
 
-def _redis_alive(url: str) -> bool:
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=1)
-        ok = bool(client.ping())
-        client.close()
-        return ok
-    except redis.RedisError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def private_redis_for_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], str]]:
     """A private redis-server of this worker, started the first time a test finds no machine server."""
@@ -146,7 +137,7 @@ def redis_url(private_redis_for_session: Callable[[], str]) -> str:
     using it, not every later one.
     """
     for url in (os.environ.get("REDIS_URL"), "redis://127.0.0.1:6379/0"):
-        if url and _redis_alive(url):
+        if url and redis_alive(url):
             return url
     return private_redis_for_session()
 

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
+import random
+import subprocess
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import orjson
 import redis
 import yaml
 
 from fixtures.legacy_orders import ORDER_ENTITY
 from straw.records import encode_event, source_uri
+from tests.crashes import REPO, kill_hard, straw_command, tail
 
 SOURCE = source_uri("test", "orders")
 
@@ -55,3 +60,31 @@ def loader_config(directory: Path, redis_url: str, loaders: list[dict[str, Any]]
 
 def money(text: str) -> Decimal:
     return Decimal(text)
+
+
+def jsonl_seqs(directory: Path) -> list[int]:
+    """The seqs in the loader's files, complete lines only (a kill may leave a torn last one)."""
+    seqs: list[int] = []
+    for path in sorted(directory.glob("*.jsonl*"), key=lambda p: p.name.lstrip(".")):
+        seqs += [orjson.loads(line)["strawseq"] for line in path.read_bytes().split(b"\n")[:-1]]
+    return seqs
+
+
+def written(directory: Path) -> int:
+    return len(jsonl_seqs(directory)) if directory.exists() else 0
+
+
+def load_then_kill(config: Path, directory: Path, log: Path, lines: int, *args: str) -> None:
+    """`straw load jl` until it wrote more than `lines` more lines to `directory`, then SIGKILL (its group)."""
+    with log.open("ab") as out:
+        loader = subprocess.Popen(straw_command(config, "load", "jl", *args), cwd=REPO, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    target = written(directory) + lines
+    deadline = time.monotonic() + 120  # start-up alone takes seconds on a loaded machine
+    try:
+        while written(directory) <= target:
+            assert loader.poll() is None and time.monotonic() < deadline, tail(log)
+            time.sleep(0.01)
+        time.sleep(random.random() * 0.05)
+    finally:
+        kill_hard(loader, whole_group=True)

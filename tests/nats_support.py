@@ -52,10 +52,7 @@ def private_nats_for_session(tmp_path_factory: pytest.TempPathFactory) -> Iterat
     kept = f"straw_test_keep_{uuid.uuid4().hex[:12]}"
     machine_used = False
 
-    def private() -> Iterator[Callable[[], str]]:
-        yield from lazy_server(lambda: start_private_nats(tmp_path_factory.mktemp("nats")))
-
-    servers = private()
+    servers = lazy_server(lambda: start_private_nats(tmp_path_factory.mktemp("nats")))
     private_url = next(servers)
 
     def url() -> str:

@@ -44,6 +44,9 @@ class KillAfterFirstBatch:
         assert killed >= 1
         yield from batches
 
+    def restore(self, memo: str | None) -> None:
+        self.inner.restore(memo)
+
     def check(self) -> str:
         return self.inner.check()
 

@@ -33,6 +33,7 @@ from straw.config_load import ConfigError, load_config, parse_config
 from straw.handover import handed
 from straw.lease import FENCE_GAP, Leases, holders, lease_key
 from tests.crashes import spawn_straw, tail
+from tests.helpers import read_stream
 from tests.test_cli import run_straw
 from tests.test_config_fuzz import BASE_DATA, FILE
 
@@ -411,3 +412,60 @@ def test_status_with_a_lease_asks_redis_over_one_connection_and_says_when_it_is_
     status = json.loads(shown.stdout)
     assert status["sources"][0]["lease_holder"] is None
     assert "unreachable" in str(status["streams"][0]["error"]) + str(status.get("redis")), shown.stdout
+
+
+def test_a_lease_that_lapses_and_is_taken_back_keeps_the_settle_windows_gap_watch(
+    tmp_path: Path, redis_client: redis.Redis, redis_url: str, stream_name: str
+) -> None:
+    """A holder whose lease lapsed (a pause, Redis slow to answer) and that takes it back, the checkpoint still
+    its own, goes on from its own outbox: an id gap its settle window gave up stays watched, and a row that
+    commits into it afterwards is delivered. (A takeover from another node starts without that watch.)"""
+    from structlog.testing import capture_logs
+
+    from straw.runner import Runner
+
+    legacy = tmp_path / "legacy.db"
+    path = pair_config(tmp_path, "a", db_url=legacy_table(legacy), redis_url=redis_url, stream=stream_name)
+    config = yaml.safe_load(path.read_text())
+    config["sources"][0]["settle_delay"] = 0.5  # SQLite has no settle of its own: a window, hence a gap watch
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def write(ver: int) -> None:
+        with closing(sqlite3.connect(legacy)) as db:
+            db.execute("INSERT INTO ITEMS (ID, V, VER) VALUES (?, ?, ?)", (ver, f"v{ver}", ver))
+            db.commit()
+
+    def delivered(count: int) -> list[int]:
+        deadline = time.monotonic() + 30
+        while True:
+            got = [e["event"]["data"]["ver"] for e in read_stream(redis_client, stream_name)]
+            if len(got) >= count or time.monotonic() > deadline:
+                return got
+            time.sleep(0.05)
+
+    write(1)
+    runner = Runner(load_config(path))
+    results: list[Any] = []
+    thread = threading.Thread(target=lambda: results.append(runner.run()))
+    try:
+        with capture_logs() as logs:
+            thread.start()
+            assert delivered(1) == [1]
+            write(3)  # no 2 yet: as far as straw can tell, a transaction still open
+            assert delivered(2) == [1, 3]  # the gap at 2 outlived the window: given up, watched
+            redis_client.delete(lease_key(stream_name))  # the lease lapses under the holder
+            deadline = time.monotonic() + 30
+            while sum(e["event"] == "lease taken" for e in logs) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert sum(e["event"] == "lease taken" for e in logs) == 2
+            write(2)  # the long transaction commits, behind the watermark
+            assert delivered(3) == [1, 3, 2]
+            time.sleep(1.0)  # the watch looks again: 2 is not sent twice
+        assert delivered(3) == [1, 3, 2]
+        # Taken back with the checkpoint still this outbox's: no takeover, so nothing of its own was dropped.
+        assert sum(e["event"] == "took over stream" for e in logs) == 1
+    finally:
+        runner.stop.set()
+        thread.join(timeout=60)
+        redis_client.delete(lease_key(stream_name), checkpoint_key(stream_name))
+    assert results and results[0].errors == []

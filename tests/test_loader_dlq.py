@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import shutil
 import signal
 import subprocess
 import time
+from decimal import Decimal
 from pathlib import Path
 
+import orjson
+import pytest
 import redis
 import yaml
-from sqlalchemy import create_engine, text
+from sqlalchemy import MetaData, create_engine, delete, text, update
 
+from bus.redis import RedisBus
 from fixtures.legacy_orders import order_rows
+from straw.local_redis import free_port
 from tests.crashes import REPO, straw_command
-from tests.helpers import orders_config, read_stream, run_once
+from tests.helpers import dead_letters, orders_config, read_stream, run_once
 from tests.loader_helpers import order_data, xadd_events
 from tests.test_cli import invoke
-from tests.test_dead_letters import fill_loose_orders
+from tests.test_dead_letters import fill_loose_orders, loose_orders
 from tests.test_loader_sql import applied_seq, load_once, rows, sql_loader
 
 
@@ -106,6 +112,131 @@ def test_a_mapping_dead_letter_is_re_mapped_with_todays_config(
     run_once(path)
     assert [e["event"]["subject"] for e in read_stream(redis_client, stream_name)] == ["1", "3", "2"]
     assert "outbox:1" not in invoke("dlq", "list", "-c", str(path)).output
+
+
+def test_a_retried_mapping_dead_letter_keeps_the_checkpoint_at_the_watermark(
+    tmp_path: Path, sqlite_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str
+) -> None:
+    """The checkpoint takes each source's position from its last published record. A retried dead letter
+    carried the position of its old row, so the checkpoint went back to it, and a replacement host (a fresh
+    outbox starts at the checkpoint's positions) read and published every row after it a second time."""
+    found = order_rows(4)
+    found[1]["PAID"] = "maybe"
+    fill_loose_orders(sqlite_url, found)
+    path = orders_config(tmp_path, db_url=sqlite_url, redis_url=redis_url, stream=stream_name)
+    run_once(path)
+    document = yaml.safe_load(path.read_text())
+    document["entities"]["order"]["fields"]["paid"] = "string"
+    path.write_text(yaml.safe_dump(document))
+    assert invoke("dlq", "retry", "outbox:1", "-c", str(path)).exit_code == 0
+    run_once(path)
+    entries = read_stream(redis_client, stream_name)
+    assert [e["event"]["subject"] for e in entries] == ["1", "3", "4", "2"]
+    watermark = entries[2]["pos"]  # row 4's: where the source stands
+    assert RedisBus(redis_client).checkpoint(stream_name).positions == {"orders": watermark}
+    replacement = tmp_path / "replacement"
+    replacement.mkdir()
+    document["outbox"]["path"] = str(replacement / "outbox.db")
+    moved = replacement / "straw.yaml"
+    moved.write_text(yaml.safe_dump(document))
+    assert run_once(moved).errors == []
+    assert [e["event"]["subject"] for e in read_stream(redis_client, stream_name)] == ["1", "3", "4", "2"]
+
+
+def test_a_dead_letter_whose_row_changed_since_is_not_sent_over_its_later_version(
+    tmp_path: Path, db_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str
+) -> None:
+    """Timestamp mode: `retry` sends the row as it was when it failed. Row 3 has changed since (its later
+    version was delivered), row 4 is gone: sending either would put an older version after the newer one."""
+    found = order_rows(5)
+    for index in (1, 2, 3):
+        found[index]["AMOUNT"] = None  # rows 2, 3 and 4: the required amount is missing
+    fill_loose_orders(db_url, found)
+    path = orders_config(tmp_path, db_url=db_url, redis_url=redis_url, stream=stream_name, mode="timestamp")
+    assert run_once(path).errors == []
+    letters = {orjson.loads(d["raw"])["ORDER_NO"]: f"outbox:{d['id']}" for d in dead_letters(tmp_path)}
+    assert sorted(letters) == [2, 3, 4]
+    engine = create_engine(db_url)
+    table = loose_orders(MetaData())
+    with engine.begin() as conn:
+        later = found[4]["CHANGED_AT"] + dt.timedelta(hours=1)  # type: ignore[operator]
+        conn.execute(update(table).where(table.c.ORDER_NO == 3).values(AMOUNT=Decimal("12.5"), CHANGED_AT=later))
+        conn.execute(delete(table).where(table.c.ORDER_NO == 4))
+    engine.dispose()
+    assert run_once(path).errors == []
+    document = yaml.safe_load(path.read_text())
+    document["entities"]["order"]["fields"]["amount"] = {"type": "decimal", "scale": 2}  # the fix
+    path.write_text(yaml.safe_dump(document))
+
+    changed = invoke("dlq", "retry", letters[3], "-c", str(path))
+    assert changed.exit_code == 1 and "changed since" in changed.output and "dlq drop" in changed.output, changed.output
+    gone = invoke("dlq", "retry", letters[4], "-c", str(path))
+    assert gone.exit_code == 1 and "no longer in the source" in gone.output, gone.output
+    current = invoke("dlq", "retry", letters[2], "-c", str(path))
+    assert current.exit_code == 0 and "queued" in current.output, current.output
+    assert run_once(path).errors == []
+    events = [e["event"] for e in read_stream(redis_client, stream_name)]
+    assert [(e["subject"], e["data"]["amount"]) for e in events] == [
+        ("1", str(found[0]["AMOUNT"])), ("5", str(found[4]["AMOUNT"])), ("3", "12.50"), ("2", None)]
+    assert sorted(orjson.loads(d["raw"])["ORDER_NO"] for d in dead_letters(tmp_path)) == [3, 4]  # kept to drop
+
+
+def test_a_retry_that_cannot_reach_the_source_says_so_in_one_line_without_the_password(
+    tmp_path: Path, sqlite_url: str, redis_url: str, stream_name: str
+) -> None:
+    found = order_rows(2)
+    found[1]["AMOUNT"] = None
+    fill_loose_orders(sqlite_url, found)
+    path = orders_config(tmp_path, db_url=sqlite_url, redis_url=redis_url, stream=stream_name, mode="timestamp")
+    assert run_once(path).errors == []
+    document = yaml.safe_load(path.read_text())
+    document["entities"]["order"]["fields"]["amount"] = {"type": "decimal", "scale": 2}
+    document["sources"][0]["url"] = f"postgresql+psycopg://straw:Hunter2secret@127.0.0.1:{free_port()}/erp"
+    path.write_text(yaml.safe_dump(document))
+    path.chmod(0o600)
+    down = invoke("dlq", "retry", "outbox:1", "-c", str(path))
+    assert down.exit_code == 1 and "could not ask 'orders' whether its row has changed" in down.output, down.output
+    assert "Hunter2secret" not in down.output and "Traceback" not in down.output
+    assert "retry once it answers" in down.output and len(dead_letters(tmp_path)) == 1  # kept: nothing sent
+
+
+@pytest.mark.parametrize("fixed_at_source", [False, True])
+def test_a_retried_dead_letter_of_a_snapshot_is_sent_once_and_never_over_a_later_version(
+    tmp_path: Path, sqlite_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str,
+    fixed_at_source: bool,
+) -> None:
+    """A keyed source remembers what it delivered per key. The fix changes the mapping, so the next listing
+    maps every row anew and sends row 2: the retry must not send it a second time. And where row 2 was fixed
+    in the legacy system first (its later version delivered), the retry must not send the old version."""
+    found = order_rows(3)
+    found[1]["AMOUNT"] = None
+    fill_loose_orders(sqlite_url, found)
+    path = orders_config(tmp_path, db_url=sqlite_url, redis_url=redis_url, stream=stream_name, mode="snapshot")
+    document = yaml.safe_load(path.read_text())
+    for option in ("timestamp_column", "key_column"):
+        document["sources"][0].pop(option)
+    path.write_text(yaml.safe_dump(document))
+    assert run_once(path).errors == []
+    amount = None
+    if fixed_at_source:
+        engine = create_engine(sqlite_url)
+        table = loose_orders(MetaData())
+        with engine.begin() as conn:
+            conn.execute(update(table).where(table.c.ORDER_NO == 2).values(AMOUNT=Decimal("5")))
+        engine.dispose()
+        assert run_once(path).errors == []
+        amount = "5.00"
+    document["entities"]["order"]["fields"]["amount"] = {"type": "decimal", "scale": 2}
+    path.write_text(yaml.safe_dump(document))
+    retried = invoke("dlq", "retry", "outbox:1", "-c", str(path))
+    assert retried.exit_code == 0 and "the next listing" in retried.output, retried.output
+    for _ in range(2):
+        assert run_once(path).errors == []
+    events = [e["event"] for e in read_stream(redis_client, stream_name)]
+    assert [e["subject"] for e in events] == ["1", "3", "2"]
+    assert events[-1]["data"]["amount"] == amount
+    again = invoke("dlq", "retry", "outbox:1", "-c", str(path))
+    assert again.exit_code == 2 and "no mapping dead letter" in again.output, again.output
 
 
 def test_replay_after_restoring_an_old_backup_of_the_target(

@@ -23,8 +23,8 @@ from loaders.records import Record
 from loaders.redis_consumer import RedisConsumer
 from loaders.sdk import Failed, Settings, TargetDown, consume, each
 from straw.config_loaders import JsonlLoaderSpec
-from tests.crashes import REPO, kill_hard, straw_command, tail
-from tests.loader_helpers import loader_config, order_data, xadd_events
+from tests.crashes import REPO, straw_command
+from tests.loader_helpers import jsonl_seqs, load_then_kill, loader_config, order_data, xadd_events
 from tests.test_loader_sdk import ENTITIES, member
 
 PIPELINED = Settings(batch_size=3, claim_idle=60, read_ahead="pipelined")
@@ -104,14 +104,6 @@ def test_a_read_while_replies_are_in_flight_is_refused(redis_client: redis.Redis
     assert consumer.collect() is None  # nothing in flight any more
 
 
-def _lines(directory: Path) -> list[int]:
-    """The seqs in the loader's files, complete lines only (a kill may leave a torn last one)."""
-    seqs: list[int] = []
-    for path in sorted(directory.glob("*.jsonl*"), key=lambda p: p.name.lstrip(".")):
-        seqs += [orjson.loads(line)["strawseq"] for line in path.read_bytes().split(b"\n")[:-1]]
-    return seqs
-
-
 def _acked(client: redis.Redis, stream: str, group: str) -> set[int]:
     """The seqs the group acked: delivered (at or below its last-delivered id) and not pending."""
     groups: Any = client.xinfo_groups(stream)
@@ -140,26 +132,17 @@ def test_a_jsonl_loader_killed_at_random_acks_only_what_it_wrote_and_ends_exact(
         "claim_idle": "300ms" if naming == "default" else "5s", "block": "200ms"}], stream_name)
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
-    with (tmp_path / "load.log").open("wb") as log:
-        for _kill in range(6):
-            named = [] if naming == "default" else ["--consumer", f"m{_kill}"]
-            loader = subprocess.Popen(straw_command(config, "load", "jl", *named),
-                                      cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            target = (len(_lines(out)) if out.exists() else 0) + rng.randrange(50, 3000)
-            deadline = time.monotonic() + 120  # start-up alone takes seconds on a loaded machine
-            while (len(_lines(out)) if out.exists() else 0) <= target:
-                assert loader.poll() is None and time.monotonic() < deadline, tail(tmp_path / "load.log")
-                time.sleep(0.01)
-            time.sleep(rng.random() * 0.05)
-            kill_hard(loader, whole_group=True)
-            acked, lines = _acked(redis_client, stream_name, "jl"), _lines(out)
-            assert acked <= set(lines), f"acked, never written: {sorted(acked - set(lines))[:10]} (seed {seed})"
-            assert lines == list(range(1, len(lines) + 1)), f"not in order or twice (seed {seed})"
-        last = [] if naming == "default" else ["--consumer", "last"]
-        done = subprocess.run(straw_command(config, "load", "jl", "--once", *last), cwd=REPO,
-                              capture_output=True, timeout=120)
-        assert done.returncode == 0, done.stdout + done.stderr
-    assert _lines(out) == list(range(1, total + 1))
+    for kill in range(6):
+        named = [] if naming == "default" else ["--consumer", f"m{kill}"]
+        load_then_kill(config, out, tmp_path / "load.log", rng.randrange(50, 3000), *named)
+        acked, lines = _acked(redis_client, stream_name, "jl"), jsonl_seqs(out)
+        assert acked <= set(lines), f"acked, never written: {sorted(acked - set(lines))[:10]} (seed {seed})"
+        assert lines == list(range(1, len(lines) + 1)), f"not in order or twice (seed {seed})"
+    last = [] if naming == "default" else ["--consumer", "last"]
+    done = subprocess.run(straw_command(config, "load", "jl", "--once", *last), cwd=REPO,
+                          capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert jsonl_seqs(out) == list(range(1, total + 1))
     assert redis_client.xpending(stream_name, "jl")["pending"] == 0
     assert redis_client.xlen(f"{stream_name}.dlq") == 0
 

@@ -68,8 +68,9 @@ def test_a_running_straw_is_scraped_over_http_and_stops_serving_when_stopped(
             except httpx.TransportError:
                 samples = {}  # not listening yet
             if samples.get(("straw_source_rows_read_total", source)) == ROWS and \
-                    samples.get(("straw_stream_backlog_records", stream)) == 0:
-                break
+                    samples.get(("straw_stream_backlog_records", stream)) == 0 and \
+                    samples.get(("straw_poll_duration_seconds_count", source), 0) > 0:
+                break  # (the poll's duration is observed after its commit, which the relay may publish first)
             time.sleep(0.05)
     finally:
         runner.stop.set()
@@ -166,3 +167,14 @@ def test_a_bad_metrics_port_is_one_line_naming_file_line_and_key(tmp_path: Path,
     [problem] = caught.value.problems
     assert (problem.file, problem.line, problem.key) == (str(path), 3, "metrics.port")
     assert hint in problem.message
+
+
+def test_the_readme_lists_every_metric_a_scrape_can_show(tmp_path: Path) -> None:
+    from straw.metrics import Metrics
+
+    Outbox(tmp_path / "outbox.db").close()
+    metrics = Metrics(tmp_path / "outbox.db", ["orders"], ["orders.s"])
+    names = {f"{m.name}_total" if m.type == "counter" else m.name for m in metrics.registry.collect()}
+    assert "straw_settle_late_rows_total" in names and len(names) > 15
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert sorted(n for n in names if f"| `{n}` |" not in readme) == []

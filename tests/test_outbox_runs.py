@@ -199,14 +199,14 @@ def test_a_new_outbox_assigns_seqs_after_runs_and_single_rows_alike(tmp_path: Pa
     try:
         outbox.adopt("s", 100, {})
         outbox.append("a", "s", [(str(i), event(i)) for i in range(6)], [], "5", 6)
-        assert outbox.resolve_dead_letter(1, "a", "s", ("x", event(99))) is False  # no such letter
+        assert outbox.resolve_dead_letter(1, "a", "s", ("x", event(99))) is None  # no such letter
         outbox.db.execute(
             "INSERT INTO dead_letters (source, position, reason, raw, created_at) VALUES ('a', 'x', 'r', '{}', 'now')"
         )
-        assert outbox.resolve_dead_letter(1, "a", "s", ("x", event(99)))
+        assert outbox.resolve_dead_letter(1, "a", "s", ("x", event(99))) == 1  # at the source's position, "5"
         outbox.append("a", "s", [(str(i), event(i)) for i in range(6, 9)], [], "8", 3)
         assert [(r.seq, r.position) for r in outbox.events()] == [
-            (101 + i, str(i)) for i in range(6)] + [(107, "x")] + [(108 + i, str(6 + i)) for i in range(3)]
+            (101 + i, str(i)) for i in range(6)] + [(107, "5")] + [(108 + i, str(6 + i)) for i in range(3)]
         assert outbox.backlog() == 10
         assert str(uuid.UUID(outbox.identity))  # untouched by the migration
     finally:

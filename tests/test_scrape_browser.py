@@ -112,9 +112,10 @@ def test_browser_failures_fail_the_poll_not_the_runner(
     tmp_path: Path, webui: WebUI, redis_url: str, redis_client: redis.Redis, stream_name: str
 ) -> None:
     path = scrape_config(tmp_path, webui, redis_url=redis_url, stream=stream_name, listing=app_list(),
-                         mode="browser", with_detail=False, http={"timeout": 1, "retries": 0})
+                         mode="browser", with_detail=False, http={"timeout": 5, "retries": 0})
     # A submit button that is not there: Playwright times out waiting for it (a renamed input is
-    # caught before the browser is asked: see tests/test_scrape_login.py).
+    # caught before the browser is asked: see tests/test_scrape_login.py). The timeout bounds every page
+    # action, the first navigation too: 1 s was passed by that goto once under a loaded CI's four workers.
     path.write_text(path.read_text().replace("  success:", "  submit: button#gone\n    success:", 1))
     result = run_once(path)
     assert len(result.errors) == 1

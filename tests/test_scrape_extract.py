@@ -39,6 +39,7 @@ from fixtures.webui.pages import ticket_created, ticket_description, ticket_due,
 from straw.coerce import Unreadable
 from straw.config_scrape import FieldRule
 from tests.helpers import dead_letters, read_stream, run_once, source_state
+from tests.test_cli import invoke
 
 BROWSER_OK = importlib.util.find_spec("playwright") is not None and Path("/usr/bin/chromium").exists()
 MODES = ["static", pytest.param("browser", marks=pytest.mark.skipif(not BROWSER_OK, reason="no Playwright/Chromium"))]
@@ -183,6 +184,11 @@ def test_an_optional_field_that_fails_to_parse_is_a_dead_letter_of_its_item(
         "time data 'ASAP' does not match format '%d-%m-%Y'"
     )
     assert "ASAP" in dead["raw"]
+    # `retry` with today's configuration: the page is read again at the next listing, where it fails again
+    retried = invoke("dlq", "retry", f"outbox:{dead['id']}", "-c", str(path))
+    assert retried.exit_code == 0 and "reads it from the page again" in retried.output, retried.output
+    assert run_once(path).errors == []
+    assert 1004 not in data(redis_client, stream_name) and len(dead_letters(tmp_path)) == 1
     # fixed on the page: the item arrives
     webui.tickets.bad_due = set()
     assert run_once(path).errors == []
@@ -234,10 +240,12 @@ def test_browser_renders_detail_pages_concurrently_in_order_with_recycling_and_r
 
     ui = start_webui(130, stall_seconds=3.0)
     ui.stall["/ticket/1077"] = 1  # hangs past the timeout once: that tab's load fails, open() retries it
+    # Three retries, not one: under a loaded CI any page's load may pass the 2 s timeout now and then (the
+    # poll took 63 s once: 1.5 s a page a tab), and two in a row for one page would fail the poll.
     recycle, fetch_browser.RECYCLE_EVERY = fetch_browser.RECYCLE_EVERY, 20  # 60 loads across 3 tabs
     try:
         path = tickets_config(tmp_path, ui, redis_url=redis_url, stream=stream_name, mode="browser",
-                              http={"timeout": 2, "retries": 1, "backoff": 0.01, "concurrency": 3})
+                              http={"timeout": 2, "retries": 3, "backoff": 0.01, "concurrency": 3})
         assert run_once(path).errors == []
     finally:
         fetch_browser.RECYCLE_EVERY = recycle
@@ -246,7 +254,9 @@ def test_browser_renders_detail_pages_concurrently_in_order_with_recycling_and_r
     assert sorted(got) == list(range(1001, 1131))
     for no in (1001, 1077, 1130):  # each item has its own detail page's text, not a neighbour's
         assert got[no]["description"] == ticket_description(no)[1]
-    assert ui.stalled == 1 and ui.hits["/ticket/1077"] == 2
+    # Stalled once, then asked again. Not "exactly twice": on a loaded machine (a CI run, 63 s for this poll
+    # once) a second load of it can pass the 2 s timeout too, and be retried again.
+    assert ui.stalled == 1 and ui.hits["/ticket/1077"] >= 2
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, closing
+from dataclasses import replace
 from functools import partial
 from itertools import chain
 from sys import getsizeof
@@ -427,7 +428,49 @@ class DbSource:
                 raise drift from None
             raise
 
+    def restore(self, memo: str | None) -> None:
+        """The id gaps given up before a restart, still watched (see `settle.GapWatch`)."""
+        gaps = settle.gap_watch(self.settle)
+        if gaps is not None:
+            gaps.restore(memo)
+
     def _read(self, after: str | None, limit: int | None) -> Iterator[RawBatch]:
+        gaps = settle.gap_watch(self.settle)
+        if gaps is None:
+            yield from self._changes(after, limit)
+            return
+        for batch in self._changes(after, limit):
+            after = batch.next_position
+            # The batch that passes a gap commits the watch of it with its position: a restart keeps watching.
+            yield gaps.carry(batch)
+        yield from self._late_commits(gaps, after)
+
+    def _late_commits(self, gaps: settle.GapWatch, after: str | None) -> Iterator[RawBatch]:
+        """Rows committed into id gaps the settle window gave up (a transaction longer than the window): the
+        read after the watermark never sees them. Looked for in the gaps given up lately, once a window."""
+        if not gaps.late:
+            return
+        expected = _integral_after(after, self._types)
+        if expected is None or not (due := gaps.due(expected - 1)):  # at or below the watermark's id only
+            return
+        assert self._shape is not None  # the read before set it: its watermark is `after`
+        relation, columns, slots, ops = self._shape
+        ident = relation.c[columns[slots[0]]]
+        stmt = (select(*(relation.c[c] for c in columns))
+                .where(or_(*(ident.between(first, last) for first, last in due))).order_by(ident))
+        with self.connect() as conn:
+            rows = conn.execute(stmt, self._query_params(None)).fetchall()
+        if not rows:
+            return
+        ids = [int(r[slots[0]]) for r in rows]
+        settle.log.warning(
+            "settle: rows committed into id gaps the settle window had given up, delivered now; a transaction "
+            "outlasted the window: raise `settle_fallback` (or `settle_delay`)",
+            source=self.name, ids=ids[:20], count=len(ids), window_s=gaps.window,
+        )
+        yield gaps.carry(replace(self._batch(rows, columns, slots, ops), end=after, late=True), delivering=ids)
+
+    def _changes(self, after: str | None, limit: int | None) -> Iterator[RawBatch]:
         """Stream from `after`; a batch the driver cannot decode is narrowed to its row, and the read goes on."""
         failed: list[BaseException] = []
         while True:
@@ -950,6 +993,22 @@ class DbSource:
         if self.spec.mode is ChangeMode.SNAPSHOT:
             settled = f"; digest: {self.digest_choice().why}"
         return f"{url} {what}: {len(self._names)} columns, mode {self.spec.mode.value}{settled}{sweep}"
+
+    def position_now(self, at: str) -> str | None:
+        """Timestamp mode: the position the row with the key of position `at` has now; None: no such row.
+
+        `straw dlq retry` asks before it sends a dead letter's row again: if the row has changed since it
+        failed, its later version was read on its own, and the old one must not follow it onto the bus.
+        """
+        with self.connect() as conn:
+            relation = self.relation(conn)
+            ts, key = (relation.c[c] for c in self._resolved(self._change_columns()))
+            wanted = position.decode(at, self._types)[1]
+            typed = isinstance(relation, Table)  # a query's column types are unknown: bind untyped, as the read does
+            match = key == bindparam("straw_key", wanted, type_=key.type if typed else NullType())
+            stmt = select(ts, key).where(match).order_by(ts.desc()).limit(1)
+            row = conn.execute(stmt, self._query_params(None)).first()
+        return None if row is None else position.encode((row[0], row[1]))
 
     def close(self) -> None:
         if self._batches:

@@ -25,16 +25,19 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from functools import partial
 from typing import Any, Protocol
 
+import orjson
 import structlog
 from sqlalchemy import ColumnElement, literal_column, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from adapters.db.direct import Direct
+from straw.source import RawBatch
 
 log = structlog.get_logger("straw.settle")
 
@@ -110,14 +113,109 @@ class Window:
         return Bound(cap=probe.column_time(conn, now - dt.timedelta(seconds=self.seconds)))
 
 
+LATE_WATCH_MIN = 300.0  # seconds a given-up gap is looked at again, at least (else 10 windows)
+LATE_WATCH_RANGES = 1000  # given-up gaps watched at most, the newest
+
+
 @dataclass
 class GapWatch:
-    """Ids missing between the watermark and the rows read, with when straw first saw each gap."""
+    """Ids missing between the watermark and the rows read, with when straw first saw each gap.
+
+    A gap given up (passed, older than the window) is watched a while longer: a transaction that outlasted
+    the window commits its ids behind the watermark, where no read looks. `due` names the gaps to look at
+    again (at most once a window), `delivered` takes the ids found there out of the watch.
+
+    The watch outlives a restart: `memo` is what to commit with the position that passes a gap (the
+    runner writes it in the same outbox transaction, see `RawBatch.memo`), `restore` reads it back. Kept
+    only in memory, a restart within the watch would lose what commits into its gaps afterwards.
+    """
 
     window: float
     source: str
     first_seen: dict[int, float] = field(default_factory=dict)
     given_up: int = 0  # gaps older than the window, passed (a metric: rolled back or skipped ids)
+    late: dict[tuple[int, int], float] = field(default_factory=dict)  # given-up (first, last) id -> when
+    looked_at: float = 0.0
+    found_late: int = 0  # ids committed into a given-up gap, delivered late (a metric)
+    changes: int = 0  # bumped when a gap is given up or ids leave the watch
+    kept: int = 0  # `changes` as last committed with a position (the memo is written only when it differs)
+
+    @property
+    def watched_s(self) -> float:
+        """How long a given-up gap is watched."""
+        return max(10 * self.window, LATE_WATCH_MIN)
+
+    def due(self, watermark: int) -> list[tuple[int, int]]:
+        """The given-up gaps, at or below `watermark`, to look at now; none while looked at within a window."""
+        now = time.monotonic()
+        horizon = self.watched_s
+        self.late = {gap: at for gap, at in self.late.items() if now - at < horizon}
+        if not self.late or now - self.looked_at < self.window:
+            return []
+        self.looked_at = now
+        return [(first, min(last, watermark)) for first, last in sorted(self.late) if first <= watermark]
+
+    def delivered(self, ids: list[int]) -> None:
+        """Ids found in given-up gaps and committed to the outbox: not looked for again."""
+        self.found_late += len(ids)
+        self.late = _without(self.late, ids)
+        self.changes += 1
+
+    def memo(self, delivering: list[int] | None = None) -> str | None:
+        """The watch as JSON text, to commit with the position, when it changed since last committed.
+
+        `delivering`: ids of the batch it goes with, out of the watch once that commits (`delivered`).
+        Times are wall-clock seconds: a monotonic clock starts over with the host.
+        """
+        if self.changes == self.kept and delivering is None:
+            return None
+        late = self.late if delivering is None else _without(self.late, delivering)
+        found = self.found_late + (len(delivering) if delivering else 0)
+        wall = time.time() - time.monotonic()
+        return orjson.dumps({
+            "late": [[first, last, round(at + wall, 3)] for (first, last), at in sorted(late.items())],
+            "given_up": self.given_up, "found_late": found, "watched_s": self.watched_s,
+        }).decode()
+
+    def committed(self, changes: int) -> None:
+        """The memo taken at `changes` is in the outbox with its position."""
+        self.kept = max(self.kept, changes)
+
+    def carry(self, batch: RawBatch, delivering: list[int] | None = None) -> RawBatch:
+        """`batch` with the watch to commit with its position, if it changed since last committed.
+
+        `delivering`: the ids of a batch of late rows, out of the watch once it commits (in memory and in
+        the memo committed with them: a poll stopped right after, or a restart, must not send them again).
+        """
+        memo = self.memo(delivering)
+        if memo is None:
+            return batch
+        return replace(batch, memo=memo, on_commit=partial(self._committed, self.changes, delivering))
+
+    def _committed(self, changes: int, delivering: list[int] | None) -> None:
+        if delivering is not None:
+            self.delivered(delivering)
+            changes = self.changes  # the memo went without them already
+        self.committed(changes)
+
+    def restore(self, memo: str | None) -> None:
+        """The watch as last committed (`memo`; None: none): its gaps watched again for what is left of their
+        watch. What was watched in memory goes (a lease takeover replaced the position it went with)."""
+        self.late, self.first_seen, self.looked_at = {}, {}, 0.0
+        self.kept = self.changes
+        if memo is None:
+            return
+        try:
+            kept = Kept.parse(memo)
+        except UnreadableMemo as exc:
+            # Only straw writes it; unreadable, it costs the watch, never the read.
+            log.warning("settle: the stored gap watch is unreadable; gaps given up before are no longer watched",
+                        source=self.source, error=str(exc))
+            return
+        now, to_monotonic = time.time(), time.monotonic() - time.time()
+        horizon = self.watched_s
+        self.late = {gap: at + to_monotonic for gap, at in kept.late.items() if now - at < horizon}
+        self.given_up, self.found_late = kept.given_up, kept.found_late
 
     def admit(self, expected: int | None, values: list[Any]) -> tuple[int, int | None]:
         """How many of `values` (ascending ids) may be taken, and the id expected after them.
@@ -135,14 +233,67 @@ class GapWatch:
                     return i, expected  # a late commit may still fill it: stop before it
                 del self.first_seen[expected]
                 self.given_up += 1
+                self.changes += 1
+                self.late[(expected, value - 1)] = now
+                if len(self.late) > LATE_WATCH_RANGES:
+                    del self.late[min(self.late, key=self.late.__getitem__)]
                 log.warning(
                     "settle: gap in ids given up (a rolled-back transaction or a skipped sequence value)",
                     source=self.source, missing=f"{expected}..{value - 1}", waited_s=round(now - seen, 1),
+                    watched_s=round(self.watched_s),  # for a commit that comes later still
                 )
             elif expected is not None and value == expected:
                 self.first_seen.pop(expected, None)
             expected = value + 1
         return len(values), expected
+
+
+class UnreadableMemo(Exception):
+    """A stored gap watch that is not one (straw wrote it; another version, or a damaged file)."""
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A gap watch as committed with its source's position (`GapWatch.memo`): given-up gaps with the
+    wall-clock time each was given up, the counts, and how long a gap is watched."""
+
+    late: dict[tuple[int, int], float]
+    given_up: int
+    found_late: int
+    watched_s: float
+
+    @staticmethod
+    def parse(memo: str) -> Kept:
+        try:
+            data = orjson.loads(memo)
+            late = {(int(first), int(last)): float(at) for first, last, at in data["late"]}
+            return Kept(late, int(data["given_up"]), int(data["found_late"]), float(data["watched_s"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise UnreadableMemo(f"{type(exc).__name__}: {exc}") from None
+
+    def watched(self, now: float) -> int:
+        """How many of its gaps are still watched at wall-clock time `now`."""
+        return sum(1 for at in self.late.values() if now - at < self.watched_s)
+
+
+def _without(late: dict[tuple[int, int], float], ids: list[int]) -> dict[tuple[int, int], float]:
+    """The watched gaps with `ids` taken out (a gap with one inside splits around it)."""
+    late = dict(late)
+    for found in ids:
+        for (first, last), at in list(late.items()):
+            if first <= found <= last:
+                del late[(first, last)]
+                for part in ((first, found - 1), (found + 1, last)):
+                    if part[0] <= part[1]:
+                        late[part] = at
+                break
+    return late
+
+
+def gap_watch(technique: Technique) -> GapWatch | None:
+    """The id gaps a technique watches (a window in incrementing mode, also as a ledger's fallback), if any."""
+    window = technique.fallback if isinstance(technique, Ledger) else technique
+    return window.gaps if isinstance(window, Window) else None
 
 
 def _above(a: Any, b: Any) -> bool:

@@ -60,6 +60,9 @@ class ScrapeSource:
             raise
         return self.last
 
+    def restore(self, memo: str | None) -> None:
+        """Nothing to restore: a listing compares with the keyed state the outbox keeps."""
+
     def read(self, after: str | None, limit: int | None = None) -> Iterator[RawBatch]:
         """Every item of the listing (the first `limit` for a preview); `after` is not needed."""
         crawl = self.crawl(limit)
