@@ -14,6 +14,7 @@ import platform
 import signal
 import statistics
 import sys
+import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -216,6 +217,21 @@ MEASURES: dict[str, Callable[[Bench, Scale], Result]] = {
 }
 
 
+def _alive() -> set[str]:
+    """This process's threads and child processes, by name."""
+    children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+    pids = children.read_text().split() if children.exists() else []
+    return {f"thread {t.name}" for t in threading.enumerate()} | {f"child process {pid}" for pid in pids}
+
+
+def _left_behind(name: str, before: set[str]) -> None:
+    """Say what a measure left running: the measures after it share this process, so its threads and
+    children would slow them (a leftover showed as the last measure's rate falling by a third)."""
+    left = sorted(_alive() - before)
+    if left:
+        log(f"{name} left running: {', '.join(left)}")
+
+
 def _summary(results: list[Result]) -> None:
     ceiling = next((r.value for r in results if r.measure == "xadd_ceiling_per_s"), None)
     for r in results:
@@ -294,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"redis round trip (PING): {bench.round_trip_us():.0f} µs; it sets the pace of per_row_xadd")
             for name in args.measures or list(MEASURES):
                 log(f"{name} …")
+                before = _alive()
                 dog = Watchdog(scale.timeout, name)
                 try:
                     with dog:
@@ -306,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 results.append(result)
                 print(json.dumps(result.as_json()), file=out, flush=True)
+                _left_behind(name, before)
     finally:
         out.close()
     _summary(results)
