@@ -221,7 +221,15 @@ def _alive() -> set[str]:
     """This process's threads and child processes, by name."""
     children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
     pids = children.read_text().split() if children.exists() else []
-    return {f"thread {t.name}" for t in threading.enumerate()} | {f"child process {pid}" for pid in pids}
+    threads = {f"thread {t.name} ({type(t).__module__}.{type(t).__qualname__})" for t in threading.enumerate()}
+    return threads | {f"child process {pid} ({_command(pid)})" for pid in pids}
+
+
+def _command(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:80].strip()
+    except OSError:
+        return "ended"
 
 
 def _left_behind(name: str, before: set[str]) -> None:

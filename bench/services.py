@@ -136,3 +136,4 @@ class Watchdog:
 
     def __exit__(self, *_exc: object) -> None:
         self._timer.cancel()
+        self._timer.join()  # gone before the next measure starts (bench/run.py lists what a measure left running)
