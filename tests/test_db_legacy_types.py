@@ -4,11 +4,16 @@ BLOBs, NULL against empty text, naive timestamps around DST changes."""
 from __future__ import annotations
 
 import datetime as dt
+import struct
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import (
     CHAR,
     TIMESTAMP,
@@ -31,8 +36,8 @@ def legacy_config(tmp_path: Path, db_url: str, redis_url: str, stream: str, fiel
                   **source: Any) -> Path:
     """A source over table ITEMS, incrementing on ID, mapping each field to its upper-case column."""
     path = orders_config(
-        tmp_path, db_url=db_url, redis_url=redis_url, stream=stream, incrementing_column="ID",
-        mapping={name: name.upper() for name in fields}, **{"table": "ITEMS", **source},
+        tmp_path, db_url=db_url, redis_url=redis_url, stream=stream,
+        mapping={name: name.upper() for name in fields}, **{"table": "ITEMS", "incrementing_column": "ID", **source},
     )
     config = yaml.safe_load(path.read_text())
     config["entities"] = {"order": {"key": ["id"], "fields": fields}}
@@ -133,3 +138,79 @@ def test_sql_ascii_postgresql_text_is_decoded_by_the_source_encoding(
     assert data == [{"id": 1, "name": "Café € „Grüße“"}, {"id": 3, "name": "Caño"}]
     [dead] = dead_letters(tmp_path)
     assert dead["reason"] == "field 'name' (column 'NAME'): bytes are not valid cp1252 at offset 0"
+
+
+def _float32(value: float) -> float:
+    """What a single-precision FLOAT column stores for `value`."""
+    return float(struct.unpack("<f", struct.pack("<f", value))[0])
+
+
+FLOATS = [16777217.0, 123.456789, 0.1, -2.5, 3.4028234663852886e38, 1.401298464324817e-45, 1e-30, None]
+
+
+@pytest.mark.parametrize("shape", ["table", "query", "snapshot"])
+def test_a_mariadb_float_column_is_published_with_its_stored_value_not_its_six_digit_text(
+    tmp_path: Path, mariadb_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str, shape: str
+) -> None:
+    """MariaDB/MySQL send a FLOAT (single precision) as text with 6 significant digits: 16777217 is stored
+    as 16777216 and reads as 16777200, 123.456789 as 123.457. straw reads it widened to a DOUBLE."""
+    engine = create_engine(mariadb_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE ITEMS (ID INT PRIMARY KEY, R FLOAT, D DOUBLE)"))
+        conn.execute(text("INSERT INTO ITEMS VALUES (:i, :r, :d)"),
+                     [{"i": i, "r": v, "d": v} for i, v in enumerate(FLOATS, start=1)])
+        shown = conn.execute(text("SELECT R FROM ITEMS WHERE ID = 1")).scalar_one()
+    engine.dispose()
+    assert shown == 16777200.0  # the attack: what the driver gets for the column as it is
+    fields = {"id": "integer", "r": "decimal", "d": "decimal"}
+    source: dict[str, Any] = {}
+    if shape == "query":
+        source = {"table": None, "query": "SELECT ID, R, D FROM ITEMS"}
+    elif shape == "snapshot":
+        source = {"mode": "snapshot", "incrementing_column": None, "timestamp_column": None, "key_column": None}
+    path = legacy_config(tmp_path, mariadb_url, redis_url, stream_name, fields, **source)
+
+    result = run_once(path)
+    assert result.errors == [] and result.rows_read == len(FLOATS)
+    data = {e["event"]["data"]["id"]: e["event"]["data"] for e in read_stream(redis_client, stream_name)}
+    assert dead_letters(tmp_path) == []
+    for i, value in enumerate(FLOATS, start=1):
+        if value is None:
+            assert data[i]["r"] is None and data[i]["d"] is None
+            continue
+        assert Decimal(data[i]["r"]) == Decimal(repr(_float32(value))), (value, data[i]["r"])
+        assert Decimal(data[i]["d"]) == Decimal(repr(value))  # a DOUBLE was right before: still right
+    assert Decimal(data[1]["r"]) == 16777216
+
+    if shape == "snapshot":  # an unchanged FLOAT keeps its digest and its value: nothing sent again
+        assert run_once(path).errors == []
+        assert len(read_stream(redis_client, stream_name)) == len(FLOATS)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=st.lists(st.floats(allow_nan=False, allow_infinity=False), min_size=1, max_size=40))
+def test_any_float_a_mariadb_float_or_double_column_holds_is_published_exactly(
+    tmp_path_factory: pytest.TempPathFactory, mariadb_url: str, redis_url: str, redis_client: redis.Redis,
+    stream_name: str, values: list[float],
+) -> None:
+    directory = tmp_path_factory.mktemp("floats")
+    stream = f"{stream_name}.{directory.name}"
+    engine = create_engine(mariadb_url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS ITEMS"))
+        conn.execute(text("CREATE TABLE ITEMS (ID INT PRIMARY KEY, R FLOAT, D DOUBLE)"))
+        stored = []
+        for i, value in enumerate(values, start=1):
+            single = _float32(value) if abs(value) <= 3.4028234663852886e38 else None  # beyond: out of range
+            conn.execute(text("INSERT INTO ITEMS VALUES (:i, :r, :d)"), {"i": i, "r": single, "d": value})
+            stored.append((i, single, value))
+    engine.dispose()
+    path = legacy_config(directory, mariadb_url, redis_url, stream, {"id": "integer", "r": "decimal", "d": "decimal"})
+    try:
+        assert run_once(path).errors == []
+        data = {e["event"]["data"]["id"]: e["event"]["data"] for e in read_stream(redis_client, stream)}
+        for i, single, double in stored:
+            assert (data[i]["r"] is None) if single is None else Decimal(data[i]["r"]) == Decimal(repr(single))
+            assert Decimal(data[i]["d"]) == Decimal(repr(double)), (double, data[i]["d"])
+    finally:
+        redis_client.delete(stream)

@@ -4,6 +4,7 @@ listing that reads only new and changed rows in full, on real PostgreSQL and Mar
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Callable, Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 import redis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import (
     CHAR,
@@ -109,8 +110,17 @@ def _digests(engine: Engine, table: Table, salt: str = "s") -> list[tuple[tuple[
         return [(tuple(repr(v) for v in row[:-1]), row[-1]) for row in conn.execute(stmt, {"straw_salt": salt})]
 
 
+def _same(row: tuple[Any, ...], other: tuple[Any, ...]) -> bool:
+    """Equal values written: as Python's ==, but 0.0 and -0.0 differ (they are two values in a float column)."""
+    return all(x is y or (x == y and (not isinstance(x, float) or math.copysign(1, x) == math.copysign(1, y)))
+               for x, y in zip(row, other, strict=True))
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(a=ROW, b=ROW, column=st.integers(0, len(NAMES) - 1), same=st.booleans())
+@example(a=("", "", Decimal("1.0"), 0.0, 0.0, dt.datetime(2000, 1, 1), b""),  # 0.0 and -0.0: equal to Python,
+         b=("", "", Decimal("1.0"), 0.0, -0.0, dt.datetime(2000, 1, 1), b""),  # two values in a float column
+         column=0, same=False)
 def test_a_row_that_differs_in_any_column_has_another_digest(
     hostile: tuple[Engine, Table], a: tuple[Any, ...], b: tuple[Any, ...], column: int, same: bool
 ) -> None:
@@ -126,8 +136,8 @@ def test_a_row_that_differs_in_any_column_has_another_digest(
     assert (read_again, digest_again) == (read_a, digest_a)  # the same values: the same digest
     if read_a != read_b:
         assert digest_a != digest_b, f"{read_a} and {read_b} share a digest"
-    if other == a:
-        assert digest_a == digest_b
+    if _same(other, a):  # (read-back values can match where the stored ones differ: MariaDB's FLOAT as text)
+        assert digest_a == digest_b, f"{read_a} has two digests"
     assert _digests(engine, table, salt="t")[0][1] != digest_a  # the salt (the mapping's shape) keys it
 
 

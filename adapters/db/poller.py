@@ -35,16 +35,18 @@ from sqlalchemy import (
     column,
     exists,
     func,
+    literal_column,
     or_,
     select,
     text,
     tuple_,
     type_coerce,
 )
+from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import DataError, DBAPIError, NoSuchTableError
 from sqlalchemy.sql.expression import Exists
-from sqlalchemy.types import LargeBinary, NullType, Text, TypeDecorator, TypeEngine
+from sqlalchemy.types import Float, LargeBinary, NullType, Text, TypeDecorator, TypeEngine
 
 import adapters.db.budget as budgets
 from adapters.db import digest, keys, position, settle
@@ -118,6 +120,7 @@ class DbSource:
         self._names: list[str] = []  # the wanted columns as the relation spells them, each once
         self._spelled: dict[str, str] = {}  # wanted name -> the relation's spelling
         self._types: tuple[type | None, ...] = ()  # python types of the change columns (None: as stored)
+        self._widened: frozenset[str] = frozenset()  # MySQL/MariaDB FLOAT columns, read as a DOUBLE (`_value`)
         self._aware: bool | None = False  # the timestamp column keeps a time zone (None: not known yet)
         self._last_value: Any = None  # the watermark of the read under way (a settle probe binds it too)
         self._after: str | None = None  # the position the read under way starts after
@@ -183,6 +186,12 @@ class DbSource:
                 f"source {self.name!r}: table {name!r} not found; check `table` (and `schema`)"
             ) from None
         self._names = self._resolve([c.name for c in table.columns], f"table {name!r}")
+        self._widened = frozenset(c.name for c in table.columns if _single_float(conn.dialect.name, c.type))
+        for col in table.columns:
+            if isinstance(col.type, Float) and col.type.asdecimal:
+                # SQLAlchemy reads a MySQL/MariaDB DOUBLE as a Decimal rounded to 10 places (1e-30 became 0):
+                # read as the float it is, whose shortest repr the mapping takes.
+                col.type = Float(asdecimal=False)
         change = [table.c[c] for c in self._resolved(self._change_columns())]
         self._types = tuple(_python_type(c.type) for c in change)
         self._aware = bool(getattr(change[0].type, "timezone", False))
@@ -205,8 +214,10 @@ class DbSource:
         probe = select(text("*")).select_from(relation.columns().subquery("q")).where(text("1 = 0"))
         result = conn.execute(probe, self._query_params(None))
         returned = list(result.keys())
+        floats = _single_float_results(conn.dialect.name, result.cursor.description if result.cursor else None)
         result.close()
         self._names = self._resolve(returned, "`query`")
+        self._widened = frozenset(returned[i] for i in floats)
         self._types = tuple(None for _ in self._change_columns())
         self._aware = None  # a query's column types show only in the values it returns
         return relation.columns(*(column(c) for c in returned)).subquery("q")
@@ -226,6 +237,15 @@ class DbSource:
 
     def _resolved(self, wanted: list[str]) -> list[str]:
         return [self._spelled[c] for c in wanted]
+
+    def _value(self, relation: FromClause, name: str) -> ColumnElement[Any]:
+        """The column `name` as its rows' values are read. A MySQL/MariaDB FLOAT is read as a DOUBLE: its own
+        text (what the driver gets) keeps 6 significant digits, so 16777216 would read as 16777200 and
+        123.456787 as 123.457, wrong values; + 0e0 gives the stored value exactly."""
+        col = relation.c[name]
+        if name in self._widened:
+            return (col + literal_column("0e0")).label(name)
+        return col
 
     def _query_params(self, last_value: Any) -> dict[str, Any]:
         params: dict[str, Any] = dict(self.spec.params)
@@ -308,7 +328,7 @@ class DbSource:
         keep = set(change_names)
         lenient = self.engine.dialect.name == "sqlite" and isinstance(relation, Table)
         stmt = select(
-            *(relation.c[c] if c in keep or not lenient else _lenient(relation.c[c]) for c in names)
+            *(self._value(relation, c) if c in keep or not lenient else _lenient(relation.c[c]) for c in names)
         ).order_by(*change)
         typed = isinstance(relation, Table)
         for clause in self._after_clauses(relation, bound):
@@ -456,7 +476,7 @@ class DbSource:
         assert self._shape is not None  # the read before set it: its watermark is `after`
         relation, columns, slots, ops = self._shape
         ident = relation.c[columns[slots[0]]]
-        stmt = (select(*(relation.c[c] for c in columns))
+        stmt = (select(*(self._value(relation, c) for c in columns))
                 .where(or_(*(ident.between(first, last) for first, last in due))).order_by(ident))
         with self.connect() as conn:
             rows = conn.execute(stmt, self._query_params(None)).fetchall()
@@ -712,7 +732,7 @@ class DbSource:
         values: list[Any] = []
         for name in self._names:
             try:
-                found = conn.execute(stmt.with_only_columns(relation.c[name]), params).first()
+                found = conn.execute(stmt.with_only_columns(self._value(relation, name)), params).first()
             except Exception as exc:
                 if not _undecodable(exc) or name in keep:
                     return None  # a change column must be read as it is: it is the position
@@ -917,7 +937,7 @@ class DbSource:
         key_cols = [relation.c[c] for c in self._resolved(self._change_columns())]
         width = len(key_cols)
         wanted = [tuple(listed[i][:width]) for i in indexes]
-        stmt = select(*(relation.c[c] for c in self._names), self._digest_of(relation)).order_by(*key_cols)
+        stmt = select(*(self._value(relation, c) for c in self._names), self._digest_of(relation)).order_by(*key_cols)
         if 4 * len(indexes) >= len(listed) and len(indexes) > 1:
             low, high = wanted[0], wanted[-1]
             stmt = stmt.where(tuple_(*key_cols) >= tuple_(*low), tuple_(*key_cols) <= tuple_(*high)) if width > 1 else (
@@ -945,7 +965,7 @@ class DbSource:
         relation = self.relation()
         found: list[Any] = []
         for key in wanted:
-            stmt = select(*(relation.c[c] for c in self._names), self._digest_of(relation)).where(
+            stmt = select(*(self._value(relation, c) for c in self._names), self._digest_of(relation)).where(
                 *(k == v for k, v in zip(key_cols, key, strict=True))).order_by(*key_cols)
             try:
                 found.extend(conn.execute(stmt, params).all())
@@ -1121,6 +1141,20 @@ class _Lenient(TypeDecorator[Any]):
                 return value
 
         return process
+
+
+def _single_float(dialect: str, sql_type: Any) -> bool:
+    return dialect in ("mysql", "mariadb") and isinstance(sql_type, mysql.FLOAT)
+
+
+def _single_float_results(dialect: str, description: Sequence[Sequence[Any]] | None) -> list[int]:
+    """The result columns (by index) that MySQL/MariaDB sends as a FLOAT (field type 4 of its protocol)."""
+    if dialect not in ("mysql", "mariadb") or not description:
+        return []
+    return [i for i, d in enumerate(description) if len(d) > 1 and d[1] == _MYSQL_FLOAT]
+
+
+_MYSQL_FLOAT = 4  # MYSQL_TYPE_FLOAT, as PyMySQL, mysqlclient and MariaDB Connector/Python report it
 
 
 def _lenient(col: Any) -> ColumnElement[Any]:
