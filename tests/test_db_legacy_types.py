@@ -163,11 +163,11 @@ def test_a_mariadb_float_column_is_published_with_its_stored_value_not_its_six_d
     engine.dispose()
     assert shown == 16777200.0  # the attack: what the driver gets for the column as it is
     fields = {"id": "integer", "r": "decimal", "d": "decimal"}
-    source: dict[str, Any] = {}
+    source: dict[str, Any] = {"settle": "off"}  # values, not commits: others' open transactions hold nothing back
     if shape == "query":
-        source = {"table": None, "query": "SELECT ID, R, D FROM ITEMS"}
+        source |= {"table": None, "query": "SELECT ID, R, D FROM ITEMS"}
     elif shape == "snapshot":
-        source = {"mode": "snapshot", "incrementing_column": None, "timestamp_column": None, "key_column": None}
+        source |= {"mode": "snapshot", "incrementing_column": None, "timestamp_column": None, "key_column": None}
     path = legacy_config(tmp_path, mariadb_url, redis_url, stream_name, fields, **source)
 
     result = run_once(path)
@@ -205,12 +205,44 @@ def test_any_float_a_mariadb_float_or_double_column_holds_is_published_exactly(
             conn.execute(text("INSERT INTO ITEMS VALUES (:i, :r, :d)"), {"i": i, "r": single, "d": value})
             stored.append((i, single, value))
     engine.dispose()
-    path = legacy_config(directory, mariadb_url, redis_url, stream, {"id": "integer", "r": "decimal", "d": "decimal"})
+    path = legacy_config(directory, mariadb_url, redis_url, stream, {"id": "integer", "r": "decimal", "d": "decimal"},
+                         settle="off")  # values, not commits: other tests' open transactions must not hold rows back
     try:
-        assert run_once(path).errors == []
+        result = run_once(path)
+        assert result.errors == [] and result.rows_read == len(values)
         data = {e["event"]["data"]["id"]: e["event"]["data"] for e in read_stream(redis_client, stream)}
         for i, single, double in stored:
             assert (data[i]["r"] is None) if single is None else Decimal(data[i]["r"]) == Decimal(repr(single))
             assert Decimal(data[i]["d"]) == Decimal(repr(double)), (double, data[i]["d"])
     finally:
         redis_client.delete(stream)
+
+
+MONEY = ["1234567.89", "-0.01", "0.00", "92233720368547758.07", "-92233720368547758.08", None]
+
+
+@pytest.mark.parametrize("shape", ["table", "query"])
+def test_a_postgresql_money_column_is_published_as_its_amount_not_its_locale_text(
+    tmp_path: Path, pg_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str, shape: str
+) -> None:
+    """psycopg gives a money value as PostgreSQL formats it for lc_monetary (`$1,234,567.89`), which no
+    decimal reads: every row was a dead letter. straw reads it as a numeric, exact."""
+    engine = create_engine(pg_url)
+    with engine.begin() as conn:
+        conn.execute(text('CREATE TABLE "ITEMS" ("ID" INT PRIMARY KEY, "PRICE" MONEY)'))
+        conn.execute(text('INSERT INTO "ITEMS" VALUES (:i, CAST(:p AS NUMERIC))'),
+                     [{"i": i, "p": p} for i, p in enumerate(MONEY, start=1)])
+        shown = conn.execute(text('SELECT "PRICE" FROM "ITEMS" WHERE "ID" = 1')).scalar_one()
+    engine.dispose()
+    assert shown == "$1,234,567.89"  # the attack: what the driver gets for the column as it is
+    source: dict[str, Any] = {"settle": "off"}  # values, not commits
+    if shape == "query":
+        source |= {"table": None, "query": 'SELECT "ID", "PRICE" FROM "ITEMS"'}
+    fields = {"id": "integer", "price": {"type": "decimal", "scale": 2}}
+    path = legacy_config(tmp_path, pg_url, redis_url, stream_name, fields, **source)
+
+    result = run_once(path)
+    assert result.errors == [] and result.rows_read == len(MONEY)
+    assert dead_letters(tmp_path) == []
+    data = {e["event"]["data"]["id"]: e["event"]["data"]["price"] for e in read_stream(redis_client, stream_name)}
+    assert data == dict(enumerate(MONEY, start=1))

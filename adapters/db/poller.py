@@ -27,6 +27,7 @@ from sqlalchemy import (
     DateTime,
     FromClause,
     MetaData,
+    Numeric,
     Select,
     Table,
     and_,
@@ -42,7 +43,7 @@ from sqlalchemy import (
     tuple_,
     type_coerce,
 )
-from sqlalchemy.dialects import mysql
+from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import DataError, DBAPIError, NoSuchTableError
 from sqlalchemy.sql.expression import Exists
@@ -120,7 +121,7 @@ class DbSource:
         self._names: list[str] = []  # the wanted columns as the relation spells them, each once
         self._spelled: dict[str, str] = {}  # wanted name -> the relation's spelling
         self._types: tuple[type | None, ...] = ()  # python types of the change columns (None: as stored)
-        self._widened: frozenset[str] = frozenset()  # MySQL/MariaDB FLOAT columns, read as a DOUBLE (`_value`)
+        self._recast: dict[str, str] = {}  # columns whose driver text is not their value: read as (`_value`)
         self._aware: bool | None = False  # the timestamp column keeps a time zone (None: not known yet)
         self._last_value: Any = None  # the watermark of the read under way (a settle probe binds it too)
         self._after: str | None = None  # the position the read under way starts after
@@ -186,7 +187,7 @@ class DbSource:
                 f"source {self.name!r}: table {name!r} not found; check `table` (and `schema`)"
             ) from None
         self._names = self._resolve([c.name for c in table.columns], f"table {name!r}")
-        self._widened = frozenset(c.name for c in table.columns if _single_float(conn.dialect.name, c.type))
+        self._recast = {c.name: kind for c in table.columns if (kind := _recast(conn.dialect.name, c.type))}
         for col in table.columns:
             if isinstance(col.type, Float) and col.type.asdecimal:
                 # SQLAlchemy reads a MySQL/MariaDB DOUBLE as a Decimal rounded to 10 places (1e-30 became 0):
@@ -214,10 +215,10 @@ class DbSource:
         probe = select(text("*")).select_from(relation.columns().subquery("q")).where(text("1 = 0"))
         result = conn.execute(probe, self._query_params(None))
         returned = list(result.keys())
-        floats = _single_float_results(conn.dialect.name, result.cursor.description if result.cursor else None)
+        recast = _recast_results(conn.dialect.name, result.cursor.description if result.cursor else None)
         result.close()
         self._names = self._resolve(returned, "`query`")
-        self._widened = frozenset(returned[i] for i in floats)
+        self._recast = {returned[i]: kind for i, kind in recast.items()}
         self._types = tuple(None for _ in self._change_columns())
         self._aware = None  # a query's column types show only in the values it returns
         return relation.columns(*(column(c) for c in returned)).subquery("q")
@@ -241,10 +242,14 @@ class DbSource:
     def _value(self, relation: FromClause, name: str) -> ColumnElement[Any]:
         """The column `name` as its rows' values are read. A MySQL/MariaDB FLOAT is read as a DOUBLE: its own
         text (what the driver gets) keeps 6 significant digits, so 16777216 would read as 16777200 and
-        123.456787 as 123.457, wrong values; + 0e0 gives the stored value exactly."""
+        123.456787 as 123.457, wrong values; + 0e0 gives the stored value exactly. A PostgreSQL money is
+        read as a numeric: its text is formatted for lc_monetary (`$1,234,567.89`), not a number."""
         col = relation.c[name]
-        if name in self._widened:
+        kind = self._recast.get(name)
+        if kind == DOUBLE:
             return (col + literal_column("0e0")).label(name)
+        if kind == NUMERIC:
+            return cast(col, Numeric()).label(name)
         return col
 
     def _query_params(self, last_value: Any) -> dict[str, Any]:
@@ -1143,18 +1148,26 @@ class _Lenient(TypeDecorator[Any]):
         return process
 
 
-def _single_float(dialect: str, sql_type: Any) -> bool:
-    return dialect in ("mysql", "mariadb") and isinstance(sql_type, mysql.FLOAT)
-
-
-def _single_float_results(dialect: str, description: Sequence[Sequence[Any]] | None) -> list[int]:
-    """The result columns (by index) that MySQL/MariaDB sends as a FLOAT (field type 4 of its protocol)."""
-    if dialect not in ("mysql", "mariadb") or not description:
-        return []
-    return [i for i, d in enumerate(description) if len(d) > 1 and d[1] == _MYSQL_FLOAT]
-
-
+DOUBLE, NUMERIC = "double", "numeric"  # what `DbSource._value` reads a recast column as
 _MYSQL_FLOAT = 4  # MYSQL_TYPE_FLOAT, as PyMySQL, mysqlclient and MariaDB Connector/Python report it
+_PG_MONEY = 790  # the OID of PostgreSQL's money, psycopg's type code
+
+
+def _recast(dialect: str, sql_type: Any) -> str | None:
+    if dialect in ("mysql", "mariadb") and isinstance(sql_type, mysql.FLOAT):
+        return DOUBLE
+    if dialect == "postgresql" and isinstance(sql_type, postgresql.MONEY):
+        return NUMERIC
+    return None
+
+
+def _recast_results(dialect: str, description: Sequence[Sequence[Any]] | None) -> dict[int, str]:
+    """The result columns (by index) to recast, by the type the database says it sends."""
+    wanted = {"mysql": (_MYSQL_FLOAT, DOUBLE), "mariadb": (_MYSQL_FLOAT, DOUBLE), "postgresql": (_PG_MONEY, NUMERIC)}
+    if dialect not in wanted or not description:
+        return {}
+    code, kind = wanted[dialect]
+    return {i: kind for i, d in enumerate(description) if len(d) > 1 and d[1] == code}
 
 
 def _lenient(col: Any) -> ColumnElement[Any]:
