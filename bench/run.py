@@ -234,7 +234,7 @@ def _command(pid: str) -> str:
 
 def _left_behind(name: str, before: set[str]) -> None:
     """Say what a measure left running: the measures after it share this process, so its threads and
-    children would slow them (a leftover showed as the last measure's rate falling by a third)."""
+    children would slow them."""
     left = sorted(_alive() - before)
     if left:
         log(f"{name} left running: {', '.join(left)}")

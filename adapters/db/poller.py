@@ -1149,24 +1149,24 @@ class _Lenient(TypeDecorator[Any]):
 
 
 DOUBLE, NUMERIC = "double", "numeric"  # what `DbSource._value` reads a recast column as
-_MYSQL_FLOAT = 4  # MYSQL_TYPE_FLOAT, as PyMySQL, mysqlclient and MariaDB Connector/Python report it
-_PG_MONEY = 790  # the OID of PostgreSQL's money, psycopg's type code
+# By dialect: the reflected type, and its type code in a query's cursor description, to read as what.
+_RECAST: dict[str, tuple[type, int, str]] = {
+    "mysql": (mysql.FLOAT, 4, DOUBLE),  # MYSQL_TYPE_FLOAT, as PyMySQL, mysqlclient and Connector/Python say
+    "mariadb": (mysql.FLOAT, 4, DOUBLE),
+    "postgresql": (postgresql.MONEY, 790, NUMERIC),  # money's OID, psycopg's type code
+}
 
 
 def _recast(dialect: str, sql_type: Any) -> str | None:
-    if dialect in ("mysql", "mariadb") and isinstance(sql_type, mysql.FLOAT):
-        return DOUBLE
-    if dialect == "postgresql" and isinstance(sql_type, postgresql.MONEY):
-        return NUMERIC
-    return None
+    sql, _code, kind = _RECAST.get(dialect, (type(None), -1, ""))
+    return kind if isinstance(sql_type, sql) else None
 
 
 def _recast_results(dialect: str, description: Sequence[Sequence[Any]] | None) -> dict[int, str]:
     """The result columns (by index) to recast, by the type the database says it sends."""
-    wanted = {"mysql": (_MYSQL_FLOAT, DOUBLE), "mariadb": (_MYSQL_FLOAT, DOUBLE), "postgresql": (_PG_MONEY, NUMERIC)}
-    if dialect not in wanted or not description:
+    if dialect not in _RECAST or not description:
         return {}
-    code, kind = wanted[dialect]
+    _sql, code, kind = _RECAST[dialect]
     return {i: kind for i, d in enumerate(description) if len(d) > 1 and d[1] == code}
 
 
