@@ -12,6 +12,7 @@ import base64
 import datetime as dt
 import json
 import math
+import uuid
 from collections.abc import Callable
 from decimal import ROUND_HALF_EVEN, Context, Decimal, DecimalException, InvalidOperation
 from typing import Any
@@ -85,6 +86,8 @@ def string(encoding: str, trim: bool = False) -> Coercer:
             return repr(value)
         if isinstance(value, (dt.date, dt.time)):
             return value.isoformat()
+        if isinstance(value, uuid.UUID):  # PostgreSQL's, MariaDB's: the canonical text, as they spell it
+            return str(value)
         raise _fail(value, "string")
 
     return coerce

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import struct
+import uuid
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,29 @@ def legacy_config(tmp_path: Path, db_url: str, redis_url: str, stream: str, fiel
     config["entities"] = {"order": {"key": ["id"], "fields": fields}}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def shaped(shape: str, query: str) -> dict[str, Any]:
+    """The source options of a value test read as a `table` (incrementing on ID), a `query` or a `snapshot`.
+    Values, not commits: settle off, so other tests' open transactions hold no row back."""
+    if shape == "query":
+        return {"settle": "off", "table": None, "query": query}
+    if shape == "snapshot":
+        return {"settle": "off", "mode": "snapshot", "incrementing_column": None, "timestamp_column": None,
+                "key_column": None}
+    return {"settle": "off"}
+
+
+def example_dir(factory: pytest.TempPathFactory, name: str, stream_name: str) -> tuple[Path, str]:
+    """A hypothesis example's own directory (outbox) and stream: examples share the test's fixtures."""
+    directory = factory.mktemp(name)
+    return directory, f"{stream_name}.{directory.name}"
+
+
+def fresh_items(conn: Any, columns: str) -> None:
+    """Table ITEMS anew (the previous example's is dropped), keyed by ID, with these columns."""
+    conn.execute(text("DROP TABLE IF EXISTS ITEMS"))
+    conn.execute(text(f"CREATE TABLE ITEMS (ID INT PRIMARY KEY, {columns})"))
 
 
 def test_cp1252_bytes_char_padding_blobs_and_nulls(
@@ -163,11 +187,7 @@ def test_a_mariadb_float_column_is_published_with_its_stored_value_not_its_six_d
     engine.dispose()
     assert shown == 16777200.0  # the attack: what the driver gets for the column as it is
     fields = {"id": "integer", "r": "decimal", "d": "decimal"}
-    source: dict[str, Any] = {"settle": "off"}  # values, not commits: others' open transactions hold nothing back
-    if shape == "query":
-        source |= {"table": None, "query": "SELECT ID, R, D FROM ITEMS"}
-    elif shape == "snapshot":
-        source |= {"mode": "snapshot", "incrementing_column": None, "timestamp_column": None, "key_column": None}
+    source = shaped(shape, "SELECT ID, R, D FROM ITEMS")
     path = legacy_config(tmp_path, mariadb_url, redis_url, stream_name, fields, **source)
 
     result = run_once(path)
@@ -193,12 +213,10 @@ def test_any_float_a_mariadb_float_or_double_column_holds_is_published_exactly(
     tmp_path_factory: pytest.TempPathFactory, mariadb_url: str, redis_url: str, redis_client: redis.Redis,
     stream_name: str, values: list[float],
 ) -> None:
-    directory = tmp_path_factory.mktemp("floats")
-    stream = f"{stream_name}.{directory.name}"
+    directory, stream = example_dir(tmp_path_factory, "floats", stream_name)
     engine = create_engine(mariadb_url)
     with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS ITEMS"))
-        conn.execute(text("CREATE TABLE ITEMS (ID INT PRIMARY KEY, R FLOAT, D DOUBLE)"))
+        fresh_items(conn, "R FLOAT, D DOUBLE")
         stored = []
         for i, value in enumerate(values, start=1):
             single = _float32(value) if abs(value) <= 3.4028234663852886e38 else None  # beyond: out of range
@@ -235,9 +253,7 @@ def test_a_postgresql_money_column_is_published_as_its_amount_not_its_locale_tex
         shown = conn.execute(text('SELECT "PRICE" FROM "ITEMS" WHERE "ID" = 1')).scalar_one()
     engine.dispose()
     assert shown == "$1,234,567.89"  # the attack: what the driver gets for the column as it is
-    source: dict[str, Any] = {"settle": "off"}  # values, not commits
-    if shape == "query":
-        source |= {"table": None, "query": 'SELECT "ID", "PRICE" FROM "ITEMS"'}
+    source = shaped(shape, 'SELECT "ID", "PRICE" FROM "ITEMS"')
     fields = {"id": "integer", "price": {"type": "decimal", "scale": 2}}
     path = legacy_config(tmp_path, pg_url, redis_url, stream_name, fields, **source)
 
@@ -246,3 +262,180 @@ def test_a_postgresql_money_column_is_published_as_its_amount_not_its_locale_tex
     assert dead_letters(tmp_path) == []
     data = {e["event"]["data"]["id"]: e["event"]["data"]["price"] for e in read_stream(redis_client, stream_name)}
     assert data == dict(enumerate(MONEY, start=1))
+
+
+# MariaDB's own text of each TIME: a duration of up to ±838:59:59, not a time of day.
+TIMES = ["-00:00:01", "838:59:59", "-838:59:59", "09:30:00", "00:00:00", None]
+UUID_TEXT = "5f0c6e2a-9b1d-4c3e-8f7a-1b2c3d4e5f60"
+
+
+@pytest.mark.parametrize("shape", ["table", "query", "snapshot"])
+def test_mariadb_time_set_bit_year_and_uuid_columns_are_published_as_stored(
+    tmp_path: Path, mariadb_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str, shape: str
+) -> None:
+    """SQLAlchemy reads a table's TIME as a time of day modulo 24 h (-00:00:01 published as 23:59:59,
+    838:59:59 as 22:59:59) and a query's comes as a timedelta (a dead letter); a SET came as a Python set,
+    a query's BIT as bytes. Each is published as the database keeps it."""
+    engine = create_engine(mariadb_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE ITEMS (ID INT PRIMARY KEY, TM TIME, TM6 TIME(6), S SET('x', 'y', 'z'), "
+                          "B1 BIT(1), B BIT(10), Y YEAR, U UUID)"))
+        conn.execute(text("INSERT INTO ITEMS VALUES (:i, :tm, :tm6, :s, :b1, :b, :y, :u)"), [
+            {"i": i, "tm": tm, "tm6": "12:00:00.000001" if i == 1 else None, "s": "z,x" if i == 1 else None,
+             "b1": i % 2 if tm else None, "b": 5 if i == 1 else None, "y": 2024 if i == 1 else None,
+             "u": UUID_TEXT if i == 1 else None}
+            for i, tm in enumerate(TIMES, start=1)
+        ])
+        shown = conn.execute(text("SELECT TM FROM ITEMS WHERE ID = 1")).scalar_one()
+        reflected = conn.execute(Table("ITEMS", MetaData(), autoload_with=conn).select()).first()
+    engine.dispose()
+    assert shown == dt.timedelta(seconds=-1)  # the attack: what a query's driver value is
+    assert reflected is not None and reflected.TM.isoformat() == "23:59:59"  # and a reflected table's
+    fields = {"id": "integer", "tm": "string", "tm6": "string", "s": "string", "b1": "boolean", "b": "integer",
+              "y": "integer", "u": "string"}
+    source = shaped(shape, "SELECT ID, TM, TM6, S, B1, B, Y, U FROM ITEMS")
+    path = legacy_config(tmp_path, mariadb_url, redis_url, stream_name, fields, **source)
+
+    result = run_once(path)
+    assert result.errors == [] and result.rows_read == len(TIMES)
+    assert dead_letters(tmp_path) == []
+    data = {e["event"]["data"]["id"]: e["event"]["data"] for e in read_stream(redis_client, stream_name)}
+    assert {i: d["tm"] for i, d in data.items()} == dict(enumerate(TIMES, start=1))
+    assert data[1] == {"id": 1, "tm": "-00:00:01", "tm6": "12:00:00.000001", "s": "x,z", "b1": True, "b": 5,
+                       "y": 2024, "u": UUID_TEXT}
+    assert (data[2]["b1"], data[6]["b1"], data[6]["s"], data[6]["u"]) == (False, None, None, None)
+
+    if shape == "snapshot":  # an unchanged row keeps its digest: nothing sent again
+        assert run_once(path).errors == []
+        assert len(read_stream(redis_client, stream_name)) == len(TIMES)
+
+
+@pytest.mark.parametrize("shape", ["table", "query"])
+def test_postgresql_interval_inet_and_uuid_columns_are_published_as_stored(
+    tmp_path: Path, pg_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str, shape: str
+) -> None:
+    """psycopg makes an interval a timedelta with a month of 30 days ('1 mon' and '30 days' become one
+    value), an inet an ipaddress object that spells '10.0.0.1' as '10.0.0.1/32', a uuid a UUID object (a
+    dead letter in a string field). Each is published as PostgreSQL spells it."""
+    engine = create_engine(pg_url)
+    rows = [
+        (1, "1 mon", "10.0.0.1", "192.168.0.0/16", UUID_TEXT),
+        (2, "30 days", "10.0.0.1/8", "10.0.0.0/8", None),
+        (3, "-1 years -2 mons +3 days -04:05:06.5", "::1", "2001:db8::/32", None),
+        (4, None, None, None, None),
+    ]
+    with engine.begin() as conn:
+        conn.execute(text('CREATE TABLE "ITEMS" ("ID" INT PRIMARY KEY, "IV" INTERVAL, "IP" INET, "NET" CIDR, '
+                          '"U" UUID)'))
+        conn.execute(text('INSERT INTO "ITEMS" VALUES (:i, CAST(:iv AS INTERVAL), CAST(:ip AS INET), '
+                          'CAST(:net AS CIDR), CAST(:u AS UUID))'),
+                     [{"i": i, "iv": iv, "ip": ip, "net": net, "u": u} for i, iv, ip, net, u in rows])
+        shown = [r[0] for r in conn.execute(text('SELECT "IV" FROM "ITEMS" WHERE "ID" < 3 ORDER BY "ID"'))]
+        spelled = conn.execute(text('SELECT CAST("IV" AS TEXT) FROM "ITEMS" ORDER BY "ID"')).scalars().all()
+    engine.dispose()
+    assert shown[0] == shown[1] == dt.timedelta(days=30)  # the attack: two stored values, one driver value
+    source = shaped(shape, 'SELECT "ID", "IV", "IP", "NET", "U" FROM "ITEMS"')
+    fields = {"id": "integer", "iv": "string", "ip": "string", "net": "string", "u": "string"}
+    path = legacy_config(tmp_path, pg_url, redis_url, stream_name, fields, **source)
+
+    result = run_once(path)
+    assert result.errors == [] and result.rows_read == len(rows)
+    assert dead_letters(tmp_path) == []
+    data = {e["event"]["data"]["id"]: e["event"]["data"] for e in read_stream(redis_client, stream_name)}
+    assert [data[i]["iv"] for i in range(1, 5)] == spelled
+    assert spelled[:2] == ["1 mon", "30 days"]
+    assert [data[i]["ip"] for i in range(1, 5)] == ["10.0.0.1", "10.0.0.1/8", "::1", None]
+    assert [data[i]["net"] for i in range(1, 5)] == ["192.168.0.0/16", "10.0.0.0/8", "2001:db8::/32", None]
+    assert [data[i]["u"] for i in range(1, 5)] == [UUID_TEXT, None, None, None]
+
+
+@pytest.mark.parametrize("database", ["postgresql", "mariadb"])
+@pytest.mark.parametrize("mode", ["snapshot", "timestamp"])
+def test_a_uuid_key_resumes_lists_and_publishes_as_its_text(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis, stream_name: str, database: str, mode: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Legacy tables keyed by a UUID: the key is kept in the position between batches (a UUID object), and
+    the next batch asks for the keys after it."""
+    url = str(request.getfixturevalue("pg_url" if database == "postgresql" else "mariadb_url"))
+    keys = sorted(str(uuid.UUID(int=n * 0x1111_1111_1111_1111_1111)) for n in range(1, 8))
+    quote = '"' if database == "postgresql" else "`"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(f"CREATE TABLE {quote}ITEMS{quote} ({quote}U{quote} UUID PRIMARY KEY, "
+                          f"{quote}CHANGED_AT{quote} TIMESTAMP NOT NULL)"))
+        conn.execute(text(f"INSERT INTO {quote}ITEMS{quote} VALUES (:u, :at)"),
+                     [{"u": k, "at": dt.datetime(2026, 1, 1)} for k in keys])  # one time: the key orders them
+    engine.dispose()
+    source: dict[str, Any] = {"settle": "off", "batch_size": 2, "incrementing_column": None, "mode": mode}
+    if mode == "timestamp":
+        source |= {"timestamp_column": "CHANGED_AT", "key_column": "U"}
+    else:
+        source |= {"timestamp_column": None, "key_column": None}
+    path = legacy_config(tmp_path, url, redis_url, stream_name, {"u": "string"}, **source)
+    config = yaml.safe_load(path.read_text())
+    config["entities"]["order"]["key"] = ["u"]
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    result = run_once(path)
+    assert result.errors == [] and result.rows_read == len(keys)
+    assert dead_letters(tmp_path) == []
+    published = [e["event"]["data"]["u"] for e in read_stream(redis_client, stream_name)]
+    assert published == keys  # each once, in key order, as the database spells it
+    assert run_once(path).errors == []  # a second poll resumes after the last key: nothing again
+    assert len(read_stream(redis_client, stream_name)) == len(keys)
+
+
+def test_a_postgresql_time_of_24_00_is_a_dead_letter_and_the_other_times_are_iso(
+    tmp_path: Path, pg_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str
+) -> None:
+    """PostgreSQL allows 24:00:00 as a time; Python's time does not (psycopg fails the whole fetch)."""
+    engine = create_engine(pg_url)
+    with engine.begin() as conn:
+        conn.execute(text('CREATE TABLE "ITEMS" ("ID" INT PRIMARY KEY, "T" TIME, "TZ" TIMETZ)'))
+        conn.execute(text('INSERT INTO "ITEMS" VALUES (1, \'09:30\', \'09:30+02\'), (2, \'24:00\', \'23:59:59.5-05\'), '
+                          "(3, '00:00', NULL)"))
+    engine.dispose()
+    path = legacy_config(tmp_path, pg_url, redis_url, stream_name, {"id": "integer", "t": "string", "tz": "string"},
+                         settle="off")
+    result = run_once(path)
+    assert result.errors == [] and result.rows_read == 3
+    data = [e["event"]["data"] for e in read_stream(redis_client, stream_name)]
+    assert data == [{"id": 1, "t": "09:30:00", "tz": "09:30:00+02:00"}, {"id": 3, "t": "00:00:00", "tz": None}]
+    [dead] = dead_letters(tmp_path)
+    assert dead["reason"].startswith("field 't' (column 'T'): the database driver cannot read '24:00:00'")
+    assert run_once(path).errors == []  # the position moved past it: nothing read again
+    assert len(read_stream(redis_client, stream_name)) == 2
+
+
+def _mysql_time_text(value: dt.timedelta) -> str:
+    """MySQL's spelling of a TIME(6): [-]HH:MM:SS.ffffff, hours past 24 as they are."""
+    micros = abs(value) // dt.timedelta(microseconds=1)
+    seconds, fraction = divmod(micros, 1_000_000)
+    hours, rest = divmod(seconds, 3600)
+    return f"{'-' if value < dt.timedelta(0) else ''}{hours:02d}:{rest // 60:02d}:{rest % 60:02d}.{fraction:06d}"
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=st.lists(st.timedeltas(min_value=-dt.timedelta(hours=838, minutes=59, seconds=59),
+                                     max_value=dt.timedelta(hours=838, minutes=59, seconds=59)),
+                       min_size=1, max_size=30))
+def test_any_duration_a_mariadb_time_holds_is_published_as_its_text(
+    tmp_path_factory: pytest.TempPathFactory, mariadb_url: str, redis_url: str, redis_client: redis.Redis,
+    stream_name: str, values: list[dt.timedelta],
+) -> None:
+    directory, stream = example_dir(tmp_path_factory, "times", stream_name)
+    engine = create_engine(mariadb_url)
+    with engine.begin() as conn:
+        fresh_items(conn, "T TIME(6)")
+        conn.execute(text("INSERT INTO ITEMS VALUES (:i, :t)"),
+                     [{"i": i, "t": _mysql_time_text(v)} for i, v in enumerate(values, start=1)])
+    engine.dispose()
+    path = legacy_config(directory, mariadb_url, redis_url, stream, {"id": "integer", "t": "string"}, settle="off")
+    try:
+        result = run_once(path)
+        assert result.errors == [] and result.rows_read == len(values)
+        data = {e["event"]["data"]["id"]: e["event"]["data"]["t"] for e in read_stream(redis_client, stream)}
+        assert data == {i: _mysql_time_text(v) for i, v in enumerate(values, start=1)}
+    finally:
+        redis_client.delete(stream)

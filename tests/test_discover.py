@@ -211,7 +211,8 @@ def test_postgresql_schema_estimates_and_a_type_straw_does_not_map(
     with engine.begin() as conn:
         conn.exec_driver_sql("CREATE SCHEMA sales")
         conn.exec_driver_sql("CREATE TABLE sales.big (id bigint PRIMARY KEY, ref uuid NOT NULL DEFAULT "
-                             "gen_random_uuid(), price numeric(9,4), changed_at timestamptz NOT NULL DEFAULT now())")
+                             "gen_random_uuid(), price numeric(9,4), changed_at timestamptz NOT NULL DEFAULT now(), "
+                             "tags text[])")
         conn.exec_driver_sql("CREATE INDEX ON sales.big (changed_at)")
         conn.exec_driver_sql("INSERT INTO sales.big (id, price) SELECT g, g / 7.0 FROM generate_series(1, 120000) g")
         conn.exec_driver_sql("ANALYZE sales.big")
@@ -221,13 +222,54 @@ def test_postgresql_schema_estimates_and_a_type_straw_does_not_map(
     assert [s["table"] for s in draft["sources"]] == ["big"]  # public.other is another schema
     source = draft["sources"][0]
     assert source["schema"] == "sales" and source["mode"] == "timestamp" and source["key_column"] == "id"
-    assert draft["entities"]["big"]["fields"] == {"id": "integer", "price": {"type": "decimal", "scale": 4},
-                                                  "changed_at": "datetime"}
+    assert draft["entities"]["big"]["fields"] == {"id": "integer", "ref": "string",
+                                                  "price": {"type": "decimal", "scale": 4}, "changed_at": "datetime"}
     text = (tmp_path / "straw.yaml").read_text().replace("\n    #   ", " ")  # long reasons wrap
-    assert "# ref: left out, UUID is not a type straw maps" in text
+    assert "# tags: left out, TEXT[] is not a type straw maps" in text
     assert "about 120,000 rows" in text or "about 119," in text or "about 120," in text  # pg_class.reltuples
     assert "changed_at is a TIMESTAMP WITH TIME ZONE named like a change time, indexed" in text
     assert invoke("check", "-c", str(tmp_path / "straw.yaml"), env={"REDIS_URL": redis_url}).exit_code == 0
+
+
+LEGACY_COLUMNS = {  # per database: columns whose driver value is not the stored one, and what is published
+    "postgresql": (
+        "iv interval, ip inet, net cidr, ref uuid, price money",
+        "'1 mon 2 days', '10.0.0.1', '10.0.0.0/8', '5f0c6e2a-9b1d-4c3e-8f7a-1b2c3d4e5f60', 12.5",
+        {"iv": "string", "ip": "string", "net": "string", "ref": "string", "price": "decimal"},
+        {"iv": "1 mon 2 days", "ip": "10.0.0.1", "net": "10.0.0.0/8", "ref": "5f0c6e2a-9b1d-4c3e-8f7a-1b2c3d4e5f60",
+         "price": "12.50"},
+    ),
+    "mariadb": (
+        "tm TIME, s SET('x','y'), flag BIT(1), bits BIT(12), y YEAR, ref UUID",
+        "'-01:02:03', 'y,x', 1, 4095, 1999, '5f0c6e2a-9b1d-4c3e-8f7a-1b2c3d4e5f60'",
+        {"tm": "string", "s": "string", "flag": "boolean", "bits": "integer", "y": "integer", "ref": "string"},
+        {"tm": "-01:02:03", "s": "x,y", "flag": True, "bits": 4095, "y": 1999,
+         "ref": "5f0c6e2a-9b1d-4c3e-8f7a-1b2c3d4e5f60"},
+    ),
+}
+
+
+@pytest.mark.parametrize("database", ["postgresql", "mariadb"])
+def test_types_whose_driver_value_is_not_the_stored_one_are_drafted_and_published_as_stored(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis, stream_name: str, database: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """A draft that left these out, or kept them and made every row a dead letter (a MariaDB SET came as a
+    Python set), or published a MariaDB TIME modulo 24 h, would make a poor first run."""
+    url = str(request.getfixturevalue("pg_url" if database == "postgresql" else "mariadb_url"))
+    columns, values, fields, published = LEGACY_COLUMNS[database]
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE TABLE legacy (id int PRIMARY KEY, {columns})")
+        conn.exec_driver_sql(f"INSERT INTO legacy VALUES (1, {values})")
+    engine.dispose()
+    draft = _draft(tmp_path, url, stream_name, redis_url)
+    assert draft["entities"]["legacy"]["fields"] == {"id": "integer", **fields}
+    assert invoke("check", "-c", str(tmp_path / "straw.yaml"), env={"REDIS_URL": redis_url}).exit_code == 0
+    result = run_once(tmp_path / "straw.yaml")
+    assert result.errors == []
+    [event] = [e["event"] for e in read_stream(redis_client, f"{stream_name}.legacy")]
+    assert event["data"] == {"id": 1, **published}
 
 
 def test_mariadb_row_counts_come_from_information_schema(tmp_path: Path, mariadb_url: str) -> None:

@@ -26,9 +26,11 @@ from sqlalchemy import (
     ColumnElement,
     DateTime,
     FromClause,
+    Integer,
     MetaData,
     Numeric,
     Select,
+    String,
     Table,
     and_,
     bindparam,
@@ -240,17 +242,24 @@ class DbSource:
         return [self._spelled[c] for c in wanted]
 
     def _value(self, relation: FromClause, name: str) -> ColumnElement[Any]:
-        """The column `name` as its rows' values are read. A MySQL/MariaDB FLOAT is read as a DOUBLE: its own
-        text (what the driver gets) keeps 6 significant digits, so 16777216 would read as 16777200 and
-        123.456787 as 123.457, wrong values; + 0e0 gives the stored value exactly. A PostgreSQL money is
-        read as a numeric: its text is formatted for lc_monetary (`$1,234,567.89`), not a number."""
+        """The column `name` as its rows' values are read: where the driver's value is not the stored one
+        (see `_RECAST`), an expression whose is. A MySQL/MariaDB FLOAT's own text keeps 6 significant digits
+        (16777216 would read as 16777200): + 0e0 gives the stored value exactly. A PostgreSQL money's text is
+        formatted for lc_monetary (`$1,234,567.89`): read as a numeric. A MySQL TIME, a PostgreSQL interval:
+        read as the database's own text."""
         col = relation.c[name]
         kind = self._recast.get(name)
+        if kind is None:
+            return col
         if kind == DOUBLE:
             return (col + literal_column("0e0")).label(name)
         if kind == NUMERIC:
             return cast(col, Numeric()).label(name)
-        return col
+        if kind == WHOLE:
+            return type_coerce(col + literal_column("0"), Integer()).label(name)
+        if kind == ADDRESS:
+            return type_coerce(func.abbrev(col), String()).label(name)
+        return cast(col, String()).label(name)
 
     def _query_params(self, last_value: Any) -> dict[str, Any]:
         params: dict[str, Any] = dict(self.spec.params)
@@ -1148,26 +1157,45 @@ class _Lenient(TypeDecorator[Any]):
         return process
 
 
-DOUBLE, NUMERIC = "double", "numeric"  # what `DbSource._value` reads a recast column as
-# By dialect: the reflected type, and its type code in a query's cursor description, to read as what.
-_RECAST: dict[str, tuple[type, int, str]] = {
-    "mysql": (mysql.FLOAT, 4, DOUBLE),  # MYSQL_TYPE_FLOAT, as PyMySQL, mysqlclient and Connector/Python say
-    "mariadb": (mysql.FLOAT, 4, DOUBLE),
-    "postgresql": (postgresql.MONEY, 790, NUMERIC),  # money's OID, psycopg's type code
+# What `DbSource._value` reads a recast column as.
+DOUBLE, NUMERIC, TEXT, WHOLE, ADDRESS = "double", "numeric", "text", "whole", "address"
+# By dialect, the columns whose driver value is not the stored one: the reflected type (None: a table's is
+# right) and the type code a query's cursor description gives them (None: a query's is right), read as what.
+_RECAST: dict[str, tuple[tuple[type | None, int | None, str], ...]] = {
+    "mysql": (
+        (mysql.FLOAT, 4, DOUBLE),  # MYSQL_TYPE_FLOAT, as PyMySQL, mysqlclient and Connector/Python say
+        # A TIME is a duration (-838:59:59 to 838:59:59): the driver makes it a timedelta, and SQLAlchemy a
+        # time of day modulo 24 h (-00:00:01 read as 23:59:59). Its own text is its value.
+        (mysql.TIME, 11, TEXT),
+        (mysql.SET, None, TEXT),  # SQLAlchemy makes a Python set (no order, no text); the driver has 'a,b'
+        (None, 16, WHOLE),  # BIT(n) in a query comes as bytes (b'\x01'); SQLAlchemy makes a table's an int
+    ),
+    "postgresql": (
+        (postgresql.MONEY, 790, NUMERIC),  # money's OID, psycopg's type code
+        # psycopg makes an interval a timedelta, counting a month as 30 days: '1 mon' is not '30 days'.
+        (postgresql.INTERVAL, 1186, TEXT),
+        # ipaddress objects spell '10.0.0.1' as '10.0.0.1/32', and so does a cast to text: abbrev() is the
+        # inet's own output ('10.0.0.1', '10.0.0.1/8'); a cidr's text is its output ('10.0.0.0/8')
+        (postgresql.INET, 869, ADDRESS),
+        (postgresql.CIDR, 650, TEXT),
+    ),
 }
+_RECAST["mariadb"] = _RECAST["mysql"]
 
 
 def _recast(dialect: str, sql_type: Any) -> str | None:
-    sql, _code, kind = _RECAST.get(dialect, (type(None), -1, ""))
-    return kind if isinstance(sql_type, sql) else None
+    for sql, _code, kind in _RECAST.get(dialect, ()):
+        if sql is not None and isinstance(sql_type, sql):
+            return kind
+    return None
 
 
 def _recast_results(dialect: str, description: Sequence[Sequence[Any]] | None) -> dict[int, str]:
     """The result columns (by index) to recast, by the type the database says it sends."""
-    if dialect not in _RECAST or not description:
+    kinds = {code: kind for _sql, code, kind in _RECAST.get(dialect, ()) if code is not None}
+    if not kinds or not description:
         return {}
-    _sql, code, kind = _RECAST[dialect]
-    return {i: kind for i, d in enumerate(description) if len(d) > 1 and d[1] == code}
+    return {i: kinds[d[1]] for i, d in enumerate(description) if len(d) > 1 and d[1] in kinds}
 
 
 def _lenient(col: Any) -> ColumnElement[Any]:
