@@ -439,3 +439,30 @@ def test_any_duration_a_mariadb_time_holds_is_published_as_its_text(
         assert data == {i: _mysql_time_text(v) for i, v in enumerate(values, start=1)}
     finally:
         redis_client.delete(stream)
+
+
+@pytest.mark.parametrize("shape", ["table", "query"])
+def test_a_mariadb_time_read_through_odbc_keeps_its_sign_and_its_hours(
+    tmp_path: Path, mariadb_url: str, redis_url: str, redis_client: redis.Redis, stream_name: str, shape: str
+) -> None:
+    """MariaDB's ODBC driver hands a TIME to pyodbc as a time of day: -00:00:01 arrives as 00:00:01 (the sign
+    dropped, a wrong value) and 838:59:59 fails the fetch. Read as text, both are what is stored."""
+    from tests.test_db_odbc import odbc_url
+
+    url = odbc_url("mariadb", mariadb_url)
+    engine = create_engine(mariadb_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE ITEMS (ID INT PRIMARY KEY, TM TIME)"))
+        conn.execute(text("INSERT INTO ITEMS VALUES (:i, :tm)"), [{"i": i, "tm": t} for i, t in enumerate(TIMES, 1)])
+    engine.dispose()
+    odbc = create_engine(url)
+    with odbc.connect() as conn:
+        assert conn.exec_driver_sql("SELECT TM FROM ITEMS WHERE ID = 1").scalar_one() == dt.time(0, 0, 1)  # the attack
+    odbc.dispose()
+    path = legacy_config(tmp_path, url, redis_url, stream_name, {"id": "integer", "tm": "string"},
+                         **shaped(shape, "SELECT ID, TM FROM ITEMS"))
+    result = run_once(path)
+    assert result.errors == [] and result.rows_read == len(TIMES)
+    assert dead_letters(tmp_path) == []
+    data = {e["event"]["data"]["id"]: e["event"]["data"]["tm"] for e in read_stream(redis_client, stream_name)}
+    assert data == dict(enumerate(TIMES, start=1))

@@ -1161,12 +1161,13 @@ class _Lenient(TypeDecorator[Any]):
 DOUBLE, NUMERIC, TEXT, WHOLE, ADDRESS = "double", "numeric", "text", "whole", "address"
 # By dialect, the columns whose driver value is not the stored one: the reflected type (None: a table's is
 # right) and the type code a query's cursor description gives them (None: a query's is right), read as what.
-_RECAST: dict[str, tuple[tuple[type | None, int | None, str], ...]] = {
+_RECAST: dict[str, tuple[tuple[type | None, int | type | None, str], ...]] = {
     "mysql": (
         (mysql.FLOAT, 4, DOUBLE),  # MYSQL_TYPE_FLOAT, as PyMySQL, mysqlclient and Connector/Python say
         # A TIME is a duration (-838:59:59 to 838:59:59): the driver makes it a timedelta, and SQLAlchemy a
         # time of day modulo 24 h (-00:00:01 read as 23:59:59). Its own text is its value.
         (mysql.TIME, 11, TEXT),
+        (None, dt.time, TEXT),  # pyodbc's type code for it (MariaDB's ODBC driver drops the sign: -00:00:01 → 00:00:01)
         (mysql.SET, None, TEXT),  # SQLAlchemy makes a Python set (no order, no text); the driver has 'a,b'
         (None, 16, WHOLE),  # BIT(n) in a query comes as bytes (b'\x01'); SQLAlchemy makes a table's an int
     ),
