@@ -10,11 +10,12 @@ key is applied (upsert or delete, whichever came last): stream order per key, ne
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from decimal import Context, Decimal, InvalidOperation
 from functools import partial
 from hashlib import blake2b
 from typing import Any
 
-from sqlalchemy import MetaData, Table, case, create_engine, delete, select, tuple_, update
+from sqlalchemy import MetaData, Table, case, create_engine, delete, event, select, tuple_, update
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
@@ -23,13 +24,15 @@ from sqlalchemy.sql.dml import Insert
 from loaders.records import Record
 from loaders.sdk import Failed, TargetDown
 from loaders.sql_postgres import PgApply, move_applied
-from loaders.sql_schema import SchemaError, bookkeeping, ensure_table, entity_table
-from straw.config import EntitySpec
+from loaders.sql_schema import SchemaError, binary_keys, bookkeeping, ensure_table, entity_table
+from loaders.sql_types import DEFAULT_SCALE, MYSQL, table_options
+from straw.config import EntitySpec, FieldType
 from straw.config_loaders import SqlLoaderSpec
 from straw.records import DELETED
 from straw.redact import describe
 
 _LOOKUP_CHUNK = 1000
+_QUANTUM = Decimal(1).scaleb(-DEFAULT_SCALE)
 _UPSERTS = ("postgresql", "sqlite", "mysql", "mariadb")
 _TRANSIENT_SQLSTATES = ("40001", "40P01", "57P01", "57P02", "57P03", "53300", "55P03")
 _TRANSIENT_MYSQL = (1040, 1053, 1205, 1213, 2003, 2006, 2013)
@@ -83,12 +86,47 @@ class SqlLoader:
                 "SQLite do); for SQL Server see README 'SQL loader' (MERGE)")
         self._ready = False
         self._known_streams: set[str] = set()
+        # Decimal fields without a `scale` (NUMERIC(38, 10)), per entity; SQLite keeps decimals as exact text.
+        self._loose = {name: fields for name, entity in entities.items() if self.dialect != "sqlite" and (fields := [
+            f for f, spec in entity.fields.items() if spec.type is FieldType.DECIMAL and spec.scale is None])}
+        if self.dialect in MYSQL:
+            event.listen(self.engine, "connect", _strict_session)
 
     def close(self) -> None:
         self.engine.dispose()
 
     def apply(self, records: Sequence[Record]) -> list[Failed]:
         """Apply the batch in one transaction; if it fails, each record alone, to find the ones that fail."""
+        if self._loose:
+            rounded = [Failed(r, why) for r in records if (why := self._rounded(r))]
+            if rounded:
+                bad = {id(f.record) for f in rounded}
+                kept = [r for r in records if id(r) not in bad]
+                return rounded + (self._apply_or_find(kept) if kept else [])
+        return self._apply_or_find(records)
+
+    def _rounded(self, record: Record) -> str | None:
+        """Why a decimal of a field without a declared `scale` cannot be stored as it is, or None. Its column
+        is NUMERIC(38, 10), which would round 0.00000000001 to 0 without a word (a declared scale is a
+        rounding asked for; an undeclared one is not)."""
+        for field in self._loose.get(record.entity, ()):
+            value = record.data.get(field)
+            if not isinstance(value, Decimal) or not value.is_finite():
+                continue
+            exponent = value.as_tuple().exponent
+            if not isinstance(exponent, int) or exponent >= -DEFAULT_SCALE:
+                continue
+            try:  # enough digits that quantizing never fails on precision: it tells "changes" from "does not"
+                rounded = value.quantize(_QUANTUM, context=Context(prec=max(28, value.adjusted() + DEFAULT_SCALE + 2)))
+            except InvalidOperation:
+                continue  # beyond NUMERIC(38, 10) altogether: the database refuses it (a dead letter too)
+            if rounded != value:
+                return (f"field {field!r}: {value:f} has more than {DEFAULT_SCALE} decimal places, which its column "
+                        f"(NUMERIC(38, {DEFAULT_SCALE}): the entity declares no scale) would round away; declare "
+                        "the field's `scale` (the rounding wanted), or load into a table whose column holds them")
+        return None
+
+    def _apply_or_find(self, records: Sequence[Record]) -> list[Failed]:
         try:
             self._apply(records)
             return []
@@ -123,13 +161,18 @@ class SqlLoader:
 
     def _prepare(self, conn: Connection, entities: set[str]) -> None:
         """DDL in its own transactions: MariaDB commits implicitly around DDL."""
+        options = table_options(conn.dialect)
         if not self._ready:  # the entities `tables` names are checked at start, before any record needs them
+            for kept in (self.applied, self.versions):
+                kept.dialect_kwargs.update(options)
             _ddl(conn, lambda: self.metadata.create_all(conn, tables=[self.applied, self.versions]))
+            binary_keys(conn, self.applied, ["stream"], self._what)  # streams 'Orders' and 'orders' are two
+            binary_keys(conn, self.versions, ["stream", "entity", "key_hash"], self._what)
             entities = entities | {e for e in self.spec.tables if e in self.entities}
             self._ready = True
         for name in sorted(entities - set(self._tables)):
             entity = self.entities[name]
-            table = entity_table(MetaData(), self.spec.table_of(name), entity, self.spec.db_schema)
+            table = entity_table(MetaData(), self.spec.table_of(name), entity, self.spec.db_schema, **options)
             _ddl(conn, partial(ensure_table, conn, table, entity, self.spec.create_tables, self._what))
             self._tables[name] = table
 
@@ -231,6 +274,17 @@ class SqlLoader:
                 chunk = gone[start:start + _LOOKUP_CHUNK]
                 where = columns[0].in_([g[0] for g in chunk]) if len(columns) == 1 else tuple_(*columns).in_(chunk)
                 conn.execute(delete(table).where(where))
+
+
+def _strict_session(dbapi_connection: Any, _record: Any) -> None:
+    """A server (or a legacy my.cnf) without strict mode stores what does not fit silently changed: '😀' in a
+    latin1 column as '?', 70,000 characters in a TEXT cut to 65,535. Strict, the write fails: a dead letter
+    that says why. The server's other modes (ANSI_QUOTES, which SQLAlchemy has already seen) are kept."""
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("SET SESSION sql_mode = TRIM(BOTH ',' FROM CONCAT(@@SESSION.sql_mode, ',STRICT_ALL_TABLES'))")
+    finally:
+        cursor.close()
 
 
 def _greatest(column: Any, value: int) -> Any:

@@ -20,12 +20,14 @@ from sqlalchemy import (
     Table,
     Text,
     inspect,
+    text,
 )
+from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection
 from sqlalchemy.schema import CreateColumn
 from sqlalchemy.types import TypeEngine
 
-from loaders.sql_types import ExactDecimal, Instant, column_type
+from loaders.sql_types import MYSQL, ExactDecimal, Instant, binary_collation, column_type
 from straw.config import EntitySpec, FieldType
 
 STREAM_TEXT = 200
@@ -37,14 +39,17 @@ class SchemaError(Exception):
     """The target's tables do not fit the entities: the loader stops (exit 2); the message says the fix."""
 
 
-def entity_table(metadata: MetaData, name: str, entity: EntitySpec, schema: str | None) -> Table:
-    return Table(
+def entity_table(metadata: MetaData, name: str, entity: EntitySpec, schema: str | None, **options: str) -> Table:
+    """`options`: the dialect's CREATE TABLE options (`sql_types.table_options`)."""
+    table = Table(
         name, metadata,
         *(Column(field, column_type(spec, key=field in entity.key), primary_key=field in entity.key,
                  nullable=field not in entity.key, autoincrement=False)
           for field, spec in entity.fields.items()),
         schema=schema,
     )
+    table.dialect_kwargs.update(options)
+    return table
 
 
 def bookkeeping(metadata: MetaData, schema: str | None) -> tuple[Table, Table]:
@@ -77,7 +82,7 @@ _REFLECTED: dict[FieldType, tuple[type[TypeEngine[Any]], ...]] = {
     FieldType.DATE: (Date,),
     FieldType.DATETIME: (DateTime,),
     FieldType.JSON: (JSON, Text),  # MariaDB's JSON is LONGTEXT
-    FieldType.BYTES: (LargeBinary,),
+    FieldType.BYTES: (LargeBinary, mysql.LONGBLOB, mysql.MEDIUMBLOB, mysql.TINYBLOB),
 }
 
 
@@ -137,3 +142,31 @@ def ensure_table(conn: Connection, table: Table, entity: EntitySpec, create: boo
             raise SchemaError(
                 f"{what}: table {name} column {found['name']} {problem} (a retyped field); change the column "
                 f"(ALTER TABLE {name} ...) or load the entity into a new table (`tables:`)")
+    text_keys = [existing[f.lower()]["name"] for f in entity.key if entity.fields[f].type is FieldType.STRING]
+    binary_keys(conn, table, text_keys, what)
+
+
+def binary_keys(conn: Connection, table: Table, columns: list[str], what: str) -> None:
+    """On MySQL/MariaDB, refuse text key columns whose collation folds case, accents or blanks: there two
+    keys that differ only so ('new', 'NEW', 'new ') would update one row, each overwriting the other."""
+    if conn.dialect.name not in MYSQL or not columns:
+        return
+    found = conn.execute(
+        text("SELECT COLUMN_NAME, COLLATION_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = "
+             "COALESCE(:schema, DATABASE()) AND TABLE_NAME = :table"),
+        {"schema": table.schema, "table": table.name},
+    ).all()
+    collations = {str(n).lower(): str(c or "") for n, c in found}
+    wanted = binary_collation(conn.dialect)
+    name = f"{table.schema}.{table.name}" if table.schema else table.name
+    for column in columns:
+        collation = collations.get(column.lower(), "")
+        if collation.endswith("_bin") and (collation == wanted or "nopad" in collation or "0900" in collation):
+            continue
+        if collation == "binary" or (collation.endswith("_bin") and wanted == "utf8mb4_bin"):
+            continue
+        raise SchemaError(
+            f"{what}: table {name} key column {column} has collation {collation or 'none'}, under which keys "
+            f"that differ in case, accents or trailing blanks are one key (each would overwrite the other's "
+            f"row); change it: ALTER TABLE {name} MODIFY {column} VARCHAR(255) CHARACTER SET utf8mb4 COLLATE "
+            f"{wanted} NOT NULL")

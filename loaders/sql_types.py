@@ -1,7 +1,8 @@
 """Target column types from an entity's field types, exact on every dialect.
 
 Decimals stay exact (NUMERIC with the declared scale; TEXT on SQLite, whose NUMERIC is a float), datetimes
-are instants (timestamptz on PostgreSQL; UTC with microseconds where the dialect has no zoned type).
+are instants (timestamptz on PostgreSQL; UTC with microseconds where the dialect has no zoned type). On
+MySQL/MariaDB text is utf8mb4 compared byte for byte, and long (LONGTEXT, LONGBLOB: a TEXT holds 64 KB).
 """
 
 from __future__ import annotations
@@ -69,10 +70,31 @@ class Instant(TypeDecorator[dt.datetime]):
         return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
+MYSQL = ("mysql", "mariadb")
+
+
+def binary_collation(dialect: Dialect) -> str:
+    """The utf8mb4 collation that compares bytes and pads nothing: keys that differ in case, accents or
+    trailing blanks stay two keys (under the usual default, utf8mb4_general_ci, 'new', 'NEW' and 'new '
+    were one row). MySQL 5.7 has none without padding: there 'new' and 'new ' are still one."""
+    version = tuple(v for v in (dialect.server_version_info or ()) if isinstance(v, int))
+    if getattr(dialect, "is_mariadb", False):
+        return "utf8mb4_nopad_bin" if version >= (10, 2) else "utf8mb4_bin"
+    return "utf8mb4_0900_bin" if version >= (8, 0, 17) else "utf8mb4_bin"
+
+
+def table_options(dialect: Dialect) -> dict[str, str]:
+    """CREATE TABLE options: on MySQL/MariaDB utf8mb4 (in a database created latin1 a '😀' became '?')
+    with `binary_collation`."""
+    if dialect.name not in MYSQL:
+        return {}
+    return {f"{dialect.name}_charset": "utf8mb4", f"{dialect.name}_collate": binary_collation(dialect)}
+
+
 def column_type(spec: FieldSpec, *, key: bool) -> TypeEngine[Any]:
     match spec.type:
         case FieldType.STRING:
-            return String(KEY_TEXT) if key else Text()
+            return String(KEY_TEXT) if key else Text().with_variant(mysql.LONGTEXT(), *MYSQL)
         case FieldType.INTEGER:
             return BigInteger()
         case FieldType.DECIMAL:
@@ -86,4 +108,4 @@ def column_type(spec: FieldSpec, *, key: bool) -> TypeEngine[Any]:
         case FieldType.JSON:
             return JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
         case FieldType.BYTES:
-            return LargeBinary()
+            return LargeBinary().with_variant(mysql.LONGBLOB(), *MYSQL)

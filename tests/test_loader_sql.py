@@ -18,6 +18,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from loaders.service import run_loader
 from loaders.sql_schema import SchemaError
@@ -143,6 +144,120 @@ def test_schema_evolution_adds_a_column_and_refuses_removed_or_retyped_fields(
     config.write_text(yaml.safe_dump(document))
     with pytest.raises(SchemaError, match=r"table orders column amount has scale 2 but the field has scale 4"):
         load_once(config)
+
+
+RATIOS = ["0.1", "1.00000000000000", "0.00000000001", "12345.67890123456", "-0.000000000050", None]
+
+
+def test_a_decimal_without_a_declared_scale_is_stored_exactly_or_dead_lettered_never_rounded(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis, stream_name: str, db_url: str
+) -> None:
+    """A field without `scale` gets NUMERIC(38, 10), which rounded 0.00000000001 (a DOUBLE's 1e-11, say) to 0
+    without a word. Such a value is a dead letter that says to declare the scale; SQLite keeps it as text."""
+    config = sql_loader(tmp_path, redis_url, stream_name, db_url, max_deliveries=1)
+    document = yaml.safe_load(config.read_text())
+    document["entities"]["order"]["fields"]["ratio"] = "decimal"
+    config.write_text(yaml.safe_dump(document))
+    xadd_events(redis_client, stream_name, [("upserted", {**order_data(n), "ratio": ratio})
+                                            for n, ratio in enumerate(RATIOS, 1)])
+    tally = load_once(config)
+    got = {n: r["ratio"] for n, r in rows(db_url).items()}
+    if db_url.startswith("sqlite"):
+        assert tally.dead_letters == 0
+        assert got == dict(enumerate(RATIOS, 1))  # exact text
+        return
+    rounded = {3, 4, 5}
+    assert tally.dead_letters == len(rounded)
+    assert {n: None if v is None else Decimal(v) for n, v in got.items()} == {
+        n: None if r is None else Decimal(r) for n, r in enumerate(RATIOS, 1) if n not in rounded}
+    dead = {int(f[b"seq"]): f[b"error"].decode() for _, f in redis_client.xrange(f"{stream_name}.dlq")}
+    assert set(dead) == rounded
+    assert "field 'ratio': 0.00000000001 has more than 10 decimal places" in dead[3]
+    assert "declare the field's `scale`" in dead[3]
+
+
+def latin1_non_strict(mariadb_url: str) -> str:
+    """The scratch database made latin1 by default, and a URL whose sessions start without strict mode: a
+    legacy MySQL setup, where the server stores what does not fit silently changed."""
+    engine = create_engine(mariadb_url)
+    with engine.begin() as conn:
+        conn.execute(text(f"ALTER DATABASE `{make_url(mariadb_url).database}` CHARACTER SET latin1"))
+    engine.dispose()
+    return mariadb_url + "?init_command=SET+sql_mode%3D%27%27"
+
+
+KEYS = ["new", "NEW", "new ", "née", "nee"]  # one key each under a binary collation; 2 under utf8mb4_general_ci
+
+
+def test_mariadb_keys_apart_by_case_accents_or_blanks_stay_apart_and_text_lands_whole(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis, stream_name: str, mariadb_url: str
+) -> None:
+    """Under the server's default collation 'new', 'NEW' and 'new ' were one key (each record overwrote the
+    others' row); in a latin1 database '😀' was stored as '?', and a TEXT cut 70,000 characters silently."""
+    url = latin1_non_strict(mariadb_url)
+    notes = ["emoji 😀 Grüße € ✓", "x" * 70_000, None, "\u0000 and \\", "ß"]
+    pairs = list(enumerate(zip(KEYS, notes, strict=True), 1))
+    xadd_events(redis_client, stream_name, [("upserted", order_data(n, status=key, note=note))
+                                            for n, (key, note) in pairs])
+    config = sql_loader(tmp_path, redis_url, stream_name, url)
+    document = yaml.safe_load(config.read_text())
+    document["entities"]["order"]["key"] = ["status"]
+    config.write_text(yaml.safe_dump(document))
+    assert load_once(config).dead_letters == 0
+    engine = create_engine(mariadb_url)
+    with engine.connect() as conn:
+        got = {r.status: (r.order_no, r.note) for r in conn.execute(text("SELECT status, order_no, note FROM orders"))}
+    engine.dispose()
+    assert got == {key: (n, note) for n, (key, note) in pairs}
+
+
+def test_a_value_a_mariadb_column_cannot_hold_is_a_dead_letter_even_without_strict_mode(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis, stream_name: str, mariadb_url: str
+) -> None:
+    """A table the site made (latin1 text), on a server without strict mode: the loader's session is strict,
+    so '😀' is refused (a dead letter naming the column), not stored as '?'."""
+    url = latin1_non_strict(mariadb_url)
+    engine = create_engine(mariadb_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE orders (order_no BIGINT PRIMARY KEY, customer TEXT, amount NUMERIC(38, 2) "
+                          "NOT NULL, currency TEXT, order_date DATE, status TEXT, paid BOOLEAN, note TEXT, "
+                          "changed_at DATETIME(6)) CHARACTER SET latin1"))
+    engine.dispose()
+    xadd_events(redis_client, stream_name, [("upserted", order_data(1, note="Grüße €")),
+                                            ("upserted", order_data(2, note="emoji 😀"))])
+    tally = load_once(sql_loader(tmp_path, redis_url, stream_name, url, create_tables=False, max_deliveries=1))
+    assert (tally.applied, tally.dead_letters) == (1, 1)
+    [(_, dead)] = redis_client.xrange(f"{stream_name}.dlq")
+    assert int(dead[b"seq"]) == 2 and b"Incorrect string value" in dead[b"error"] and b"note" in dead[b"error"]
+    assert {n: r["note"] for n, r in rows(mariadb_url).items()} == {1: "Grüße €"}  # not 'emoji ?'
+
+
+def test_a_mariadb_text_key_under_a_case_blind_collation_is_refused_with_the_fix(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis, stream_name: str, mariadb_url: str
+) -> None:
+    engine = create_engine(mariadb_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE orders (order_no BIGINT, customer TEXT, amount NUMERIC(38, 2) NOT NULL, "
+                          "currency TEXT, order_date DATE, status VARCHAR(255) NOT NULL PRIMARY KEY, paid BOOLEAN, "
+                          "note TEXT, changed_at DATETIME(6)) CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci"))
+    engine.dispose()
+    xadd_events(redis_client, stream_name, [("upserted", order_data(n, status=key)) for n, key in enumerate(KEYS, 1)])
+    config = sql_loader(tmp_path, redis_url, stream_name, mariadb_url)
+    document = yaml.safe_load(config.read_text())
+    document["entities"]["order"]["key"] = ["status"]
+    config.write_text(yaml.safe_dump(document))
+    with pytest.raises(SchemaError, match=r"key column status has collation utf8mb4_general_ci.*") as refused:
+        load_once(config)
+    fix = str(refused.value).split("change it: ")[1]
+    assert fix == ("ALTER TABLE orders MODIFY status VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin "
+                   "NOT NULL")
+    assert rows(mariadb_url) == {}  # nothing written before the refusal
+    engine = create_engine(mariadb_url)
+    with engine.begin() as conn:
+        conn.execute(text(fix))
+    engine.dispose()
+    assert load_once(config).applied == len(KEYS)
+    assert sorted(r["status"] for r in rows(mariadb_url).values()) == sorted(KEYS)
 
 
 def test_sigterm_finishes_the_batch_and_exits_0(
