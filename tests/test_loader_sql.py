@@ -186,6 +186,18 @@ def latin1_non_strict(mariadb_url: str) -> str:
     return mariadb_url + "?init_command=SET+sql_mode%3D%27%27"
 
 
+def site_made_orders(mariadb_url: str, key: str, options: str) -> None:
+    """Table `orders` as a site would make it for the loader (not straw): keyed by `key`, with `options`."""
+    columns = {"order_no": "BIGINT", "customer": "TEXT", "amount": "NUMERIC(38, 2) NOT NULL", "currency": "TEXT",
+               "order_date": "DATE", "status": "VARCHAR(255)", "paid": "BOOLEAN", "note": "TEXT",
+               "changed_at": "DATETIME(6)"}
+    columns[key] += " NOT NULL PRIMARY KEY"
+    engine = create_engine(mariadb_url)
+    with engine.begin() as conn:
+        conn.execute(text(f"CREATE TABLE orders ({', '.join(f'{c} {t}' for c, t in columns.items())}) {options}"))
+    engine.dispose()
+
+
 KEYS = ["new", "NEW", "new ", "née", "nee"]  # one key each under a binary collation; 2 under utf8mb4_general_ci
 
 
@@ -217,12 +229,7 @@ def test_a_value_a_mariadb_column_cannot_hold_is_a_dead_letter_even_without_stri
     """A table the site made (latin1 text), on a server without strict mode: the loader's session is strict,
     so '😀' is refused (a dead letter naming the column), not stored as '?'."""
     url = latin1_non_strict(mariadb_url)
-    engine = create_engine(mariadb_url)
-    with engine.begin() as conn:
-        conn.execute(text("CREATE TABLE orders (order_no BIGINT PRIMARY KEY, customer TEXT, amount NUMERIC(38, 2) "
-                          "NOT NULL, currency TEXT, order_date DATE, status TEXT, paid BOOLEAN, note TEXT, "
-                          "changed_at DATETIME(6)) CHARACTER SET latin1"))
-    engine.dispose()
+    site_made_orders(mariadb_url, "order_no", "CHARACTER SET latin1")
     xadd_events(redis_client, stream_name, [("upserted", order_data(1, note="Grüße €")),
                                             ("upserted", order_data(2, note="emoji 😀"))])
     tally = load_once(sql_loader(tmp_path, redis_url, stream_name, url, create_tables=False, max_deliveries=1))
@@ -235,12 +242,7 @@ def test_a_value_a_mariadb_column_cannot_hold_is_a_dead_letter_even_without_stri
 def test_a_mariadb_text_key_under_a_case_blind_collation_is_refused_with_the_fix(
     tmp_path: Path, redis_url: str, redis_client: redis.Redis, stream_name: str, mariadb_url: str
 ) -> None:
-    engine = create_engine(mariadb_url)
-    with engine.begin() as conn:
-        conn.execute(text("CREATE TABLE orders (order_no BIGINT, customer TEXT, amount NUMERIC(38, 2) NOT NULL, "
-                          "currency TEXT, order_date DATE, status VARCHAR(255) NOT NULL PRIMARY KEY, paid BOOLEAN, "
-                          "note TEXT, changed_at DATETIME(6)) CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci"))
-    engine.dispose()
+    site_made_orders(mariadb_url, "status", "CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci")
     xadd_events(redis_client, stream_name, [("upserted", order_data(n, status=key)) for n, key in enumerate(KEYS, 1)])
     config = sql_loader(tmp_path, redis_url, stream_name, mariadb_url)
     document = yaml.safe_load(config.read_text())
