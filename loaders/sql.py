@@ -165,9 +165,7 @@ class SqlLoader:
         if not self._ready:  # the entities `tables` names are checked at start, before any record needs them
             for kept in (self.applied, self.versions):
                 kept.dialect_kwargs.update(options)
-            _ddl(conn, lambda: self.metadata.create_all(conn, tables=[self.applied, self.versions]))
-            binary_keys(conn, self.applied, ["stream"], self._what)  # streams 'Orders' and 'orders' are two
-            binary_keys(conn, self.versions, ["stream", "entity", "key_hash"], self._what)
+            _ddl(conn, partial(self._bookkeeping, conn))
             entities = entities | {e for e in self.spec.tables if e in self.entities}
             self._ready = True
         for name in sorted(entities - set(self._tables)):
@@ -175,6 +173,11 @@ class SqlLoader:
             table = entity_table(MetaData(), self.spec.table_of(name), entity, self.spec.db_schema, **options)
             _ddl(conn, partial(ensure_table, conn, table, entity, self.spec.create_tables, self._what))
             self._tables[name] = table
+
+    def _bookkeeping(self, conn: Connection) -> None:
+        self.metadata.create_all(conn, tables=[self.applied, self.versions])
+        binary_keys(conn, self.applied, ["stream"], self._what)  # streams 'Orders' and 'orders' are two
+        binary_keys(conn, self.versions, ["stream", "entity", "key_hash"], self._what)
 
     def _upsert(self, conn: Connection, table: Table, key: Sequence[str], rows: list[dict[str, Any]]) -> None:
         statement = self._upserts.get(table.name)

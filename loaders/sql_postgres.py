@@ -15,6 +15,7 @@ apply as for any INSERT: a value that does not fit fails its record, never trunc
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 from collections.abc import Sequence
 from decimal import Decimal
@@ -89,7 +90,10 @@ class PgApply:
         """The statement's JSON parameter: one object per change, its data and straw's four values."""
         s, h, q, d = self.meta
         changes = [{**r, s: stream, h: hashed, q: seq, d: deleted} for stream, hashed, seq, deleted, r in rows]
-        return orjson.dumps(changes, default=_json_default)
+        try:
+            return orjson.dumps(changes, default=_json_default)
+        except TypeError:  # orjson stops at 64-bit integers (a json field's, an integer's that BIGINT refuses)
+            return json.dumps(changes, default=_json_default, separators=(",", ":"), ensure_ascii=False).encode()
 
     def run(self, conn: Connection, rows: Sequence[Row]) -> None:
         """Apply `rows` (one per key: the batch's last change of it) unless their key has a newer version."""

@@ -8,6 +8,7 @@ MySQL/MariaDB text is utf8mb4 compared byte for byte, and long (LONGTEXT, LONGBL
 from __future__ import annotations
 
 import datetime as dt
+import json
 from decimal import Decimal
 from typing import Any
 
@@ -91,6 +92,20 @@ def table_options(dialect: Dialect) -> dict[str, str]:
     return {f"{dialect.name}_charset": "utf8mb4", f"{dialect.name}_collate": binary_collation(dialect)}
 
 
+class JsonText(TypeDecorator[Any]):
+    """JSON as TEXT, for SQLite: a column declared JSON has NUMERIC affinity there, which stores a document
+    that is a number as a number (9223372036854775808 became 9.223372036854776e+18, 1.0 became 1)."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        return None if value is None else json.loads(value)
+
+
 def column_type(spec: FieldSpec, *, key: bool) -> TypeEngine[Any]:
     match spec.type:
         case FieldType.STRING:
@@ -106,6 +121,7 @@ def column_type(spec: FieldSpec, *, key: bool) -> TypeEngine[Any]:
         case FieldType.DATETIME:
             return Instant()
         case FieldType.JSON:
-            return JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
+            return (JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
+                    .with_variant(JsonText(), "sqlite"))
         case FieldType.BYTES:
             return LargeBinary().with_variant(mysql.LONGBLOB(), *MYSQL)

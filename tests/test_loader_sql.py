@@ -83,6 +83,40 @@ def test_records_land_typed_exact_and_in_stream_order_per_key(
     assert applied_seq(db_url, stream_name) == last
 
 
+def test_the_first_batch_on_a_fresh_target_applies_in_one_transaction(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis, stream_name: str, db_url: str
+) -> None:
+    """The first batch creates the tables: on MariaDB the collation check of the bookkeeping tables once ran
+    outside a transaction of its own, the table's DDL could not begin one, and the batch failed: a batch
+    of one record went straight to the dead letters."""
+    xadd_events(redis_client, stream_name, [("upserted", order_data(1))])
+    tally = load_once(sql_loader(tmp_path, redis_url, stream_name, db_url, max_deliveries=1))
+    assert (tally.applied, tally.dead_letters) == (1, 0)
+    assert list(rows(db_url)) == [1]
+
+
+def test_integers_past_64_bits_in_a_json_field_land_whole(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis, stream_name: str, db_url: str
+) -> None:
+    """orjson reads an integer past 64 bits as a float: 12345678901234567890123 became
+    1.2345678901234568e+22 in the target. straw publishes such integers exactly (legacy NUMERIC(30) ids),
+    so a record holding one is parsed again with the standard library's json."""
+    import json
+
+    doc = {"id": 12345678901234567890123, "neg": -(2**65) - 1, "list": [2**64, 0.5, "2**64"], "max": 2**63}
+    config = sql_loader(tmp_path, redis_url, stream_name, db_url, max_deliveries=1)
+    document = yaml.safe_load(config.read_text())
+    document["entities"]["order"]["fields"]["attrs"] = "json"
+    config.write_text(yaml.safe_dump(document))
+    xadd_events(redis_client, stream_name, [("upserted", {**order_data(1), "attrs": doc}),
+                                            ("upserted", {**order_data(2), "attrs": {"small": 7}})])
+    assert load_once(config).dead_letters == 0
+    got = {n: r["attrs"] for n, r in rows(db_url).items()}
+    parsed = {n: v if isinstance(v, (dict, list)) else json.loads(v) for n, v in got.items()}
+    assert parsed == {1: doc, 2: {"small": 7}}
+    assert isinstance(parsed[1]["id"], int)
+
+
 def test_a_redelivered_or_replayed_entry_is_skipped(
     tmp_path: Path, redis_url: str, redis_client: redis.Redis, stream_name: str, sqlite_url: str
 ) -> None:
