@@ -23,6 +23,7 @@ must see): a lost connection is a `BusDown`, and the relay opens a new bus.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import ssl
@@ -65,6 +66,7 @@ FRAME_OVERHEAD, MESSAGE_OVERHEAD = 13, 12
 T = TypeVar("T")
 
 # What a broker or a network can throw at a call; `translate` sorts them into refused (final) and down (retried).
+CANCEL_GRACE = 5.0  # seconds a timed-out call may take to stop before `LoopThread.run` gives up on it
 FAILURES = (exceptions.ServerError, exceptions.ClientError, OSError, ConnectionError, TimeoutError, EOFError)
 
 
@@ -124,7 +126,15 @@ class LoopThread:
         self.thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
-        return asyncio.run_coroutine_threadsafe(asyncio.wait_for(coro, timeout), self.loop).result()
+        future = asyncio.run_coroutine_threadsafe(asyncio.wait_for(coro, timeout), self.loop)
+        try:
+            # wait_for returns only once the call it cancelled has stopped, and a call inside rstream that swallows
+            # the cancellation never does: a restarted loader waited on a subscription for minutes. A bounded
+            # wait here turns that into a timeout (BusDown, a fresh connection), whatever the call does.
+            return future.result(timeout + CANCEL_GRACE)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"no answer within {timeout:.0f} s (the call did not stop when cancelled)") from None
 
     def stop(self) -> None:
         async def cancel_the_rest() -> None:  # rstream's listeners and heartbeats, so nothing is left pending

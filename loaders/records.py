@@ -161,8 +161,13 @@ def _coercer(entity: EntitySpec, exact: bool = False) -> Coercer:
 
 
 def typed_data(entity: EntitySpec, data: dict[str, Any]) -> dict[str, Any]:
-    """The wire data with each field in its Python type (in place); unknown fields are kept as they are."""
-    return _coercer(entity)(data)
+    """The wire data with each field in its Python type (in place); unknown fields are kept as they are.
+    Parsed already: an integer field's whole float past 2^63 (1e20: not straw's) is refused, not taken for an
+    integer."""
+    try:
+        return _coercer(entity, exact=True)(data)
+    except _Lossy:
+        raise BadRecord("an integer field holds a float past 2^63, not an integer") from None
 
 
 Kind = tuple[str, str, Coercer, EntitySpec]  # entity name, operation, the entity's coercer, the entity
@@ -241,7 +246,4 @@ def parse(delivery: Delivery, entities: Mapping[str, EntitySpec]) -> Record:
 def _exact(raw: Any, entity: EntitySpec) -> tuple[dict[str, Any], dict[str, Any]]:
     """The event parsed again, every integer whole (see `_Lossy`), and its data typed."""
     event = json.loads(raw)
-    try:
-        return event, _coercer(entity, exact=True)(event["data"])
-    except _Lossy:  # an integer field written as a float past 2^63 (1e20): not straw's, not an integer
-        raise BadRecord("an integer field holds a float past 2^63, not an integer") from None
+    return event, typed_data(entity, event["data"])

@@ -274,3 +274,24 @@ def test_the_consumer_reads_replies_of_both_protocols(
         assert fields[b"extra"] == b"x" and fields[b"event"] == b"[]"
     finally:
         client.close()
+
+
+def test_integers_past_64_bits_reach_the_handler_whole_and_a_float_is_no_integer(
+    redis_client: redis.Redis, stream_name: str
+) -> None:
+    """orjson reads 18446744073709551621 as the float 1.8446744073709552e+19: the record is parsed again
+    exactly. An integer field that holds a float (1e20, 2.5) is a dead letter, never truncated."""
+    big = 2**64 + 5
+    xadd_events(redis_client, stream_name, [("upserted", order_data(big)), ("upserted", order_data(-big))])
+    for seq, number in ((3, "1e20"), (4, "2.5")):
+        event = ('{"specversion":"1.0","id":"x","source":"s","type":"order.upserted","subject":"1",'
+                 f'"data":{{"order_no":{number},"amount":"1.00"}}}}')
+        redis_client.xadd(stream_name, {"seq": str(seq), "pos": f"[{seq}]", "event": event})
+    seen: list[Record] = []
+    tally = consume(member(redis_client, stream_name), each(seen.append), ENTITIES, Settings(max_deliveries=1),
+                    once=True)
+    assert [r.data["order_no"] for r in seen] == [big, -big]
+    assert all(type(r.data["order_no"]) is int for r in seen)
+    assert tally.dead_letters == 2
+    errors = [f[b"error"].decode() for _, f in redis_client.xrange(f"{stream_name}.dlq")]
+    assert "not an integer" in errors[0] and "2.5 has a fraction" in errors[1], errors

@@ -330,3 +330,30 @@ def test_the_url_names_host_port_vhost_user_and_tls_and_the_password_stays_out_o
     assert "p@ss/word" not in repr(target) and "pw" not in repr(target).replace("port", "")
     if "p%40ss" in url:
         assert target.password == "p@ss/word"
+
+
+def test_a_call_that_swallows_its_cancellation_still_ends_in_a_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """asyncio.wait_for returns only once the call it cancelled stopped; a call that swallows the cancellation
+    (seen inside rstream: a restarted loader waited on its subscription for minutes) must not hold its caller."""
+    import asyncio
+
+    import bus.rabbitmq as rabbitmq
+
+    monkeypatch.setattr(rabbitmq, "CANCEL_GRACE", 0.5)
+    released = threading.Event()
+
+    async def stubborn() -> None:
+        while not released.is_set():
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                continue  # what a well-behaved call never does
+
+    loop = rabbitmq.LoopThread()
+    try:
+        with pytest.raises(TimeoutError, match="did not stop when cancelled"):
+            loop.run(stubborn(), 0.2)
+        assert loop.run(asyncio.sleep(0, result="still serving"), 1.0) == "still serving"
+    finally:
+        released.set()
+        loop.stop()
