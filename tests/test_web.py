@@ -70,8 +70,10 @@ def test_health_readiness_status_and_publish_metrics_of_a_running_straw(
                                   stream=stream_name), port)
     base = f"http://127.0.0.1:{port}"
     with running(path):
+        # The source's published count follows the stream's length (the relay marks after its XADD): wait for both.
         status = wait_for(f"{base}/status.json", lambda r: r.status_code == 200 and
-                          r.json()["streams"][0]["length"] == ROWS and r.json()["outbox"]["backlog"] == 0)
+                          r.json()["streams"][0]["length"] == ROWS and r.json()["outbox"]["backlog"] == 0
+                          and r.json()["sources"][0]["published"] == ROWS)
         health = httpx.get(f"{base}/healthz", timeout=5.0)
         ready = httpx.get(f"{base}/readyz", timeout=5.0)
         metrics = parse(httpx.get(f"{base}/metrics", timeout=5.0).text)
