@@ -123,7 +123,7 @@ class DbSource:
         self._names: list[str] = []  # the wanted columns as the relation spells them, each once
         self._spelled: dict[str, str] = {}  # wanted name -> the relation's spelling
         self._types: tuple[type | None, ...] = ()  # python types of the change columns (None: as stored)
-        self._recast: dict[str, str] = {}  # columns whose driver text is not their value: read as (`_value`)
+        self._recast: dict[str, Recast] = {}  # columns whose driver text is not their value: read as (`_value`)
         self._aware: bool | None = False  # the timestamp column keeps a time zone (None: not known yet)
         self._last_value: Any = None  # the watermark of the read under way (a settle probe binds it too)
         self._after: str | None = None  # the position the read under way starts after
@@ -248,18 +248,8 @@ class DbSource:
         formatted for lc_monetary (`$1,234,567.89`): read as a numeric. A MySQL TIME, a PostgreSQL interval:
         read as the database's own text."""
         col = relation.c[name]
-        kind = self._recast.get(name)
-        if kind is None:
-            return col
-        if kind == DOUBLE:
-            return (col + literal_column("0e0")).label(name)
-        if kind == NUMERIC:
-            return cast(col, Numeric()).label(name)
-        if kind == WHOLE:
-            return type_coerce(col + literal_column("0"), Integer()).label(name)
-        if kind == ADDRESS:
-            return type_coerce(func.abbrev(col), String()).label(name)
-        return cast(col, String()).label(name)
+        read_as = self._recast.get(name)
+        return col if read_as is None else read_as(col).label(name)
 
     def _query_params(self, last_value: Any) -> dict[str, Any]:
         params: dict[str, Any] = dict(self.spec.params)
@@ -1157,41 +1147,62 @@ class _Lenient(TypeDecorator[Any]):
         return process
 
 
-# What `DbSource._value` reads a recast column as.
-DOUBLE, NUMERIC, TEXT, WHOLE, ADDRESS = "double", "numeric", "text", "whole", "address"
-# By dialect, the columns whose driver value is not the stored one: the reflected type (None: a table's is
-# right) and the type code a query's cursor description gives them (None: a query's is right), read as what.
-_RECAST: dict[str, tuple[tuple[type | None, int | type | None, str], ...]] = {
+# What `DbSource._value` reads a recast column as: an expression of the column.
+Recast = Callable[[Any], ColumnElement[Any]]
+
+
+def _as_double(col: Any) -> ColumnElement[Any]:
+    widened: ColumnElement[Any] = col + literal_column("0e0")
+    return widened
+
+
+def _as_numeric(col: Any) -> ColumnElement[Any]:
+    return cast(col, Numeric())
+
+
+def _as_text(col: Any) -> ColumnElement[Any]:
+    return cast(col, String())
+
+
+def _as_whole(col: Any) -> ColumnElement[Any]:
+    return type_coerce(col + literal_column("0"), Integer())
+
+
+def _as_address(col: Any) -> ColumnElement[Any]:
+    return type_coerce(func.abbrev(col), String())
+
+
+_RECAST: dict[str, tuple[tuple[type | None, int | type | None, Recast], ...]] = {
     "mysql": (
-        (mysql.FLOAT, 4, DOUBLE),  # MYSQL_TYPE_FLOAT, as PyMySQL, mysqlclient and Connector/Python say
+        (mysql.FLOAT, 4, _as_double),  # MYSQL_TYPE_FLOAT, as PyMySQL, mysqlclient and Connector/Python say
         # A TIME is a duration (-838:59:59 to 838:59:59): the driver makes it a timedelta, and SQLAlchemy a
         # time of day modulo 24 h (-00:00:01 read as 23:59:59). Its own text is its value.
-        (mysql.TIME, 11, TEXT),
-        (None, dt.time, TEXT),  # pyodbc's type code for it (MariaDB's ODBC driver drops the sign: -00:00:01 → 00:00:01)
-        (mysql.SET, None, TEXT),  # SQLAlchemy makes a Python set (no order, no text); the driver has 'a,b'
-        (None, 16, WHOLE),  # BIT(n) in a query comes as bytes (b'\x01'); SQLAlchemy makes a table's an int
+        (mysql.TIME, 11, _as_text),
+        (None, dt.time, _as_text),  # pyodbc's type code for it (MariaDB's ODBC driver drops the sign)
+        (mysql.SET, None, _as_text),  # SQLAlchemy makes a Python set (no order, no text); the driver has 'a,b'
+        (None, 16, _as_whole),  # BIT(n) in a query comes as bytes (b'\x01'); SQLAlchemy makes a table's an int
     ),
     "postgresql": (
-        (postgresql.MONEY, 790, NUMERIC),  # money's OID, psycopg's type code
+        (postgresql.MONEY, 790, _as_numeric),  # money's OID, psycopg's type code
         # psycopg makes an interval a timedelta, counting a month as 30 days: '1 mon' is not '30 days'.
-        (postgresql.INTERVAL, 1186, TEXT),
+        (postgresql.INTERVAL, 1186, _as_text),
         # ipaddress objects spell '10.0.0.1' as '10.0.0.1/32', and so does a cast to text: abbrev() is the
         # inet's own output ('10.0.0.1', '10.0.0.1/8'); a cidr's text is its output ('10.0.0.0/8')
-        (postgresql.INET, 869, ADDRESS),
-        (postgresql.CIDR, 650, TEXT),
+        (postgresql.INET, 869, _as_address),
+        (postgresql.CIDR, 650, _as_text),
     ),
 }
 _RECAST["mariadb"] = _RECAST["mysql"]
 
 
-def _recast(dialect: str, sql_type: Any) -> str | None:
+def _recast(dialect: str, sql_type: Any) -> Recast | None:
     for sql, _code, kind in _RECAST.get(dialect, ()):
         if sql is not None and isinstance(sql_type, sql):
             return kind
     return None
 
 
-def _recast_results(dialect: str, description: Sequence[Sequence[Any]] | None) -> dict[int, str]:
+def _recast_results(dialect: str, description: Sequence[Sequence[Any]] | None) -> dict[int, Recast]:
     """The result columns (by index) to recast, by the type the database says it sends."""
     kinds = {code: kind for _sql, code, kind in _RECAST.get(dialect, ()) if code is not None}
     if not kinds or not description:
