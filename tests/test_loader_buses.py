@@ -345,7 +345,7 @@ def test_a_jsonl_loader_killed_at_random_writes_each_record_once_and_in_order(
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     for _kill in range(6):
-        load_then_kill(config, out, tmp_path / "load.log", rng.randrange(50, 800))
+        load_then_kill(config, out, tmp_path / "load.log", rng.randrange(50, 800), total)
         lines = jsonl_seqs(out)
         assert lines == list(range(1, len(lines) + 1)), f"not in order or twice (seed {seed})"
     done = subprocess.run(straw_command(config, "load", "jl", "--once"), cwd=REPO, capture_output=True, timeout=120)

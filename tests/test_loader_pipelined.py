@@ -134,7 +134,7 @@ def test_a_jsonl_loader_killed_at_random_acks_only_what_it_wrote_and_ends_exact(
     rng = random.Random(seed)
     for kill in range(6):
         named = [] if naming == "default" else ["--consumer", f"m{kill}"]
-        load_then_kill(config, out, tmp_path / "load.log", rng.randrange(50, 3000), *named)
+        load_then_kill(config, out, tmp_path / "load.log", rng.randrange(50, 3000), total, *named)
         acked, lines = _acked(redis_client, stream_name, "jl"), jsonl_seqs(out)
         assert acked <= set(lines), f"acked, never written: {sorted(acked - set(lines))[:10]} (seed {seed})"
         assert lines == list(range(1, len(lines) + 1)), f"not in order or twice (seed {seed})"
