@@ -60,6 +60,9 @@ def _load(path: Path | None) -> Config:
 @contextmanager
 def _outbox(config: Config) -> Iterator[Outbox]:
     """The outbox for a read-only command; a full, read-only or damaged file is one line and exit 1."""
+    if not config.sources:  # not made on a loader host by a command that only looks
+        _fail("no sources in this file, so no outbox here: on a loader host `straw dlq list` shows the loaders' "
+              "dead letters, `straw stream` their streams")
     try:
         outbox = Outbox(config.outbox.path)
     except OutboxError as exc:
@@ -104,6 +107,9 @@ def run(
     """
     logs.setup(log_level)
     config = _load(config_path)
+    if not config.sources:
+        loaders = ", ".join(spec.name for spec in config.loaders)
+        _fail(f"no sources in this file: `straw run` polls sources; its loaders run with `straw load NAME` ({loaders})")
     logs.setup(log_level, config.log.format)
     try:
         result = Runner(config, log_level).run(once=once, wait=wait, wait_lock=_seconds(wait_lock))
@@ -125,7 +131,7 @@ def run(
 
 @app.command()
 def check(config_path: ConfigOption = None) -> None:
-    """Validate the configuration and reach every source, the outbox and Redis; one line each."""
+    """Validate the configuration and reach every source, the outbox, each loader's target and the bus; a line each."""
     logs.setup("WARNING")
     config = _load(config_path)
     failed = False
@@ -137,7 +143,8 @@ def check(config_path: ConfigOption = None) -> None:
         out.print(f"{mark} {what}: ", end="", highlight=False)
         out.print(redact(detail), markup=False, highlight=False, soft_wrap=True)
 
-    line(True, "config", f"{len(config.sources)} sources, {len(config.entities)} entities")
+    counts = f"{len(config.sources)} sources, {len(config.loaders)} loaders, {len(config.entities)} entities"
+    line(True, "config", counts)
     for spec in config.sources:
         try:  # every failure is one line, never a traceback (a missing DB driver fails in build_pipeline)
             pipeline = build_pipeline(config, spec)
@@ -158,10 +165,16 @@ def check(config_path: ConfigOption = None) -> None:
             line(False, what, describe(exc))
             continue
         line(within, what, detail, warn=not within)
-    ok, detail = check_outbox(config.outbox.path)  # writes nothing, creates nothing
-    line(ok, "outbox", detail)
+    from loaders.target_check import check_target  # a drivers' import, for loader hosts only
+
+    if config.sources:  # a loader host has no outbox
+        ok, detail = check_outbox(config.outbox.path)  # writes nothing, creates nothing
+        line(ok, "outbox", detail)
+    for loader in config.loaders:
+        ok, detail, warn = check_target(loader, config.entities)  # reaches it, writes nothing
+        line(ok, f"loader {loader.name}", detail, warn=warn)
     # The streams' lengths too: an ACL user that may connect but not touch the streams fails here, not at run.
-    info = _bus_or_none(config, lambda bus: (bus.describe(), [bus.length(s) for s in config.streams])[0])
+    info = _bus_or_none(config, lambda bus: (bus.describe(), [bus.length(s) for s in config.every_stream])[0])
     if isinstance(info, str):
         line(False, bus_name(config.bus_spec.url), info)
     else:
@@ -401,7 +414,7 @@ def stream(
 ) -> None:
     """Show the newest entries of the configured streams and their lengths."""
     config = _load(config_path)
-    names = [name] if name else config.streams
+    names = [name] if name else config.every_stream
 
     def read(bus: Bus) -> dict[str, tuple[int, list[Published]]]:
         return {s: (bus.length(s), bus.newest(s, count)) for s in names}

@@ -593,7 +593,9 @@ class Config(Strict):
     entities: dict[str, EntitySpec] = Field(
         min_length=1, description="the canonical records: each entity's key and typed fields"
     )
-    sources: list[SourceSpec] = Field(min_length=1, description="what to poll: database (`kind: db`) or web UI sources")
+    sources: list[SourceSpec] = Field(
+        default_factory=list,
+        description="what to poll: database (`kind: db`) or web UI sources; a loader host's file may have none")
     databases: list[DatabaseSpec] = Field(
         default_factory=list, description="connection budgets; a database not listed gets the defaults"
     )
@@ -620,6 +622,11 @@ class Config(Strict):
             raise PydanticCustomError(
                 "lease", "`lease` needs a Redis bus (the leases live in Redis); remove it, or publish to Redis",
                 {"at": ("lease",)},
+            )
+        if not self.sources and not self.loaders:
+            raise PydanticCustomError(
+                "nothing", "no `sources` and no `loaders`: nothing to run; add a source to poll (`sources:`), or a "
+                "loader to apply streams (`loaders:`)", {"at": ("sources",)},
             )
         seen: set[str] = set()
         for index, source in enumerate(self.sources):
@@ -748,3 +755,8 @@ class Config(Strict):
     @property
     def streams(self) -> list[str]:
         return sorted({s.stream for s in self.sources})
+
+    @property
+    def every_stream(self) -> list[str]:
+        """The sources' streams and the loaders' (a loader host has only the latter)."""
+        return sorted({*self.streams, *(s for loader in self.loaders for s in loader.streams)})

@@ -1,0 +1,68 @@
+"""`straw check` for a loader: its target is reachable (or can be created), one line, and nothing written."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, inspect
+from sqlalchemy.engine import make_url
+
+from loaders.sql import SqlLoader
+from loaders.sql_schema import SchemaError
+from straw.config import EntitySpec
+from straw.config_loaders import AnyLoaderSpec, JsonlLoaderSpec
+from straw.redact import describe
+
+CONNECT_TIMEOUT = 10  # seconds: a check that waits minutes for an unroutable host is no check
+_TIMEOUT_ARGS = {"postgresql": "connect_timeout", "mysql": "connect_timeout", "mariadb": "connect_timeout"}
+
+
+def check_target(spec: AnyLoaderSpec, entities: Mapping[str, EntitySpec]) -> tuple[bool, str, bool]:
+    """(ok, one line, only a warning): the JSON Lines folder is writable or can be made; the SQL target answers."""
+    if isinstance(spec, JsonlLoaderSpec):
+        return (*_folder(spec.directory), False)
+    url = make_url(spec.url)  # the configuration has checked it is a URL
+    backend = url.get_backend_name()
+    if backend == "sqlite" and url.database and url.database != ":memory:" and not Path(url.database).exists():
+        ok, detail = _folder(Path(url.database).parent)  # connecting would create the file: not in a check
+        return ok, f"SQLite {url.database} not created yet; {detail}" if ok else detail, False
+    connect_args: dict[str, Any] = {_TIMEOUT_ARGS[backend]: CONNECT_TIMEOUT} if backend in _TIMEOUT_ARGS else {}
+    try:
+        loader = SqlLoader(spec, entities, engine=create_engine(url, connect_args=connect_args))
+    except SchemaError as exc:
+        return False, str(exc), False
+    except Exception as exc:  # a missing driver, a bad query string
+        return False, describe(exc), False
+    try:
+        with loader.engine.connect() as conn:
+            version = ".".join(str(part) for part in conn.dialect.server_version_info or ())
+            tables = set(inspect(conn).get_table_names(schema=spec.db_schema))
+    except Exception as exc:  # down, refusing, wrong password, unknown database
+        return False, describe(exc), False
+    finally:
+        loader.close()
+    applied = loader.applied.name
+    state = f"{applied} present" if applied in tables else f"nothing applied yet (no {applied} table)"
+    absent = sorted({spec.table_of(e) for e in entities} - tables)
+    if absent and not spec.create_tables:  # only a warning: this loader's streams may never carry those entities
+        return False, (f"{loader.dialect} {version} reachable; {state}; no table {', '.join(absent)} and "
+                       "create_tables is off: a record of its entity stops the loader (create it, or set "
+                       "create_tables: true)"), True
+    return True, f"{loader.dialect} {version} reachable; {state}", False
+
+
+def _folder(directory: Path) -> tuple[bool, str]:
+    """A folder the loader writes into: writable, or its nearest existing parent lets it be made."""
+    folder = directory
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        return False, f"{directory}: cannot be created: {folder} is not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False, f"{directory}: not writable for this user (or read-only): {folder}"
+    if folder != directory:
+        return True, f"{directory} (not created yet; {folder} is writable)"
+    return True, f"{directory} (writable)"
