@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from loaders.sql import SqlLoader
 from loaders.sql_schema import SchemaError
 from straw.config import EntitySpec
 from straw.config_loaders import AnyLoaderSpec, JsonlLoaderSpec
+from straw.folders import nearest_folder
 from straw.redact import describe
 
 CONNECT_TIMEOUT = 10  # seconds: a check that waits minutes for an unroutable host is no check
@@ -56,13 +56,9 @@ def check_target(spec: AnyLoaderSpec, entities: Mapping[str, EntitySpec]) -> tup
 
 def _folder(directory: Path) -> tuple[bool, str]:
     """A folder the loader writes into: writable, or its nearest existing parent lets it be made."""
-    folder = directory
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        return False, f"{directory}: cannot be created: {folder} is not a folder"
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return False, f"{directory}: not writable for this user (or read-only): {folder}"
+    folder, problem = nearest_folder(directory)
+    if problem:
+        return False, f"{directory}: {problem}" if folder == directory else f"{directory}: cannot be created: {problem}"
     if folder != directory:
         return True, f"{directory} (not created yet; {folder} is writable)"
     return True, f"{directory} (writable)"

@@ -9,6 +9,7 @@ from contextlib import closing
 from pathlib import Path
 
 from outbox.store import backlog_query, explain, runs
+from straw.folders import nearest_folder
 
 
 def _free(folder: Path) -> str:
@@ -18,13 +19,9 @@ def _free(folder: Path) -> str:
 
 def _writable_folder(path: Path) -> tuple[bool, str]:
     """A new outbox: the nearest existing folder above it must let us create folders and files."""
-    folder = path.parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        return False, f"{path}: cannot be created: {folder} is not a folder"
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return False, f"{path}: cannot be created: {folder} is not writable for this user (or is read-only)"
+    folder, problem = nearest_folder(path.parent)
+    if problem:
+        return False, f"{path}: cannot be created: {problem}"
     return True, f"{path} (not created yet; {folder} is writable, {_free(folder)})"
 
 
