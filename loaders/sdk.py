@@ -144,13 +144,14 @@ def consume(
     once: bool = False,
     applied: Callable[[str], int] | None = None,
     streams: Sequence[str] = (),
+    tally: Tally | None = None,
 ) -> Tally:
     """Run until `stop` is set (the batch in hand, and one read ahead for it, are finished and acked first), or
     with `once` until the streams are drained: every entry there now applied or dead-lettered. With `applied`
     (the target's last applied seq of a stream), first, and after each outage of the bus, wait while the bus
-    is behind it."""
+    is behind it. Counts go into `tally` if given (a metrics endpoint reads it while the loop runs)."""
     stop = stop or threading.Event()
-    tally = Tally()
+    tally = tally if tally is not None else Tally()
     outage = _Outage(settings, once)
     check = applied is not None
     pipelined = settings.read_ahead == "pipelined" and hasattr(consumer, "collect")

@@ -7,9 +7,9 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from types import FrameType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import redis
 from sqlalchemy import select
@@ -20,10 +20,13 @@ from loaders.consumer import Consumer
 from loaders.dead_letters import DeadLetterStore, open_dead_letters
 from loaders.records import BadRecord, Delivery, Record, parse
 from loaders.redis_consumer import RedisConsumer
-from loaders.sdk import Failed, Settings, Tally, TargetDown, consume
+from loaders.sdk import Apply, Failed, Settings, Tally, TargetDown, consume
 from straw.config import Config
 from straw.config_loaders import AnyLoaderSpec, JsonlLoaderSpec
 from straw.redact import describe, redact
+
+if TYPE_CHECKING:
+    from loaders.metrics import LoaderMetrics
 
 
 class Target(Protocol):
@@ -193,10 +196,32 @@ def run_loader(
 ) -> Tally:
     target = open_target(config, spec)
     member = consumer or open_consumer(config, spec)
-    collector.settle()  # the start's objects frozen, young passes spaced out: a third of the parse per record
+    apply: Apply = target.apply
+    tally: Tally | None = None
+    metrics: LoaderMetrics | None = None
     try:
-        return consume(member, target.apply, config.entities, settings_of(spec), stop=stop, once=once,
-                       applied=applied_of(target), streams=spec.streams)
+        if spec.metrics is not None:
+            metrics = loader_metrics(config, spec, target)
+            apply, tally = metrics.metered(target.apply), metrics.tally
+        collector.settle()  # the start's objects frozen, young passes spaced out: a third of the parse per record
+        return consume(member, apply, config.entities, settings_of(spec), stop=stop, once=once,
+                       applied=applied_of(target), streams=spec.streams, tally=tally)
     finally:
+        if metrics is not None:
+            metrics.close()
         member.close()
         target.close()
+
+
+def loader_metrics(config: Config, spec: AnyLoaderSpec, target: Target) -> LoaderMetrics:
+    """The loader's metrics, served on `spec.metrics`, the lag counted from what the target applied already."""
+    from loaders.metrics import LoaderMetrics
+
+    assert spec.metrics is not None
+    metrics = LoaderMetrics(spec, config.bus_spec.url, config.bus_spec.jetstream_options())
+    done = applied_of(target)
+    for stream in spec.streams:
+        with suppress(TargetDown):  # else known after the first batch
+            metrics.applied[stream] = done(stream)
+    metrics.serve(spec.metrics)
+    return metrics

@@ -565,6 +565,7 @@ def load(
     """Apply the loader's streams to its target until SIGTERM/Ctrl-C (the batch in hand is finished and acked)."""
     from bus.names import bus_kind
     from loaders.jsonl import DirectoryBusy, UnreadableFile
+    from loaders.metrics import MetricsPortUnavailable
     from loaders.repair import StreamBehind
     from loaders.sdk import TargetDown
     from loaders.service import open_consumer, run_loader, stop_on_signals
@@ -583,7 +584,7 @@ def load(
             raise typer.Exit(2) from None
         except (DirectoryBusy, UnreadableFile, PermissionError, FileExistsError, NotADirectoryError) as exc:  # JSONL
             _fail(f"loader {name}: {exc}")
-        except StreamBehind as exc:
+        except (StreamBehind, MetricsPortUnavailable) as exc:
             _fail(f"loader {name}: {exc}")
         except TargetDown as exc:
             _fail(f"loader {name}: target unreachable ({exc}); the records wait in the stream")

@@ -716,6 +716,7 @@ class Config(Strict):
     @model_validator(mode="after")
     def _loader_references(self) -> Config:
         seen: set[str] = set()
+        ports = {self.metrics.port: "`metrics.port`"} if self.metrics else {}  # `straw run` may share the host
         for index, loader in enumerate(self.loaders):
             if loader.name in seen:
                 raise PydanticCustomError(
@@ -723,6 +724,14 @@ class Config(Strict):
                     {"name": loader.name, "at": ("loaders", index, "name")},
                 )
             seen.add(loader.name)
+            if loader.metrics is not None:
+                taken = ports.get(loader.metrics.port)
+                if taken:
+                    raise PydanticCustomError(
+                        "port", "port {port} is taken by {taken}: each loader's metrics need a port of their own",
+                        {"port": loader.metrics.port, "taken": taken, "at": ("loaders", index, "metrics", "port")},
+                    )
+                ports[loader.metrics.port] = f"loader {loader.name}"
             for entity in getattr(loader, "tables", {}):
                 if entity not in self.entities:
                     raise PydanticCustomError(

@@ -8,7 +8,16 @@ from typing import Annotated, Literal
 from pydantic import ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from straw.config_types import Name, Seconds, StreamName, Strict
+from straw.config_types import ListenHost, Name, Seconds, StreamName, Strict
+
+
+class LoaderMetricsSpec(Strict):
+    """A Prometheus endpoint (`/metrics`) served while `straw load` runs this loader."""
+
+    port: int = Field(ge=1, le=65535, description="serve the loader's metrics at `http://<host>:<port>/metrics`; "
+                      "a port of its own (not `metrics.port`, not another loader's)")
+    host: ListenHost = Field(default="127.0.0.1", min_length=1,
+                             description="address it listens on; `0.0.0.0` to let another host scrape it")
 
 
 class _LoaderBase(Strict):
@@ -26,6 +35,8 @@ class _LoaderBase(Strict):
     dead_letter_stream: str = Field(
         default="{stream}.dlq", description="where records go after max_deliveries; {stream} is the source stream"
     )
+    metrics: LoaderMetricsSpec | None = Field(
+        default=None, description="a Prometheus endpoint while `straw load` runs; off unless given")
 
     @model_validator(mode="after")
     def _dead_letter_template(self) -> _LoaderBase:
