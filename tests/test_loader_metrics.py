@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from straw.config_load import ConfigError, load_config
-from straw.local_redis import free_port
+from straw.local_redis import RedisServer, free_port
 from straw.records import encode_event
 from tests.crashes import REPO, straw_command, tail
 from tests.loader_helpers import SOURCE, loader_config, order_data, xadd_events
@@ -131,3 +131,32 @@ def test_a_taken_metrics_port_stops_the_start_with_one_line(
         "has it, or the address is not this host's; choose another `metrics.port` for this loader"), ran.stderr
     assert "Traceback" not in ran.stderr
     assert redis_client.xpending(stream_name, "jl")["pending"] == 0, "nothing read before the loader could start"
+
+
+def test_with_the_bus_down_a_scrape_still_answers_and_says_so(tmp_path: Path, private_redis: RedisServer) -> None:
+    client = redis.Redis.from_url(private_redis.url)
+    xadd_events(client, "s", [("upserted", order_data(n)) for n in range(1, 6)])
+    port = free_port()
+    config = loader_config(tmp_path, private_redis.url, [{
+        "name": "jl", "kind": "jsonl", "streams": ["s"], "directory": str(tmp_path / "out"), "block": "200ms",
+        "metrics": {"port": port}}])
+    url, log = f"http://127.0.0.1:{port}/metrics", tmp_path / "load.log"
+    me, at = (("loader", "jl"),), (("loader", "jl"), ("stream", "s"))
+    with log.open("ab") as out:
+        loader = subprocess.Popen(straw_command(config, "load", "jl"), cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _scrape_until(url, log, lambda s: s.get(("straw_loader_lag_records", at)) == 0 and
+                      s.get(("straw_loader_applied_seq", at)) == 5, "5 applied")
+        private_redis.kill()
+        began = time.monotonic()
+        down = parse(httpx.get(url, timeout=10.0).text)
+        assert time.monotonic() - began < 8.0, "a scrape waits for the bus at most its timeout"
+        assert down[("straw_loader_bus_up", me)] == 0
+        assert ("straw_loader_lag_records", at) not in down and ("straw_loader_stream_newest_seq", at) not in down
+        assert down[("straw_loader_applied_seq", at)] == 5 and down[("straw_loader_records_applied_total", me)] == 5
+        private_redis.start()
+        _scrape_until(url, log, lambda s: s.get(("straw_loader_bus_up", me)) == 1 and
+                      s.get(("straw_loader_lag_records", at)) == 0, "the bus back")
+    finally:
+        if loader.poll() is None:
+            _stop(loader)
