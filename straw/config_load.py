@@ -110,7 +110,8 @@ def parse_config(text: str, file: Path) -> Config:
     finally:
         loader.dispose()
     if not isinstance(data, dict):
-        raise ConfigError([Problem(name, 1, "", "expected a mapping with `entities:` and `sources:` at the top")])
+        raise ConfigError([Problem(name, 1, "", "expected a mapping with `entities:` and `sources:` (or `loaders:`) "
+                                           "at the top")])
     lines = _line_map(node)
     _warn_if_exposed(file, name, data, lines)
     base = file.resolve().parent
