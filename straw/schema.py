@@ -18,8 +18,11 @@ DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 def config_schema() -> dict[str, Any]:
     schema = Config.model_json_schema(by_alias=True, mode="validation")
+    # A source host's file has `sources`, a loader host's `loaders` (Config._cross_references): one at least.
+    nonempty = [{"required": [key], "properties": {key: {"minItems": 1}}} for key in ("sources", "loaders")]
     return {
         "$schema": DIALECT,
         **schema,
+        "anyOf": nonempty,
         "title": "straw configuration",
     }

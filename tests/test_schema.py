@@ -33,7 +33,8 @@ def _validator(schema: dict[str, Any]) -> jsonschema.Draft202012Validator:
 
 
 FULL = _validator(SCHEMA)
-PART = _validator({k: v for k, v in SCHEMA.items() if k != "required"})  # a README fragment: some top keys
+# A README fragment: some top keys (neither `required` nor "sources or loaders" holds for a part).
+PART = _validator({k: v for k, v in SCHEMA.items() if k not in ("required", "anyOf")})
 
 
 def _errors(validator: jsonschema.Draft202012Validator, document: Any) -> list[str]:
@@ -45,7 +46,7 @@ def _errors(validator: jsonschema.Draft202012Validator, document: Any) -> list[s
 
 
 # One source's keys, none required: a README fragment that shows a few keys of a source (`url: odbc:…`).
-SOURCE_KEYS = _validator({**{k: v for k, v in SCHEMA.items() if k not in ("properties", "required", "type")},
+SOURCE_KEYS = _validator({**{k: v for k, v in SCHEMA.items() if k not in ("properties", "required", "type", "anyOf")},
                           "$defs": {**SCHEMA["$defs"], "DbSourceSpec": {
                               k: v for k, v in SCHEMA["$defs"]["DbSourceSpec"].items() if k != "required"}},
                           "$ref": "#/$defs/DbSourceSpec", "additionalProperties": True})
@@ -124,6 +125,7 @@ def _demo() -> dict[str, Any]:
     (lambda c: c["redis"].update(socket_timeout=-1), "redis/socket_timeout"),
     (lambda c: next(iter(c["entities"].values()))["fields"].update(x="integr"), "entities"),
     (lambda c: c.pop("sources"), ""),
+    (lambda c: c.update(sources=[]), ""),
 ])
 def test_a_mistake_is_flagged(mistake: Any, where: str) -> None:
     config = _demo()
@@ -148,3 +150,10 @@ def test_the_schema_and_the_loader_agree_on_durations(text: str) -> None:
     if in_schema and not loader:
         match = _DURATION.match(text)
         assert match is not None and float(match[1]) * _UNIT_SECONDS[match[2]] > MAX_SECONDS
+
+
+def test_a_loader_hosts_file_validates_and_one_with_neither_does_not() -> None:
+    host = {"entities": _demo()["entities"], "loaders": [
+        {"name": "wh", "kind": "sql", "url": "sqlite:///t.db", "streams": ["s"], "metrics": {"port": 9110}}]}
+    assert _errors(FULL, host) == []
+    assert _errors(FULL, {**host, "loaders": []})
