@@ -175,3 +175,40 @@ def test_a_few_mutations_through_the_command_line(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_bytes(BASE.encode("utf-16"))
     ran = run_straw("check", "--config", str(tmp_path / "bad.yaml"))
     assert ran.returncode == 2 and "Traceback" not in ran.stderr and "UTF-8" in ran.stderr
+
+
+# A loader host's file: entities and loaders, no sources (each loader kind, metrics, tables, a secret URL).
+LOADER_BASE = yaml.safe_dump({
+    "instance": "dwh",
+    "redis": {"url": "redis://127.0.0.1:6379/0"},
+    "entities": BASE_DATA["entities"],
+    "metrics": {"port": 9108},
+    "loaders": [
+        {"name": "wh", "kind": "sql", "url": "postgresql+psycopg://loader:${NOPE:-pw}@dwh.local/erp",
+         "streams": ["erp.orders"], "group": "warehouse", "create_tables": True,
+         "tables": {next(iter(BASE_DATA["entities"])): "orders"}, "batch_size": 500, "max_deliveries": 5,
+         "claim_idle": "60s", "metrics": {"port": 9110, "host": "127.0.0.1"}},
+        {"name": "drop", "kind": "jsonl", "directory": "out", "streams": ["erp.orders", "erp.customers"],
+         "dead_letter_stream": "{stream}.dead", "max_bytes": 1048576, "block": "200ms"},
+    ],
+}, sort_keys=False)
+LOADER_DATA: dict[str, Any] = yaml.safe_load(LOADER_BASE)
+LOADER_PATHS = paths(LOADER_DATA)
+
+
+def test_the_loader_base_is_valid() -> None:
+    config = parse_config(LOADER_BASE, FILE)
+    assert [loader.name for loader in config.loaders] == ["wh", "drop"] and not config.sources
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    path=st.sampled_from(LOADER_PATHS),
+    how=st.sampled_from(["delete", "replace", "rename", "add", "wrap"]),
+    value=values,
+    name=st.text(max_size=12),
+)
+def test_mutated_loader_hosts_file(path: tuple[Any, ...], how: str, value: Any, name: str) -> None:
+    data = mutate(LOADER_DATA, path, how, value, name)
+    text = yaml.safe_dump(data, allow_unicode=True)
+    assert_clear(lambda: parse_config(text, FILE), yaml_parsed=True)
