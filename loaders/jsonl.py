@@ -78,27 +78,11 @@ class JsonlLoader:
         self._last: dict[str, int] = {s: self._recover(s) for s in spec.streams}
 
     def _files(self, stream: str) -> list[Path]:
-        pattern = re.compile(rf"^\.?{re.escape(stream)}-(\d{{4}}-\d{{2}}-\d{{2}})-(\d{{4}})\.jsonl(\.part)?$")
-        found = [p for p in self.directory.iterdir() if pattern.match(p.name)]
-        return sorted(found, key=lambda p: pattern.match(p.name).groups()[:2])  # type: ignore[union-attr]
+        return stream_files(self.directory, stream)
 
     def _recover(self, stream: str) -> int:
         """The last `seq` written for `stream`; a torn last line (a crash mid-write) is cut off first."""
-        for path in reversed(self._files(stream)):
-            with path.open("rb+") as handle:
-                end = handle.seek(0, os.SEEK_END)
-                if end and _byte_at(handle, end - 1) != b"\n":
-                    end = _newline_before(handle, end) + 1
-                    handle.truncate(end)
-                    os.fsync(handle.fileno())
-                while end:  # from the last line back: a line sent again by `straw dlq retry` is an old seq
-                    start = _newline_before(handle, end - 1) + 1
-                    handle.seek(start)
-                    seq, again = _seq_of(path, handle.read(end - 1 - start))
-                    if not again:
-                        return seq
-                    end = start
-        return 0
+        return last_seq(self.directory, stream, repair=True)
 
     def _file_for(self, stream: str, size: int, day: str) -> _Open:
         current = self._open.get(stream)
@@ -278,6 +262,34 @@ def _one_line(line: str) -> str:
     if "\n" in body or "\r" in body:
         return body.replace("\r\n", " ").replace("\r", " ").replace("\n", " ") + "\n"
     return line
+
+
+def stream_files(directory: Path, stream: str) -> list[Path]:
+    """The stream's files in the directory, oldest first (closed ones and the one being written)."""
+    pattern = re.compile(rf"^\.?{re.escape(stream)}-(\d{{4}}-\d{{2}}-\d{{2}})-(\d{{4}})\.jsonl(\.part)?$")
+    found = [p for p in directory.iterdir() if pattern.match(p.name)] if directory.is_dir() else []
+    return sorted(found, key=lambda p: pattern.match(p.name).groups()[:2])  # type: ignore[union-attr]
+
+
+def last_seq(directory: Path, stream: str, *, repair: bool) -> int:
+    """The last `seq` written for `stream` (0: none). A torn last line (a crash mid-write) is cut off with
+    `repair` (the loader, which holds the directory), else skipped (`straw status`, which only looks)."""
+    for path in reversed(stream_files(directory, stream)):
+        with path.open("rb+" if repair else "rb") as handle:
+            end = handle.seek(0, os.SEEK_END)
+            if end and _byte_at(handle, end - 1) != b"\n":
+                end = _newline_before(handle, end) + 1
+                if repair:
+                    handle.truncate(end)
+                    os.fsync(handle.fileno())
+            while end:  # from the last line back: a line sent again by `straw dlq retry` is an old seq
+                start = _newline_before(handle, end - 1) + 1
+                handle.seek(start)
+                seq, again = _seq_of(path, handle.read(end - 1 - start))
+                if not again:
+                    return seq
+                end = start
+    return 0
 
 
 def _byte_at(handle: IO[bytes], position: int) -> bytes:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, inspect
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Engine, make_url
 
 from loaders.sql import SqlLoader
 from loaders.sql_schema import SchemaError
@@ -24,14 +24,12 @@ def check_target(spec: AnyLoaderSpec, entities: Mapping[str, EntitySpec]) -> tup
     """(ok, one line, only a warning): the JSON Lines folder is writable or can be made; the SQL target answers."""
     if isinstance(spec, JsonlLoaderSpec):
         return (*_folder(spec.directory), False)
-    url = make_url(spec.url)  # the configuration has checked it is a URL
-    backend = url.get_backend_name()
-    if backend == "sqlite" and url.database and url.database != ":memory:" and not Path(url.database).exists():
-        ok, detail = _folder(Path(url.database).parent)  # connecting would create the file: not in a check
-        return ok, f"SQLite {url.database} not created yet; {detail}" if ok else detail, False
-    connect_args: dict[str, Any] = {_TIMEOUT_ARGS[backend]: CONNECT_TIMEOUT} if backend in _TIMEOUT_ARGS else {}
+    absent = missing_sqlite(spec.url)
+    if absent is not None:
+        ok, detail = _folder(absent.parent)
+        return ok, f"SQLite {absent} not created yet; {detail}" if ok else detail, False
     try:
-        loader = SqlLoader(spec, entities, engine=create_engine(url, connect_args=connect_args))
+        loader = SqlLoader(spec, entities, engine=target_engine(spec.url))
     except SchemaError as exc:
         return False, str(exc), False
     except Exception as exc:  # a missing driver, a bad query string
@@ -46,12 +44,28 @@ def check_target(spec: AnyLoaderSpec, entities: Mapping[str, EntitySpec]) -> tup
         loader.close()
     applied = loader.applied.name
     state = f"{applied} present" if applied in tables else f"nothing applied yet (no {applied} table)"
-    absent = sorted({spec.table_of(e) for e in entities} - tables)
-    if absent and not spec.create_tables:  # only a warning: this loader's streams may never carry those entities
-        return False, (f"{loader.dialect} {version} reachable; {state}; no table {', '.join(absent)} and "
+    missing = sorted({spec.table_of(e) for e in entities} - tables)
+    if missing and not spec.create_tables:  # only a warning: this loader's streams may never carry those entities
+        return False, (f"{loader.dialect} {version} reachable; {state}; no table {', '.join(missing)} and "
                        "create_tables is off: a record of its entity stops the loader (create it, or set "
                        "create_tables: true)"), True
     return True, f"{loader.dialect} {version} reachable; {state}", False
+
+
+def target_engine(url: str) -> Engine:
+    """An engine on a loader's target for a look (`check`, `status`): a connect gives up after 10 s."""
+    backend = make_url(url).get_backend_name()
+    connect_args: dict[str, Any] = {_TIMEOUT_ARGS[backend]: CONNECT_TIMEOUT} if backend in _TIMEOUT_ARGS else {}
+    return create_engine(url, connect_args=connect_args)
+
+
+def missing_sqlite(url: str) -> Path | None:
+    """A SQLite target's file if it does not exist yet: connecting would create it, which a look must not."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        path = Path(parsed.database)
+        return None if path.exists() else path
+    return None
 
 
 def _folder(directory: Path) -> tuple[bool, str]:

@@ -61,8 +61,8 @@ def _load(path: Path | None) -> Config:
 def _outbox(config: Config) -> Iterator[Outbox]:
     """The outbox for a read-only command; a full, read-only or damaged file is one line and exit 1."""
     if not config.sources:  # not made on a loader host by a command that only looks
-        _fail("no sources in this file, so no outbox here: on a loader host `straw dlq list` shows the loaders' "
-              "dead letters, `straw stream` their streams")
+        _fail("no sources in this file, so no outbox here: on a loader host `straw status` shows the loaders, "
+              "`straw dlq list` their dead letters, `straw stream` their streams")
     try:
         outbox = Outbox(config.outbox.path)
     except OutboxError as exc:
@@ -356,18 +356,39 @@ def status(
         SourceOrder, typer.Option(help="state: errors first, then never polled, then ok; each by name.")
     ] = SourceOrder.STATE,
 ) -> None:
-    """Per source: position, last poll, rows read and published, errors; outbox backlog; streams."""
+    """Per source: position, last poll, rows read and published, errors; outbox backlog; streams; per loader
+    and stream: applied and newest seq, lag, dead letters."""
     config = _load(config_path)
-    with _outbox(config) as outbox:
-        document = status_document(config, outbox, only=state_filter, order=sort)
+    # In a log or a pipe nothing is cut: the error column is what an operator greps for.
+    shown = out if out.is_terminal else Console(file=out.file, width=100_000)
+    document: dict[str, Any] = {}
+    if config.sources:
+        with _outbox(config) as outbox:
+            document = status_document(config, outbox, only=state_filter, order=sort)
+    if config.loaders:
+        from loaders.status import loader_status
+
+        document["loaders"] = loader_status(config)
     if as_json:
         sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
         return
+    if config.sources:
+        _print_sources(config, document, state_filter, shown)
+    if config.loaders:
+        table = Table(title="loaders")
+        for column in ("loader", "stream", "applied seq", "newest seq", "lag", "dead letters", "error"):
+            table.add_column(column)
+        for row in document["loaders"]:
+            table.add_row(row["loader"], row["stream"], *("?" if row[k] is None else str(row[k]) for k in (
+                "applied_seq", "newest_seq", "lag", "dead_letters")), Text(row["error"] or "", style="red"))
+        shown.print(table)
+
+
+def _print_sources(config: Config, document: dict[str, Any], state_filter: SourceFilter | None,
+                   shown: Console) -> None:
     specs = {s.name: s for s in config.sources}
     sources, stream_rows, counts = document["sources"], document["streams"], document["counts"]
     names, listed, backlog = list(specs), sources, document["outbox"]["backlog"]
-    # In a log or a pipe nothing is cut: the error column is what an operator greps for.
-    shown = out if out.is_terminal else Console(file=out.file, width=100_000)
     table = Table(
         title=f"sources ({len(names)}: {counts['error']} error, {counts['new']} new, "
         f"{counts['ok']} ok" + (f"; showing {len(listed)} {state_filter.value}" if state_filter else "")

@@ -8,6 +8,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import redis
 import yaml
@@ -41,9 +42,16 @@ def test_a_loader_host_needs_no_sources_loads_and_refuses_to_run(
     assert ran.exit_code == 1
     assert ran.output.strip().splitlines() == [
         "error no sources in this file: `straw run` polls sources; its loaders run with `straw load NAME` (wh)"]
-    looked = invoke("status", "-c", str(config))
+    looked = invoke("dead-letters", "-c", str(config))
     assert looked.exit_code == 1 and len(looked.output.strip().splitlines()) == 1, looked.output
     assert "no sources in this file, so no outbox here" in looked.output
+    status = invoke("status", "--json", "-c", str(config))
+    assert status.exit_code == 0, status.output
+    assert orjson.loads(status.output) == {"loaders": [{
+        "loader": "wh", "stream": stream_name, "applied_seq": 20, "newest_seq": 20, "lag": 0, "dead_letters": 0,
+        "error": None}]}
+    table = invoke("status", "-c", str(config))
+    assert table.exit_code == 0 and "loaders" in table.output and stream_name in table.output, table.output
     assert not (tmp_path / "var").exists(), "no outbox is made on a loader host"
     shown = invoke("stream", "-c", str(config), "--count", "1")
     assert shown.exit_code == 0, shown.output
