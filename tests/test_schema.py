@@ -124,8 +124,8 @@ def _demo() -> dict[str, Any]:
     (lambda c: c.update(relais={"batch_size": 1}), ""),
     (lambda c: c["redis"].update(socket_timeout=-1), "redis/socket_timeout"),
     (lambda c: next(iter(c["entities"].values()))["fields"].update(x="integr"), "entities"),
-    (lambda c: c.pop("sources"), ""),
-    (lambda c: c.update(sources=[]), ""),
+    (lambda c: (c.pop("sources"), c.pop("loaders")), ""),  # the demo has both: one of them is enough
+    (lambda c: c.update(sources=[], loaders=[]), ""),
 ])
 def test_a_mistake_is_flagged(mistake: Any, where: str) -> None:
     config = _demo()
