@@ -22,10 +22,10 @@ REPO = DEPLOY.parent
 RELAY_EXIT = 10.0  # RelayProcess.shutdown's wait for the relay child after the grace
 
 
-def unit() -> configparser.ConfigParser:
+def unit(name: str = "straw.service") -> configparser.ConfigParser:
     parser = configparser.ConfigParser(strict=False, interpolation=None)
     parser.optionxform = str  # type: ignore[assignment,method-assign]  # systemd keys are case-sensitive
-    parser.read(DEPLOY / "straw.service")
+    parser.read(DEPLOY / name)
     return parser
 
 
@@ -35,10 +35,12 @@ def seconds(value: str) -> float:
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
-def test_systemd_verifies_the_unit(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("shipped", "instance"), [("straw.service", "straw.service"),
+                                                   ("straw-load@.service", "straw-load@warehouse.service")])
+def test_systemd_verifies_the_unit(tmp_path: Path, shipped: str, instance: str) -> None:
     # The unit as shipped, but for ExecStart: verify checks that the binary exists, and /opt/straw is not here.
-    text = (DEPLOY / "straw.service").read_text().replace("/opt/straw/bin/straw", shutil.which("true") or "/bin/true")
-    copy = tmp_path / "straw.service"
+    text = (DEPLOY / shipped).read_text().replace("/opt/straw/bin/straw", shutil.which("true") or "/bin/true")
+    copy = tmp_path / instance
     copy.write_text(text)
     result = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
@@ -56,6 +58,15 @@ def test_the_unit_is_hardened_and_waits_out_the_stop_bound() -> None:
     assert service["Restart"] == "always" and "RestartSteps" in service
     assert service["KillSignal"] == "SIGTERM"
     assert seconds(service["TimeoutStopSec"]) > STOP_GRACE + RELAY_EXIT + 30  # and a batch of some 30 s
+
+
+def test_the_loader_unit_runs_the_instance_loader_hardened_like_straw_and_stops_on_a_batch_boundary() -> None:
+    loader, straw = unit("straw-load@.service")["Service"], unit()["Service"]
+    assert loader["ExecStart"] == "/opt/straw/bin/straw load %i --config /etc/straw/straw.yaml"
+    assert loader["KillSignal"] == "SIGTERM" and loader["Restart"] == "always"
+    same = ("User", "NoNewPrivileges", "ProtectSystem", "ReadWritePaths", "UMask", "SystemCallFilter",
+            "CapabilityBoundingSet", "RestrictAddressFamilies", "EnvironmentFile", "TimeoutStopSec")
+    assert {k: loader[k] for k in same} == {k: straw[k] for k in same}
 
 
 def test_the_dockerfile_parses_and_runs_as_a_non_root_user_with_pinned_dependencies() -> None:
