@@ -20,13 +20,12 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from bus.connect import open_bus
-from bus.names import JetStreamOptions
-from bus.seam import BusDown, BusRefused
 from loaders.records import Record
+from loaders.repair import newest_seq
 from loaders.sdk import Apply, Failed, Tally
+from straw.bus_reach import with_bus
+from straw.config import Config
 from straw.config_loaders import AnyLoaderSpec, LoaderMetricsSpec
-from straw.redact import describe
 
 log = structlog.get_logger("straw.loader.metrics")
 
@@ -40,8 +39,8 @@ class MetricsPortUnavailable(Exception):
 
 
 class LoaderMetrics(Collector):
-    def __init__(self, spec: AnyLoaderSpec, bus_url: str, jetstream: JetStreamOptions | None = None) -> None:
-        self.spec, self.bus_url, self.jetstream = spec, bus_url, jetstream
+    def __init__(self, config: Config, spec: AnyLoaderSpec) -> None:
+        self.config, self.spec = config, spec
         self.tally = Tally()  # handed to `consume`, which counts into it
         self.applied: dict[str, int] = {}  # stream -> highest seq applied (the target's at start, then each batch)
         self.last_batch: float | None = None
@@ -112,14 +111,11 @@ class LoaderMetrics(Collector):
         yield behind
 
     def _newest(self) -> dict[str, int] | None:
-        bus = open_bus(self.bus_url, socket_timeout=BUS_TIMEOUT, jetstream=self.jetstream)
-        try:
-            return {stream: (found[0].seq if (found := bus.newest(stream, 1)) else 0) for stream in self.spec.streams}
-        except (BusDown, BusRefused) as exc:
-            log.info("metrics: bus unreachable", error=describe(exc))
+        found = with_bus(self.config, lambda bus: {s: newest_seq(bus, s) for s in self.spec.streams}, BUS_TIMEOUT)
+        if isinstance(found, str):
+            log.info("metrics: bus unreachable", error=found)
             return None
-        finally:
-            bus.close()
+        return found
 
     def serve(self, spec: LoaderMetricsSpec) -> None:
         """Listen on the spec's host and port from a daemon thread; MetricsPortUnavailable if it cannot bind."""

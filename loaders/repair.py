@@ -16,9 +16,19 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
+from bus.seam import Bus
 from loaders.consumer import Consumer
 
 log = structlog.get_logger("straw.loader")
+
+
+RECENT = 100  # entries looked at for a stream's newest seq: those `straw dlq retry` appended carry old seqs
+
+
+def newest_seq(bus: Bus, stream: str) -> int:
+    """The seq of the stream's newest record (0: none), seen from the bus side (`straw status`, the metrics):
+    the highest of the newest entries, since an entry `straw dlq retry` sent back carries its old seq."""
+    return max((published.seq for published in bus.newest(stream, RECENT)), default=0)
 
 
 class StreamBehind(Exception):

@@ -197,15 +197,16 @@ def run_loader(
     target = open_target(config, spec)
     member = consumer or open_consumer(config, spec)
     apply: Apply = target.apply
+    applied = applied_of(target)
     tally: Tally | None = None
     metrics: LoaderMetrics | None = None
     try:
         if spec.metrics is not None:
-            metrics = loader_metrics(config, spec, target)
+            metrics = loader_metrics(config, spec, applied)
             apply, tally = metrics.metered(target.apply), metrics.tally
         collector.settle()  # the start's objects frozen, young passes spaced out: a third of the parse per record
         return consume(member, apply, config.entities, settings_of(spec), stop=stop, once=once,
-                       applied=applied_of(target), streams=spec.streams, tally=tally)
+                       applied=applied, streams=spec.streams, tally=tally)
     finally:
         if metrics is not None:
             metrics.close()
@@ -213,15 +214,14 @@ def run_loader(
         target.close()
 
 
-def loader_metrics(config: Config, spec: AnyLoaderSpec, target: Target) -> LoaderMetrics:
+def loader_metrics(config: Config, spec: AnyLoaderSpec, applied: Callable[[str], int]) -> LoaderMetrics:
     """The loader's metrics, served on `spec.metrics`, the lag counted from what the target applied already."""
     from loaders.metrics import LoaderMetrics
 
     assert spec.metrics is not None
-    metrics = LoaderMetrics(spec, config.bus_spec.url, config.bus_spec.jetstream_options())
-    done = applied_of(target)
+    metrics = LoaderMetrics(config, spec)
     for stream in spec.streams:
         with suppress(TargetDown):  # else known after the first batch
-            metrics.applied[stream] = done(stream)
+            metrics.applied[stream] = applied(stream)
     metrics.serve(spec.metrics)
     return metrics

@@ -7,39 +7,31 @@ from typing import Any
 
 from sqlalchemy import MetaData, select
 
-from bus.connect import open_bus
-from bus.seam import Bus, BusDown, BusRefused
+from bus.seam import Bus
 from loaders.jsonl import last_seq
+from loaders.repair import newest_seq
 from loaders.sql_schema import bookkeeping
 from loaders.target_check import missing_sqlite, target_engine
+from straw.bus_reach import with_bus
 from straw.config import Config
 from straw.config_loaders import AnyLoaderSpec, JsonlLoaderSpec
-from straw.redact import describe, redact
+from straw.redact import describe
 
 BUS_TIMEOUT = 3.0
 
 
 def loader_status(config: Config) -> list[dict[str, Any]]:
     """One row per loader and stream: applied, newest, lag (None where unknown), dead letters, error."""
-    bus_facts: dict[tuple[str, str], tuple[int, int]] | str
-    bus = open_bus(config.bus_spec.url, socket_timeout=BUS_TIMEOUT, jetstream=config.bus_spec.jetstream_options())
-    try:
-        bus_facts = _bus_facts(bus, config.loaders)
-    except BusRefused as exc:
-        bus_facts = f"bus: {redact(str(exc))}"
-    except BusDown as exc:
-        bus_facts = f"bus unreachable ({describe(exc.__cause__ or exc)})"
-    finally:
-        bus.close()
+    bus_facts = with_bus(config, lambda bus: _bus_facts(bus, config.loaders), BUS_TIMEOUT)
     rows = []
     for spec in config.loaders:
         applied = _applied(spec)
+        errors = [applied] if isinstance(applied, str) else []
+        if isinstance(bus_facts, str):
+            errors.append(f"bus {bus_facts}")
         for stream in spec.streams:
             done = applied.get(stream) if isinstance(applied, dict) else None
-            facts = bus_facts.get((spec.name, stream)) if isinstance(bus_facts, dict) else None
-            newest, dead = facts if facts else (None, None)
-            errors = [e for e in (applied if isinstance(applied, str) else None,
-                                  bus_facts if isinstance(bus_facts, str) else None) if e]
+            newest, dead = bus_facts[(spec.name, stream)] if isinstance(bus_facts, dict) else (None, None)
             rows.append({
                 "loader": spec.name, "stream": stream, "applied_seq": done, "newest_seq": newest,
                 "lag": max(newest - done, 0) if newest is not None and done is not None else None,
@@ -50,12 +42,8 @@ def loader_status(config: Config) -> list[dict[str, Any]]:
 
 def _bus_facts(bus: Bus, loaders: list[AnyLoaderSpec]) -> dict[tuple[str, str], tuple[int, int]]:
     """(loader, stream) -> (the stream's newest seq, its dead-letter stream's length), over one connection."""
-    found = {}
-    for spec in loaders:
-        for stream in spec.streams:
-            newest = bus.newest(stream, 1)
-            found[(spec.name, stream)] = (newest[0].seq if newest else 0, bus.length(spec.dead_letters_of(stream)))
-    return found
+    return {(spec.name, stream): (newest_seq(bus, stream), bus.length(spec.dead_letters_of(stream)))
+            for spec in loaders for stream in spec.streams}
 
 
 def _applied(spec: AnyLoaderSpec) -> dict[str, int] | str:

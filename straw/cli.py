@@ -21,6 +21,7 @@ from bus.seam import Bus, Published
 from outbox.lock import OutboxBusy, OutboxLock
 from outbox.store import Outbox, OutboxError
 from straw import logs
+from straw.bus_reach import with_bus as _bus_or_none
 from straw.config import Config, DatabaseSpec, DbSourceSpec
 from straw.config_load import CONFIG_ENV, ConfigError, load_config
 from straw.config_loaders import AnyLoaderSpec
@@ -29,7 +30,6 @@ from straw.outbox_check import check_outbox
 from straw.redact import describe, redact
 from straw.runner import Runner, build_pipeline
 from straw.status_report import SourceFilter, SourceOrder, status_document
-from straw.status_report import with_bus as _bus_or_none
 
 app = typer.Typer(
     help="straw: poll legacy systems, deliver canonical records to a Redis stream exactly once.",

@@ -8,32 +8,17 @@ Errors are redacted here, so no caller can show a secret by forgetting to.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
 from enum import StrEnum
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
-from bus.connect import bus_name, checkpoint_label, open_bus
+from bus.connect import bus_name, checkpoint_label
 from bus.redis import RedisBus, translated
-from bus.seam import Bus, BusDown, BusRefused
+from bus.seam import Bus
 from outbox.store import Outbox, SourceState
+from straw.bus_reach import with_bus
 from straw.config import Config
 from straw.lease import holders
-from straw.redact import describe, redact
-
-T = TypeVar("T")
-
-
-def with_bus(config: Config, action: Callable[[Bus], T], timeout: float = 3.0) -> T | str:
-    """Run `action` against the bus, or return why it could not be reached (one line, redacted)."""
-    bus = open_bus(config.bus_spec.url, socket_timeout=timeout, jetstream=config.bus_spec.jetstream_options())
-    try:
-        return action(bus)
-    except BusRefused as exc:
-        return redact(str(exc))
-    except BusDown as exc:
-        return f"unreachable ({describe(exc.__cause__ or exc)})"
-    finally:
-        bus.close()
+from straw.redact import redact
 
 
 def _bus_facts(config: Config, bus: Bus, lengths: bool) -> tuple[dict[str, int], dict[str, str | None]]:

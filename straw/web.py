@@ -24,9 +24,10 @@ import orjson
 from prometheus_client import make_wsgi_app
 
 from outbox.store import Outbox, OutboxError
+from straw.bus_reach import with_bus
 from straw.config import Config
 from straw.status_page import render_page
-from straw.status_report import SourceFilter, SourceOrder, status_document, with_bus
+from straw.status_report import SourceFilter, SourceOrder, status_document
 
 E = TypeVar("E", bound=StrEnum)
 

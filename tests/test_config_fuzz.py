@@ -97,17 +97,19 @@ def parses_as_mapping(text: str) -> bool:
         return False
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    path=st.sampled_from(ALL_PATHS),
-    how=st.sampled_from(["delete", "replace", "rename", "add", "wrap"]),
-    value=values,
-    name=st.text(max_size=12),
-)
-def test_mutated_keys_and_values(path: tuple[Any, ...], how: str, value: Any, name: str) -> None:
-    data = mutate(BASE_DATA, path, how, value, name)
+def _mutated_keys_and_values(base: dict[str, Any], path: tuple[Any, ...], how: str, value: Any, name: str) -> None:
+    data = mutate(base, path, how, value, name)
     text = yaml.safe_dump(data, allow_unicode=True)
     assert_clear(lambda: parse_config(text, FILE), yaml_parsed=True)
+
+
+HOW = st.sampled_from(["delete", "replace", "rename", "add", "wrap"])
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(path=st.sampled_from(ALL_PATHS), how=HOW, value=values, name=st.text(max_size=12))
+def test_mutated_keys_and_values(path: tuple[Any, ...], how: str, value: Any, name: str) -> None:
+    _mutated_keys_and_values(BASE_DATA, path, how, value, name)
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -202,13 +204,6 @@ def test_the_loader_base_is_valid() -> None:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    path=st.sampled_from(LOADER_PATHS),
-    how=st.sampled_from(["delete", "replace", "rename", "add", "wrap"]),
-    value=values,
-    name=st.text(max_size=12),
-)
+@given(path=st.sampled_from(LOADER_PATHS), how=HOW, value=values, name=st.text(max_size=12))
 def test_mutated_loader_hosts_file(path: tuple[Any, ...], how: str, value: Any, name: str) -> None:
-    data = mutate(LOADER_DATA, path, how, value, name)
-    text = yaml.safe_dump(data, allow_unicode=True)
-    assert_clear(lambda: parse_config(text, FILE), yaml_parsed=True)
+    _mutated_keys_and_values(LOADER_DATA, path, how, value, name)

@@ -36,6 +36,12 @@ def _scrape_until(url: str, log: Path, done: Callable[[Samples], bool], what: st
     raise AssertionError(f"{what}: {samples} {tail(log)}")
 
 
+def _start(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`straw load jl` in the background, its output appended to `log`."""
+    with log.open("ab") as out:
+        return subprocess.Popen(straw_command(config, "load", "jl"), cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+
+
 def _stop(loader: subprocess.Popen[bytes]) -> None:
     loader.send_signal(signal.SIGTERM)
     assert loader.wait(timeout=60) == 0
@@ -52,8 +58,7 @@ def test_a_running_loader_is_scraped_for_applied_dead_letters_lag_and_its_last_b
     url, log = f"http://127.0.0.1:{port}/metrics", tmp_path / "load.log"
     me, at = (("loader", "jl"),), (("loader", "jl"), ("stream", stream_name))
     started = time.time()
-    with log.open("ab") as out:
-        loader = subprocess.Popen(straw_command(config, "load", "jl"), cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    loader = _start(config, log)
     try:
         first = _scrape_until(url, log, lambda s: s.get(("straw_loader_records_applied_total", me)) == 30,
                               "30 applied")
@@ -85,8 +90,7 @@ def test_a_running_loader_is_scraped_for_applied_dead_letters_lag_and_its_last_b
 
     # Restarted with nothing new on the stream: it applies nothing, yet knows where it stands (its files end
     # at seq 35), so its lag is there from the start: a loader that never gets a record is not "unknown".
-    with log.open("ab") as out:
-        loader = subprocess.Popen(straw_command(config, "load", "jl"), cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    loader = _start(config, log)
     try:
         again = _scrape_until(url, log, lambda s: ("straw_loader_lag_records", at) in s, "a lag")
         assert again[("straw_loader_applied_seq", at)] == 35
@@ -142,8 +146,7 @@ def test_with_the_bus_down_a_scrape_still_answers_and_says_so(tmp_path: Path, pr
         "metrics": {"port": port}}])
     url, log = f"http://127.0.0.1:{port}/metrics", tmp_path / "load.log"
     me, at = (("loader", "jl"),), (("loader", "jl"), ("stream", "s"))
-    with log.open("ab") as out:
-        loader = subprocess.Popen(straw_command(config, "load", "jl"), cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    loader = _start(config, log)
     try:
         _scrape_until(url, log, lambda s: s.get(("straw_loader_lag_records", at)) == 0 and
                       s.get(("straw_loader_applied_seq", at)) == 5, "5 applied")

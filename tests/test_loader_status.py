@@ -59,6 +59,13 @@ def test_status_shows_applied_newest_lag_and_dead_letters_and_only_looks(
     assert written.stat().st_size == size, "status cut a torn line: only the loader may, holding the directory"
     assert not (tmp_path / "never.db").exists(), "status created a SQLite target"
 
+    # `straw dlq retry` sends the dead letter back to the stream with its old seq 5: the newest is still 15.
+    [(dead_entry, _fields)] = redis_client.xrange(f"{stream_name}.dlq")
+    retried = invoke("dlq", "retry", f"{stream_name}.dlq:{dead_entry.decode()}", "-c", str(config))
+    assert retried.exit_code == 0, retried.output
+    assert int(redis_client.xrevrange(stream_name, count=1)[0][1][b"seq"]) == 5
+    assert rows(config)["jl"]["newest_seq"] == 15
+
 
 def test_an_unreachable_target_or_bus_is_a_cell_not_a_failure(tmp_path: Path, private_redis: RedisServer) -> None:
     xadd_events(redis.Redis.from_url(private_redis.url), "s", [("upserted", order_data(n)) for n in range(1, 4)])
