@@ -381,7 +381,7 @@ def test_the_metrics_port_shows_which_node_holds_each_stream(
 def test_status_with_a_lease_asks_redis_over_one_connection_and_says_when_it_is_down(
     tmp_path: Path, redis_client: redis.Redis, redis_url: str, stream_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from straw import status_report
+    from straw import bus_reach, status_report
     from straw.local_redis import free_port
 
     db_url = legacy_table(tmp_path / "legacy.db")
@@ -389,13 +389,13 @@ def test_status_with_a_lease_asks_redis_over_one_connection_and_says_when_it_is_
     config = load_config(path)
     redis_client.set(lease_key(stream_name), "a")
     opened = [0]
-    real = status_report.open_bus
+    real = bus_reach.open_bus
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         opened[0] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(status_report, "open_bus", counted)
+    monkeypatch.setattr(bus_reach, "open_bus", counted)  # where status_report's look at the bus opens it
     outbox = Outbox(config.outbox.path)
     try:
         document = status_report.status_document(config, outbox)
